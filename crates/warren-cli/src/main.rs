@@ -1,0 +1,241 @@
+//! The `warren` binary: one command runs a node (`serve`), checks a config (`check-config`) or
+//! prints the commented default (`print-default-config`). With no config it runs the chat demo in
+//! one process, with nothing else to install.
+
+#![forbid(unsafe_code)]
+
+mod web;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use warren::Node;
+use warren::config::{Config, ListenerConfig, ModuleConfig};
+
+/// warren: a realtime server for long-connection applications.
+#[derive(Parser)]
+#[command(name = "warren", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: gate listeners, modules, and the web page. With no flags, the chat demo on
+    /// 127.0.0.1:3563 (MQTT), 127.0.0.1:3653 (MQTT over WebSocket) and http://127.0.0.1:8080/.
+    Serve(ServeArgs),
+    /// Validate a config file and say exactly what is wrong (file:line: key: why).
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// Print the commented default configuration.
+    PrintDefaultConfig,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file; without it, the built-in chat demo config is used.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Add a listener: mqtt://ADDR, mqtt+mqant://ADDR, ws://ADDR or ws+mqant://ADDR, with
+    /// listener settings as query parameters (…?max_packet=4096&rpc_expired_s=5). Repeatable.
+    #[arg(long, value_name = "URL")]
+    listen: Vec<String>,
+    /// Serve the web page on this address instead of the configured one.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
+    /// Do not serve the web page.
+    #[arg(long)]
+    no_http: bool,
+    /// Without --config: do not open the demo listeners on 3563 and 3653.
+    #[arg(long)]
+    no_demo_listeners: bool,
+    /// Also run a built-in module (Login, Chat, Echo, Debug). Repeatable.
+    #[arg(long, value_name = "TYPE")]
+    module: Vec<String>,
+    /// Node id.
+    #[arg(long)]
+    node_id: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::PrintDefaultConfig => {
+            print!("{}", warren::config::DEFAULT_CONFIG);
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { file } => match load_config(&file) {
+            Ok(_) => {
+                println!("ok: {}", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve(args) => {
+            init_logging();
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(serve(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "panic");
+    }));
+}
+
+/// Read, parse and validate a config file, including each module's own settings.
+fn load_config(file: &std::path::Path) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("{}: cannot read", file.display()))?;
+    let config = Config::load(&text, warren_chat::MODULE_TYPES)
+        .map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?;
+    for (i, m) in config.modules.iter().enumerate() {
+        warren_chat::catalog(m)
+            .map_err(|why| anyhow::anyhow!("{}: module[{i}]: {why}", file.display()))?;
+    }
+    Ok(config)
+}
+
+/// The built-in demo: mqant-mode MQTT on 3563 (TCP) and 3653 (WebSocket), Login and Chat.
+fn demo_config() -> Config {
+    let mut c = Config::default();
+    let l = |url: &str| ListenerConfig::from_url(url).expect("the demo listener URLs are valid");
+    c.listeners = vec![
+        l("mqtt+mqant://127.0.0.1:3563"),
+        l("ws+mqant://127.0.0.1:3653"),
+    ];
+    c.modules = vec![ModuleConfig::new("Login"), ModuleConfig::new("Chat")];
+    c
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(file) => load_config(file)?,
+        None => {
+            let mut c = demo_config();
+            if args.no_demo_listeners {
+                c.listeners.clear();
+            }
+            c
+        }
+    };
+    for url in &args.listen {
+        config
+            .listeners
+            .push(ListenerConfig::from_url(url).map_err(|e| anyhow::anyhow!("{e}"))?);
+    }
+    for m in &args.module {
+        if !config.modules.iter().any(|x| &x.kind == m) {
+            config.modules.push(ModuleConfig::new(m));
+        }
+    }
+    if let Some(addr) = &args.http {
+        config.http.addr = addr.clone();
+        config.http.enabled = true;
+    }
+    if args.no_http {
+        config.http.enabled = false;
+    }
+    if let Some(id) = &args.node_id {
+        config.node.id = id.clone();
+    }
+    config
+        .validate(warren_chat::MODULE_TYPES)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if config.listeners.is_empty() {
+        tracing::warn!("no listeners configured: clients cannot connect");
+    }
+
+    let mut builder = Node::builder(config.clone());
+    for m in &config.modules {
+        let module =
+            warren_chat::catalog(m).map_err(|e| anyhow::anyhow!("module {}: {e}", m.kind))?;
+        builder = builder.module(module, m.clone());
+    }
+    let node = builder.start().await?;
+
+    let stop_http = CancellationToken::new();
+    let http = if config.http.enabled {
+        let bound = web::serve(&config.http.addr, node.listeners(), stop_http.clone())
+            .await
+            .with_context(|| format!("cannot serve the web page on {}", config.http.addr))?;
+        Some(bound)
+    } else {
+        None
+    };
+
+    println!(
+        "warren {} node {:?} ready",
+        env!("CARGO_PKG_VERSION"),
+        config.node.id
+    );
+    for l in node.listeners() {
+        println!("listening {}", l.describe());
+    }
+    if let Some((addr, _)) = &http {
+        println!("web page http://{addr}/");
+    }
+
+    wait_for_signal().await;
+    tracing::info!("shutdown requested");
+    stop_http.cancel();
+    node.shutdown().await;
+    if let Some((_, task)) = http {
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

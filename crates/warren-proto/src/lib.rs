@@ -1,0 +1,14 @@
+//! Client protocol codecs for warren.
+//!
+//! Every codec here is pure: it turns bytes into typed packets and back, and never touches a
+//! socket, a clock or a runtime. The gate's connection tasks drive these codecs through
+//! `tokio_util::codec` framing, and the same functions are fed arbitrary bytes by the fuzz
+//! targets under `fuzz/`, so decoders must return `Ok(None)` for "need more bytes", check every
+//! size limit before allocating, and never panic.
+//!
+//! Protocols live in sibling modules; MQTT 3.1.1 (which also reads 3.1 `MQIsdp` CONNECTs) is
+//! in [`mqtt`].
+
+#![forbid(unsafe_code)]
+
+pub mod mqtt;

@@ -1,0 +1,8 @@
+//! Integration tests of `warren-proto`: golden wire vectors from the protocol contracts and
+//! property tests over the public API. One binary, one module per concern.
+
+// Test helpers outside `#[test]` functions unwrap too; a panic is a test failure here.
+#![allow(clippy::unwrap_used)]
+
+mod golden;
+mod roundtrip;

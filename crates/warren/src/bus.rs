@@ -1,0 +1,124 @@
+//! The bus: how a call reaches a module instance. [`Bus`] is the seam a remote transport (NATS,
+//! Redis, RabbitMQ) plugs into; [`LocalBus`] delivers to instances in this process, so one node
+//! needs no broker. The router never knows which one it talks to.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::error::CallError;
+use crate::module::{Instance, Job};
+use crate::session::Session;
+
+/// One call on its way to an instance.
+#[derive(Debug)]
+pub struct Call {
+    /// Target instance id.
+    pub instance: Arc<str>,
+    /// Handler name.
+    pub handler: Box<str>,
+    /// Caller's session snapshot.
+    pub session: Option<Arc<Session>>,
+    /// Request body (opaque bytes, JSON by convention).
+    pub body: Bytes,
+    /// When the caller stops waiting.
+    pub deadline: Instant,
+}
+
+/// A reply that will arrive: resolves to the handler's result, a typed error, or
+/// [`CallError::Timeout`] at the deadline.
+pub type Pending = BoxFuture<'static, Result<Bytes, CallError>>;
+
+/// Delivers calls to module instances, wherever they run.
+pub trait Bus: Send + Sync + 'static {
+    /// Hand `call` to an instance on `node`. Resolves once the call is accepted — a caller that
+    /// awaits its sends in turn keeps their order — and, when `reply` is true, yields the
+    /// [`Pending`] result.
+    fn send(
+        &self,
+        node: &str,
+        call: Call,
+        reply: bool,
+    ) -> BoxFuture<'_, Result<Option<Pending>, CallError>>;
+
+    /// Short name for logs (`local`, `nats`, …).
+    fn kind(&self) -> &'static str;
+}
+
+/// The in-process bus: a map from instance id to running instance.
+#[derive(Default)]
+pub struct LocalBus {
+    instances: RwLock<HashMap<Arc<str>, Arc<Instance>>>,
+}
+
+impl std::fmt::Debug for LocalBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalBus").finish_non_exhaustive()
+    }
+}
+
+impl LocalBus {
+    pub(crate) fn attach(&self, instance: Arc<Instance>) {
+        let id = instance.info.id.clone();
+        self.instances
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, instance);
+    }
+
+    /// Drop every instance (at shutdown), which closes sequential mailboxes.
+    pub(crate) fn clear(&self) {
+        self.instances
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Deliver a call to a local instance.
+    pub async fn deliver(&self, call: Call, reply: bool) -> Result<Option<Pending>, CallError> {
+        let instance = self
+            .instances
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&call.instance)
+            .cloned()
+            .ok_or(CallError::Closed)?;
+        let (tx, rx) = if reply {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        instance
+            .submit(Job {
+                handler: call.handler,
+                session: call.session,
+                body: call.body,
+                deadline: call.deadline,
+                reply: tx,
+            })
+            .await?;
+        Ok(rx.map(|rx| -> Pending {
+            Box::pin(async move { rx.await.unwrap_or(Err(CallError::Closed)) })
+        }))
+    }
+}
+
+impl Bus for LocalBus {
+    fn send(
+        &self,
+        _node: &str,
+        call: Call,
+        reply: bool,
+    ) -> BoxFuture<'_, Result<Option<Pending>, CallError>> {
+        Box::pin(self.deliver(call, reply))
+    }
+
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+}

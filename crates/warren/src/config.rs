@@ -1,0 +1,626 @@
+//! One config tree for a node, loaded from TOML and validated before anything starts.
+//!
+//! Every table rejects unknown keys, every key has a default, and errors name the file, the line
+//! and the key. `warren print-default-config` prints [`DEFAULT_CONFIG`]; `warren check-config`
+//! runs [`Config::from_toml`] and [`Config::validate`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::module::Execution;
+use crate::session::Transport;
+
+/// The whole configuration of one node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Node identity and process-wide settings.
+    pub node: NodeConfig,
+    /// Client listeners (`[[listener]]`).
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    /// Module instances (`[[module]]`).
+    #[serde(rename = "module")]
+    pub modules: Vec<ModuleConfig>,
+    /// The web page / HTTP server.
+    pub http: HttpConfig,
+    /// How calls travel between nodes.
+    pub bus: BusConfig,
+    /// Where nodes find each other.
+    pub registry: RegistryConfig,
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Node id, unique in the cluster.
+    pub id: String,
+    /// Gate instance id reported to handlers as the session's `Serverid`.
+    pub gate_id: String,
+    /// How long shutdown waits for in-flight requests before closing connections.
+    pub drain_timeout_s: u64,
+    /// Default deadline of calls between modules.
+    pub call_timeout_s: u64,
+    /// Mailbox size of sequential modules.
+    pub mailbox: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: "warren".into(),
+            gate_id: "Gate001".into(),
+            drain_timeout_s: 10,
+            call_timeout_s: 10,
+            mailbox: 1024,
+        }
+    }
+}
+
+/// Client protocol of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// MQTT 3.1 / 3.1.1.
+    #[default]
+    Mqtt,
+}
+
+/// Behaviour flavour of an MQTT listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Standard MQTT 3.1.1 (client-id takeover, plain publish/subscribe between clients).
+    #[default]
+    Default,
+    /// mqant gate compatibility (PROTOCOLS.md §1).
+    Mqant,
+}
+
+/// `[[listener]]`: one address accepting clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    /// Client protocol.
+    pub protocol: ListenerProtocol,
+    /// `tcp` or `ws`.
+    pub transport: TransportName,
+    /// `default` or `mqant`.
+    pub mode: Mode,
+    /// Bind address; `:3563` means all interfaces.
+    pub addr: String,
+    /// Handler name prefixes clients may call in mqant mode.
+    pub handler_prefixes: Vec<String>,
+    /// QoS of server pushes and replies (0 or 1).
+    pub push_qos: u8,
+    /// Answer PINGREQ with the old mqant bytes `d2 00`.
+    pub pingresp_d2: bool,
+    /// Deadline for the first packet (CONNECT).
+    pub connect_timeout_s: u64,
+    /// Read deadline when the client's keepalive is 0 (mqant: 600; default mode: none).
+    pub idle_timeout_s: Option<u64>,
+    /// Deadline for one socket write.
+    pub write_timeout_s: u64,
+    /// Largest packet (or WebSocket frame) accepted (mqant: 4096; default mode: 1 MiB).
+    pub max_packet: Option<usize>,
+    /// Connection cap.
+    pub max_conn: usize,
+    /// Outbound queue length per connection; a client that lets it fill is disconnected.
+    pub write_queue: usize,
+    /// Deadline of client requests (mqant: 5 s; default mode: 10 s).
+    pub rpc_expired_s: Option<u64>,
+    /// Default mode: deliver publishes to topics that name no module to matching subscribers.
+    pub pubsub: bool,
+    /// Deadline for the WebSocket upgrade request.
+    pub ws_handshake_timeout_s: u64,
+    /// Minimum seconds between storage heartbeats of a bound session.
+    pub min_hb_storage_s: u64,
+}
+
+/// Transport name in config (`tcp` / `ws`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportName {
+    /// Plain TCP.
+    #[default]
+    Tcp,
+    /// WebSocket.
+    Ws,
+}
+
+impl From<TransportName> for Transport {
+    fn from(t: TransportName) -> Self {
+        match t {
+            TransportName::Tcp => Transport::Tcp,
+            TransportName::Ws => Transport::Ws,
+        }
+    }
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            protocol: ListenerProtocol::Mqtt,
+            transport: TransportName::Tcp,
+            mode: Mode::Default,
+            addr: "127.0.0.1:1883".into(),
+            handler_prefixes: vec!["HD_".into(), "Handler_".into()],
+            push_qos: 1,
+            pingresp_d2: false,
+            connect_timeout_s: 10,
+            idle_timeout_s: None,
+            write_timeout_s: 30,
+            max_packet: None,
+            max_conn: 20000,
+            write_queue: 1024,
+            rpc_expired_s: None,
+            pubsub: true,
+            ws_handshake_timeout_s: 10,
+            min_hb_storage_s: 60,
+        }
+    }
+}
+
+impl ListenerConfig {
+    /// A listener from a URL such as `mqtt+mqant://127.0.0.1:3563?rpc_expired_s=1` (the
+    /// `--listen` flag). Query parameters are listener keys; values are read as integers or
+    /// booleans when they look like one.
+    pub fn from_url(url: &str) -> Result<ListenerConfig, ConfigError> {
+        let bad = |why: String| ConfigError::Invalid {
+            key: "--listen".into(),
+            why,
+            line: None,
+        };
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad(format!("{url:?} is not a URL like mqtt://127.0.0.1:1883")))?;
+        let (transport, mode) = match scheme {
+            "mqtt" | "tcp" => ("tcp", "default"),
+            "mqtt+mqant" => ("tcp", "mqant"),
+            "ws" | "mqtt+ws" => ("ws", "default"),
+            "ws+mqant" => ("ws", "mqant"),
+            other => {
+                return Err(bad(format!(
+                    "unknown scheme {other:?} (expected mqtt, mqtt+mqant, ws or ws+mqant)"
+                )));
+            }
+        };
+        let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let addr = authority.split('/').next().unwrap_or_default();
+        let mut t = toml::Table::new();
+        t.insert("protocol".into(), "mqtt".into());
+        t.insert("transport".into(), transport.into());
+        t.insert("mode".into(), mode.into());
+        t.insert("addr".into(), addr.into());
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, "true"));
+            let value = if let Ok(i) = v.parse::<i64>() {
+                toml::Value::Integer(i)
+            } else if let Ok(b) = v.parse::<bool>() {
+                toml::Value::Boolean(b)
+            } else if k == "handler_prefixes" {
+                toml::Value::Array(v.split(',').map(|s| toml::Value::from(s)).collect())
+            } else {
+                toml::Value::String(v.to_owned())
+            };
+            t.insert(k.to_owned(), value);
+        }
+        let l: ListenerConfig = t
+            .try_into()
+            .map_err(|e: toml::de::Error| bad(format!("{url}: {}", e.message())))?;
+        l.validate("--listen").map_err(|e| match e {
+            ConfigError::Invalid { key, why, .. } => bad(format!("{key}: {why}")),
+            other => other,
+        })?;
+        Ok(l)
+    }
+
+    /// The listener's URL form (for logs and the startup banner).
+    pub fn scheme(&self) -> &'static str {
+        match (self.transport, self.mode) {
+            (TransportName::Tcp, Mode::Default) => "mqtt",
+            (TransportName::Tcp, Mode::Mqant) => "mqtt+mqant",
+            (TransportName::Ws, Mode::Default) => "ws",
+            (TransportName::Ws, Mode::Mqant) => "ws+mqant",
+        }
+    }
+
+    /// The bind address, with mqant's `:3563` form meaning all interfaces.
+    pub fn socket_addr(&self) -> Result<SocketAddr, String> {
+        let a = if self.addr.starts_with(':') {
+            format!("0.0.0.0{}", self.addr)
+        } else {
+            self.addr.clone()
+        };
+        a.parse()
+            .map_err(|_| format!("{:?} is not an address like 127.0.0.1:3563", self.addr))
+    }
+
+    /// Effective max packet size.
+    pub fn max_packet(&self) -> usize {
+        self.max_packet.unwrap_or(match self.mode {
+            Mode::Mqant => 4096,
+            Mode::Default => 1024 * 1024,
+        })
+    }
+
+    /// Effective request deadline.
+    pub fn rpc_expired(&self) -> Duration {
+        Duration::from_secs(self.rpc_expired_s.unwrap_or(match self.mode {
+            Mode::Mqant => 5,
+            Mode::Default => 10,
+        }))
+    }
+
+    /// Effective idle read deadline for clients with keepalive 0.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        match (self.idle_timeout_s, self.mode) {
+            (Some(0), _) => None,
+            (Some(s), _) => Some(Duration::from_secs(s)),
+            (None, Mode::Mqant) => Some(Duration::from_secs(600)),
+            (None, Mode::Default) => None,
+        }
+    }
+
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        let bad = |k: &str, why: String| {
+            Err(ConfigError::Invalid {
+                key: format!("{key}.{k}"),
+                why,
+                line: None,
+            })
+        };
+        if let Err(why) = self.socket_addr() {
+            return bad("addr", why);
+        }
+        if self.push_qos > 1 {
+            return bad("push_qos", format!("must be 0 or 1, got {}", self.push_qos));
+        }
+        if let Some(m) = self.max_packet
+            && !(16..=268_435_455).contains(&m)
+        {
+            return bad(
+                "max_packet",
+                format!("must be between 16 and 268435455, got {m}"),
+            );
+        }
+        if self.write_queue == 0 {
+            return bad("write_queue", "must be at least 1".into());
+        }
+        if self.max_conn == 0 {
+            return bad("max_conn", "must be at least 1".into());
+        }
+        if self.connect_timeout_s == 0 {
+            return bad("connect_timeout_s", "must be at least 1".into());
+        }
+        if self.write_timeout_s == 0 {
+            return bad("write_timeout_s", "must be at least 1".into());
+        }
+        if self.rpc_expired_s == Some(0) {
+            return bad("rpc_expired_s", "must be at least 1".into());
+        }
+        if self.mode == Mode::Mqant && self.handler_prefixes.iter().all(|p| p.is_empty()) {
+            return bad(
+                "handler_prefixes",
+                "mqant mode needs at least one non-empty prefix".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `[[module]]`: one module instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleConfig {
+    /// Module type (`Chat`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Instance id, unique in the cluster; defaults to `<type>001`.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Node that runs the instance (ignored by single-process `warren serve`).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Override the module's execution mode.
+    #[serde(default)]
+    pub execution: Option<Execution>,
+    /// Settings passed verbatim to the module.
+    #[serde(default)]
+    pub settings: toml::Table,
+}
+
+impl ModuleConfig {
+    /// A module entry with defaults.
+    pub fn new(kind: &str) -> Self {
+        ModuleConfig {
+            kind: kind.into(),
+            id: None,
+            node: None,
+            execution: None,
+            settings: toml::Table::new(),
+        }
+    }
+
+    /// Effective instance id.
+    pub fn instance_id(&self) -> String {
+        self.id
+            .clone()
+            .unwrap_or_else(|| format!("{}001", self.kind))
+    }
+
+    /// Settings as JSON, as modules receive them.
+    pub fn settings_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.settings).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// `[http]`: the web page and its `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Serve the page at all.
+    pub enabled: bool,
+    /// Bind address.
+    pub addr: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            addr: "127.0.0.1:8080".into(),
+        }
+    }
+}
+
+/// `[bus]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    /// `local` (in-process) for now.
+    pub kind: BusKind,
+}
+
+/// Bus implementations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    /// In-process delivery.
+    #[default]
+    Local,
+}
+
+/// `[registry]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// `memory` (this process) for now.
+    pub kind: RegistryKind,
+}
+
+/// Registry implementations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistryKind {
+    /// In-process.
+    #[default]
+    Memory,
+}
+
+/// Why a config was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML did not parse or did not fit the schema (unknown key, wrong type).
+    #[error("{}{message}", location(*line, *column))]
+    Parse {
+        /// 1-based line, if known.
+        line: Option<usize>,
+        /// 1-based column, if known.
+        column: Option<usize>,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{}{key}: {why}", location(*line, None))]
+    Invalid {
+        /// Dotted key path (`listener[0].addr`).
+        key: String,
+        /// Why it is refused.
+        why: String,
+        /// 1-based line, if known.
+        line: Option<usize>,
+    },
+}
+
+fn location(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!("{l}:{c}: "),
+        (Some(l), None) => format!("{l}: "),
+        _ => String::new(),
+    }
+}
+
+impl Config {
+    /// Parse TOML text (no semantic checks; see [`Config::validate`]).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|s| line_col(text, s.start))
+                .map_or((None, None), |(l, c)| (Some(l), Some(c)));
+            ConfigError::Parse {
+                line,
+                column,
+                message: e.message().trim().to_owned(),
+            }
+        })
+    }
+
+    /// Parse and validate, locating semantic errors in the text.
+    pub fn load(text: &str, known_modules: &[&str]) -> Result<Config, ConfigError> {
+        let c = Config::from_toml(text)?;
+        c.validate(known_modules).map_err(|e| match e {
+            ConfigError::Invalid { key, why, .. } => {
+                let line = find_line(text, &key);
+                ConfigError::Invalid { key, why, line }
+            }
+            other => other,
+        })?;
+        Ok(c)
+    }
+
+    /// Check values and cross-references; `known_modules` are the module types this binary has.
+    pub fn validate(&self, known_modules: &[&str]) -> Result<(), ConfigError> {
+        let bad = |key: String, why: String| {
+            Err(ConfigError::Invalid {
+                key,
+                why,
+                line: None,
+            })
+        };
+        if self.node.id.is_empty() {
+            return bad("node.id".into(), "must not be empty".into());
+        }
+        if self.node.gate_id.is_empty() {
+            return bad("node.gate_id".into(), "must not be empty".into());
+        }
+        if self.node.mailbox == 0 {
+            return bad("node.mailbox".into(), "must be at least 1".into());
+        }
+        let mut addrs = Vec::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            l.validate(&format!("listener[{i}]"))?;
+            let a = l.socket_addr().map_err(|why| ConfigError::Invalid {
+                key: format!("listener[{i}].addr"),
+                why,
+                line: None,
+            })?;
+            if a.port() != 0 && addrs.contains(&a) {
+                return bad(
+                    format!("listener[{i}].addr"),
+                    format!("{a} is used by another listener"),
+                );
+            }
+            addrs.push(a);
+        }
+        if self.http.enabled && self.http.addr.parse::<SocketAddr>().is_err() {
+            return bad(
+                "http.addr".into(),
+                format!("{:?} is not an address like 127.0.0.1:8080", self.http.addr),
+            );
+        }
+        let mut ids = Vec::new();
+        for (i, m) in self.modules.iter().enumerate() {
+            if !known_modules.is_empty() && !known_modules.contains(&m.kind.as_str()) {
+                return bad(
+                    format!("module[{i}].type"),
+                    format!(
+                        "unknown module type {:?} (this binary has: {})",
+                        m.kind,
+                        known_modules.join(", ")
+                    ),
+                );
+            }
+            let id = m.instance_id();
+            if ids.contains(&id) {
+                return bad(
+                    format!("module[{i}].id"),
+                    format!("instance id {id:?} is used twice"),
+                );
+            }
+            ids.push(id);
+        }
+        Ok(())
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |p| p + 1) + 1;
+    (line, col)
+}
+
+/// Find the line of a dotted key like `listener[1].addr` in the text: the n-th `[[listener]]`
+/// header, then the first line below it assigning that key.
+fn find_line(text: &str, key: &str) -> Option<usize> {
+    let (table, field) = key.split_once('.')?;
+    let (name, index) = match table.split_once('[') {
+        Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()?),
+        None => (table, 0),
+    };
+    let headers = [format!("[[{name}]]"), format!("[{name}]")];
+    let mut seen = 0usize;
+    let mut inside = false;
+    for (no, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            inside = false;
+            if headers.iter().any(|h| t.starts_with(h.as_str())) {
+                if seen == index {
+                    inside = true;
+                }
+                seen += 1;
+            }
+            continue;
+        }
+        if inside
+            && let Some(rest) = t.strip_prefix(field)
+            && rest.trim_start().starts_with('=')
+        {
+            return Some(no + 1);
+        }
+    }
+    None
+}
+
+/// The commented default configuration `warren print-default-config` prints.
+pub const DEFAULT_CONFIG: &str = include_str!("default_config.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_parses_and_validates() {
+        let c = Config::load(DEFAULT_CONFIG, &["Login", "Chat"]).unwrap();
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners[0].mode, Mode::Mqant);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line() {
+        let e = Config::from_toml("[node]\nid = \"a\"\nbogus = 1\n").unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("3:"), "{s}");
+        assert!(s.contains("bogus"), "{s}");
+    }
+
+    #[test]
+    fn semantic_errors_name_key_and_line() {
+        let text = "[[listener]]\naddr = \"127.0.0.1:1\"\n\n[[listener]]\nmode = \"mqant\"\naddr = \"nope\"\n";
+        let e = Config::load(text, &[]).unwrap_err().to_string();
+        assert!(e.starts_with("6: listener[1].addr:"), "{e}");
+    }
+
+    #[test]
+    fn listener_urls() {
+        let l = ListenerConfig::from_url(
+            "mqtt+mqant://127.0.0.1:4000?rpc_expired_s=1&pingresp_d2=true",
+        )
+        .unwrap();
+        assert_eq!(l.mode, Mode::Mqant);
+        assert_eq!(l.rpc_expired(), Duration::from_secs(1));
+        assert!(l.pingresp_d2);
+        assert_eq!(l.max_packet(), 4096);
+        let l = ListenerConfig::from_url("ws://0.0.0.0:9001/mqtt").unwrap();
+        assert_eq!(l.transport, TransportName::Ws);
+        assert!(ListenerConfig::from_url("mqtt://127.0.0.1:1?bogus=1").is_err());
+        assert!(ListenerConfig::from_url("http://127.0.0.1:1").is_err());
+        assert!(ListenerConfig::from_url("mqtt://nowhere").is_err());
+    }
+}

@@ -1,0 +1,32 @@
+//! warren: the library behind the `warren` binary.
+//!
+//! A [`Node`](node::Node) owns everything one process runs: the gate listeners that keep client
+//! connections open, the [`SessionTable`](session::SessionTable) of those connections, the
+//! [`Router`](router::Router) that turns a client message into a handler call, and the
+//! [`Module`](module::Module) instances whose handlers answer it. Modules reach one another and the
+//! gate through a [`Bus`](bus::Bus) and find one another through a [`Registry`](registry::Registry);
+//! this crate ships the in-memory implementations, so one process needs no other server.
+//!
+//! The request path, with the file that owns each step:
+//! bytes → `gate/mqtt.rs` (decode, session) → `router.rs` (route → instance) → `bus.rs` (deliver)
+//! → `module.rs` (run the handler under its deadline) → reply back through `gate/mqtt.rs`.
+
+#![forbid(unsafe_code)]
+
+pub mod bus;
+pub mod config;
+pub mod error;
+pub mod fanout;
+pub mod gate;
+pub mod module;
+pub mod node;
+pub mod registry;
+pub mod route;
+pub mod router;
+pub mod session;
+
+pub use error::{CallError, CallErrorKind};
+pub use module::{Context, Execution, Json, Module, ModuleBuilder};
+pub use node::{Node, NodeBuilder};
+pub use route::Route;
+pub use session::{Session, SessionId};

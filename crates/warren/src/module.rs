@@ -1,0 +1,688 @@
+//! Modules: named services whose handlers answer client requests and each other's calls.
+//!
+//! A module is declared once with [`Module::builder`]: its type name, its state, its handlers
+//! (plain async fns taking a [`Context`] and a body), whether they run **sequentially** (one task,
+//! mailbox order — mqant `Register`) or **concurrently** (a task per message — `RegisterGO`), and its
+//! lifecycle hooks. Either way one session's messages reach the module in the order sent: in
+//! concurrent mode each session has a lane that runs its messages one after another.
+//!
+//! ```
+//! use warren::{Context, Json, Module, CallError};
+//! #[derive(serde::Deserialize)]
+//! struct Hello { name: String }
+//! async fn hello(_cx: Context<()>, Json(req): Json<Hello>) -> Result<String, CallError> {
+//!     Ok(format!("hello {}", req.name))
+//! }
+//! let m: Module = Module::builder("Greeter", ()).client_handler("Hello", hello).build();
+//! assert_eq!(m.name(), "Greeter");
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::CallError;
+use crate::node::NodeHandle;
+use crate::session::{Session, SessionId};
+
+/// How a module runs its handlers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Execution {
+    /// One task, mailbox order: handlers never overlap. Keep them short.
+    Sequential,
+    /// A task per message; messages of one session still run one after another, in order.
+    #[default]
+    Concurrent,
+}
+
+/// What a handler sees: the module state, the caller's session snapshot (absent for calls between
+/// modules that carry none), and the node's services (calls, session operations, groups).
+pub struct Context<S = ()> {
+    state: Arc<S>,
+    session: Option<Arc<Session>>,
+    node: NodeHandle,
+    instance: Arc<InstanceInfo>,
+}
+
+impl<S> Clone for Context<S> {
+    fn clone(&self) -> Self {
+        Context {
+            state: self.state.clone(),
+            session: self.session.clone(),
+            node: self.node.clone(),
+            instance: self.instance.clone(),
+        }
+    }
+}
+
+/// Identity and settings of one running module instance.
+#[derive(Debug, Clone)]
+pub struct InstanceInfo {
+    /// Module type name.
+    pub module: Arc<str>,
+    /// Instance id (unique in the cluster, e.g. `Chat001`).
+    pub id: Arc<str>,
+    /// Settings from the config file, passed verbatim.
+    pub settings: Value,
+}
+
+impl<S> Context<S> {
+    /// The module's state.
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+
+    /// The caller's session snapshot, if the call carries one.
+    pub fn session(&self) -> Option<&Arc<Session>> {
+        self.session.as_ref()
+    }
+
+    /// The node's services.
+    pub fn node(&self) -> &NodeHandle {
+        &self.node
+    }
+
+    /// This instance's id and settings.
+    pub fn instance(&self) -> &InstanceInfo {
+        &self.instance
+    }
+
+    /// Call a handler of another module (or of this one) and wait for its reply, with the default
+    /// deadline (10 s).
+    pub async fn call(
+        &self,
+        module: &str,
+        handler: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Bytes, CallError> {
+        self.node
+            .call(module, handler, self.session.clone(), body.into(), None)
+            .await
+    }
+
+    /// [`Context::call`] with a JSON body and a JSON reply.
+    pub async fn call_json<T: DeserializeOwned>(
+        &self,
+        module: &str,
+        handler: &str,
+        body: &impl Serialize,
+    ) -> Result<T, CallError> {
+        let body = serde_json::to_vec(body).map_err(|e| CallError::BadRequest(e.to_string()))?;
+        let reply = self.call(module, handler, body).await?;
+        serde_json::from_slice(&reply).map_err(|e| CallError::BadRequest(e.to_string()))
+    }
+
+    /// Call a handler without waiting for a result (mqant `CallNR`). Resolves once the call is
+    /// handed to the target.
+    pub async fn call_nr(
+        &self,
+        module: &str,
+        handler: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<(), CallError> {
+        self.node
+            .call_nr(module, handler, self.session.clone(), body.into())
+            .await
+    }
+
+    /// Push a message to the caller's own session. Pushes made during a handler reach the client
+    /// before that handler's reply.
+    pub async fn push(&self, topic: &str, body: impl Into<Bytes>) -> Result<(), CallError> {
+        let s = self.session.as_ref().ok_or(CallError::NoSession)?;
+        self.node.sessions().send(s, topic, body.into()).await
+    }
+}
+
+/// Decoding a request body into a handler argument.
+pub trait FromBody: Sized + Send {
+    /// Decode; the error goes back to the caller.
+    fn from_body(body: Bytes) -> Result<Self, CallError>;
+}
+
+impl FromBody for Bytes {
+    fn from_body(body: Bytes) -> Result<Self, CallError> {
+        Ok(body)
+    }
+}
+
+impl FromBody for () {
+    fn from_body(_: Bytes) -> Result<Self, CallError> {
+        Ok(())
+    }
+}
+
+impl FromBody for Value {
+    fn from_body(body: Bytes) -> Result<Self, CallError> {
+        serde_json::from_slice(&body).map_err(|_| CallError::BodyNotJson)
+    }
+}
+
+/// A JSON body or reply, decoded or encoded with serde.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromBody for Json<T> {
+    fn from_body(body: Bytes) -> Result<Self, CallError> {
+        serde_json::from_slice(&body)
+            .map(Json)
+            .map_err(|e| CallError::BadRequest(format!("invalid request body: {e}")))
+    }
+}
+
+/// Turning a handler's result into reply bytes (JSON by convention).
+pub trait IntoReply {
+    /// Encode.
+    fn into_reply(self) -> Result<Bytes, CallError>;
+}
+
+impl IntoReply for Bytes {
+    fn into_reply(self) -> Result<Bytes, CallError> {
+        Ok(self)
+    }
+}
+
+impl IntoReply for () {
+    fn into_reply(self) -> Result<Bytes, CallError> {
+        Ok(Bytes::from_static(b"null"))
+    }
+}
+
+impl IntoReply for Value {
+    fn into_reply(self) -> Result<Bytes, CallError> {
+        json_bytes(&self)
+    }
+}
+
+impl IntoReply for String {
+    fn into_reply(self) -> Result<Bytes, CallError> {
+        json_bytes(&self)
+    }
+}
+
+impl IntoReply for &'static str {
+    fn into_reply(self) -> Result<Bytes, CallError> {
+        json_bytes(&self)
+    }
+}
+
+impl<T: Serialize> IntoReply for Json<T> {
+    fn into_reply(self) -> Result<Bytes, CallError> {
+        json_bytes(&self.0)
+    }
+}
+
+fn json_bytes(v: &impl Serialize) -> Result<Bytes, CallError> {
+    serde_json::to_vec(v)
+        .map(Bytes::from)
+        .map_err(|e| CallError::App(format!("reply encoding failed: {e}")))
+}
+
+/// A handler: an async fn of (`Context<S>`, body) returning a result or an error.
+pub trait Handler<S, B>: Send + Sync + 'static {
+    /// Run the handler on a raw body.
+    fn call(&self, cx: Context<S>, body: Bytes) -> BoxFuture<'static, Result<Bytes, CallError>>;
+}
+
+impl<S, F, Fut, B, R, E> Handler<S, B> for F
+where
+    S: Send + Sync + 'static,
+    F: Fn(Context<S>, B) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, E>> + Send + 'static,
+    B: FromBody + 'static,
+    R: IntoReply,
+    E: Into<CallError>,
+{
+    fn call(&self, cx: Context<S>, body: Bytes) -> BoxFuture<'static, Result<Bytes, CallError>> {
+        match B::from_body(body) {
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+            Ok(b) => {
+                let fut = self(cx, b);
+                Box::pin(async move { fut.await.map_err(Into::into)?.into_reply() })
+            }
+        }
+    }
+}
+
+type ErasedHandler = Arc<
+    dyn Fn(Env, Option<Arc<Session>>, Bytes) -> BoxFuture<'static, Result<Bytes, CallError>>
+        + Send
+        + Sync,
+>;
+type Hook = Arc<dyn Fn(Env) -> BoxFuture<'static, Result<(), CallError>> + Send + Sync>;
+type RunHook = Arc<dyn Fn(Env, CancellationToken) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// What a running instance needs to build a [`Context`].
+#[derive(Clone)]
+pub(crate) struct Env {
+    pub(crate) node: NodeHandle,
+    pub(crate) instance: Arc<InstanceInfo>,
+}
+
+#[derive(Clone)]
+struct HandlerEntry {
+    f: ErasedHandler,
+    client_visible: bool,
+}
+
+/// Reserved handler name a module receives when a session it has seen closes (see
+/// [`ModuleBuilder::on_session_closed`]).
+pub const SESSION_CLOSED: &str = "$session_closed";
+
+/// A module definition, ready to be instantiated by a node.
+#[derive(Clone)]
+pub struct Module {
+    def: Arc<ModuleDef>,
+}
+
+#[derive(Clone)]
+struct ModuleDef {
+    name: Arc<str>,
+    execution: Execution,
+    handlers: HashMap<Box<str>, HandlerEntry>,
+    on_init: Option<Hook>,
+    on_run: Option<RunHook>,
+    on_destroy: Option<Hook>,
+}
+
+impl std::fmt::Debug for Module {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Module")
+            .field("name", &self.def.name)
+            .field("execution", &self.def.execution)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Module`]: name, state, handlers, execution mode, lifecycle hooks.
+pub struct ModuleBuilder<S> {
+    state: Arc<S>,
+    def: ModuleDef,
+}
+
+impl Module {
+    /// Start declaring a module of type `name` whose handlers share `state`.
+    pub fn builder<S: Send + Sync + 'static>(name: &str, state: S) -> ModuleBuilder<S> {
+        ModuleBuilder {
+            state: Arc::new(state),
+            def: ModuleDef {
+                name: name.into(),
+                execution: Execution::default(),
+                handlers: HashMap::new(),
+                on_init: None,
+                on_run: None,
+                on_destroy: None,
+            },
+        }
+    }
+
+    /// Module type name.
+    pub fn name(&self) -> &str {
+        &self.def.name
+    }
+
+    /// Execution mode.
+    pub fn execution(&self) -> Execution {
+        self.def.execution
+    }
+
+    /// Whether the module has a handler of this name.
+    pub fn has_handler(&self, name: &str) -> bool {
+        self.def.handlers.contains_key(name)
+    }
+
+    /// Names of the handlers registered as client-visible.
+    pub fn client_handlers(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .def
+            .handlers
+            .iter()
+            .filter(|(_, h)| h.client_visible)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The same module with another execution mode (a config override).
+    pub fn with_execution(self, execution: Execution) -> Module {
+        let mut def = ModuleDef::clone(&self.def);
+        def.execution = execution;
+        Module { def: Arc::new(def) }
+    }
+
+    /// Whether the module wants session-closed notifications.
+    pub fn wants_session_closed(&self) -> bool {
+        self.def.handlers.contains_key(SESSION_CLOSED)
+    }
+}
+
+impl<S: Send + Sync + 'static> ModuleBuilder<S> {
+    /// Run handlers sequentially or concurrently (default concurrent).
+    pub fn execution(mut self, execution: Execution) -> Self {
+        self.def.execution = execution;
+        self
+    }
+
+    fn add<B: 'static>(mut self, name: &str, h: impl Handler<S, B>, client_visible: bool) -> Self {
+        let state = self.state.clone();
+        let h = Arc::new(h);
+        let f: ErasedHandler = Arc::new(move |env: Env, session, body| {
+            let cx = Context {
+                state: state.clone(),
+                session,
+                node: env.node,
+                instance: env.instance,
+            };
+            h.call(cx, body)
+        });
+        self.def
+            .handlers
+            .insert(name.into(), HandlerEntry { f, client_visible });
+        self
+    }
+
+    /// Register an RPC handler: callable by other modules; callable by clients only in mqant mode
+    /// when its name starts with a client-visible prefix (`HD_`, `Handler_`).
+    pub fn handler<B: 'static>(self, name: &str, h: impl Handler<S, B>) -> Self {
+        self.add(name, h, false)
+    }
+
+    /// Register a handler that clients may call in every mode.
+    pub fn client_handler<B: 'static>(self, name: &str, h: impl Handler<S, B>) -> Self {
+        self.add(name, h, true)
+    }
+
+    /// Run `h` when a session that has called this module closes (for presence: "user left").
+    /// It receives that session's last snapshot and an empty body, in order after the session's
+    /// own requests.
+    pub fn on_session_closed<B: 'static>(self, h: impl Handler<S, B>) -> Self {
+        self.add(SESSION_CLOSED, h, false)
+    }
+
+    /// Run once before the node starts serving; an error stops the node from starting.
+    pub fn on_init<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(Context<S>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), CallError>> + Send + 'static,
+    {
+        let state = self.state.clone();
+        self.def.on_init = Some(Arc::new(move |env: Env| {
+            Box::pin(f(Context {
+                state: state.clone(),
+                session: None,
+                node: env.node,
+                instance: env.instance,
+            }))
+        }));
+        self
+    }
+
+    /// A background task that runs while the node runs; it should return when the token fires.
+    pub fn on_run<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(Context<S>, CancellationToken) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let state = self.state.clone();
+        self.def.on_run = Some(Arc::new(move |env: Env, tok| {
+            Box::pin(f(
+                Context {
+                    state: state.clone(),
+                    session: None,
+                    node: env.node,
+                    instance: env.instance,
+                },
+                tok,
+            ))
+        }));
+        self
+    }
+
+    /// Run once at shutdown, after the gate has drained.
+    pub fn on_destroy<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(Context<S>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), CallError>> + Send + 'static,
+    {
+        let state = self.state.clone();
+        self.def.on_destroy = Some(Arc::new(move |env: Env| {
+            Box::pin(f(Context {
+                state: state.clone(),
+                session: None,
+                node: env.node,
+                instance: env.instance,
+            }))
+        }));
+        self
+    }
+
+    /// Finish the definition.
+    pub fn build(self) -> Module {
+        Module {
+            def: Arc::new(self.def),
+        }
+    }
+}
+
+/// One call as it travels to an instance.
+pub struct Job {
+    /// Handler name.
+    pub handler: Box<str>,
+    /// Caller's session snapshot.
+    pub session: Option<Arc<Session>>,
+    /// Request body.
+    pub body: Bytes,
+    /// When the caller stops waiting; the handler is cancelled then.
+    pub deadline: Instant,
+    /// Where the result goes; `None` for calls without reply.
+    pub reply: Option<oneshot::Sender<Result<Bytes, CallError>>>,
+}
+
+/// A running instance of a module: its mailbox and its execution lanes.
+pub(crate) struct Instance {
+    pub(crate) info: Arc<InstanceInfo>,
+    module: Module,
+    mailbox: Mailbox,
+}
+
+enum Mailbox {
+    Sequential(mpsc::Sender<Job>),
+    Concurrent(Arc<Lanes>),
+}
+
+struct Lanes {
+    module: Module,
+    env: Env,
+    tracker: tokio_util::task::TaskTracker,
+    active: Mutex<HashMap<SessionId, VecDeque<Job>>>,
+}
+
+impl Instance {
+    /// Start an instance: spawn its sequential worker, or prepare its concurrent lanes.
+    pub(crate) fn start(
+        module: Module,
+        info: Arc<InstanceInfo>,
+        node: NodeHandle,
+        mailbox_size: usize,
+        tracker: &tokio_util::task::TaskTracker,
+    ) -> Arc<Instance> {
+        let env = Env {
+            node,
+            instance: info.clone(),
+        };
+        let mailbox = match module.def.execution {
+            Execution::Sequential => {
+                let (tx, mut rx) = mpsc::channel::<Job>(mailbox_size.max(1));
+                let m = module.clone();
+                tracker.spawn(async move {
+                    while let Some(job) = rx.recv().await {
+                        execute(&m, &env, job).await;
+                    }
+                });
+                Mailbox::Sequential(tx)
+            }
+            Execution::Concurrent => Mailbox::Concurrent(Arc::new(Lanes {
+                module: module.clone(),
+                env,
+                tracker: tracker.clone(),
+                active: Mutex::new(HashMap::new()),
+            })),
+        };
+        Arc::new(Instance {
+            info,
+            module,
+            mailbox,
+        })
+    }
+
+    /// Hand a job to the instance. Resolves once it is queued, so a caller that awaits each
+    /// submission in turn keeps its order.
+    pub(crate) async fn submit(&self, job: Job) -> Result<(), CallError> {
+        match &self.mailbox {
+            Mailbox::Sequential(tx) => tx.send(job).await.map_err(|_| CallError::Closed),
+            Mailbox::Concurrent(lanes) => {
+                Lanes::submit(lanes, job);
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn env(&self, node: NodeHandle) -> Env {
+        Env {
+            node,
+            instance: self.info.clone(),
+        }
+    }
+
+    pub(crate) async fn init(&self, node: NodeHandle) -> Result<(), CallError> {
+        match &self.module.def.on_init {
+            Some(h) => h(self.env(node)).await,
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn run(
+        &self,
+        node: NodeHandle,
+        token: CancellationToken,
+        tracker: &tokio_util::task::TaskTracker,
+    ) {
+        if let Some(h) = &self.module.def.on_run {
+            tracker.spawn(h(self.env(node), token));
+        }
+    }
+
+    pub(crate) async fn destroy(&self, node: NodeHandle) {
+        if let Some(h) = &self.module.def.on_destroy
+            && let Err(e) = h(self.env(node)).await
+        {
+            tracing::warn!(module = %self.info.module, error = %e, "module destroy failed");
+        }
+    }
+}
+
+impl Lanes {
+    fn submit(this: &Arc<Lanes>, job: Job) {
+        let Some(key) = job.session.as_ref().map(|s| s.id.clone()) else {
+            let lanes = this.clone();
+            this.tracker
+                .spawn(async move { execute(&lanes.module, &lanes.env, job).await });
+            return;
+        };
+        {
+            let mut active = this.active.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(q) = active.get_mut(&key) {
+                q.push_back(job);
+                return;
+            }
+            active.insert(key.clone(), VecDeque::new());
+        }
+        let lanes = this.clone();
+        this.tracker.spawn(async move {
+            let mut job = job;
+            loop {
+                execute(&lanes.module, &lanes.env, job).await;
+                let mut active = lanes.active.lock().unwrap_or_else(|e| e.into_inner());
+                match active.get_mut(&key).and_then(VecDeque::pop_front) {
+                    Some(next) => job = next,
+                    None => {
+                        active.remove(&key);
+                        break;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Run one job: find the handler, run it under its deadline, catch a panic, send the result.
+async fn execute(module: &Module, env: &Env, job: Job) {
+    let Job {
+        handler,
+        session,
+        body,
+        deadline,
+        reply,
+    } = job;
+    let started = Instant::now();
+    let result = match module.def.handlers.get(&*handler) {
+        None => Err(CallError::HandlerNotFound(handler.to_string())),
+        Some(_) if started >= deadline => Err(CallError::Timeout),
+        Some(h) => {
+            let fut = (h.f)(env.clone(), session.clone(), body);
+            match tokio::time::timeout_at(deadline, AssertUnwindSafe(fut).catch_unwind()).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(panic)) => {
+                    let text = panic_text(&*panic);
+                    tracing::error!(module = %env.instance.module, handler = %handler, panic = %text, "handler panicked");
+                    metrics::counter!("warren_handler_panics_total").increment(1);
+                    Err(CallError::Panicked(text))
+                }
+                Err(_) => {
+                    tracing::warn!(module = %env.instance.module, handler = %handler, "handler passed its deadline and was cancelled");
+                    Err(CallError::Timeout)
+                }
+            }
+        }
+    };
+    metrics::histogram!("warren_handler_duration_seconds").record(started.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        metrics::counter!("warren_call_errors_total", "kind" => e.kind().as_str()).increment(1);
+    }
+    match reply {
+        Some(tx) => {
+            let _ = tx.send(result);
+        }
+        None => {
+            if let Err(e) = result {
+                tracing::debug!(module = %env.instance.module, handler = %handler, error = %e, "call without reply failed");
+            }
+        }
+    }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "handler panicked".to_owned()
+    }
+}
+
+/// The default deadline of a call between modules (mqant `RpcExpired`, v1.0).
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);

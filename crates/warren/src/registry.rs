@@ -1,0 +1,105 @@
+//! The registry: which nodes are alive and which module instances they run. [`Registry`] is the
+//! seam for Redis, NATS KV and etcd; [`MemoryRegistry`] serves a single process. The router
+//! watches it and rebuilds its routing table on every change.
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// One module instance as the cluster sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// Module type name.
+    pub module: String,
+    /// Instance id, unique in the cluster.
+    pub id: String,
+    /// Handlers registered as client-visible (a remote gate needs them to admit client calls).
+    #[serde(default)]
+    pub client_handlers: Vec<String>,
+    /// Routing tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// One live node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Node id.
+    pub id: String,
+    /// warren version the node runs.
+    pub version: String,
+    /// Where the node can be reached directly, if anywhere.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Start time, unix milliseconds.
+    pub started_at_ms: u64,
+    /// Node tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Module instances it runs.
+    pub instances: Vec<InstanceRecord>,
+}
+
+/// Registry failures.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegistryError {
+    /// The backing store could not be reached.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Where nodes announce themselves and learn about each other.
+pub trait Registry: Send + Sync + 'static {
+    /// Announce (or refresh) this node.
+    fn register(&self, node: NodeRecord) -> BoxFuture<'_, Result<(), RegistryError>>;
+    /// Withdraw a node (graceful shutdown).
+    fn deregister(&self, node_id: &str) -> BoxFuture<'_, Result<(), RegistryError>>;
+    /// The live nodes, now and on every change.
+    fn watch(&self) -> watch::Receiver<Arc<Vec<NodeRecord>>>;
+    /// Short name for logs.
+    fn kind(&self) -> &'static str;
+}
+
+/// A registry held in memory: the nodes of this process.
+#[derive(Debug)]
+pub struct MemoryRegistry {
+    tx: watch::Sender<Arc<Vec<NodeRecord>>>,
+}
+
+impl Default for MemoryRegistry {
+    fn default() -> Self {
+        MemoryRegistry {
+            tx: watch::Sender::new(Arc::new(Vec::new())),
+        }
+    }
+}
+
+impl Registry for MemoryRegistry {
+    fn register(&self, node: NodeRecord) -> BoxFuture<'_, Result<(), RegistryError>> {
+        self.tx.send_modify(|nodes| {
+            let mut v = Vec::clone(nodes);
+            v.retain(|n| n.id != node.id);
+            v.push(node);
+            *nodes = Arc::new(v);
+        });
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn deregister(&self, node_id: &str) -> BoxFuture<'_, Result<(), RegistryError>> {
+        self.tx.send_modify(|nodes| {
+            let v: Vec<NodeRecord> = nodes.iter().filter(|n| n.id != node_id).cloned().collect();
+            *nodes = Arc::new(v);
+        });
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn watch(&self) -> watch::Receiver<Arc<Vec<NodeRecord>>> {
+        self.tx.subscribe()
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}

@@ -1,0 +1,218 @@
+//! The router: from a route to one module instance, and from there onto the bus.
+//!
+//! It keeps a routing table built from the registry: instances per module type, instances by id,
+//! and which node runs each. `Module@x` resolves `x` first as an instance id, then as a node id
+//! (PROTOCOLS.md §1.4); without `@` an instance is picked by hashing the session's uid (or session
+//! id), so one user keeps reaching the same instance while the set of instances is stable.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::bus::{Bus, Call, Pending};
+use crate::error::CallError;
+use crate::registry::NodeRecord;
+use crate::session::Session;
+
+/// A resolved call target: one instance on one node.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Node running the instance.
+    pub node: Arc<str>,
+    /// Instance id.
+    pub instance: Arc<str>,
+    /// Module type.
+    pub module: Arc<str>,
+    client_handlers: Arc<[String]>,
+}
+
+impl Target {
+    /// Whether the module registered `handler` as client-visible.
+    pub fn is_client_handler(&self, handler: &str) -> bool {
+        self.client_handlers.iter().any(|h| h == handler)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    by_module: HashMap<Arc<str>, Vec<Target>>,
+    by_instance: HashMap<Arc<str>, Target>,
+}
+
+/// Routes calls to module instances over a [`Bus`].
+pub struct Router {
+    bus: Arc<dyn Bus>,
+    table: ArcSwap<Table>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("bus", &self.bus.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Router {
+    /// A router with an empty table.
+    pub fn new(bus: Arc<dyn Bus>) -> Self {
+        Router {
+            bus,
+            table: ArcSwap::from_pointee(Table::default()),
+        }
+    }
+
+    /// Rebuild the routing table from the registry's live nodes.
+    pub fn refresh(&self, nodes: &[NodeRecord]) {
+        let mut t = Table::default();
+        for n in nodes {
+            let node: Arc<str> = n.id.as_str().into();
+            for i in &n.instances {
+                let target = Target {
+                    node: node.clone(),
+                    instance: i.id.as_str().into(),
+                    module: i.module.as_str().into(),
+                    client_handlers: i.client_handlers.clone().into(),
+                };
+                t.by_module
+                    .entry(target.module.clone())
+                    .or_default()
+                    .push(target.clone());
+                t.by_instance.insert(target.instance.clone(), target);
+            }
+        }
+        for v in t.by_module.values_mut() {
+            v.sort_by(|a, b| a.instance.cmp(&b.instance));
+        }
+        self.table.store(Arc::new(t));
+    }
+
+    /// Whether any live instance of the module type exists.
+    pub fn has_module(&self, module: &str) -> bool {
+        self.table.load().by_module.contains_key(module)
+    }
+
+    /// Pick the instance for a call.
+    pub fn resolve(&self, module: &str, at: Option<&str>, key: &str) -> Result<Target, CallError> {
+        let t = self.table.load();
+        let not_found = || CallError::ServiceNotFound(module.to_owned());
+        if let Some(at) = at {
+            if let Some(target) = t.by_instance.get(at) {
+                return if &*target.module == module {
+                    Ok(target.clone())
+                } else {
+                    Err(not_found())
+                };
+            }
+            let on_node = t
+                .by_module
+                .get(module)
+                .and_then(|v| v.iter().find(|x| &*x.node == at));
+            return on_node.cloned().ok_or_else(not_found);
+        }
+        let all = t.by_module.get(module).ok_or_else(not_found)?;
+        match all.len() {
+            0 => Err(not_found()),
+            1 => Ok(all[0].clone()),
+            n => Ok(all[crc32fast::hash(key.as_bytes()) as usize % n].clone()),
+        }
+    }
+
+    /// Send a call to a resolved target. Resolves once accepted; with `reply` it yields the
+    /// pending result.
+    pub async fn send(
+        &self,
+        target: &Target,
+        handler: &str,
+        session: Option<Arc<Session>>,
+        body: Bytes,
+        deadline: Instant,
+        reply: bool,
+    ) -> Result<Option<Pending>, CallError> {
+        let call = Call {
+            instance: target.instance.clone(),
+            handler: handler.into(),
+            session,
+            body,
+            deadline,
+        };
+        self.bus.send(&target.node, call, reply).await
+    }
+
+    /// The target of one instance id, if it is live.
+    pub fn resolve_instance(&self, id: &str) -> Option<Target> {
+        self.table.load().by_instance.get(id).cloned()
+    }
+
+    /// Every instance of a module type (for broadcasts to all of them).
+    pub fn instances(&self, module: &str) -> Vec<Target> {
+        self.table
+            .load()
+            .by_module
+            .get(module)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every module type with a live instance.
+    pub fn modules(&self) -> Vec<Arc<str>> {
+        self.table.load().by_module.keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::LocalBus;
+    use crate::registry::InstanceRecord;
+
+    fn node(id: &str, inst: &[(&str, &str)]) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            version: "t".into(),
+            address: None,
+            started_at_ms: 0,
+            tags: vec![],
+            instances: inst
+                .iter()
+                .map(|(m, i)| InstanceRecord {
+                    module: (*m).into(),
+                    id: (*i).into(),
+                    client_handlers: vec![],
+                    tags: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn resolves_by_instance_node_and_hash() {
+        let r = Router::new(Arc::new(LocalBus::default()));
+        r.refresh(&[
+            node("n1", &[("Chat", "Chat001"), ("Login", "Login001")]),
+            node("n2", &[("Chat", "Chat002")]),
+        ]);
+        assert_eq!(
+            &*r.resolve("Chat", Some("Chat002"), "k").unwrap().instance,
+            "Chat002"
+        );
+        assert_eq!(
+            &*r.resolve("Chat", Some("n1"), "k").unwrap().instance,
+            "Chat001"
+        );
+        assert!(r.resolve("Login", Some("Chat001"), "k").is_err());
+        assert!(r.resolve("Login", Some("n2"), "k").is_err());
+        let a = r.resolve("Chat", None, "alice").unwrap();
+        assert_eq!(
+            a.instance,
+            r.resolve("Chat", None, "alice").unwrap().instance
+        );
+        assert_eq!(
+            r.resolve("Nope", None, "k").unwrap_err().to_string(),
+            "Service(type:Nope) not found"
+        );
+    }
+}
