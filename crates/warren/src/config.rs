@@ -202,7 +202,7 @@ impl ListenerConfig {
             } else if let Ok(b) = v.parse::<bool>() {
                 toml::Value::Boolean(b)
             } else if k == "handler_prefixes" {
-                toml::Value::Array(v.split(',').map(|s| toml::Value::from(s)).collect())
+                toml::Value::Array(v.split(',').map(toml::Value::from).collect())
             } else {
                 toml::Value::String(v.to_owned())
             };

@@ -321,6 +321,7 @@ mod tests {
         assert_eq!(got(&mut rb), vec![("sensors/1/temp".into(), Some(1))]);
         subs.publish("sensors", 1, Bytes::from_static(b"sensors"), Bytes::new());
         assert_eq!(got(&mut ra), vec![("sensors".into(), Some(0))]);
+        assert_eq!(got(&mut rb), vec![("sensors".into(), Some(1))]);
         subs.publish("$SYS/x", 0, Bytes::from_static(b"$SYS/x"), Bytes::new());
         assert!(got(&mut rb).is_empty());
         subs.unsubscribe("#", "b");

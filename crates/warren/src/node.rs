@@ -327,7 +327,7 @@ impl SessionOps<'_> {
 /// The `Gate` module: session operations as RPC handlers, so modules on other nodes (and mqant
 /// peers) can reach sessions on this gate (PROTOCOLS.md §1.8).
 fn gate_module(table: Arc<SessionTable>) -> Module {
-    fn arg<'a>(a: &'a [Value], i: usize) -> &'a str {
+    fn arg(a: &[Value], i: usize) -> &str {
         a.get(i).and_then(Value::as_str).unwrap_or_default()
     }
     fn export(r: Result<Arc<Session>, CallError>) -> Result<Value, CallError> {

@@ -296,10 +296,10 @@ async fn run(
         End::Drained => tracing::debug!("drained"),
     }
     let sid = handle.id();
-    node.session_table().remove(&sid);
+    node.session_table().remove(sid);
     node.groups().remove_everywhere(&handle);
     for f in &conn.filters {
-        node.subscriptions().unsubscribe(f, &sid);
+        node.subscriptions().unsubscribe(f, sid);
     }
     if !mqant {
         gate.release_client_id(&client_id, &handle);
@@ -416,7 +416,7 @@ impl Conn {
                         self.gate
                             .node
                             .subscriptions()
-                            .unsubscribe(f, &self.handle.id());
+                            .unsubscribe(f, self.handle.id());
                     }
                     self.filters.retain(|x| x != f);
                 }

@@ -1,0 +1,6 @@
+//! Library-level tests of the warren crate: modules, calls and the node, without sockets.
+//! (The gate is exercised end to end, against the real binary, by tests/e2e.)
+
+#![allow(clippy::unwrap_used)]
+
+mod modules;
