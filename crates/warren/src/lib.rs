@@ -30,3 +30,8 @@ pub use module::{Context, Execution, Json, Module, ModuleBuilder};
 pub use node::{Node, NodeBuilder};
 pub use route::Route;
 pub use session::{Session, SessionId};
+
+/// The module guide (docs/modules.md), compiled and run as a doctest so its examples stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/modules.md")]
+pub struct ModulesGuide;
