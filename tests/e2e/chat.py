@@ -13,8 +13,9 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Self
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -117,7 +118,7 @@ class ChatClient:
 
     # ---- connection -------------------------------------------------------------------------
 
-    def connect(self, timeout: float = 5) -> "ChatClient":
+    def connect(self, timeout: float = 5) -> ChatClient:
         """Connect, start the network thread and wait for a successful CONNACK."""
         self.mqtt.connect(self.host, self.port, keepalive=self.keepalive)
         self.mqtt.loop_start()
@@ -152,7 +153,7 @@ class ChatClient:
         """True once the server closed the connection (or we did) within `timeout`."""
         return self._disconnected.wait(timeout)
 
-    def __enter__(self) -> "ChatClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -282,9 +283,7 @@ class ChatClient:
         with self._cond:
             return list(self._history)
 
-    def wait_push(
-        self, topic: str | None = None, pred: Callable[[Any], bool] | None = None, timeout: float = 5
-    ) -> Any:
+    def wait_push(self, topic: str | None = None, pred: Callable[[Any], bool] | None = None, timeout: float = 5) -> Any:
         """Wait for the earliest push on `topic` matching `pred` not returned before; return its body.
 
         Each push is returned at most once, so waiting twice for the same topic yields two
@@ -318,9 +317,7 @@ class ChatClient:
         deadline = time.monotonic() + within
         with self._cond:
             while True:
-                if any(
-                    i not in self._taken and (topic is None or t == topic) for i, (t, _) in enumerate(self._pushes)
-                ):
+                if any(i not in self._taken and (topic is None or t == topic) for i, (t, _) in enumerate(self._pushes)):
                     return False
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -16,8 +16,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Self
 from urllib.parse import urlencode, urlsplit
 
 import pytest
@@ -98,7 +99,7 @@ def wait_until(pred: Callable[[], Any], timeout: float = 5, interval: float = 0.
 
 
 # Every Warren started during the current test, so it can be killed (and its log reported).
-_live: list["Warren"] = []
+_live: list[Warren] = []
 
 
 class Warren:
@@ -151,6 +152,8 @@ class Warren:
 
         self.env = dict(os.environ)
         self.env["RUST_LOG"] = "info"
+        # Logs go to a file: keep them free of terminal colour codes so tests can search them.
+        self.env["NO_COLOR"] = "1"
         self.env.update(env or {})
 
         self.dir = Path(tempfile.mkdtemp(prefix="warren-e2e-"))
@@ -214,7 +217,7 @@ class Warren:
         """True while the process has not exited."""
         return self.proc.poll() is None
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> "Warren":
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> Warren:
         """Wait until every listener (and the web page) accepts TCP connections."""
         ports = [p for _, p in self.listeners]
         if self._wait_http and self.http is not None:
@@ -281,7 +284,7 @@ class Warren:
             except ValueError:
                 pass
 
-    def __enter__(self) -> "Warren":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from chat import MQTTv31, MQTTv311, ChatClient
+from chat import ChatClient, MQTTv31, MQTTv311
 
 ROOM = "mqant"
 PASSWORD = "Hello,anyone!"
@@ -18,9 +17,9 @@ PASSWORD = "Hello,anyone!"
 # How each flavour of client connects: upstream's Python client speaks MQTT 3.1 (`MQIsdp`) with
 # admin/password and keepalive 60; the others use 3.1.1, over TCP and over WebSocket (`/mqtt`).
 FLAVOURS = {
-    "tcp-3.1": dict(transport="tcp", protocol=MQTTv31, username="admin", password="password", keepalive=60),
-    "tcp-3.1.1": dict(transport="tcp", protocol=MQTTv311),
-    "ws-3.1.1": dict(transport="websockets", protocol=MQTTv311),
+    "tcp-3.1": {"transport": "tcp", "protocol": MQTTv31, "username": "admin", "password": "password", "keepalive": 60},
+    "tcp-3.1.1": {"transport": "tcp", "protocol": MQTTv311},
+    "ws-3.1.1": {"transport": "websockets", "protocol": MQTTv311},
 }
 
 
@@ -30,11 +29,6 @@ def client(w, flavour: str = "tcp-3.1.1", **kw) -> ChatClient:
     opts.update(kw)
     port = w.ws_mqant if opts["transport"] == "websockets" else w.mqtt_mqant
     return ChatClient(port, **opts)
-
-
-def js(obj) -> bytes:
-    """Compact JSON as Go's encoding/json writes it (the key order given is kept)."""
-    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def login_body(user: str) -> dict:
@@ -71,7 +65,10 @@ def test_step_table(warren_demo, flavour):
     assert bob.request("Login/HD_Login/1", login_body("bob"), raw=True) == b'{"Error":"","Result":"login success bob"}'
 
     # 5. alice joins an empty room
-    assert alice.request("Chat/HD_JoinChat/2", {"roomName": ROOM}, raw=True) == b'{"Error":"","Result":{"users":["alice"]}}'
+    assert (
+        alice.request("Chat/HD_JoinChat/2", {"roomName": ROOM}, raw=True)
+        == b'{"Error":"","Result":{"users":["alice"]}}'
+    )
 
     # 6. bob joins: his reply lists both (join order), alice is told
     assert (
@@ -181,7 +178,7 @@ def test_python_client_habits(warren_demo):
         assert alice.say(ROOM, f"m{i}", qos=2) == ok("say success")
         assert bob.wait_push("Chat/OnChat")["msg"] == f"m{i}"
         assert bob.say(ROOM, f"r{i}", target="alice", qos=1) == ok("say success")
-        assert alice.wait_push("Chat/OnChat", lambda b: b["msg"] == f"r{i}") == {
+        assert alice.wait_push("Chat/OnChat", lambda b, i=i: b["msg"] == f"r{i}") == {
             "from": "bob",
             "msg": f"r{i}",
             "roomName": ROOM,

@@ -45,7 +45,12 @@ class Script:
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(SCRIPT), *args],
+        stdin=subprocess.DEVNULL,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -54,11 +59,15 @@ def test_two_clients_talk(warren_demo):
     ws = str(warren_demo.ws_mqant)
     alice = Script("--port", tcp, "--user", "alice", "--linger", "30", "--until", "* bob left")
     try:
-        wait_until(lambda: any(l.startswith("joined mqant as alice") for l in alice.lines), timeout=15,
-                   msg=f"alice did not join: {alice.lines}")
+        wait_until(
+            lambda: any(l.startswith("joined mqant as alice") for l in alice.lines),
+            timeout=15,
+            msg=f"alice did not join: {alice.lines}",
+        )
 
-        bob = run("--ws", "--port", ws, "--user", "bob", "--say", "hello all", "--say", "/w alice psst",
-                  "--linger", "0.5")
+        bob = run(
+            "--ws", "--port", ws, "--user", "bob", "--say", "hello all", "--say", "/w alice psst", "--linger", "0.5"
+        )
         assert bob.returncode == 0, bob.stderr
         bob_lines = bob.stdout.splitlines()
         assert bob_lines[0] == "joined mqant as bob (here: alice, bob)"
@@ -79,8 +88,19 @@ def test_two_clients_talk(warren_demo):
 
 
 def test_say_with_mqtt311_and_room(warren_demo):
-    r = run("--port", str(warren_demo.mqtt_mqant), "--mqtt311", "--user", "carol", "--room", "lobby",
-            "--say", "anyone?", "--linger", "0.3")
+    r = run(
+        "--port",
+        str(warren_demo.mqtt_mqant),
+        "--mqtt311",
+        "--user",
+        "carol",
+        "--room",
+        "lobby",
+        "--say",
+        "anyone?",
+        "--linger",
+        "0.3",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["joined lobby as carol (here: carol)", "[lobby] carol: anyone?"]
 

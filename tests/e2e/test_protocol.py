@@ -105,6 +105,13 @@ def test_connect_mqtt_level_5_is_refused(mqant):
         assert c.closed(5), "connection not closed after CONNACK 1"
 
 
+def test_connect_mqtt_level_5_without_properties_is_refused(mqant):
+    with RawClient(mqant.mqtt_mqant) as c:
+        c.send(connect_packet("a", proto="MQTT", level=5))
+        c.expect(v("20 02 00 01"))
+        assert c.closed(5), "connection not closed after CONNACK 1"
+
+
 def test_connect_unknown_protocol_name_is_refused(mqant):
     with RawClient(mqant.mqtt_mqant) as c:
         c.send(connect_packet("a", proto="MQXX", level=4))

@@ -10,8 +10,7 @@ import shutil
 import subprocess
 
 import pytest
-
-from chat import MQTTv311, ChatClient
+from chat import ChatClient, MQTTv311
 from conftest import wait_until
 
 
@@ -132,8 +131,27 @@ def test_mosquitto_clients_exchange_a_message(warren_demo, tmp_path):
     with open(out, "wb") as f:
         sub = subprocess.Popen(
             # line-buffered so that the debug line for the SUBACK reaches the file at once
-            ["stdbuf", "-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-i", "msub", "-t", "room/+/msg", "-q", "1",
-             "-C", "1", "-W", "20", "-v", "-d"],
+            [
+                "stdbuf",
+                "-oL",
+                "mosquitto_sub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                port,
+                "-i",
+                "msub",
+                "-t",
+                "room/+/msg",
+                "-q",
+                "1",
+                "-C",
+                "1",
+                "-W",
+                "20",
+                "-v",
+                "-d",
+            ],
             stdout=f,
             stderr=subprocess.STDOUT,
         )
@@ -141,8 +159,22 @@ def test_mosquitto_clients_exchange_a_message(warren_demo, tmp_path):
         # -d prints the SUBACK; publish only once the subscription is in place
         wait_until(lambda: b"SUBACK" in out.read_bytes(), timeout=10, msg=f"no SUBACK: {out.read_bytes()!r}")
         pub = subprocess.run(
-            ["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-i", "mpub", "-t", "room/7/msg", "-q", "1",
-             "-m", "hello from mosquitto"],
+            [
+                "mosquitto_pub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                port,
+                "-i",
+                "mpub",
+                "-t",
+                "room/7/msg",
+                "-q",
+                "1",
+                "-m",
+                "hello from mosquitto",
+            ],
+            check=False,
             capture_output=True,
             timeout=20,
         )

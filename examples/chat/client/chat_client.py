@@ -187,7 +187,7 @@ class Chat:
         if line in ("/quit", "/exit"):
             return False
         target = "*"
-        if line.startswith("/w ") or line.startswith("/whisper "):
+        if line.startswith(("/w ", "/whisper ")):
             parts = line.split(None, 2)
             if len(parts) < 3:
                 self.say_line("! usage: /w USER TEXT")
