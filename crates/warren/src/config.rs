@@ -452,10 +452,15 @@ impl Config {
                 .span()
                 .map(|s| line_col(text, s.start))
                 .map_or((None, None), |(l, c)| (Some(l), Some(c)));
+            let message = e.message().trim().to_owned();
+            let message = match e.span().and_then(|s| key_at(text, s.start)) {
+                Some(key) => format!("{key}: {message}"),
+                None => message,
+            };
             ConfigError::Parse {
                 line,
                 column,
-                message: e.message().trim().to_owned(),
+                message,
             }
         })
     }
@@ -545,6 +550,52 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// The dotted key path (`listener[0].max_conn`) of the assignment on the line holding `offset`,
+/// so that type errors name their key.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |p| p + 1);
+    let end = text[offset..].find('\n').map_or(text.len(), |p| offset + p);
+    let line = text[start..end].trim();
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'))?;
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    // the table this line belongs to: the nearest header above, with its index for arrays
+    let mut table: Option<String> = None;
+    let mut counts: std::collections::HashMap<String, usize> = Default::default();
+    for l in text[..start].lines() {
+        let t = l.trim();
+        if let Some(name) = t
+            .strip_prefix("[[")
+            .and_then(|r| r.split_once("]]"))
+            .map(|(n, _)| n.trim())
+        {
+            let n = counts.entry(name.to_owned()).or_insert(0);
+            table = Some(format!("{name}[{n}]"));
+            *n += 1;
+        } else if let Some(name) = t
+            .strip_prefix('[')
+            .and_then(|r| r.split_once(']'))
+            .map(|(n, _)| n.trim())
+        {
+            table = Some(match name.rsplit_once('.') {
+                // `[module.settings]` belongs to the latest `[[module]]`
+                Some((parent, child)) if counts.contains_key(parent) => {
+                    format!("{parent}[{}].{child}", counts[parent] - 1)
+                }
+                _ => name.to_owned(),
+            });
+        }
+    }
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
 /// Find the line of a dotted key like `listener[1].addr` in the text: the n-th `[[listener]]`
 /// header, then the first line below it assigning that key.
 fn find_line(text: &str, key: &str) -> Option<usize> {
@@ -598,6 +649,15 @@ mod tests {
         let s = e.to_string();
         assert!(s.starts_with("3:"), "{s}");
         assert!(s.contains("bogus"), "{s}");
+        let e = Config::from_toml(
+            "[[listener]]\naddr = \"127.0.0.1:1\"\n[[listener]]\nmax_conn = \"many\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("4:12: listener[1].max_conn: invalid type"),
+            "{e}"
+        );
     }
 
     #[test]

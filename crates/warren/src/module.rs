@@ -647,12 +647,20 @@ async fn execute(module: &Module, env: &Env, job: Job) {
                 Ok(Ok(r)) => r,
                 Ok(Err(panic)) => {
                     let text = panic_text(&*panic);
-                    tracing::error!(module = %env.instance.module, handler = %handler, panic = %text, "handler panicked");
+                    let peer = session
+                        .as_ref()
+                        .map(|s| s.remote.to_string())
+                        .unwrap_or_default();
+                    tracing::error!(%peer, module = %env.instance.module, handler = %handler, reason = %text, "handler panicked");
                     metrics::counter!("warren_handler_panics_total").increment(1);
                     Err(CallError::Panicked(text))
                 }
                 Err(_) => {
-                    tracing::warn!(module = %env.instance.module, handler = %handler, "handler passed its deadline and was cancelled");
+                    let peer = session
+                        .as_ref()
+                        .map(|s| s.remote.to_string())
+                        .unwrap_or_default();
+                    tracing::warn!(%peer, module = %env.instance.module, handler = %handler, reason = "deadline passed", "handler cancelled");
                     Err(CallError::Timeout)
                 }
             }

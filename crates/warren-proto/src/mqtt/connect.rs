@@ -1,8 +1,9 @@
 //! CONNECT: the first packet of every client connection (MQTT 3.1.1 §3.1).
 //!
-//! The decoder accepts any protocol name and level, so that the gate can answer an
-//! unsupported one with the right CONNACK instead of dropping the connection; MQTT 3.1
-//! (`MQIsdp`, level 3) CONNECTs have the same layout and decode here too.
+//! MQTT 3.1 (`MQIsdp`, level 3) CONNECTs have the same layout as 3.1.1 and decode here too. Any
+//! other protocol name or level stops the decoder with [`DecodeError::UnsupportedProtocol`]
+//! before the rest of the body (whose layout differs, e.g. MQTT 5 properties) is read, so the
+//! gate can answer CONNACK 1 instead of reporting a malformed packet.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -95,6 +96,15 @@ pub struct LastWill {
 pub(crate) fn read(mut body: Bytes) -> Result<Connect, DecodeError> {
     let protocol_name = read_string(&mut body)?;
     let protocol_level = read_u8(&mut body)?;
+    if !matches!(
+        (protocol_name.as_str(), protocol_level),
+        ("MQTT", 4) | ("MQIsdp", 3)
+    ) {
+        return Err(DecodeError::UnsupportedProtocol {
+            name: protocol_name,
+            level: protocol_level,
+        });
+    }
     let flags = read_u8(&mut body)?;
     if flags & RESERVED != 0 {
         return Err(DecodeError::InvalidConnectFlags(flags));

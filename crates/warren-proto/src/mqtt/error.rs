@@ -69,6 +69,16 @@ pub enum DecodeError {
     /// A CONNACK or SUBACK return code that MQTT 3.1.1 does not define.
     #[error("invalid return code {0:#04x}")]
     InvalidReturnCode(u8),
+    /// A CONNECT for a protocol other than MQTT 3.1 (`MQIsdp`/3) or 3.1.1 (`MQTT`/4); the rest
+    /// of its body is not parsed, since its layout differs (MQTT 5 adds properties). The gate
+    /// answers it with CONNACK 1.
+    #[error("unsupported protocol {name:?} level {level}")]
+    UnsupportedProtocol {
+        /// Protocol name the client sent.
+        name: String,
+        /// Protocol level the client sent.
+        level: u8,
+    },
     /// The body holds bytes after the packet's last field.
     #[error("trailing bytes after packet")]
     TrailingBytes,
@@ -102,6 +112,7 @@ impl DecodeError {
             Self::InvalidConnectFlags(_) => "connect_flags",
             Self::InvalidConnAckFlags(_) => "connack_flags",
             Self::InvalidReturnCode(_) => "return_code",
+            Self::UnsupportedProtocol { .. } => "unsupported_protocol",
             Self::TrailingBytes => "trailing_bytes",
             Self::Truncated => "truncated",
             Self::Encode(_) => "encode",

@@ -61,14 +61,22 @@ fn connect() -> impl Strategy<Value = Connect> {
         },
     );
     (
-        (text(), any::<u8>(), any::<bool>(), any::<u16>(), text()),
+        (
+            prop_oneof![
+                Just(("MQTT".to_owned(), 4u8)),
+                Just(("MQIsdp".to_owned(), 3u8))
+            ],
+            any::<bool>(),
+            any::<u16>(),
+            text(),
+        ),
         proptest::option::of(will),
         proptest::option::of(text()),
         proptest::option::of(bytes(16)),
     )
         .prop_map(
             |(
-                (protocol_name, protocol_level, clean_session, keep_alive, client_id),
+                ((protocol_name, protocol_level), clean_session, keep_alive, client_id),
                 will,
                 username,
                 password,

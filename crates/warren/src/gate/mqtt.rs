@@ -90,6 +90,27 @@ async fn run(
         }
         Ok(Err(ReadError::Closed)) => return,
         Ok(Err(ReadError::Io(e))) => return refuse(&peer, &format!("read failed: {e}"), "io"),
+        Ok(Err(ReadError::Decode(mqtt::DecodeError::UnsupportedProtocol { name, level }))) => {
+            let mut out = BytesMut::with_capacity(4);
+            mqtt::encode(
+                &Packet::ConnAck(mqtt::ConnAck {
+                    session_present: false,
+                    code: 1,
+                }),
+                &mut out,
+            );
+            let _ = tokio::time::timeout(
+                Duration::from_secs(cfg.write_timeout_s),
+                writer.write(&mut out),
+            )
+            .await;
+            writer.close().await;
+            return refuse(
+                &peer,
+                &format!("unacceptable protocol {name:?} level {level}"),
+                "connack_refused",
+            );
+        }
         Ok(Err(ReadError::Decode(e))) => {
             return refuse(&peer, &format!("malformed packet: {e}"), e.kind());
         }
