@@ -289,3 +289,44 @@ def test_a_client_that_pings_stays_connected(mqant):
         c.send(publish_packet("Debug/HD_Echo/1", b'{"alive":true}'))
         first, body = c.recv_packet()
         assert json.loads(parse_publish(first, body)[3]) == {"Error": "", "Result": {"alive": True}}
+
+
+# ---- packets that share a read with CONNECT, and in-flight limits -------------------------------
+
+
+def test_packets_arriving_with_connect_are_handled_at_once(mqant):
+    """A client may write CONNECT and its first requests in one segment; none may wait."""
+    with RawClient(mqant.mqtt_mqant) as c:
+        c.send(
+            connect_packet("a")
+            + publish_packet("Debug/HD_Echo/1", b'{"n":1}', qos=1, pkid=1)
+            + PINGREQ
+        )
+        c.expect(v("20 02 00 00"))
+        c.expect(v("40 02 00 01"))
+        # the PINGRESP may overtake the reply: the ping is answered at once, the reply when the
+        # handler is done
+        got = [c.recv_packet(), c.recv_packet()]
+        assert (0xD0, b"") in got
+        first, body = next(p for p in got if p[0] & 0xF0 == 0x30)
+        topic, _qos, _pkid, payload = parse_publish(first, body)
+        assert topic == "Debug/HD_Echo/1"
+        assert json.loads(payload) == {"Error": "", "Result": {"n": 1}}
+
+
+def test_max_inflight_pauses_reading_without_losing_requests():
+    """With max_inflight=2, ten slow requests sent at once are all answered, in order."""
+    w = mqant_server(max_inflight=2)
+    try:
+        with RawClient(w.mqtt_mqant) as c:
+            c.connect("a")
+            c.send(b"".join(publish_packet(f"Debug/HD_Sleep/{i}", b'{"ms":50}') for i in range(1, 11)))
+            topics = []
+            for _ in range(10):
+                first, body = c.recv_packet(timeout=10)
+                topic, _qos, _pkid, payload = parse_publish(first, body)
+                assert json.loads(payload) == {"Error": "", "Result": "slept"}
+                topics.append(topic)
+            assert topics == [f"Debug/HD_Sleep/{i}" for i in range(1, 11)]
+    finally:
+        w.kill()

@@ -110,6 +110,9 @@ pub struct ListenerConfig {
     pub max_conn: usize,
     /// Outbound queue length per connection; a client that lets it fill is disconnected.
     pub write_queue: usize,
+    /// Requests one connection may have awaiting their handlers; past it, the gate stops
+    /// reading from that client until replies come back (backpressure, bounded memory).
+    pub max_inflight: usize,
     /// Deadline of client requests (mqant: 5 s; default mode: 10 s).
     pub rpc_expired_s: Option<u64>,
     /// Default mode: deliver publishes to topics that name no module to matching subscribers.
@@ -156,6 +159,7 @@ impl Default for ListenerConfig {
             max_packet: None,
             max_conn: 20000,
             write_queue: 1024,
+            max_inflight: 1024,
             rpc_expired_s: None,
             pubsub: true,
             ws_handshake_timeout_s: 10,
@@ -289,6 +293,9 @@ impl ListenerConfig {
         }
         if self.write_queue == 0 {
             return bad("write_queue", "must be at least 1".into());
+        }
+        if self.max_inflight == 0 {
+            return bad("max_inflight", "must be at least 1".into());
         }
         if self.max_conn == 0 {
             return bad("max_conn", "must be at least 1".into());

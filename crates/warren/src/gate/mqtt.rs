@@ -69,6 +69,7 @@ async fn run(
 ) {
     let mqant = cfg.mode == Mode::Mqant;
     let max_packet = cfg.max_packet();
+    let max_inflight = cfg.max_inflight.max(1);
     let mut buf = BytesMut::new();
 
     // 1. The first packet must be CONNECT, within the connect deadline.
@@ -256,46 +257,48 @@ async fn run(
         if draining && conn.pending.is_empty() {
             break End::Drained;
         }
+        // Handle the complete packets already buffered (CONNECT may have arrived with more),
+        // while fewer than `max_inflight` requests await their replies.
+        if !draining {
+            let (handled, outcome) = conn
+                .handle_buffered(&mut buf, max_packet, max_inflight)
+                .await;
+            if let Some(end) = outcome {
+                break end;
+            }
+            if handled && let Some(d) = read_timeout {
+                deadline.as_mut().reset(Instant::now() + d);
+            }
+            if buf.is_empty() && buf.capacity() > 16 * 1024 {
+                buf = BytesMut::new();
+            }
+        }
         tokio::select! {
             biased;
             _ = close.cancelled() => break End::ServerClosed,
             _ = gate.draining.cancelled(), if !draining => { draining = true; }
             Some((topic, result)) = conn.pending.next(), if !conn.pending.is_empty() => {
-                if conn.reply(topic, result).await.is_err() {
-                    break End::ServerClosed;
+                match topic {
+                    Some(topic) => {
+                        if conn.reply(topic, result).await.is_err() {
+                            break End::ServerClosed;
+                        }
+                    }
+                    None => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "request without msgid failed");
+                        }
+                    }
                 }
             }
             _ = &mut deadline, if !draining => {
                 break End::Refused(format!("keepalive expired: nothing received for {:?}", read_timeout.unwrap_or_default()));
             }
-            r = reader.read(&mut buf), if !draining => {
+            r = reader.read(&mut buf), if !draining && conn.pending.len() < max_inflight => {
                 match r {
                     Ok(0) => break End::PeerClosed,
                     Ok(_) => {}
                     Err(e) => break End::Refused(format!("read failed: {e}")),
-                }
-                let mut outcome = None;
-                loop {
-                    match mqtt::decode(&mut buf, max_packet) {
-                        Ok(None) => break,
-                        Ok(Some(p)) => {
-                            if let Some(d) = read_timeout {
-                                deadline.as_mut().reset(Instant::now() + d);
-                            }
-                            if let Err(end) = conn.handle(p).await {
-                                outcome = Some(end);
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            metrics::counter!("warren_decode_errors_total", "kind" => e.kind()).increment(1);
-                            outcome = Some(End::Refused(format!("malformed packet: {e}")));
-                            break;
-                        }
-                    }
-                }
-                if let Some(end) = outcome {
-                    break end;
                 }
                 if buf.is_empty() && buf.capacity() > 16 * 1024 {
                     buf = BytesMut::new();
@@ -376,18 +379,19 @@ async fn read_packet(
     }
 }
 
-/// A reply on its way back: the request topic and the pending result.
+/// A reply on its way back: the request topic (`None` when the client wants no reply) and the
+/// pending result.
 struct ReplyFuture {
     topic: Option<Bytes>,
     pending: Pending,
 }
 
 impl Future for ReplyFuture {
-    type Output = (Bytes, Result<Bytes, CallError>);
+    type Output = (Option<Bytes>, Result<Bytes, CallError>);
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         match self.pending.as_mut().poll(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(r) => Poll::Ready((self.topic.take().unwrap_or_default(), r)),
+            Poll::Ready(r) => Poll::Ready((self.topic.take(), r)),
         }
     }
 }
@@ -406,6 +410,37 @@ struct Conn {
 }
 
 impl Conn {
+    /// Decode and handle buffered packets until the buffer holds no complete packet or the
+    /// in-flight limit is reached. Returns whether any packet was handled, and why to close.
+    async fn handle_buffered(
+        &mut self,
+        buf: &mut BytesMut,
+        max_packet: usize,
+        max_inflight: usize,
+    ) -> (bool, Option<End>) {
+        let mut handled = false;
+        while self.pending.len() < max_inflight {
+            match mqtt::decode(buf, max_packet) {
+                Ok(None) => break,
+                Ok(Some(p)) => {
+                    handled = true;
+                    if let Err(end) = self.handle(p).await {
+                        return (handled, Some(end));
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("warren_decode_errors_total", "kind" => e.kind())
+                        .increment(1);
+                    return (
+                        handled,
+                        Some(End::Refused(format!("malformed packet: {e}"))),
+                    );
+                }
+            }
+        }
+        (handled, None)
+    }
+
     async fn send(&mut self, o: Outbound) -> Result<(), End> {
         self.tx.send(o).await.map_err(|_| End::ServerClosed)
     }
