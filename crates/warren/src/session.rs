@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -100,13 +100,33 @@ impl Session {
 }
 
 /// One message for a client: a topic (route) and a body. Built once and shared by every recipient
-/// of a broadcast; each connection only frames it.
+/// of a broadcast; each protocol's encoding of it is also built once, by the first connection of
+/// that protocol that writes it, and then shared (a room with members on four protocols costs four
+/// encodings, not one per member).
 #[derive(Debug)]
 pub struct Message {
     /// Topic the message is published on (a push route, or the request topic for a reply).
     pub topic: Bytes,
     /// Body bytes, unchanged.
     pub body: Bytes,
+    frames: [OnceLock<Bytes>; FrameKind::COUNT],
+}
+
+/// The protocol encodings a [`Message`] caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// A complete MQTT QoS 0 PUBLISH (QoS 1 needs a per-connection packet id).
+    MqttQos0 = 0,
+    /// A pomelo push package.
+    Pomelo = 1,
+    /// A JSON-over-WebSocket frame.
+    Json = 2,
+    /// A line-protocol frame.
+    Line = 3,
+}
+
+impl FrameKind {
+    const COUNT: usize = 4;
 }
 
 impl Message {
@@ -115,6 +135,29 @@ impl Message {
         Arc::new(Message {
             topic: topic.into(),
             body: body.into(),
+            frames: Default::default(),
+        })
+    }
+
+    /// This message's encoding for one protocol, built on first use.
+    pub fn frame(&self, kind: FrameKind, build: impl FnOnce(&Message) -> Bytes) -> &Bytes {
+        self.frames[kind as usize].get_or_init(|| build(self))
+    }
+
+    /// The complete MQTT QoS 0 PUBLISH for this message.
+    pub fn mqtt_qos0(&self) -> &Bytes {
+        self.frame(FrameKind::MqttQos0, |m| {
+            let mut b = bytes::BytesMut::with_capacity(m.topic.len() + m.body.len() + 7);
+            warren_proto::mqtt::encode_publish(
+                &mut b,
+                &m.topic,
+                warren_proto::mqtt::QoS::AtMostOnce,
+                false,
+                false,
+                0,
+                &m.body,
+            );
+            b.freeze()
         })
     }
 }

@@ -139,7 +139,7 @@ async fn upgrade(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            let (r, w) = transport::ws(socket);
+            let (r, w) = transport::ws(socket, transport::WsFraming::Stream);
             mqtt::serve(gate, cfg, r, w, peer).await;
             drop(permit);
             drop(token);

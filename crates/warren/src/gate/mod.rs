@@ -5,6 +5,7 @@
 //! route, reply, push. [`Gate`] holds what connections share: the node, the drain and kill
 //! signals, the task tracker, and the client-id table for MQTT takeover.
 
+mod conn;
 mod listener;
 pub mod mqtt;
 mod transport;

@@ -1,26 +1,40 @@
-//! A client connection as a byte stream, whatever carries it: a TCP socket, or a WebSocket whose
-//! binary frames carry the protocol's bytes (a packet may span frames, a frame may hold several).
+//! A client connection as bytes, whatever carries it: a TCP socket, or a WebSocket. Stream
+//! protocols (MQTT, pomelo) see WebSocket binary frames as a byte stream (a packet may span frames,
+//! a frame may hold several); message protocols (JSON) keep frame boundaries: the reader prefixes
+//! each WebSocket message with its 4-byte length, and the writer sends each marked message in its
+//! own frame.
 
 use std::io;
 
-use axum::extract::ws::{Message as WsMessage, WebSocket};
-use bytes::{Bytes, BytesMut};
+use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
+use super::conn::Out;
+
+/// How a WebSocket carries the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WsFraming {
+    /// Binary frames carrying a byte stream (MQTT, pomelo).
+    Stream,
+    /// One message per frame, sent as text (JSON).
+    TextMessages,
+}
+
 /// The reading side.
 pub(crate) enum Reader {
     Tcp(OwnedReadHalf),
-    Ws(SplitStream<WebSocket>),
+    Ws(SplitStream<WebSocket>, WsFraming),
 }
 
 /// The writing side.
 pub(crate) enum Writer {
     Tcp(OwnedWriteHalf),
-    Ws(SplitSink<WebSocket, WsMessage>),
+    Ws(SplitSink<WebSocket, WsMessage>, WsFraming),
 }
 
 pub(crate) fn tcp(s: TcpStream) -> (Reader, Writer) {
@@ -28,9 +42,9 @@ pub(crate) fn tcp(s: TcpStream) -> (Reader, Writer) {
     (Reader::Tcp(r), Writer::Tcp(w))
 }
 
-pub(crate) fn ws(s: WebSocket) -> (Reader, Writer) {
+pub(crate) fn ws(s: WebSocket, framing: WsFraming) -> (Reader, Writer) {
     let (w, r) = s.split();
-    (Reader::Ws(r), Writer::Ws(w))
+    (Reader::Ws(r, framing), Writer::Ws(w, framing))
 }
 
 /// Smallest free space kept in the read buffer before a read; small, so idle connections stay
@@ -48,16 +62,13 @@ impl Reader {
                 }
                 r.read_buf(buf).await
             }
-            Reader::Ws(r) => loop {
-                match r.next().await {
+            Reader::Ws(r, framing) => loop {
+                let data: Bytes = match r.next().await {
                     None => return Ok(0),
                     Some(Err(e)) => return Err(io::Error::other(e)),
-                    Some(Ok(WsMessage::Binary(b))) => {
-                        if b.is_empty() {
-                            continue;
-                        }
-                        buf.extend_from_slice(&b);
-                        return Ok(b.len());
+                    Some(Ok(WsMessage::Binary(b))) => b,
+                    Some(Ok(WsMessage::Text(t))) if *framing == WsFraming::TextMessages => {
+                        Bytes::from(t)
                     }
                     Some(Ok(WsMessage::Text(_))) => {
                         return Err(io::Error::new(
@@ -67,24 +78,51 @@ impl Reader {
                     }
                     Some(Ok(WsMessage::Close(_))) => return Ok(0),
                     Some(Ok(_)) => continue,
+                };
+                match framing {
+                    WsFraming::Stream => {
+                        if data.is_empty() {
+                            continue;
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                    WsFraming::TextMessages => {
+                        buf.reserve(4 + data.len());
+                        buf.put_u32(data.len() as u32);
+                        buf.extend_from_slice(&data);
+                    }
                 }
+                return Ok(data.len().max(1));
             },
         }
     }
 }
 
 impl Writer {
-    /// Write one coalesced buffer.
-    pub(crate) async fn write(&mut self, buf: &mut BytesMut) -> io::Result<()> {
+    /// Write what the framer produced, then clear it.
+    pub(crate) async fn write(&mut self, out: &mut Out) -> io::Result<()> {
         match self {
             Writer::Tcp(w) => {
-                w.write_all(buf).await?;
-                buf.clear();
+                w.write_all(&out.buf).await?;
+                out.buf.clear();
+                out.ends.clear();
                 Ok(())
             }
-            Writer::Ws(w) => {
-                let b: Bytes = buf.split().freeze();
+            Writer::Ws(w, WsFraming::Stream) => {
+                out.ends.clear();
+                let b: Bytes = out.buf.split().freeze();
                 w.send(WsMessage::Binary(b)).await.map_err(io::Error::other)
+            }
+            Writer::Ws(w, WsFraming::TextMessages) => {
+                let mut all = out.buf.split().freeze();
+                let mut start = 0;
+                for end in out.ends.drain(..) {
+                    let msg = all.split_to(end - start);
+                    start = end;
+                    let text = Utf8Bytes::try_from(msg).map_err(io::Error::other)?;
+                    w.feed(WsMessage::Text(text)).await.map_err(io::Error::other)?;
+                }
+                w.flush().await.map_err(io::Error::other)
             }
         }
     }
@@ -95,10 +133,18 @@ impl Writer {
             Writer::Tcp(w) => {
                 let _ = w.shutdown().await;
             }
-            Writer::Ws(w) => {
+            Writer::Ws(w, _) => {
                 let _ = w.send(WsMessage::Close(None)).await;
                 let _ = w.close().await;
             }
         }
+    }
+
+    /// Write raw bytes before a session exists (a refusal such as CONNACK 2).
+    pub(crate) async fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut out = Out::default();
+        out.buf.extend_from_slice(bytes);
+        out.end_message();
+        self.write(&mut out).await
     }
 }
