@@ -203,7 +203,14 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             .gate
             .node
             .router()
-            .send(target, handler, Some(self.handle.snapshot()), body, deadline, true)
+            .send(
+                target,
+                handler,
+                Some(self.handle.snapshot()),
+                body,
+                deadline,
+                true,
+            )
             .await;
         match sent {
             Ok(Some(pending)) => {
@@ -380,7 +387,10 @@ async fn write_loop(
                     break 'outer;
                 }
                 Err(_) => {
-                    tracing::warn!(reason = "write timeout: client not reading", "closing connection");
+                    tracing::warn!(
+                        reason = "write timeout: client not reading",
+                        "closing connection"
+                    );
                     metrics::counter!("warren_slow_consumer_disconnects_total").increment(1);
                     break 'outer;
                 }

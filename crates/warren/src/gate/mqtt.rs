@@ -37,7 +37,8 @@ pub(crate) async fn serve(
     writer: Writer,
     peer: SocketAddr,
 ) {
-    let span = tracing::info_span!("conn", node = %gate.node.id(), %peer, session = tracing::field::Empty);
+    let span =
+        tracing::info_span!("conn", node = %gate.node.id(), %peer, session = tracing::field::Empty);
     metrics::counter!("warren_connections_total").increment(1);
     run(gate, cfg, reader, writer, peer).instrument(span).await;
 }
@@ -77,19 +78,33 @@ async fn run(
         ) => r,
     };
     let connect = match first {
-        Err(_) => return refuse(&peer, "no CONNECT before the connect deadline", "connect_timeout"),
+        Err(_) => {
+            return refuse(
+                &peer,
+                "no CONNECT before the connect deadline",
+                "connect_timeout",
+            );
+        }
         Ok(Err(ReadError::Closed)) => return,
         Ok(Err(ReadError::Io(e))) => return refuse(&peer, &format!("read failed: {e}"), "io"),
         Ok(Err(ReadError::Decode(mqtt::DecodeError::UnsupportedProtocol { name, level }))) => {
             connack_and_close(&mut writer, &cfg, 1).await;
-            return refuse(&peer, &format!("unacceptable protocol {name:?} level {level}"), "connack_refused");
+            return refuse(
+                &peer,
+                &format!("unacceptable protocol {name:?} level {level}"),
+                "connack_refused",
+            );
         }
         Ok(Err(ReadError::Decode(e))) => {
             return refuse(&peer, &format!("malformed packet: {e}"), e.kind());
         }
         Ok(Ok(Packet::Connect(c))) => c,
         Ok(Ok(p)) => {
-            return refuse(&peer, &format!("first packet is {} instead of CONNECT", p.name()), "not_connect");
+            return refuse(
+                &peer,
+                &format!("first packet is {} instead of CONNECT", p.name()),
+                "not_connect",
+            );
         }
     };
 
@@ -133,14 +148,30 @@ async fn run(
     };
 
     // 3. The session.
-    let framer = MqttFramer { push_qos: cfg.push_qos, pkid: 0 };
-    let mut conn = SessionConn::open(gate.clone(), cfg.clone(), peer, Protocol::Mqtt, writer, framer);
+    let framer = MqttFramer {
+        push_qos: cfg.push_qos,
+        pkid: 0,
+    };
+    let mut conn = SessionConn::open(
+        gate.clone(),
+        cfg.clone(),
+        peer,
+        Protocol::Mqtt,
+        writer,
+        framer,
+    );
     if !mqant && let Some(old) = gate.claim_client_id(&client_id, &conn.handle) {
         let s = old.snapshot();
         tracing::info!(client_id = %client_id, old_session = %s.id, old_peer = %s.remote, "client id taken over; closing the older connection");
         old.close();
     }
-    if conn.send(Outbound::Inline(InlineFrame::new(&[0x20, 0x02, 0x00, 0x00]))).await.is_err() {
+    if conn
+        .send(Outbound::Inline(InlineFrame::new(&[
+            0x20, 0x02, 0x00, 0x00,
+        ])))
+        .await
+        .is_err()
+    {
         return conn.finish(End::ServerClosed).await;
     }
     tracing::debug!(client_id = %client_id, keep_alive = connect.keep_alive, level = connect.protocol_level, "connected");
@@ -148,7 +179,9 @@ async fn run(
     // Keepalive: mqant re-arms floor(1.5 × keepalive) + 1 s before each read; MQTT 3.1.1 allows
     // 1.5 × keepalive. Keepalive 0 falls back to the listener's idle timeout.
     let read_timeout = match (connect.keep_alive, mqant) {
-        (0, true) => cfg.idle_timeout().map(|d| Duration::from_secs(d.as_secs() * 3 / 2 + 1)),
+        (0, true) => cfg
+            .idle_timeout()
+            .map(|d| Duration::from_secs(d.as_secs() * 3 / 2 + 1)),
         (0, false) => cfg.idle_timeout(),
         (k, true) => Some(Duration::from_secs(u64::from(k) * 3 / 2 + 1)),
         (k, false) => Some(Duration::from_millis(u64::from(k) * 1500)),
@@ -170,7 +203,11 @@ enum ReadError {
     Decode(mqtt::DecodeError),
 }
 
-async fn read_packet(reader: &mut Reader, buf: &mut BytesMut, max_packet: usize) -> Result<Packet, ReadError> {
+async fn read_packet(
+    reader: &mut Reader,
+    buf: &mut BytesMut,
+    max_packet: usize,
+) -> Result<Packet, ReadError> {
     loop {
         match mqtt::decode(buf, max_packet) {
             Ok(Some(p)) => return Ok(p),
@@ -210,7 +247,8 @@ impl conn::Protocol for MqttSession {
                     self.handle(conn, p).await?;
                 }
                 Err(e) => {
-                    metrics::counter!("warren_decode_errors_total", "kind" => e.kind()).increment(1);
+                    metrics::counter!("warren_decode_errors_total", "kind" => e.kind())
+                        .increment(1);
                     return Err(End::Refused(format!("malformed packet: {e}")));
                 }
             }
@@ -218,7 +256,12 @@ impl conn::Protocol for MqttSession {
         Ok(handled)
     }
 
-    async fn reply(&mut self, conn: &mut Conn, topic: Bytes, result: Result<Bytes, CallError>) -> Result<(), End> {
+    async fn reply(
+        &mut self,
+        conn: &mut Conn,
+        topic: Bytes,
+        result: Result<Bytes, CallError>,
+    ) -> Result<(), End> {
         reply(conn, topic, result).await
     }
 
@@ -246,7 +289,11 @@ async fn ack(conn: &mut Conn, bytes: [u8; 4]) -> Result<(), End> {
 /// Queue a reply `{"Error":…,"Result":…}` on the request topic.
 async fn reply(conn: &mut Conn, topic: Bytes, result: Result<Bytes, CallError>) -> Result<(), End> {
     let body = envelope(result);
-    conn.send(Outbound::Message { msg: Message::new(topic, body), qos: None }).await
+    conn.send(Outbound::Message {
+        msg: Message::new(topic, body),
+        qos: None,
+    })
+    .await
 }
 
 impl MqttSession {
@@ -270,7 +317,10 @@ impl MqttSession {
             Packet::Unsubscribe(u) => {
                 for f in &u.filters {
                     if !self.mqant {
-                        conn.gate.node.subscriptions().unsubscribe(f, conn.handle.id());
+                        conn.gate
+                            .node
+                            .subscriptions()
+                            .unsubscribe(f, conn.handle.id());
                     }
                     self.filters.retain(|x| x != f);
                 }
@@ -283,7 +333,10 @@ impl MqttSession {
             }
             Packet::Disconnect => Err(End::Disconnect),
             Packet::Connect(_) => Err(End::Refused("second CONNECT on one connection".into())),
-            other => Err(End::Refused(format!("unexpected {} from a client", other.name()))),
+            other => Err(End::Refused(format!(
+                "unexpected {} from a client",
+                other.name()
+            ))),
         }
     }
 
@@ -296,7 +349,10 @@ impl MqttSession {
             }
             let granted = f.qos.as_u8().min(1);
             if !self.mqant {
-                conn.gate.node.subscriptions().subscribe(&f.filter, &conn.handle, granted);
+                conn.gate
+                    .node
+                    .subscriptions()
+                    .subscribe(&f.filter, &conn.handle, granted);
             }
             if !self.filters.contains(&f.filter) {
                 self.filters.push(f.filter.clone());
@@ -304,7 +360,13 @@ impl MqttSession {
             codes.push(granted);
         }
         let mut out = BytesMut::with_capacity(4 + codes.len());
-        mqtt::encode(&Packet::SubAck(mqtt::SubAck { pkid: s.pkid, return_codes: codes }), &mut out);
+        mqtt::encode(
+            &Packet::SubAck(mqtt::SubAck {
+                pkid: s.pkid,
+                return_codes: codes,
+            }),
+            &mut out,
+        );
         conn.send(Outbound::Bytes(out.freeze())).await
     }
 
@@ -341,9 +403,17 @@ impl MqttSession {
         let is_module = node.router().has_module(module);
         if !self.mqant && !is_module {
             if conn.cfg.pubsub {
-                node.subscriptions().publish(topic, p.qos.as_u8(), p.topic.clone(), p.payload.clone());
+                node.subscriptions().publish(
+                    topic,
+                    p.qos.as_u8(),
+                    p.topic.clone(),
+                    p.payload.clone(),
+                );
             } else {
-                tracing::debug!(topic, "publish to a topic that names no module; pub/sub is off");
+                tracing::debug!(
+                    topic,
+                    "publish to a topic that names no module; pub/sub is off"
+                );
             }
             return Ok(());
         }
@@ -351,7 +421,8 @@ impl MqttSession {
             Ok(r) => r,
             Err(e) => {
                 tracing::info!(peer = %conn.peer, reason = %e, "dropping publish");
-                metrics::counter!("warren_requests_refused_total", "reason" => "bad_route").increment(1);
+                metrics::counter!("warren_requests_refused_total", "reason" => "bad_route")
+                    .increment(1);
                 return Ok(());
             }
         };
@@ -359,12 +430,16 @@ impl MqttSession {
         let checked = self.check(conn, &route, &p.payload);
         let outcome = match checked {
             Err(e) => Err((tag, e)),
-            Ok(target) => conn.call(&target, route.handler, p.payload.clone(), tag).await,
+            Ok(target) => {
+                conn.call(&target, route.handler, p.payload.clone(), tag)
+                    .await
+            }
         };
         match outcome {
             Ok(()) => Ok(()),
             Err((tag, e)) => {
-                metrics::counter!("warren_requests_refused_total", "reason" => e.kind().as_str()).increment(1);
+                metrics::counter!("warren_requests_refused_total", "reason" => e.kind().as_str())
+                    .increment(1);
                 tracing::info!(peer = %conn.peer, route = %route, reason = %e, "refusing request");
                 match tag {
                     Some(topic) => reply(conn, topic, Err(e)).await,
@@ -375,16 +450,27 @@ impl MqttSession {
     }
 
     /// The gate-side checks, in the order that decides which error wins (PROTOCOLS.md §1.5).
-    fn check(&self, conn: &Conn, route: &Route<'_>, body: &[u8]) -> Result<crate::router::Target, CallError> {
+    fn check(
+        &self,
+        conn: &Conn,
+        route: &Route<'_>,
+        body: &[u8],
+    ) -> Result<crate::router::Target, CallError> {
         if self.mqant && !is_json_object(body) {
             return Err(CallError::BodyNotJson);
         }
         let target = conn.resolve(route)?;
         let prefixes = &conn.cfg.handler_prefixes;
-        let by_prefix = self.mqant && prefixes.iter().any(|p| !p.is_empty() && route.handler.starts_with(p.as_str()));
+        let by_prefix = self.mqant
+            && prefixes
+                .iter()
+                .any(|p| !p.is_empty() && route.handler.starts_with(p.as_str()));
         if !by_prefix && !target.is_client_handler(route.handler) {
             let prefix = prefixes.first().cloned().unwrap_or_default();
-            return Err(CallError::NotClientVisible { handler: route.handler.to_owned(), prefix });
+            return Err(CallError::NotClientVisible {
+                handler: route.handler.to_owned(),
+                prefix,
+            });
         }
         Ok(target)
     }
@@ -404,8 +490,20 @@ impl Framer for MqttFramer {
                 if q == 0 {
                     out.buf.extend_from_slice(msg.mqtt_qos0());
                 } else {
-                    self.pkid = if self.pkid == u16::MAX { 1 } else { self.pkid + 1 };
-                    mqtt::encode_publish(&mut out.buf, &msg.topic, QoS::AtLeastOnce, false, false, self.pkid, &msg.body);
+                    self.pkid = if self.pkid == u16::MAX {
+                        1
+                    } else {
+                        self.pkid + 1
+                    };
+                    mqtt::encode_publish(
+                        &mut out.buf,
+                        &msg.topic,
+                        QoS::AtLeastOnce,
+                        false,
+                        false,
+                        self.pkid,
+                        &msg.body,
+                    );
                 }
             }
             Outbound::Inline(f) => out.buf.extend_from_slice(f.as_bytes()),
@@ -451,7 +549,10 @@ mod tests {
             &envelope(Ok(Bytes::from_static(b"\"login success alice\"")))[..],
             br#"{"Error":"","Result":"login success alice"}"#
         );
-        assert_eq!(&envelope(Err(CallError::BodyNotJson))[..], br#"{"Error":"body must be JSON format","Result":null}"#);
+        assert_eq!(
+            &envelope(Err(CallError::BodyNotJson))[..],
+            br#"{"Error":"body must be JSON format","Result":null}"#
+        );
     }
 
     #[test]

@@ -120,7 +120,9 @@ impl Writer {
                     let msg = all.split_to(end - start);
                     start = end;
                     let text = Utf8Bytes::try_from(msg).map_err(io::Error::other)?;
-                    w.feed(WsMessage::Text(text)).await.map_err(io::Error::other)?;
+                    w.feed(WsMessage::Text(text))
+                        .await
+                        .map_err(io::Error::other)?;
                 }
                 w.flush().await.map_err(io::Error::other)
             }
