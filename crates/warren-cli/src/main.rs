@@ -35,6 +35,8 @@ enum Command {
     },
     /// Print the commented default configuration.
     PrintDefaultConfig,
+    /// Load generator: drive warren or any MQTT 3.1.1 server (pubsub, request, connections).
+    Bench(warren_bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -66,6 +68,7 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench(args) => warren_bench::main(args),
         Command::PrintDefaultConfig => {
             print!("{}", warren::config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
@@ -137,7 +140,11 @@ fn demo_config() -> Config {
         l("mqtt+mqant://127.0.0.1:3563"),
         l("ws+mqant://127.0.0.1:3653"),
     ];
-    c.modules = vec![ModuleConfig::new("Login"), ModuleConfig::new("Chat")];
+    c.modules = vec![
+        ModuleConfig::new("Login"),
+        ModuleConfig::new("Chat"),
+        ModuleConfig::new("global"),
+    ];
     c
 }
 

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use warren::config::{Mode, TransportName};
+use warren::config::{ListenerProtocol, Mode, TransportName};
 use warren::node::BoundListener;
 use warren_chat::web::{self as assets, Asset};
 
@@ -28,7 +28,9 @@ pub async fn serve(
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let ws = listeners
         .iter()
-        .filter(|l| l.config.transport == TransportName::Ws)
+        .filter(|l| {
+            l.config.protocol == ListenerProtocol::Mqtt && l.config.transport == TransportName::Ws
+        })
         .max_by_key(|l| l.config.mode == Mode::Mqant)
         .map(|l| l.local_addr);
     let app = Router::new()

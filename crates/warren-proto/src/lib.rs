@@ -6,9 +6,16 @@
 //! targets under `fuzz/`, so decoders must return `Ok(None)` for "need more bytes", check every
 //! size limit before allocating, and never panic.
 //!
-//! Protocols live in sibling modules; MQTT 3.1.1 (which also reads 3.1 `MQIsdp` CONNECTs) is
-//! in [`mqtt`].
+//! Protocols live in sibling modules: MQTT 3.1.1 (which also reads 3.1 `MQIsdp` CONNECTs) in
+//! [`mqtt`], the pomelo client protocol in [`pomelo`], the telnet-friendly line framing in
+//! [`line`](mod@line), JSON-over-WebSocket frames in [`json_ws`], and the pomelo-rpc messages and their
+//! stream-pkg TCP framing in [`pomelo_rpc`] and [`stream_pkg`].
 
 #![forbid(unsafe_code)]
 
+pub mod json_ws;
+pub mod line;
 pub mod mqtt;
+pub mod pomelo;
+pub mod pomelo_rpc;
+pub mod stream_pkg;

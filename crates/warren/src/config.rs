@@ -64,9 +64,18 @@ impl Default for NodeConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerProtocol {
-    /// MQTT 3.1 / 3.1.1.
+    /// MQTT 3.1 / 3.1.1 (PROTOCOLS.md §1).
     #[default]
     Mqtt,
+    /// The pomelo client protocol, raw TCP and WebSocket on one port (§3).
+    Pomelo,
+    /// JSON over WebSocket, TianQinS style (§4).
+    Json,
+    /// The telnet-friendly line framing, ffown style (§5).
+    Line,
+    /// A pomelo-rpc acceptor, so pomelo/pinus servers can call modules (§8).
+    #[serde(rename = "pomelo-rpc")]
+    PomeloRpc,
 }
 
 /// Behaviour flavour of an MQTT listener.
@@ -121,6 +130,50 @@ pub struct ListenerConfig {
     pub ws_handshake_timeout_s: u64,
     /// Minimum seconds between storage heartbeats of a bound session.
     pub min_hb_storage_s: u64,
+
+    /// pomelo: heartbeat interval announced in the handshake; 0 turns heartbeats off.
+    pub heartbeat_s: Option<u64>,
+    /// pomelo: disconnect when nothing arrives for this long (default 2 × heartbeat).
+    pub heartbeat_timeout_s: Option<u64>,
+    /// pomelo: largest package body (default 64 KiB).
+    pub max_package: Option<usize>,
+    /// pomelo: route compression dictionary sent in the handshake (`route = code`).
+    pub route_dict: Option<std::collections::BTreeMap<String, u16>>,
+
+    /// JSON: the first message must be `login` (default true).
+    pub require_login: Option<bool>,
+    /// JSON: module whose handlers answer calls whose `tpc` names no module (default `global`).
+    pub fallback_module: Option<String>,
+    /// JSON: send no reply for unknown functions or failed calls, as upstream (default false).
+    pub silent_errors: Option<bool>,
+
+    /// line: longest head line (default 64).
+    pub max_head: Option<usize>,
+    /// line: largest message body (default 65536).
+    pub max_body: Option<usize>,
+    /// line: consecutive bad heads before the connection closes (default 8).
+    pub max_bad_heads: Option<u32>,
+    /// line: write `<len> \r\n` with the upstream space (default true).
+    pub space_before_crlf: Option<bool>,
+    /// line: create channels on first message and report only those (upstream behaviour).
+    pub lazy_channels: Option<bool>,
+    /// line: `echo` (default) or `router` (bodies are `Module/Handler[/msgid] <json>`).
+    pub handler: Option<String>,
+
+    /// pomelo-rpc: answer CONNECT with CONNACK (default true; upstream never did).
+    pub send_connack: Option<bool>,
+    /// pomelo-rpc: queue responses and flush them as one JSON array every `interval_ms`.
+    pub buffer_msg: Option<bool>,
+    /// pomelo-rpc: flush interval (default 50 ms).
+    pub interval_ms: Option<u64>,
+    /// pomelo-rpc: echo `traceId`, `seqId` and `source` in responses.
+    pub trace: Option<bool>,
+    /// pomelo-rpc over stream-pkg: largest package (default 1 MiB).
+    pub pkg_size: Option<usize>,
+    /// pomelo-rpc: namespaces accepted (default `sys` and `user`).
+    pub namespaces: Option<Vec<String>>,
+    /// pomelo-rpc: service name → module name, for peers whose service names differ.
+    pub service_map: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Transport name in config (`tcp` / `ws`).
@@ -132,12 +185,14 @@ pub enum TransportName {
     Tcp,
     /// WebSocket.
     Ws,
+    /// MQTT over TCP (pomelo-rpc's default transport).
+    Mqtt,
 }
 
 impl From<TransportName> for Transport {
     fn from(t: TransportName) -> Self {
         match t {
-            TransportName::Tcp => Transport::Tcp,
+            TransportName::Tcp | TransportName::Mqtt => Transport::Tcp,
             TransportName::Ws => Transport::Ws,
         }
     }
@@ -164,6 +219,26 @@ impl Default for ListenerConfig {
             pubsub: true,
             ws_handshake_timeout_s: 10,
             min_hb_storage_s: 60,
+            heartbeat_s: None,
+            heartbeat_timeout_s: None,
+            max_package: None,
+            route_dict: None,
+            require_login: None,
+            fallback_module: None,
+            silent_errors: None,
+            max_head: None,
+            max_body: None,
+            max_bad_heads: None,
+            space_before_crlf: None,
+            lazy_channels: None,
+            handler: None,
+            send_connack: None,
+            buffer_msg: None,
+            interval_ms: None,
+            trace: None,
+            pkg_size: None,
+            namespaces: None,
+            service_map: None,
         }
     }
 }
@@ -181,21 +256,27 @@ impl ListenerConfig {
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| bad(format!("{url:?} is not a URL like mqtt://127.0.0.1:1883")))?;
-        let (transport, mode) = match scheme {
-            "mqtt" | "tcp" => ("tcp", "default"),
-            "mqtt+mqant" => ("tcp", "mqant"),
-            "ws" | "mqtt+ws" => ("ws", "default"),
-            "ws+mqant" => ("ws", "mqant"),
+        let (protocol, transport, mode) = match scheme {
+            "mqtt" | "tcp" => ("mqtt", "tcp", "default"),
+            "mqtt+mqant" => ("mqtt", "tcp", "mqant"),
+            "ws" | "mqtt+ws" => ("mqtt", "ws", "default"),
+            "ws+mqant" => ("mqtt", "ws", "mqant"),
+            "pomelo" => ("pomelo", "tcp", "default"),
+            "json+ws" | "json" => ("json", "ws", "default"),
+            "line" => ("line", "tcp", "default"),
+            "pomelo-rpc" => ("pomelo-rpc", "mqtt", "default"),
+            "pomelo-rpc+tcp" => ("pomelo-rpc", "tcp", "default"),
             other => {
                 return Err(bad(format!(
-                    "unknown scheme {other:?} (expected mqtt, mqtt+mqant, ws or ws+mqant)"
+                    "unknown scheme {other:?} (expected mqtt, mqtt+mqant, ws, ws+mqant, pomelo, \
+                     json+ws, line, pomelo-rpc or pomelo-rpc+tcp)"
                 )));
             }
         };
         let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
         let addr = authority.split('/').next().unwrap_or_default();
         let mut t = toml::Table::new();
-        t.insert("protocol".into(), "mqtt".into());
+        t.insert("protocol".into(), protocol.into());
         t.insert("transport".into(), transport.into());
         t.insert("mode".into(), mode.into());
         t.insert("addr".into(), addr.into());
@@ -224,11 +305,34 @@ impl ListenerConfig {
 
     /// The listener's URL form (for logs and the startup banner).
     pub fn scheme(&self) -> &'static str {
-        match (self.transport, self.mode) {
-            (TransportName::Tcp, Mode::Default) => "mqtt",
-            (TransportName::Tcp, Mode::Mqant) => "mqtt+mqant",
-            (TransportName::Ws, Mode::Default) => "ws",
-            (TransportName::Ws, Mode::Mqant) => "ws+mqant",
+        match (self.protocol, self.transport, self.mode) {
+            (ListenerProtocol::Mqtt, TransportName::Ws, Mode::Default) => "ws",
+            (ListenerProtocol::Mqtt, TransportName::Ws, Mode::Mqant) => "ws+mqant",
+            (ListenerProtocol::Mqtt, _, Mode::Mqant) => "mqtt+mqant",
+            (ListenerProtocol::Mqtt, _, Mode::Default) => "mqtt",
+            (ListenerProtocol::Pomelo, _, _) => "pomelo",
+            (ListenerProtocol::Json, _, _) => "json+ws",
+            (ListenerProtocol::Line, _, _) => "line",
+            (ListenerProtocol::PomeloRpc, TransportName::Tcp, _) => "pomelo-rpc+tcp",
+            (ListenerProtocol::PomeloRpc, _, _) => "pomelo-rpc",
+        }
+    }
+
+    /// Whether the listener accepts WebSocket upgrades (all of its connections, or, for pomelo,
+    /// those that start with an HTTP request).
+    pub fn serves_websocket(&self) -> bool {
+        match self.protocol {
+            ListenerProtocol::Mqtt => self.transport == TransportName::Ws,
+            ListenerProtocol::Json | ListenerProtocol::Pomelo => true,
+            ListenerProtocol::Line | ListenerProtocol::PomeloRpc => false,
+        }
+    }
+
+    /// pomelo heartbeat interval (default 10 s; `None` when off).
+    pub fn heartbeat(&self) -> Option<Duration> {
+        match self.heartbeat_s.unwrap_or(10) {
+            0 => None,
+            s => Some(Duration::from_secs(s)),
         }
     }
 
@@ -249,6 +353,37 @@ impl ListenerConfig {
             Mode::Mqant => 4096,
             Mode::Default => 1024 * 1024,
         })
+    }
+
+    /// Keys that only one protocol understands, with that protocol, to refuse them elsewhere.
+    fn protocol_keys(&self) -> Vec<(&'static str, bool, ListenerProtocol)> {
+        use ListenerProtocol::*;
+        vec![
+            ("heartbeat_s", self.heartbeat_s.is_some(), Pomelo),
+            (
+                "heartbeat_timeout_s",
+                self.heartbeat_timeout_s.is_some(),
+                Pomelo,
+            ),
+            ("max_package", self.max_package.is_some(), Pomelo),
+            ("route_dict", self.route_dict.is_some(), Pomelo),
+            ("require_login", self.require_login.is_some(), Json),
+            ("fallback_module", self.fallback_module.is_some(), Json),
+            ("silent_errors", self.silent_errors.is_some(), Json),
+            ("max_head", self.max_head.is_some(), Line),
+            ("max_body", self.max_body.is_some(), Line),
+            ("max_bad_heads", self.max_bad_heads.is_some(), Line),
+            ("space_before_crlf", self.space_before_crlf.is_some(), Line),
+            ("lazy_channels", self.lazy_channels.is_some(), Line),
+            ("handler", self.handler.is_some(), Line),
+            ("send_connack", self.send_connack.is_some(), PomeloRpc),
+            ("buffer_msg", self.buffer_msg.is_some(), PomeloRpc),
+            ("interval_ms", self.interval_ms.is_some(), PomeloRpc),
+            ("trace", self.trace.is_some(), PomeloRpc),
+            ("pkg_size", self.pkg_size.is_some(), PomeloRpc),
+            ("namespaces", self.namespaces.is_some(), PomeloRpc),
+            ("service_map", self.service_map.is_some(), PomeloRpc),
+        ]
     }
 
     /// Effective request deadline.
@@ -279,6 +414,40 @@ impl ListenerConfig {
         };
         if let Err(why) = self.socket_addr() {
             return bad("addr", why);
+        }
+        for (k, set, proto) in self.protocol_keys() {
+            if set && proto != self.protocol {
+                return bad(
+                    k,
+                    format!(
+                        "only applies to {proto:?} listeners, not {:?}",
+                        self.protocol
+                    ),
+                );
+            }
+        }
+        let transport_ok = match self.protocol {
+            ListenerProtocol::Mqtt => self.transport != TransportName::Mqtt,
+            ListenerProtocol::PomeloRpc => self.transport != TransportName::Ws,
+            // pomelo serves TCP and WebSocket on one port; JSON is WebSocket; line is TCP
+            _ => true,
+        };
+        if !transport_ok {
+            return bad(
+                "transport",
+                format!(
+                    "{:?} listeners cannot use {:?}",
+                    self.protocol, self.transport
+                ),
+            );
+        }
+        if let Some(h) = &self.handler
+            && !matches!(h.as_str(), "echo" | "router")
+        {
+            return bad(
+                "handler",
+                format!("unknown line handler {h:?} (expected \"echo\" or \"router\")"),
+            );
         }
         if self.push_qos > 1 {
             return bad("push_qos", format!("must be 0 or 1, got {}", self.push_qos));

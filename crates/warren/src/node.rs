@@ -20,7 +20,7 @@ use crate::bus::LocalBus;
 use crate::config::{Config, ListenerConfig, ModuleConfig};
 use crate::error::CallError;
 use crate::fanout::{Groups, Subscriptions};
-use crate::gate::{self, AuthHook, Gate};
+use crate::gate::{self, AuthHook, ChannelHandler, Gate};
 use crate::module::{Instance, InstanceInfo, Json, Module, SESSION_CLOSED};
 use crate::registry::{InstanceRecord, MemoryRegistry, NodeRecord, Registry};
 use crate::router::{Router, Target};
@@ -447,6 +447,7 @@ pub struct NodeBuilder {
     config: Config,
     modules: Vec<(Module, ModuleConfig)>,
     auth: Option<Arc<dyn AuthHook>>,
+    channel_handler: Option<Arc<dyn ChannelHandler>>,
 }
 
 impl NodeBuilder {
@@ -456,6 +457,7 @@ impl NodeBuilder {
             config,
             modules: Vec::new(),
             auth: None,
+            channel_handler: None,
         }
     }
 
@@ -468,6 +470,13 @@ impl NodeBuilder {
     /// Check CONNECT credentials with this hook (the default accepts everyone).
     pub fn auth(mut self, hook: Arc<dyn AuthHook>) -> Self {
         self.auth = Some(hook);
+        self
+    }
+
+    /// Bind line listeners (without `handler = "router"`) to this channel handler instead of the
+    /// built-in echo.
+    pub fn channel_handler(mut self, handler: Arc<dyn ChannelHandler>) -> Self {
+        self.channel_handler = Some(handler);
         self
     }
 
@@ -581,7 +590,7 @@ impl NodeBuilder {
             inst.run(handle.clone(), stop_modules.child_token(), &module_tasks);
         }
 
-        let gate = Arc::new(Gate::new(handle.clone(), self.auth));
+        let gate = Arc::new(Gate::new(handle.clone(), self.auth, self.channel_handler));
         let mut listeners = Vec::new();
         for l in &cfg.listeners {
             let l = Arc::new(l.clone());

@@ -36,6 +36,15 @@ pub enum Transport {
 pub enum Protocol {
     /// MQTT 3.1 / 3.1.1.
     Mqtt,
+    /// The pomelo client protocol.
+    Pomelo,
+    /// JSON over WebSocket.
+    Json,
+    /// The line protocol.
+    Line,
+    /// A pomelo-rpc peer (a server calling modules).
+    #[serde(rename = "pomelo-rpc")]
+    PomeloRpc,
 }
 
 /// A snapshot of one session, as handlers see it.
@@ -205,6 +214,8 @@ pub enum Outbound {
     Bytes(Bytes),
     /// Flush what is queued, then close the connection.
     Close,
+    /// Flush, then close with this WebSocket close code (plain close on TCP).
+    CloseCode(u16),
 }
 
 /// What the gate holds for one live session: its current snapshot, its outbound queue and the

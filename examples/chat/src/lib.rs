@@ -1,6 +1,7 @@
 //! The chat demo that `warren serve` runs with no config: the mqant chat of PROTOCOLS.md §2
-//! (`Login` and `Chat` modules), its web page, and two small built-in modules: `Echo` (a
-//! request/reply target for benchmarks) and `Debug` (misbehaving handlers for tests).
+//! (`Login` and `Chat` modules), its web page, the `global` functions of the JSON-over-WebSocket
+//! sample, and two small built-in modules: `Echo` (a request/reply target for benchmarks and
+//! pomelo-rpc) and `Debug` (misbehaving handlers for tests).
 //!
 //! [`catalog`] maps a module type named in the config to its definition; the binary builds every
 //! `[[module]]` entry from it.
@@ -10,6 +11,7 @@
 pub mod chat;
 pub mod debug;
 pub mod echo;
+pub mod global;
 pub mod login;
 pub mod web;
 
@@ -17,7 +19,7 @@ use warren::Module;
 use warren::config::ModuleConfig;
 
 /// Module types this crate provides.
-pub const MODULE_TYPES: &[&str] = &["Login", "Chat", "Echo", "Debug"];
+pub const MODULE_TYPES: &[&str] = &["Login", "Chat", "Echo", "Debug", "global"];
 
 /// Which revision of the mqant chat demo to speak (PROTOCOLS.md §2.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,7 @@ pub fn catalog(cfg: &ModuleConfig) -> Result<Module, String> {
         "Chat" => Ok(chat::module(Flavour::from_settings(cfg)?)),
         "Echo" => Ok(echo::module()),
         "Debug" => Ok(debug::module()),
+        "global" => Ok(global::module()),
         other => Err(format!("unknown module type {other:?}")),
     }
 }

@@ -4,6 +4,7 @@
 //! would, and talk to it over sockets. They are the only integration-test binary of this crate
 //! (one binary per crate keeps link times down); add new areas as modules here.
 
+mod bench;
 mod chat;
 
 use std::fs::File;

@@ -5,4 +5,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod golden;
+mod json_ws_golden;
+mod line_golden;
+mod pomelo;
+mod pomelo_rpc_golden;
 mod roundtrip;

@@ -39,6 +39,8 @@ pub(crate) enum End {
     Disconnect,
     /// The client broke a rule; the text is logged with its address.
     Refused(String),
+    /// As `Refused`, closing a WebSocket with this close code (1007 bad data, 1008 policy).
+    RefusedWithCode(u16, String),
     /// The server closed it (session `Close`, takeover, slow consumer).
     ServerClosed,
     /// Shutdown: in-flight requests are done.
@@ -57,6 +59,8 @@ pub(crate) trait Framer: Send + 'static {
 pub(crate) struct Out {
     pub(crate) buf: BytesMut,
     pub(crate) ends: Vec<usize>,
+    /// WebSocket close code to say goodbye with.
+    pub(crate) close_code: Option<u16>,
 }
 
 impl Out {
@@ -106,6 +110,24 @@ pub(crate) trait Protocol: Send + Sized + 'static {
 
     /// How long the connection may stay silent.
     fn read_timeout(&self) -> Option<Duration>;
+
+    /// A period at which [`Protocol::on_tick`] runs (buffered flushes), if any.
+    fn tick(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Runs every [`Protocol::tick`].
+    fn on_tick(
+        &mut self,
+        _conn: &mut SessionConn<Self::Tag>,
+    ) -> impl Future<Output = Result<(), End>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Runs once when the node starts draining (say goodbye the protocol's way, e.g. a kick).
+    fn on_drain(&mut self, _conn: &mut SessionConn<Self::Tag>) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 
     /// Clean up protocol state (subscriptions, client ids) when the connection ends.
     fn on_close(&mut self, _conn: &SessionConn<Self::Tag>) {}
@@ -226,7 +248,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     /// modules that asked for it.
     pub(crate) async fn finish(self, end: End) {
         match &end {
-            End::Refused(why) => {
+            End::Refused(why) | End::RefusedWithCode(_, why) => {
                 tracing::warn!(peer = %self.peer, reason = %why, "closing connection");
                 metrics::counter!("warren_connections_refused_total", "reason" => "protocol")
                     .increment(1);
@@ -241,7 +263,9 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         node.session_table().remove(&sid);
         node.groups().remove_everywhere(&self.handle);
         let last = self.handle.snapshot();
-        if matches!(end, End::Drained | End::ServerClosed | End::Refused(_)) {
+        if let End::RefusedWithCode(code, _) = end {
+            let _ = self.tx.try_send(Outbound::CloseCode(code));
+        } else if matches!(end, End::Drained | End::ServerClosed | End::Refused(_)) {
             let _ = self.tx.try_send(Outbound::Close);
         } else {
             self.close.cancel();
@@ -292,6 +316,9 @@ pub(crate) async fn run<P: Protocol>(
     let deadline = tokio::time::sleep_until(read_timeout.map_or(far, |d| Instant::now() + d));
     tokio::pin!(deadline);
     let mut draining = false;
+    let tick_every = proto.tick();
+    let mut ticker = tokio::time::interval(tick_every.unwrap_or(Duration::from_secs(3600)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if draining && conn.pending.is_empty() {
             return End::Drained;
@@ -315,7 +342,15 @@ pub(crate) async fn run<P: Protocol>(
         tokio::select! {
             biased;
             _ = conn.close.cancelled() => return End::ServerClosed,
-            _ = conn.gate.draining.cancelled(), if !draining => { draining = true; }
+            _ = conn.gate.draining.cancelled(), if !draining => {
+                draining = true;
+                proto.on_drain(conn).await;
+            }
+            _ = ticker.tick(), if tick_every.is_some() => {
+                if let Err(end) = proto.on_tick(conn).await {
+                    return end;
+                }
+            }
             Some((tag, result)) = conn.pending.next(), if !conn.pending.is_empty() => {
                 match tag {
                     Some(tag) => {
@@ -340,6 +375,10 @@ pub(crate) async fn run<P: Protocol>(
                 match r {
                     Ok(0) => return End::PeerClosed,
                     Ok(_) => {}
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) => {
+                        return End::PeerClosed;
+                    }
+                    Err(e) if e.to_string().contains("without closing handshake") => return End::PeerClosed,
                     Err(e) => return End::Refused(format!("read failed: {e}")),
                 }
             }
@@ -365,9 +404,17 @@ async fn write_loop(
         let Some(mut item) = first else { break };
         let mut closing = false;
         loop {
-            if let Outbound::Close = item {
-                closing = true;
-                break;
+            match item {
+                Outbound::Close => {
+                    closing = true;
+                    break;
+                }
+                Outbound::CloseCode(code) => {
+                    closing = true;
+                    out.close_code = Some(code);
+                    break;
+                }
+                _ => {}
             }
             framer.frame(item, &mut out);
             if out.buf.len() >= 64 * 1024 {
@@ -404,5 +451,5 @@ async fn write_loop(
         }
     }
     close.cancel();
-    w.close().await;
+    w.close(out.close_code).await;
 }

@@ -1,5 +1,6 @@
 //! Accepting clients: a TCP accept loop, or an HTTP server that upgrades to WebSocket, both under
-//! the listener's connection cap (`max_conn`) and both stopping at drain.
+//! the listener's connection cap (`max_conn`) and both stopping at drain. A pomelo listener serves
+//! raw TCP and WebSocket on one port: the first byte of a connection decides (PROTOCOLS.md §3.6).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,11 +10,12 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{Gate, mqtt, transport};
-use crate::config::{ListenerConfig, TransportName};
+use super::transport::{self, Reader, Writer, WsFraming};
+use super::{Gate, json, line, mqtt, pomelo, pomelo_rpc};
+use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::node::BoundListener;
 
 /// Bind the listener's address and start accepting.
@@ -27,36 +29,49 @@ pub(crate) async fn listen(
     let socket = TcpListener::bind(addr).await?;
     let local_addr = socket.local_addr()?;
     let slots = Arc::new(Semaphore::new(cfg.max_conn));
-    match cfg.transport {
-        TransportName::Tcp => {
-            gate.tracker
-                .spawn(accept_tcp(gate.clone(), cfg.clone(), socket, slots));
-        }
-        TransportName::Ws => {
-            let state = WsState {
-                gate: gate.clone(),
-                cfg: cfg.clone(),
-                slots,
-            };
-            let app = axum::Router::new().fallback(upgrade).with_state(state);
-            let stop = gate.draining.clone();
-            gate.tracker.spawn(async move {
-                let served = axum::serve(
-                    socket,
-                    app.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "websocket listener failed");
-                }
-            });
-        }
+    let all_ws = cfg.serves_websocket() && cfg.protocol != ListenerProtocol::Pomelo;
+    if all_ws {
+        let app = ws_app(WsState {
+            gate: gate.clone(),
+            cfg: cfg.clone(),
+            slots,
+        });
+        let stop = gate.draining.clone();
+        gate.tracker.spawn(async move {
+            let served = axum::serve(
+                socket,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "websocket listener failed");
+            }
+        });
+    } else {
+        gate.tracker
+            .spawn(accept_tcp(gate.clone(), cfg.clone(), socket, slots));
     }
     Ok(BoundListener {
         config: cfg,
         local_addr,
     })
+}
+
+/// Hand a connection to its protocol.
+async fn serve(gate: Arc<Gate>, cfg: Arc<ListenerConfig>, r: Reader, w: Writer, peer: SocketAddr) {
+    match cfg.protocol {
+        ListenerProtocol::Mqtt => mqtt::serve(gate, cfg, r, w, peer).await,
+        ListenerProtocol::Pomelo => pomelo::serve(gate, cfg, r, w, peer).await,
+        ListenerProtocol::Json => json::serve(gate, cfg, r, w, peer).await,
+        ListenerProtocol::Line => line::serve(gate, cfg, r, w, peer).await,
+        ListenerProtocol::PomeloRpc => pomelo_rpc::serve(gate, cfg, r, w, peer).await,
+    }
+}
+
+fn refuse_full(peer: SocketAddr, cfg: &ListenerConfig) {
+    tracing::warn!(%peer, reason = "connection limit reached", max_conn = cfg.max_conn, "refusing connection");
+    metrics::counter!("warren_connections_refused_total", "reason" => "max_conn").increment(1);
 }
 
 async fn accept_tcp(
@@ -65,6 +80,11 @@ async fn accept_tcp(
     socket: TcpListener,
     slots: Arc<Semaphore>,
 ) {
+    let ws = (cfg.protocol == ListenerProtocol::Pomelo).then(|| WsState {
+        gate: gate.clone(),
+        cfg: cfg.clone(),
+        slots: slots.clone(),
+    });
     loop {
         let accepted = tokio::select! {
             biased;
@@ -81,20 +101,67 @@ async fn accept_tcp(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, reason = "connection limit reached", max_conn = cfg.max_conn, "refusing connection");
-            metrics::counter!("warren_connections_refused_total", "reason" => "max_conn")
-                .increment(1);
+            refuse_full(peer, &cfg);
             drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (r, w) = transport::tcp(stream);
         let g = gate.clone();
         let c = cfg.clone();
+        let ws = ws.clone();
         gate.tracker.spawn(async move {
-            mqtt::serve(g, c, r, w, peer).await;
-            drop(permit);
+            match ws {
+                Some(ws) => sniff(ws, stream, peer, permit).await,
+                None => {
+                    let (r, w) = transport::tcp(stream);
+                    serve(g, c, r, w, peer).await;
+                    drop(permit);
+                }
+            }
         });
+    }
+}
+
+/// One port, two transports: peek at the first byte. 0x01–0x05 is a pomelo package type (raw
+/// TCP); an ASCII letter starts an HTTP request (a WebSocket upgrade); anything else is refused.
+async fn sniff(ws: WsState, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+    let mut first = [0u8; 1];
+    let deadline = Duration::from_secs(ws.cfg.connect_timeout_s);
+    let peeked = tokio::select! {
+        _ = ws.gate.killing.cancelled() => return,
+        r = tokio::time::timeout(deadline, stream.peek(&mut first)) => r,
+    };
+    match peeked {
+        Err(_) => {
+            tracing::warn!(%peer, reason = "nothing received before the connect deadline", "closing connection");
+        }
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(_)) if (1..=5).contains(&first[0]) => {
+            let (r, w) = transport::tcp(stream);
+            serve(ws.gate.clone(), ws.cfg.clone(), r, w, peer).await;
+            drop(permit);
+        }
+        Ok(Ok(_)) if first[0].is_ascii_alphabetic() => {
+            // the upgrade handler takes its own slot; this one only covers the HTTP exchange
+            drop(permit);
+            let app = ws_app(ws.clone()).layer(axum::Extension(ConnectInfo(peer)));
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(ws.cfg.ws_handshake_timeout_s))
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "http connection ended");
+            }
+        }
+        Ok(Ok(_)) => {
+            tracing::warn!(%peer, reason = format!("first byte {:#04x} is neither a pomelo package nor HTTP", first[0]), "closing connection");
+            metrics::counter!("warren_connections_refused_total", "reason" => "bad_first_byte")
+                .increment(1);
+        }
     }
 }
 
@@ -103,6 +170,10 @@ struct WsState {
     gate: Arc<Gate>,
     cfg: Arc<ListenerConfig>,
     slots: Arc<Semaphore>,
+}
+
+fn ws_app(state: WsState) -> axum::Router {
+    axum::Router::new().fallback(upgrade).with_state(state)
 }
 
 async fn upgrade(
@@ -126,21 +197,28 @@ async fn upgrade(
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     let Ok(permit) = st.slots.clone().try_acquire_owned() else {
-        tracing::warn!(%peer, reason = "connection limit reached", max_conn = st.cfg.max_conn, "refusing connection");
-        metrics::counter!("warren_connections_refused_total", "reason" => "max_conn").increment(1);
+        refuse_full(peer, &st.cfg);
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
-    let max = st.cfg.max_packet();
+    let (max, framing, protocols): (usize, WsFraming, &[&'static str]) = match st.cfg.protocol {
+        ListenerProtocol::Mqtt => (
+            st.cfg.max_packet(),
+            WsFraming::Stream,
+            &["mqtt", "mqttv3.1"],
+        ),
+        ListenerProtocol::Pomelo => (pomelo::max_package(&st.cfg) + 4, WsFraming::Stream, &[]),
+        _ => (json::max_message(&st.cfg), WsFraming::TextMessages, &[]),
+    };
     let gate = st.gate.clone();
     let cfg = st.cfg.clone();
     // track the connection from now, so a drain waits for it
     let token = gate.tracker.token();
-    ws.protocols(["mqtt", "mqttv3.1"])
+    ws.protocols(protocols.iter().copied())
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            let (r, w) = transport::ws(socket, transport::WsFraming::Stream);
-            mqtt::serve(gate, cfg, r, w, peer).await;
+            let (r, w) = transport::ws(socket, framing);
+            serve(gate, cfg, r, w, peer).await;
             drop(permit);
             drop(token);
         })

@@ -5,10 +5,17 @@
 //! route, reply, push. [`Gate`] holds what connections share: the node, the drain and kill
 //! signals, the task tracker, and the client-id table for MQTT takeover.
 
+mod args;
 mod conn;
+mod json;
+pub mod line;
 mod listener;
 pub mod mqtt;
+mod pomelo;
+mod pomelo_rpc;
 mod transport;
+
+pub use line::{Channel, ChannelHandler, Channels, EchoHandler};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -60,18 +67,28 @@ pub(crate) struct Gate {
     pub(crate) killing: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) auth: Option<Arc<dyn AuthHook>>,
+    /// What line listeners bound to a channel handler talk to.
+    pub(crate) channel_handler: Arc<dyn ChannelHandler>,
+    /// Live line channels by id.
+    pub(crate) channels: Channels,
     /// Default-mode MQTT client ids → the session using it (for takeover).
     client_ids: Mutex<HashMap<String, Arc<SessionHandle>>>,
 }
 
 impl Gate {
-    pub(crate) fn new(node: NodeHandle, auth: Option<Arc<dyn AuthHook>>) -> Self {
+    pub(crate) fn new(
+        node: NodeHandle,
+        auth: Option<Arc<dyn AuthHook>>,
+        channel_handler: Option<Arc<dyn ChannelHandler>>,
+    ) -> Self {
         Gate {
             node,
             draining: CancellationToken::new(),
             killing: CancellationToken::new(),
             tracker: TaskTracker::new(),
             auth,
+            channel_handler: channel_handler.unwrap_or_else(|| Arc::new(EchoHandler)),
+            channels: Channels::default(),
             client_ids: Mutex::new(HashMap::new()),
         }
     }

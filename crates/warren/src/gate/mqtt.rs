@@ -54,7 +54,7 @@ async fn connack_and_close(writer: &mut Writer, cfg: &ListenerConfig, code: u8) 
         writer.write_raw(&[0x20, 0x02, 0x00, code]),
     )
     .await;
-    writer.close().await;
+    writer.close(None).await;
 }
 
 async fn run(
@@ -508,7 +508,7 @@ impl Framer for MqttFramer {
             }
             Outbound::Inline(f) => out.buf.extend_from_slice(f.as_bytes()),
             Outbound::Bytes(b) => out.buf.extend_from_slice(&b),
-            Outbound::Close => {}
+            Outbound::Close | Outbound::CloseCode(_) => {}
         }
     }
 }

@@ -129,14 +129,18 @@ impl Writer {
         }
     }
 
-    /// Say goodbye the transport's way and close.
-    pub(crate) async fn close(&mut self) {
+    /// Say goodbye the transport's way (a WebSocket close frame, with `code` if given) and close.
+    pub(crate) async fn close(&mut self, code: Option<u16>) {
         match self {
             Writer::Tcp(w) => {
                 let _ = w.shutdown().await;
             }
             Writer::Ws(w, _) => {
-                let _ = w.send(WsMessage::Close(None)).await;
+                let frame = code.map(|code| axum::extract::ws::CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from_static(""),
+                });
+                let _ = w.send(WsMessage::Close(frame)).await;
                 let _ = w.close().await;
             }
         }

@@ -1,0 +1,227 @@
+//! Command-line arguments of `warren bench`, shared by the library and the `warren` binary
+//! (which embeds them as its `bench` subcommand).
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use crate::BenchError;
+
+/// `warren bench <scenario> [--target ADDR] [options]`: which scenario to run and how.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// The scenario and its options.
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+/// The load patterns the generator knows.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Scenario {
+    /// P publishers → S subscribers on one topic: saturation throughput (closed loop, the
+    /// default) or latency at a fixed rate (--rate).
+    Pubsub(PubsubArgs),
+    /// C clients each keeping K requests in flight to a route with a msgid (warren's Echo
+    /// module: run warren with --module Echo); reports requests/s and latency.
+    Request(RequestArgs),
+    /// Open N connections, hold them idle with keepalive; reports the connect rate, failures
+    /// and, with --pid, the server's memory per idle connection.
+    Connections(ConnectionsArgs),
+    /// Raw TCP echo server: the physical-limit reference for `request`.
+    #[command(hide = true)]
+    EchoServer(EchoServerArgs),
+}
+
+/// Options every client scenario has.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Server address: HOST:PORT or mqtt://HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:1883", value_name = "ADDR")]
+    pub target: String,
+    /// Seconds measured, after the warm-up (connections: seconds the idle connections are held).
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub duration: f64,
+    /// Seconds of load before measuring starts.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    pub warmup: f64,
+    /// New connections per second while connecting; 0 means as fast as the server accepts.
+    #[arg(long, default_value_t = 0.0, value_name = "PER_SECOND")]
+    pub ramp: f64,
+    /// MQTT keepalive sent in CONNECT; connections ping when idle this long.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub keepalive: u16,
+    /// PID of the server: its resident memory is read from /proc before and after the load.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// A name for the server under test, copied into the JSON line.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Runtime worker threads (default: the CPUs this process may run on).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print only the JSON line on stdout, no human summary.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl CommonArgs {
+    /// The measured duration, checked.
+    pub(crate) fn duration(&self) -> Result<Duration, BenchError> {
+        seconds("--duration", self.duration)
+    }
+
+    /// The warm-up, checked.
+    pub(crate) fn warmup(&self) -> Result<Duration, BenchError> {
+        seconds("--warmup", self.warmup)
+    }
+}
+
+/// A non-negative, finite number of seconds as a `Duration`.
+pub(crate) fn seconds(name: &str, s: f64) -> Result<Duration, BenchError> {
+    Duration::try_from_secs_f64(s)
+        .map_err(|_| BenchError::Invalid(format!("{name} must be a non-negative number, got {s}")))
+}
+
+/// Options of the `pubsub` scenario.
+#[derive(Debug, Clone, Args)]
+pub struct PubsubArgs {
+    /// Target, duration and the other common options.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Publishing connections.
+    #[arg(long, default_value_t = 1)]
+    pub publishers: usize,
+    /// Subscribing connections, each subscribed to the topic.
+    #[arg(long, default_value_t = 1)]
+    pub subscribers: usize,
+    /// Payload bytes per message (at least 20: publisher, sequence number and timestamp).
+    #[arg(long, default_value_t = 64, value_name = "BYTES")]
+    pub payload: usize,
+    /// QoS of publishes and subscriptions: 0 or 1.
+    #[arg(long, default_value_t = 0)]
+    pub qos: u8,
+    /// Closed loop: each publisher stays at most this many messages ahead of the slowest
+    /// subscriber (and, at QoS 1, of its own PUBACKs).
+    #[arg(long, default_value_t = 1000, value_name = "MESSAGES")]
+    pub window: u64,
+    /// Fixed rate: total messages per second over all publishers, instead of the closed loop.
+    #[arg(long, value_name = "PER_SECOND")]
+    pub rate: Option<f64>,
+    /// Topic to publish on (default: bench/<pid>).
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Seconds without progress of the slowest subscriber after which a publisher counts a
+    /// stall and moves its window on anyway.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub stall_timeout: f64,
+    /// Seconds to wait, after publishing stops, for messages still on their way.
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    pub drain: f64,
+}
+
+/// Options of the `request` scenario.
+#[derive(Debug, Clone, Args)]
+pub struct RequestArgs {
+    /// Target, duration and the other common options.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Client connections.
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    /// Requests each client keeps in flight.
+    #[arg(long, default_value_t = 10)]
+    pub inflight: usize,
+    /// Route the requests go to; `/<n>` (the msgid) is appended per request.
+    #[arg(long, default_value = "Echo/HD_Echo")]
+    pub route: String,
+    /// Request body bytes (a JSON object padded to this size).
+    #[arg(long, default_value_t = 64, value_name = "BYTES")]
+    pub payload: usize,
+    /// QoS of the requests: 0 or 1.
+    #[arg(long, default_value_t = 0)]
+    pub qos: u8,
+    /// Seconds to wait, after sending stops, for outstanding replies.
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    pub drain: f64,
+}
+
+/// Options of the `connections` scenario.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionsArgs {
+    /// Target, hold duration and the other common options.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Connections to open.
+    #[arg(long, default_value_t = 1000)]
+    pub count: usize,
+    /// On a loopback target, connections per source address (127.0.0.1, 127.0.0.2, …): one
+    /// address has only ~28 k ephemeral ports.
+    #[arg(long, default_value_t = 10_000)]
+    pub per_source: usize,
+    /// Connection attempts in progress at once.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Seconds one connection may take to get its CONNACK.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub connect_timeout: f64,
+    /// Seconds to let the server settle after the last connection before reading its memory.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    pub settle: f64,
+}
+
+/// Options of the hidden `echo-server`.
+#[derive(Debug, Clone, Args)]
+pub struct EchoServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    pub listen: String,
+    /// Runtime worker threads (default: the CPUs this process may run on).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    #[test]
+    fn parses_a_fixed_rate_fanout() {
+        let cli = Cli::try_parse_from([
+            "bench",
+            "pubsub",
+            "--target",
+            "127.0.0.1:1",
+            "--subscribers",
+            "100",
+            "--rate",
+            "500",
+        ])
+        .unwrap();
+        let Scenario::Pubsub(a) = cli.bench.scenario else {
+            panic!("not pubsub")
+        };
+        assert_eq!(a.subscribers, 100);
+        assert_eq!(a.rate, Some(500.0));
+        assert_eq!(a.common.target, "127.0.0.1:1");
+    }
+
+    #[test]
+    fn rejects_negative_durations() {
+        assert!(seconds("--duration", -1.0).is_err());
+        assert!(seconds("--duration", f64::NAN).is_err());
+        assert_eq!(
+            seconds("--duration", 1.5).unwrap(),
+            Duration::from_millis(1500)
+        );
+    }
+}

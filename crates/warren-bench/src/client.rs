@@ -1,0 +1,293 @@
+//! A minimal MQTT 3.1.1 client on warren-proto's codec, made for load generation: packets are
+//! encoded into one write buffer and sent with one write per batch; reads take whatever the
+//! socket holds and decode every complete packet in it.
+//!
+//! The socket is split into a [`Reader`] and a [`Writer`] so one task can wait on reads while it
+//! owns the write side too, and a publisher can hand its read side to a helper task.
+//!
+//! Against the raw echo reference (`warren bench echo-server`) the server's first answer is our
+//! own CONNECT echoed back; [`Client::connect`] accepts that in place of a CONNACK.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpSocket;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use warren_proto::mqtt::{self, Connect, Packet, QoS, Subscribe, SubscribeFilter};
+
+use crate::BenchError;
+
+/// Largest packet the client accepts from a server.
+pub const MAX_PACKET: usize = 16 << 20;
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Server address.
+    pub target: SocketAddr,
+    /// Local address to bind before connecting (spreads many connections over 127.0.0.x).
+    pub source: Option<IpAddr>,
+    /// MQTT client id.
+    pub client_id: String,
+    /// Keepalive announced in CONNECT, seconds.
+    pub keep_alive: u16,
+    /// Deadline for TCP connect plus CONNACK.
+    pub timeout: Duration,
+    /// Spare read-buffer room ensured before each read: large for busy connections, tiny for
+    /// idle ones.
+    pub read_chunk: usize,
+}
+
+/// The read side: a socket half and the bytes read but not yet decoded.
+#[derive(Debug)]
+pub struct Reader<R> {
+    io: R,
+    buf: BytesMut,
+    chunk: usize,
+}
+
+impl<R: AsyncRead + Unpin> Reader<R> {
+    /// Reads once, appending whatever the socket has. Cancel-safe: bytes are never lost when
+    /// the future is dropped. A closed connection is [`BenchError::Closed`].
+    pub async fn fill(&mut self) -> Result<(), BenchError> {
+        if self.buf.capacity() - self.buf.len() < self.chunk / 4 + 1 {
+            self.buf.reserve(self.chunk);
+        }
+        match self.io.read_buf(&mut self.buf).await? {
+            0 => Err(BenchError::Closed),
+            _ => Ok(()),
+        }
+    }
+
+    /// The next complete packet in the buffer, if there is one.
+    pub fn next_packet(&mut self) -> Result<Option<Packet>, BenchError> {
+        Ok(mqtt::decode(&mut self.buf, MAX_PACKET)?)
+    }
+
+    /// Reads until a complete packet arrives.
+    pub async fn packet(&mut self) -> Result<Packet, BenchError> {
+        loop {
+            if let Some(p) = self.next_packet()? {
+                return Ok(p);
+            }
+            self.fill().await?;
+        }
+    }
+}
+
+/// The write side: a socket half and the packets queued for the next write.
+#[derive(Debug)]
+pub struct Writer<W> {
+    io: W,
+    buf: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin> Writer<W> {
+    /// Queues any packet.
+    pub fn queue(&mut self, p: &Packet) {
+        mqtt::encode(p, &mut self.buf);
+    }
+
+    /// Queues a PUBLISH without building a packet value.
+    pub fn queue_publish(&mut self, topic: &[u8], qos: QoS, pkid: u16, payload: &[u8]) {
+        mqtt::encode_publish(&mut self.buf, topic, qos, false, false, pkid, payload);
+    }
+
+    /// Queues the PUBACK for an incoming QoS 1 PUBLISH.
+    pub fn queue_puback(&mut self, pkid: u16) {
+        let [h, l] = pkid.to_be_bytes();
+        self.buf.extend_from_slice(&[0x40, 0x02, h, l]);
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes everything queued in one go (one syscall when the socket has room).
+    /// Cancel-safe: what was written is dropped from the queue, the rest stays for the next
+    /// call, so no byte is ever sent twice.
+    pub async fn flush(&mut self) -> Result<(), BenchError> {
+        while !self.buf.is_empty() {
+            if self.io.write_buf(&mut self.buf).await? == 0 {
+                return Err(BenchError::Closed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends DISCONNECT and closes the write side, ignoring errors (the run is over).
+    pub async fn goodbye(&mut self) {
+        self.queue(&Packet::Disconnect);
+        let _ = self.flush().await;
+        let _ = self.io.shutdown().await;
+    }
+}
+
+/// A connected MQTT client: both halves of its socket.
+#[derive(Debug)]
+pub struct Client {
+    /// Incoming packets.
+    pub reader: Reader<OwnedReadHalf>,
+    /// Outgoing packets.
+    pub writer: Writer<OwnedWriteHalf>,
+}
+
+impl Client {
+    /// Opens the TCP connection, sends CONNECT and waits for CONNACK (or, from the raw echo
+    /// reference, the CONNECT itself), all within `o.timeout`.
+    pub async fn connect(o: &ConnectOptions) -> Result<Client, BenchError> {
+        tokio::time::timeout(o.timeout, Self::connect_inner(o))
+            .await
+            .map_err(|_| BenchError::Timeout {
+                what: "CONNACK",
+                after: o.timeout,
+            })?
+    }
+
+    async fn connect_inner(o: &ConnectOptions) -> Result<Client, BenchError> {
+        let connect_err = |source| BenchError::Connect {
+            addr: o.target,
+            source,
+        };
+        let socket = match o.target {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(connect_err)?;
+        if let Some(ip) = o.source {
+            socket.bind(SocketAddr::new(ip, 0)).map_err(connect_err)?;
+        }
+        let stream = socket.connect(o.target).await.map_err(connect_err)?;
+        stream.set_nodelay(true).map_err(connect_err)?;
+        let (r, w) = stream.into_split();
+        let mut client = Client {
+            reader: Reader {
+                io: r,
+                buf: BytesMut::new(),
+                chunk: o.read_chunk.max(64),
+            },
+            writer: Writer {
+                io: w,
+                buf: BytesMut::new(),
+            },
+        };
+        client.writer.queue(&Packet::Connect(Connect::new(
+            o.client_id.clone(),
+            o.keep_alive,
+        )));
+        client.writer.flush().await?;
+        match client.reader.packet().await? {
+            Packet::ConnAck(a) if a.code == 0 => Ok(client),
+            Packet::ConnAck(a) => Err(BenchError::Refused(a.code)),
+            // The echo reference sends our own bytes back.
+            Packet::Connect(_) => Ok(client),
+            other => Err(BenchError::Unexpected(other.name())),
+        }
+    }
+
+    /// Subscribes to one filter and waits for the SUBACK.
+    pub async fn subscribe(
+        &mut self,
+        filter: &str,
+        qos: QoS,
+        timeout: Duration,
+    ) -> Result<(), BenchError> {
+        const PKID: u16 = 1;
+        self.writer.queue(&Packet::Subscribe(Subscribe {
+            pkid: PKID,
+            filters: vec![SubscribeFilter {
+                filter: filter.to_owned(),
+                qos,
+            }],
+        }));
+        self.writer.flush().await?;
+        let wait = async {
+            loop {
+                match self.reader.packet().await? {
+                    Packet::SubAck(a) if a.pkid == PKID => {
+                        return if a.return_codes.iter().any(|&c| c > 2) {
+                            Err(BenchError::SubscribeRefused(filter.to_owned()))
+                        } else {
+                            Ok(())
+                        };
+                    }
+                    // Nothing else is expected before the SUBACK; a retained message or a
+                    // ping answer is harmless.
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| BenchError::Timeout {
+                what: "SUBACK",
+                after: timeout,
+            })?
+    }
+}
+
+/// Runs `open(i)` for `i` in `0..n` (typically connect, maybe subscribe), at most `concurrency`
+/// at once and, when `ramp` > 0, starting no more than `ramp` per second. Returns the results in
+/// index order; the first failure is returned as the error.
+pub async fn open_many<T, F, Fut>(
+    n: usize,
+    ramp: f64,
+    concurrency: usize,
+    stop: &CancellationToken,
+    open: F,
+) -> Result<Vec<T>, BenchError>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<T, BenchError>> + Send + 'static,
+{
+    let gate = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut set = JoinSet::new();
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    let mut keep = |done: Result<(usize, Result<T, BenchError>), tokio::task::JoinError>| {
+        let (i, r) = done.map_err(|e| BenchError::Task(e.to_string()))?;
+        if let Some(slot) = out.get_mut(i) {
+            *slot = Some(r?);
+        }
+        Ok::<(), BenchError>(())
+    };
+    let start = Instant::now();
+    for i in 0..n {
+        if ramp > 0.0 {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / ramp)).await;
+        }
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return Err(BenchError::Interrupted),
+            p = gate.clone().acquire_owned() => p.map_err(|e| BenchError::Task(e.to_string()))?,
+        };
+        let fut = open(i);
+        set.spawn(async move {
+            let r = fut.await;
+            drop(permit);
+            (i, r)
+        });
+        while let Some(done) = set.try_join_next() {
+            keep(done)?;
+        }
+    }
+    loop {
+        let done = tokio::select! {
+            _ = stop.cancelled() => return Err(BenchError::Interrupted),
+            d = set.join_next() => d,
+        };
+        match done {
+            Some(d) => keep(d)?,
+            None => break,
+        }
+    }
+    Ok(out.into_iter().flatten().collect())
+}

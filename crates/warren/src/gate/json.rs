@@ -1,0 +1,254 @@
+//! JSON-over-WebSocket connections (PROTOCOLS.md §4, TianQinS style): one JSON object per
+//! WebSocket message, `{"tpc","func","cb","args"}` both ways, login first.
+//!
+//! `tpc` names the module (falling back to `fallback_module`, default `global`, when no module
+//! has that name), `func` the handler. Exactly one object in `args` is passed as the request body;
+//! any other list is passed as a JSON array. A reply goes to the callback the client named; a
+//! push on topic `Chat/OnChat` arrives as `{"tpc":"Chat","func":"OnChat","cb":"","args":[body]}`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::Value;
+use tracing::Instrument;
+use warren_proto::json_ws::{self, Frame};
+
+use super::args::{args_from_result, body_from_args};
+use super::conn::{self, End, Framer, Out, SessionConn};
+use super::transport::{Reader, Writer};
+use super::{AuthRefusal, ConnectInfo, Gate};
+use crate::config::ListenerConfig;
+use crate::error::CallError;
+use crate::route::Route;
+use crate::session::{FrameKind, Outbound, Protocol};
+
+/// Largest message a JSON listener accepts (the `max_packet` key; default 64 KiB).
+pub(crate) fn max_message(cfg: &ListenerConfig) -> usize {
+    cfg.max_packet.unwrap_or(64 * 1024)
+}
+
+/// Serve one connection until it closes.
+pub(crate) async fn serve(
+    gate: Arc<Gate>,
+    cfg: Arc<ListenerConfig>,
+    reader: Reader,
+    writer: Writer,
+    peer: SocketAddr,
+) {
+    let span = tracing::info_span!("conn", node = %gate.node.id(), %peer, protocol = "json", session = tracing::field::Empty);
+    metrics::counter!("warren_connections_total").increment(1);
+    async move {
+        let conn = SessionConn::open(gate, cfg.clone(), peer, Protocol::Json, writer, JsonFramer);
+        let proto = JsonSession {
+            logged_in: !cfg.require_login.unwrap_or(true),
+            max: max_message(&cfg),
+            fallback: cfg
+                .fallback_module
+                .clone()
+                .unwrap_or_else(|| "global".into()),
+            silent: cfg.silent_errors.unwrap_or(false),
+            idle: cfg.idle_timeout(),
+        };
+        conn::serve_session(proto, conn, reader, BytesMut::new()).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+struct JsonSession {
+    logged_in: bool,
+    max: usize,
+    fallback: String,
+    silent: bool,
+    idle: Option<Duration>,
+}
+
+type Conn = SessionConn<String>;
+
+fn frame_out(f: &Frame) -> Outbound {
+    Outbound::Bytes(json_ws::encode(f))
+}
+
+/// Take one length-prefixed message from a buffer filled by a message-framed WebSocket reader.
+fn take_message(buf: &mut BytesMut) -> Option<Bytes> {
+    if buf.len() < 4 {
+        return None;
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if buf.len() < 4 + len {
+        return None;
+    }
+    let _ = buf.split_to(4);
+    Some(buf.split_to(len).freeze())
+}
+
+impl conn::Protocol for JsonSession {
+    type Tag = String;
+
+    async fn handle_buffered(&mut self, conn: &mut Conn, buf: &mut BytesMut) -> Result<bool, End> {
+        let mut handled = false;
+        while conn.has_room() {
+            let Some(raw) = take_message(buf) else { break };
+            handled = true;
+            let frame = json_ws::decode(&raw, self.max).map_err(|e| {
+                metrics::counter!("warren_decode_errors_total", "kind" => e.kind()).increment(1);
+                End::RefusedWithCode(1007, format!("bad frame: {e}"))
+            })?;
+            if !self.logged_in {
+                self.login(conn, frame).await?;
+                continue;
+            }
+            self.call(conn, frame).await?;
+        }
+        Ok(handled)
+    }
+
+    async fn reply(
+        &mut self,
+        conn: &mut Conn,
+        cb: String,
+        result: Result<Bytes, CallError>,
+    ) -> Result<(), End> {
+        let out = match result {
+            Ok(r) => {
+                let args = args_from_result(&r);
+                let cb = serde_json::to_string(&cb).unwrap_or_default();
+                let mut b = BytesMut::with_capacity(40 + cb.len() + args.len());
+                b.put_slice(b"{\"tpc\":\"\",\"func\":");
+                b.put_slice(cb.as_bytes());
+                b.put_slice(b",\"cb\":\"\",\"args\":");
+                b.put_slice(&args);
+                b.put_u8(b'}');
+                Outbound::Bytes(b.freeze())
+            }
+            Err(_) if self.silent => return Ok(()),
+            Err(e) => frame_out(&Frame {
+                error: Some(e.to_string()),
+                ..json_ws::reply(&cb, Vec::new())
+            }),
+        };
+        conn.send(out).await
+    }
+
+    fn read_timeout(&self) -> Option<Duration> {
+        self.idle
+    }
+}
+
+impl JsonSession {
+    async fn login(&mut self, conn: &mut Conn, frame: Frame) -> Result<(), End> {
+        if frame.func != "login" || frame.args.len() != 2 {
+            return Err(End::RefusedWithCode(
+                1008,
+                format!("first message is {:?}, not login", frame.func),
+            ));
+        }
+        let guid = match &frame.args[0] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        if let Some(auth) = &conn.gate.auth {
+            let info = ConnectInfo {
+                peer: conn.peer,
+                client_id: guid.clone(),
+                username: Some(guid.clone()),
+                password: Some(Bytes::from(match &frame.args[1] {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })),
+            };
+            if let Err(refusal) = auth.check(&info).await {
+                conn.send(frame_out(&json_ws::loginback(1))).await?;
+                let why = match refusal {
+                    AuthRefusal::BadCredentials => "bad credentials",
+                    AuthRefusal::NotAuthorized => "not authorized",
+                };
+                return Err(End::RefusedWithCode(1008, format!("login refused: {why}")));
+            }
+        }
+        conn.gate
+            .node
+            .session_table()
+            .bind(conn.handle.id(), &guid)
+            .map_err(|_| End::ServerClosed)?;
+        self.logged_in = true;
+        conn.send(frame_out(&json_ws::loginback(0))).await
+    }
+
+    async fn call(&mut self, conn: &mut Conn, frame: Frame) -> Result<(), End> {
+        let node = conn.gate.node.clone();
+        let module = if node.router().has_module(&frame.tpc) {
+            frame.tpc.as_str()
+        } else {
+            self.fallback.as_str()
+        };
+        let tag = (!frame.cb.is_empty()).then(|| frame.cb.clone());
+        let route = Route {
+            module,
+            target: None,
+            handler: &frame.func,
+            msgid: None,
+        };
+        let checked = conn.resolve(&route).and_then(|t| {
+            if t.is_client_handler(&frame.func) {
+                Ok(t)
+            } else {
+                Err(CallError::HandlerNotFound(frame.func.clone()))
+            }
+        });
+        let outcome = match checked {
+            Ok(target) => {
+                conn.call(&target, &frame.func, body_from_args(&frame.args), tag)
+                    .await
+            }
+            Err(CallError::ServiceNotFound(_)) => {
+                Err((tag, CallError::HandlerNotFound(frame.func.clone())))
+            }
+            Err(e) => Err((tag, e)),
+        };
+        if let Err((tag, e)) = outcome {
+            tracing::info!(peer = %conn.peer, func = %frame.func, reason = %e, "refusing call");
+            metrics::counter!("warren_requests_refused_total", "reason" => e.kind().as_str())
+                .increment(1);
+            if let Some(cb) = tag {
+                return conn::Protocol::reply(self, conn, cb, Err(e)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Frames every outbound item as one text message.
+struct JsonFramer;
+
+impl Framer for JsonFramer {
+    fn frame(&mut self, item: Outbound, out: &mut Out) {
+        match item {
+            Outbound::Message { msg, .. } => {
+                let frame = msg.frame(FrameKind::Json, |m| {
+                    let topic = String::from_utf8_lossy(&m.topic);
+                    let (tpc, func) = topic.split_once('/').unwrap_or(("", &topic));
+                    let t = serde_json::to_string(tpc).unwrap_or_default();
+                    let f = serde_json::to_string(func).unwrap_or_default();
+                    let body: &[u8] = if m.body.is_empty() { b"null" } else { &m.body };
+                    let mut b = BytesMut::with_capacity(40 + topic.len() + body.len());
+                    b.put_slice(b"{\"tpc\":");
+                    b.put_slice(t.as_bytes());
+                    b.put_slice(b",\"func\":");
+                    b.put_slice(f.as_bytes());
+                    b.put_slice(b",\"cb\":\"\",\"args\":[");
+                    b.put_slice(body);
+                    b.put_slice(b"]}");
+                    b.freeze()
+                });
+                out.buf.extend_from_slice(frame);
+            }
+            Outbound::Inline(f) => out.buf.extend_from_slice(f.as_bytes()),
+            Outbound::Bytes(b) => out.buf.extend_from_slice(&b),
+            Outbound::Close | Outbound::CloseCode(_) => return,
+        }
+        out.end_message();
+    }
+}

@@ -1,0 +1,304 @@
+//! pomelo client connections (PROTOCOLS.md §3): handshake, ack, heartbeats, requests, notifies,
+//! responses and pushes, over raw TCP or WebSocket (the listener decides by the first byte).
+//!
+//! Routes `module.handler…` map onto warren routes: the first dot-separated segment is the module,
+//! the rest the handler (`Chat.HD_Say` → `Chat/HD_Say`). Pushes go out with the push topic's `/`
+//! turned into `.` (`Chat/OnChat` → `Chat.OnChat`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use serde_json::{Value, json};
+use tracing::Instrument;
+use warren_proto::pomelo::{
+    self, MessageRoute, MessageType, PackageType, decode_message, decode_package,
+};
+
+use super::Gate;
+use super::args::{is_json, split_dotted};
+use super::conn::{self, End, Framer, Out, SessionConn};
+use super::transport::{Reader, Writer};
+use crate::config::ListenerConfig;
+use crate::error::CallError;
+use crate::route::Route;
+use crate::session::{FrameKind, Outbound, Protocol};
+
+/// Largest package body a listener accepts.
+pub(crate) fn max_package(cfg: &ListenerConfig) -> usize {
+    cfg.max_package.unwrap_or(pomelo::DEFAULT_MAX_PACKAGE)
+}
+
+/// Serve one connection until it closes.
+pub(crate) async fn serve(
+    gate: Arc<Gate>,
+    cfg: Arc<ListenerConfig>,
+    reader: Reader,
+    writer: Writer,
+    peer: SocketAddr,
+) {
+    let span = tracing::info_span!("conn", node = %gate.node.id(), %peer, protocol = "pomelo", session = tracing::field::Empty);
+    metrics::counter!("warren_connections_total").increment(1);
+    async move {
+        let dict = cfg.route_dict.clone().unwrap_or_default();
+        let framer = PomeloFramer {
+            dict: Arc::new(dict.clone()),
+        };
+        let conn = SessionConn::open(gate, cfg.clone(), peer, Protocol::Pomelo, writer, framer);
+        let heartbeat = cfg.heartbeat();
+        let hb_timeout = cfg
+            .heartbeat_timeout_s
+            .map(Duration::from_secs)
+            .or(heartbeat.map(|h| h * 2));
+        let idle = Duration::from_secs(cfg.idle_timeout_s.unwrap_or(90));
+        let read_timeout = Some(hb_timeout.map_or(idle, |h| h.min(idle)));
+        let codes: HashMap<u16, String> = dict.iter().map(|(r, c)| (*c, r.clone())).collect();
+        let proto = PomeloSession {
+            state: State::Inited,
+            max_package: max_package(&cfg),
+            heartbeat,
+            read_timeout,
+            dict,
+            codes,
+        };
+        conn::serve_session(proto, conn, reader, BytesMut::new()).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Inited,
+    WaitAck,
+    Working,
+}
+
+struct PomeloSession {
+    state: State,
+    max_package: usize,
+    heartbeat: Option<Duration>,
+    read_timeout: Option<Duration>,
+    dict: std::collections::BTreeMap<String, u16>,
+    codes: HashMap<u16, String>,
+}
+
+type Conn = SessionConn<u32>;
+
+fn package(kind: PackageType, body: &[u8]) -> Outbound {
+    let mut b = BytesMut::with_capacity(4 + body.len());
+    pomelo::encode_package(kind, body, &mut b);
+    Outbound::Bytes(b.freeze())
+}
+
+fn response(id: u32, body: &[u8]) -> Outbound {
+    let mut b = BytesMut::with_capacity(16 + body.len());
+    pomelo::encode_data(MessageType::Response, id, &MessageRoute::None, body, &mut b);
+    Outbound::Bytes(b.freeze())
+}
+
+fn error_body(e: &CallError) -> Vec<u8> {
+    json!({"code": 500, "msg": e.to_string()})
+        .to_string()
+        .into_bytes()
+}
+
+impl conn::Protocol for PomeloSession {
+    type Tag = u32;
+
+    async fn handle_buffered(&mut self, conn: &mut Conn, buf: &mut BytesMut) -> Result<bool, End> {
+        let mut handled = false;
+        while conn.has_room() {
+            let p = match decode_package(buf, self.max_package) {
+                Ok(None) => break,
+                Ok(Some(p)) => p,
+                Err(e) => {
+                    metrics::counter!("warren_decode_errors_total", "kind" => e.kind())
+                        .increment(1);
+                    return Err(End::Refused(format!("malformed package: {e}")));
+                }
+            };
+            handled = true;
+            match p.kind {
+                PackageType::Handshake => self.handshake(conn, &p.body).await?,
+                PackageType::HandshakeAck => {
+                    if self.state == State::WaitAck {
+                        self.state = State::Working;
+                        conn.send(package(PackageType::Heartbeat, b"")).await?;
+                    }
+                }
+                PackageType::Heartbeat => {
+                    if self.state != State::Working {
+                        return Err(End::Refused(
+                            "heartbeat before the handshake completed".into(),
+                        ));
+                    }
+                    conn.send(package(PackageType::Heartbeat, b"")).await?;
+                }
+                PackageType::Data => {
+                    if self.state != State::Working {
+                        return Err(End::Refused("data before the handshake completed".into()));
+                    }
+                    self.data(conn, p.body).await?;
+                }
+                PackageType::Kick => return Err(End::Refused("kick package from a client".into())),
+            }
+        }
+        Ok(handled)
+    }
+
+    async fn reply(
+        &mut self,
+        conn: &mut Conn,
+        id: u32,
+        result: Result<Bytes, CallError>,
+    ) -> Result<(), End> {
+        let out = match result {
+            Ok(body) if body.is_empty() => response(id, b"null"),
+            Ok(body) => response(id, &body),
+            Err(e) => response(id, &error_body(&e)),
+        };
+        conn.send(out).await
+    }
+
+    fn read_timeout(&self) -> Option<Duration> {
+        self.read_timeout
+    }
+
+    async fn on_drain(&mut self, conn: &mut Conn) {
+        let body = json!({"reason": "server shutting down"}).to_string();
+        let _ = conn
+            .tx
+            .try_send(package(PackageType::Kick, body.as_bytes()));
+    }
+}
+
+impl PomeloSession {
+    async fn handshake(&mut self, conn: &mut Conn, body: &[u8]) -> Result<(), End> {
+        if self.state != State::Inited {
+            return Ok(()); // as upstream: a handshake in the wrong state is ignored
+        }
+        let ok = serde_json::from_slice::<Value>(body)
+            .ok()
+            .is_some_and(|v| v.get("sys").is_some_and(Value::is_object));
+        if !ok {
+            conn.send(package(PackageType::Handshake, br#"{"code":500}"#))
+                .await?;
+            return Err(End::Refused("handshake without a sys object".into()));
+        }
+        let mut sys = serde_json::Map::new();
+        if let Some(h) = self.heartbeat {
+            sys.insert("heartbeat".into(), json!(h.as_secs()));
+        }
+        if !self.dict.is_empty() {
+            sys.insert("dict".into(), json!(self.dict));
+        }
+        let reply = json!({"code": 200, "sys": sys}).to_string();
+        conn.send(package(PackageType::Handshake, reply.as_bytes()))
+            .await?;
+        self.state = State::WaitAck;
+        Ok(())
+    }
+
+    async fn data(&mut self, conn: &mut Conn, body: Bytes) -> Result<(), End> {
+        let msg = decode_message(body).map_err(|e| {
+            metrics::counter!("warren_decode_errors_total", "kind" => e.kind()).increment(1);
+            End::Refused(format!("malformed message: {e}"))
+        })?;
+        let tag = match msg.kind {
+            MessageType::Request => Some(msg.id),
+            MessageType::Notify => None,
+            other => {
+                return Err(End::Refused(format!(
+                    "{} message from a client",
+                    other.name()
+                )));
+            }
+        };
+        let body = if msg.gzip {
+            pomelo::inflate(&msg.body, self.max_package)
+                .map_err(|e| End::Refused(format!("bad gzip body: {e}")))?
+        } else {
+            msg.body
+        };
+        let route = match &msg.route {
+            MessageRoute::Name(r) => Some(r.clone()),
+            MessageRoute::Code(c) => self.codes.get(c).cloned(),
+            MessageRoute::None => None,
+        };
+        let checked = match route.as_deref().and_then(split_dotted) {
+            None => Err(CallError::BadRequest(format!(
+                "invalid route {:?}",
+                route.unwrap_or_default()
+            ))),
+            Some(_) if !is_json(&body) => Err(CallError::BodyNotJson),
+            Some((module, handler)) => {
+                let r = Route {
+                    module,
+                    target: None,
+                    handler,
+                    msgid: None,
+                };
+                conn.resolve(&r).and_then(|t| {
+                    if t.is_client_handler(handler) {
+                        Ok((t, handler.to_owned()))
+                    } else {
+                        Err(CallError::HandlerNotFound(handler.to_owned()))
+                    }
+                })
+            }
+        };
+        let outcome = match checked {
+            Ok((target, handler)) => conn.call(&target, &handler, body, tag).await,
+            Err(e) => Err((tag, e)),
+        };
+        if let Err((tag, e)) = outcome {
+            tracing::info!(peer = %conn.peer, reason = %e, "refusing request");
+            metrics::counter!("warren_requests_refused_total", "reason" => e.kind().as_str())
+                .increment(1);
+            if let Some(id) = tag {
+                conn.send(response(id, &error_body(&e))).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Frames pushes as pomelo push messages; protocol packages pass through.
+struct PomeloFramer {
+    dict: Arc<std::collections::BTreeMap<String, u16>>,
+}
+
+fn push_route(topic: &[u8]) -> String {
+    String::from_utf8_lossy(topic).replace('/', ".")
+}
+
+impl Framer for PomeloFramer {
+    fn frame(&mut self, item: Outbound, out: &mut Out) {
+        match item {
+            Outbound::Message { msg, .. } => {
+                if self.dict.is_empty() {
+                    let frame = msg.frame(FrameKind::Pomelo, |m| {
+                        let mut b = BytesMut::new();
+                        let route = MessageRoute::Name(push_route(&m.topic));
+                        pomelo::encode_data(MessageType::Push, 0, &route, &m.body, &mut b);
+                        b.freeze()
+                    });
+                    out.buf.extend_from_slice(frame);
+                } else {
+                    let name = push_route(&msg.topic);
+                    let route = match self.dict.get(&name) {
+                        Some(c) => MessageRoute::Code(*c),
+                        None => MessageRoute::Name(name),
+                    };
+                    pomelo::encode_data(MessageType::Push, 0, &route, &msg.body, &mut out.buf);
+                }
+            }
+            Outbound::Inline(f) => out.buf.extend_from_slice(f.as_bytes()),
+            Outbound::Bytes(b) => out.buf.extend_from_slice(&b),
+            Outbound::Close | Outbound::CloseCode(_) => {}
+        }
+    }
+}

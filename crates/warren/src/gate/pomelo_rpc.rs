@@ -1,0 +1,307 @@
+//! The pomelo-rpc acceptor (PROTOCOLS.md §8): pomelo and pinus servers call warren modules as if
+//! they were pomelo services. Two transports: MQTT (pomelo-rpc's default: PUBLISH on topic `rpc`)
+//! and stream-pkg over TCP (`<varint length><JSON>`).
+//!
+//! `namespace.service.method` dispatches to module `service` (or its `service_map` alias) and
+//! handler `method`, within the namespaces allowed (`sys`, `user`). Any handler may be called, not
+//! only client handlers: this is a server-to-server door; restrict who reaches it by address.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use serde_json::Value;
+use tracing::Instrument;
+use warren_proto::mqtt::{self, Packet, QoS};
+use warren_proto::pomelo_rpc::{self, RpcRequest};
+use warren_proto::stream_pkg;
+
+use super::Gate;
+use super::args::body_from_args;
+use super::conn::{self, End, Framer, Out, SessionConn};
+use super::transport::{Reader, Writer};
+use crate::config::{ListenerConfig, TransportName};
+use crate::error::CallError;
+use crate::route::Route;
+use crate::session::{InlineFrame, Outbound, Protocol};
+
+/// Where a response goes: the request id, and the tracing keys to echo.
+type Tag = (Value, Option<(Value, Value, Value)>);
+
+/// Serve one connection until it closes.
+pub(crate) async fn serve(
+    gate: Arc<Gate>,
+    cfg: Arc<ListenerConfig>,
+    reader: Reader,
+    writer: Writer,
+    peer: SocketAddr,
+) {
+    let span = tracing::info_span!("conn", node = %gate.node.id(), %peer, protocol = "pomelo-rpc", session = tracing::field::Empty);
+    metrics::counter!("warren_connections_total").increment(1);
+    async move {
+        let over_mqtt = cfg.transport != TransportName::Tcp;
+        let conn = SessionConn::open(
+            gate,
+            cfg.clone(),
+            peer,
+            Protocol::PomeloRpc,
+            writer,
+            PassThrough,
+        );
+        let proto = RpcSession {
+            over_mqtt,
+            connected: !over_mqtt,
+            send_connack: cfg.send_connack.unwrap_or(true),
+            buffered: cfg.buffer_msg.unwrap_or(false).then(Vec::new),
+            interval: Duration::from_millis(cfg.interval_ms.unwrap_or(50).max(1)),
+            trace: cfg.trace.unwrap_or(false),
+            max: cfg.pkg_size.unwrap_or(1024 * 1024),
+            namespaces: cfg
+                .namespaces
+                .clone()
+                .unwrap_or_else(|| vec!["sys".into(), "user".into()]),
+            idle: Some(Duration::from_secs(cfg.idle_timeout_s.unwrap_or(60))),
+        };
+        conn::serve_session(proto, conn, reader, BytesMut::new()).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+struct RpcSession {
+    over_mqtt: bool,
+    connected: bool,
+    send_connack: bool,
+    /// Responses waiting for the next flush (`buffer_msg`).
+    buffered: Option<Vec<Bytes>>,
+    interval: Duration,
+    trace: bool,
+    max: usize,
+    namespaces: Vec<String>,
+    idle: Option<Duration>,
+}
+
+type Conn = SessionConn<Tag>;
+
+impl RpcSession {
+    /// One payload of responses in the transport's framing.
+    fn frame(&self, payload: &[u8]) -> Outbound {
+        let mut b = BytesMut::with_capacity(payload.len() + 16);
+        if self.over_mqtt {
+            mqtt::encode_publish(&mut b, b"rpc", QoS::AtMostOnce, false, false, 0, payload);
+        } else {
+            stream_pkg::encode(payload, &mut b);
+        }
+        Outbound::Bytes(b.freeze())
+    }
+
+    async fn respond(&mut self, conn: &mut Conn, tag: Tag, resp: &[Value]) -> Result<(), End> {
+        let (id, trace) = tag;
+        let trace = trace
+            .as_ref()
+            .filter(|_| self.trace)
+            .map(|(a, b, c)| (a, b, c));
+        let body = pomelo_rpc::encode_response(&id, resp, trace);
+        match &mut self.buffered {
+            Some(queue) => {
+                queue.push(body);
+                Ok(())
+            }
+            None => {
+                let out = self.frame(&body);
+                conn.send(out).await
+            }
+        }
+    }
+
+    async fn payload(&mut self, conn: &mut Conn, payload: &[u8]) -> Result<(), End> {
+        let requests = match pomelo_rpc::decode_requests(payload, self.max) {
+            Ok(r) => r,
+            Err(e) => {
+                // no id to answer: the caller's own timeout fires
+                tracing::warn!(peer = %conn.peer, reason = %e, "dropping unparseable rpc payload");
+                metrics::counter!("warren_decode_errors_total", "kind" => e.kind()).increment(1);
+                return Ok(());
+            }
+        };
+        for r in requests {
+            self.dispatch(conn, r).await?;
+        }
+        Ok(())
+    }
+
+    async fn dispatch(&mut self, conn: &mut Conn, r: RpcRequest) -> Result<(), End> {
+        let trace = match (&r.trace_id, &r.seq_id, &r.source) {
+            (None, None, None) => None,
+            (a, b, c) => Some((
+                a.clone().unwrap_or(Value::Null),
+                b.clone().unwrap_or(Value::Null),
+                c.clone().unwrap_or(Value::Null),
+            )),
+        };
+        let tag = (r.id, trace);
+        let Some(msg) = r.msg else {
+            return self
+                .respond(conn, tag, &[pomelo_rpc::error_value("invalid request")])
+                .await;
+        };
+        let error = if !self.namespaces.contains(&msg.namespace) {
+            Some(format!("no such namespace:{}", msg.namespace))
+        } else {
+            let module = conn
+                .cfg
+                .service_map
+                .as_ref()
+                .and_then(|m| m.get(&msg.service))
+                .cloned()
+                .unwrap_or_else(|| msg.service.clone());
+            if !conn.gate.node.router().has_module(&module) {
+                Some(format!("no such service:{}", msg.service))
+            } else {
+                let route = Route {
+                    module: &module,
+                    target: None,
+                    handler: &msg.method,
+                    msgid: None,
+                };
+                match conn.resolve(&route) {
+                    Err(e) => Some(e.to_string()),
+                    Ok(target) => match conn
+                        .call(
+                            &target,
+                            &msg.method,
+                            body_from_args(&msg.args),
+                            Some(tag.clone()),
+                        )
+                        .await
+                    {
+                        Ok(()) => return Ok(()),
+                        Err((_, e)) => Some(e.to_string()),
+                    },
+                }
+            }
+        };
+        let text = error.unwrap_or_default();
+        tracing::info!(peer = %conn.peer, reason = %text, "refusing rpc");
+        self.respond(conn, tag, &[pomelo_rpc::error_value(&text)])
+            .await
+    }
+}
+
+impl conn::Protocol for RpcSession {
+    type Tag = Tag;
+
+    async fn handle_buffered(&mut self, conn: &mut Conn, buf: &mut BytesMut) -> Result<bool, End> {
+        let mut handled = false;
+        while conn.has_room() {
+            if !self.over_mqtt {
+                let frame = match stream_pkg::decode(buf, self.max) {
+                    Ok(None) => break,
+                    Ok(Some(f)) => f,
+                    Err(e) => return Err(End::Refused(format!("malformed package: {e}"))),
+                };
+                handled = true;
+                self.payload(conn, &frame).await?;
+                continue;
+            }
+            let packet = match mqtt::decode(buf, self.max + 16) {
+                Ok(None) => break,
+                Ok(Some(p)) => p,
+                Err(e) => return Err(End::Refused(format!("malformed packet: {e}"))),
+            };
+            handled = true;
+            match packet {
+                Packet::Connect(_) if !self.connected => {
+                    self.connected = true;
+                    if self.send_connack {
+                        conn.send(Outbound::Inline(InlineFrame::new(&[
+                            0x20, 0x02, 0x00, 0x00,
+                        ])))
+                        .await?;
+                    }
+                }
+                _ if !self.connected => {
+                    return Err(End::Refused("first packet is not CONNECT".into()));
+                }
+                Packet::PingReq => {
+                    conn.send(Outbound::Inline(InlineFrame::new(&[0xd0, 0x00])))
+                        .await?
+                }
+                Packet::Publish(p) => {
+                    if p.qos == QoS::AtLeastOnce {
+                        let [h, l] = p.pkid.to_be_bytes();
+                        conn.send(Outbound::Inline(InlineFrame::new(&[0x40, 0x02, h, l])))
+                            .await?;
+                    }
+                    self.payload(conn, &p.payload).await?;
+                }
+                Packet::Disconnect => return Err(End::Disconnect),
+                Packet::PubAck(_) | Packet::PubComp(_) => {}
+                other => {
+                    return Err(End::Refused(format!(
+                        "unexpected {} on an rpc link",
+                        other.name()
+                    )));
+                }
+            }
+        }
+        Ok(handled)
+    }
+
+    async fn reply(
+        &mut self,
+        conn: &mut Conn,
+        tag: Tag,
+        result: Result<Bytes, CallError>,
+    ) -> Result<(), End> {
+        let resp = match result {
+            Ok(bytes) => {
+                let v = serde_json::from_slice::<Value>(&bytes).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                });
+                vec![Value::Null, v]
+            }
+            Err(CallError::HandlerNotFound(m)) => {
+                vec![pomelo_rpc::error_value(&format!("no such method:{m}"))]
+            }
+            Err(e) => vec![pomelo_rpc::error_value(&e.to_string())],
+        };
+        self.respond(conn, tag, &resp).await
+    }
+
+    fn read_timeout(&self) -> Option<Duration> {
+        self.idle
+    }
+
+    fn tick(&self) -> Option<Duration> {
+        self.buffered.is_some().then_some(self.interval)
+    }
+
+    async fn on_tick(&mut self, conn: &mut Conn) -> Result<(), End> {
+        let Some(queue) = &mut self.buffered else {
+            return Ok(());
+        };
+        if queue.is_empty() {
+            return Ok(());
+        }
+        let batch = pomelo_rpc::encode_batch(queue);
+        queue.clear();
+        let out = self.frame(&batch);
+        conn.send(out).await
+    }
+}
+
+/// Everything an rpc connection writes is framed by the session itself.
+struct PassThrough;
+
+impl Framer for PassThrough {
+    fn frame(&mut self, item: Outbound, out: &mut Out) {
+        match item {
+            Outbound::Inline(f) => out.buf.extend_from_slice(f.as_bytes()),
+            Outbound::Bytes(b) => out.buf.extend_from_slice(&b),
+            // pushes to an rpc peer have no meaning in pomelo-rpc; they are dropped
+            Outbound::Message { .. } | Outbound::Close | Outbound::CloseCode(_) => {}
+        }
+    }
+}
