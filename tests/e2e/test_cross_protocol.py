@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
 import time
 from typing import Any
 

@@ -53,7 +53,8 @@ class JsonWs:
 
     def login(self, guid: str, md5: str = "md5") -> str:
         """The mandatory first message; returns the server's reply text."""
-        self.send_text(json.dumps({"tpc": "login", "func": "login", "args": [guid, md5], "cb": ""}, separators=(",", ":")))
+        msg = {"tpc": "login", "func": "login", "args": [guid, md5], "cb": ""}
+        self.send_text(json.dumps(msg, separators=(",", ":")))
         return self.recv_text()
 
     # ---- receiving --------------------------------------------------------------------------
@@ -235,7 +236,10 @@ def test_chat_demo_calls_and_pushes(port):
     # Pushes: tpc = the topic up to its first `/`, func = the rest, args = [push body].
     assert alice.push("Chat", "OnJoin")["args"] == [{"roomName": room, "user": "bob"}]
     bob.send("Chat", "HD_Say", [{"roomName": room, "from": "bob", "target": "*", "content": "hi all"}], "s1")
-    onchat = '{"tpc":"Chat","func":"OnChat","cb":"","args":[{"from":"bob","msg":"hi all","roomName":"jroom","target":"*"}]}'
+    onchat = (
+        '{"tpc":"Chat","func":"OnChat","cb":"","args":'
+        '[{"from":"bob","msg":"hi all","roomName":"jroom","target":"*"}]}'
+    )
     assert alice.recv_text() == onchat
     # The sender gets the push before the reply to its say.
     assert bob.recv_text() == onchat
@@ -354,3 +358,32 @@ def test_connection_dropped_mid_call_harms_no_one(port, server):
     assert steady.call("unknown", "test", ["x", "y"], "s")["args"] == ["xy"]
     assert server.running()
     steady.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+def test_require_login_false_and_silent_errors():
+    w = Warren(
+        listen=[
+            Warren.url("json+ws", require_login="false"),
+            Warren.url("json+ws", silent_errors="true"),
+        ],
+        http=False,
+    ).wait_ready()
+    no_login, silent = (p for _, p in w.listeners)
+    # require_login = false: calls work from the first message.
+    c = JsonWs(no_login)
+    assert c.call("unknown", "test", ["no", "login"], "n")["args"] == ["nologin"]
+    c.close()
+    # silent_errors = true: an unknown function or a failed call gets no reply, as upstream.
+    s = opened(silent, "hush")
+    s.send("unknown", "nope", [], "e1")
+    s.send("Chat", "HD_Say", [{"roomName": "nowhere", "content": "x"}], "e2")
+    s.send("unknown", "test", ["still", "ok"], "ok")
+    assert s.recv_text() == '{"tpc":"","func":"ok","cb":"","args":["stillok"]}'
+    assert s.quiet()
+    s.close()
+    w.kill()

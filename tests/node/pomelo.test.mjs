@@ -81,6 +81,25 @@ test('the handshake response reflects heartbeat_s (default 10, 0 = off)', withWa
   assert.equal('heartbeat' in offResponse.sys, false, JSON.stringify(offResponse));
 }));
 
+test('a handshake that is not JSON or has no sys object gets code 500 and a close', withWarren(async (t) => {
+  const [, port] = await pomeloServer(t);
+  for (const transport of TRANSPORTS) {
+    for (const body of ['not json', '{"user":{}}', '{"sys":1}']) {
+      const c = await PomeloClient.connect(transport, port);
+      t.after(() => c.close());
+      c.sendPackage(Package.TYPE_HANDSHAKE, Protocol.strencode(body));
+      const hs = await c.next((p) => p.type === Package.TYPE_HANDSHAKE, 'a handshake response');
+      assert.equal(hs.json().code, 500, `${transport} ${body}: ${hs.body}`);
+      assert.equal(await c.closedWithin(), true, `${transport} ${body}: not closed`);
+    }
+    // A client whose sys carries other fields (another client library) is fine.
+    const other = await PomeloClient.connect(transport, port);
+    t.after(() => other.close());
+    const hs = await other.handshake({ sys: { type: 'pinus-client', version: '1.2.3', protoVersion: 0 } });
+    assert.equal(hs.json().code, 200);
+  }
+}));
+
 test('WebSocket upgrade works on any path', withWarren(async (t) => {
   const [, port] = await pomeloServer(t);
   for (const path of ['/', '/pomelo', '/some/deep/path?x=1']) {
@@ -98,16 +117,15 @@ test('requests get responses matched by id, errors as {code:500,msg}', withWarre
     const c = await client(t, transport, port);
     // Before login the demo refuses to join: a handler error.
     assert.deepEqual(await c.request('Chat.HD_JoinChat', { roomName: 'r1' }), { code: 500, msg: 'Not Logined' });
-    // Three requests sent back to back; each response carries its request's id. One session's
-    // requests reach a module in order, so the join sees the login.
+    assert.equal(await c.request('Login.HD_Login', { userName: user, passWord: 'x' }), `login success ${user}`);
+    // Two requests to one module sent back to back: one session's requests reach a module in
+    // order, so the say sees the join; each response carries its request's id.
     const ids = [
-      c.sendRequest('Login.HD_Login', { userName: user, passWord: 'x' }),
       c.sendRequest('Chat.HD_JoinChat', { roomName: `room-${transport}` }),
       c.sendRequest('Chat.HD_Say', { roomName: `room-${transport}`, target: '*', content: 'hey' }),
     ];
-    assert.deepEqual(ids, [2, 3, 4]);
-    const [say, join, login] = [await c.response(4), await c.response(3), await c.response(2)];
-    assert.equal(login, `login success ${user}`);
+    assert.deepEqual(ids, [3, 4]);
+    const [say, join] = [await c.response(4), await c.response(3)];
     assert.deepEqual(join, { users: [user] });
     assert.equal(say, 'say success');
     // The say pushed to its own session too.
@@ -136,16 +154,20 @@ test('a notify runs its handler and never gets a response', withWarren(async (t)
   const [, port] = await pomeloServer(t);
   for (const transport of TRANSPORTS) {
     const user = `nina-${transport}`;
-    const c = await client(t, transport, port);
-    c.notify('Login.HD_Login', { userName: user, passWord: 'x' });
-    // The notify logged the session in: the join (sent after it) succeeds.
-    assert.deepEqual(await c.request('Chat.HD_JoinChat', { roomName: `n-${transport}` }), { users: [user] });
+    const room = `n-${transport}`;
+    const c = await loggedIn(t, transport, port, user);
+    assert.deepEqual(await c.request('Chat.HD_JoinChat', { roomName: room }), { users: [user] });
+    // The notify ran: its say comes back as a push to this member.
+    c.notify('Chat.HD_Say', { roomName: room, target: '*', content: 'by notify' });
+    assert.deepEqual(await c.push('Chat.OnChat'), { from: user, msg: 'by notify', roomName: room, target: '*' });
     // A failing notify gets no response either.
     c.notify('Chat.HD_Say', { roomName: 'nope', content: 'x' });
     c.notify('Nope.HD_X', {});
-    assert.equal(await c.request('Login.HD_Login', { userName: user, passWord: 'x' }), `login success ${user}`);
+    c.notify('nodot', {});
+    assert.equal(await c.request('Chat.HD_Say', { roomName: room, target: '*', content: 'last' }), 'say success');
     await sleep(200);
     assert.deepEqual(c.responses().map((p) => p.msg.id), [], 'no response to a notify');
+    assert.equal(c.isClosed, false);
   }
 }));
 
@@ -158,13 +180,18 @@ test('pushes reach pomelo sessions on TCP and WebSocket with route Chat.OnX', wi
   assert.deepEqual(await bob.request('Chat.HD_JoinChat', { roomName: room }), { users: ['alice', 'bob'] });
   assert.deepEqual(await alice.push('Chat.OnJoin'), { roomName: room, user: 'bob' });
 
-  assert.equal(await alice.request('Chat.HD_Say', { roomName: room, from: 'alice', target: '*', content: 'hi' }), 'say success');
+  const sayId = alice.sendRequest('Chat.HD_Say', { roomName: room, from: 'alice', target: '*', content: 'hi' });
+  const response = await alice.next((x) => x.msg && x.msg.type === Message.TYPE_RESPONSE && x.msg.id === sayId, 'the say response');
+  assert.equal(response.json(), 'say success');
   const expected = '{"from":"alice","msg":"hi","roomName":"mqant","target":"*"}'.replace('mqant', room);
   for (const c of [alice, bob]) {
     const p = await c.next((x) => x.msg && x.msg.type === Message.TYPE_PUSH && x.msg.route === 'Chat.OnChat', 'Chat.OnChat');
     // The push body is the demo's JSON, unchanged (alphabetical keys, PROTOCOLS.md 2.1).
     assert.equal(Protocol.strdecode(p.msg.body), expected);
     assert.equal(p.msg.compressRoute, 0);
+    if (c === alice) {
+      assert.ok(p.seq < response.seq, 'a handler\'s push to its own session precedes its response');
+    }
   }
 
   // A targeted say reaches only its target.
@@ -199,7 +226,7 @@ test('a silent client is disconnected after the heartbeat timeout; a beating one
   }
 }));
 
-test('heartbeat_timeout_s and a client that heartbeats only before the ack', withWarren(async (t) => {
+test('heartbeat_timeout_s is honoured: a client silent after its ack is disconnected', withWarren(async (t) => {
   // heartbeat_s 1 with an explicit 3 s timeout: a client silent after its ack still goes.
   const [, port] = await pomeloServer(t, { heartbeat_s: 1, heartbeat_timeout_s: 3 });
   const c = await client(t, 'tcp', port);

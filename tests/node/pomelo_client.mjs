@@ -25,8 +25,10 @@ const WAIT_MS = 5_000;
 
 /** One received package: its type, its body bytes, and for data packages the decoded message. */
 class Received {
-  constructor(type, body) {
+  constructor(type, body, seq) {
     this.type = type;
+    /** Arrival order on this connection (0, 1, 2, …). */
+    this.seq = seq;
     this.body = body ? Buffer.from(body) : Buffer.alloc(0);
     this.msg = null;
     if (type === Package.TYPE_DATA) {
@@ -47,6 +49,7 @@ export class PomeloClient {
   constructor(transport) {
     this.transport = transport;
     this.received = [];
+    this.arrived = 0;
     this.waiters = [];
     this.reqId = 0;
     this.isClosed = false;
@@ -120,7 +123,8 @@ export class PomeloClient {
   onPackages(bytes) {
     const decoded = Package.decode(bytes);
     for (const p of Array.isArray(decoded) ? decoded : [decoded]) {
-      this.received.push(new Received(p.type, p.body));
+      this.received.push(new Received(p.type, p.body, this.arrived));
+      this.arrived += 1;
     }
     this.wake();
   }

@@ -75,6 +75,7 @@ async function mappedServer(t, extra = []) {
   const config = [
     '[[listener]]',
     'protocol = "pomelo-rpc"',
+    'transport = "mqtt"',
     `addr = "127.0.0.1:${port}"`,
     'service_map = { service = "Echo" }',
     ...extra,
@@ -338,6 +339,16 @@ test('PROTOCOLS.md 8.7 vectors byte for byte on pomelo-rpc://', withWarren(async
   }
   got.sort((a, b) => a.id - b.id);
   assert.deepEqual(got, [{ id: 2, resp: [null, 'x'] }, { id: 3, resp: [null, 'y'] }]);
+}));
+
+test('a config-file pomelo-rpc listener speaks MQTT unless told otherwise', withWarren(async (t) => {
+  // PROTOCOLS.md 8: `transport = "mqtt"` is the default (pomelo-rpc 1.0.7's).
+  const port = await freePort();
+  const config = `[[listener]]\nprotocol = "pomelo-rpc"\naddr = "127.0.0.1:${port}"\n\n[[module]]\ntype = "Echo"\n`;
+  await startWarren(t, { config, ports: [port] });
+  const r = await rawRpc(t, port);
+  r.send(publishRpc('{"id":0,"msg":{"namespace":"user","serverType":"test","service":"Echo","method":"echo","args":[1,2]}}'));
+  assert.equal(dump(await r.mqttPacket()), dump(publishRpc('{"id":0,"resp":[null,1]}')));
 }));
 
 test('send_connack = false sends no CONNACK; the first bytes are the reply', withWarren(async (t) => {

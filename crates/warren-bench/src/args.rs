@@ -104,8 +104,9 @@ pub struct PubsubArgs {
     #[arg(long, default_value_t = 0)]
     pub qos: u8,
     /// Closed loop: each publisher stays at most this many messages ahead of the slowest
-    /// subscriber (and, at QoS 1, of its own PUBACKs).
-    #[arg(long, default_value_t = 1000, value_name = "MESSAGES")]
+    /// subscriber (and, at QoS 1, of its own PUBACKs). 0 picks 250 000 deliveries' worth,
+    /// between 10 and 1000 messages (1000 up to 250 subscribers, 250 for 1000).
+    #[arg(long, default_value_t = 0, value_name = "MESSAGES")]
     pub window: u64,
     /// Fixed rate: total messages per second over all publishers, instead of the closed loop.
     #[arg(long, value_name = "PER_SECOND")]
@@ -117,9 +118,20 @@ pub struct PubsubArgs {
     /// stall and moves its window on anyway.
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     pub stall_timeout: f64,
-    /// Seconds to wait, after publishing stops, for messages still on their way.
+    /// After publishing stops, messages still on their way are awaited until none has arrived
+    /// for this many seconds (at most 30 s in all); what is missing then is lost.
     #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
     pub drain: f64,
+}
+
+impl PubsubArgs {
+    /// The window actually used: `--window`, or the automatic size when it is 0.
+    pub fn window(&self) -> u64 {
+        match self.window {
+            0 => (250_000 / self.subscribers.max(1) as u64).clamp(10, 1000),
+            w => w,
+        }
+    }
 }
 
 /// Options of the `request` scenario.
@@ -161,8 +173,9 @@ pub struct ConnectionsArgs {
     /// address has only ~28 k ephemeral ports.
     #[arg(long, default_value_t = 10_000)]
     pub per_source: usize,
-    /// Connection attempts in progress at once.
-    #[arg(long, default_value_t = 256)]
+    /// Connection attempts in progress at once (many more overflow the accept queue of some
+    /// servers, and the kernel then retries the SYN only after a second).
+    #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
     /// Seconds one connection may take to get its CONNACK.
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
@@ -213,6 +226,22 @@ mod tests {
         assert_eq!(a.subscribers, 100);
         assert_eq!(a.rate, Some(500.0));
         assert_eq!(a.common.target, "127.0.0.1:1");
+        assert_eq!(a.window(), 1000);
+    }
+
+    #[test]
+    fn automatic_window_bounds_deliveries_in_flight() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["bench", "pubsub"], args].concat()).unwrap();
+            match cli.bench.scenario {
+                Scenario::Pubsub(a) => a.window(),
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(parse(&[]), 1000);
+        assert_eq!(parse(&["--subscribers", "1000"]), 250);
+        assert_eq!(parse(&["--subscribers", "100000"]), 10);
+        assert_eq!(parse(&["--subscribers", "1000", "--window", "7"]), 7);
     }
 
     #[test]

@@ -263,7 +263,11 @@ where
     let start = Instant::now();
     for i in 0..n {
         if ramp > 0.0 {
-            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / ramp)).await;
+            let at = start + Duration::from_secs_f64(i as f64 / ramp);
+            tokio::select! {
+                _ = stop.cancelled() => return Err(BenchError::Interrupted),
+                _ = tokio::time::sleep_until(at) => {}
+            }
         }
         let permit = tokio::select! {
             _ = stop.cancelled() => return Err(BenchError::Interrupted),

@@ -137,7 +137,6 @@ pub async fn run(a: &ConnectionsArgs, stop: CancellationToken) -> Result<Report,
     let opened = sh.opened.load(Ordering::Acquire);
 
     // Let the server settle, read its memory, then hold.
-    let interrupted = |report: &mut Report| report.interrupted = stop.is_cancelled();
     tokio::select! {
         _ = stop.cancelled() => {}
         _ = tokio::time::sleep(settle) => {}
@@ -150,7 +149,7 @@ pub async fn run(a: &ConnectionsArgs, stop: CancellationToken) -> Result<Report,
     }
     let held = held_from.elapsed();
     report.rss_peak_kib = c.pid.and_then(proc::peak_rss_kib);
-    interrupted(&mut report);
+    report.interrupted = stop.is_cancelled();
 
     hold_stop.cancel();
     tracker.close();

@@ -249,6 +249,34 @@ impl Phase {
     }
 }
 
+/// CPU time used while measuring by (the server, the generator), where known.
+pub(crate) type CpuUsed = (Option<Duration>, Option<Duration>);
+
+/// Waits through the warm-up and the measured span of `phase`, or until `stop`, reading the
+/// server's and the generator's CPU time at both ends of the measured span. Returns that CPU
+/// time (`None` when stopped during the warm-up) and whether the run was interrupted.
+pub(crate) async fn measure(
+    phase: &Phase,
+    pid: Option<u32>,
+    stop: &CancellationToken,
+) -> (Option<CpuUsed>, bool) {
+    let start = tokio::select! {
+        _ = tokio::time::sleep_until(phase.clock.at(phase.t0)) => Some(proc::CpuMeter::start(pid)),
+        _ = stop.cancelled() => None,
+    };
+    if start.is_some() {
+        tokio::select! {
+            _ = tokio::time::sleep_until(phase.clock.at(phase.t1())) => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+    let interrupted = stop.is_cancelled();
+    if interrupted {
+        phase.end_now();
+    }
+    (start.map(|m| m.used()), interrupted)
+}
+
 fn dur_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

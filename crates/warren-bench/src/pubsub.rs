@@ -24,7 +24,7 @@ use crate::loss::SeqTracker;
 use crate::payload::{self, HEADER_LEN, Stamp};
 use crate::report::{Report, per_second, spawn_progress};
 use crate::window::{Progress, Window};
-use crate::{BenchError, Clock, Errors, Phase, proc, resolve};
+use crate::{BenchError, Clock, Errors, Phase, measure, proc, resolve};
 
 /// Most messages a publisher encodes into one write.
 const BATCH: u64 = 1024;
@@ -34,6 +34,9 @@ pub const LATE: Duration = Duration::from_millis(2);
 
 /// Deadline for connecting and subscribing each client.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest wait for messages in flight after publishing stops.
+const MAX_DRAIN: Duration = Duration::from_secs(30);
 
 /// Read room for a subscriber: large, because fan-out arrives in big writes.
 const SUB_READ_CHUNK: usize = 64 * 1024;
@@ -132,7 +135,7 @@ pub async fn run(a: &PubsubArgs, stop: CancellationToken) -> Result<Report, Benc
             "closed-loop"
         },
     );
-    report.param("window", a.window);
+    report.param("window", a.window());
     if let Some(r) = a.rate {
         report.param("rate", r);
     }
@@ -197,7 +200,7 @@ pub async fn run(a: &PubsubArgs, stop: CancellationToken) -> Result<Report, Benc
         topic: topic.as_bytes().into(),
         qos,
         payload: a.payload,
-        window: a.window,
+        window: a.window(),
         rate: a.rate.map(|r| r / a.publishers as f64),
         stall_timeout,
         keep_alive,
@@ -234,14 +237,8 @@ pub async fn run(a: &PubsubArgs, stop: CancellationToken) -> Result<Report, Benc
     };
 
     // Run until the measured span ends or we are stopped.
-    let end = shared.phase.clock.at(shared.phase.t1());
-    tokio::select! {
-        _ = tokio::time::sleep_until(end) => {}
-        _ = stop.cancelled() => {
-            report.interrupted = true;
-            shared.phase.end_now();
-        }
-    }
+    let (cpu, interrupted) = measure(&shared.phase, c.pid, &stop).await;
+    report.interrupted = interrupted;
     report.rss_after_kib = c.pid.and_then(proc::rss_kib);
     pub_stop.cancel();
     let mut sent = vec![0u64; a.publishers];
@@ -256,15 +253,25 @@ pub async fn run(a: &PubsubArgs, stop: CancellationToken) -> Result<Report, Benc
         stalls += r.stalls;
     }
 
-    // Give messages in flight time to land.
-    let drain_end = tokio::time::Instant::now() + drain;
-    while tokio::time::Instant::now() < drain_end
-        && !sent
+    // Give messages in flight time to land, as long as they keep arriving.
+    let hard_end = tokio::time::Instant::now() + MAX_DRAIN;
+    let mut quiet_end = tokio::time::Instant::now() + drain;
+    let mut last = shared.delivered.load(Ordering::Relaxed);
+    loop {
+        let now = tokio::time::Instant::now();
+        let done = sent
             .iter()
             .enumerate()
-            .all(|(p, &n)| shared.progress.min(p) >= n)
-    {
+            .all(|(p, &n)| shared.progress.min(p) >= n);
+        if done || now >= hard_end || now >= quiet_end {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
+        let d = shared.delivered.load(Ordering::Relaxed);
+        if d != last {
+            last = d;
+            quiet_end = tokio::time::Instant::now() + drain;
+        }
     }
     sub_stop.cancel();
     let mut totals = SeqTracker::default();
@@ -295,6 +302,7 @@ pub async fn run(a: &PubsubArgs, stop: CancellationToken) -> Result<Report, Benc
     report.delivered_per_s = per_second(received_measuring, measured);
     report.latency_us = Percentiles::of(&shared.latency.merged());
     report.rss_peak_kib = c.pid.and_then(proc::peak_rss_kib);
+    report.cpu(cpu, measured, received_measuring);
     report.extra("duplicates", totals.late());
     report.extra("stalls", stalls);
     report.extra("disconnects", disconnects);

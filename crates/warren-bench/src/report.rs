@@ -101,6 +101,31 @@ impl Report {
         self.extra.insert(key.to_owned(), value.into());
     }
 
+    /// Adds the CPU figures of the measured span: `server_cpu_pct` and `generator_cpu_pct`
+    /// (100 = one core busy), and `server_cpu_ns_per_msg` over `messages` (deliveries or
+    /// requests). A generator near 100 % means the figures are the generator's limit.
+    pub fn cpu(&mut self, used: Option<crate::CpuUsed>, measured: Duration, messages: u64) {
+        let Some((server, generator)) = used else {
+            return;
+        };
+        let secs = measured.as_secs_f64();
+        if secs <= 0.0 {
+            return;
+        }
+        if let Some(s) = server {
+            self.extra("server_cpu_pct", round1(100.0 * s.as_secs_f64() / secs));
+            if messages > 0 {
+                self.extra(
+                    "server_cpu_ns_per_msg",
+                    round1(s.as_nanos() as f64 / messages as f64),
+                );
+            }
+        }
+        if let Some(g) = generator {
+            self.extra("generator_cpu_pct", round1(100.0 * g.as_secs_f64() / secs));
+        }
+    }
+
     /// The JSON line (no newline).
     pub fn json_line(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
@@ -166,9 +191,14 @@ impl Report {
             }
         }
         if let Some(l) = &self.latency_us {
+            let what = if self.scenario == "connections" {
+                "connect µs"
+            } else {
+                "latency µs"
+            };
             let _ = writeln!(
                 s,
-                "  latency µs  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (mean {}, {} samples)",
+                "  {what}  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (mean {}, {} samples)",
                 l.p50,
                 l.p90,
                 l.p99,

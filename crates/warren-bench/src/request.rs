@@ -20,7 +20,7 @@ use crate::args::{RequestArgs, seconds};
 use crate::client::{Client, ConnectOptions, Writer, open_many};
 use crate::latency::{Latency, Percentiles};
 use crate::report::{Report, per_second, spawn_progress};
-use crate::{BenchError, Clock, Errors, Phase, proc, resolve};
+use crate::{BenchError, Clock, Errors, Phase, measure, proc, resolve};
 
 /// Deadline for connecting each client.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -152,14 +152,8 @@ pub async fn run(a: &RequestArgs, stop: CancellationToken) -> Result<Report, Ben
         })
     };
 
-    let end = shared.phase.clock.at(shared.phase.t1());
-    tokio::select! {
-        _ = tokio::time::sleep_until(end) => {}
-        _ = stop.cancelled() => {
-            report.interrupted = true;
-            shared.phase.end_now();
-        }
-    }
+    let (cpu, interrupted) = measure(&shared.phase, c.pid, &stop).await;
+    report.interrupted = interrupted;
     report.rss_after_kib = c.pid.and_then(proc::rss_kib);
     // Stop sending; clients leave once their outstanding replies are in, or at the drain end.
     send_stop.cancel();
@@ -198,6 +192,7 @@ pub async fn run(a: &RequestArgs, stop: CancellationToken) -> Result<Report, Ben
     report.requests_per_s = Some(rate);
     report.latency_us = Percentiles::of(&shared.latency.merged());
     report.rss_peak_kib = c.pid.and_then(proc::peak_rss_kib);
+    report.cpu(cpu, measured, total.replies_measuring);
     report.extra("error_replies", error_replies);
     report.extra("unknown_replies", total.unknown);
     Ok(report)

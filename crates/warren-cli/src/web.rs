@@ -29,7 +29,7 @@ pub async fn serve(
     let ws = listeners
         .iter()
         .filter(|l| {
-            l.config.protocol == ListenerProtocol::Mqtt && l.config.transport == TransportName::Ws
+            l.config.protocol == ListenerProtocol::Mqtt && l.config.transport() == TransportName::Ws
         })
         .max_by_key(|l| l.config.mode == Mode::Mqant)
         .map(|l| l.local_addr);

@@ -95,8 +95,9 @@ pub enum Mode {
 pub struct ListenerConfig {
     /// Client protocol.
     pub protocol: ListenerProtocol,
-    /// `tcp` or `ws`.
-    pub transport: TransportName,
+    /// `tcp` or `ws` (MQTT); `mqtt` (the default) or `tcp` (stream-pkg) for pomelo-rpc. pomelo
+    /// serves both TCP and WebSocket on one port; JSON is always WebSocket; line always TCP.
+    pub transport: Option<TransportName>,
     /// `default` or `mqant`.
     pub mode: Mode,
     /// Bind address; `:3563` means all interfaces.
@@ -202,7 +203,7 @@ impl Default for ListenerConfig {
     fn default() -> Self {
         ListenerConfig {
             protocol: ListenerProtocol::Mqtt,
-            transport: TransportName::Tcp,
+            transport: None,
             mode: Mode::Default,
             addr: "127.0.0.1:1883".into(),
             handler_prefixes: vec!["HD_".into(), "Handler_".into()],
@@ -305,7 +306,7 @@ impl ListenerConfig {
 
     /// The listener's URL form (for logs and the startup banner).
     pub fn scheme(&self) -> &'static str {
-        match (self.protocol, self.transport, self.mode) {
+        match (self.protocol, self.transport(), self.mode) {
             (ListenerProtocol::Mqtt, TransportName::Ws, Mode::Default) => "ws",
             (ListenerProtocol::Mqtt, TransportName::Ws, Mode::Mqant) => "ws+mqant",
             (ListenerProtocol::Mqtt, _, Mode::Mqant) => "mqtt+mqant",
@@ -318,11 +319,20 @@ impl ListenerConfig {
         }
     }
 
+    /// The transport in effect: the configured one, or the protocol's default.
+    pub fn transport(&self) -> TransportName {
+        self.transport.unwrap_or(match self.protocol {
+            ListenerProtocol::Json => TransportName::Ws,
+            ListenerProtocol::PomeloRpc => TransportName::Mqtt,
+            _ => TransportName::Tcp,
+        })
+    }
+
     /// Whether the listener accepts WebSocket upgrades (all of its connections, or, for pomelo,
     /// those that start with an HTTP request).
     pub fn serves_websocket(&self) -> bool {
         match self.protocol {
-            ListenerProtocol::Mqtt => self.transport == TransportName::Ws,
+            ListenerProtocol::Mqtt => self.transport() == TransportName::Ws,
             ListenerProtocol::Json | ListenerProtocol::Pomelo => true,
             ListenerProtocol::Line | ListenerProtocol::PomeloRpc => false,
         }
@@ -427,8 +437,8 @@ impl ListenerConfig {
             }
         }
         let transport_ok = match self.protocol {
-            ListenerProtocol::Mqtt => self.transport != TransportName::Mqtt,
-            ListenerProtocol::PomeloRpc => self.transport != TransportName::Ws,
+            ListenerProtocol::Mqtt => self.transport() != TransportName::Mqtt,
+            ListenerProtocol::PomeloRpc => self.transport() != TransportName::Ws,
             // pomelo serves TCP and WebSocket on one port; JSON is WebSocket; line is TCP
             _ => true,
         };
@@ -437,7 +447,8 @@ impl ListenerConfig {
                 "transport",
                 format!(
                     "{:?} listeners cannot use {:?}",
-                    self.protocol, self.transport
+                    self.protocol,
+                    self.transport()
                 ),
             );
         }
@@ -854,7 +865,7 @@ mod tests {
         assert!(l.pingresp_d2);
         assert_eq!(l.max_packet(), 4096);
         let l = ListenerConfig::from_url("ws://0.0.0.0:9001/mqtt").unwrap();
-        assert_eq!(l.transport, TransportName::Ws);
+        assert_eq!(l.transport(), TransportName::Ws);
         assert!(ListenerConfig::from_url("mqtt://127.0.0.1:1?bogus=1").is_err());
         assert!(ListenerConfig::from_url("http://127.0.0.1:1").is_err());
         assert!(ListenerConfig::from_url("mqtt://nowhere").is_err());

@@ -407,7 +407,7 @@ pub struct BoundListener {
 impl BoundListener {
     /// `mqtt+mqant tcp://127.0.0.1:3563`-style description for the startup banner.
     pub fn describe(&self) -> String {
-        let t = match Transport::from(self.config.transport) {
+        let t = match Transport::from(self.config.transport()) {
             Transport::Tcp => "tcp",
             Transport::Ws => "ws",
         };

@@ -210,8 +210,8 @@ pub enum Outbound {
     },
     /// Pre-encoded small protocol bytes.
     Inline(InlineFrame),
-    /// Pre-encoded protocol bytes.
-    Bytes(Bytes),
+    /// Pre-encoded protocol bytes (boxed, so that every queue slot stays 16 bytes).
+    Bytes(Box<Bytes>),
     /// Flush what is queued, then close the connection.
     Close,
     /// Flush, then close with this WebSocket close code (plain close on TCP).

@@ -29,7 +29,7 @@ use crate::config::ListenerConfig;
 use crate::error::CallError;
 use crate::route::Route;
 use crate::router::Target;
-use crate::session::{Outbound, Protocol as SessionProtocol, Session, SessionHandle};
+use crate::session::{Outbound, Protocol as SessionProtocol, Session, SessionHandle, Transport};
 
 /// Why a connection ends, for the log line and for how it closes.
 pub(crate) enum End {
@@ -163,7 +163,10 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             uid: None,
             settings: Default::default(),
             remote: peer,
-            transport: cfg.transport.into(),
+            transport: match &writer {
+                Writer::Tcp(_) => Transport::Tcp,
+                Writer::Ws(..) => Transport::Ws,
+            },
             protocol,
             gate: node.session_table().gate_id().clone(),
         };
@@ -292,15 +295,23 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
 
 /// Run a session to its end: the read loop, then the protocol's cleanup, then
 /// [`SessionConn::finish`].
-pub(crate) async fn serve_session<P: Protocol>(
+///
+/// (An `async move` block rather than an `async fn`: an async fn keeps a second copy of its
+/// arguments in its state, and this state lives as long as the connection.)
+pub(crate) fn serve_session<P: Protocol>(
     mut proto: P,
     mut conn: SessionConn<P::Tag>,
     mut reader: Reader,
     mut buf: BytesMut,
-) {
-    let end = run(&mut proto, &mut conn, &mut reader, &mut buf).await;
-    proto.on_close(&conn);
-    conn.finish(end).await;
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let end = run(&mut proto, &mut conn, &mut reader, &mut buf).await;
+        drop(reader);
+        drop(buf);
+        proto.on_close(&conn);
+        drop(proto);
+        Box::pin(conn.finish(end)).await;
+    }
 }
 
 /// The read loop every protocol uses: server close, drain, replies, keepalive, socket — in that
@@ -317,15 +328,20 @@ pub(crate) async fn run<P: Protocol>(
     tokio::pin!(deadline);
     let mut draining = false;
     let tick_every = proto.tick();
-    let mut ticker = tokio::time::interval(tick_every.unwrap_or(Duration::from_secs(3600)));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = tick_every.map(|every| {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
     loop {
         if draining && conn.pending.is_empty() {
             return End::Drained;
         }
         if !draining {
             // frames already buffered (a first packet may arrive with more) go first
-            match proto.handle_buffered(conn, buf).await {
+            // boxed: the decode-and-dispatch state exists only while it runs, so an idle
+            // connection's task stays small
+            match Box::pin(proto.handle_buffered(conn, buf)).await {
                 Err(end) => return end,
                 Ok(true) => {
                     if let Some(d) = read_timeout {
@@ -334,7 +350,8 @@ pub(crate) async fn run<P: Protocol>(
                 }
                 Ok(false) => {}
             }
-            if buf.is_empty() && buf.capacity() > 16 * 1024 {
+            if buf.is_empty() && buf.capacity() > 0 {
+                // an idle connection holds no read buffer
                 *buf = BytesMut::new();
             }
         }
@@ -344,17 +361,17 @@ pub(crate) async fn run<P: Protocol>(
             _ = conn.close.cancelled() => return End::ServerClosed,
             _ = conn.gate.draining.cancelled(), if !draining => {
                 draining = true;
-                proto.on_drain(conn).await;
+                Box::pin(proto.on_drain(conn)).await;
             }
-            _ = ticker.tick(), if tick_every.is_some() => {
-                if let Err(end) = proto.on_tick(conn).await {
+            _ = async { ticker.as_mut()?.tick().await; Some(()) }, if ticker.is_some() => {
+                if let Err(end) = Box::pin(proto.on_tick(conn)).await {
                     return end;
                 }
             }
             Some((tag, result)) = conn.pending.next(), if !conn.pending.is_empty() => {
                 match tag {
                     Some(tag) => {
-                        if let Err(end) = proto.reply(conn, tag, result).await {
+                        if let Err(end) = Box::pin(proto.reply(conn, tag, result)).await {
                             return end;
                         }
                     }
@@ -427,7 +444,8 @@ async fn write_loop(
         }
         if !out.buf.is_empty() {
             metrics::counter!("warren_socket_writes_total").increment(1);
-            match tokio::time::timeout(write_timeout, w.write(&mut out)).await {
+            // boxed: the write and its timer exist only while writing, not in an idle task
+            match Box::pin(tokio::time::timeout(write_timeout, w.write(&mut out))).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "write failed");

@@ -68,7 +68,7 @@ struct JsonSession {
 type Conn = SessionConn<String>;
 
 fn frame_out(f: &Frame) -> Outbound {
-    Outbound::Bytes(json_ws::encode(f))
+    Outbound::Bytes(Box::new(json_ws::encode(f)))
 }
 
 /// Take one length-prefixed message from a buffer filled by a message-framed WebSocket reader.
@@ -121,7 +121,7 @@ impl conn::Protocol for JsonSession {
                 b.put_slice(b",\"cb\":\"\",\"args\":");
                 b.put_slice(&args);
                 b.put_u8(b'}');
-                Outbound::Bytes(b.freeze())
+                Outbound::Bytes(Box::new(b.freeze()))
             }
             Err(_) if self.silent => return Ok(()),
             Err(e) => frame_out(&Frame {

@@ -242,7 +242,7 @@ impl LineSession {
     fn error_frame(&self) -> Outbound {
         let mut b = BytesMut::with_capacity(12);
         line::encode(line::ERROR_BODY, self.space, &mut b);
-        Outbound::Bytes(b.freeze())
+        Outbound::Bytes(Box::new(b.freeze()))
     }
 
     /// Router mode: `Module/Handler[/msgid] <json body>`.

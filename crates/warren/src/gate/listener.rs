@@ -60,12 +60,14 @@ pub(crate) async fn listen(
 
 /// Hand a connection to its protocol.
 async fn serve(gate: Arc<Gate>, cfg: Arc<ListenerConfig>, r: Reader, w: Writer, peer: SocketAddr) {
+    // each protocol's connection future lives in its own allocation, sized for that protocol
+    // alone (an idle MQTT connection does not pay for the largest protocol's state)
     match cfg.protocol {
-        ListenerProtocol::Mqtt => mqtt::serve(gate, cfg, r, w, peer).await,
-        ListenerProtocol::Pomelo => pomelo::serve(gate, cfg, r, w, peer).await,
-        ListenerProtocol::Json => json::serve(gate, cfg, r, w, peer).await,
-        ListenerProtocol::Line => line::serve(gate, cfg, r, w, peer).await,
-        ListenerProtocol::PomeloRpc => pomelo_rpc::serve(gate, cfg, r, w, peer).await,
+        ListenerProtocol::Mqtt => Box::pin(mqtt::serve(gate, cfg, r, w, peer)).await,
+        ListenerProtocol::Pomelo => Box::pin(pomelo::serve(gate, cfg, r, w, peer)).await,
+        ListenerProtocol::Json => Box::pin(json::serve(gate, cfg, r, w, peer)).await,
+        ListenerProtocol::Line => Box::pin(line::serve(gate, cfg, r, w, peer)).await,
+        ListenerProtocol::PomeloRpc => Box::pin(pomelo_rpc::serve(gate, cfg, r, w, peer)).await,
     }
 }
 
@@ -111,7 +113,7 @@ async fn accept_tcp(
         let ws = ws.clone();
         gate.tracker.spawn(async move {
             match ws {
-                Some(ws) => sniff(ws, stream, peer, permit).await,
+                Some(ws) => Box::pin(sniff(ws, stream, peer, permit)).await,
                 None => {
                     let (r, w) = transport::tcp(stream);
                     serve(g, c, r, w, peer).await;

@@ -30,17 +30,27 @@ use crate::session::{InlineFrame, Message, Outbound, Protocol};
 const MAX_AWAITING_REL: usize = 1024;
 
 /// Serve one connection until it closes.
-pub(crate) async fn serve(
+pub(crate) fn serve(
     gate: Arc<Gate>,
     cfg: Arc<ListenerConfig>,
     reader: Reader,
     writer: Writer,
     peer: SocketAddr,
-) {
-    let span =
-        tracing::info_span!("conn", node = %gate.node.id(), %peer, session = tracing::field::Empty);
-    metrics::counter!("warren_connections_total").increment(1);
-    run(gate, cfg, reader, writer, peer).instrument(span).await;
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let span = tracing::info_span!("conn", node = %gate.node.id(), %peer, session = tracing::field::Empty);
+        metrics::counter!("warren_connections_total").increment(1);
+        // two phases in two allocations: the CONNECT exchange is freed once the session runs, so an
+        // idle connection's task holds only the session's state
+        let session = Box::pin(handshake(gate, cfg, reader, writer, peer))
+            .instrument(span.clone())
+            .await;
+        if let Some((proto, conn, reader, buf)) = session {
+            conn::serve_session(proto, conn, reader, buf)
+                .instrument(span)
+                .await;
+        }
+    }
 }
 
 fn refuse(peer: &SocketAddr, why: &str, kind: &'static str) {
@@ -57,13 +67,14 @@ async fn connack_and_close(writer: &mut Writer, cfg: &ListenerConfig, code: u8) 
     writer.close(None).await;
 }
 
-async fn run(
+/// CONNECT, checks, CONNACK: returns the opened session, or `None` when the client was refused.
+async fn handshake(
     gate: Arc<Gate>,
     cfg: Arc<ListenerConfig>,
     mut reader: Reader,
     mut writer: Writer,
     peer: SocketAddr,
-) {
+) -> Option<(MqttSession, Conn, Reader, BytesMut)> {
     let mqant = cfg.mode == Mode::Mqant;
     let max_packet = cfg.max_packet();
     let mut buf = BytesMut::new();
@@ -71,7 +82,7 @@ async fn run(
     // 1. The first packet must be CONNECT, within the connect deadline.
     let first = tokio::select! {
         biased;
-        _ = gate.killing.cancelled() => return,
+        _ = gate.killing.cancelled() => return None,
         r = tokio::time::timeout(
             Duration::from_secs(cfg.connect_timeout_s),
             read_packet(&mut reader, &mut buf, max_packet),
@@ -79,32 +90,33 @@ async fn run(
     };
     let connect = match first {
         Err(_) => {
-            return refuse(
+            refuse(
                 &peer,
                 "no CONNECT before the connect deadline",
                 "connect_timeout",
             );
+            return None;
         }
-        Ok(Err(ReadError::Closed)) => return,
-        Ok(Err(ReadError::Io(e))) => return refuse(&peer, &format!("read failed: {e}"), "io"),
+        Ok(Err(ReadError::Closed)) => return None,
+        Ok(Err(ReadError::Io(e))) => {
+            refuse(&peer, &format!("read failed: {e}"), "io");
+            return None;
+        }
         Ok(Err(ReadError::Decode(mqtt::DecodeError::UnsupportedProtocol { name, level }))) => {
             connack_and_close(&mut writer, &cfg, 1).await;
-            return refuse(
-                &peer,
-                &format!("unacceptable protocol {name:?} level {level}"),
-                "connack_refused",
-            );
+            let why = format!("unacceptable protocol {name:?} level {level}");
+            refuse(&peer, &why, "connack_refused");
+            return None;
         }
         Ok(Err(ReadError::Decode(e))) => {
-            return refuse(&peer, &format!("malformed packet: {e}"), e.kind());
+            refuse(&peer, &format!("malformed packet: {e}"), e.kind());
+            return None;
         }
         Ok(Ok(Packet::Connect(c))) => c,
         Ok(Ok(p)) => {
-            return refuse(
-                &peer,
-                &format!("first packet is {} instead of CONNECT", p.name()),
-                "not_connect",
-            );
+            let why = format!("first packet is {} instead of CONNECT", p.name());
+            refuse(&peer, &why, "not_connect");
+            return None;
         }
     };
 
@@ -139,7 +151,10 @@ async fn run(
             2 => format!("client id of {} bytes refused", connect.client_id.len()),
             _ => "credentials refused".to_owned(),
         };
-        return refuse(&peer, &why, "connack_refused");
+        {
+            refuse(&peer, &why, "connack_refused");
+            return None;
+        }
     }
     let client_id = if connect.client_id.is_empty() {
         format!("auto-{}", uuid::Uuid::new_v4())
@@ -172,7 +187,8 @@ async fn run(
         .await
         .is_err()
     {
-        return conn.finish(End::ServerClosed).await;
+        conn.finish(End::ServerClosed).await;
+        return None;
     }
     tracing::debug!(client_id = %client_id, keep_alive = connect.keep_alive, level = connect.protocol_level, "connected");
 
@@ -186,6 +202,8 @@ async fn run(
         (k, true) => Some(Duration::from_secs(u64::from(k) * 3 / 2 + 1)),
         (k, false) => Some(Duration::from_millis(u64::from(k) * 1500)),
     };
+    // nothing of CONNECT is needed from here on; dropping it keeps the connection's task small
+    drop(connect);
     let proto = MqttSession {
         mqant,
         max_packet,
@@ -194,7 +212,7 @@ async fn run(
         awaiting_rel: HashSet::new(),
         filters: Vec::new(),
     };
-    conn::serve_session(proto, conn, reader, buf).await;
+    Some((proto, conn, reader, buf))
 }
 
 enum ReadError {
@@ -367,7 +385,7 @@ impl MqttSession {
             }),
             &mut out,
         );
-        conn.send(Outbound::Bytes(out.freeze())).await
+        conn.send(Outbound::Bytes(Box::new(out.freeze()))).await
     }
 
     async fn publish(&mut self, conn: &mut Conn, p: Publish) -> Result<(), End> {

@@ -90,13 +90,13 @@ type Conn = SessionConn<u32>;
 fn package(kind: PackageType, body: &[u8]) -> Outbound {
     let mut b = BytesMut::with_capacity(4 + body.len());
     pomelo::encode_package(kind, body, &mut b);
-    Outbound::Bytes(b.freeze())
+    Outbound::Bytes(Box::new(b.freeze()))
 }
 
 fn response(id: u32, body: &[u8]) -> Outbound {
     let mut b = BytesMut::with_capacity(16 + body.len());
     pomelo::encode_data(MessageType::Response, id, &MessageRoute::None, body, &mut b);
-    Outbound::Bytes(b.freeze())
+    Outbound::Bytes(Box::new(b.freeze()))
 }
 
 fn error_body(e: &CallError) -> Vec<u8> {

@@ -40,7 +40,7 @@ pub(crate) async fn serve(
     let span = tracing::info_span!("conn", node = %gate.node.id(), %peer, protocol = "pomelo-rpc", session = tracing::field::Empty);
     metrics::counter!("warren_connections_total").increment(1);
     async move {
-        let over_mqtt = cfg.transport != TransportName::Tcp;
+        let over_mqtt = cfg.transport() != TransportName::Tcp;
         let conn = SessionConn::open(
             gate,
             cfg.clone(),
@@ -93,7 +93,7 @@ impl RpcSession {
         } else {
             stream_pkg::encode(payload, &mut b);
         }
-        Outbound::Bytes(b.freeze())
+        Outbound::Bytes(Box::new(b.freeze()))
     }
 
     async fn respond(&mut self, conn: &mut Conn, tag: Tag, resp: &[Value]) -> Result<(), End> {
