@@ -298,6 +298,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
 ///
 /// (An `async move` block rather than an `async fn`: an async fn keeps a second copy of its
 /// arguments in its state, and this state lives as long as the connection.)
+#[allow(clippy::manual_async_fn)] // deliberate: see above
 pub(crate) fn serve_session<P: Protocol>(
     mut proto: P,
     mut conn: SessionConn<P::Tag>,

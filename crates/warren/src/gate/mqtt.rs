@@ -29,7 +29,9 @@ use crate::session::{InlineFrame, Message, Outbound, Protocol};
 /// Most QoS 2 publishes a client may leave unreleased (PUBREL not yet sent).
 const MAX_AWAITING_REL: usize = 1024;
 
-/// Serve one connection until it closes.
+/// Serve one connection until it closes. (An `async move` block: an `async fn` would keep a
+/// second copy of its arguments for the connection's whole life.)
+#[allow(clippy::manual_async_fn)]
 pub(crate) fn serve(
     gate: Arc<Gate>,
     cfg: Arc<ListenerConfig>,
