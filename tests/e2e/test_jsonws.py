@@ -387,3 +387,25 @@ def test_require_login_false_and_silent_errors():
     assert s.quiet()
     s.close()
     w.kill()
+
+
+def test_login_handler_decides_who_gets_in():
+    """`login_handler` names a module handler that receives [guid, md5] and answers true or 0."""
+    w = Warren(
+        "--module",
+        "Debug",
+        listen=[Warren.url("json+ws", login_handler="Debug/CheckLogin")],
+        http=False,
+    ).wait_ready()
+    try:
+        (_, port), = w.listeners
+        ok = JsonWs(port)
+        assert ok.login("ann", "secret") == '{"tpc":"","func":"loginback","cb":"","args":[0]}'
+        assert ok.call("x", "phaserLogin", [], "p")["args"][0] == "ann"
+        bad = JsonWs(port)
+        assert bad.login("eve", "guess") == '{"tpc":"","func":"loginback","cb":"","args":[1]}'
+        assert bad.closed_with() == 1008
+        # the refused client did not disturb the accepted one
+        assert ok.call("x", "test", ["a", "b"], "t")["args"] == ["ab"]
+    finally:
+        w.kill()

@@ -147,6 +147,9 @@ pub struct ListenerConfig {
     pub fallback_module: Option<String>,
     /// JSON: send no reply for unknown functions or failed calls, as upstream (default false).
     pub silent_errors: Option<bool>,
+    /// JSON: a `Module/Handler` that checks logins: it receives `[guid, md5]` and answers `true`
+    /// (or 0) to accept. Unset, every login is accepted (unless the node's auth hook refuses).
+    pub login_handler: Option<String>,
 
     /// line: longest head line (default 64).
     pub max_head: Option<usize>,
@@ -227,6 +230,7 @@ impl Default for ListenerConfig {
             require_login: None,
             fallback_module: None,
             silent_errors: None,
+            login_handler: None,
             max_head: None,
             max_body: None,
             max_bad_heads: None,
@@ -283,6 +287,8 @@ impl ListenerConfig {
         t.insert("addr".into(), addr.into());
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, "true"));
+            let v = percent_decode(v);
+            let v = v.as_str();
             let value = if let Ok(i) = v.parse::<i64>() {
                 toml::Value::Integer(i)
             } else if let Ok(b) = v.parse::<bool>() {
@@ -380,6 +386,7 @@ impl ListenerConfig {
             ("require_login", self.require_login.is_some(), Json),
             ("fallback_module", self.fallback_module.is_some(), Json),
             ("silent_errors", self.silent_errors.is_some(), Json),
+            ("login_handler", self.login_handler.is_some(), Json),
             ("max_head", self.max_head.is_some(), Line),
             ("max_body", self.max_body.is_some(), Line),
             ("max_bad_heads", self.max_bad_heads.is_some(), Line),
@@ -450,6 +457,14 @@ impl ListenerConfig {
                     self.protocol,
                     self.transport()
                 ),
+            );
+        }
+        if let Some(h) = &self.login_handler
+            && crate::route::Route::parse(h).is_err()
+        {
+            return bad(
+                "login_handler",
+                format!("{h:?} is not a route like Login/CheckLogin"),
             );
         }
         if let Some(h) = &self.handler
@@ -783,6 +798,42 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     })
 }
 
+/// Decode `%XX` escapes (and `+` as a space) in a URL query value.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let byte = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match byte {
+                    Some(byte) => {
+                        out.push(byte);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Find the line of a dotted key like `listener[1].addr` in the text: the n-th `[[listener]]`
 /// header, then the first line below it assigning that key.
 fn find_line(text: &str, key: &str) -> Option<usize> {
@@ -867,6 +918,11 @@ mod tests {
         let l = ListenerConfig::from_url("ws://0.0.0.0:9001/mqtt").unwrap();
         assert_eq!(l.transport(), TransportName::Ws);
         assert!(ListenerConfig::from_url("mqtt://127.0.0.1:1?bogus=1").is_err());
+        let l = ListenerConfig::from_url("json+ws://127.0.0.1:1?login_handler=Debug%2FCheckLogin")
+            .unwrap();
+        assert_eq!(l.login_handler.as_deref(), Some("Debug/CheckLogin"));
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("a+b%41"), "a bA");
         assert!(ListenerConfig::from_url("http://127.0.0.1:1").is_err());
         assert!(ListenerConfig::from_url("mqtt://nowhere").is_err());
     }

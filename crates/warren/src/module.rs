@@ -212,6 +212,12 @@ impl IntoReply for String {
     }
 }
 
+impl IntoReply for bool {
+    fn into_reply(self) -> Result<Bytes, CallError> {
+        Ok(Bytes::from_static(if self { b"true" } else { b"false" }))
+    }
+}
+
 impl IntoReply for &'static str {
     fn into_reply(self) -> Result<Bytes, CallError> {
         json_bytes(&self)

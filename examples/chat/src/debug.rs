@@ -15,6 +15,7 @@ pub fn module() -> Module {
         .client_handler("HD_Hang", hang)
         .client_handler("HD_Sleep", sleep)
         .client_handler("HD_PushSelf", push_self)
+        .handler("CheckLogin", check_login)
         .build()
 }
 
@@ -30,6 +31,12 @@ async fn panic(_cx: Context, _body: ()) -> Result<(), CallError> {
 async fn hang(_cx: Context, _body: ()) -> Result<(), CallError> {
     std::future::pending::<()>().await;
     Ok(())
+}
+
+/// A login checker for JSON listeners (`login_handler = "Debug/CheckLogin"`): accepts the
+/// password `secret` only.
+async fn check_login(_cx: Context, Json(args): Json<Vec<Value>>) -> Result<bool, CallError> {
+    Ok(args.get(1).and_then(Value::as_str) == Some("secret"))
 }
 
 #[derive(Deserialize)]

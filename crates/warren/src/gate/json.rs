@@ -168,6 +168,16 @@ impl JsonSession {
                 return Err(End::RefusedWithCode(1008, format!("login refused: {why}")));
             }
         }
+        if let Some(route) = conn.cfg.login_handler.clone() {
+            let accepted = self.check_login(conn, &route, &frame.args).await;
+            if !accepted {
+                conn.send(frame_out(&json_ws::loginback(1))).await?;
+                return Err(End::RefusedWithCode(
+                    1008,
+                    "login refused by the login handler".into(),
+                ));
+            }
+        }
         conn.gate
             .node
             .session_table()
@@ -175,6 +185,40 @@ impl JsonSession {
             .map_err(|_| End::ServerClosed)?;
         self.logged_in = true;
         conn.send(frame_out(&json_ws::loginback(0))).await
+    }
+
+    /// Ask the configured login handler: it gets `[guid, md5]`; `true` or `0` accepts.
+    async fn check_login(&mut self, conn: &mut Conn, route: &str, args: &[Value]) -> bool {
+        let Ok(r) = Route::parse(route) else {
+            return false;
+        };
+        let module = match r.target {
+            Some(t) => format!("{}@{t}", r.module),
+            None => r.module.to_owned(),
+        };
+        let body = Bytes::from(Value::Array(args.to_vec()).to_string());
+        let session = Some(conn.handle.snapshot());
+        match conn
+            .gate
+            .node
+            .call(
+                &module,
+                r.handler,
+                session,
+                body,
+                Some(conn.cfg.rpc_expired()),
+            )
+            .await
+        {
+            Ok(reply) => matches!(
+                serde_json::from_slice::<Value>(&reply),
+                Ok(v) if v == Value::Bool(true) || v == 0
+            ),
+            Err(e) => {
+                tracing::info!(peer = %conn.peer, reason = %e, "login handler failed");
+                false
+            }
+        }
     }
 
     async fn call(&mut self, conn: &mut Conn, frame: Frame) -> Result<(), End> {
