@@ -28,15 +28,28 @@ enum Command {
     /// Run a node: gate listeners, modules, and the web page. With no flags, the chat demo on
     /// 127.0.0.1:3563 (MQTT), 127.0.0.1:3653 (MQTT over WebSocket) and http://127.0.0.1:8080/.
     Serve(ServeArgs),
-    /// Validate a config file and say exactly what is wrong (file:line: key: why).
+    /// Validate a config file and say exactly what is wrong (file:line: key: why). mqant's JSON
+    /// `server.conf` is accepted too.
     CheckConfig {
-        /// The TOML file.
+        /// The TOML file (or mqant `server.conf`).
         file: PathBuf,
     },
+    /// Config tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Print the commented default configuration.
     PrintDefaultConfig,
     /// Load generator: drive warren or any MQTT 3.1.1 server (pubsub, request, connections).
     Bench(warren_bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the warren TOML equivalent of an mqant `server.conf` (PROTOCOLS.md §12).
+    Convert {
+        /// The mqant JSON config.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -69,6 +82,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => warren_bench::main(args),
+        Command::Config(ConfigCommand::Convert { file }) => match convert(&file) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::PrintDefaultConfig => {
             print!("{}", warren::config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
@@ -123,13 +146,43 @@ fn init_logging() {
 fn load_config(file: &std::path::Path) -> anyhow::Result<Config> {
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("{}: cannot read", file.display()))?;
-    let config = Config::load(&text, warren_chat::MODULE_TYPES)
-        .map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?;
+    let config = if warren::mqant_conf::is_mqant_json(&text) {
+        let (config, warnings) = warren::mqant_conf::from_mqant_json(&text)
+            .map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?;
+        for w in warnings {
+            eprintln!("{}: warning: {w}", file.display());
+        }
+        config
+            .validate(warren_chat::MODULE_TYPES)
+            .map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?;
+        config
+    } else {
+        Config::load(&text, warren_chat::MODULE_TYPES)
+            .map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?
+    };
     for (i, m) in config.modules.iter().enumerate() {
         warren_chat::catalog(m)
             .map_err(|why| anyhow::anyhow!("{}: module[{i}]: {why}", file.display()))?;
     }
     Ok(config)
+}
+
+/// `warren config convert`: mqant JSON in, warren TOML out.
+fn convert(file: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("{}: cannot read", file.display()))?;
+    let (config, warnings) = warren::mqant_conf::from_mqant_json(&text)
+        .map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?;
+    let mut out = format!(
+        "# converted from {} (mqant server.conf) by `warren config convert`\n",
+        file.display()
+    );
+    for w in warnings {
+        out.push_str(&format!("# warning: {w}\n"));
+    }
+    out.push('\n');
+    out.push_str(&toml::to_string(&config).context("cannot write TOML")?);
+    Ok(out)
 }
 
 /// The built-in demo: mqant-mode MQTT on 3563 (TCP) and 3653 (WebSocket), Login and Chat.

@@ -188,21 +188,29 @@ impl Subscriptions {
     /// Deliver a message to every session with a matching filter, at most once per session, with
     /// QoS = min(publish QoS, highest granted QoS among its matching filters). Returns the count.
     pub fn publish(&self, topic_name: &str, qos: u8, topic: Bytes, body: Bytes) -> usize {
-        let mut hits: Vec<(Arc<SessionHandle>, SessionId, u8)> = Vec::new();
-        {
+        let mut hits: Vec<(Arc<SessionHandle>, u8)> = Vec::new();
+        let sources = {
             let root = read(&self.root);
             let levels: Vec<&str> = topic_name.split('/').collect();
             let dollar = topic_name.starts_with('$');
-            collect(&root, &levels, dollar, &mut hits);
-        }
+            collect(&root, &levels, dollar, &mut hits)
+        };
         if hits.is_empty() {
             return 0;
         }
-        hits.sort_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)));
-        hits.dedup_by(|a, b| a.1 == b.1);
+        // each subscriber list holds a session once, so duplicates exist only when several
+        // filters matched: only then sort (by handle address, not by id) and keep the best QoS
+        if sources > 1 {
+            hits.sort_unstable_by(|a, b| {
+                (Arc::as_ptr(&a.0) as usize)
+                    .cmp(&(Arc::as_ptr(&b.0) as usize))
+                    .then(b.1.cmp(&a.1))
+            });
+            hits.dedup_by(|a, b| Arc::ptr_eq(&a.0, &b.0));
+        }
         let msg = Message::new(topic, body);
         let mut n = 0;
-        for (s, _, granted) in hits {
+        for (s, granted) in hits {
             if s.deliver(msg.clone(), Some(qos.min(granted))).is_ok() {
                 n += 1;
             }
@@ -234,36 +242,35 @@ fn remove_at(node: &mut Level, levels: &[&str], session: &str) -> bool {
     node.is_empty()
 }
 
+/// Gather the subscribers matching `levels`; returns how many subscriber lists contributed.
 fn collect(
     node: &Level,
     levels: &[&str],
     dollar_first: bool,
-    out: &mut Vec<(Arc<SessionHandle>, SessionId, u8)>,
-) {
+    out: &mut Vec<(Arc<SessionHandle>, u8)>,
+) -> usize {
+    fn take(subs: &[Sub], out: &mut Vec<(Arc<SessionHandle>, u8)>) -> usize {
+        out.extend(subs.iter().map(|s| (s.session.clone(), s.qos)));
+        usize::from(!subs.is_empty())
+    }
     // a wildcard in the first level never matches a topic starting with '$'
     let wild_ok = !dollar_first;
+    let mut sources = 0;
     if wild_ok {
-        out.extend(
-            node.hash
-                .iter()
-                .map(|s| (s.session.clone(), s.id.clone(), s.qos)),
-        );
+        sources += take(&node.hash, out);
     }
     match levels.split_first() {
-        None => out.extend(
-            node.here
-                .iter()
-                .map(|s| (s.session.clone(), s.id.clone(), s.qos)),
-        ),
+        None => sources += take(&node.here, out),
         Some((l, rest)) => {
             if let Some(c) = node.children.get(*l) {
-                collect(c, rest, false, out);
+                sources += collect(c, rest, false, out);
             }
             if wild_ok && let Some(p) = node.plus.as_ref() {
-                collect(p, rest, false, out);
+                sources += collect(p, rest, false, out);
             }
         }
     }
+    sources
 }
 
 /// Whether a subscription filter is acceptable (shared with the MQTT gate).

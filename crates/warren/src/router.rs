@@ -2,8 +2,9 @@
 //!
 //! It keeps a routing table built from the registry: instances per module type, instances by id,
 //! and which node runs each. `Module@x` resolves `x` first as an instance id, then as a node id
-//! (PROTOCOLS.md §1.4); without `@` an instance is picked by hashing the session's uid (or session
-//! id), so one user keeps reaching the same instance while the set of instances is stable.
+//! (PROTOCOLS.md §1.4); without `@` an instance is picked on the module's consistent-hash ring
+//! (`ring.rs`, PROTOCOLS.md §9) keyed by the session's uid (or session id): one user keeps reaching
+//! the same instance, and when an instance leaves only its keys move.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use tokio::time::Instant;
 use crate::bus::{Bus, Call, Pending};
 use crate::error::CallError;
 use crate::registry::NodeRecord;
+use crate::ring::{Ring, normalize};
 use crate::session::Session;
 
 /// A resolved call target: one instance on one node.
@@ -40,6 +42,8 @@ impl Target {
 struct Table {
     by_module: HashMap<Arc<str>, Vec<Target>>,
     by_instance: HashMap<Arc<str>, Target>,
+    /// Per module type: the ring over its instance ids, and normalized id → target.
+    rings: HashMap<Arc<str>, (Ring, HashMap<String, Target>)>,
 }
 
 /// Routes calls to module instances over a [`Bus`].
@@ -84,8 +88,14 @@ impl Router {
                 t.by_instance.insert(target.instance.clone(), target);
             }
         }
-        for v in t.by_module.values_mut() {
+        for (module, v) in t.by_module.iter_mut() {
             v.sort_by(|a, b| a.instance.cmp(&b.instance));
+            let ring = Ring::with_members(v.iter().map(|x| &*x.instance));
+            let ids = v
+                .iter()
+                .map(|x| (normalize(&x.instance), x.clone()))
+                .collect();
+            t.rings.insert(module.clone(), (ring, ids));
         }
         self.table.store(Arc::new(t));
     }
@@ -114,11 +124,14 @@ impl Router {
             return on_node.cloned().ok_or_else(not_found);
         }
         let all = t.by_module.get(module).ok_or_else(not_found)?;
-        match all.len() {
-            0 => Err(not_found()),
-            1 => Ok(all[0].clone()),
-            n => Ok(all[crc32fast::hash(key.as_bytes()) as usize % n].clone()),
+        if all.len() == 1 {
+            return Ok(all[0].clone());
         }
+        let (ring, ids) = t.rings.get(module).ok_or_else(not_found)?;
+        ring.get(key)
+            .and_then(|id| ids.get(id))
+            .cloned()
+            .ok_or_else(not_found)
     }
 
     /// Send a call to a resolved target. Resolves once accepted; with `reply` it yields the
@@ -213,6 +226,23 @@ mod tests {
         assert_eq!(
             r.resolve("Nope", None, "k").unwrap_err().to_string(),
             "Service(type:Nope) not found"
+        );
+        // without @, the module's ring decides (the §9 vectors, instance ids as members)
+        r.refresh(&[node(
+            "n1",
+            &[("Game", "game1"), ("Game", "game2"), ("Game", "game3")],
+        )]);
+        for (key, want) in [("user1", "game2"), ("user2", "game3"), ("bob", "game1")] {
+            assert_eq!(&*r.resolve("Game", None, key).unwrap().instance, want);
+        }
+        r.refresh(&[node("n1", &[("Game", "game1"), ("Game", "game3")])]);
+        assert_eq!(
+            &*r.resolve("Game", None, "user1").unwrap().instance,
+            "game1"
+        );
+        assert_eq!(
+            &*r.resolve("Game", None, "user2").unwrap().instance,
+            "game3"
         );
     }
 }

@@ -419,28 +419,25 @@ async fn write_loop(
             _ = close.cancelled() => break,
             o = rx.recv() => o,
         };
-        let Some(mut item) = first else { break };
+        let Some(first) = first else { break };
         let mut closing = false;
-        loop {
+        // everything else already queued comes out in one batch: one permit release (one lock)
+        // per batch instead of per message
+        let mut batch = Vec::new();
+        if !rx.is_empty() {
+            batch.reserve(rx.len().min(128));
+            rx.recv_many(&mut batch, 128).await;
+        }
+        for item in std::iter::once(first).chain(batch) {
             match item {
-                Outbound::Close => {
-                    closing = true;
-                    break;
-                }
+                Outbound::Close => closing = true,
                 Outbound::CloseCode(code) => {
                     closing = true;
                     out.close_code = Some(code);
-                    break;
                 }
-                _ => {}
-            }
-            framer.frame(item, &mut out);
-            if out.buf.len() >= 64 * 1024 {
-                break;
-            }
-            match rx.try_recv() {
-                Ok(next) => item = next,
-                Err(_) => break,
+                // nothing queued after a close is written
+                _ if closing => {}
+                item => framer.frame(item, &mut out),
             }
         }
         if !out.buf.is_empty() {
@@ -461,7 +458,8 @@ async fn write_loop(
                     break 'outer;
                 }
             }
-            if out.buf.capacity() > 64 * 1024 {
+            if rx.is_empty() && out.buf.capacity() > 4 * 1024 {
+                // a burst is over: give its buffer back instead of holding it while idle
                 out.buf = BytesMut::new();
             }
         }

@@ -27,7 +27,8 @@ pub(crate) enum WsFraming {
 
 /// The reading side.
 pub(crate) enum Reader {
-    Tcp(OwnedReadHalf),
+    /// A TCP socket and how much room the next read gets (grows while reads fill it).
+    Tcp(OwnedReadHalf, usize),
     Ws(SplitStream<WebSocket>, WsFraming),
 }
 
@@ -39,7 +40,7 @@ pub(crate) enum Writer {
 
 pub(crate) fn tcp(s: TcpStream) -> (Reader, Writer) {
     let (r, w) = s.into_split();
-    (Reader::Tcp(r), Writer::Tcp(w))
+    (Reader::Tcp(r, MIN_READ), Writer::Tcp(w))
 }
 
 pub(crate) fn ws(s: WebSocket, framing: WsFraming) -> (Reader, Writer) {
@@ -47,20 +48,30 @@ pub(crate) fn ws(s: WebSocket, framing: WsFraming) -> (Reader, Writer) {
     (Reader::Ws(r, framing), Writer::Ws(w, framing))
 }
 
-/// Smallest free space kept in the read buffer before a read; small, so idle connections stay
-/// cheap, and doubled while a large packet arrives.
+/// Smallest room a read gets; small, so connections that send little stay cheap.
 const MIN_READ: usize = 512;
+/// Largest room a read gets: a client that streams fills it and needs few syscalls.
+const MAX_READ: usize = 64 * 1024;
 
 impl Reader {
     /// Read what is available into `buf`. `Ok(0)` means the peer closed. Cancel-safe: nothing is
     /// lost if the future is dropped before it completes.
     pub(crate) async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
-            Reader::Tcp(r) => {
-                if buf.capacity() - buf.len() < MIN_READ / 2 {
-                    buf.reserve(buf.capacity().max(MIN_READ));
+            Reader::Tcp(r, room) => {
+                if buf.capacity() - buf.len() < *room {
+                    buf.reserve(*room);
                 }
-                r.read_buf(buf).await
+                let spare = buf.capacity() - buf.len();
+                let n = r.read_buf(buf).await?;
+                // a read that filled its room means more was waiting: give the next one more;
+                // a small read lets the room shrink back
+                if n == spare {
+                    *room = (*room * 2).min(MAX_READ);
+                } else if n < *room / 4 {
+                    *room = (*room / 2).max(MIN_READ);
+                }
+                Ok(n)
             }
             Reader::Ws(r, framing) => loop {
                 let data: Bytes = match r.next().await {

@@ -1,0 +1,278 @@
+//! Reading mqant's `server.conf` (PROTOCOLS.md §12), so an mqant deployment's config runs on warren
+//! unchanged and `warren config convert` can print the equivalent TOML.
+//!
+//! The file is JSON with full-line `//` comments; keys match case-insensitively, as Go's
+//! `encoding/json` does. The `Gate` module's settings become two mqant-mode listeners; `Mqtt`
+//! timeouts become listener settings; every other module becomes a `[[module]]` instance.
+
+use serde_json::{Map, Value};
+
+use crate::config::{Config, ConfigError, ListenerConfig, Mode, ModuleConfig, TransportName};
+
+/// Whether text is mqant's JSON shape: its first character outside whitespace and `//` lines is `{`.
+pub fn is_mqant_json(text: &str) -> bool {
+    strip_comments(text).trim_start().starts_with('{')
+}
+
+/// Drop every line whose text, after leading spaces and tabs, starts with `//` (end-of-line
+/// comments are not allowed by the format).
+fn strip_comments(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            if l.trim_start_matches([' ', '\t']).starts_with("//") {
+                ""
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn get<'a>(o: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    o.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v)
+}
+
+fn invalid(key: &str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        why: why.into(),
+        line: None,
+    }
+}
+
+fn number(o: &Map<String, Value>, key: &str, path: &str) -> Result<Option<u64>, ConfigError> {
+    match get(o, key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            invalid(
+                &format!("{path}.{key}"),
+                format!("must be a JSON number, got {v}"),
+            )
+        }),
+    }
+}
+
+fn string<'a>(o: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
+    get(o, key).and_then(Value::as_str)
+}
+
+/// Convert mqant's `server.conf` into a warren config. Returns the config and warnings about what
+/// was ignored.
+pub fn from_mqant_json(text: &str) -> Result<(Config, Vec<String>), ConfigError> {
+    let json: Value =
+        serde_json::from_str(&strip_comments(text)).map_err(|e| ConfigError::Parse {
+            line: Some(e.line()),
+            column: Some(e.column()),
+            message: e.to_string(),
+        })?;
+    let root = json
+        .as_object()
+        .ok_or_else(|| invalid("(root)", "must be a JSON object"))?;
+    let mut warnings = Vec::new();
+    let mut config = Config::default();
+    config.http.enabled = false;
+    config.listeners.clear();
+
+    let mqtt = get(root, "Mqtt").and_then(Value::as_object);
+    let (idle, write, queue) = match mqtt {
+        Some(m) => (
+            number(m, "ReadTimeout", "Mqtt")?,
+            number(m, "WriteTimeout", "Mqtt")?,
+            // mqant's own spelling, and the corrected one
+            number(m, "WirteLoopChanNum", "Mqtt")?.or(number(m, "WriteLoopChanNum", "Mqtt")?),
+        ),
+        None => (None, None, None),
+    };
+    if get(root, "Master").is_some() {
+        warnings.push("Master is ignored: warren's admin API replaces it".into());
+    }
+    let modules = get(root, "Module")
+        .and_then(Value::as_object)
+        .ok_or_else(|| invalid("Module", "missing: the file names no modules"))?;
+    let mut ids: Vec<String> = Vec::new();
+    for (kind, instances) in modules {
+        let list = instances
+            .as_array()
+            .ok_or_else(|| invalid(&format!("Module.{kind}"), "must be a list of instances"))?;
+        for (i, inst) in list.iter().enumerate() {
+            let path = format!("Module.{kind}[{i}]");
+            let o = inst
+                .as_object()
+                .ok_or_else(|| invalid(&path, "must be an object"))?;
+            let id = string(o, "Id").ok_or_else(|| invalid(&format!("{path}.Id"), "missing"))?;
+            if ids.iter().any(|x| x == id) {
+                return Err(invalid(
+                    &format!("{path}.Id"),
+                    format!("instance id {id:?} is used twice"),
+                ));
+            }
+            ids.push(id.to_owned());
+            if get(o, "Group").is_some() {
+                warnings.push(format!("{path}.Group is ignored"));
+            }
+            let node = string(o, "ProcessID")
+                .or(string(o, "Host"))
+                .map(str::to_owned);
+            let settings = get(o, "Settings")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            if get(o, "Rabbitmq").is_some() {
+                warnings.push(format!(
+                    "{path}.Rabbitmq is ignored: this build has no AMQP bus; calls stay in process"
+                ));
+            }
+            if kind.eq_ignore_ascii_case("Gate") {
+                config.node.gate_id = id.to_owned();
+                gate_listeners(
+                    &mut config,
+                    &settings,
+                    &path,
+                    &mut warnings,
+                    idle,
+                    write,
+                    queue,
+                )?;
+                continue;
+            }
+            let mut m = ModuleConfig::new(kind);
+            m.id = Some(id.to_owned());
+            m.node = node;
+            m.settings = toml::Table::try_from(Value::Object(settings))
+                .map_err(|e| invalid(&format!("{path}.Settings"), e.to_string()))?;
+            config.modules.push(m);
+        }
+    }
+    Ok((config, warnings))
+}
+
+fn gate_listeners(
+    config: &mut Config,
+    s: &Map<String, Value>,
+    path: &str,
+    warnings: &mut Vec<String>,
+    idle: Option<u64>,
+    write: Option<u64>,
+    queue: Option<u64>,
+) -> Result<(), ConfigError> {
+    let p = format!("{path}.Settings");
+    let max_packet = number(s, "MaxMsgLen", &p)?;
+    let max_conn = number(s, "MaxConnNum", &p)?;
+    let handshake = number(s, "HTTPTimeout", &p)?;
+    let hb = number(s, "MinHBStorage", &p)?;
+    let tls = get(s, "Tls").and_then(Value::as_bool).unwrap_or(false);
+    if tls {
+        warnings.push(format!(
+            "{p}.Tls is not supported yet: the listeners run without TLS"
+        ));
+    }
+    for (key, transport) in [
+        ("TCPAddr", TransportName::Tcp),
+        ("WSAddr", TransportName::Ws),
+    ] {
+        let Some(addr) = string(s, key).filter(|a| !a.is_empty()) else {
+            continue;
+        };
+        let mut l = ListenerConfig {
+            mode: Mode::Mqant,
+            transport: Some(transport),
+            addr: addr.to_owned(),
+            ..Default::default()
+        };
+        l.max_packet = max_packet.map(|v| v as usize);
+        if let Some(v) = max_conn {
+            l.max_conn = v as usize;
+        }
+        if let Some(v) = handshake {
+            l.ws_handshake_timeout_s = v;
+        }
+        if let Some(v) = hb {
+            l.min_hb_storage_s = v;
+        }
+        l.idle_timeout_s = idle;
+        if let Some(v) = write.filter(|v| *v > 0) {
+            l.write_timeout_s = v;
+        }
+        if let Some(v) = queue.filter(|v| *v > 0) {
+            l.write_queue = v as usize;
+        }
+        config.listeners.push(l);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"{
+  // Id must be unique; ProcessID picks the process (node) that runs the instance
+  "Module": {
+    "Gate":  [{"Id":"Gate001","ProcessID":"development",
+               "Settings":{"WSAddr":":3653","TCPAddr":":3563","MaxMsgLen":4096,"HTTPTimeout":10,
+                           "MaxConnNum":20000,"Tls":false,"CertFile":"","KeyFile":"","MinHBStorage":60}}],
+    "Login": [{"Id":"Login001","ProcessID":"development",
+               "Rabbitmq":{"Uri":"amqp://user:password@host:5672/","Exchange":"mqant","ExchangeType":"direct",
+                           "Queue":"Login001","BindingKey":"Login001","ConsumerTag":"Login001"}}],
+    "Chat":  [{"Id":"Chat001","ProcessID":"development"}]
+  },
+  "Mqtt": {"WirteLoopChanNum":10,"ReadPackLoop":10,"ReadTimeout":600,"WriteTimeout":300}
+}
+// a last comment without a newline"#;
+
+    #[test]
+    fn the_example_of_section_12_converts() {
+        assert!(is_mqant_json(SAMPLE));
+        assert!(!is_mqant_json("[node]\nid = \"x\"\n"));
+        let (c, warnings) = from_mqant_json(SAMPLE).unwrap();
+        assert_eq!(c.node.gate_id, "Gate001");
+        assert_eq!(c.listeners.len(), 2);
+        let tcp = &c.listeners[0];
+        assert_eq!(
+            (tcp.mode, tcp.transport(), tcp.addr.as_str()),
+            (Mode::Mqant, TransportName::Tcp, ":3563")
+        );
+        assert_eq!(tcp.socket_addr().unwrap().to_string(), "0.0.0.0:3563");
+        let ws = &c.listeners[1];
+        assert_eq!(
+            (ws.transport(), ws.max_packet),
+            (TransportName::Ws, Some(4096))
+        );
+        assert_eq!(
+            (ws.idle_timeout_s, ws.write_timeout_s, ws.write_queue),
+            (Some(600), 300, 10)
+        );
+        let kinds: Vec<_> = c
+            .modules
+            .iter()
+            .map(|m| (m.kind.as_str(), m.instance_id()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("Login", "Login001".to_owned()),
+                ("Chat", "Chat001".to_owned())
+            ]
+        );
+        assert_eq!(c.modules[0].node.as_deref(), Some("development"));
+        assert!(warnings.iter().any(|w| w.contains("Rabbitmq")));
+        c.validate(&[]).unwrap();
+    }
+
+    #[test]
+    fn keys_match_case_insensitively_and_errors_name_their_key() {
+        let (c, _) =
+            from_mqant_json(r#"{"module":{"chat":[{"id":"c1","host":"127.0.0.1"}]}}"#).unwrap();
+        assert_eq!(c.modules[0].instance_id(), "c1");
+        let e = from_mqant_json(r#"{"Module":{"A":[{"Id":"x"}],"B":[{"Id":"x"}]}}"#).unwrap_err();
+        assert!(e.to_string().contains("Module.B[0].Id"), "{e}");
+        let e =
+            from_mqant_json(r#"{"Module":{"Gate":[{"Id":"g","Settings":{"MaxMsgLen":"big"}}]}}"#)
+                .unwrap_err();
+        assert!(e.to_string().contains("MaxMsgLen"), "{e}");
+        assert!(from_mqant_json("{ // not a full-line comment\n}").is_err());
+    }
+}
