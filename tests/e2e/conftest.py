@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import random
 import socket
 import subprocess
 import sys
@@ -65,15 +66,24 @@ _ports_given: set[int] = set()
 
 
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free now and not handed out before in this run."""
+    """Return a TCP port on 127.0.0.1 that is free now and not handed out before in this run.
+
+    Ports come from below the kernel's ephemeral range (32768+ on Linux), so the outgoing
+    connections of tests (or of anything else on the machine) cannot take a port between the
+    moment it is chosen here and the moment warren binds it.
+    """
     with _port_lock:
-        for _ in range(200):
+        for _ in range(2000):
+            port = random.randint(20000, 32000)
+            if port in _ports_given:
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            if port not in _ports_given:
-                _ports_given.add(port)
-                return port
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _ports_given.add(port)
+            return port
     raise RuntimeError("no free port found")
 
 

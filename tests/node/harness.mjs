@@ -40,21 +40,25 @@ export function findWarren() {
 
 const given = new Set();
 
-/** `n` distinct TCP ports on 127.0.0.1 that are free now and not handed out before here. */
+/**
+ * `n` distinct TCP ports on 127.0.0.1 that are free now and not handed out before here. They come
+ * from below the kernel's ephemeral range (32768+), so outgoing connections cannot take one
+ * between the moment it is chosen and the moment warren binds it.
+ */
 export async function freePorts(n) {
   const out = [];
   while (out.length < n) {
+    const port = 20000 + Math.floor(Math.random() * 12000);
+    if (given.has(port)) continue;
     const srv = net.createServer();
-    await new Promise((resolve, reject) => {
-      srv.once('error', reject);
-      srv.listen(0, '127.0.0.1', resolve);
+    const ok = await new Promise((resolve) => {
+      srv.once('error', () => resolve(false));
+      srv.listen(port, '127.0.0.1', () => resolve(true));
     });
-    const { port } = srv.address();
+    if (!ok) continue;
     await new Promise((resolve) => srv.close(resolve));
-    if (!given.has(port)) {
-      given.add(port);
-      out.push(port);
-    }
+    given.add(port);
+    out.push(port);
   }
   return out;
 }

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::Value;
-use tracing::Instrument;
 use warren_proto::json_ws::{self, Frame};
 
 use super::args::{args_from_result, body_from_args};
@@ -37,24 +36,18 @@ pub(crate) async fn serve(
     writer: Writer,
     peer: SocketAddr,
 ) {
-    let span = tracing::info_span!("conn", node = %gate.node.id(), %peer, protocol = "json", session = tracing::field::Empty);
-    metrics::counter!("warren_connections_total").increment(1);
-    async move {
-        let conn = SessionConn::open(gate, cfg.clone(), peer, Protocol::Json, writer, JsonFramer);
-        let proto = JsonSession {
-            logged_in: !cfg.require_login.unwrap_or(true),
-            max: max_message(&cfg),
-            fallback: cfg
-                .fallback_module
-                .clone()
-                .unwrap_or_else(|| "global".into()),
-            silent: cfg.silent_errors.unwrap_or(false),
-            idle: cfg.idle_timeout(),
-        };
-        conn::serve_session(proto, conn, reader, BytesMut::new()).await;
-    }
-    .instrument(span)
-    .await;
+    let conn = SessionConn::open(gate, cfg.clone(), peer, Protocol::Json, writer, JsonFramer);
+    let proto = JsonSession {
+        logged_in: !cfg.require_login.unwrap_or(true),
+        max: max_message(&cfg),
+        fallback: cfg
+            .fallback_module
+            .clone()
+            .unwrap_or_else(|| "global".into()),
+        silent: cfg.silent_errors.unwrap_or(false),
+        idle: cfg.idle_timeout(),
+    };
+    conn::serve_session(proto, conn, reader, BytesMut::new()).await;
 }
 
 struct JsonSession {

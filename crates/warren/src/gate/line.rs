@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tracing::Instrument;
 use warren_proto::line::{self, LineDecoder, LineEvent};
 
 use super::Gate;
@@ -165,51 +164,44 @@ pub(crate) async fn serve(
     writer: Writer,
     peer: SocketAddr,
 ) {
-    let span = tracing::info_span!("conn", node = %gate.node.id(), %peer, protocol = "line", session = tracing::field::Empty);
-    metrics::counter!("warren_connections_total").increment(1);
-    async move {
-        let space = cfg.space_before_crlf.unwrap_or(true);
-        let conn = SessionConn::open(
-            gate.clone(),
-            cfg.clone(),
+    let space = cfg.space_before_crlf.unwrap_or(true);
+    let conn = SessionConn::open(
+        gate.clone(),
+        cfg.clone(),
+        peer,
+        Protocol::Line,
+        writer,
+        LineFramer { space },
+    );
+    let router = cfg.handler.as_deref() == Some("router");
+    let channel = Channel {
+        inner: Arc::new(ChannelInner {
+            id: NEXT_CHANNEL.fetch_add(1, Ordering::Relaxed),
             peer,
-            Protocol::Line,
-            writer,
-            LineFramer { space },
-        );
-        let router = cfg.handler.as_deref() == Some("router");
-        let channel = Channel {
-            inner: Arc::new(ChannelInner {
-                id: NEXT_CHANNEL.fetch_add(1, Ordering::Relaxed),
-                peer,
-                handle: conn.handle.clone(),
-                closed: AtomicBool::new(false),
-                data: Mutex::new(None),
-            }),
-        };
-        let lazy = cfg.lazy_channels.unwrap_or(false);
-        let handler: Option<Arc<dyn ChannelHandler>> =
-            (!router).then(|| gate.channel_handler.clone());
-        let mut proto = LineSession {
-            decoder: LineDecoder::new(
-                cfg.max_head.unwrap_or(64),
-                cfg.max_body.unwrap_or(64 * 1024),
-            ),
-            space,
-            bad_heads: 0,
-            max_bad_heads: cfg.max_bad_heads.unwrap_or(8),
-            handler,
-            channel,
-            announced: false,
-            idle: cfg.idle_timeout(),
-        };
-        if !lazy {
-            proto.announce(&gate);
-        }
-        conn::serve_session(proto, conn, reader, BytesMut::new()).await;
+            handle: conn.handle.clone(),
+            closed: AtomicBool::new(false),
+            data: Mutex::new(None),
+        }),
+    };
+    let lazy = cfg.lazy_channels.unwrap_or(false);
+    let handler: Option<Arc<dyn ChannelHandler>> = (!router).then(|| gate.channel_handler.clone());
+    let mut proto = LineSession {
+        decoder: LineDecoder::new(
+            cfg.max_head.unwrap_or(64),
+            cfg.max_body.unwrap_or(64 * 1024),
+        ),
+        space,
+        bad_heads: 0,
+        max_bad_heads: cfg.max_bad_heads.unwrap_or(8),
+        handler,
+        channel,
+        announced: false,
+        idle: cfg.idle_timeout(),
+    };
+    if !lazy {
+        proto.announce(&gate);
     }
-    .instrument(span)
-    .await;
+    conn::serve_session(proto, conn, reader, BytesMut::new()).await;
 }
 
 struct LineSession {

@@ -12,6 +12,7 @@ use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 use super::transport::{self, Reader, Writer, WsFraming};
 use super::{Gate, json, line, mqtt, pomelo, pomelo_rpc};
@@ -58,8 +59,27 @@ pub(crate) async fn listen(
     })
 }
 
-/// Hand a connection to its protocol.
+/// Hand a connection to its protocol, inside the connection's span (node, peer, protocol,
+/// session) so every line it logs says whose it is.
 async fn serve(gate: Arc<Gate>, cfg: Arc<ListenerConfig>, r: Reader, w: Writer, peer: SocketAddr) {
+    let span = tracing::info_span!(
+        "conn",
+        node = %gate.node.id(),
+        %peer,
+        protocol = cfg.scheme(),
+        session = tracing::field::Empty
+    );
+    metrics::counter!("warren_connections_total", "protocol" => cfg.scheme()).increment(1);
+    dispatch(gate, cfg, r, w, peer).instrument(span).await;
+}
+
+async fn dispatch(
+    gate: Arc<Gate>,
+    cfg: Arc<ListenerConfig>,
+    r: Reader,
+    w: Writer,
+    peer: SocketAddr,
+) {
     // each protocol's connection future lives in its own allocation, sized for that protocol
     // alone (an idle MQTT connection does not pay for the largest protocol's state)
     match cfg.protocol {

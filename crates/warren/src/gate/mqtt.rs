@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tracing::Instrument;
 use warren_proto::mqtt::{self, Packet, Publish, QoS};
 
 use super::conn::{self, End, Framer, Out, SessionConn};
@@ -40,17 +39,11 @@ pub(crate) fn serve(
     peer: SocketAddr,
 ) -> impl std::future::Future<Output = ()> + Send {
     async move {
-        let span = tracing::info_span!("conn", node = %gate.node.id(), %peer, session = tracing::field::Empty);
-        metrics::counter!("warren_connections_total").increment(1);
-        // two phases in two allocations: the CONNECT exchange is freed once the session runs, so an
-        // idle connection's task holds only the session's state
-        let session = Box::pin(handshake(gate, cfg, reader, writer, peer))
-            .instrument(span.clone())
-            .await;
+        // two phases in two allocations: the CONNECT exchange is freed once the session runs,
+        // so an idle connection's task holds only the session's state
+        let session = Box::pin(handshake(gate, cfg, reader, writer, peer)).await;
         if let Some((proto, conn, reader, buf)) = session {
-            conn::serve_session(proto, conn, reader, buf)
-                .instrument(span)
-                .await;
+            conn::serve_session(proto, conn, reader, buf).await;
         }
     }
 }

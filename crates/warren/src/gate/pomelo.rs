@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use serde_json::{Value, json};
-use tracing::Instrument;
 use warren_proto::pomelo::{
     self, MessageRoute, MessageType, PackageType, decode_message, decode_package,
 };
@@ -39,34 +38,28 @@ pub(crate) async fn serve(
     writer: Writer,
     peer: SocketAddr,
 ) {
-    let span = tracing::info_span!("conn", node = %gate.node.id(), %peer, protocol = "pomelo", session = tracing::field::Empty);
-    metrics::counter!("warren_connections_total").increment(1);
-    async move {
-        let dict = cfg.route_dict.clone().unwrap_or_default();
-        let framer = PomeloFramer {
-            dict: Arc::new(dict.clone()),
-        };
-        let conn = SessionConn::open(gate, cfg.clone(), peer, Protocol::Pomelo, writer, framer);
-        let heartbeat = cfg.heartbeat();
-        let hb_timeout = cfg
-            .heartbeat_timeout_s
-            .map(Duration::from_secs)
-            .or(heartbeat.map(|h| h * 2));
-        let idle = Duration::from_secs(cfg.idle_timeout_s.unwrap_or(90));
-        let read_timeout = Some(hb_timeout.map_or(idle, |h| h.min(idle)));
-        let codes: HashMap<u16, String> = dict.iter().map(|(r, c)| (*c, r.clone())).collect();
-        let proto = PomeloSession {
-            state: State::Inited,
-            max_package: max_package(&cfg),
-            heartbeat,
-            read_timeout,
-            dict,
-            codes,
-        };
-        conn::serve_session(proto, conn, reader, BytesMut::new()).await;
-    }
-    .instrument(span)
-    .await;
+    let dict = cfg.route_dict.clone().unwrap_or_default();
+    let framer = PomeloFramer {
+        dict: Arc::new(dict.clone()),
+    };
+    let conn = SessionConn::open(gate, cfg.clone(), peer, Protocol::Pomelo, writer, framer);
+    let heartbeat = cfg.heartbeat();
+    let hb_timeout = cfg
+        .heartbeat_timeout_s
+        .map(Duration::from_secs)
+        .or(heartbeat.map(|h| h * 2));
+    let idle = Duration::from_secs(cfg.idle_timeout_s.unwrap_or(90));
+    let read_timeout = Some(hb_timeout.map_or(idle, |h| h.min(idle)));
+    let codes: HashMap<u16, String> = dict.iter().map(|(r, c)| (*c, r.clone())).collect();
+    let proto = PomeloSession {
+        state: State::Inited,
+        max_package: max_package(&cfg),
+        heartbeat,
+        read_timeout,
+        dict,
+        codes,
+    };
+    conn::serve_session(proto, conn, reader, BytesMut::new()).await;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

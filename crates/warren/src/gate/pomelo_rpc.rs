@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
-use tracing::Instrument;
 use warren_proto::mqtt::{self, Packet, QoS};
 use warren_proto::pomelo_rpc::{self, RpcRequest};
 use warren_proto::stream_pkg;
@@ -37,36 +36,30 @@ pub(crate) async fn serve(
     writer: Writer,
     peer: SocketAddr,
 ) {
-    let span = tracing::info_span!("conn", node = %gate.node.id(), %peer, protocol = "pomelo-rpc", session = tracing::field::Empty);
-    metrics::counter!("warren_connections_total").increment(1);
-    async move {
-        let over_mqtt = cfg.transport() != TransportName::Tcp;
-        let conn = SessionConn::open(
-            gate,
-            cfg.clone(),
-            peer,
-            Protocol::PomeloRpc,
-            writer,
-            PassThrough,
-        );
-        let proto = RpcSession {
-            over_mqtt,
-            connected: !over_mqtt,
-            send_connack: cfg.send_connack.unwrap_or(true),
-            buffered: cfg.buffer_msg.unwrap_or(false).then(Vec::new),
-            interval: Duration::from_millis(cfg.interval_ms.unwrap_or(50).max(1)),
-            trace: cfg.trace.unwrap_or(false),
-            max: cfg.pkg_size.unwrap_or(1024 * 1024),
-            namespaces: cfg
-                .namespaces
-                .clone()
-                .unwrap_or_else(|| vec!["sys".into(), "user".into()]),
-            idle: Some(Duration::from_secs(cfg.idle_timeout_s.unwrap_or(60))),
-        };
-        conn::serve_session(proto, conn, reader, BytesMut::new()).await;
-    }
-    .instrument(span)
-    .await;
+    let over_mqtt = cfg.transport() != TransportName::Tcp;
+    let conn = SessionConn::open(
+        gate,
+        cfg.clone(),
+        peer,
+        Protocol::PomeloRpc,
+        writer,
+        PassThrough,
+    );
+    let proto = RpcSession {
+        over_mqtt,
+        connected: !over_mqtt,
+        send_connack: cfg.send_connack.unwrap_or(true),
+        buffered: cfg.buffer_msg.unwrap_or(false).then(Vec::new),
+        interval: Duration::from_millis(cfg.interval_ms.unwrap_or(50).max(1)),
+        trace: cfg.trace.unwrap_or(false),
+        max: cfg.pkg_size.unwrap_or(1024 * 1024),
+        namespaces: cfg
+            .namespaces
+            .clone()
+            .unwrap_or_else(|| vec!["sys".into(), "user".into()]),
+        idle: Some(Duration::from_secs(cfg.idle_timeout_s.unwrap_or(60))),
+    };
+    conn::serve_session(proto, conn, reader, BytesMut::new()).await;
 }
 
 struct RpcSession {
