@@ -30,8 +30,38 @@ pub struct Call {
 }
 
 /// A reply that will arrive: resolves to the handler's result, a typed error, or
-/// [`CallError::Timeout`] at the deadline.
-pub type Pending = BoxFuture<'static, Result<Bytes, CallError>>;
+/// [`CallError::Timeout`] at the deadline. A call to an instance in this process waits on a
+/// oneshot channel directly; a remote bus supplies its own future.
+pub enum Pending {
+    /// The result of a call to a local instance.
+    Local(oneshot::Receiver<Result<Bytes, CallError>>),
+    /// The result of a call carried by a remote bus.
+    Remote(BoxFuture<'static, Result<Bytes, CallError>>),
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pending::Local(_) => "Pending::Local",
+            Pending::Remote(_) => "Pending::Remote",
+        })
+    }
+}
+
+impl std::future::Future for Pending {
+    type Output = Result<Bytes, CallError>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut *self {
+            Pending::Local(rx) => std::pin::Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(CallError::Closed))),
+            Pending::Remote(f) => f.as_mut().poll(cx),
+        }
+    }
+}
 
 /// Delivers calls to module instances, wherever they run.
 pub trait Bus: Send + Sync + 'static {
@@ -49,7 +79,9 @@ pub trait Bus: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 }
 
-/// The in-process bus: a map from instance id to running instance.
+/// The in-process bus: a map from instance id to running instance. The router calls it directly
+/// for instances on this node (no boxed future); it is also a [`Bus`] for tests and as the local
+/// half of a remote bus.
 #[derive(Default)]
 pub struct LocalBus {
     instances: RwLock<HashMap<Arc<str>, Arc<Instance>>>,
@@ -102,9 +134,7 @@ impl LocalBus {
                 reply: tx,
             })
             .await?;
-        Ok(rx.map(|rx| -> Pending {
-            Box::pin(async move { rx.await.unwrap_or(Err(CallError::Closed)) })
-        }))
+        Ok(rx.map(Pending::Local))
     }
 }
 

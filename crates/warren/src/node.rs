@@ -488,7 +488,7 @@ impl NodeBuilder {
         let sessions = Arc::new(SessionTable::new(cfg.node.gate_id.as_str().into()));
         let shared = Arc::new(NodeShared {
             id: cfg.node.id.as_str().into(),
-            router: Router::new(bus.clone()),
+            router: Router::with_local(bus.clone(), &cfg.node.id, bus.clone()),
             bus: bus.clone(),
             registry: registry.clone(),
             sessions: sessions.clone(),

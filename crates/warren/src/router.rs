@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::bus::{Bus, Call, Pending};
+use crate::bus::{Bus, Call, LocalBus, Pending};
 use crate::error::CallError;
 use crate::registry::NodeRecord;
 use crate::ring::{Ring, normalize};
@@ -49,6 +49,8 @@ struct Table {
 /// Routes calls to module instances over a [`Bus`].
 pub struct Router {
     bus: Arc<dyn Bus>,
+    /// This node's id and its in-process bus: calls to local instances skip the `Bus` trait.
+    local: Option<(Arc<str>, Arc<LocalBus>)>,
     table: ArcSwap<Table>,
 }
 
@@ -65,6 +67,17 @@ impl Router {
     pub fn new(bus: Arc<dyn Bus>) -> Self {
         Router {
             bus,
+            local: None,
+            table: ArcSwap::from_pointee(Table::default()),
+        }
+    }
+
+    /// A router that delivers calls for instances of node `node` through `local` directly and
+    /// everything else through `bus`.
+    pub fn with_local(bus: Arc<dyn Bus>, node: &str, local: Arc<LocalBus>) -> Self {
+        Router {
+            bus,
+            local: Some((node.into(), local)),
             table: ArcSwap::from_pointee(Table::default()),
         }
     }
@@ -152,7 +165,10 @@ impl Router {
             body,
             deadline,
         };
-        self.bus.send(&target.node, call, reply).await
+        match &self.local {
+            Some((node, local)) if *node == target.node => local.deliver(call, reply).await,
+            _ => self.bus.send(&target.node, call, reply).await,
+        }
     }
 
     /// The target of one instance id, if it is live.

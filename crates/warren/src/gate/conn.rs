@@ -80,7 +80,7 @@ pub(crate) struct ReplyFuture<T> {
 impl<T: Unpin> Future for ReplyFuture<T> {
     type Output = (Option<T>, Result<Bytes, CallError>);
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-        match self.pending.as_mut().poll(cx) {
+        match std::pin::Pin::new(&mut self.pending).poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(r) => Poll::Ready((self.tag.take(), r)),
         }
