@@ -24,6 +24,10 @@ pub enum Scenario {
     /// C clients each keeping K requests in flight to a route with a msgid (warren's Echo
     /// module: run warren with --module Echo); reports requests/s and latency.
     Request(RequestArgs),
+    /// The pomelo request/reply path: C raw-TCP pomelo clients each keeping K requests in
+    /// flight to a route (warren with a pomelo:// listener and --module Echo); reports
+    /// requests/s and latency like `request`.
+    PomeloRequest(PomeloRequestArgs),
     /// Open N connections, hold them idle with keepalive; reports the connect rate, failures
     /// and, with --pid, the server's memory per idle connection.
     Connections(ConnectionsArgs),
@@ -160,6 +164,30 @@ pub struct RequestArgs {
     pub drain: f64,
 }
 
+/// Options of the `pomelo-request` scenario.
+#[derive(Debug, Clone, Args)]
+pub struct PomeloRequestArgs {
+    /// Target (HOST:PORT of a pomelo listener), duration and the other common options
+    /// (`--keepalive` does not apply: heartbeats follow the server's handshake).
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Client connections.
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    /// Requests each client keeps in flight.
+    #[arg(long, default_value_t = 10)]
+    pub inflight: usize,
+    /// pomelo route the requests go to (`Module.Handler`).
+    #[arg(long, default_value = "Echo.HD_Echo")]
+    pub route: String,
+    /// Request body bytes (a JSON object `{"n":…,"pad":"xxx…"}` padded to this size).
+    #[arg(long, default_value_t = 64, value_name = "BYTES")]
+    pub payload: usize,
+    /// Seconds to wait, after sending stops, for outstanding responses.
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    pub drain: f64,
+}
+
 /// Options of the `connections` scenario.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectionsArgs {
@@ -169,8 +197,8 @@ pub struct ConnectionsArgs {
     /// Connections to open.
     #[arg(long, default_value_t = 1000)]
     pub count: usize,
-    /// On a loopback target, connections per source address (127.0.0.1, 127.0.0.2, …): one
-    /// address has only ~28 k ephemeral ports.
+    /// On a loopback target, connections per source address (127.a.b.c, from a random start
+    /// each run): one address has only ~28 k ephemeral ports.
     #[arg(long, default_value_t = 10_000)]
     pub per_source: usize,
     /// Connection attempts in progress at once (many more overflow the accept queue of some

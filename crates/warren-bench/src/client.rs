@@ -9,7 +9,7 @@
 //! own CONNECT echoed back; [`Client::connect`] accepts that in place of a CONNACK.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,8 +33,9 @@ pub const MAX_PACKET: usize = 16 << 20;
 pub struct ConnectOptions {
     /// Server address.
     pub target: SocketAddr,
-    /// Local address to bind before connecting (spreads many connections over 127.0.0.x).
-    pub source: Option<IpAddr>,
+    /// Local address to bind before connecting (spreads many connections over 127.x.y.z). A
+    /// port of 0 lets the kernel choose; an explicit port that is taken falls back to that.
+    pub source: Option<SocketAddr>,
     /// MQTT client id.
     pub client_id: String,
     /// Keepalive announced in CONNECT, seconds.
@@ -163,9 +164,29 @@ impl Client {
             SocketAddr::V6(_) => TcpSocket::new_v6(),
         }
         .map_err(connect_err)?;
-        if let Some(ip) = o.source {
-            socket.bind(SocketAddr::new(ip, 0)).map_err(connect_err)?;
-        }
+        let socket = match o.source {
+            None => socket,
+            Some(addr) => {
+                // An explicit port avoids the kernel's search for a free one, which walks the
+                // whole port range once tens of thousands of sockets (or their TIME_WAIT
+                // remains) exist, and slows connecting to a few hundred per second.
+                match socket.bind(addr) {
+                    Ok(()) => socket,
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() != 0 => {
+                        let socket = match o.target {
+                            SocketAddr::V4(_) => TcpSocket::new_v4(),
+                            SocketAddr::V6(_) => TcpSocket::new_v6(),
+                        }
+                        .map_err(connect_err)?;
+                        socket
+                            .bind(SocketAddr::new(addr.ip(), 0))
+                            .map_err(connect_err)?;
+                        socket
+                    }
+                    Err(e) => return Err(connect_err(e)),
+                }
+            }
+        };
         let stream = socket.connect(o.target).await.map_err(connect_err)?;
         stream.set_nodelay(true).map_err(connect_err)?;
         let (r, w) = stream.into_split();
@@ -192,6 +213,21 @@ impl Client {
             Packet::Connect(_) => Ok(client),
             other => Err(BenchError::Unexpected(other.name())),
         }
+    }
+
+    /// Sends DISCONNECT and waits up to `linger` for the server to close first, so the
+    /// TIME_WAIT state lands on the server's side and the client's port is free at once.
+    pub async fn close(mut self, linger: Duration) {
+        self.writer.queue(&Packet::Disconnect);
+        if self.writer.flush().await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(linger, async {
+            while self.reader.fill().await.is_ok() {
+                self.reader.buf.clear();
+            }
+        })
+        .await;
     }
 
     /// Subscribes to one filter and waits for the SUBACK.

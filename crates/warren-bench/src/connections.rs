@@ -2,8 +2,8 @@
 //! cost: how fast the server accepts them (connect + CONNACK), how many fail, and, with
 //! `--pid`, how much resident memory the server holds per idle connection.
 //!
-//! One source address has only ~28 k ephemeral ports, so on a loopback target connection `i`
-//! binds to 127.0.0.(1 + i / per_source) before connecting.
+//! One source address has only ~28 k ephemeral ports, so on a loopback target the connections
+//! bind to source addresses 127.a.b.c, `per_source` each, from a random start every run.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -92,6 +92,7 @@ pub async fn run(a: &ConnectionsArgs, stop: CancellationToken) -> Result<Report,
     let gate = Arc::new(Semaphore::new(a.concurrency.max(1)));
     let keep_alive = Duration::from_secs(u64::from(c.keepalive.max(1)));
     let tag = std::process::id();
+    let base = random_base();
     let start = Instant::now();
     let mut started = 0usize;
     'spawn: for i in 0..a.count {
@@ -111,7 +112,7 @@ pub async fn run(a: &ConnectionsArgs, stop: CancellationToken) -> Result<Report,
         };
         let o = ConnectOptions {
             target,
-            source: source_for(target, i, a.per_source),
+            source: source_for(target, i, a.per_source, base),
             client_id: format!("wb-{tag}-c{i}"),
             keep_alive: c.keepalive,
             timeout: connect_timeout,
@@ -220,7 +221,7 @@ async fn idle_connection(
         tokio::select! {
             biased;
             _ = stop.cancelled() => {
-                client.writer.goodbye().await;
+                client.close(Duration::from_secs(2)).await;
                 return;
             }
             r = client.reader.fill() => {
@@ -247,16 +248,38 @@ async fn idle_connection(
     }
 }
 
-/// The local address connection `i` binds to: spread over 127.0.0.1, 127.0.0.2, … for a
-/// loopback IPv4 target, none (the kernel chooses) otherwise.
-fn source_for(target: SocketAddr, i: usize, per_source: usize) -> Option<IpAddr> {
+/// First source port used on each source address.
+const FIRST_PORT: u16 = 20_000;
+
+/// Most connections per source address (ports 20 000 to 60 000).
+const MAX_PER_SOURCE: usize = 40_000;
+
+/// The local address connection `i` binds to on a loopback IPv4 target: 127.a.b.c (c never 0
+/// or 255) starting at address number `base`, `per_source` connections per address on ports
+/// from 20 000 up. A random `base` per run keeps clear of ports that earlier runs left in
+/// TIME_WAIT. Other targets get none (the kernel chooses).
+fn source_for(target: SocketAddr, i: usize, per_source: usize, base: u32) -> Option<SocketAddr> {
     match target.ip() {
         IpAddr::V4(ip) if ip.is_loopback() => {
-            let host = 1 + (i / per_source.max(1)) % 254;
-            Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host as u8)))
+            let per_source = per_source.clamp(1, MAX_PER_SOURCE);
+            let k = base.wrapping_add((i / per_source) as u32) % (254 * 256 * 256);
+            let c = (k % 254 + 1) as u8;
+            let b = ((k / 254) % 256) as u8;
+            let a = (k / (254 * 256)) as u8;
+            let port = FIRST_PORT + (i % per_source) as u16;
+            Some(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(127, a, b, c)),
+                port,
+            ))
         }
         _ => None,
     }
+}
+
+/// A random starting address number for [`source_for`].
+fn random_base() -> u32 {
+    use std::hash::BuildHasher;
+    (std::collections::hash_map::RandomState::new().hash_one(std::process::id()) % (1 << 22)) as u32
 }
 
 #[cfg(test)]
@@ -266,12 +289,19 @@ mod tests {
     #[test]
     fn sources_spread_over_loopback() {
         let lo: SocketAddr = "127.0.0.1:1883".parse().unwrap();
-        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
-        assert_eq!(source_for(lo, 0, 10_000), ip("127.0.0.1"));
-        assert_eq!(source_for(lo, 9_999, 10_000), ip("127.0.0.1"));
-        assert_eq!(source_for(lo, 10_000, 10_000), ip("127.0.0.2"));
-        assert_eq!(source_for(lo, 25_000, 10_000), ip("127.0.0.3"));
+        let at = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        assert_eq!(source_for(lo, 0, 10_000, 0), at("127.0.0.1:20000"));
+        assert_eq!(source_for(lo, 9_999, 10_000, 0), at("127.0.0.1:29999"));
+        assert_eq!(source_for(lo, 10_000, 10_000, 0), at("127.0.0.2:20000"));
+        assert_eq!(source_for(lo, 25_000, 10_000, 0), at("127.0.0.3:25000"));
+        assert_eq!(source_for(lo, 0, 10_000, 253), at("127.0.0.254:20000"));
+        assert_eq!(source_for(lo, 10_000, 10_000, 253), at("127.0.1.1:20000"));
+        assert_eq!(source_for(lo, 0, 1, 254 * 256), at("127.1.0.1:20000"));
+        // Wraps instead of leaving 127/8; ports stay below 60 000.
+        assert_eq!(source_for(lo, 0, 1, 254 * 256 * 256), at("127.0.0.1:20000"));
+        assert_eq!(source_for(lo, 99_999, 1_000_000, 0), at("127.0.0.3:39999"));
         let remote: SocketAddr = "[::1]:1883".parse().unwrap();
-        assert_eq!(source_for(remote, 50_000, 10_000), None);
+        assert_eq!(source_for(remote, 50_000, 10_000, 0), None);
+        assert!(random_base() < 1 << 22);
     }
 }

@@ -52,6 +52,15 @@ pub enum BenchError {
     /// The server sent a valid packet that makes no sense at this point.
     #[error("unexpected {0} from the server")]
     Unexpected(&'static str),
+    /// The server sent something that is not pomelo (`pomelo-request`).
+    #[error("malformed pomelo package from the server: {0}")]
+    PomeloDecode(#[from] warren_proto::pomelo::PomeloError),
+    /// The pomelo server refused the handshake (a code other than 200, or no JSON).
+    #[error("the server refused the pomelo handshake: {0}")]
+    HandshakeRefused(String),
+    /// The pomelo server kicked the client, with this reason.
+    #[error("the server kicked the client: {0}")]
+    Kicked(String),
     /// A socket read or write failed.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),

@@ -3,6 +3,7 @@
 //!
 //! Scenarios: [`Scenario::Pubsub`] (P publishers → S subscribers, closed loop or fixed rate),
 //! [`Scenario::Request`] (requests with a msgid to a module route, answered on the same topic),
+//! [`Scenario::PomeloRequest`] (the same over raw-TCP pomelo: request messages with an id),
 //! [`Scenario::Connections`] (many idle connections: connect rate and the server's memory per
 //! connection), and the hidden raw echo server used as the physical-limit reference. Each run
 //! prints a human summary and one JSON line; `bench/compare` runs them side by side against
@@ -23,6 +24,7 @@ mod latency;
 mod loss;
 mod payload;
 mod proc;
+mod pomelo;
 mod pubsub;
 mod report;
 mod request;
@@ -37,7 +39,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use args::{
-    BenchArgs, CommonArgs, ConnectionsArgs, EchoServerArgs, PubsubArgs, RequestArgs, Scenario,
+    BenchArgs, CommonArgs, ConnectionsArgs, EchoServerArgs, PomeloRequestArgs, PubsubArgs,
+    RequestArgs, Scenario,
 };
 pub use error::BenchError;
 pub use latency::Percentiles;
@@ -50,12 +53,14 @@ pub fn main(args: BenchArgs) -> ExitCode {
     let threads = match &args.scenario {
         Scenario::Pubsub(a) => a.common.threads,
         Scenario::Request(a) => a.common.threads,
+        Scenario::PomeloRequest(a) => a.common.threads,
         Scenario::Connections(a) => a.common.threads,
         Scenario::EchoServer(a) => a.threads,
     };
     let json_only = match &args.scenario {
         Scenario::Pubsub(a) => a.common.json,
         Scenario::Request(a) => a.common.json,
+        Scenario::PomeloRequest(a) => a.common.json,
         Scenario::Connections(a) => a.common.json,
         Scenario::EchoServer(_) => true,
     };
@@ -96,6 +101,7 @@ pub async fn run(args: BenchArgs, stop: CancellationToken) -> Result<Option<Repo
     match args.scenario {
         Scenario::Pubsub(a) => pubsub::run(&a, stop).await.map(Some),
         Scenario::Request(a) => request::run(&a, stop).await.map(Some),
+        Scenario::PomeloRequest(a) => pomelo::run(&a, stop).await.map(Some),
         Scenario::Connections(a) => connections::run(&a, stop).await.map(Some),
         Scenario::EchoServer(a) => echo::run(&a, stop).await.map(|()| None),
     }
