@@ -174,6 +174,30 @@ fn request_through_the_echo_module() {
 }
 
 #[test]
+fn pomelo_request_through_the_echo_module() {
+    let port = free_port();
+    let url = format!("pomelo://127.0.0.1:{port}?heartbeat_s=0");
+    let mut server = Server::start(&["--listen", &url, "--module", "Echo"]);
+    server.wait_ready(&[port]);
+    let target = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "pomelo-request",
+        "--target",
+        &target,
+        "--clients",
+        "4",
+        "--inflight",
+        "8",
+    ];
+    args.extend(SHORT);
+    let j = bench(&args).assert_ok();
+    assert_eq!(j["scenario"], "pomelo-request");
+    assert!(j["requests_per_s"].as_f64().unwrap() > 0.0, "{j}");
+    assert!(j["delivered"].as_u64().unwrap() > 0, "{j}");
+    assert_eq!(j["error_replies"], 0, "{j}");
+}
+
+#[test]
 fn request_against_the_raw_echo_reference() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
