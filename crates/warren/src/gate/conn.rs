@@ -133,6 +133,41 @@ pub(crate) trait Protocol: Send + Sized + 'static {
     fn on_close(&mut self, _conn: &SessionConn<Self::Tag>) {}
 }
 
+/// The replies a connection waits for. The set is created with the first request, so a
+/// connection that never calls anything does not pay for it.
+pub(crate) struct PendingSet<T> {
+    inner: Option<FuturesUnordered<ReplyFuture<T>>>,
+}
+
+impl<T> Default for PendingSet<T> {
+    fn default() -> Self {
+        PendingSet { inner: None }
+    }
+}
+
+impl<T: Unpin> PendingSet<T> {
+    pub(crate) fn len(&self) -> usize {
+        self.inner.as_ref().map_or(0, FuturesUnordered::len)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, f: ReplyFuture<T>) {
+        self.inner.get_or_insert_with(FuturesUnordered::new).push(f);
+    }
+
+    /// The next reply to complete; pending forever while the set is empty (callers guard on
+    /// `is_empty`). Cancel-safe.
+    async fn next(&mut self) -> Option<(Option<T>, Result<Bytes, CallError>)> {
+        match &mut self.inner {
+            Some(f) => f.next().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// A live session's connection: the session, its queue, its pending replies, its writer.
 pub(crate) struct SessionConn<T> {
     pub(crate) gate: Arc<Gate>,
@@ -141,7 +176,7 @@ pub(crate) struct SessionConn<T> {
     pub(crate) tx: mpsc::Sender<Outbound>,
     pub(crate) close: CancellationToken,
     pub(crate) peer: SocketAddr,
-    pub(crate) pending: FuturesUnordered<ReplyFuture<T>>,
+    pub(crate) pending: PendingSet<T>,
     write_task: JoinHandle<()>,
 }
 
@@ -190,7 +225,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             tx,
             close,
             peer,
-            pending: FuturesUnordered::new(),
+            pending: PendingSet::default(),
             write_task,
         }
     }

@@ -10,7 +10,7 @@ use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -58,21 +58,28 @@ impl Reader {
     /// lost if the future is dropped before it completes.
     pub(crate) async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
-            Reader::Tcp(r, room) => {
+            Reader::Tcp(r, room) => loop {
+                // wait for data before reserving room, so an idle connection holds no buffer
+                r.readable().await?;
                 if buf.capacity() - buf.len() < *room {
                     buf.reserve(*room);
                 }
                 let spare = buf.capacity() - buf.len();
-                let n = r.read_buf(buf).await?;
-                // a read that filled its room means more was waiting: give the next one more;
-                // a small read lets the room shrink back
-                if n == spare {
-                    *room = (*room * 2).min(MAX_READ);
-                } else if n < *room / 4 {
-                    *room = (*room / 2).max(MIN_READ);
+                match r.try_read_buf(buf) {
+                    Ok(n) => {
+                        // a read that filled its room means more was waiting: give the next one
+                        // more; a small read lets the room shrink back
+                        if n == spare {
+                            *room = (*room * 2).min(MAX_READ);
+                        } else if n < *room / 4 {
+                            *room = (*room / 2).max(MIN_READ);
+                        }
+                        return Ok(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
                 }
-                Ok(n)
-            }
+            },
             Reader::Ws(r, framing) => loop {
                 let data: Bytes = match r.next().await {
                     None => return Ok(0),
