@@ -30,6 +30,8 @@ pub struct Config {
     pub bus: BusConfig,
     /// Where nodes find each other.
     pub registry: RegistryConfig,
+    /// TianQinS Redis RPC endpoints (`[[redis_rpc]]`).
+    pub redis_rpc: Vec<RedisRpcConfig>,
 }
 
 /// `[node]`.
@@ -530,6 +532,16 @@ pub struct ModuleConfig {
     /// Override the module's execution mode.
     #[serde(default)]
     pub execution: Option<Execution>,
+    /// Routing tags: calls asking for a tag go to instances that carry it.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Keep each session on the instance it first reached while both live, even when instances
+    /// join (without it only the ring decides, and a join moves some keys).
+    #[serde(default)]
+    pub sticky: bool,
+    /// Reach this instance through a broker in a compatible format (`[module.bus]`).
+    #[serde(default)]
+    pub bus: Option<ModuleBusConfig>,
     /// Settings passed verbatim to the module.
     #[serde(default)]
     pub settings: toml::Table,
@@ -543,6 +555,9 @@ impl ModuleConfig {
             id: None,
             node: None,
             execution: None,
+            tags: Vec::new(),
+            sticky: false,
+            bus: None,
             settings: toml::Table::new(),
         }
     }
@@ -579,38 +594,140 @@ impl Default for HttpConfig {
     }
 }
 
-/// `[bus]`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// `[bus]`: how calls travel between nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BusConfig {
-    /// `local` (in-process) for now.
-    pub kind: BusKind,
+    /// `local` (in-process, one node), `nats://host:4222`, `redis://host:6379/0` or
+    /// `amqp://user:pass@host:5672/%2f`. `warren serve|node --bus URL` overrides it.
+    pub url: String,
+    /// Name prefix of the broker subjects, lists and queues, so several clusters can share one
+    /// broker.
+    pub prefix: String,
 }
 
-/// Bus implementations.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BusKind {
-    /// In-process delivery.
-    #[default]
-    Local,
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            url: "local".into(),
+            prefix: "warren".into(),
+        }
+    }
 }
 
-/// `[registry]`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+impl BusConfig {
+    /// Whether calls stay in this process.
+    pub fn is_local(&self) -> bool {
+        self.url.is_empty() || self.url == "local"
+    }
+}
+
+/// `[registry]`: where nodes find each other.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
-    /// `memory` (this process) for now.
-    pub kind: RegistryKind,
+    /// `memory` (this process only), `nats://host:4222` (JetStream KV), `redis://host:6379/0`
+    /// (the gobase layout, PROTOCOLS.md §10) or `etcd://host:2379`. `--registry URL` overrides
+    /// it. Empty: the bus's URL when the bus is NATS or Redis, else `memory`.
+    pub url: String,
+    /// Name of the registry's key, bucket or prefix (the gobase `key`).
+    pub key: String,
+    /// A node that has not refreshed its record for this long is dead (NATS KV, etcd; the gobase
+    /// layout has its fixed 8 s).
+    pub ttl_s: u64,
 }
 
-/// Registry implementations.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RegistryKind {
-    /// In-process.
-    #[default]
-    Memory,
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            url: String::new(),
+            key: "warren".into(),
+            ttl_s: 3,
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// The registry URL to use given the bus URL (see [`RegistryConfig::url`]).
+    pub fn effective_url(&self, bus: &BusConfig) -> String {
+        if !self.url.is_empty() {
+            return self.url.clone();
+        }
+        if bus.url.starts_with("nats://") || bus.url.starts_with("redis://") {
+            bus.url.clone()
+        } else {
+            "memory".into()
+        }
+    }
+}
+
+/// `[module.bus]`: a module instance reached through a broker in a compatible wire format rather
+/// than warren's own, so peers of the original system can call it or serve it. Today: RabbitMQ
+/// in mqant's format (PROTOCOLS.md §7), from a `server.conf` module's `Rabbitmq` object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleBusConfig {
+    /// `amqp`.
+    pub kind: String,
+    /// `mqant`.
+    #[serde(default = "mqant")]
+    pub mode: String,
+    /// Broker URL.
+    pub uri: String,
+    /// Exchange the instance's queue is bound to.
+    pub exchange: String,
+    /// Its type (`direct`).
+    #[serde(default = "direct")]
+    pub exchange_type: String,
+    /// The instance's queue.
+    pub queue: String,
+    /// Binding key of the queue (callers publish with it).
+    pub binding_key: String,
+    /// Consumer tag.
+    #[serde(default)]
+    pub consumer_tag: String,
+}
+
+fn mqant() -> String {
+    "mqant".into()
+}
+
+fn direct() -> String {
+    "direct".into()
+}
+
+/// `[[redis_rpc]]`: the TianQinS Redis RPC of PROTOCOLS.md §6. Functions called on `topic` run
+/// the handlers of `module` on this node; [`RedisRpcConfig`] is also how this node calls peers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisRpcConfig {
+    /// `redis://host:port`.
+    pub url: String,
+    /// This process's topic (list and channel).
+    #[serde(default = "rpc_topic")]
+    pub topic: String,
+    /// Redis database of the lists (TianQinS peers use 1).
+    #[serde(default)]
+    pub db: i64,
+    /// Own pid for the broadcast filter; default: the node id.
+    #[serde(default)]
+    pub pid: Option<String>,
+    /// Module type whose handlers the functions name.
+    pub module: String,
+    /// `publish` (Go peers) or `list` (the Python pymodule).
+    #[serde(default = "publish")]
+    pub reply: String,
+    /// Caller topics answered by list whatever `reply` says.
+    #[serde(default)]
+    pub reply_via_list: Vec<String>,
+}
+
+fn rpc_topic() -> String {
+    "rpc".into()
+}
+
+fn publish() -> String {
+    "publish".into()
 }
 
 /// Why a config was refused.

@@ -49,6 +49,21 @@ pub enum CallError {
     /// An error the handler itself returned; the text goes to the caller unchanged.
     #[error("{0}")]
     App(String),
+    /// The bus could not carry the call (broker down, not connected); the call was not sent.
+    /// The text starts with mqant's wording (PROTOCOLS.md §7.3).
+    #[error("rpc service connection failed: {0}")]
+    Unavailable(String),
+    /// The node running the target instance left the cluster before replying.
+    #[error("node {0} left the cluster")]
+    NodeLost(String),
+    /// The call is larger than the bus carries; it was refused before sending.
+    #[error("call of {size} bytes exceeds the bus limit of {max} bytes")]
+    TooLarge {
+        /// Encoded size of the call.
+        size: usize,
+        /// The bus's limit.
+        max: usize,
+    },
 }
 
 /// The kind of a [`CallError`], for metrics labels and for callers that branch on the cause.
@@ -78,6 +93,12 @@ pub enum CallErrorKind {
     BadRequest,
     /// See [`CallError::App`].
     App,
+    /// See [`CallError::Unavailable`].
+    Unavailable,
+    /// See [`CallError::NodeLost`].
+    NodeLost,
+    /// See [`CallError::TooLarge`].
+    TooLarge,
 }
 
 impl CallError {
@@ -96,6 +117,9 @@ impl CallError {
             CallError::Panicked(_) => CallErrorKind::Panicked,
             CallError::BadRequest(_) => CallErrorKind::BadRequest,
             CallError::App(_) => CallErrorKind::App,
+            CallError::Unavailable(_) => CallErrorKind::Unavailable,
+            CallError::NodeLost(_) => CallErrorKind::NodeLost,
+            CallError::TooLarge { .. } => CallErrorKind::TooLarge,
         }
     }
 
@@ -121,6 +145,93 @@ impl CallErrorKind {
             CallErrorKind::Panicked => "panicked",
             CallErrorKind::BadRequest => "bad_request",
             CallErrorKind::App => "app",
+            CallErrorKind::Unavailable => "unavailable",
+            CallErrorKind::NodeLost => "node_lost",
+            CallErrorKind::TooLarge => "too_large",
+        }
+    }
+
+    /// Read a kind back from its label (errors crossing the bus travel as label and text).
+    pub fn from_label(label: &str) -> Option<CallErrorKind> {
+        Some(match label {
+            "body_not_json" => CallErrorKind::BodyNotJson,
+            "service_not_found" => CallErrorKind::ServiceNotFound,
+            "not_client_visible" => CallErrorKind::NotClientVisible,
+            "handler_not_found" => CallErrorKind::HandlerNotFound,
+            "timeout" => CallErrorKind::Timeout,
+            "no_session" => CallErrorKind::NoSession,
+            "connection_closed" => CallErrorKind::ConnectionClosed,
+            "gate_not_found" => CallErrorKind::GateNotFound,
+            "closed" => CallErrorKind::Closed,
+            "panicked" => CallErrorKind::Panicked,
+            "bad_request" => CallErrorKind::BadRequest,
+            "app" => CallErrorKind::App,
+            "unavailable" => CallErrorKind::Unavailable,
+            "node_lost" => CallErrorKind::NodeLost,
+            "too_large" => CallErrorKind::TooLarge,
+            _ => return None,
+        })
+    }
+}
+
+impl CallError {
+    /// The error's payload text, without the fixed wording of its kind: what [`CallError::rebuild`]
+    /// needs to make the same error on the other side of a bus.
+    pub fn detail(&self) -> String {
+        match self {
+            CallError::ServiceNotFound(s)
+            | CallError::HandlerNotFound(s)
+            | CallError::GateNotFound(s)
+            | CallError::Panicked(s)
+            | CallError::BadRequest(s)
+            | CallError::App(s)
+            | CallError::Unavailable(s)
+            | CallError::NodeLost(s) => s.clone(),
+            CallError::NotClientVisible { handler, prefix } => format!("{handler}\n{prefix}"),
+            CallError::TooLarge { size, max } => format!("{size}\n{max}"),
+            CallError::BodyNotJson
+            | CallError::Timeout
+            | CallError::NoSession
+            | CallError::ConnectionClosed
+            | CallError::Closed => String::new(),
+        }
+    }
+
+    /// Rebuild an error from its kind label and [`CallError::detail`]; an unknown label becomes
+    /// an application error carrying the detail.
+    pub fn rebuild(label: &str, detail: String) -> CallError {
+        let Some(kind) = CallErrorKind::from_label(label) else {
+            return CallError::App(detail);
+        };
+        let pair = |d: &str| {
+            let (a, b) = d.split_once('\n').unwrap_or((d, ""));
+            (a.to_owned(), b.to_owned())
+        };
+        match kind {
+            CallErrorKind::BodyNotJson => CallError::BodyNotJson,
+            CallErrorKind::ServiceNotFound => CallError::ServiceNotFound(detail),
+            CallErrorKind::NotClientVisible => {
+                let (handler, prefix) = pair(&detail);
+                CallError::NotClientVisible { handler, prefix }
+            }
+            CallErrorKind::HandlerNotFound => CallError::HandlerNotFound(detail),
+            CallErrorKind::Timeout => CallError::Timeout,
+            CallErrorKind::NoSession => CallError::NoSession,
+            CallErrorKind::ConnectionClosed => CallError::ConnectionClosed,
+            CallErrorKind::GateNotFound => CallError::GateNotFound(detail),
+            CallErrorKind::Closed => CallError::Closed,
+            CallErrorKind::Panicked => CallError::Panicked(detail),
+            CallErrorKind::BadRequest => CallError::BadRequest(detail),
+            CallErrorKind::App => CallError::App(detail),
+            CallErrorKind::Unavailable => CallError::Unavailable(detail),
+            CallErrorKind::NodeLost => CallError::NodeLost(detail),
+            CallErrorKind::TooLarge => {
+                let (a, b) = pair(&detail);
+                CallError::TooLarge {
+                    size: a.parse().unwrap_or(0),
+                    max: b.parse().unwrap_or(0),
+                }
+            }
         }
     }
 }

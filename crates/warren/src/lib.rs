@@ -22,6 +22,7 @@ pub mod module;
 pub mod mqant_conf;
 pub mod node;
 pub mod registry;
+pub mod remote;
 pub mod ring;
 pub mod route;
 pub mod router;

@@ -7,7 +7,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::config::{Config, ConfigError, ListenerConfig, Mode, ModuleConfig, TransportName};
+use crate::config::{Config, ConfigError, ListenerConfig, Mode, ModuleBusConfig, ModuleConfig, TransportName};
 
 /// Whether text is mqant's JSON shape: its first character outside whitespace and `//` lines is `{`.
 pub fn is_mqant_json(text: &str) -> bool {
@@ -120,11 +120,24 @@ pub fn from_mqant_json(text: &str) -> Result<(Config, Vec<String>), ConfigError>
                 .and_then(Value::as_object)
                 .cloned()
                 .unwrap_or_default();
-            if get(o, "Rabbitmq").is_some() {
-                warnings.push(format!(
-                    "{path}.Rabbitmq is ignored: this build has no AMQP bus; calls stay in process"
-                ));
-            }
+            let bus = match get(o, "Rabbitmq").and_then(Value::as_object) {
+                None => None,
+                Some(r) => {
+                    let field = |k: &str| string(r, k).unwrap_or_default().to_owned();
+                    Some(ModuleBusConfig {
+                        kind: "amqp".into(),
+                        mode: "mqant".into(),
+                        uri: field("Uri"),
+                        exchange: field("Exchange"),
+                        exchange_type: Some(field("ExchangeType"))
+                            .filter(|t| !t.is_empty())
+                            .unwrap_or_else(|| "direct".into()),
+                        queue: field("Queue"),
+                        binding_key: field("BindingKey"),
+                        consumer_tag: field("ConsumerTag"),
+                    })
+                }
+            };
             if kind.eq_ignore_ascii_case("Gate") {
                 config.node.gate_id = id.to_owned();
                 gate_listeners(
@@ -141,6 +154,7 @@ pub fn from_mqant_json(text: &str) -> Result<(Config, Vec<String>), ConfigError>
             let mut m = ModuleConfig::new(kind);
             m.id = Some(id.to_owned());
             m.node = node;
+            m.bus = bus;
             m.settings = toml::Table::try_from(Value::Object(settings))
                 .map_err(|e| invalid(&format!("{path}.Settings"), e.to_string()))?;
             config.modules.push(m);
@@ -258,7 +272,12 @@ mod tests {
             ]
         );
         assert_eq!(c.modules[0].node.as_deref(), Some("development"));
-        assert!(warnings.iter().any(|w| w.contains("Rabbitmq")));
+        let bus = c.modules[0].bus.as_ref().expect("Rabbitmq maps to [module.bus]");
+        assert_eq!(
+            (bus.kind.as_str(), bus.exchange.as_str(), bus.queue.as_str()),
+            ("amqp", "mqant", "Login001")
+        );
+        let _ = warnings;
         c.validate(&[]).unwrap();
     }
 

@@ -31,7 +31,7 @@ pub enum Transport {
 }
 
 /// The client protocol a session speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// MQTT 3.1 / 3.1.1.

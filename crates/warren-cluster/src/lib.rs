@@ -1,0 +1,19 @@
+//! warren's cluster parts: the brokers that carry calls between nodes and the registries where
+//! nodes find each other, each behind the traits of the `warren` crate
+//! ([`Transport`](warren::remote::Transport), [`Registry`](warren::registry::Registry)), plus the
+//! bridges that let peers of the original systems call warren modules and be called by them.
+//!
+//! | URL | bus | registry |
+//! |---|---|---|
+//! | `nats://host:4222` | [`nats::NatsTransport`] | [`nats::KvRegistry`] (JetStream KV) |
+//! | `redis://host:6379/0` | [`redis::RedisTransport`] | [`redis::GobaseRegistry`] (PROTOCOLS.md §10) |
+//! | `amqp://user:pass@host:5672/%2f` | [`amqp::AmqpTransport`] | – |
+//! | `etcd://host:2379` (feature `etcd`) | – | `etcd::EtcdRegistry` |
+
+#![forbid(unsafe_code)]
+
+pub mod amqp;
+#[cfg(feature = "etcd")]
+pub mod etcd;
+pub mod nats;
+pub mod redis;
