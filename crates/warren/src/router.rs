@@ -29,6 +29,14 @@ pub struct Target {
     /// Module type.
     pub module: Arc<str>,
     client_handlers: Arc<[String]>,
+    /// The instance's own bus, for instances outside warren's bus (see [`Router::add_static`]).
+    via: Option<Arc<dyn Bus>>,
+}
+
+impl std::fmt::Debug for dyn Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kind())
+    }
 }
 
 impl Target {
@@ -52,6 +60,8 @@ pub struct Router {
     /// This node's id and its in-process bus: calls to local instances skip the `Bus` trait.
     local: Option<(Arc<str>, Arc<LocalBus>)>,
     table: ArcSwap<Table>,
+    /// The registry's last view, and instances added by [`Router::add_static`].
+    nodes: std::sync::Mutex<(Arc<Vec<NodeRecord>>, Vec<(NodeRecord, Arc<dyn Bus>)>)>,
 }
 
 impl std::fmt::Debug for Router {
@@ -69,6 +79,7 @@ impl Router {
             bus,
             local: None,
             table: ArcSwap::from_pointee(Table::default()),
+            nodes: Default::default(),
         }
     }
 
@@ -79,13 +90,35 @@ impl Router {
             bus,
             local: Some((node.into(), local)),
             table: ArcSwap::from_pointee(Table::default()),
+            nodes: Default::default(),
         }
+    }
+
+    /// Add the instances of `node`, which the registry does not list, reached through `bus`
+    /// (for example mqant servers over RabbitMQ, PROTOCOLS.md §7). They stay until the router is
+    /// dropped.
+    pub fn add_static(&self, node: NodeRecord, bus: Arc<dyn Bus>) {
+        let live = {
+            let mut g = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            g.1.push((node, bus));
+            g.0.clone()
+        };
+        self.refresh(&live);
     }
 
     /// Rebuild the routing table from the registry's live nodes.
     pub fn refresh(&self, nodes: &[NodeRecord]) {
+        let statics = {
+            let mut g = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            g.0 = Arc::new(nodes.to_vec());
+            g.1.clone()
+        };
         let mut t = Table::default();
-        for n in nodes {
+        let all = nodes
+            .iter()
+            .map(|n| (n, None))
+            .chain(statics.iter().map(|(n, b)| (n, Some(b.clone()))));
+        for (n, via) in all {
             let node: Arc<str> = n.id.as_str().into();
             for i in &n.instances {
                 let target = Target {
@@ -93,6 +126,7 @@ impl Router {
                     instance: i.id.as_str().into(),
                     module: i.module.as_str().into(),
                     client_handlers: i.client_handlers.clone().into(),
+                    via: via.clone(),
                 };
                 t.by_module
                     .entry(target.module.clone())
@@ -165,6 +199,9 @@ impl Router {
             body,
             deadline,
         };
+        if let Some(via) = &target.via {
+            return via.send(&target.node, call, reply).await;
+        }
         match &self.local {
             Some((node, local)) if *node == target.node => local.deliver(call, reply).await,
             _ => self.bus.send(&target.node, call, reply).await,

@@ -1,0 +1,1 @@
+//! Tests of `warren_cluster::amqp` against a real server.

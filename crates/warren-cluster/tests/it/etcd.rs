@@ -1,0 +1,1 @@
+//! Tests of `warren_cluster::etcd` against a real server.

@@ -1,0 +1,1 @@
+//! Tests of `warren_cluster::nats` against a real server.

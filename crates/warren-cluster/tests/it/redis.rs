@@ -1,0 +1,1 @@
+//! Tests of `warren_cluster::redis` against a real server.
