@@ -6,6 +6,7 @@
 //! session table, groups and subscriptions. Shutdown drains: stop accepting, let in-flight requests
 //! finish up to `drain_timeout_s`, close clients, stop modules.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,14 +17,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::LocalBus;
+use crate::bus::{Bus, LocalBus};
 use crate::config::{Config, ListenerConfig, ModuleConfig};
 use crate::error::CallError;
 use crate::fanout::{Groups, Subscriptions};
 use crate::gate::{self, AuthHook, ChannelHandler, Gate};
 use crate::module::{Instance, InstanceInfo, Json, Module, SESSION_CLOSED};
 use crate::registry::{InstanceRecord, MemoryRegistry, NodeRecord, Registry};
-use crate::router::{Router, Target};
+use crate::remote::{RemoteBus, Transport as BusTransport, TransportError};
+use crate::router::{RouteKeyFn, Router, Target};
 use crate::session::{Session, SessionTable, Transport};
 
 /// Services shared by everything in one node.
@@ -31,12 +33,12 @@ pub(crate) struct NodeShared {
     id: Arc<str>,
     router: Router,
     bus: Arc<LocalBus>,
+    remote: Option<Arc<RemoteBus>>,
     registry: Arc<dyn Registry>,
     sessions: Arc<SessionTable>,
-    groups: Groups,
+    groups: Arc<Groups>,
     subscriptions: Subscriptions,
     call_timeout: Duration,
-    closed_watchers: std::sync::RwLock<Vec<Target>>,
 }
 
 /// A cheap handle to a node's services: calls, session operations, groups, subscriptions.
@@ -79,33 +81,138 @@ impl NodeHandle {
         &self.inner.groups
     }
 
-    /// Add a session to a group (a room). The session must belong to this node's gate.
-    pub fn group_add(&self, group: &str, session: &Session) -> Result<(), CallError> {
-        let h = self.inner.sessions.get(&session.id)?;
-        self.inner.groups.add(group, &h);
-        Ok(())
+    fn is_local_gate(&self, gate: &str) -> bool {
+        **self.inner.sessions.gate_id() == *gate
+    }
+
+    /// Add a session to a group (a room). Groups live at the gates that own their members, so a
+    /// module on any node can keep rooms, and they survive the death of that module's node.
+    pub async fn group_add(&self, group: &str, session: &Session) -> Result<(), CallError> {
+        if self.is_local_gate(&session.gate) {
+            let h = self.inner.sessions.get(&session.id)?;
+            self.inner.groups.add(group, &h);
+            return Ok(());
+        }
+        self.gate_call(&session.gate, "GroupAdd", json!([group, &*session.id]))
+            .await
+            .map(|_| ())
     }
 
     /// Remove a session from a group.
-    pub fn group_remove(&self, group: &str, session: &str) {
-        self.inner.groups.remove(group, session);
+    pub async fn group_remove(&self, group: &str, session: &Session) -> Result<(), CallError> {
+        if self.is_local_gate(&session.gate) {
+            self.inner.groups.remove(group, &session.id);
+            return Ok(());
+        }
+        self.gate_call(&session.gate, "GroupRemove", json!([group, &*session.id]))
+            .await
+            .map(|_| ())
     }
 
-    /// Send one message to every member of a group, except `except` (a session id), encoding it
-    /// once. Returns the number of members reached.
-    pub fn group_broadcast(
+    /// Send one message to every member of a group, on every gate of the cluster, except
+    /// `except` (a session id). Each gate encodes it once per protocol and shares the bytes among
+    /// its members. Returns the number of members reached on this node's gate (other gates are
+    /// told without waiting).
+    pub async fn group_broadcast(
         &self,
         group: &str,
         topic: &str,
         body: impl Into<Bytes>,
         except: Option<&str>,
     ) -> usize {
+        let body: Bytes = body.into();
+        let own = self.inner.sessions.gate_id().clone();
+        for gate in self.inner.router.instances(GATE) {
+            if gate.instance == own {
+                continue;
+            }
+            let args = json!([group, topic, String::from_utf8_lossy(&body), except]);
+            let deadline = Instant::now() + self.inner.call_timeout;
+            if let Err(e) = self
+                .inner
+                .router
+                .send(
+                    &gate,
+                    "GroupBroadcast",
+                    None,
+                    Bytes::from(args.to_string()),
+                    deadline,
+                    false,
+                )
+                .await
+            {
+                tracing::warn!(gate = %gate.instance, %group, error = %e, "broadcast did not reach a gate");
+            }
+        }
         self.inner.groups.broadcast(
             group,
             Bytes::copy_from_slice(topic.as_bytes()),
             body,
             except,
         )
+    }
+
+    /// The members of a group on every gate of the cluster (for a module that rebuilds its state
+    /// after taking over a room).
+    pub async fn group_members(&self, group: &str) -> Vec<Arc<Session>> {
+        let mut out: Vec<Arc<Session>> = self
+            .inner
+            .groups
+            .members(group)
+            .iter()
+            .filter_map(|id| self.inner.sessions.get(id).ok())
+            .map(|h| h.snapshot())
+            .collect();
+        let own = self.inner.sessions.gate_id().clone();
+        for gate in self.inner.router.instances(GATE) {
+            if gate.instance == own {
+                continue;
+            }
+            match self.gate_call(&gate.instance, "GroupMembers", json!([group])).await {
+                Ok(Value::Array(list)) => out.extend(
+                    list.iter()
+                        .filter_map(|v| Session::from_export_map(v, Transport::Tcp))
+                        .map(Arc::new),
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(gate = %gate.instance, %group, error = %e, "could not list a gate's group members")
+                }
+            }
+        }
+        out
+    }
+
+    async fn gate_call(&self, gate: &str, op: &str, args: Value) -> Result<Value, CallError> {
+        let target = self
+            .inner
+            .router
+            .resolve_instance(gate)
+            .ok_or_else(|| CallError::GateNotFound(gate.to_owned()))?;
+        let deadline = Instant::now() + self.inner.call_timeout;
+        let pending = self
+            .inner
+            .router
+            .send(
+                &target,
+                op,
+                None,
+                Bytes::from(args.to_string()),
+                deadline,
+                true,
+            )
+            .await?
+            .ok_or(CallError::Closed)?;
+        let bytes = match tokio::time::timeout_at(deadline, pending).await {
+            Ok(r) => r?,
+            Err(_) => return Err(CallError::Timeout),
+        };
+        Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// The live nodes of the cluster, as the registry last reported them.
+    pub fn nodes(&self) -> Arc<Vec<NodeRecord>> {
+        self.inner.registry.watch().borrow().clone()
     }
 
     /// Plain MQTT subscriptions on this node.
@@ -118,13 +225,62 @@ impl NodeHandle {
         self.inner.call_timeout
     }
 
-    fn target(&self, module: &str, session: Option<&Session>) -> Result<Target, CallError> {
+    fn target(
+        &self,
+        module: &str,
+        handler: &str,
+        session: Option<&Session>,
+        body: &[u8],
+    ) -> Result<Target, CallError> {
         let (m, at) = match module.split_once('@') {
             Some((m, at)) => (m, Some(at)),
             None => (module, None),
         };
-        let key = session.map_or(self.id(), Session::hash_key);
-        self.inner.router.resolve(m, at, key)
+        if session.is_none() && at.is_none() {
+            // calls without a session hash on the calling node's id
+            let key = self.id().to_owned();
+            let t = self.inner.router.resolve_call(m, None, handler, None, body);
+            return t.or_else(|_| self.inner.router.resolve(m, None, &key));
+        }
+        self.inner.router.resolve_call(m, at, handler, session, body)
+    }
+
+    /// Call an instance of `module` carrying routing tag `tag` (chosen on that tag's ring by the
+    /// session's key) and wait for the reply.
+    pub async fn call_tagged(
+        &self,
+        module: &str,
+        tag: &str,
+        handler: &str,
+        session: Option<Arc<Session>>,
+        body: Bytes,
+        timeout: Option<Duration>,
+    ) -> Result<Bytes, CallError> {
+        let key = session.as_deref().map_or(self.id(), Session::hash_key);
+        let target = self.inner.router.resolve_tagged(module, tag, key)?;
+        self.call_target(&target, handler, session, body, timeout)
+            .await
+    }
+
+    async fn call_target(
+        &self,
+        target: &Target,
+        handler: &str,
+        session: Option<Arc<Session>>,
+        body: Bytes,
+        timeout: Option<Duration>,
+    ) -> Result<Bytes, CallError> {
+        let deadline = Instant::now() + timeout.unwrap_or(self.inner.call_timeout);
+        let pending = self
+            .inner
+            .router
+            .send(target, handler, session, body, deadline, true)
+            .await?
+            .ok_or(CallError::Closed)?;
+        match tokio::time::timeout_at(deadline, pending).await {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Timeout),
+        }
     }
 
     /// Call `module`'s `handler` (module may be `Module@instance` or `Module@node`) and wait for
@@ -137,18 +293,9 @@ impl NodeHandle {
         body: Bytes,
         timeout: Option<Duration>,
     ) -> Result<Bytes, CallError> {
-        let target = self.target(module, session.as_deref())?;
-        let deadline = Instant::now() + timeout.unwrap_or(self.inner.call_timeout);
-        let pending = self
-            .inner
-            .router
-            .send(&target, handler, session, body, deadline, true)
-            .await?
-            .ok_or(CallError::Closed)?;
-        match tokio::time::timeout_at(deadline, pending).await {
-            Ok(r) => r,
-            Err(_) => Err(CallError::Timeout),
-        }
+        let target = self.target(module, handler, session.as_deref(), &body)?;
+        self.call_target(&target, handler, session, body, timeout)
+            .await
     }
 
     /// Call without waiting for a result (mqant `CallNR`).
@@ -159,7 +306,7 @@ impl NodeHandle {
         session: Option<Arc<Session>>,
         body: Bytes,
     ) -> Result<(), CallError> {
-        let target = self.target(module, session.as_deref())?;
+        let target = self.target(module, handler, session.as_deref(), &body)?;
         let deadline = Instant::now() + self.inner.call_timeout;
         self.inner
             .router
@@ -168,15 +315,10 @@ impl NodeHandle {
             .map(|_| ())
     }
 
-    /// Tell the modules that asked for it that a session closed.
+    /// Tell the module instances that asked for it, on any node, that a session closed.
     pub(crate) async fn session_closed(&self, session: Arc<Session>) {
-        let targets = self
-            .inner
-            .closed_watchers
-            .read()
-            .map(|v| v.clone())
-            .unwrap_or_default();
-        for t in targets {
+        self.inner.router.forget_session(&session.id);
+        for t in self.inner.router.session_watchers() {
             let deadline = Instant::now() + self.inner.call_timeout;
             let r = self
                 .inner
@@ -324,17 +466,30 @@ impl SessionOps<'_> {
     }
 }
 
+/// Module type of the gate's session operations.
+const GATE: &str = "Gate";
+
 /// The `Gate` module: session operations as RPC handlers, so modules on other nodes (and mqant
 /// peers) can reach sessions on this gate (PROTOCOLS.md §1.8).
-fn gate_module(table: Arc<SessionTable>) -> Module {
+fn gate_module(table: Arc<SessionTable>, groups: Arc<Groups>) -> Module {
     fn arg(a: &[Value], i: usize) -> &str {
         a.get(i).and_then(Value::as_str).unwrap_or_default()
     }
     fn export(r: Result<Arc<Session>, CallError>) -> Result<Value, CallError> {
         r.map(|s| s.export_map())
     }
-    type T = Arc<SessionTable>;
-    Module::builder("Gate", table)
+    struct G {
+        table: Arc<SessionTable>,
+        groups: Arc<Groups>,
+    }
+    impl std::ops::Deref for G {
+        type Target = SessionTable;
+        fn deref(&self) -> &SessionTable {
+            &self.table
+        }
+    }
+    type T = G;
+    Module::builder(GATE, G { table, groups })
         .handler(
             "Bind",
             |cx: crate::Context<T>, Json(a): Json<Vec<Value>>| async move {
@@ -384,6 +539,46 @@ fn gate_module(table: Arc<SessionTable>) -> Module {
                 cx.state()
                     .send(arg(&a, 0), arg(&a, 1), body)
                     .map(|()| "success")
+            },
+        )
+        .handler(
+            "GroupAdd",
+            |cx: crate::Context<T>, Json(a): Json<Vec<Value>>| async move {
+                let h = cx.state().table.get(arg(&a, 1))?;
+                cx.state().groups.add(arg(&a, 0), &h);
+                Ok::<_, CallError>(true)
+            },
+        )
+        .handler(
+            "GroupRemove",
+            |cx: crate::Context<T>, Json(a): Json<Vec<Value>>| async move {
+                cx.state().groups.remove(arg(&a, 0), arg(&a, 1));
+                Ok::<_, CallError>(true)
+            },
+        )
+        .handler(
+            "GroupBroadcast",
+            |cx: crate::Context<T>, Json(a): Json<Vec<Value>>| async move {
+                let body = Bytes::from(arg(&a, 2).to_owned());
+                let except = a.get(3).and_then(Value::as_str);
+                let topic = Bytes::copy_from_slice(arg(&a, 1).as_bytes());
+                Ok::<_, CallError>(Json(
+                    cx.state().groups.broadcast(arg(&a, 0), topic, body, except),
+                ))
+            },
+        )
+        .handler(
+            "GroupMembers",
+            |cx: crate::Context<T>, Json(a): Json<Vec<Value>>| async move {
+                let st = cx.state();
+                let list: Vec<Value> = st
+                    .groups
+                    .members(arg(&a, 0))
+                    .iter()
+                    .filter_map(|id| st.table.get(id).ok())
+                    .map(|h| h.snapshot().export_map())
+                    .collect();
+                Ok::<_, CallError>(Value::Array(list))
             },
         )
         .handler(
@@ -440,6 +635,50 @@ pub enum NodeError {
     /// The registry refused the node.
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
+    /// The bus could not subscribe this node's inbox.
+    #[error("bus: {0}")]
+    Bus(#[from] TransportError),
+    /// Another live node already runs an instance with one of this node's instance ids.
+    #[error("instance id {instance:?} is already run by node {node:?}; instance ids must be unique in the cluster")]
+    DuplicateInstance {
+        /// The instance id.
+        instance: String,
+        /// The node running it.
+        node: String,
+    },
+}
+
+/// A change in the cluster, as hooks see it.
+#[derive(Debug, Clone)]
+pub enum ClusterEvent {
+    /// A node appeared in the registry.
+    Joined(NodeRecord),
+    /// A node left (deregistered, or stopped refreshing its record).
+    Left(NodeRecord),
+    /// A live node's record changed (modules, tags, address).
+    Changed(NodeRecord),
+}
+
+/// A function told about every [`ClusterEvent`].
+pub type ClusterHook = Arc<dyn Fn(&ClusterEvent) + Send + Sync>;
+
+fn cluster_events(old: &[NodeRecord], new: &[NodeRecord]) -> Vec<ClusterEvent> {
+    let before: HashMap<&str, &NodeRecord> = old.iter().map(|n| (n.id.as_str(), n)).collect();
+    let after: HashMap<&str, &NodeRecord> = new.iter().map(|n| (n.id.as_str(), n)).collect();
+    let mut ev = Vec::new();
+    for n in new {
+        match before.get(n.id.as_str()) {
+            None => ev.push(ClusterEvent::Joined(n.clone())),
+            Some(o) if *o != n => ev.push(ClusterEvent::Changed(n.clone())),
+            Some(_) => {}
+        }
+    }
+    for o in old {
+        if !after.contains_key(o.id.as_str()) {
+            ev.push(ClusterEvent::Left(o.clone()));
+        }
+    }
+    ev
 }
 
 /// Assembles a node from its config and module definitions.
@@ -448,6 +687,10 @@ pub struct NodeBuilder {
     modules: Vec<(Module, ModuleConfig)>,
     auth: Option<Arc<dyn AuthHook>>,
     channel_handler: Option<Arc<dyn ChannelHandler>>,
+    transport: Option<Arc<dyn BusTransport>>,
+    registry: Option<Arc<dyn Registry>>,
+    hooks: Vec<ClusterHook>,
+    route_keys: Vec<(String, RouteKeyFn)>,
 }
 
 impl NodeBuilder {
@@ -458,7 +701,37 @@ impl NodeBuilder {
             modules: Vec::new(),
             auth: None,
             channel_handler: None,
+            transport: None,
+            registry: None,
+            hooks: Vec::new(),
+            route_keys: Vec::new(),
         }
+    }
+
+    /// Carry calls to other nodes over this broker (NATS, Redis, RabbitMQ: crate
+    /// `warren-cluster`). Without it every call stays in this process.
+    pub fn transport(mut self, transport: Arc<dyn BusTransport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// Announce this node and learn about the others in this registry (default: in memory).
+    pub fn registry(mut self, registry: Arc<dyn Registry>) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Call `hook` whenever a node joins, leaves or changes.
+    pub fn on_cluster_change(mut self, hook: impl Fn(&ClusterEvent) + Send + Sync + 'static) -> Self {
+        self.hooks.push(Arc::new(hook));
+        self
+    }
+
+    /// Route calls to module type `module` with a custom router (see [`RouteKeyFn`]). Install it
+    /// on every node that calls the module, the gate first of all.
+    pub fn route_key(mut self, module: &str, f: RouteKeyFn) -> Self {
+        self.route_keys.push((module.to_owned(), f));
+        self
     }
 
     /// Run an instance of `module` with these settings.
@@ -484,24 +757,37 @@ impl NodeBuilder {
     pub async fn start(self) -> Result<Node, NodeError> {
         let cfg = self.config;
         let bus = Arc::new(LocalBus::default());
-        let registry: Arc<dyn Registry> = Arc::new(MemoryRegistry::default());
+        let remote = self
+            .transport
+            .map(|t| RemoteBus::new(&cfg.node.id, t));
+        let carrier: Arc<dyn Bus> = match &remote {
+            Some(r) => r.clone(),
+            None => bus.clone(),
+        };
+        let registry: Arc<dyn Registry> = self
+            .registry
+            .unwrap_or_else(|| Arc::new(MemoryRegistry::default()));
         let sessions = Arc::new(SessionTable::new(cfg.node.gate_id.as_str().into()));
+        let groups = Arc::new(Groups::default());
         let shared = Arc::new(NodeShared {
             id: cfg.node.id.as_str().into(),
-            router: Router::with_local(bus.clone(), &cfg.node.id, bus.clone()),
+            router: Router::with_local(carrier, &cfg.node.id, bus.clone()),
             bus: bus.clone(),
+            remote: remote.clone(),
             registry: registry.clone(),
             sessions: sessions.clone(),
-            groups: Groups::default(),
+            groups: groups.clone(),
             subscriptions: Subscriptions::default(),
             call_timeout: Duration::from_secs(cfg.node.call_timeout_s),
-            closed_watchers: Default::default(),
         });
+        for (m, f) in self.route_keys {
+            shared.router.set_route_key(&m, f);
+        }
         let handle = NodeHandle { inner: shared };
         let module_tasks = TaskTracker::new();
         let stop_modules = CancellationToken::new();
 
-        let mut all = vec![(gate_module(sessions.clone()), {
+        let mut all = vec![(gate_module(sessions.clone(), groups), {
             let mut m = ModuleConfig::new("Gate");
             m.id = Some(cfg.node.gate_id.clone());
             m
@@ -509,7 +795,22 @@ impl NodeBuilder {
         all.extend(self.modules);
         let mut instances = Vec::new();
         let mut records = Vec::new();
-        let mut watchers = Vec::new();
+        {
+            // refuse to start a second copy of an instance that already runs elsewhere
+            let live = registry.watch().borrow().clone();
+            for (_, mcfg) in &all {
+                let id = mcfg.instance_id();
+                if let Some(n) = live
+                    .iter()
+                    .find(|n| n.id != cfg.node.id && n.instances.iter().any(|i| i.id == id))
+                {
+                    return Err(NodeError::DuplicateInstance {
+                        instance: id,
+                        node: n.id.clone(),
+                    });
+                }
+            }
+        }
         for (module, mcfg) in all {
             let module = match mcfg.execution {
                 Some(e) if e != module.execution() => module.with_execution(e),
@@ -537,11 +838,10 @@ impl NodeBuilder {
                 module: info.module.to_string(),
                 id: info.id.to_string(),
                 client_handlers: module.client_handlers(),
-                tags: vec![],
+                tags: mcfg.tags.clone(),
+                sticky: mcfg.sticky,
+                watches_sessions: module.wants_session_closed(),
             });
-            if module.wants_session_closed() {
-                watchers.push(info.id.clone());
-            }
             bus.attach(inst.clone());
             instances.push(inst);
         }
@@ -555,23 +855,35 @@ impl NodeBuilder {
             tags: vec![],
             instances: records,
         };
+        let stop_bus = CancellationToken::new();
+        if let Some(r) = &remote {
+            r.serve(bus.clone(), stop_bus.clone()).await?;
+        }
+        let own_record = record.clone();
         registry.register(record).await?;
         let mut watch = registry.watch();
-        handle.inner.router.refresh(&watch.borrow_and_update());
-        {
+        let apply = {
             let h = handle.clone();
-            let ids = watchers;
-            let refresh_watchers = move |h: &NodeHandle| {
-                let targets: Vec<Target> = ids
-                    .iter()
-                    .filter_map(|id| h.inner.router.resolve_instance(id))
-                    .collect();
-                if let Ok(mut w) = h.inner.closed_watchers.write() {
-                    *w = targets;
+            let own = own_record;
+            move |nodes: &Arc<Vec<NodeRecord>>| {
+                // our own record is routable at once, before the registry echoes it back
+                let mut list = Vec::clone(nodes);
+                if !list.iter().any(|n| n.id == own.id) {
+                    list.push(own.clone());
                 }
-            };
-            refresh_watchers(&h);
+                h.inner.router.refresh(&list);
+                if let Some(r) = &h.inner.remote {
+                    let live: HashSet<&str> = list.iter().map(|n| n.id.as_str()).collect();
+                    r.retain_nodes(&live);
+                }
+                list
+            }
+        };
+        let mut known = apply(&watch.borrow_and_update());
+        {
+            let hooks = self.hooks;
             let stop = stop_modules.clone();
+            let node_id = cfg.node.id.clone();
             module_tasks.spawn(async move {
                 loop {
                     tokio::select! {
@@ -579,8 +891,19 @@ impl NodeBuilder {
                         r = watch.changed() => {
                             if r.is_err() { break; }
                             let nodes = watch.borrow_and_update().clone();
-                            h.inner.router.refresh(&nodes);
-                            refresh_watchers(&h);
+                            let now = apply(&nodes);
+                            for ev in cluster_events(&known, &now) {
+                                match &ev {
+                                    ClusterEvent::Joined(n) if n.id != node_id => tracing::info!(node = %n.id, instances = n.instances.len(), "node joined"),
+                                    ClusterEvent::Left(n) => tracing::info!(node = %n.id, "node left"),
+                                    ClusterEvent::Changed(n) => tracing::info!(node = %n.id, "node changed"),
+                                    ClusterEvent::Joined(_) => {}
+                                }
+                                for hook in &hooks {
+                                    hook(&ev);
+                                }
+                            }
+                            known = now;
                         }
                     }
                 }
@@ -603,6 +926,11 @@ impl NodeBuilder {
             tracing::info!(listener = %bound.describe(), "listening");
             listeners.push(bound);
         }
+        tracing::info!(
+            bus = remote.as_ref().map_or("local", |r| r.transport_kind()),
+            registry = registry.kind(),
+            "node started"
+        );
         Ok(Node {
             handle,
             gate,
@@ -610,6 +938,7 @@ impl NodeBuilder {
             instances,
             module_tasks,
             stop_modules,
+            stop_bus,
             drain_timeout: Duration::from_secs(cfg.node.drain_timeout_s),
         })
     }
@@ -623,6 +952,7 @@ pub struct Node {
     instances: Vec<Arc<Instance>>,
     module_tasks: TaskTracker,
     stop_modules: CancellationToken,
+    stop_bus: CancellationToken,
     drain_timeout: Duration,
 }
 
@@ -660,12 +990,16 @@ impl Node {
         for inst in &self.instances {
             inst.destroy(self.handle.clone()).await;
         }
-        let _ = self
+        if let Err(e) = self
             .handle
             .inner
             .registry
             .deregister(&self.handle.inner.id)
-            .await;
+            .await
+        {
+            tracing::warn!(error = %e, "could not deregister");
+        }
+        self.stop_bus.cancel();
         self.handle.inner.bus.clear();
         drop(self.instances);
         self.module_tasks.close();

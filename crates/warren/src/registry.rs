@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 /// One module instance as the cluster sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceRecord {
     /// Module type name.
     pub module: String,
@@ -21,10 +21,16 @@ pub struct InstanceRecord {
     /// Routing tags.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Sessions stay on the instance they first reached (see `ModuleConfig::sticky`).
+    #[serde(default)]
+    pub sticky: bool,
+    /// The instance wants to hear when any session closes (`on_session_closed`).
+    #[serde(default)]
+    pub watches_sessions: bool,
 }
 
 /// One live node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     /// Node id.
     pub id: String,

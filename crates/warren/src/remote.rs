@@ -144,6 +144,9 @@ enum Frame {
         /// Time left until the caller's deadline when sent (relative, so host clocks need not
         /// agree).
         timeout_ms: u64,
+        /// Wall-clock send time, unix ms: a call that waited in a broker queue past its deadline
+        /// (a list or queue of a node that was down) is dropped instead of run late.
+        sent_ms: u64,
         reply: bool,
     },
     /// The result of a call made by the receiving node.
@@ -153,6 +156,15 @@ enum Frame {
         /// Error kind label and detail (see [`CallError::rebuild`]).
         err: Option<(String, String)>,
     },
+}
+
+/// Clock difference between hosts tolerated before a queued call counts as stale.
+const STALE_GRACE_MS: u64 = 2_000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn encode(frame: &Frame) -> Result<Bytes, CallError> {
@@ -324,8 +336,15 @@ impl RemoteBus {
                 session,
                 body,
                 timeout_ms,
+                sent_ms,
                 reply,
             } => {
+                let age = now_ms().saturating_sub(sent_ms);
+                if age > timeout_ms.saturating_add(STALE_GRACE_MS) {
+                    metrics::counter!("warren_bus_calls_expired_total").increment(1);
+                    tracing::warn!(%from, %handler, age_ms = age, timeout_ms, "dropped a call that outlived its deadline in the broker");
+                    return;
+                }
                 let session = match session {
                     None => None,
                     Some(ws) => match ws.into_session() {
@@ -421,6 +440,7 @@ impl RemoteBus {
             session: call.session.as_deref().map(WireSession::from_session),
             body: call.body,
             timeout_ms,
+            sent_ms: now_ms(),
             reply,
         };
         let bytes = encode(&frame)?;
@@ -494,6 +514,7 @@ mod tests {
             session: Some(WireSession::from_session(&s)),
             body: Bytes::from_static(b"{}"),
             timeout_ms: 5000,
+            sent_ms: now_ms(),
             reply: true,
         };
         let b = encode(&f).expect("encode");

@@ -7,7 +7,7 @@
 //! the same instance, and when an instance leaves only its keys move.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -31,7 +31,14 @@ pub struct Target {
     client_handlers: Arc<[String]>,
     /// The instance's own bus, for instances outside warren's bus (see [`Router::add_static`]).
     via: Option<Arc<dyn Bus>>,
+    sticky: bool,
+    watches_sessions: bool,
 }
+
+/// A custom router for one module type: from the handler, the caller's session and the request
+/// body to the key the module's ring is consulted with (`None`: the default, the session's uid or
+/// id). The chat demo keys `Chat` by room name, so a room lives on exactly one instance.
+pub type RouteKeyFn = Arc<dyn Fn(&str, Option<&Session>, &[u8]) -> Option<String> + Send + Sync>;
 
 impl std::fmt::Debug for dyn Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -52,6 +59,19 @@ struct Table {
     by_instance: HashMap<Arc<str>, Target>,
     /// Per module type: the ring over its instance ids, and normalized id → target.
     rings: HashMap<Arc<str>, (Ring, HashMap<String, Target>)>,
+    /// Per module type and normalized tag: the ring over the instances carrying the tag.
+    tag_rings: HashMap<(Arc<str>, String), (Ring, HashMap<String, Target>)>,
+    /// Instances that want session-closed notices.
+    watchers: Vec<Target>,
+}
+
+fn ring_of(v: &[Target]) -> (Ring, HashMap<String, Target>) {
+    let ring = Ring::with_members(v.iter().map(|x| &*x.instance));
+    let ids = v
+        .iter()
+        .map(|x| (normalize(&x.instance), x.clone()))
+        .collect();
+    (ring, ids)
 }
 
 /// Routes calls to module instances over a [`Bus`].
@@ -61,7 +81,10 @@ pub struct Router {
     local: Option<(Arc<str>, Arc<LocalBus>)>,
     table: ArcSwap<Table>,
     /// The registry's last view, and instances added by [`Router::add_static`].
-    nodes: std::sync::Mutex<(Arc<Vec<NodeRecord>>, Vec<(NodeRecord, Arc<dyn Bus>)>)>,
+    nodes: Mutex<(Arc<Vec<NodeRecord>>, Vec<(NodeRecord, Arc<dyn Bus>)>)>,
+    key_fns: RwLock<HashMap<String, RouteKeyFn>>,
+    /// Sticky choices: (session, module type) → instance id.
+    sticky: Mutex<HashMap<(Arc<str>, Arc<str>), Arc<str>>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -80,6 +103,8 @@ impl Router {
             local: None,
             table: ArcSwap::from_pointee(Table::default()),
             nodes: Default::default(),
+            key_fns: Default::default(),
+            sticky: Default::default(),
         }
     }
 
@@ -91,6 +116,8 @@ impl Router {
             local: Some((node.into(), local)),
             table: ArcSwap::from_pointee(Table::default()),
             nodes: Default::default(),
+            key_fns: Default::default(),
+            sticky: Default::default(),
         }
     }
 
@@ -127,7 +154,22 @@ impl Router {
                     module: i.module.as_str().into(),
                     client_handlers: i.client_handlers.clone().into(),
                     via: via.clone(),
+                    sticky: i.sticky,
+                    watches_sessions: i.watches_sessions,
                 };
+                if target.watches_sessions {
+                    t.watchers.push(target.clone());
+                }
+                for tag in &i.tags {
+                    let tag = normalize(tag);
+                    if !tag.is_empty() {
+                        t.tag_rings
+                            .entry((target.module.clone(), tag))
+                            .or_insert_with(|| (Ring::default(), HashMap::new()))
+                            .1
+                            .insert(normalize(&target.instance), target.clone());
+                    }
+                }
                 t.by_module
                     .entry(target.module.clone())
                     .or_default()
@@ -137,14 +179,89 @@ impl Router {
         }
         for (module, v) in t.by_module.iter_mut() {
             v.sort_by(|a, b| a.instance.cmp(&b.instance));
-            let ring = Ring::with_members(v.iter().map(|x| &*x.instance));
-            let ids = v
-                .iter()
-                .map(|x| (normalize(&x.instance), x.clone()))
-                .collect();
-            t.rings.insert(module.clone(), (ring, ids));
+            t.rings.insert(module.clone(), ring_of(v));
         }
+        for (ring, ids) in t.tag_rings.values_mut() {
+            let mut v: Vec<Target> = ids.values().cloned().collect();
+            v.sort_by(|a, b| a.instance.cmp(&b.instance));
+            *ring = ring_of(&v).0;
+        }
+        // sticky choices whose instance left are forgotten: those sessions re-hash
+        let live = &t.by_instance;
+        self.sticky_map().retain(|_, inst| live.contains_key(inst));
         self.table.store(Arc::new(t));
+    }
+
+    fn sticky_map(&self) -> std::sync::MutexGuard<'_, HashMap<(Arc<str>, Arc<str>), Arc<str>>> {
+        self.sticky.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Install a custom router for module type `module` (see [`RouteKeyFn`]).
+    pub fn set_route_key(&self, module: &str, f: RouteKeyFn) {
+        self.key_fns
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(module.to_owned(), f);
+    }
+
+    /// Pick the instance for one call from a client or a module: `at` when given, else the
+    /// module's custom router or the session's key on the ring, honouring sticky modules.
+    pub fn resolve_call(
+        &self,
+        module: &str,
+        at: Option<&str>,
+        handler: &str,
+        session: Option<&Session>,
+        body: &[u8],
+    ) -> Result<Target, CallError> {
+        if at.is_some() {
+            return self.resolve(module, at, "");
+        }
+        let custom = self
+            .key_fns
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(module)
+            .and_then(|f| f(handler, session, body));
+        if let Some(key) = custom {
+            return self.resolve(module, None, &key);
+        }
+        let key = session.map_or("", Session::hash_key);
+        let target = self.resolve(module, None, key)?;
+        if let (true, Some(s)) = (target.sticky, session) {
+            let k = (s.id.clone(), target.module.clone());
+            let chosen = self.sticky_map().get(&k).cloned();
+            if let Some(inst) = chosen
+                && let Some(t) = self.table.load().by_instance.get(&inst)
+            {
+                return Ok(t.clone());
+            }
+            self.sticky_map().insert(k, target.instance.clone());
+        }
+        Ok(target)
+    }
+
+    /// Pick an instance of `module` carrying `tag`, by `key` on that tag's ring.
+    pub fn resolve_tagged(&self, module: &str, tag: &str, key: &str) -> Result<Target, CallError> {
+        let t = self.table.load();
+        let (ring, ids) = t
+            .tag_rings
+            .get(&(Arc::from(module), normalize(tag)))
+            .ok_or_else(|| CallError::ServiceNotFound(format!("{module}#{tag}")))?;
+        ring.get(key)
+            .and_then(|id| ids.get(id))
+            .cloned()
+            .ok_or_else(|| CallError::ServiceNotFound(format!("{module}#{tag}")))
+    }
+
+    /// Forget a closed session's sticky choices.
+    pub fn forget_session(&self, session: &str) {
+        self.sticky_map().retain(|(s, _), _| &**s != session);
+    }
+
+    /// Every instance, on any node, that asked to hear about closed sessions.
+    pub fn session_watchers(&self) -> Vec<Target> {
+        self.table.load().watchers.clone()
     }
 
     /// Whether any live instance of the module type exists.
@@ -247,8 +364,7 @@ mod tests {
                 .map(|(m, i)| InstanceRecord {
                     module: (*m).into(),
                     id: (*i).into(),
-                    client_handlers: vec![],
-                    tags: vec![],
+                    ..Default::default()
                 })
                 .collect(),
         }

@@ -241,12 +241,15 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     }
 
     /// Resolve a route to a target for this session.
-    pub(crate) fn resolve(&self, route: &Route<'_>) -> Result<Target, CallError> {
+    pub(crate) fn resolve(&self, route: &Route<'_>, body: &[u8]) -> Result<Target, CallError> {
         let snapshot = self.handle.snapshot();
-        self.gate
-            .node
-            .router()
-            .resolve(route.module, route.target, snapshot.hash_key())
+        self.gate.node.router().resolve_call(
+            route.module,
+            route.target,
+            route.handler,
+            Some(&snapshot),
+            body,
+        )
     }
 
     /// Send a request to a module instance. The result is always awaited (so in-flight requests

@@ -228,7 +228,8 @@ impl JsonSession {
             handler: &frame.func,
             msgid: None,
         };
-        let checked = conn.resolve(&route).and_then(|t| {
+        let body = body_from_args(&frame.args);
+        let checked = conn.resolve(&route, &body).and_then(|t| {
             if t.is_client_handler(&frame.func) {
                 Ok(t)
             } else {
@@ -236,10 +237,7 @@ impl JsonSession {
             }
         });
         let outcome = match checked {
-            Ok(target) => {
-                conn.call(&target, &frame.func, body_from_args(&frame.args), tag)
-                    .await
-            }
+            Ok(target) => conn.call(&target, &frame.func, body, tag).await,
             Err(CallError::ServiceNotFound(_)) => {
                 Err((tag, CallError::HandlerNotFound(frame.func.clone())))
             }

@@ -250,7 +250,7 @@ impl LineSession {
             .msgid
             .is_some()
             .then(|| Bytes::copy_from_slice(topic.trim().as_bytes()));
-        let checked = conn.resolve(&route).and_then(|t| {
+        let checked = conn.resolve(&route, &body).and_then(|t| {
             if t.is_client_handler(route.handler) {
                 Ok(t)
             } else {

@@ -472,7 +472,7 @@ impl MqttSession {
         if self.mqant && !is_json_object(body) {
             return Err(CallError::BodyNotJson);
         }
-        let target = conn.resolve(route)?;
+        let target = conn.resolve(route, body)?;
         let prefixes = &conn.cfg.handler_prefixes;
         let by_prefix = self.mqant
             && prefixes

@@ -234,7 +234,7 @@ impl PomeloSession {
                     handler,
                     msgid: None,
                 };
-                conn.resolve(&r).and_then(|t| {
+                conn.resolve(&r, &body).and_then(|t| {
                     if t.is_client_handler(handler) {
                         Ok((t, handler.to_owned()))
                     } else {

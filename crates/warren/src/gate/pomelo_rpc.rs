@@ -158,15 +158,11 @@ impl RpcSession {
                     handler: &msg.method,
                     msgid: None,
                 };
-                match conn.resolve(&route) {
+                let body = body_from_args(&msg.args);
+                match conn.resolve(&route, &body) {
                     Err(e) => Some(e.to_string()),
                     Ok(target) => match conn
-                        .call(
-                            &target,
-                            &msg.method,
-                            body_from_args(&msg.args),
-                            Some(tag.clone()),
-                        )
+                        .call(&target, &msg.method, body, Some(tag.clone()))
                         .await
                     {
                         Ok(()) => return Ok(()),
