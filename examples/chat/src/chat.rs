@@ -3,6 +3,12 @@
 //!
 //! Rooms are kept here (who joined, in join order, with which session) and mirrored as gate
 //! groups, so a message to the whole room is encoded once and shared by every member's queue.
+//!
+//! In a cluster with several Chat instances, [`route_key`] sends every call about one room to
+//! the same instance (the ring keyed by room name). Membership lives in the gates' groups, so
+//! when that instance dies the room's next call lands on the next instance of the ring, which
+//! rebuilds the room from the groups ([`ensure_room`]): members keep chatting without joining
+//! again. What is lost is only the join order of the room's user list.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +33,15 @@ pub fn module(flavour: Flavour) -> Module {
         .client_handler(say, say_handler)
         .on_session_closed(session_closed)
         .build()
+}
+
+/// The custom router of the Chat module: calls naming a room are keyed by the room, so a room
+/// lives on exactly one instance whatever the users' own keys.
+pub fn route_key(_handler: &str, _session: Option<&Session>, body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    str_field(&v, "roomName")
+        .filter(|r| !r.is_empty())
+        .map(|r| format!("room:{r}"))
 }
 
 /// Rooms by name.
@@ -87,6 +102,7 @@ async fn join_chat(cx: Cx, Json(body): Json<Value>) -> Result<Value, CallError> 
         Err(e) => tracing::debug!(error = %e, "Login/getRand failed"),
     }
     let node = cx.node();
+    ensure_room(&cx, &room).await;
     let (users, replaced) = {
         let mut rooms = cx.state().rooms();
         let r = rooms.entry(room.clone()).or_default();
@@ -113,18 +129,20 @@ async fn join_chat(cx: Cx, Json(body): Json<Value>) -> Result<Value, CallError> 
     if let Some(old) = replaced
         && old.id != session.id
     {
-        node.group_remove(&group(&room), &old.id);
+        let _ = node.group_remove(&group(&room), &old).await;
     }
-    node.group_add(&group(&room), &session)?;
+    node.group_add(&group(&room), &session).await?;
     match flavour {
         Flavour::V11 => {
             let push = json!({"roomName": room, "user": uid}).to_string();
-            node.group_broadcast(&group(&room), "Chat/OnJoin", push, Some(&session.id));
+            node.group_broadcast(&group(&room), "Chat/OnJoin", push, Some(&session.id))
+                .await;
             Ok(json!({ "users": users }))
         }
         Flavour::V10 => {
             let push = json!({"roomName": room, "userName": uid}).to_string();
-            node.group_broadcast(&group(&room), "Chat/OnJoin", push, None);
+            node.group_broadcast(&group(&room), "Chat/OnJoin", push, None)
+                .await;
             Ok(json!("join success"))
         }
     }
@@ -144,6 +162,7 @@ async fn say_v11(cx: Cx, body: Value) -> Result<Value, CallError> {
     };
     let target = str_field(&body, "target").unwrap_or("*");
     let (session, uid) = logged_in(&cx)?;
+    ensure_room(&cx, room).await;
     let recipient = {
         let rooms = cx.state().rooms();
         let r = rooms.get(room).ok_or_else(|| CallError::app("No room"))?;
@@ -164,7 +183,8 @@ async fn say_v11(cx: Cx, body: Value) -> Result<Value, CallError> {
     let node = cx.node();
     match recipient {
         None => {
-            node.group_broadcast(&group(room), "Chat/OnChat", push, None);
+            node.group_broadcast(&group(room), "Chat/OnChat", push, None)
+                .await;
         }
         Some(m) => {
             if node
@@ -173,7 +193,7 @@ async fn say_v11(cx: Cx, body: Value) -> Result<Value, CallError> {
                 .await
                 .is_err()
             {
-                leave(&cx, room, &m.session.id).await;
+                leave(&cx, room, &m.session).await;
                 return Err(CallError::app("The user has left the room"));
             }
         }
@@ -187,6 +207,7 @@ async fn say_v10(cx: Cx, body: Value) -> Result<Value, CallError> {
         return Ok(json!("roomName or say cannot be nil"));
     };
     let (_session, uid) = logged_in(&cx)?;
+    ensure_room(&cx, room).await;
     {
         let rooms = cx.state().rooms();
         let r = rooms.get(room).ok_or_else(|| CallError::app("No room"))?;
@@ -196,16 +217,17 @@ async fn say_v10(cx: Cx, body: Value) -> Result<Value, CallError> {
     }
     let push = json!({"roomName": room, "say": say, "userName": uid}).to_string();
     cx.node()
-        .group_broadcast(&group(room), "Chat/OnSay", push, None);
+        .group_broadcast(&group(room), "Chat/OnSay", push, None)
+        .await;
     Ok(json!("say success"))
 }
 
 /// Remove the member holding `session` from `room` and tell the others (v1.1).
-async fn leave(cx: &Cx, room: &str, session: &str) {
+async fn leave(cx: &Cx, room: &str, session: &Session) {
     let left = {
         let mut rooms = cx.state().rooms();
         let Some(r) = rooms.get_mut(room) else { return };
-        let Some(i) = r.members.iter().position(|m| &*m.session.id == session) else {
+        let Some(i) = r.members.iter().position(|m| m.session.id == session.id) else {
             return;
         };
         let m = r.members.remove(i);
@@ -214,11 +236,12 @@ async fn leave(cx: &Cx, room: &str, session: &str) {
         }
         m
     };
-    cx.node().group_remove(&group(room), session);
+    let _ = cx.node().group_remove(&group(room), session).await;
     if cx.state().flavour == Flavour::V11 {
         let push = json!({"roomName": room, "user": left.uid}).to_string();
         cx.node()
-            .group_broadcast(&group(room), "Chat/OnLeave", push, None);
+            .group_broadcast(&group(room), "Chat/OnLeave", push, None)
+            .await;
     }
 }
 
@@ -234,7 +257,29 @@ async fn session_closed(cx: Cx, _body: ()) -> Result<(), CallError> {
         .map(|(name, _)| name.clone())
         .collect();
     for room in rooms {
-        leave(&cx, &room, &s.id).await;
+        leave(&cx, &room, &s).await;
     }
     Ok(())
+}
+
+/// Make sure this instance knows `room`: a room it has never seen may have lived on an instance
+/// that died, in which case its members are still in the gates' group; take them over.
+async fn ensure_room(cx: &Cx, room: &str) {
+    if cx.state().rooms().contains_key(room) {
+        return;
+    }
+    let members = cx.node().group_members(&group(room)).await;
+    if members.is_empty() {
+        return;
+    }
+    let mut rooms = cx.state().rooms();
+    let r = rooms.entry(room.to_owned()).or_default();
+    for s in members {
+        if let Some(uid) = s.uid.clone().filter(|u| !u.is_empty())
+            && !r.members.iter().any(|m| m.uid == uid)
+        {
+            tracing::info!(%room, user = %uid, "room taken over: member restored from the gate group");
+            r.members.push(Member { uid, session: s });
+        }
+    }
 }
