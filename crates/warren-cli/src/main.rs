@@ -1,6 +1,7 @@
-//! The `warren` binary: one command runs a node (`serve`), checks a config (`check-config`) or
-//! prints the commented default (`print-default-config`). With no config it runs the chat demo in
-//! one process, with nothing else to install.
+//! The `warren` binary: one command runs a node with a gate (`serve`) or a node of modules only
+//! (`node`), checks a config (`check-config`) or prints the commented default
+//! (`print-default-config`). With no config `serve` runs the chat demo in one process, with
+//! nothing else to install; `--bus` and `--registry` spread the same modules over many processes.
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +29,9 @@ enum Command {
     /// Run a node: gate listeners, modules, and the web page. With no flags, the chat demo on
     /// 127.0.0.1:3563 (MQTT), 127.0.0.1:3653 (MQTT over WebSocket) and http://127.0.0.1:8080/.
     Serve(ServeArgs),
+    /// Run a node of modules without a gate of its own: by default the demo's Login and Chat,
+    /// no listeners and no web page. Point it with --bus at the broker the gate uses.
+    Node(ServeArgs),
     /// Validate a config file and say exactly what is wrong (file:line: key: why). mqant's JSON
     /// `server.conf` is accepted too.
     CheckConfig {
@@ -73,9 +77,26 @@ struct ServeArgs {
     /// Also run a built-in module (Login, Chat, Echo, Debug). Repeatable.
     #[arg(long, value_name = "TYPE")]
     module: Vec<String>,
-    /// Node id.
+    /// Node id (default: the config's, or `<host>-<pid>` when the bus is not local).
     #[arg(long)]
     node_id: Option<String>,
+    /// The bus between nodes: local, nats://HOST:4222, redis://HOST:6379/0 or
+    /// amqp://USER:PASS@HOST:5672/%2f (overrides `[bus] url`).
+    #[arg(long, value_name = "URL")]
+    bus: Option<String>,
+    /// Where nodes find each other: memory, nats://…, redis://… or etcd://… (overrides
+    /// `[registry] url`; default: the bus's URL for NATS and Redis).
+    #[arg(long, value_name = "URL")]
+    registry: Option<String>,
+}
+
+/// Which command runs the node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// `warren serve`: a gate, its listeners and the web page.
+    Serve,
+    /// `warren node`: modules only.
+    Node,
 }
 
 fn main() -> ExitCode {
@@ -106,27 +127,30 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Serve(args) => {
-            init_logging();
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(serve(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
+        Command::Serve(args) => run(Role::Serve, args),
+        Command::Node(args) => run(Role::Node, args),
+    }
+}
+
+fn run(role: Role, args: ServeArgs) -> ExitCode {
+        init_logging();
+        let rt = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("error: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match rt.block_on(serve(role, args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
             }
         }
-    }
 }
 
 fn init_logging() {
@@ -201,17 +225,27 @@ fn demo_config() -> Config {
     c
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(role: Role, args: ServeArgs) -> anyhow::Result<()> {
     let mut config = match &args.config {
         Some(file) => load_config(file)?,
         None => {
             let mut c = demo_config();
-            if args.no_demo_listeners {
+            if args.no_demo_listeners || role == Role::Node {
                 c.listeners.clear();
+            }
+            if role == Role::Node {
+                c.http.enabled = false;
+                c.modules.retain(|m| m.kind != "global");
             }
             c
         }
     };
+    if let Some(url) = &args.bus {
+        config.bus.url = url.clone();
+    }
+    if let Some(url) = &args.registry {
+        config.registry.url = url.clone();
+    }
     for url in &args.listen {
         config
             .listeners
@@ -232,6 +266,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(id) = &args.node_id {
         config.node.id = id.clone();
     }
+    let defaults = warren::config::NodeConfig::default();
+    if !config.bus.is_local() {
+        // many processes share one registry: the one-process defaults would collide
+        if config.node.id == defaults.id {
+            config.node.id = format!("{}-{}", hostname(), std::process::id());
+        }
+        if config.node.gate_id == defaults.gate_id {
+            config.node.gate_id = format!("Gate-{}", config.node.id);
+        }
+        for m in config.modules.iter_mut().filter(|m| m.id.is_none()) {
+            m.id = Some(format!("{}-{}", m.kind, config.node.id));
+        }
+    }
     config
         .validate(warren_chat::MODULE_TYPES)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -239,13 +286,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("no listeners configured: clients cannot connect");
     }
 
-    let mut builder = Node::builder(config.clone());
-    for m in &config.modules {
+    let transport = warren_cluster::connect::transport(&config.bus).await?;
+    let registry = warren_cluster::connect::registry(&config.registry, &config.bus).await?;
+    let node_id = config.node.id.clone();
+    // an instance runs here when it names this node or no node (and, for mqant AMQP instances
+    // reached through RabbitMQ, only when it names this node)
+    let runs_here = move |m: &ModuleConfig| match (&m.node, &m.bus) {
+        (Some(n), _) => *n == node_id,
+        (None, _) => true,
+    };
+    let mut builder = Node::builder(config.clone())
+        .route_key("Chat", std::sync::Arc::new(warren_chat::chat::route_key));
+    if let Some(t) = transport {
+        builder = builder.transport(t);
+    }
+    if let Some(r) = registry {
+        builder = builder.registry(r);
+    }
+    for m in config.modules.iter().filter(|m| runs_here(m)) {
         let module =
             warren_chat::catalog(m).map_err(|e| anyhow::anyhow!("module {}: {e}", m.kind))?;
         builder = builder.module(module, m.clone());
     }
     let node = builder.start().await?;
+    let bridges = warren_cluster::connect::bridges(&config, node.handle(), &runs_here).await?;
 
     let stop_http = CancellationToken::new();
     let http = if config.http.enabled {
@@ -258,9 +322,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     println!(
-        "warren {} node {:?} ready",
+        "warren {} node {:?} ready (bus {}, registry {})",
         env!("CARGO_PKG_VERSION"),
-        config.node.id
+        config.node.id,
+        if config.bus.is_local() { "local" } else { &config.bus.url },
+        config.registry.effective_url(&config.bus),
     );
     for l in node.listeners() {
         println!("listening {}", l.describe());
@@ -272,6 +338,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     wait_for_signal().await;
     tracing::info!("shutdown requested");
     stop_http.cancel();
+    bridges.stop();
     node.shutdown().await;
     if let Some((_, task)) = http {
         let _ = task.await;
@@ -299,4 +366,13 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// This host's name, for default node ids.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "warren".into())
 }
