@@ -131,6 +131,7 @@ class Warren:
         listen: list[str] | tuple[str, ...] | None = None,
         http: bool | int | str = True,
         env: dict[str, str] | None = None,
+        command: str = "serve",
     ) -> None:
         self.bin = warren_bin()
         self.listen: list[str] = []
@@ -154,10 +155,15 @@ class Warren:
             self.http = int(str(http).rsplit(":", 1)[1])
         self.ports.setdefault("http", self.http)
 
-        self.args = [str(self.bin), "serve", "--no-demo-listeners"]
+        self.args = [str(self.bin), command]
+        if command == "serve":
+            self.args.append("--no-demo-listeners")
         for url in self.listen:
             self.args += ["--listen", url]
-        self.args += ["--http", f"127.0.0.1:{self.http}"]
+        if command == "serve":
+            self.args += ["--http", f"127.0.0.1:{self.http}"]
+        else:
+            self._wait_http = False
         self.args += [str(a) for a in extra_args]
 
         self.env = dict(os.environ)

@@ -74,6 +74,10 @@ struct ServeArgs {
     /// Without --config: do not open the demo listeners on 3563 and 3653.
     #[arg(long)]
     no_demo_listeners: bool,
+    /// Without --config: run none of the demo's modules (a gate for module nodes, or a node
+    /// running only the modules given with --module).
+    #[arg(long)]
+    no_demo_modules: bool,
     /// Also run a built-in module (Login, Chat, Echo, Debug). Repeatable.
     #[arg(long, value_name = "TYPE")]
     module: Vec<String>,
@@ -236,6 +240,9 @@ async fn serve(role: Role, args: ServeArgs) -> anyhow::Result<()> {
             if role == Role::Node {
                 c.http.enabled = false;
                 c.modules.retain(|m| m.kind != "global");
+            }
+            if args.no_demo_modules {
+                c.modules.clear();
             }
             c
         }

@@ -1,0 +1,173 @@
+"""The chat demo spread over three `warren` processes joined by a real broker (docs/cluster.md):
+a gate that owns the connections, and two module nodes running Login and Chat.
+
+Each bus is tested with the real server from Debian, started by the test on free ports; the
+failure tests kill module nodes and brokers for real.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from brokers import Broker, installed
+from chat import ChatClient
+from conftest import Warren, wait_until
+
+ROOM = "mqant"
+
+# bus kind -> (bus broker, registry broker: None means the bus's own URL)
+SETUPS = {
+    "nats": ("nats", None),
+    "redis": ("redis", None),
+    "amqp": ("amqp", "nats"),
+}
+
+
+@pytest.fixture
+def brokers():
+    """Brokers by kind, started on demand and stopped after the test."""
+    started: dict[str, Broker] = {}
+
+    def get(kind: str) -> Broker:
+        if not installed(kind):
+            pytest.fail(f"{kind} server is not installed (scripts/test installs it)")
+        if kind not in started:
+            started[kind] = Broker(kind)
+        return started[kind]
+
+    yield get
+    for b in started.values():
+        b.close()
+
+
+def joined(w: Warren, *nodes: str) -> bool:
+    log = w.log()
+    return all(f"node={n}" in log for n in nodes)
+
+
+class Cluster:
+    """A gate and module nodes on one bus."""
+
+    def __init__(self, bus: str, registry: str, nodes=("chat1", "chat2"), extra: dict | None = None) -> None:
+        self.flags = ["--bus", bus, "--registry", registry]
+        self.gate = Warren(*self.flags, "--node-id", "gate", "--no-demo-modules", listen=["mqtt+mqant"], http=False)
+        self.gate.wait_ready()
+        self.nodes: dict[str, Warren] = {}
+        for n in nodes:
+            self.add(n, *(extra or {}).get(n, ()))
+
+    def add(self, name: str, *args: str) -> Warren:
+        w = Warren(*self.flags, "--node-id", name, *args, command="node")
+        wait_until(lambda: "ready" in w.stdout() or not w.running(), timeout=20, msg=f"{name} not ready")
+        assert w.running(), w.tail()
+        self.nodes[name] = w
+        wait_until(lambda: joined(self.gate, name), timeout=15, msg=f"the gate never saw {name}\n{self.gate.tail()}")
+        return w
+
+    def client(self, user: str) -> ChatClient:
+        c = ChatClient(self.gate.mqtt_mqant, client_id=f"{user}-c")
+        assert c.login(user) == {"Error": "", "Result": f"login success {user}"}
+        return c
+
+
+@pytest.mark.parametrize("bus", list(SETUPS))
+def test_chat_across_three_nodes(brokers, bus):
+    kind, reg_kind = SETUPS[bus]
+    b = brokers(kind)
+    registry = brokers(reg_kind).url if reg_kind else b.url
+    cl = Cluster(b.url, registry)
+    users = ["alice", "bob", "carol", "dave"]
+    clients = {u: cl.client(u) for u in users}
+    for i, u in enumerate(users):
+        r = clients[u].join(ROOM)
+        assert r["Error"] == "", r
+        assert r["Result"]["users"] == users[: i + 1]
+    # joins reached the members already there, wherever the Chat instance runs
+    assert clients["alice"].wait_push("Chat/OnJoin", lambda p: p["user"] == "dave")
+    assert clients["alice"].say(ROOM, "hello from alice") == {"Error": "", "Result": "say success"}
+    for u in users:
+        push = clients[u].wait_push("Chat/OnChat", lambda p: p["msg"] == "hello from alice")
+        assert push == {"from": "alice", "msg": "hello from alice", "roomName": ROOM, "target": "*"}
+    # one member to another, and the leave notice when a connection closes
+    assert clients["bob"].say(ROOM, "psst", target="carol")["Error"] == ""
+    assert clients["carol"].wait_push("Chat/OnChat", lambda p: p["msg"] == "psst")["from"] == "bob"
+    clients["dave"].close()
+    assert clients["alice"].wait_push("Chat/OnLeave", lambda p: p["user"] == "dave")
+    # the uids are spread over both Login instances (the ring keys by uid)
+    served = {n: w.log().count("Login") for n, w in cl.nodes.items()}
+    assert all(w.running() for w in cl.nodes.values()), served
+
+
+def test_one_sessions_requests_keep_their_order_across_the_bus(brokers):
+    b = brokers("nats")
+    cl = Cluster(b.url, b.url, nodes=("chat1",), extra={"chat1": ("--module", "Debug")})
+    c = ChatClient(cl.gate.mqtt_mqant, client_id="order-c")
+    n = 200
+    for i in range(n):
+        c.publish(f"Debug/HD_Echo/{i}", {"n": i}, qos=0)
+    wait_until(lambda: len(c.pushes()) >= n, timeout=20, msg=f"{len(c.pushes())} of {n} replies")
+    got = [body["Result"]["n"] for _, body in c.pushes()[:n]]
+    assert got == list(range(n))
+
+
+def test_killed_module_node_fails_its_calls_fast_and_the_room_lives_on(brokers):
+    b = brokers("nats")
+    cl = Cluster(b.url, b.url, extra={"chat1": ("--module", "Debug")})
+    alice, bob = cl.client("alice"), cl.client("bob")
+    assert alice.join(ROOM)["Error"] == ""
+    assert bob.join(ROOM)["Error"] == ""
+    # a call in flight on the node that dies
+    topic = "Debug/HD_Hang/1"
+    alice.publish(topic, {})
+    time.sleep(0.3)
+    killed_at = time.monotonic()
+    cl.nodes["chat1"].kill()
+    reply = wait_until(lambda: [m for m in alice.history() if m.topic == topic], timeout=10)[0]
+    took = time.monotonic() - killed_at
+    assert reply.body == {"Error": "node chat1 left the cluster", "Result": None}
+    assert took < 5, f"the call ended only after {took:.1f} s (its deadline is 5 s)"
+    # new calls go to the survivor; sessions on the gate are intact; the room still works
+    # (if it lived on chat1, chat2 takes it over from the gate's group)
+    assert alice.login("alice")["Error"] == ""
+    r = bob.say(ROOM, "still here")
+    assert r == {"Error": "", "Result": "say success"}, r
+    assert alice.wait_push("Chat/OnChat", lambda p: p["msg"] == "still here")["from"] == "bob"
+    assert cl.gate.running()
+
+
+def test_broker_restart_gives_typed_errors_then_traffic_resumes(brokers):
+    b = brokers("nats")
+    cl = Cluster(b.url, b.url, nodes=("chat1",))
+    alice = cl.client("alice")
+    assert alice.join(ROOM)["Error"] == ""
+    b.kill()
+    r = alice.say(ROOM, "into the void", timeout=8)
+    assert r["Error"].startswith("rpc service connection failed"), r
+    b.start()
+
+    def works() -> bool:
+        try:
+            return alice.say(ROOM, "back", timeout=2)["Error"] == ""
+        except Exception:
+            return False
+
+    wait_until(works, timeout=30, interval=0.5, msg="traffic did not resume after the broker restart")
+    assert all(w.running() for w in [cl.gate, *cl.nodes.values()])
+    assert "panic" not in cl.gate.log() and "panic" not in cl.nodes["chat1"].log()
+
+
+def test_hostile_frames_on_the_bus_are_dropped(brokers):
+    b = brokers("nats")
+    cl = Cluster(b.url, b.url, nodes=("chat1",))
+    with socket.create_connection(("127.0.0.1", b.port)) as s:
+        s.recv(4096)  # INFO
+        for payload in [b"hello", b"W\x01\xc1", b"\x00" * 100, b"W\x01" + b"\x92\xa4Call\x00"]:
+            s.sendall(b'CONNECT {"verbose":false}\r\nPUB warren.node.chat1 %d\r\n%s\r\n' % (len(payload), payload))
+        s.sendall(b"PING\r\n")
+        time.sleep(0.5)
+    alice = cl.client("alice")
+    assert alice.join(ROOM)["Error"] == ""
+    wait_until(lambda: "dropped a frame" in cl.nodes["chat1"].log(), timeout=5)
+    assert cl.nodes["chat1"].running()
