@@ -137,24 +137,24 @@ fn main() -> ExitCode {
 }
 
 fn run(role: Role, args: ServeArgs) -> ExitCode {
-        init_logging();
-        let rt = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("error: cannot start the runtime: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        match rt.block_on(serve(role, args)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
         }
+    };
+    match rt.block_on(serve(role, args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging() {
@@ -332,7 +332,11 @@ async fn serve(role: Role, args: ServeArgs) -> anyhow::Result<()> {
         "warren {} node {:?} ready (bus {}, registry {})",
         env!("CARGO_PKG_VERSION"),
         config.node.id,
-        if config.bus.is_local() { "local" } else { &config.bus.url },
+        if config.bus.is_local() {
+            "local"
+        } else {
+            &config.bus.url
+        },
         config.registry.effective_url(&config.bus),
     );
     for l in node.listeners() {

@@ -7,7 +7,9 @@
 
 use serde_json::{Map, Value};
 
-use crate::config::{Config, ConfigError, ListenerConfig, Mode, ModuleBusConfig, ModuleConfig, TransportName};
+use crate::config::{
+    Config, ConfigError, ListenerConfig, Mode, ModuleBusConfig, ModuleConfig, TransportName,
+};
 
 /// Whether text is mqant's JSON shape: its first character outside whitespace and `//` lines is `{`.
 pub fn is_mqant_json(text: &str) -> bool {
@@ -272,7 +274,10 @@ mod tests {
             ]
         );
         assert_eq!(c.modules[0].node.as_deref(), Some("development"));
-        let bus = c.modules[0].bus.as_ref().expect("Rabbitmq maps to [module.bus]");
+        let bus = c.modules[0]
+            .bus
+            .as_ref()
+            .expect("Rabbitmq maps to [module.bus]");
         assert_eq!(
             (bus.kind.as_str(), bus.exchange.as_str(), bus.queue.as_str()),
             ("amqp", "mqant", "Login001")

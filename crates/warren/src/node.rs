@@ -168,7 +168,10 @@ impl NodeHandle {
             if gate.instance == own {
                 continue;
             }
-            match self.gate_call(&gate.instance, "GroupMembers", json!([group])).await {
+            match self
+                .gate_call(&gate.instance, "GroupMembers", json!([group]))
+                .await
+            {
                 Ok(Value::Array(list)) => out.extend(
                     list.iter()
                         .filter_map(|v| Session::from_export_map(v, Transport::Tcp))
@@ -242,7 +245,9 @@ impl NodeHandle {
             let t = self.inner.router.resolve_call(m, None, handler, None, body);
             return t.or_else(|_| self.inner.router.resolve(m, None, &key));
         }
-        self.inner.router.resolve_call(m, at, handler, session, body)
+        self.inner
+            .router
+            .resolve_call(m, at, handler, session, body)
     }
 
     /// Call an instance of `module` carrying routing tag `tag` (chosen on that tag's ring by the
@@ -562,9 +567,12 @@ fn gate_module(table: Arc<SessionTable>, groups: Arc<Groups>) -> Module {
                 let body = Bytes::from(arg(&a, 2).to_owned());
                 let except = a.get(3).and_then(Value::as_str);
                 let topic = Bytes::copy_from_slice(arg(&a, 1).as_bytes());
-                Ok::<_, CallError>(Json(
-                    cx.state().groups.broadcast(arg(&a, 0), topic, body, except),
-                ))
+                Ok::<_, CallError>(Json(cx.state().groups.broadcast(
+                    arg(&a, 0),
+                    topic,
+                    body,
+                    except,
+                )))
             },
         )
         .handler(
@@ -639,7 +647,9 @@ pub enum NodeError {
     #[error("bus: {0}")]
     Bus(#[from] TransportError),
     /// Another live node already runs an instance with one of this node's instance ids.
-    #[error("instance id {instance:?} is already run by node {node:?}; instance ids must be unique in the cluster")]
+    #[error(
+        "instance id {instance:?} is already run by node {node:?}; instance ids must be unique in the cluster"
+    )]
     DuplicateInstance {
         /// The instance id.
         instance: String,
@@ -722,7 +732,10 @@ impl NodeBuilder {
     }
 
     /// Call `hook` whenever a node joins, leaves or changes.
-    pub fn on_cluster_change(mut self, hook: impl Fn(&ClusterEvent) + Send + Sync + 'static) -> Self {
+    pub fn on_cluster_change(
+        mut self,
+        hook: impl Fn(&ClusterEvent) + Send + Sync + 'static,
+    ) -> Self {
         self.hooks.push(Arc::new(hook));
         self
     }
@@ -757,9 +770,7 @@ impl NodeBuilder {
     pub async fn start(self) -> Result<Node, NodeError> {
         let cfg = self.config;
         let bus = Arc::new(LocalBus::default());
-        let remote = self
-            .transport
-            .map(|t| RemoteBus::new(&cfg.node.id, t));
+        let remote = self.transport.map(|t| RemoteBus::new(&cfg.node.id, t));
         let carrier: Arc<dyn Bus> = match &remote {
             Some(r) => r.clone(),
             None => bus.clone(),

@@ -128,8 +128,10 @@ impl WireSession {
     }
 }
 
-/// The envelope between nodes (MessagePack, after [`MAGIC`]).
+/// The envelope between nodes (MessagePack, after [`MAGIC`]). Short-lived: built, encoded and
+/// dropped, so the size difference of its variants does not matter.
 #[derive(Debug, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)]
 enum Frame {
     /// A call for an instance of the receiving node.
     Call {
@@ -271,9 +273,7 @@ impl RemoteBus {
         stop: CancellationToken,
     ) -> Result<(), TransportError> {
         let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
-        self.transport
-            .serve(&self.node, tx, stop.clone())
-            .await?;
+        self.transport.serve(&self.node, tx, stop.clone()).await?;
         let bus = self.clone();
         let stop2 = stop.clone();
         tokio::spawn(async move {
@@ -318,7 +318,10 @@ impl RemoteBus {
         match frame {
             Frame::Reply { id, ok, err } => {
                 let Some(w) = self.waiting().remove(&id) else {
-                    tracing::debug!(id, "reply for a call that no longer waits (late or unknown)");
+                    tracing::debug!(
+                        id,
+                        "reply for a call that no longer waits (late or unknown)"
+                    );
                     return;
                 };
                 let r = match (ok, err) {
@@ -351,8 +354,13 @@ impl RemoteBus {
                         Some(s) => Some(Arc::new(s)),
                         None => {
                             tracing::warn!(%from, %handler, "dropped a call with a malformed session");
-                            self.answer(&from, id, reply, Err(CallError::BadRequest("malformed session".into())))
-                                .await;
+                            self.answer(
+                                &from,
+                                id,
+                                reply,
+                                Err(CallError::BadRequest("malformed session".into())),
+                            )
+                            .await;
                             return;
                         }
                     },
@@ -406,7 +414,9 @@ impl RemoteBus {
                 err: Some((e.kind().as_str().to_owned(), e.detail())),
             },
         };
-        let Ok(mut bytes) = encode(&frame) else { return };
+        let Ok(mut bytes) = encode(&frame) else {
+            return;
+        };
         if bytes.len() > self.transport.max_frame() {
             let e = CallError::TooLarge {
                 size: bytes.len(),
@@ -426,7 +436,12 @@ impl RemoteBus {
         }
     }
 
-    async fn call(&self, node: &str, call: Call, reply: bool) -> Result<Option<Pending>, CallError> {
+    async fn call(
+        &self,
+        node: &str,
+        call: Call,
+        reply: bool,
+    ) -> Result<Option<Pending>, CallError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let timeout_ms = call
             .deadline

@@ -58,14 +58,21 @@ struct Table {
     by_module: HashMap<Arc<str>, Vec<Target>>,
     by_instance: HashMap<Arc<str>, Target>,
     /// Per module type: the ring over its instance ids, and normalized id → target.
-    rings: HashMap<Arc<str>, (Ring, HashMap<String, Target>)>,
+    rings: HashMap<Arc<str>, Members>,
     /// Per module type and normalized tag: the ring over the instances carrying the tag.
-    tag_rings: HashMap<(Arc<str>, String), (Ring, HashMap<String, Target>)>,
+    tag_rings: HashMap<(Arc<str>, String), Members>,
     /// Instances that want session-closed notices.
     watchers: Vec<Target>,
 }
 
-fn ring_of(v: &[Target]) -> (Ring, HashMap<String, Target>) {
+/// A ring over some instances, and normalized instance id → target.
+type Members = (Ring, HashMap<String, Target>);
+/// The registry's last view, and the static instances with their buses.
+type Views = (Arc<Vec<NodeRecord>>, Vec<(NodeRecord, Arc<dyn Bus>)>);
+/// (session id, module type) → instance id.
+type StickyMap = HashMap<(Arc<str>, Arc<str>), Arc<str>>;
+
+fn ring_of(v: &[Target]) -> Members {
     let ring = Ring::with_members(v.iter().map(|x| &*x.instance));
     let ids = v
         .iter()
@@ -81,10 +88,10 @@ pub struct Router {
     local: Option<(Arc<str>, Arc<LocalBus>)>,
     table: ArcSwap<Table>,
     /// The registry's last view, and instances added by [`Router::add_static`].
-    nodes: Mutex<(Arc<Vec<NodeRecord>>, Vec<(NodeRecord, Arc<dyn Bus>)>)>,
+    nodes: Mutex<Views>,
     key_fns: RwLock<HashMap<String, RouteKeyFn>>,
     /// Sticky choices: (session, module type) → instance id.
-    sticky: Mutex<HashMap<(Arc<str>, Arc<str>), Arc<str>>>,
+    sticky: Mutex<StickyMap>,
 }
 
 impl std::fmt::Debug for Router {
@@ -192,7 +199,7 @@ impl Router {
         self.table.store(Arc::new(t));
     }
 
-    fn sticky_map(&self) -> std::sync::MutexGuard<'_, HashMap<(Arc<str>, Arc<str>), Arc<str>>> {
+    fn sticky_map(&self) -> std::sync::MutexGuard<'_, StickyMap> {
         self.sticky.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -58,13 +58,17 @@ struct Seen(Mutex<Vec<u64>>);
 
 fn service() -> Module {
     Module::builder("Svc", Seen::default())
-        .handler("echo", |_cx: Context<Seen>, Json(v): Json<Value>| async move {
-            Ok::<_, CallError>(Json(v))
-        })
-        .handler("record", |cx: Context<Seen>, Json(n): Json<u64>| async move {
-            cx.state().0.lock().unwrap().push(n);
-            Ok::<_, CallError>(())
-        })
+        .handler(
+            "echo",
+            |_cx: Context<Seen>, Json(v): Json<Value>| async move { Ok::<_, CallError>(Json(v)) },
+        )
+        .handler(
+            "record",
+            |cx: Context<Seen>, Json(n): Json<u64>| async move {
+                cx.state().0.lock().unwrap().push(n);
+                Ok::<_, CallError>(())
+            },
+        )
         .handler("seen", |cx: Context<Seen>, _b: Bytes| async move {
             Ok::<_, CallError>(Json(cx.state().0.lock().unwrap().clone()))
         })
@@ -112,7 +116,9 @@ async fn calls_cross_the_bus_with_replies_errors_order_and_deadlines() {
     let hub = Arc::new(Hub::default());
     let reg = Arc::new(MemoryRegistry::default());
     let a = node("a", &hub, &reg, vec![]).await.unwrap();
-    let b = node("b", &hub, &reg, vec![(service(), "Svc001")]).await.unwrap();
+    let b = node("b", &hub, &reg, vec![(service(), "Svc001")])
+        .await
+        .unwrap();
     let h = a.handle();
     see(&a, "Svc").await;
 
@@ -120,7 +126,10 @@ async fn calls_cross_the_bus_with_replies_errors_order_and_deadlines() {
         .call("Svc", "echo", None, Bytes::from(r#"{"x":[1,2]}"#), None)
         .await
         .unwrap();
-    assert_eq!(serde_json::from_slice::<Value>(&r).unwrap(), json!({"x": [1, 2]}));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&r).unwrap(),
+        json!({"x": [1, 2]})
+    );
 
     let e = h.call("Svc", "nope", None, Bytes::from("1"), None).await;
     assert_eq!(e, Err(CallError::HandlerNotFound("nope".into())));
@@ -131,13 +140,22 @@ async fn calls_cross_the_bus_with_replies_errors_order_and_deadlines() {
             .await
             .unwrap();
     }
-    let seen = h.call("Svc", "seen", None, Bytes::new(), None).await.unwrap();
+    let seen = h
+        .call("Svc", "seen", None, Bytes::new(), None)
+        .await
+        .unwrap();
     let seen: Vec<u64> = serde_json::from_slice(&seen).unwrap();
     assert_eq!(seen, (0..300).collect::<Vec<_>>());
 
     // the caller's deadline travels with the call
     let e = h
-        .call("Svc", "slow", None, Bytes::new(), Some(Duration::from_millis(200)))
+        .call(
+            "Svc",
+            "slow",
+            None,
+            Bytes::new(),
+            Some(Duration::from_millis(200)),
+        )
         .await;
     assert_eq!(e, Err(CallError::Timeout));
 
@@ -147,13 +165,25 @@ async fn calls_cross_the_bus_with_replies_errors_order_and_deadlines() {
     assert_eq!(e.kind(), warren::CallErrorKind::TooLarge);
 
     // garbage on a node's inbox is dropped; the node keeps serving
-    hub.send("b", Bytes::from_static(b"\x00garbage")).await.unwrap();
-    hub.send("b", Bytes::from_static(b"W\x01\xc1\xc1")).await.unwrap();
-    assert!(h.call("Svc", "echo", None, Bytes::from("2"), None).await.is_ok());
+    hub.send("b", Bytes::from_static(b"\x00garbage"))
+        .await
+        .unwrap();
+    hub.send("b", Bytes::from_static(b"W\x01\xc1\xc1"))
+        .await
+        .unwrap();
+    assert!(
+        h.call("Svc", "echo", None, Bytes::from("2"), None)
+            .await
+            .is_ok()
+    );
 
     // a second copy of an instance id is refused
     let dup = node("c", &hub, &reg, vec![(service(), "Svc001")]).await;
-    assert!(matches!(dup, Err(NodeError::DuplicateInstance { .. })), "{:?}", dup.err());
+    assert!(
+        matches!(dup, Err(NodeError::DuplicateInstance { .. })),
+        "{:?}",
+        dup.err()
+    );
 
     b.shutdown().await;
     a.shutdown().await;
@@ -164,12 +194,20 @@ async fn a_call_to_a_node_that_leaves_ends_at_once() {
     let hub = Arc::new(Hub::default());
     let reg = Arc::new(MemoryRegistry::default());
     let a = node("a", &hub, &reg, vec![]).await.unwrap();
-    let _b = node("b", &hub, &reg, vec![(service(), "Svc001")]).await.unwrap();
+    let _b = node("b", &hub, &reg, vec![(service(), "Svc001")])
+        .await
+        .unwrap();
     see(&a, "Svc").await;
     let h = a.handle().clone();
     let call = tokio::spawn(async move {
-        h.call("Svc", "slow", None, Bytes::new(), Some(Duration::from_secs(60)))
-            .await
+        h.call(
+            "Svc",
+            "slow",
+            None,
+            Bytes::new(),
+            Some(Duration::from_secs(60)),
+        )
+        .await
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = std::time::Instant::now();
@@ -178,6 +216,9 @@ async fn a_call_to_a_node_that_leaves_ends_at_once() {
     assert_eq!(r, Err(CallError::NodeLost("b".into())));
     assert!(started.elapsed() < Duration::from_secs(5));
     // and new calls find no instance
-    let e = a.handle().call("Svc", "echo", None, Bytes::from("1"), None).await;
+    let e = a
+        .handle()
+        .call("Svc", "echo", None, Bytes::from("1"), None)
+        .await;
     assert_eq!(e, Err(CallError::ServiceNotFound("Svc".into())));
 }
