@@ -857,6 +857,81 @@ impl Config {
                 );
             }
             ids.push(id);
+            if let Some(b) = &m.bus {
+                if b.kind != "amqp" || b.mode != "mqant" {
+                    return bad(
+                        format!("module[{i}].bus.kind"),
+                        format!(
+                            "only kind = \"amqp\" with mode = \"mqant\" is supported, got kind {:?} mode {:?}",
+                            b.kind, b.mode
+                        ),
+                    );
+                }
+                if !b.uri.starts_with("amqp://") && !b.uri.starts_with("amqps://") {
+                    return bad(
+                        format!("module[{i}].bus.uri"),
+                        format!("{:?} is not an amqp:// URL", b.uri),
+                    );
+                }
+            }
+        }
+        let scheme = |u: &str| u.split_once("://").map(|(s, _)| s.to_owned());
+        if !self.bus.is_local()
+            && !matches!(
+                scheme(&self.bus.url).as_deref(),
+                Some("nats" | "redis" | "amqp")
+            )
+        {
+            return bad(
+                "bus.url".into(),
+                format!(
+                    "{:?}: expected local, nats://HOST:PORT, redis://HOST:PORT[/DB] or amqp://USER:PASS@HOST:PORT/VHOST",
+                    self.bus.url
+                ),
+            );
+        }
+        let reg = &self.registry.url;
+        if !(reg.is_empty() || reg == "memory")
+            && !matches!(scheme(reg).as_deref(), Some("nats" | "redis" | "etcd"))
+        {
+            return bad(
+                "registry.url".into(),
+                format!("{reg:?}: expected memory, nats://, redis:// or etcd://"),
+            );
+        }
+        if self.bus.prefix.is_empty()
+            || self
+                .bus
+                .prefix
+                .contains(|c: char| c.is_whitespace() || c == '*' || c == '>')
+        {
+            return bad(
+                "bus.prefix".into(),
+                "must be non-empty, without spaces, `*` or `>`".into(),
+            );
+        }
+        if !self.bus.is_local() && self.registry.effective_url(&self.bus) == "memory" {
+            return bad(
+                "registry.url".into(),
+                "a remote bus needs a shared registry: nodes in other processes cannot see an in-memory one (nats://, redis:// or etcd://)".into(),
+            );
+        }
+        if self.registry.ttl_s == 0 {
+            return bad("registry.ttl_s".into(), "must be at least 1".into());
+        }
+        for (i, r) in self.redis_rpc.iter().enumerate() {
+            if !r.url.starts_with("redis://") {
+                return bad(
+                    format!("redis_rpc[{i}].url"),
+                    format!("{:?} is not a redis:// URL", r.url),
+                );
+            }
+            if r.reply != "publish" && r.reply != "list" {
+                return bad(
+                    format!("redis_rpc[{i}].reply"),
+                    format!("{:?}: expected \"publish\" or \"list\"", r.reply),
+                );
+            }
         }
         Ok(())
     }
@@ -1020,6 +1095,25 @@ mod tests {
         let text = "[[listener]]\naddr = \"127.0.0.1:1\"\n\n[[listener]]\nmode = \"mqant\"\naddr = \"nope\"\n";
         let e = Config::load(text, &[]).unwrap_err().to_string();
         assert!(e.starts_with("6: listener[1].addr:"), "{e}");
+    }
+
+    #[test]
+    fn cluster_urls_are_checked() {
+        let e = Config::load("[bus]\nurl = \"kafka://x:1\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("2: bus.url:"), "{e}");
+        let e = Config::load("[registry]\nurl = \"zk://x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("registry.url"), "{e}");
+        let ok = "[bus]\nurl = \"nats://127.0.0.1:4222\"\n[registry]\nurl = \"redis://127.0.0.1:6379/0\"\n";
+        let c = Config::load(ok, &[]).unwrap();
+        assert_eq!(c.registry.effective_url(&c.bus), "redis://127.0.0.1:6379/0");
+        let c = Config::load("[bus]\nurl = \"nats://h:1\"\n", &[]).unwrap();
+        assert_eq!(c.registry.effective_url(&c.bus), "nats://h:1");
+        let e = Config::load("[bus]\nurl = \"amqp://h:1\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("shared registry"), "{e}");
     }
 
     #[test]
