@@ -320,6 +320,28 @@ impl NodeHandle {
             .map(|_| ())
     }
 
+    /// Run `handler` on every live instance of `module`, on every node, without waiting for
+    /// results (configuration reloads, cache invalidation). Returns how many instances the call
+    /// was handed to; the others are logged.
+    pub async fn broadcast(&self, module: &str, handler: &str, body: Bytes) -> usize {
+        let mut n = 0;
+        for t in self.inner.router.instances(module) {
+            let deadline = Instant::now() + self.inner.call_timeout;
+            match self
+                .inner
+                .router
+                .send(&t, handler, None, body.clone(), deadline, false)
+                .await
+            {
+                Ok(_) => n += 1,
+                Err(e) => {
+                    tracing::warn!(instance = %t.instance, %handler, error = %e, "broadcast not delivered")
+                }
+            }
+        }
+        n
+    }
+
     /// Tell the module instances that asked for it, on any node, that a session closed.
     pub(crate) async fn session_closed(&self, session: Arc<Session>) {
         self.inner.router.forget_session(&session.id);

@@ -111,6 +111,16 @@ async fn see(node: &Node, module: &str) {
     panic!("{module} never appeared");
 }
 
+async fn wait_for(mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition never held");
+}
+
 #[tokio::test]
 async fn calls_cross_the_bus_with_replies_errors_order_and_deadlines() {
     let hub = Arc::new(Hub::default());
@@ -176,6 +186,27 @@ async fn calls_cross_the_bus_with_replies_errors_order_and_deadlines() {
             .await
             .is_ok()
     );
+
+    // a broadcast reaches every instance of the type, on every node
+    let a2 = node("a2", &hub, &reg, vec![(service(), "Svc002")])
+        .await
+        .unwrap();
+    wait_for(|| h.router().instances("Svc").len() == 2).await;
+    assert_eq!(h.broadcast("Svc", "record", Bytes::from("1000")).await, 2);
+    for inst in ["Svc@Svc001", "Svc@Svc002"] {
+        let last = async {
+            let seen = h
+                .call(inst, "seen", None, Bytes::new(), None)
+                .await
+                .unwrap();
+            serde_json::from_slice::<Vec<u64>>(&seen)
+                .unwrap()
+                .last()
+                .copied()
+        };
+        assert_eq!(last.await, Some(1000), "{inst}");
+    }
+    a2.shutdown().await;
 
     // a second copy of an instance id is refused
     let dup = node("c", &hub, &reg, vec![(service(), "Svc001")]).await;
