@@ -1,0 +1,891 @@
+//! The mqant v1 RPC over RabbitMQ (PROTOCOLS.md §7): mqant peers call warren module instances,
+//! and warren calls instances that mqant peers serve.
+//!
+//! - Served instances (running on this node): each consumes its own durable queue, bound with its
+//!   binding key to its exchange; a `CallInfo` runs the named handler on the local instance and,
+//!   when `Reply` is set, a `ResultInfo` goes back to the queue named by the `reply_to` header.
+//! - Reached instances (served by peers): a [`MqantClient`] per instance, a [`Bus`] the router
+//!   uses like any other, publishes `CallInfo`s with that instance's exchange and binding key and
+//!   correlates the `ResultInfo`s on one server-named callback queue by `Cid`.
+//!
+//! Bad input from the broker (not JSON, wrong shape, a reply for no waiting call) is logged,
+//! counted and dropped; a call whose `Expired` has passed is dropped unanswered, as upstream
+//! does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Consumer};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use warren::bus::{Bus, Call, Pending};
+use warren::config::{ModuleBusConfig, ModuleConfig};
+use warren::error::CallError;
+use warren::node::NodeHandle;
+use warren::registry::{InstanceRecord, NodeRecord};
+use warren::session::{Session, Transport as Net};
+
+use super::link::{
+    ExchangeSpec, Link, Live, PublishError, Subscriber, exchange_kind, run_subscription, short,
+    subscribe_now,
+};
+use super::{AmqpError, MAX_MESSAGE, now_ms, redact};
+
+/// Deliveries a served instance or a callback queue may hold unacknowledged.
+const PREFETCH: u16 = 256;
+/// Longest deadline taken from a peer's `Expired` (a day): a clock far off cannot park a call
+/// forever.
+const MAX_LEFT_MS: i64 = 86_400_000;
+
+/// A request (`CallInfo`) as warren sends it: Go's field order, for byte parity with mqant.
+#[derive(Serialize)]
+struct CallOut<'a> {
+    #[serde(rename = "Cid")]
+    cid: &'a str,
+    #[serde(rename = "Fn")]
+    func: &'a str,
+    #[serde(rename = "Args")]
+    args: [Value; 2],
+    #[serde(rename = "Expired")]
+    expired: i64,
+    #[serde(rename = "Reply")]
+    reply: bool,
+    /// The zero `ResultInfo` mqant sends inside every request.
+    #[serde(rename = "Result")]
+    result: ResultOut<'a>,
+}
+
+/// A request as a peer sends it.
+#[derive(Deserialize)]
+struct CallIn {
+    #[serde(rename = "Cid", default)]
+    cid: String,
+    #[serde(rename = "Fn")]
+    func: String,
+    #[serde(rename = "Args", default)]
+    args: Option<Vec<Value>>,
+    /// Unix ms; a number of any JSON kind (Go sends an integer, scripts may send a float).
+    #[serde(rename = "Expired")]
+    expired: serde_json::Number,
+    #[serde(rename = "Reply", default)]
+    reply: bool,
+}
+
+/// A reply (`ResultInfo`) as warren sends it.
+#[derive(Serialize)]
+struct ResultOut<'a> {
+    #[serde(rename = "Cid")]
+    cid: &'a str,
+    #[serde(rename = "Error")]
+    error: &'a str,
+    #[serde(rename = "Result")]
+    result: Value,
+}
+
+/// A reply as a peer sends it.
+#[derive(Deserialize)]
+struct ResultIn {
+    #[serde(rename = "Cid")]
+    cid: String,
+    #[serde(rename = "Error", default)]
+    error: Option<String>,
+    #[serde(rename = "Result", default)]
+    result: Value,
+}
+
+fn expired_ms(n: &serde_json::Number) -> Option<i64> {
+    n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.is_finite() && f.abs() < 9.0e18)
+            .map(|f| f as i64)
+    })
+}
+
+/// The JSON value of a handler's reply bytes, or the bytes as a string when they are not JSON.
+fn json_or_string(b: &[u8]) -> Value {
+    serde_json::from_slice(b).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(b).into()))
+}
+
+/// A call's `Args` as warren hands them to a handler: `[export map, body]` gives the session (if
+/// the map is one) and the body; any other arity gives no session and the array as the body.
+fn split_args(mut args: Vec<Value>) -> (Option<Arc<Session>>, Bytes) {
+    if args.len() == 2 {
+        let body = args.pop().unwrap_or(Value::Null);
+        let session = args
+            .pop()
+            .and_then(|m| Session::from_export_map(&m, Net::Tcp))
+            .map(Arc::new);
+        return (session, Bytes::from(body.to_string()));
+    }
+    (None, Bytes::from(Value::Array(args).to_string()))
+}
+
+/// The error of a peer's `ResultInfo` as a typed error (PROTOCOLS.md §7.3).
+fn error_from_text(text: String) -> CallError {
+    if text == CallError::Timeout.to_string() {
+        return CallError::Timeout;
+    }
+    if text == CallError::Closed.to_string() {
+        return CallError::Closed;
+    }
+    if let Some(f) = text
+        .strip_prefix("Remote function(")
+        .and_then(|s| s.strip_suffix(") not found"))
+    {
+        return CallError::HandlerNotFound(f.to_owned());
+    }
+    CallError::App(text)
+}
+
+/// The reply queue a request names: the `reply_to` header (mqant), else the property.
+fn reply_to(props: &BasicProperties) -> Option<String> {
+    let header = props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("reply_to"))
+        .and_then(|v| match v {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+            AMQPValue::ByteArray(b) => Some(String::from_utf8_lossy(b.as_slice()).into_owned()),
+            _ => None,
+        });
+    header
+        .or_else(|| props.reply_to().as_ref().map(|s| s.as_str().to_owned()))
+        .filter(|s| !s.is_empty())
+}
+
+fn text_props() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("text/plain".into())
+        .with_delivery_mode(1)
+}
+
+/// A served instance: consumes its queue and runs the calls on the local instance.
+struct Server {
+    what: String,
+    link: Arc<Link>,
+    node: NodeHandle,
+    module: String,
+    instance: String,
+    bus: ModuleBusConfig,
+}
+
+impl Server {
+    fn refuse(&self, reason: &'static str, why: &dyn std::fmt::Display) {
+        metrics::counter!("warren_mqant_calls_dropped_total", "reason" => reason).increment(1);
+        tracing::warn!(instance = %self.instance, queue = %self.bus.queue, reason, %why, "dropped an mqant call");
+    }
+
+    async fn handle(&self, data: &[u8], props: &BasicProperties) {
+        let info: CallIn = match serde_json::from_slice(data) {
+            Ok(i) => i,
+            Err(e) => return self.refuse("malformed", &e),
+        };
+        let Some(expired) = expired_ms(&info.expired) else {
+            return self.refuse("malformed", &"Expired is not a number of milliseconds");
+        };
+        let now = now_ms();
+        if expired < now {
+            metrics::counter!("warren_mqant_calls_dropped_total", "reason" => "expired")
+                .increment(1);
+            tracing::warn!(instance = %self.instance, cid = %info.cid, func = %info.func, late_ms = now - expired, "dropped an mqant call past its Expired");
+            return;
+        }
+        let left = Duration::from_millis(u64::try_from((expired - now).min(MAX_LEFT_MS)).unwrap_or(0));
+        let deadline = Instant::now() + left;
+        let (session, body) = split_args(info.args.unwrap_or_default());
+        let router = self.node.router();
+        // resolved and handed to the instance here, in delivery order, so one peer's calls reach
+        // the module in the order sent; only the wait for the result runs on its own task
+        let accepted = match router.resolve_call(
+            &self.module,
+            Some(&self.instance),
+            &info.func,
+            session.as_deref(),
+            &body,
+        ) {
+            Ok(t) => {
+                router
+                    .send(&t, &info.func, session, body, deadline, info.reply)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if !info.reply {
+            if let Err(e) = accepted {
+                tracing::debug!(instance = %self.instance, func = %info.func, error = %e, "mqant call without reply failed");
+            }
+            return;
+        }
+        let Some(to) = reply_to(props) else {
+            return self.refuse("no_reply_to", &"Reply is set but no reply_to header or property");
+        };
+        let link = self.link.clone();
+        tokio::spawn(async move {
+            let r = match accepted {
+                Err(e) => Err(e),
+                Ok(None) => Err(CallError::Closed),
+                Ok(Some(pending)) => tokio::time::timeout_at(deadline, pending)
+                    .await
+                    .unwrap_or(Err(CallError::Timeout)),
+            };
+            answer(&link, &to, &info.cid, r).await;
+        });
+    }
+}
+
+/// Send a `ResultInfo` to a caller's reply queue (default exchange, empty headers).
+async fn answer(link: &Link, to: &str, cid: &str, r: Result<Bytes, CallError>) {
+    let encode = |r: &Result<Bytes, CallError>| {
+        let (error, result) = match r {
+            Ok(b) => (String::new(), json_or_string(b)),
+            Err(e) => (e.to_string(), Value::Null),
+        };
+        serde_json::to_vec(&ResultOut {
+            cid,
+            error: &error,
+            result,
+        })
+    };
+    let mut payload = match encode(&r) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(%cid, error = %e, "cannot encode a ResultInfo");
+            return;
+        }
+    };
+    if payload.len() > MAX_MESSAGE {
+        let e = CallError::TooLarge {
+            size: payload.len(),
+            max: MAX_MESSAGE,
+        };
+        let Ok(p) = encode(&Err(e)) else { return };
+        payload = p;
+    }
+    let props = text_props().with_headers(FieldTable::default());
+    if let Err(e) = link.publish("", to, &payload, props, false).await {
+        tracing::warn!(%cid, reply_to = %to, error = ?e, "could not send an mqant reply");
+    }
+}
+
+impl Subscriber for Server {
+    fn what(&self) -> &str {
+        &self.what
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        live: &'a Live,
+    ) -> BoxFuture<'a, Result<(Channel, Consumer), String>> {
+        Box::pin(async move {
+            let b = &self.bus;
+            let err = |what: &'static str| move |e: lapin::Error| format!("{what}: {e}");
+            let ch = live.conn.create_channel().await.map_err(err("channel"))?;
+            ch.basic_qos(PREFETCH, BasicQosOptions::default())
+                .await
+                .map_err(err("qos"))?;
+            // the peer-compatible declarations of PROTOCOLS.md §7.2 (the exchange is declared
+            // by the link on every connect)
+            let opts = QueueDeclareOptions {
+                durable: true,
+                auto_delete: false,
+                exclusive: false,
+                ..Default::default()
+            };
+            ch.queue_declare(short(&b.queue)?, opts, FieldTable::default())
+                .await
+                .map_err(err("queue.declare"))?;
+            ch.queue_bind(
+                short(&b.queue)?,
+                short(&b.exchange)?,
+                short(&b.binding_key)?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(err("queue.bind"))?;
+            let consumer = ch
+                .basic_consume(
+                    short(&b.queue)?,
+                    short(&b.consumer_tag)?,
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(err("basic.consume"))?;
+            Ok((ch, consumer))
+        })
+    }
+
+    fn deliver(&self, d: Delivery) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            // acknowledged on receipt, as mqant does: a call is never run twice
+            if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+                tracing::debug!(instance = %self.instance, error = %e, "ack failed (connection lost?)");
+            }
+            self.handle(&d.data, &d.properties).await;
+            true
+        })
+    }
+}
+
+type Waiting = HashMap<String, oneshot::Sender<Result<Bytes, CallError>>>;
+
+/// The callback queue of one broker connection: replies to every [`MqantClient`] on it,
+/// correlated by `Cid`.
+struct Replies {
+    what: String,
+    queue: Mutex<Option<String>>,
+    waiting: Mutex<Waiting>,
+}
+
+impl Replies {
+    fn queue(&self) -> Option<String> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Subscriber for Replies {
+    fn what(&self) -> &str {
+        &self.what
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        live: &'a Live,
+    ) -> BoxFuture<'a, Result<(Channel, Consumer), String>> {
+        Box::pin(async move {
+            let err = |what: &'static str| move |e: lapin::Error| format!("{what}: {e}");
+            let ch = live.conn.create_channel().await.map_err(err("channel"))?;
+            ch.basic_qos(PREFETCH, BasicQosOptions::default())
+                .await
+                .map_err(err("qos"))?;
+            // server-named, exclusive, auto-deleted: it dies with this connection, and the next
+            // connection gets a new one
+            let opts = QueueDeclareOptions {
+                durable: false,
+                auto_delete: true,
+                exclusive: true,
+                ..Default::default()
+            };
+            let q = ch
+                .queue_declare(short("")?, opts, FieldTable::default())
+                .await
+                .map_err(err("callback queue.declare"))?;
+            let name = q.name().clone();
+            let consumer = ch
+                .basic_consume(
+                    name.clone(),
+                    short("")?,
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(err("callback basic.consume"))?;
+            *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(name.to_string());
+            Ok((ch, consumer))
+        })
+    }
+
+    fn deliver(&self, d: Delivery) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+                tracing::debug!(error = %e, "ack failed (connection lost?)");
+            }
+            let r: ResultIn = match serde_json::from_slice(&d.data) {
+                Ok(r) => r,
+                Err(e) => {
+                    metrics::counter!("warren_mqant_replies_dropped_total", "reason" => "malformed")
+                        .increment(1);
+                    tracing::warn!(error = %e, len = d.data.len(), "dropped a malformed mqant ResultInfo");
+                    return true;
+                }
+            };
+            let Some(tx) = self.waiting().remove(&r.cid) else {
+                metrics::counter!("warren_mqant_replies_dropped_total", "reason" => "unknown_cid")
+                    .increment(1);
+                tracing::debug!(cid = %r.cid, "mqant reply for a call that no longer waits");
+                return true;
+            };
+            let out = match r.error.filter(|e| !e.is_empty()) {
+                Some(e) => Err(error_from_text(e)),
+                None => Ok(Bytes::from(r.result.to_string())),
+            };
+            let _ = tx.send(out);
+            true
+        })
+    }
+
+    fn lost(&self) {
+        *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let lost: Vec<_> = self.waiting().drain().map(|(_, tx)| tx).collect();
+        for tx in lost {
+            let _ = tx.send(Err(CallError::Unavailable(
+                "the connection to the broker was lost before the reply".into(),
+            )));
+        }
+    }
+}
+
+/// Removes a call's waiter when its result future ends or is dropped.
+struct Forget {
+    replies: Arc<Replies>,
+    cid: String,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        self.replies.waiting().remove(&self.cid);
+    }
+}
+
+/// A module instance served by an mqant peer, reached over RabbitMQ: the [`Bus`] the router uses
+/// for it (registered with [`Router::add_static`](warren::router::Router::add_static) by
+/// [`MqantBridge::start`]).
+pub struct MqantClient {
+    link: Arc<Link>,
+    replies: Arc<Replies>,
+    module: String,
+    instance: String,
+    exchange: String,
+    binding_key: String,
+}
+
+impl std::fmt::Debug for MqantClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqantClient")
+            .field("module", &self.module)
+            .field("instance", &self.instance)
+            .field("exchange", &self.exchange)
+            .field("binding_key", &self.binding_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MqantClient {
+    /// The instance id this client reaches.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    async fn call(&self, call: Call, reply: bool) -> Result<Option<Pending>, CallError> {
+        let queue = self.replies.queue().ok_or_else(|| {
+            CallError::Unavailable("not connected to the broker (no callback queue)".into())
+        })?;
+        let cid = uuid::Uuid::new_v4().to_string();
+        let left = call.deadline.saturating_duration_since(Instant::now());
+        let expired = now_ms().saturating_add(i64::try_from(left.as_millis()).unwrap_or(i64::MAX));
+        let export = call
+            .session
+            .as_deref()
+            .map_or_else(|| Value::Object(Map::new()), Session::export_map);
+        let zero = ResultOut {
+            cid: "",
+            error: "",
+            result: Value::Null,
+        };
+        let payload = serde_json::to_vec(&CallOut {
+            cid: &cid,
+            func: &call.handler,
+            args: [export, json_or_string(&call.body)],
+            expired,
+            reply,
+            result: zero,
+        })
+        .map_err(|e| CallError::BadRequest(format!("cannot encode CallInfo: {e}")))?;
+        if payload.len() > MAX_MESSAGE {
+            return Err(CallError::TooLarge {
+                size: payload.len(),
+                max: MAX_MESSAGE,
+            });
+        }
+        let mut headers = FieldTable::default();
+        headers.insert(
+            short("reply_to").map_err(CallError::BadRequest)?,
+            AMQPValue::LongString(queue.as_str().into()),
+        );
+        let props = text_props()
+            .with_headers(headers)
+            .with_reply_to(short(&queue).map_err(CallError::BadRequest)?);
+        let wait = if reply {
+            let (tx, rx) = oneshot::channel();
+            self.replies.waiting().insert(cid.clone(), tx);
+            let forget = Forget {
+                replies: self.replies.clone(),
+                cid: cid.clone(),
+            };
+            Some((rx, forget))
+        } else {
+            None
+        };
+        let sent = self
+            .link
+            .publish(&self.exchange, &self.binding_key, &payload, props, true)
+            .await;
+        if let Err(e) = sent {
+            metrics::counter!("warren_mqant_send_errors_total").increment(1);
+            return Err(match e {
+                PublishError::Down(why) | PublishError::Refused(why) => CallError::Unavailable(why),
+                PublishError::Unroutable => CallError::Unavailable(format!(
+                    "no queue bound to {} on exchange {} (is the mqant peer of {} running?)",
+                    self.binding_key, self.exchange, self.instance
+                )),
+            });
+        }
+        let Some((rx, forget)) = wait else {
+            return Ok(None);
+        };
+        let deadline = call.deadline;
+        Ok(Some(Pending::Remote(Box::pin(async move {
+            let _forget = forget;
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(CallError::Closed),
+                Err(_) => Err(CallError::Timeout),
+            }
+        }))))
+    }
+}
+
+impl Bus for MqantClient {
+    fn send(
+        &self,
+        _node: &str,
+        call: Call,
+        reply: bool,
+    ) -> BoxFuture<'_, Result<Option<Pending>, CallError>> {
+        Box::pin(self.call(call, reply))
+    }
+
+    fn kind(&self) -> &'static str {
+        "mqant"
+    }
+}
+
+/// The running mqant bridge of a node: the instances it serves to mqant peers and the peers'
+/// instances it reaches. It runs until the token given to [`MqantBridge::start`] fires (or
+/// [`MqantBridge::stop`]); dropping it does not stop it.
+pub struct MqantBridge {
+    links: Vec<Arc<Link>>,
+    clients: Vec<Arc<MqantClient>>,
+    served: Vec<String>,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for MqantBridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqantBridge")
+            .field("served", &self.served)
+            .field("clients", &self.clients)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A module entry's mqant bus settings, checked.
+fn mqant_bus(m: &ModuleConfig, serving: bool) -> Result<ModuleBusConfig, AmqpError> {
+    let bad = |why: String| AmqpError::Config {
+        instance: m.instance_id(),
+        why,
+    };
+    let b = m
+        .bus
+        .clone()
+        .ok_or_else(|| bad("no [module.bus] settings".into()))?;
+    if b.kind != "amqp" || b.mode != "mqant" {
+        return Err(bad(format!(
+            "bus kind {:?} mode {:?} is not the mqant AMQP bus",
+            b.kind, b.mode
+        )));
+    }
+    if b.exchange.is_empty() {
+        return Err(bad("exchange is empty".into()));
+    }
+    if serving && b.queue.is_empty() {
+        return Err(bad("queue is empty".into()));
+    }
+    for s in [&b.exchange, &b.queue, &b.binding_key, &b.consumer_tag] {
+        short(s).map_err(bad)?;
+    }
+    Ok(b)
+}
+
+type Group = (Vec<(ModuleConfig, ModuleBusConfig)>, Vec<(ModuleConfig, ModuleBusConfig)>);
+
+impl MqantBridge {
+    /// Serve the instances in `serve` (running on this node) to mqant peers, and make the
+    /// instances in `reach` (served by peers) callable through `node` (registered on its router
+    /// as node `amqp/<instance id>`). Every entry must carry `bus = {kind = "amqp", mode =
+    /// "mqant", …}`. One connection per broker URI; each reconnects by itself. Fails if a broker
+    /// cannot be reached or refuses a declaration now.
+    pub async fn start(
+        node: NodeHandle,
+        serve: Vec<ModuleConfig>,
+        reach: Vec<ModuleConfig>,
+        stop: CancellationToken,
+    ) -> Result<MqantBridge, AmqpError> {
+        let own = stop.child_token();
+        match Self::start_inner(&node, serve, reach, &own).await {
+            Ok((links, clients, served)) => Ok(MqantBridge {
+                links,
+                clients,
+                served,
+                stop: own,
+            }),
+            Err(e) => {
+                own.cancel();
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_inner(
+        node: &NodeHandle,
+        serve: Vec<ModuleConfig>,
+        reach: Vec<ModuleConfig>,
+        stop: &CancellationToken,
+    ) -> Result<(Vec<Arc<Link>>, Vec<Arc<MqantClient>>, Vec<String>), AmqpError> {
+        let mut by_uri: BTreeMap<String, Group> = BTreeMap::new();
+        for m in serve {
+            let b = mqant_bus(&m, true)?;
+            by_uri.entry(b.uri.clone()).or_default().0.push((m, b));
+        }
+        for m in reach {
+            let b = mqant_bus(&m, false)?;
+            by_uri.entry(b.uri.clone()).or_default().1.push((m, b));
+        }
+        let (mut links, mut clients, mut served) = (Vec::new(), Vec::new(), Vec::new());
+        for (uri, (to_serve, to_reach)) in by_uri {
+            let mut exchanges: BTreeMap<String, String> = BTreeMap::new();
+            for (m, b) in to_serve.iter().chain(&to_reach) {
+                match exchanges.get(&b.exchange) {
+                    Some(t) if *t != b.exchange_type => {
+                        return Err(AmqpError::Config {
+                            instance: m.instance_id(),
+                            why: format!(
+                                "exchange {} is declared both {t} and {}",
+                                b.exchange, b.exchange_type
+                            ),
+                        });
+                    }
+                    _ => {
+                        exchanges.insert(b.exchange.clone(), b.exchange_type.clone());
+                    }
+                }
+            }
+            let specs = exchanges
+                .into_iter()
+                .map(|(name, t)| ExchangeSpec {
+                    kind: exchange_kind(&t),
+                    name,
+                })
+                .collect();
+            let link = Link::open(&uri, "mqant", specs, stop.child_token())
+                .await
+                .map_err(|why| AmqpError::Connect {
+                    url: redact(&uri),
+                    why,
+                })?;
+            links.push(link.clone());
+            for (m, b) in to_serve {
+                let instance = m.instance_id();
+                let server = Arc::new(Server {
+                    what: format!("mqant queue {} of {instance}", b.queue),
+                    link: link.clone(),
+                    node: node.clone(),
+                    module: m.kind.clone(),
+                    instance: instance.clone(),
+                    bus: b,
+                });
+                let first = subscribe_now(&link, &*server)
+                    .await
+                    .map_err(|why| AmqpError::Broker {
+                        what: server.what.clone(),
+                        why,
+                    })?;
+                tokio::spawn(run_subscription(
+                    link.clone(),
+                    server,
+                    stop.child_token(),
+                    first,
+                ));
+                tracing::info!(%instance, "serving an instance to mqant peers");
+                served.push(instance);
+            }
+            if to_reach.is_empty() {
+                continue;
+            }
+            let replies = Arc::new(Replies {
+                what: format!("mqant callback queue on {}", redact(&uri)),
+                queue: Mutex::new(None),
+                waiting: Mutex::new(HashMap::new()),
+            });
+            let first = subscribe_now(&link, &*replies)
+                .await
+                .map_err(|why| AmqpError::Broker {
+                    what: replies.what.clone(),
+                    why,
+                })?;
+            tokio::spawn(run_subscription(
+                link.clone(),
+                replies.clone(),
+                stop.child_token(),
+                first,
+            ));
+            for (m, b) in to_reach {
+                let instance = m.instance_id();
+                let client = Arc::new(MqantClient {
+                    link: link.clone(),
+                    replies: replies.clone(),
+                    module: m.kind.clone(),
+                    instance: instance.clone(),
+                    exchange: b.exchange,
+                    binding_key: b.binding_key,
+                });
+                let record = NodeRecord {
+                    id: format!("amqp/{instance}"),
+                    version: "mqant".into(),
+                    address: None,
+                    started_at_ms: u64::try_from(now_ms()).unwrap_or(0),
+                    tags: Vec::new(),
+                    instances: vec![InstanceRecord {
+                        module: m.kind.clone(),
+                        id: instance.clone(),
+                        // a peer's handlers are unknown: mqant-mode gates admit by prefix
+                        client_handlers: Vec::new(),
+                        tags: m.tags.clone(),
+                        sticky: m.sticky,
+                        watches_sessions: false,
+                    }],
+                };
+                node.router().add_static(record, client.clone());
+                tracing::info!(%instance, module = %m.kind, "reaching an mqant peer's instance");
+                clients.push(client);
+            }
+        }
+        Ok((links, clients, served))
+    }
+
+    /// The clients of the peers' instances, in config order.
+    pub fn clients(&self) -> &[Arc<MqantClient>] {
+        &self.clients
+    }
+
+    /// Instance ids served to mqant peers.
+    pub fn served(&self) -> &[String] {
+        &self.served
+    }
+
+    /// Whether every broker connection is up now.
+    pub fn is_connected(&self) -> bool {
+        self.links.iter().all(|l| l.current().is_some())
+    }
+
+    /// Stop consuming and close the connections (calls through the clients then fail as
+    /// unavailable).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_info_has_mqant_key_order() {
+        let zero = ResultOut {
+            cid: "",
+            error: "",
+            result: Value::Null,
+        };
+        let s = serde_json::to_string(&CallOut {
+            cid: "c",
+            func: "HD_Login",
+            args: [Value::Object(Map::new()), serde_json::json!({"a":1})],
+            expired: 5,
+            reply: true,
+            result: zero,
+        })
+        .expect("encode");
+        assert_eq!(
+            s,
+            r#"{"Cid":"c","Fn":"HD_Login","Args":[{},{"a":1}],"Expired":5,"Reply":true,"Result":{"Cid":"","Error":"","Result":null}}"#
+        );
+        let r = serde_json::to_string(&ResultOut {
+            cid: "c",
+            error: "",
+            result: Value::String("login success alice".into()),
+        })
+        .expect("encode");
+        assert_eq!(r, r#"{"Cid":"c","Error":"","Result":"login success alice"}"#);
+    }
+
+    #[test]
+    fn args_give_session_and_body() {
+        let map = serde_json::json!({"IP":"127.0.0.1:5","Network":"tcp","Serverid":"Gate001","Sessionid":"s1","Settings":{},"Userid":"alice"});
+        let (s, b) = split_args(vec![map, serde_json::json!({"x":1})]);
+        let s = s.expect("session");
+        assert_eq!((&*s.id, s.uid.as_deref()), ("s1", Some("alice")));
+        assert_eq!(&b[..], br#"{"x":1}"#);
+        let (s, b) = split_args(vec![serde_json::json!({}), serde_json::json!("hi")]);
+        assert!(s.is_none());
+        assert_eq!(&b[..], br#""hi""#);
+        let (s, b) = split_args(vec![serde_json::json!(1)]);
+        assert!(s.is_none());
+        assert_eq!(&b[..], b"[1]");
+        let (_, b) = split_args(vec![]);
+        assert_eq!(&b[..], b"[]");
+    }
+
+    #[test]
+    fn peer_errors_become_typed() {
+        assert_eq!(error_from_text("timeout: This is Call".into()), CallError::Timeout);
+        assert_eq!(
+            error_from_text("Remote function(HD_X) not found".into()),
+            CallError::HandlerNotFound("HD_X".into())
+        );
+        assert_eq!(error_from_text("client closed".into()), CallError::Closed);
+        assert_eq!(
+            error_from_text("No room".into()),
+            CallError::App("No room".into())
+        );
+        assert_eq!(json_or_string(b"[1]"), serde_json::json!([1]));
+        assert_eq!(json_or_string(b"x y"), Value::String("x y".into()));
+    }
+
+    #[test]
+    fn expired_accepts_integers_and_floats() {
+        let n = |s: &str| serde_json::from_str::<serde_json::Number>(s).expect("number");
+        assert_eq!(expired_ms(&n("1488888888888")), Some(1_488_888_888_888));
+        assert_eq!(expired_ms(&n("1488888888888.5")), Some(1_488_888_888_888));
+        assert_eq!(expired_ms(&n("1e300")), None);
+    }
+
+    #[test]
+    fn reply_queue_from_header_then_property() {
+        let mut h = FieldTable::default();
+        h.insert("reply_to".into(), AMQPValue::LongString("amq.gen-1".into()));
+        let p = BasicProperties::default()
+            .with_headers(h)
+            .with_reply_to("amq.gen-2".into());
+        assert_eq!(reply_to(&p).as_deref(), Some("amq.gen-1"));
+        let p = BasicProperties::default().with_reply_to("amq.gen-2".into());
+        assert_eq!(reply_to(&p).as_deref(), Some("amq.gen-2"));
+        assert_eq!(reply_to(&BasicProperties::default()), None);
+    }
+}
