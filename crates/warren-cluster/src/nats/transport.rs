@@ -1,0 +1,218 @@
+//! [`NatsTransport`]: warren's remote bus over core NATS. Each node's inbox is the subject
+//! `<prefix>.node.<node id>`; a frame is one published message. Core NATS keeps the order of the
+//! messages one connection publishes to one subject, which is the order the remote bus promises.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use warren::remote::{Transport, TransportError};
+
+use super::{connect_client, is_connected};
+
+/// How long `serve` waits for the server to confirm a subscription.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The remote bus over NATS: publishes frames to a node's inbox subject and feeds this node the
+/// messages of its own.
+///
+/// Frames are never buffered across an outage: [`Transport::send`] fails with
+/// [`TransportError::Unavailable`] while the client reconnects, so callers get a typed error at
+/// once instead of a call that runs when the server is back. The client resubscribes the inbox by
+/// itself after a reconnect; frames published to it while this node was disconnected are lost
+/// (core NATS keeps nothing), and their callers end at their deadline.
+#[derive(Debug)]
+pub struct NatsTransport {
+    client: async_nats::Client,
+    prefix: String,
+}
+
+impl NatsTransport {
+    /// Connect to the NATS server at `url` (`nats://host:port`); subjects start with `prefix`.
+    /// Fails at once if the server cannot be reached: a node that starts without its bus should
+    /// say so rather than wait. After that first connection the client reconnects forever.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Arc<NatsTransport>, TransportError> {
+        let (client, _) = connect_client(url, "bus")
+            .await
+            .map_err(TransportError::Unavailable)?;
+        tracing::info!(
+            url,
+            prefix,
+            max_payload = client.max_payload(),
+            "NATS bus connected"
+        );
+        Ok(Arc::new(NatsTransport {
+            client,
+            prefix: subject_prefix(prefix),
+        }))
+    }
+
+    /// The underlying client, for what the inbox-per-node model does not cover (queue groups for
+    /// load sharing, raw round trips in benchmarks). Shares this transport's connection.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The inbox subject of node `node`: `<prefix>.node.<token>`, where the token is the node id
+    /// with the characters NATS reserves in a subject token (`.`, `*`, `>`, whitespace) replaced
+    /// by `_`. Two node ids that differ only in those characters share an inbox: keep ids plain.
+    pub fn inbox_subject(&self, node: &str) -> String {
+        let mut s = String::with_capacity(self.prefix.len() + 6 + node.len());
+        s.push_str(&self.prefix);
+        s.push_str(".node.");
+        push_token(&mut s, node);
+        s
+    }
+}
+
+/// `node` as one subject token (see [`NatsTransport::inbox_subject`]).
+fn push_token(out: &mut String, node: &str) {
+    if node.is_empty() {
+        out.push('_');
+        return;
+    }
+    out.extend(node.chars().map(|c| {
+        if c == '.' || c == '*' || c == '>' || c.is_whitespace() {
+            '_'
+        } else {
+            c
+        }
+    }));
+}
+
+/// The configured prefix as a valid subject prefix: tokens may not be empty or hold wildcards or
+/// whitespace; dots between tokens are kept (`acme.prod` is two tokens).
+fn subject_prefix(prefix: &str) -> String {
+    let tokens: Vec<String> = prefix
+        .split('.')
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let mut s = String::with_capacity(t.len());
+            push_token(&mut s, t);
+            s
+        })
+        .collect();
+    if tokens.is_empty() {
+        "warren".to_owned()
+    } else {
+        tokens.join(".")
+    }
+}
+
+impl Transport for NatsTransport {
+    fn send(&self, node: &str, frame: Bytes) -> BoxFuture<'_, Result<(), TransportError>> {
+        let subject = self.inbox_subject(node);
+        Box::pin(async move {
+            let (size, max) = (frame.len(), self.max_frame());
+            if size > max {
+                return Err(TransportError::TooLarge { size, max });
+            }
+            if !is_connected(&self.client) {
+                return Err(TransportError::Unavailable(
+                    "not connected to NATS (reconnecting)".into(),
+                ));
+            }
+            self.client
+                .publish(subject, frame)
+                .await
+                .map_err(|e| match e.kind() {
+                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                        TransportError::TooLarge {
+                            size,
+                            max: self.max_frame(),
+                        }
+                    }
+                    _ => TransportError::Broker(e.to_string()),
+                })
+        })
+    }
+
+    fn serve(
+        &self,
+        node: &str,
+        inbox: mpsc::Sender<Bytes>,
+        stop: CancellationToken,
+    ) -> BoxFuture<'_, Result<(), TransportError>> {
+        let subject = self.inbox_subject(node);
+        Box::pin(async move {
+            if !is_connected(&self.client) {
+                return Err(TransportError::Unavailable(
+                    "not connected to NATS (reconnecting)".into(),
+                ));
+            }
+            let mut sub = self
+                .client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| TransportError::Broker(format!("subscribe {subject}: {e}")))?;
+            // the server has the subscription once it answered the PING that follows it
+            match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.client.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(TransportError::Unavailable(format!(
+                        "subscribe {subject}: {e}"
+                    )));
+                }
+                Err(_) => {
+                    return Err(TransportError::Unavailable(format!(
+                        "subscribe {subject}: no confirmation from the server within {SUBSCRIBE_TIMEOUT:?}"
+                    )));
+                }
+            }
+            tracing::debug!(%subject, "serving a NATS inbox");
+            tokio::spawn(async move {
+                loop {
+                    let msg = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break,
+                        m = sub.next() => m,
+                    };
+                    let Some(msg) = msg else {
+                        tracing::warn!(%subject, "the NATS client closed; inbox no longer served");
+                        break;
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break,
+                        sent = inbox.send(msg.payload) => if sent.is_err() { break },
+                    }
+                }
+                if let Err(e) = sub.unsubscribe().await {
+                    tracing::debug!(%subject, error = %e, "unsubscribe after stop");
+                }
+            });
+            Ok(())
+        })
+    }
+
+    fn max_frame(&self) -> usize {
+        self.client.max_payload()
+    }
+
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_become_single_tokens() {
+        let mut s = String::new();
+        push_token(&mut s, "a.b*c>d e\tf");
+        assert_eq!(s, "a_b_c_d_e_f");
+        let mut s = String::new();
+        push_token(&mut s, "");
+        assert_eq!(s, "_");
+        assert_eq!(subject_prefix("warren"), "warren");
+        assert_eq!(subject_prefix(".acme..prod."), "acme.prod");
+        assert_eq!(subject_prefix("a*>"), "a__");
+        assert_eq!(subject_prefix(""), "warren");
+    }
+}
