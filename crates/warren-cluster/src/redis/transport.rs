@@ -1,0 +1,198 @@
+//! [`RedisTransport`]: warren's own bus over Redis. Each node's inbox is the list
+//! `<prefix>:node:<id>`: senders `RPUSH` frames to it, the node `BLPOP`s it on a connection of its
+//! own. One list per receiver and one connection per sender keep frames in the order sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use redis::Client;
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use warren::remote::{Transport, TransportError};
+
+use super::{BLOCK_S, Backoff, COMMAND_TIMEOUT, blocking_connection, bounded, client, manager};
+
+/// Largest frame sent: 64 MiB. Redis itself takes strings up to 512 MiB (`proto-max-bulk-len`),
+/// but a frame that size would hold the receiver's single `BLPOP` connection and the server's
+/// memory for seconds; calls that large belong in a store, with a key in the call.
+const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// Lifetime of an inbox list after the last push to it, in milliseconds (refreshed by every
+/// push). A live node drains its inbox at once, so the expiry only matters for the inbox of a node
+/// that died: its queued frames (calls already past their deadline, which the bus would drop on
+/// arrival anyway) vanish a minute after the last sender gave up, instead of growing forever.
+/// A minute is far longer than any call deadline and than the registry's 8 s liveness window,
+/// after which no sender picks the dead node any more.
+const INBOX_TTL_MS: i64 = 60_000;
+
+/// The Redis bus: one list per node inbox, `RPUSH` to send, `BLPOP` to receive.
+///
+/// Sends share one `ConnectionManager` (reconnects by itself) and fail with
+/// [`TransportError::Unavailable`] after at most one second while Redis is down; each served inbox
+/// runs its own blocking connection and reconnects with backoff after a restart.
+pub struct RedisTransport {
+    client: Client,
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+impl std::fmt::Debug for RedisTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTransport")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisTransport {
+    /// Connect to `url` (`redis://host:port[/db]`); inbox lists are named `<prefix>:node:<id>`.
+    /// Fails if Redis cannot be reached within a few seconds.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Arc<RedisTransport>, TransportError> {
+        let client = client(url, None).map_err(TransportError::Broker)?;
+        let conn = manager(&client)
+            .await
+            .map_err(TransportError::Unavailable)?;
+        Ok(Arc::new(RedisTransport {
+            client,
+            conn,
+            prefix: prefix.to_owned(),
+        }))
+    }
+
+    /// The list holding node `node`'s inbox.
+    pub fn inbox(&self, node: &str) -> String {
+        format!("{}:node:{node}", self.prefix)
+    }
+
+    async fn push(&self, node: &str, frame: Bytes) -> Result<(), TransportError> {
+        if frame.len() > MAX_FRAME {
+            return Err(TransportError::TooLarge {
+                size: frame.len(),
+                max: MAX_FRAME,
+            });
+        }
+        let key = self.inbox(node);
+        let mut pipe = redis::pipe();
+        pipe.cmd("RPUSH")
+            .arg(&key)
+            .arg(&frame[..])
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(INBOX_TTL_MS)
+            .ignore();
+        let mut conn = self.conn.clone();
+        bounded(COMMAND_TIMEOUT, pipe.exec_async(&mut conn))
+            .await
+            .map_err(|why| {
+                metrics::counter!("warren_redis_send_errors_total").increment(1);
+                TransportError::Unavailable(why)
+            })
+    }
+
+    async fn start_serving(
+        &self,
+        node: &str,
+        inbox: mpsc::Sender<Bytes>,
+        stop: CancellationToken,
+    ) -> Result<(), TransportError> {
+        let key = self.inbox(node);
+        // confirm that the inbox can be read before the node says it is up
+        let conn = blocking_connection(&self.client)
+            .await
+            .map_err(TransportError::Unavailable)?;
+        let client = self.client.clone();
+        tokio::spawn(pop_loop(client, conn, key, inbox, stop));
+        Ok(())
+    }
+}
+
+/// `BLPOP` the inbox until `stop`, feeding `inbox` in order; reconnect with backoff after errors.
+/// A pop is never cancelled half-way (that could lose a frame the server already removed): it
+/// returns within [`BLOCK_S`] and the loop checks `stop` between pops.
+async fn pop_loop(
+    client: Client,
+    conn: MultiplexedConnection,
+    key: String,
+    inbox: mpsc::Sender<Bytes>,
+    stop: CancellationToken,
+) {
+    let mut conn = Some(conn);
+    let mut backoff = Backoff::new(Duration::from_secs(5));
+    let mut down_since: Option<tokio::time::Instant> = None;
+    while !stop.is_cancelled() {
+        if conn.is_none() {
+            match blocking_connection(&client).await {
+                Ok(c) => {
+                    if let Some(t) = down_since.take() {
+                        tracing::info!(inbox = %key, down_ms = t.elapsed().as_millis() as u64, "redis inbox reconnected");
+                    }
+                    backoff.reset();
+                    conn = Some(c);
+                }
+                Err(why) => {
+                    let delay = backoff.step();
+                    tracing::debug!(inbox = %key, %why, ?delay, "redis inbox reconnect failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let mut cmd = redis::cmd("BLPOP");
+        cmd.arg(&key).arg(BLOCK_S);
+        // a dead peer that never answers (no reset) must not hold the loop forever
+        let pop = bounded(
+            Duration::from_secs_f64(BLOCK_S) + Duration::from_secs(5),
+            cmd.query_async::<Option<(Vec<u8>, Vec<u8>)>>(c),
+        )
+        .await;
+        match pop {
+            Ok(None) => {}
+            Ok(Some((_, frame))) => {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    r = inbox.send(Bytes::from(frame)) => if r.is_err() { break },
+                }
+            }
+            Err(why) => {
+                if down_since.is_none() {
+                    tracing::warn!(inbox = %key, %why, "redis inbox read failed; reconnecting");
+                    down_since = Some(tokio::time::Instant::now());
+                }
+                conn = None;
+            }
+        }
+    }
+    tracing::debug!(inbox = %key, "redis inbox no longer served");
+}
+
+impl Transport for RedisTransport {
+    fn send(&self, node: &str, frame: Bytes) -> BoxFuture<'_, Result<(), TransportError>> {
+        let node = node.to_owned();
+        Box::pin(async move { self.push(&node, frame).await })
+    }
+
+    fn serve(
+        &self,
+        node: &str,
+        inbox: mpsc::Sender<Bytes>,
+        stop: CancellationToken,
+    ) -> BoxFuture<'_, Result<(), TransportError>> {
+        let node = node.to_owned();
+        Box::pin(async move { self.start_serving(&node, inbox, stop).await })
+    }
+
+    fn max_frame(&self) -> usize {
+        MAX_FRAME
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}
