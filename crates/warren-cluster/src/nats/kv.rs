@@ -6,6 +6,9 @@
 //! refreshes) and readers also treat a record whose stamp is older than the TTL as dead, which
 //! the server does not announce.
 //!
+//! The stamps are the writers' wall clocks, read against the reader's: hosts' clocks must agree
+//! to well within the TTL (NTP does).
+//!
 //! Readers follow the bucket with one ordered consumer that first replays the latest value of
 //! every key, then each change (news within milliseconds), and check the stamps every 500 ms.
 //! While the server is unreachable the last known list stands still; when it is back the

@@ -58,7 +58,11 @@ async fn connect_client(
                             .increment(1);
                         tracing::warn!(role, sid, "NATS dropped messages for a slow subscriber");
                     }
-                    other => tracing::info!(role, %server, event = %other, "NATS event"),
+                    async_nats::Event::ServerError(e) => {
+                        tracing::warn!(role, %server, error = %e, "NATS server error");
+                    }
+                    // one per failed reconnect attempt: the disconnect was logged already
+                    other => tracing::debug!(role, %server, event = %other, "NATS event"),
                 }
             }
         })
