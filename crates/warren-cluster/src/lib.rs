@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod amqp;
+pub mod connect;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod nats;
