@@ -90,7 +90,23 @@ struct Cache {
 impl Cache {
     /// The record in `value`, or `None` (logged once per key and revision) if it is not one.
     fn decode(&mut self, key: &[u8], value: &[u8], rev: i64) -> Option<NodeRecord> {
-        match serde_json::from_slice::<NodeRecord>(value) {
+        let decoded = serde_json::from_slice::<NodeRecord>(value)
+            .map_err(|e| format!("not a node record: {e}"))
+            .and_then(|n| {
+                // the key ends with `/<id>`: a record under another node's key is refused
+                let own = key
+                    .strip_suffix(n.id.as_bytes())
+                    .is_some_and(|k| k.ends_with(b"/"));
+                if own {
+                    Ok(n)
+                } else {
+                    Err(format!(
+                        "record of node {:?} stored under another key",
+                        n.id
+                    ))
+                }
+            });
+        match decoded {
             Ok(n) => {
                 self.refused.remove(key);
                 Some(n)
@@ -610,5 +626,7 @@ mod tests {
         assert_eq!(c.live(), std::slice::from_ref(&n));
         c.put(b"k/n1", b"{garbage", 6);
         assert!(c.live().is_empty());
+        c.put(b"k/n2", &v, 7);
+        assert!(c.live().is_empty(), "n1's record under n2's key");
     }
 }
