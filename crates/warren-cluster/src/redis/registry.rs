@@ -650,7 +650,6 @@ async fn watch_loop(inner: Arc<Inner>, mut st: WatchState, stop: CancellationTok
     let mut sub: Option<PubSubStream> = None;
     let mut backoff = Backoff::new(POLL);
     let key = inner.keys.zset.clone();
-    let mut first = true;
     loop {
         if sub.is_none() {
             match inner.subscribe().await {
@@ -661,24 +660,21 @@ async fn watch_loop(inner: Arc<Inner>, mut st: WatchState, stop: CancellationTok
                 Err(why) => tracing::debug!(%key, %why, "registry channel subscription failed"),
             }
         }
-        if !first {
-            match inner.read(None).await {
-                Ok((members, nodes)) => {
-                    if let Some(t) = st.failing_since.take() {
-                        tracing::info!(%key, down_ms = t.elapsed().as_millis() as u64, "redis registry reachable again");
-                        st.suspect(&inner);
-                    }
-                    inner.publish(members, nodes, &mut st);
+        match inner.read(None).await {
+            Ok((members, nodes)) => {
+                if let Some(t) = st.failing_since.take() {
+                    tracing::info!(%key, down_ms = t.elapsed().as_millis() as u64, "redis registry reachable again");
+                    st.suspect(&inner);
                 }
-                Err(why) => {
-                    if st.failing_since.is_none() {
-                        tracing::warn!(%key, %why, "redis registry unreachable; keeping the last known nodes");
-                        st.failing_since = Some(Instant::now());
-                    }
+                inner.publish(members, nodes, &mut st);
+            }
+            Err(why) => {
+                if st.failing_since.is_none() {
+                    tracing::warn!(%key, %why, "redis registry unreachable; keeping the last known nodes");
+                    st.failing_since = Some(Instant::now());
                 }
             }
         }
-        first = false;
         let wait = if sub.is_some() && st.failing_since.is_none() {
             POLL
         } else {

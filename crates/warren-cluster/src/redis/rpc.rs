@@ -36,8 +36,9 @@ use super::{
     manager,
 };
 
-/// Callback names of calls made by warren start with this; a reply to one that no longer waits
-/// (it timed out) is dropped quietly instead of being run as a function.
+/// Callback names of calls made by warren start with this (then a tag of the endpoint and a
+/// counter: `warren.cb.<tag>.<n>`); a reply to one that no longer waits (it timed out, or went
+/// to another endpoint sharing the topic) is dropped quietly instead of being run as a function.
 const CB_PREFIX: &str = "warren.cb.";
 
 /// Handlers of incoming calls running at once, at most; the consumers wait for a free slot, so
@@ -159,6 +160,8 @@ pub struct RedisRpc {
     reply_via_list: HashSet<String>,
     conn: ConnectionManager,
     node: NodeHandle,
+    /// Random per endpoint, so processes that share a topic never take each other's replies.
+    cb_tag: String,
     next_cb: AtomicU64,
     waiting: Mutex<HashMap<String, oneshot::Sender<Vec<Value>>>>,
     malformed: AtomicU64,
@@ -220,6 +223,7 @@ impl RedisRpc {
             reply_via_list: cfg.reply_via_list.iter().cloned().collect(),
             conn,
             node,
+            cb_tag: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
             next_cb: AtomicU64::new(1),
             waiting: Mutex::new(HashMap::new()),
             malformed: AtomicU64::new(0),
@@ -284,7 +288,8 @@ impl RedisRpc {
             return Err(CallError::Closed);
         }
         let cb = format!(
-            "{CB_PREFIX}{}",
+            "{CB_PREFIX}{}.{}",
+            self.cb_tag,
             self.next_cb.fetch_add(1, Ordering::Relaxed)
         );
         let (tx, rx) = oneshot::channel();
@@ -371,13 +376,15 @@ impl RedisRpc {
                 return;
             }
         };
-        if path == Path::Channel && !m.pid.is_empty() && m.pid == self.pid {
-            tracing::trace!(topic = %self.topic, func = %m.func, "skipped our own broadcast");
-            return;
-        }
+        // a callback of ours completes its call by either path, even one we published to
+        // ourselves (callback names are unique to this endpoint)
         let waiter = self.waiting().remove(&m.func);
         if let Some(tx) = waiter {
             let _ = tx.send(m.args);
+            return;
+        }
+        if path == Path::Channel && !m.pid.is_empty() && m.pid == self.pid {
+            tracing::trace!(topic = %self.topic, func = %m.func, "skipped our own broadcast");
             return;
         }
         if m.func.starts_with(CB_PREFIX) {

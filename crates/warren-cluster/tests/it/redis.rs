@@ -714,6 +714,13 @@ async fn redis_rpc_answers_go_callers_byte_for_byte() {
     m.sort_by_key(|v| v.to_string());
     assert_eq!(m, [json!("nopid"), json!("other")]);
 
+    // a call to our own topic: our own consumer runs it and the reply, published with our
+    // pid, still completes the call (callbacks are matched before the pid filter)
+    let r = rpc
+        .call("rpc", "test", vec![json!("me"), json!("myself")], PATIENCE)
+        .await;
+    assert_eq!(r, Ok(vec![json!("args: me, myself.")]));
+
     // with reply_via_list = ["test"] the reply is pushed on the list `test`, as the pymodule
     // expects (database 2 here, so the two endpoints do not compete for the same list)
     let mut cfg = rpc_config(&url, "rpc", 2);
