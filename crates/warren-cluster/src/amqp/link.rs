@@ -192,7 +192,9 @@ impl Link {
         match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
             Err(_) => {
                 self.kick();
-                Err(PublishError::Down("no publisher confirm from the broker".into()))
+                Err(PublishError::Down(
+                    "no publisher confirm from the broker".into(),
+                ))
             }
             Ok(Err(e)) => {
                 self.kick();
@@ -229,7 +231,12 @@ impl Link {
                     ..Default::default()
                 };
                 publish
-                    .exchange_declare(short(&ex.name)?, ex.kind.clone(), opts, FieldTable::default())
+                    .exchange_declare(
+                        short(&ex.name)?,
+                        ex.kind.clone(),
+                        opts,
+                        FieldTable::default(),
+                    )
                     .await
                     .map_err(|e| format!("exchange {}: {e}", ex.name))?;
             }
@@ -310,8 +317,10 @@ pub(crate) trait Subscriber: Send + Sync + 'static {
     fn what(&self) -> &str;
 
     /// Declare what is needed and start consuming, on a channel of its own.
-    fn subscribe<'a>(&'a self, live: &'a Live)
-    -> BoxFuture<'a, Result<(Channel, Consumer), String>>;
+    fn subscribe<'a>(
+        &'a self,
+        live: &'a Live,
+    ) -> BoxFuture<'a, Result<(Channel, Consumer), String>>;
 
     /// Handle one delivery (acknowledging it is the subscriber's business). `false` ends the
     /// subscription for good (its receiver is gone).
@@ -388,7 +397,11 @@ pub(crate) async fn run_subscription<S: Subscriber>(
             };
             match sub.subscribe(&live).await {
                 Ok((ch, c)) => {
-                    tracing::info!(what = sub.what(), generation = live.generation, "consuming again");
+                    tracing::info!(
+                        what = sub.what(),
+                        generation = live.generation,
+                        "consuming again"
+                    );
                     break (live.generation, ch, c);
                 }
                 Err(why) => {

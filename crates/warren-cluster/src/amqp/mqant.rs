@@ -202,7 +202,8 @@ impl Server {
             tracing::warn!(instance = %self.instance, cid = %info.cid, func = %info.func, late_ms = now - expired, "dropped an mqant call past its Expired");
             return;
         }
-        let left = Duration::from_millis(u64::try_from((expired - now).min(MAX_LEFT_MS)).unwrap_or(0));
+        let left =
+            Duration::from_millis(u64::try_from((expired - now).min(MAX_LEFT_MS)).unwrap_or(0));
         let deadline = Instant::now() + left;
         let (session, body) = split_args(info.args.unwrap_or_default());
         let router = self.node.router();
@@ -229,7 +230,10 @@ impl Server {
             return;
         }
         let Some(to) = reply_to(props) else {
-            return self.refuse("no_reply_to", &"Reply is set but no reply_to header or property");
+            return self.refuse(
+                "no_reply_to",
+                &"Reply is set but no reply_to header or property",
+            );
         };
         let link = self.link.clone();
         tokio::spawn(async move {
@@ -624,7 +628,10 @@ fn mqant_bus(m: &ModuleConfig, serving: bool) -> Result<ModuleBusConfig, AmqpErr
     Ok(b)
 }
 
-type Group = (Vec<(ModuleConfig, ModuleBusConfig)>, Vec<(ModuleConfig, ModuleBusConfig)>);
+type Group = (
+    Vec<(ModuleConfig, ModuleBusConfig)>,
+    Vec<(ModuleConfig, ModuleBusConfig)>,
+);
 
 impl MqantBridge {
     /// Serve the instances in `serve` (running on this node) to mqant peers, and make the
@@ -711,12 +718,13 @@ impl MqantBridge {
                     instance: instance.clone(),
                     bus: b,
                 });
-                let first = subscribe_now(&link, &*server)
-                    .await
-                    .map_err(|why| AmqpError::Broker {
-                        what: server.what.clone(),
-                        why,
-                    })?;
+                let first =
+                    subscribe_now(&link, &*server)
+                        .await
+                        .map_err(|why| AmqpError::Broker {
+                            what: server.what.clone(),
+                            why,
+                        })?;
                 tokio::spawn(run_subscription(
                     link.clone(),
                     server,
@@ -832,7 +840,10 @@ mod tests {
             result: Value::String("login success alice".into()),
         })
         .expect("encode");
-        assert_eq!(r, r#"{"Cid":"c","Error":"","Result":"login success alice"}"#);
+        assert_eq!(
+            r,
+            r#"{"Cid":"c","Error":"","Result":"login success alice"}"#
+        );
     }
 
     #[test]
@@ -854,7 +865,10 @@ mod tests {
 
     #[test]
     fn peer_errors_become_typed() {
-        assert_eq!(error_from_text("timeout: This is Call".into()), CallError::Timeout);
+        assert_eq!(
+            error_from_text("timeout: This is Call".into()),
+            CallError::Timeout
+        );
         assert_eq!(
             error_from_text("Remote function(HD_X) not found".into()),
             CallError::HandlerNotFound("HD_X".into())
