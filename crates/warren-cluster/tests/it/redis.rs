@@ -523,7 +523,10 @@ async fn gobase_records_come_back_after_a_redis_restart() {
     r1.register(record("n1", None)).await.expect("n1");
     r2.register(record("n2", None)).await.expect("n2");
     let mut w1 = r1.watch();
-    wait_for("both nodes are seen", &mut w1, |n| n.len() == 2).await;
+    let mut w2 = r2.watch();
+    for w in [&mut w1, &mut w2] {
+        wait_for("both nodes are seen", w, |n| n.len() == 2).await;
+    }
 
     tokio::task::block_in_place(|| server.kill());
     eventually("reads fail while redis is down", || async {
@@ -564,7 +567,71 @@ async fn gobase_records_come_back_after_a_redis_restart() {
         2,
         "both members are live after the restart: {live:?}"
     );
-    assert_eq!(ids(&r2.watch().borrow()), ["n1", "n2"]);
+    assert_eq!(ids(&w2.borrow()), ["n1", "n2"]);
+    // what a newcomer reads comes from redis alone
+    let r3 = GobaseRegistry::connect(&url, "cluster").await.expect("r3");
+    assert_eq!(ids(&r3.watch().borrow()), ["n1", "n2"]);
+}
+
+/// Nodes on the Redis bus and the gobase registry: a call from one node reaches a module on
+/// the other, and stops finding it once that node has left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_call_each_other_over_the_redis_bus_and_registry() {
+    let server = Server::start(Kind::Redis);
+    let url = server.url();
+    let start = |id: &'static str, with_x: bool| {
+        let url = url.clone();
+        async move {
+            let mut config = Config::default();
+            config.http.enabled = false;
+            config.node.id = id.into();
+            config.node.gate_id = format!("Gate-{id}");
+            let transport = RedisTransport::connect(&url, "warren").await.expect("bus");
+            let registry = GobaseRegistry::connect(&url, "warren")
+                .await
+                .expect("registry");
+            let mut b = Node::builder(config)
+                .transport(transport)
+                .registry(registry.clone());
+            if with_x {
+                let m = Module::builder("X", ())
+                    .handler("echo", |_cx: Context, body: Bytes| async move {
+                        Ok::<_, CallError>(body)
+                    })
+                    .build();
+                b = b.module(m, ModuleConfig::new("X"));
+            }
+            (b.start().await.expect("node"), registry)
+        }
+    };
+    let (a, _ra) = start("a", true).await;
+    let (b, rb) = start("b", false).await;
+    let mut nodes = rb.watch();
+    wait_for("b sees a", &mut nodes, |n| ids(n) == ["a", "b"]).await;
+    let body = Bytes::from_static(br#"{"hello":"over redis"}"#);
+    let r = b
+        .handle()
+        .call("X", "echo", None, body.clone(), Some(PATIENCE))
+        .await;
+    assert_eq!(r, Ok(body.clone()));
+
+    a.shutdown().await;
+    wait_for("a left", &mut nodes, |n| ids(n) == ["b"]).await;
+    // b's router follows its registry view: a call already routed to a fails with NodeLost,
+    // then there is no instance left
+    eventually("no instance of X is left", || {
+        let h = b.handle().clone();
+        let body = body.clone();
+        async move {
+            match h.call("X", "echo", None, body, Some(PATIENCE)).await {
+                Err(CallError::ServiceNotFound(_)) => true,
+                Err(CallError::NodeLost(n)) if n == "a" => false,
+                r => panic!("after a left: {r:?}"),
+            }
+        }
+    })
+    .await;
+    b.shutdown().await;
 }
 
 // ---------------------------------------------------------------------------------------------
