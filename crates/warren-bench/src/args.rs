@@ -31,6 +31,10 @@ pub enum Scenario {
     /// Open N connections, hold them idle with keepalive; reports the connect rate, failures
     /// and, with --pid, the server's memory per idle connection.
     Connections(ConnectionsArgs),
+    /// The raw broker round trip, no warren in the path: C clients each keeping K requests in
+    /// flight to a responder through a NATS, Redis or RabbitMQ server (--bus URL); the
+    /// reference for `request` against a module on another node.
+    BrokerEcho(BrokerEchoArgs),
     /// Raw TCP echo server: the physical-limit reference for `request`.
     #[command(hide = true)]
     EchoServer(EchoServerArgs),
@@ -213,6 +217,61 @@ pub struct ConnectionsArgs {
     pub settle: f64,
 }
 
+/// Options of the `broker-echo` scenario. It talks to a broker, not to an MQTT server, so it
+/// has its own options instead of [`CommonArgs`] (no target, ramp or keepalive).
+#[derive(Debug, Clone, Args)]
+pub struct BrokerEchoArgs {
+    /// The broker: nats://HOST:PORT, redis://HOST:PORT[/DB] or amqp://USER:PASS@HOST:PORT/VHOST.
+    #[arg(long, value_name = "URL")]
+    pub bus: String,
+    /// Client connections (each with its own reply inbox, list or queue).
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    /// Requests each client keeps in flight.
+    #[arg(long, default_value_t = 10)]
+    pub inflight: usize,
+    /// Request body bytes (at least 8: the client and request numbers); the reply is the same
+    /// bytes.
+    #[arg(long, default_value_t = 64, value_name = "BYTES")]
+    pub payload: usize,
+    /// Seconds measured, after the warm-up.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub duration: f64,
+    /// Seconds of load before measuring starts.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    pub warmup: f64,
+    /// Seconds to wait, after sending stops, for outstanding replies.
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    pub drain: f64,
+    /// PID of the broker: its memory and CPU time are read from /proc like a server's.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// A name for the run, copied into the JSON line.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Runtime worker threads (default: the CPUs this process may run on).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print only the JSON line on stdout, no human summary.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl BrokerEchoArgs {
+    /// The measured duration, checked.
+    pub(crate) fn duration(&self) -> Result<Duration, BenchError> {
+        seconds("--duration", self.duration)
+    }
+
+    /// The warm-up, checked.
+    pub(crate) fn warmup(&self) -> Result<Duration, BenchError> {
+        seconds("--warmup", self.warmup)
+    }
+}
+
 /// Options of the hidden `echo-server`.
 #[derive(Debug, Clone, Args)]
 pub struct EchoServerArgs {
@@ -270,6 +329,27 @@ mod tests {
         assert_eq!(parse(&["--subscribers", "1000"]), 250);
         assert_eq!(parse(&["--subscribers", "100000"]), 10);
         assert_eq!(parse(&["--subscribers", "1000", "--window", "7"]), 7);
+    }
+
+    #[test]
+    fn parses_a_broker_echo() {
+        let cli = Cli::try_parse_from([
+            "bench",
+            "broker-echo",
+            "--bus",
+            "nats://127.0.0.1:4222",
+            "--inflight",
+            "50",
+        ])
+        .unwrap();
+        let Scenario::BrokerEcho(a) = cli.bench.scenario else {
+            panic!("not broker-echo")
+        };
+        assert_eq!(a.bus, "nats://127.0.0.1:4222");
+        assert_eq!((a.clients, a.inflight, a.payload), (10, 50, 64));
+        assert_eq!(a.duration().unwrap(), Duration::from_secs(10));
+        // The bus is required.
+        assert!(Cli::try_parse_from(["bench", "broker-echo"]).is_err());
     }
 
     #[test]

@@ -61,6 +61,16 @@ pub enum BenchError {
     /// The pomelo server kicked the client, with this reason.
     #[error("the server kicked the client: {0}")]
     Kicked(String),
+    /// The broker of `broker-echo` could not be reached, or refused or failed an operation.
+    #[error("{bus}: {what} failed: {why}")]
+    Broker {
+        /// `nats`, `redis` or `amqp`.
+        bus: &'static str,
+        /// The operation (`connect`, `subscribe`, `publish`, …).
+        what: &'static str,
+        /// What the client library said.
+        why: String,
+    },
     /// A socket read or write failed.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),

@@ -5,9 +5,11 @@
 //! [`Scenario::Request`] (requests with a msgid to a module route, answered on the same topic),
 //! [`Scenario::PomeloRequest`] (the same over raw-TCP pomelo: request messages with an id),
 //! [`Scenario::Connections`] (many idle connections: connect rate and the server's memory per
-//! connection), and the hidden raw echo server used as the physical-limit reference. Each run
-//! prints a human summary and one JSON line; `bench/compare` runs them side by side against
-//! other brokers.
+//! connection), [`Scenario::BrokerEcho`] (a bare request/reply through a NATS, Redis or
+//! RabbitMQ server: the reference for requests to a module on another node), and the hidden raw
+//! echo server used as the physical-limit reference. Each run prints a human summary and one
+//! JSON line; `bench/compare` runs them side by side against other brokers, `bench/cluster`
+//! compares requests across nodes with the bare broker round trip.
 //!
 //! The generator must not be the bottleneck: one task per connection, writes coalesced into one
 //! syscall per batch, reads decoded in batches with one clock reading per batch, and latency
@@ -16,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod broker;
 mod client;
 mod connections;
 mod echo;
@@ -39,8 +42,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use args::{
-    BenchArgs, CommonArgs, ConnectionsArgs, EchoServerArgs, PomeloRequestArgs, PubsubArgs,
-    RequestArgs, Scenario,
+    BenchArgs, BrokerEchoArgs, CommonArgs, ConnectionsArgs, EchoServerArgs, PomeloRequestArgs,
+    PubsubArgs, RequestArgs, Scenario,
 };
 pub use error::BenchError;
 pub use latency::Percentiles;
@@ -55,6 +58,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
         Scenario::Request(a) => a.common.threads,
         Scenario::PomeloRequest(a) => a.common.threads,
         Scenario::Connections(a) => a.common.threads,
+        Scenario::BrokerEcho(a) => a.threads,
         Scenario::EchoServer(a) => a.threads,
     };
     let json_only = match &args.scenario {
@@ -62,6 +66,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
         Scenario::Request(a) => a.common.json,
         Scenario::PomeloRequest(a) => a.common.json,
         Scenario::Connections(a) => a.common.json,
+        Scenario::BrokerEcho(a) => a.json,
         Scenario::EchoServer(_) => true,
     };
     let rt = match runtime(threads) {
@@ -103,6 +108,7 @@ pub async fn run(args: BenchArgs, stop: CancellationToken) -> Result<Option<Repo
         Scenario::Request(a) => request::run(&a, stop).await.map(Some),
         Scenario::PomeloRequest(a) => pomelo::run(&a, stop).await.map(Some),
         Scenario::Connections(a) => connections::run(&a, stop).await.map(Some),
+        Scenario::BrokerEcho(a) => broker::run(&a, stop).await.map(Some),
         Scenario::EchoServer(a) => echo::run(&a, stop).await.map(|()| None),
     }
 }

@@ -14,7 +14,7 @@ use crate::latency::{Percentiles, round1};
 /// The outcome of one run, serialised as the JSON line.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    /// `pubsub`, `request`, `pomelo-request` or `connections`.
+    /// `pubsub`, `request`, `pomelo-request`, `connections` or `broker-echo`.
     pub scenario: &'static str,
     /// The server address as resolved.
     pub target: String,
@@ -39,7 +39,7 @@ pub struct Report {
     pub published_per_s: f64,
     /// Messages (or replies) received per second while measuring.
     pub delivered_per_s: f64,
-    /// Replies per second (`request` and `pomelo-request` only).
+    /// Replies per second (`request`, `pomelo-request` and `broker-echo` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests_per_s: Option<f64>,
     /// End-to-end latency while measuring, in microseconds.
@@ -162,7 +162,7 @@ impl Report {
         }
         match self.scenario {
             "connections" => {}
-            "request" | "pomelo-request" => {
+            "request" | "pomelo-request" | "broker-echo" => {
                 let _ = writeln!(
                     s,
                     "  requests    {}/s  ({} sent, {} replies, {} unanswered, {} errors)",
