@@ -855,6 +855,21 @@ async fn redis_rpc_with_the_python_pymodule() {
     py.expect("the peer is subscribed", |v| v["event"] == "ready")
         .await;
 
+    // the peer's own traffic is the pymodule's, bytes and spacing included (§6 vector)
+    py.send(r#"{"call": ["probe", "test", "callback", "arg1", "arg2"]}"#)
+        .await;
+    let mut db1 = raw(&url, 1).await;
+    let probe: Option<(String, String)> = redis::cmd("BLPOP")
+        .arg("probe")
+        .arg(20)
+        .query_async(&mut db1)
+        .await
+        .expect("blpop");
+    assert_eq!(
+        probe.map(|(_, v)| v).as_deref(),
+        Some(r#"{"func": "test", "ct": "pyRpc", "cb": "callback", "args": ["arg1", "arg2"]}"#)
+    );
+
     // the peer calls a warren module function and gets the reply by list
     py.send(r#"{"call": ["warren", "test", "callback", "arg1", "arg2"]}"#)
         .await;
@@ -899,7 +914,6 @@ async fn redis_rpc_with_the_python_pymodule() {
     rpc.broadcast("warren", "mark", vec![json!("own")])
         .await
         .expect("broadcast");
-    let mut db1 = raw(&url, 1).await;
     let _: i64 = redis::cmd("PUBLISH")
         .arg("warren")
         .arg(r#"{"func": "mark", "args": ["from python"]}"#)
