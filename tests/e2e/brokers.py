@@ -68,7 +68,7 @@ class Broker:
             args = [BINARIES["amqp"]]
             within = 90
         log = open(self.dir / "server.log", "ab")
-        self.proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        self.proc = subprocess.Popen(args, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + within
         while not port_open(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -92,7 +92,8 @@ class Broker:
                 pass
             self.proc.wait(timeout=10)
         if self.kind == "amqp":
-            subprocess.run(["pkill", "-9", "-f", f"warren{self.port}@localhost"], check=False)
+            # the Erlang VM outlives its start script; it runs with `-home <our private dir>`
+            subprocess.run(["pkill", "-9", "-f", "--", f"-home {self.dir}"], check=False)
         deadline = time.monotonic() + 10
         while port_open(self.port) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -891,9 +891,8 @@ impl Config {
             );
         }
         let reg = &self.registry.url;
-        if !(reg.is_empty() || reg == "memory")
-            && !matches!(scheme(reg).as_deref(), Some("nats" | "redis" | "etcd"))
-        {
+        let shared = matches!(scheme(reg).as_deref(), Some("nats" | "redis" | "etcd"));
+        if !reg.is_empty() && reg != "memory" && !shared {
             return bad(
                 "registry.url".into(),
                 format!("{reg:?}: expected memory, nats://, redis:// or etcd://"),

@@ -54,6 +54,9 @@ pub enum RegistryError {
     /// The backing store could not be reached.
     #[error("registry unavailable: {0}")]
     Unavailable(String),
+    /// The record cannot be stored in this registry's format (a field the layout forbids).
+    #[error("registry refused the record: {0}")]
+    Invalid(String),
 }
 
 /// Where nodes announce themselves and learn about each other.

@@ -19,7 +19,7 @@ use warren::Module;
 use warren::config::ModuleConfig;
 
 /// Module types this crate provides.
-pub const MODULE_TYPES: &[&str] = &["Login", "Chat", "Echo", "Debug", "global"];
+pub const MODULE_TYPES: &[&str] = &["Login", "Chat", "Echo", "Debug", "global", "rpc"];
 
 /// Which revision of the mqant chat demo to speak (PROTOCOLS.md §2.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +51,7 @@ pub fn catalog(cfg: &ModuleConfig) -> Result<Module, String> {
         "Echo" => Ok(echo::module()),
         "Debug" => Ok(debug::module()),
         "global" => Ok(global::module()),
+        "rpc" => Ok(global::rpc_module()),
         other => Err(format!("unknown module type {other:?}")),
     }
 }

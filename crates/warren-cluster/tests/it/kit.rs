@@ -106,6 +106,8 @@ impl Server {
     fn spawn(&mut self) {
         let port = self.port.to_string();
         let mut cmd = Command::new(Self::binary(self.kind));
+        // crash dumps and stray files land in the private directory, not in the crate
+        cmd.current_dir(self.dir.path());
         let log = std::fs::File::create(self.path("server.log")).expect("log file");
         cmd.stdout(Stdio::from(log.try_clone().expect("log fd")))
             .stderr(Stdio::from(log));
@@ -118,7 +120,14 @@ impl Server {
             }
             Kind::Redis => {
                 cmd.args([
-                    "--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                    "--port",
+                    &port,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
                     "--dir",
                 ])
                 .arg(self.dir.path());
@@ -134,7 +143,10 @@ impl Server {
                     .env("RABBITMQ_MNESIA_BASE", self.path("mnesia"))
                     .env("RABBITMQ_LOG_BASE", self.path("log"))
                     .env("RABBITMQ_CONFIG_FILE", self.path("rabbitmq"))
-                    .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.path("enabled_plugins"))
+                    .env(
+                        "RABBITMQ_ENABLED_PLUGINS_FILE",
+                        self.path("enabled_plugins"),
+                    )
                     .env("RABBITMQ_PID_FILE", self.path("rabbit.pid"))
                     .env("HOME", self.dir.path());
                 std::fs::write(self.path("enabled_plugins"), "[].\n").expect("plugins file");
@@ -145,20 +157,18 @@ impl Server {
             }
             Kind::Etcd => {
                 let peer = self.extra_ports[0];
-                cmd.arg("--data-dir")
-                    .arg(self.path("etcd"))
-                    .args([
-                        "--listen-client-urls",
-                        &format!("http://127.0.0.1:{port}"),
-                        "--advertise-client-urls",
-                        &format!("http://127.0.0.1:{port}"),
-                        "--listen-peer-urls",
-                        &format!("http://127.0.0.1:{peer}"),
-                        "--initial-advertise-peer-urls",
-                        &format!("http://127.0.0.1:{peer}"),
-                        "--initial-cluster",
-                        &format!("default=http://127.0.0.1:{peer}"),
-                    ]);
+                cmd.arg("--data-dir").arg(self.path("etcd")).args([
+                    "--listen-client-urls",
+                    &format!("http://127.0.0.1:{port}"),
+                    "--advertise-client-urls",
+                    &format!("http://127.0.0.1:{port}"),
+                    "--listen-peer-urls",
+                    &format!("http://127.0.0.1:{peer}"),
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{peer}"),
+                    "--initial-cluster",
+                    &format!("default=http://127.0.0.1:{peer}"),
+                ]);
                 Duration::from_secs(20)
             }
         };
@@ -181,12 +191,16 @@ impl Server {
             let _ = c.wait();
         }
         if self.kind == Kind::Rabbit {
-            // rabbitmq-server is a shell script: its Erlang VM (beam) outlives a killed script
-            let name = format!("warren{}@localhost", self.port);
-            let _ = Command::new("pkill").args(["-9", "-f", &name]).status();
+            // rabbitmq-server is a shell script: its Erlang VM (beam) outlives a killed script;
+            // the VM is started with `-home <HOME>`, and HOME is this server's private directory
+            let home = format!("-home {}", self.dir.path().display());
+            let _ = Command::new("pkill")
+                .args(["-9", "-f", "--", &home])
+                .status();
         }
         let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+        while Instant::now() < end && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        {
             std::thread::sleep(Duration::from_millis(50));
         }
     }

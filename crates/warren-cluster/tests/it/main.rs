@@ -12,8 +12,14 @@ fn kit_starts_and_restarts_every_server() {
     for kind in [kit::Kind::Nats, kit::Kind::Redis, kit::Kind::Etcd] {
         kit::Server::require(kind);
         let mut s = kit::Server::start(kind);
-        assert!(kit::wait_port(s.port, std::time::Duration::from_secs(1)), "{kind:?}");
+        assert!(
+            kit::wait_port(s.port, std::time::Duration::from_secs(1)),
+            "{kind:?}"
+        );
         s.restart();
-        assert!(kit::wait_port(s.port, std::time::Duration::from_secs(1)), "{kind:?}");
+        assert!(
+            kit::wait_port(s.port, std::time::Duration::from_secs(1)),
+            "{kind:?}"
+        );
     }
 }
