@@ -95,21 +95,23 @@ def test_chat_across_three_nodes(brokers, bus):
     assert clients["carol"].wait_push("Chat/OnChat", lambda p: p["msg"] == "psst")["from"] == "bob"
     clients["dave"].close()
     assert clients["alice"].wait_push("Chat/OnLeave", lambda p: p["user"] == "dave")
-    # the uids are spread over both Login instances (the ring keys by uid)
-    served = {n: w.log().count("Login") for n, w in cl.nodes.items()}
-    assert all(w.running() for w in cl.nodes.values()), served
+    assert all(w.running() for w in cl.nodes.values())
 
 
 def test_one_sessions_requests_keep_their_order_across_the_bus(brokers):
+    # requests fired without waiting are handled in the order sent: Chat broadcasts each message
+    # as it handles it, so the room sees them in that order
     b = brokers("nats")
-    cl = Cluster(b.url, b.url, nodes=("chat1",), extra={"chat1": ("--module", "Debug")})
-    c = ChatClient(cl.gate.mqtt_mqant, client_id="order-c")
+    cl = Cluster(b.url, b.url, nodes=("chat1",))
+    alice, bob = cl.client("alice"), cl.client("bob")
+    assert alice.join(ROOM)["Error"] == "" and bob.join(ROOM)["Error"] == ""
     n = 200
     for i in range(n):
-        c.publish(f"Debug/HD_Echo/{i}", {"n": i}, qos=0)
-    wait_until(lambda: len(c.pushes()) >= n, timeout=20, msg=f"{len(c.pushes())} of {n} replies")
-    got = [body["Result"]["n"] for _, body in c.pushes()[:n]]
-    assert got == list(range(n))
+        body = {"roomName": ROOM, "from": "alice", "target": "*", "content": f"m{i}"}
+        alice.publish(f"Chat/HD_Say/{i + 100}", body, qos=0)
+    wait_until(lambda: len(bob.pushes("Chat/OnChat")) >= n, timeout=20, msg=f"{len(bob.pushes('Chat/OnChat'))} of {n} messages")
+    got = [p["msg"] for _, p in bob.pushes("Chat/OnChat")]
+    assert got == [f"m{i}" for i in range(n)]
 
 
 def test_killed_module_node_fails_its_calls_fast_and_the_room_lives_on(brokers):

@@ -516,7 +516,10 @@ fn gate_module(table: Arc<SessionTable>, groups: Arc<Groups>) -> Module {
         }
     }
     type T = G;
+    // one task in mailbox order: session ops, pushes and room broadcasts arriving from other
+    // nodes carry no session of their own, and must still take effect in the order sent
     Module::builder(GATE, G { table, groups })
+        .execution(crate::Execution::Sequential)
         .handler(
             "Bind",
             |cx: crate::Context<T>, Json(a): Json<Vec<Value>>| async move {
