@@ -8,6 +8,7 @@ failure tests kill module nodes and brokers for real.
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 import zlib
@@ -211,3 +212,20 @@ def test_hostile_frames_on_the_bus_are_dropped(brokers):
     assert alice.join(ROOM)["Error"] == ""
     wait_until(lambda: "dropped a frame" in cl.nodes["chat1"].log(), timeout=5)
     assert cl.nodes["chat1"].running()
+
+
+def test_example_configs_check_and_bad_urls_are_refused():
+    from conftest import REPO_ROOT, warren_bin
+
+    bin_ = str(warren_bin())
+    for f in ["examples/cluster/gate.toml", "examples/cluster/node.toml"]:
+        r = subprocess.run([bin_, "check-config", f], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr
+    # a remote bus with no shared registry, and an unknown scheme: refused before anything starts
+    for args, why in [
+        (["--bus", "amqp://guest:guest@127.0.0.1:1/%2f"], "registry.url"),
+        (["--bus", "kafka://127.0.0.1:1"], "bus.url"),
+        (["--bus", "nats://127.0.0.1:1"], "nats://127.0.0.1:1"),
+    ]:
+        r = subprocess.run([bin_, "node", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and why in r.stderr, (args, r.stderr)
