@@ -11,6 +11,11 @@
 //! u32 little-endian) padded with `x` to `--payload` bytes; the reply is the same bytes, so the
 //! header correlates it. The responder is one task on one connection, as a module node has one
 //! inbox. Latency is from the moment a request is queued to the read of its reply.
+//!
+//! `--clients 1 --inflight C×K` puts every request on one connection, the shape of a gate (all
+//! its sessions' calls share its one broker connection, so the broker sees large batches);
+//! `--clients C --inflight K` gives each client its own. `bench/cluster` runs both and compares
+//! warren with the faster.
 
 mod amqp;
 mod nats;
