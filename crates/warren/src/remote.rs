@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -170,7 +172,11 @@ fn now_ms() -> u64 {
 }
 
 fn encode(frame: &Frame) -> Result<Bytes, CallError> {
-    let mut out = BytesMut::with_capacity(64).writer();
+    let body = match frame {
+        Frame::Call { body, .. } => body.len(),
+        Frame::Reply { ok, .. } => ok.as_ref().map_or(0, Bytes::len),
+    };
+    let mut out = BytesMut::with_capacity(body + 192).writer();
     out.get_mut().put_slice(&MAGIC);
     rmp_serde::encode::write(&mut out, frame)
         .map_err(|e| CallError::BadRequest(format!("cannot encode call: {e}")))?;
@@ -183,6 +189,11 @@ fn decode(bytes: &[u8]) -> Result<Frame, String> {
         .ok_or_else(|| "not a warren frame (bad magic or version)".to_owned())?;
     rmp_serde::from_slice(rest).map_err(|e| format!("malformed frame: {e}"))
 }
+
+/// A call this node runs, resolving to (caller node, call id, result).
+type Running = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (String, u64, Result<Bytes, CallError>)> + Send>,
+>;
 
 struct Waiter {
     node: Arc<str>,
@@ -277,11 +288,16 @@ impl RemoteBus {
         let bus = self.clone();
         let stop2 = stop.clone();
         tokio::spawn(async move {
+            // results of the calls this node runs, awaited here rather than on a task each
+            let mut running: FuturesUnordered<Running> = FuturesUnordered::new();
             loop {
                 tokio::select! {
                     _ = stop2.cancelled() => break,
+                    Some((from, id, r)) = running.next(), if !running.is_empty() => {
+                        bus.answer(&from, id, true, r).await;
+                    }
                     frame = rx.recv() => match frame {
-                        Some(f) => bus.receive(&local, f).await,
+                        Some(f) => bus.receive(&local, f, &mut running).await,
                         None => break,
                     },
                 }
@@ -305,7 +321,12 @@ impl RemoteBus {
         Ok(())
     }
 
-    async fn receive(self: &Arc<Self>, local: &Arc<LocalBus>, bytes: Bytes) {
+    async fn receive(
+        self: &Arc<Self>,
+        local: &Arc<LocalBus>,
+        bytes: Bytes,
+        running: &mut FuturesUnordered<Running>,
+    ) {
         let frame = match decode(&bytes) {
             Ok(f) => f,
             Err(why) => {
@@ -380,16 +401,13 @@ impl RemoteBus {
                     }
                     Err(e) => self.answer(&from, id, reply, Err(e)).await,
                     Ok(None) => {}
-                    Ok(Some(pending)) => {
-                        let bus = self.clone();
-                        tokio::spawn(async move {
-                            let r = match tokio::time::timeout_at(deadline, pending).await {
-                                Ok(r) => r,
-                                Err(_) => Err(CallError::Timeout),
-                            };
-                            bus.answer(&from, id, true, r).await;
-                        });
-                    }
+                    Ok(Some(pending)) => running.push(Box::pin(async move {
+                        let r = match tokio::time::timeout_at(deadline, pending).await {
+                            Ok(r) => r,
+                            Err(_) => Err(CallError::Timeout),
+                        };
+                        (from, id, r)
+                    })),
                 }
             }
         }

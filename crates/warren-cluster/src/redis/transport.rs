@@ -110,6 +110,9 @@ impl RedisTransport {
     }
 }
 
+/// Frames taken from the inbox per round trip after a `BLPOP` returned one.
+const DRAIN_BATCH: usize = 256;
+
 /// `BLPOP` the inbox until `stop`, feeding `inbox` in order; reconnect with backoff after errors.
 /// A pop is never cancelled half-way (that could lose a frame the server already removed): it
 /// returns within [`BLOCK_S`] and the loop checks `stop` between pops.
@@ -158,6 +161,30 @@ async fn pop_loop(
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     r = inbox.send(Bytes::from(frame)) => if r.is_err() { break },
+                }
+                // under load more frames wait behind it: take them in one round trip
+                // (`LPOP key count`, Redis 6.2+) instead of one BLPOP each
+                let mut more = redis::cmd("LPOP");
+                more.arg(&key).arg(DRAIN_BATCH);
+                match bounded(
+                    Duration::from_secs(5),
+                    more.query_async::<Option<Vec<Vec<u8>>>>(c),
+                )
+                .await
+                {
+                    Ok(frames) => {
+                        for f in frames.unwrap_or_default() {
+                            tokio::select! {
+                                _ = stop.cancelled() => break,
+                                r = inbox.send(Bytes::from(f)) => if r.is_err() { break },
+                            }
+                        }
+                    }
+                    Err(why) => {
+                        tracing::warn!(inbox = %key, %why, "redis inbox read failed; reconnecting");
+                        down_since.get_or_insert_with(tokio::time::Instant::now);
+                        conn = None;
+                    }
                 }
             }
             Err(why) => {
