@@ -377,6 +377,92 @@ mod tests {
         }
     }
 
+    fn inst(m: &str, i: &str, tags: &[&str], sticky: bool) -> InstanceRecord {
+        InstanceRecord {
+            module: m.into(),
+            id: i.into(),
+            tags: tags.iter().map(|t| (*t).into()).collect(),
+            sticky,
+            ..Default::default()
+        }
+    }
+
+    fn session(id: &str, uid: &str) -> Session {
+        Session {
+            id: id.into(),
+            uid: Some(uid.into()),
+            settings: Default::default(),
+            remote: "127.0.0.1:1".parse().unwrap(),
+            transport: crate::session::Transport::Tcp,
+            protocol: crate::session::Protocol::Mqtt,
+            gate: "g".into(),
+        }
+    }
+
+    fn with(instances: Vec<InstanceRecord>) -> NodeRecord {
+        NodeRecord {
+            id: "n1".into(),
+            instances,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tags_custom_keys_and_sticky_sessions() {
+        let r = Router::new(Arc::new(LocalBus::default()));
+        r.refresh(&[with(vec![
+            inst("Game", "game1", &["EU"], false),
+            inst("Game", "game2", &["us"], false),
+            inst("Game", "game3", &["eu"], false),
+        ])]);
+        // tags are normalized; only tagged instances are candidates
+        for key in ["user1", "user2", "user3", "alice", "bob"] {
+            let t = r.resolve_tagged("Game", " eu ", key).unwrap();
+            assert!(["game1", "game3"].contains(&&*t.instance), "{key}");
+        }
+        assert_eq!(
+            &*r.resolve_tagged("Game", "us", "x").unwrap().instance,
+            "game2"
+        );
+        assert!(r.resolve_tagged("Game", "asia", "x").is_err());
+
+        // a custom router keys by the body; None falls back to the session's key
+        r.set_route_key(
+            "Game",
+            Arc::new(|_h, _s, body: &[u8]| (!body.is_empty()).then(|| "bob".to_owned())),
+        );
+        let s = session("s1", "user1");
+        let by_body = r.resolve_call("Game", None, "h", Some(&s), b"x").unwrap();
+        assert_eq!(&*by_body.instance, "game1"); // bob → game1 (§9)
+        let by_uid = r.resolve_call("Game", None, "h", Some(&s), b"").unwrap();
+        assert_eq!(&*by_uid.instance, "game2"); // user1 → game2 (§9)
+
+        // sticky: user1 reaches game1 on {game1, game3}; when game2 joins the ring alone would
+        // move it to game2 (§9), but it stays on game1 until game1 leaves
+        let r = Router::new(Arc::new(LocalBus::default()));
+        r.refresh(&[with(vec![
+            inst("S", "game1", &[], true),
+            inst("S", "game3", &[], true),
+        ])]);
+        let first = r.resolve_call("S", None, "h", Some(&s), b"").unwrap();
+        assert_eq!(&*first.instance, "game1");
+        r.refresh(&[with(vec![
+            inst("S", "game1", &[], true),
+            inst("S", "game2", &[], true),
+            inst("S", "game3", &[], true),
+        ])]);
+        assert_eq!(&*r.resolve("S", None, "user1").unwrap().instance, "game2");
+        let again = r.resolve_call("S", None, "h", Some(&s), b"").unwrap();
+        assert_eq!(&*again.instance, "game1");
+        r.refresh(&[with(vec![
+            inst("S", "game2", &[], true),
+            inst("S", "game3", &[], true),
+        ])]);
+        let moved = r.resolve_call("S", None, "h", Some(&s), b"").unwrap();
+        assert_ne!(&*moved.instance, "game1");
+        r.forget_session("s1");
+    }
+
     #[test]
     fn resolves_by_instance_node_and_hash() {
         let r = Router::new(Arc::new(LocalBus::default()));
