@@ -204,7 +204,7 @@ def test_hostile_frames_on_the_bus_are_dropped(brokers):
     cl = Cluster(b.url, b.url, nodes=("chat1",))
     with socket.create_connection(("127.0.0.1", b.port)) as s:
         s.recv(4096)  # INFO
-        for payload in [b"hello", b"W\x01\xc1", b"\x00" * 100, b"W\x01" + b"\x92\xa4Call\x00"]:
+        for payload in [b"hello", b"W\x01\xc1", b"\x00" * 100, b"W\x02\x01" + b"\x07" * 30, b"W\x02\x03" + b"\x00" * 8 + b"\xff\xff"]:
             s.sendall(b'CONNECT {"verbose":false}\r\nPUB warren.node.chat1 %d\r\n%s\r\n' % (len(payload), payload))
         s.sendall(b"PING\r\n")
         time.sleep(0.5)

@@ -9,13 +9,15 @@
 //! Protocols live in sibling modules: MQTT 3.1.1 (which also reads 3.1 `MQIsdp` CONNECTs) in
 //! [`mqtt`], the pomelo client protocol in [`pomelo`], the telnet-friendly line framing in
 //! [`line`](mod@line), JSON-over-WebSocket frames in [`json_ws`], and the pomelo-rpc messages and their
-//! stream-pkg TCP framing in [`pomelo_rpc`] and [`stream_pkg`].
+//! stream-pkg TCP framing in [`pomelo_rpc`] and [`stream_pkg`]. The frames warren nodes send each
+//! other over a broker are in [`node_frame`].
 
 #![forbid(unsafe_code)]
 
 pub mod json_ws;
 pub mod line;
 pub mod mqtt;
+pub mod node_frame;
 pub mod pomelo;
 pub mod pomelo_rpc;
 pub mod stream_pkg;

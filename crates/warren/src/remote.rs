@@ -6,24 +6,28 @@
 //! failing calls fast when their node leaves the registry — is here, once, in [`RemoteBus`], so
 //! the three brokers behave the same and the router and the modules never know which one runs.
 //!
-//! Ordering: a node sends its frames to one inbox through one broker connection, and the receiving
-//! node hands each call to its instance's mailbox before reading the next frame, so one session's
-//! calls reach a module in the order they were sent, across the bus as in process.
+//! Ordering: a node sends all its frames through one writer task and one broker connection, and
+//! the receiving node hands each call to its instance's mailbox before reading the next frame, so
+//! one session's calls reach a module in the order they were sent, across the bus as in process.
+//!
+//! Throughput: the writer takes every frame queued while it was busy and hands them to the
+//! transport per destination node in one go ([`Transport::send_batch`]), so under load a broker
+//! round trip or a socket write carries many calls and replies; frames are
+//! [`warren_proto::node_frame`]s, a fixed binary header and the body uncopied.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use warren_proto::node_frame::{self, CallRef, NodeFrame, SessionRef, WireSession};
 
 use crate::bus::{Bus, Call, LocalBus, Pending};
 use crate::error::CallError;
@@ -67,6 +71,25 @@ pub trait Transport: Send + Sync + 'static {
     /// by one transport to one node arrive in the order sent.
     fn send(&self, node: &str, frame: Bytes) -> BoxFuture<'_, Result<(), TransportError>>;
 
+    /// Put `frames` in the inbox of node `node`, in order, in as few broker operations as the
+    /// broker allows (one `RPUSH` of many values, publishes written together, confirms awaited
+    /// together). Resolves once the broker took them all; an error means some may not have been
+    /// taken. The remote bus sends everything through this, so a transport that can batch should
+    /// override it; the default sends one frame after the other.
+    fn send_batch(
+        &self,
+        node: &str,
+        frames: Vec<Bytes>,
+    ) -> BoxFuture<'_, Result<(), TransportError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            for f in frames {
+                self.send(&node, f).await?;
+            }
+            Ok(())
+        })
+    }
+
     /// Receive the inbox of node `node`: resolves once the broker confirmed the subscription, then
     /// feeds each frame to `inbox` in arrival order (awaiting room: backpressure reaches the
     /// broker) until `stop` is cancelled, resubscribing after reconnects.
@@ -84,82 +107,51 @@ pub trait Transport: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 }
 
-/// Frames start with this tag and a version byte, so a stray or hostile message on a node's inbox
-/// is recognised and dropped before decoding.
-const MAGIC: [u8; 2] = [b'W', 1];
-
-/// A session as it crosses the bus.
-#[derive(Debug, Serialize, Deserialize)]
-struct WireSession {
-    id: String,
-    uid: Option<String>,
-    settings: Map<String, Value>,
-    remote: String,
-    ws: bool,
-    protocol: String,
-    gate: String,
-}
-
-impl WireSession {
-    fn from_session(s: &Session) -> Self {
-        WireSession {
-            id: s.id.to_string(),
-            uid: s.uid.clone(),
-            settings: s.settings.clone(),
-            remote: s.remote.to_string(),
-            ws: s.transport == Net::Ws,
-            protocol: serde_json::to_value(s.protocol)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-            gate: s.gate.to_string(),
-        }
-    }
-
-    fn into_session(self) -> Option<Session> {
-        let protocol = serde_json::from_value::<Protocol>(Value::String(self.protocol)).ok()?;
-        Some(Session {
-            id: self.id.into(),
-            uid: self.uid,
-            settings: self.settings,
-            remote: self.remote.parse().ok()?,
-            transport: if self.ws { Net::Ws } else { Net::Tcp },
-            protocol,
-            gate: self.gate.into(),
-        })
+/// A session as a call carries it (see [`node_frame::SessionRef`]).
+fn session_ref(s: &Session) -> SessionRef<'_> {
+    SessionRef {
+        id: &s.id,
+        uid: s.uid.as_deref(),
+        settings: &s.settings,
+        remote: s.remote,
+        ws: s.transport == Net::Ws,
+        protocol: protocol_name(s.protocol),
+        gate: &s.gate,
     }
 }
 
-/// The envelope between nodes (MessagePack, after [`MAGIC`]). Short-lived: built, encoded and
-/// dropped, so the size difference of its variants does not matter.
-#[derive(Debug, Serialize, Deserialize)]
-#[allow(clippy::large_enum_variant)]
-enum Frame {
-    /// A call for an instance of the receiving node.
-    Call {
-        /// Correlation id, unique per sending node.
-        id: u64,
-        /// Sending node (where the reply goes).
-        from: String,
-        instance: String,
-        handler: String,
-        session: Option<WireSession>,
-        body: Bytes,
-        /// Time left until the caller's deadline when sent (relative, so host clocks need not
-        /// agree).
-        timeout_ms: u64,
-        /// Wall-clock send time, unix ms: a call that waited in a broker queue past its deadline
-        /// (a list or queue of a node that was down) is dropped instead of run late.
-        sent_ms: u64,
-        reply: bool,
-    },
-    /// The result of a call made by the receiving node.
-    Reply {
-        id: u64,
-        ok: Option<Bytes>,
-        /// Error kind label and detail (see [`CallError::rebuild`]).
-        err: Option<(String, String)>,
-    },
+fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Mqtt => "mqtt",
+        Protocol::Pomelo => "pomelo",
+        Protocol::Json => "json",
+        Protocol::Line => "line",
+        Protocol::PomeloRpc => "pomelo-rpc",
+    }
+}
+
+fn protocol_from(name: &str) -> Option<Protocol> {
+    Some(match name {
+        "mqtt" => Protocol::Mqtt,
+        "pomelo" => Protocol::Pomelo,
+        "json" => Protocol::Json,
+        "line" => Protocol::Line,
+        "pomelo-rpc" => Protocol::PomeloRpc,
+        _ => return None,
+    })
+}
+
+/// The session a received call carries, or `None` when its protocol is unknown.
+fn into_session(w: WireSession) -> Option<Session> {
+    Some(Session {
+        protocol: protocol_from(&w.protocol)?,
+        id: w.id.into(),
+        uid: w.uid,
+        settings: w.settings,
+        remote: w.remote,
+        transport: if w.ws { Net::Ws } else { Net::Tcp },
+        gate: w.gate.into(),
+    })
 }
 
 /// Clock difference between hosts tolerated before a queued call counts as stale.
@@ -171,23 +163,96 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn encode(frame: &Frame) -> Result<Bytes, CallError> {
-    let body = match frame {
-        Frame::Call { body, .. } => body.len(),
-        Frame::Reply { ok, .. } => ok.as_ref().map_or(0, Bytes::len),
-    };
-    let mut out = BytesMut::with_capacity(body + 192).writer();
-    out.get_mut().put_slice(&MAGIC);
-    rmp_serde::encode::write(&mut out, frame)
-        .map_err(|e| CallError::BadRequest(format!("cannot encode call: {e}")))?;
-    Ok(out.into_inner().freeze())
+/// The reply frame for a result.
+fn reply_frame(id: u64, r: &Result<Bytes, CallError>) -> Option<Bytes> {
+    match r {
+        Ok(b) => Some(node_frame::encode_reply_ok(id, b)),
+        Err(e) => node_frame::encode_reply_err(id, e.kind().as_str(), &e.detail()).ok(),
+    }
 }
 
-fn decode(bytes: &[u8]) -> Result<Frame, String> {
-    let rest = bytes
-        .strip_prefix(&MAGIC[..])
-        .ok_or_else(|| "not a warren frame (bad magic or version)".to_owned())?;
-    rmp_serde::from_slice(rest).map_err(|e| format!("malformed frame: {e}"))
+/// A frame on its way to a node, and who hears of it when the broker does not take it.
+struct Outgoing {
+    node: Arc<str>,
+    frame: Bytes,
+    report: Report,
+}
+
+/// Who learns the fate of an [`Outgoing`] frame.
+enum Report {
+    /// Nobody: a reply (a failure is logged).
+    Log,
+    /// A call without reply, whose sender waits to hear that the broker took it.
+    Done(oneshot::Sender<Result<(), TransportError>>),
+    /// A call with a reply: if the broker does not take it, its waiter ends with the error at
+    /// once (the caller does not wait for the broker otherwise, only for the reply).
+    Waiter(u64),
+}
+
+type Waiting = Arc<Mutex<HashMap<u64, Waiter>>>;
+
+fn lock(w: &Waiting) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
+    w.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Frames handed to the transport in one go at most.
+const BATCH: usize = 512;
+
+/// The writer of a bus: takes every frame queued since its last turn, groups them by node
+/// (keeping their order) and hands each group to [`Transport::send_batch`], the groups for
+/// different nodes concurrently. Under load many frames wait while a batch is out, so each broker
+/// round trip or socket write carries many of them.
+async fn write_frames(
+    transport: Arc<dyn Transport>,
+    waiting: Waiting,
+    mut rx: mpsc::Receiver<Outgoing>,
+) {
+    let mut queued = Vec::with_capacity(BATCH);
+    type Group = (Arc<str>, Vec<Bytes>, Vec<Report>);
+    while rx.recv_many(&mut queued, BATCH).await > 0 {
+        let mut groups: Vec<Group> = Vec::new();
+        for o in queued.drain(..) {
+            let at = match groups.iter().position(|g| g.0 == o.node) {
+                Some(i) => i,
+                None => {
+                    groups.push((o.node, Vec::new(), Vec::new()));
+                    groups.len() - 1
+                }
+            };
+            let g = &mut groups[at];
+            g.1.push(o.frame);
+            g.2.push(o.report);
+        }
+        let (transport, waiting) = (&transport, &waiting);
+        let sends = groups.into_iter().map(|(node, frames, reports)| async move {
+            let n = frames.len();
+            let r = transport.send_batch(&node, frames).await;
+            if let Err(e) = &r {
+                metrics::counter!("warren_bus_send_errors_total", "transport" => transport.kind())
+                    .increment(n as u64);
+                if reports.iter().any(|x| matches!(x, Report::Log)) {
+                    tracing::warn!(%node, frames = n, error = %e, "could not send replies");
+                }
+            }
+            for report in reports {
+                match report {
+                    Report::Log => {}
+                    Report::Done(tx) => {
+                        let _ = tx.send(r.clone());
+                    }
+                    Report::Waiter(id) => {
+                        if let Err(e) = &r {
+                            let w = lock(waiting).remove(&id);
+                            if let Some(w) = w {
+                                let _ = w.tx.send(Err(e.clone().into()));
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(sends).await;
+    }
 }
 
 /// A call this node runs, resolving to (caller node, call id, result).
@@ -207,7 +272,9 @@ pub struct RemoteBus {
     node: Arc<str>,
     transport: Arc<dyn Transport>,
     next_id: AtomicU64,
-    waiting: Mutex<HashMap<u64, Waiter>>,
+    waiting: Waiting,
+    /// Frames for the writer task ([`write_frames`]), started with the first frame sent.
+    outbox: OnceLock<mpsc::Sender<Outgoing>>,
 }
 
 impl std::fmt::Debug for RemoteBus {
@@ -226,8 +293,35 @@ impl RemoteBus {
             node: node.into(),
             transport,
             next_id: AtomicU64::new(1),
-            waiting: Mutex::new(HashMap::new()),
+            waiting: Arc::new(Mutex::new(HashMap::new())),
+            outbox: OnceLock::new(),
         })
+    }
+
+    /// Queue a frame for `node` (waiting for room when the writer is behind); `report` says who
+    /// hears of it if the broker does not take it.
+    async fn enqueue(
+        &self,
+        node: Arc<str>,
+        frame: Bytes,
+        report: Report,
+    ) -> Result<(), TransportError> {
+        let tx = self.outbox.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(4 * BATCH);
+            tokio::spawn(write_frames(
+                self.transport.clone(),
+                self.waiting.clone(),
+                rx,
+            ));
+            tx
+        });
+        tx.send(Outgoing {
+            node,
+            frame,
+            report,
+        })
+        .await
+        .map_err(|_| TransportError::Unavailable("the bus is shut down".into()))
     }
 
     /// The transport's name.
@@ -236,7 +330,7 @@ impl RemoteBus {
     }
 
     fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.waiting)
     }
 
     /// Number of calls waiting for a reply (for tests and metrics).
@@ -327,17 +421,18 @@ impl RemoteBus {
         bytes: Bytes,
         running: &mut FuturesUnordered<Running>,
     ) {
-        let frame = match decode(&bytes) {
+        let len = bytes.len();
+        let frame = match node_frame::decode(bytes) {
             Ok(f) => f,
             Err(why) => {
                 metrics::counter!("warren_bus_frames_refused_total", "transport" => self.transport.kind())
                     .increment(1);
-                tracing::warn!(transport = self.transport.kind(), len = bytes.len(), %why, "dropped a frame from the bus");
+                tracing::warn!(transport = self.transport.kind(), len, %why, "dropped a frame from the bus");
                 return;
             }
         };
         match frame {
-            Frame::Reply { id, ok, err } => {
+            NodeFrame::Reply { id, result } => {
                 let Some(w) = self.waiting().remove(&id) else {
                     tracing::debug!(
                         id,
@@ -345,14 +440,10 @@ impl RemoteBus {
                     );
                     return;
                 };
-                let r = match (ok, err) {
-                    (Some(b), None) => Ok(b),
-                    (_, Some((label, detail))) => Err(CallError::rebuild(&label, detail)),
-                    (None, None) => Ok(Bytes::new()),
-                };
-                let _ = w.tx.send(r);
+                let _ =
+                    w.tx.send(result.map_err(|(label, detail)| CallError::rebuild(&label, detail)));
             }
-            Frame::Call {
+            NodeFrame::Call {
                 id,
                 from,
                 instance,
@@ -371,7 +462,7 @@ impl RemoteBus {
                 }
                 let session = match session {
                     None => None,
-                    Some(ws) => match ws.into_session() {
+                    Some(ws) => match into_session(ws) {
                         Some(s) => Some(Arc::new(s)),
                         None => {
                             tracing::warn!(%from, %handler, "dropped a call with a malformed session");
@@ -413,6 +504,8 @@ impl RemoteBus {
         }
     }
 
+    /// Queue the reply to call `id` of node `to`; the writer sends it with the other frames for
+    /// that node, and this does not wait for the broker.
     async fn answer(&self, to: &str, id: u64, reply: bool, r: Result<Bytes, CallError>) {
         if !reply {
             if let Err(e) = r {
@@ -420,36 +513,21 @@ impl RemoteBus {
             }
             return;
         }
-        let frame = match r {
-            Ok(b) => Frame::Reply {
-                id,
-                ok: Some(b),
-                err: None,
-            },
-            Err(e) => Frame::Reply {
-                id,
-                ok: None,
-                err: Some((e.kind().as_str().to_owned(), e.detail())),
-            },
-        };
-        let Ok(mut bytes) = encode(&frame) else {
+        let Some(mut bytes) = reply_frame(id, &r) else {
             return;
         };
-        if bytes.len() > self.transport.max_frame() {
+        let max = self.transport.max_frame();
+        if bytes.len() > max {
             let e = CallError::TooLarge {
                 size: bytes.len(),
-                max: self.transport.max_frame(),
+                max,
             };
-            let Ok(b) = encode(&Frame::Reply {
-                id,
-                ok: None,
-                err: Some((e.kind().as_str().to_owned(), e.detail())),
-            }) else {
+            let Some(b) = reply_frame(id, &Err(e)) else {
                 return;
             };
             bytes = b;
         }
-        if let Err(e) = self.transport.send(to, bytes).await {
+        if let Err(e) = self.enqueue(to.into(), bytes, Report::Log).await {
             tracing::warn!(%to, error = %e, "could not send a reply");
         }
     }
@@ -465,18 +543,18 @@ impl RemoteBus {
             .deadline
             .saturating_duration_since(Instant::now())
             .as_millis() as u64;
-        let frame = Frame::Call {
+        let bytes = node_frame::encode_call(&CallRef {
             id,
-            from: self.node.to_string(),
-            instance: call.instance.to_string(),
-            handler: call.handler.into(),
-            session: call.session.as_deref().map(WireSession::from_session),
-            body: call.body,
+            from: &self.node,
+            instance: &call.instance,
+            handler: &call.handler,
+            session: call.session.as_deref().map(session_ref),
+            body: &call.body,
             timeout_ms,
             sent_ms: now_ms(),
             reply,
-        };
-        let bytes = encode(&frame)?;
+        })
+        .map_err(|e| CallError::BadRequest(format!("cannot encode call: {e}")))?;
         let max = self.transport.max_frame();
         if bytes.len() > max {
             return Err(CallError::TooLarge {
@@ -484,27 +562,29 @@ impl RemoteBus {
                 max,
             });
         }
-        let rx = if reply {
-            let (tx, rx) = oneshot::channel();
-            self.waiting().insert(
-                id,
-                Waiter {
-                    node: node.into(),
-                    deadline: call.deadline,
-                    tx,
-                },
-            );
-            Some(rx)
-        } else {
-            None
-        };
-        if let Err(e) = self.transport.send(node, bytes).await {
+        if !reply {
+            // nobody waits for a reply: the caller learns here whether the broker took it
+            let (done, taken) = oneshot::channel();
+            self.enqueue(node.into(), bytes, Report::Done(done)).await?;
+            taken.await.unwrap_or_else(|_| {
+                Err(TransportError::Unavailable("the bus is shut down".into()))
+            })?;
+            return Ok(None);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiting().insert(
+            id,
+            Waiter {
+                node: node.into(),
+                deadline: call.deadline,
+                tx,
+            },
+        );
+        if let Err(e) = self.enqueue(node.into(), bytes, Report::Waiter(id)).await {
             self.waiting().remove(&id);
-            metrics::counter!("warren_bus_send_errors_total", "transport" => self.transport.kind())
-                .increment(1);
             return Err(e.into());
         }
-        Ok(rx.map(Pending::Local))
+        Ok(Some(Pending::Local(rx)))
     }
 }
 
@@ -529,38 +609,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn frames_round_trip_and_garbage_is_refused() {
-        let s = Session {
-            id: "sid".into(),
-            uid: Some("alice".into()),
-            settings: Map::new(),
-            remote: "127.0.0.1:5".parse().expect("addr"),
-            transport: Net::Ws,
-            protocol: Protocol::Pomelo,
-            gate: "Gate001".into(),
-        };
-        let f = Frame::Call {
-            id: 7,
-            from: "n1".into(),
-            instance: "Chat001".into(),
-            handler: "HD_Say".into(),
-            session: Some(WireSession::from_session(&s)),
-            body: Bytes::from_static(b"{}"),
-            timeout_ms: 5000,
-            sent_ms: now_ms(),
-            reply: true,
-        };
-        let b = encode(&f).expect("encode");
-        match decode(&b).expect("decode") {
-            Frame::Call { session, body, .. } => {
-                assert_eq!(session.and_then(WireSession::into_session), Some(s));
-                assert_eq!(&body[..], b"{}");
+    fn sessions_cross_the_bus_unchanged() {
+        for (protocol, transport) in [
+            (Protocol::Pomelo, Net::Ws),
+            (Protocol::PomeloRpc, Net::Tcp),
+            (Protocol::Mqtt, Net::Tcp),
+            (Protocol::Json, Net::Ws),
+            (Protocol::Line, Net::Tcp),
+        ] {
+            let mut settings = serde_json::Map::new();
+            settings.insert("room".into(), "lobby".into());
+            let s = Session {
+                id: "sid".into(),
+                uid: Some("alice".into()),
+                settings,
+                remote: "127.0.0.1:5".parse().expect("addr"),
+                transport,
+                protocol,
+                gate: "Gate001".into(),
+            };
+            // the names on the wire are the serde names of the protocols
+            assert_eq!(
+                serde_json::to_value(protocol).expect("name"),
+                protocol_name(protocol)
+            );
+            let b = node_frame::encode_call(&CallRef {
+                id: 7,
+                from: "n1",
+                instance: "Chat001",
+                handler: "HD_Say",
+                session: Some(session_ref(&s)),
+                body: b"{}",
+                timeout_ms: 5000,
+                sent_ms: now_ms(),
+                reply: true,
+            })
+            .expect("encode");
+            match node_frame::decode(b).expect("decode") {
+                NodeFrame::Call { session, body, .. } => {
+                    assert_eq!(session.and_then(into_session), Some(s));
+                    assert_eq!(&body[..], b"{}");
+                }
+                NodeFrame::Reply { .. } => panic!("wrong frame"),
             }
-            Frame::Reply { .. } => panic!("wrong frame"),
         }
-        assert!(decode(b"hello").is_err());
-        assert!(decode(&b[..b.len() - 1]).is_err());
-        assert!(decode(&[b'W', 1, 0xc1]).is_err());
     }
 
     #[test]

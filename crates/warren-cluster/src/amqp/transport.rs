@@ -82,31 +82,52 @@ impl Drop for AmqpTransport {
     }
 }
 
+impl AmqpTransport {
+    async fn publish(&self, node: &str, frames: &[Bytes]) -> Result<(), TransportError> {
+        if let Some(f) = frames.iter().find(|f| f.len() > MAX_MESSAGE) {
+            return Err(TransportError::TooLarge {
+                size: f.len(),
+                max: MAX_MESSAGE,
+            });
+        }
+        let props = BasicProperties::default().with_delivery_mode(1);
+        let sent = match frames {
+            [one] => {
+                self.link
+                    .publish(&self.prefix, node, one, props, true)
+                    .await
+            }
+            _ => {
+                self.link
+                    .publish_batch(&self.prefix, node, frames, props, true)
+                    .await
+            }
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            Err(PublishError::Down(why)) => Err(TransportError::Unavailable(why)),
+            Err(PublishError::Unroutable) => Err(TransportError::Broker(format!(
+                "no inbox for node {node} (no queue bound on exchange {})",
+                self.prefix
+            ))),
+            Err(PublishError::Refused(why)) => Err(TransportError::Broker(why)),
+        }
+    }
+}
+
 impl Transport for AmqpTransport {
     fn send(&self, node: &str, frame: Bytes) -> BoxFuture<'_, Result<(), TransportError>> {
         let node = node.to_owned();
-        Box::pin(async move {
-            if frame.len() > MAX_MESSAGE {
-                return Err(TransportError::TooLarge {
-                    size: frame.len(),
-                    max: MAX_MESSAGE,
-                });
-            }
-            let props = BasicProperties::default().with_delivery_mode(1);
-            match self
-                .link
-                .publish(&self.prefix, &node, &frame, props, true)
-                .await
-            {
-                Ok(()) => Ok(()),
-                Err(PublishError::Down(why)) => Err(TransportError::Unavailable(why)),
-                Err(PublishError::Unroutable) => Err(TransportError::Broker(format!(
-                    "no inbox for node {node} (no queue bound on exchange {})",
-                    self.prefix
-                ))),
-                Err(PublishError::Refused(why)) => Err(TransportError::Broker(why)),
-            }
-        })
+        Box::pin(async move { self.publish(&node, &[frame]).await })
+    }
+
+    fn send_batch(
+        &self,
+        node: &str,
+        frames: Vec<Bytes>,
+    ) -> BoxFuture<'_, Result<(), TransportError>> {
+        let node = node.to_owned();
+        Box::pin(async move { self.publish(&node, &frames).await })
     }
 
     fn serve(

@@ -103,31 +103,61 @@ fn subject_prefix(prefix: &str) -> String {
     }
 }
 
+impl NatsTransport {
+    async fn publish(
+        &self,
+        subject: &async_nats::Subject,
+        frame: Bytes,
+    ) -> Result<(), TransportError> {
+        let (size, max) = (frame.len(), self.max_frame());
+        if size > max {
+            return Err(TransportError::TooLarge { size, max });
+        }
+        self.client
+            .publish(subject.clone(), frame)
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                    TransportError::TooLarge { size, max }
+                }
+                _ => TransportError::Broker(e.to_string()),
+            })
+    }
+
+    fn connected(&self) -> Result<(), TransportError> {
+        if is_connected(&self.client) {
+            Ok(())
+        } else {
+            Err(TransportError::Unavailable(
+                "not connected to NATS (reconnecting)".into(),
+            ))
+        }
+    }
+}
+
 impl Transport for NatsTransport {
     fn send(&self, node: &str, frame: Bytes) -> BoxFuture<'_, Result<(), TransportError>> {
-        let subject = self.inbox_subject(node);
+        let subject = async_nats::Subject::from(self.inbox_subject(node));
         Box::pin(async move {
-            let (size, max) = (frame.len(), self.max_frame());
-            if size > max {
-                return Err(TransportError::TooLarge { size, max });
+            self.connected()?;
+            self.publish(&subject, frame).await
+        })
+    }
+
+    /// The frames are queued on the client back to back, so its connection task writes them to
+    /// the socket together.
+    fn send_batch(
+        &self,
+        node: &str,
+        frames: Vec<Bytes>,
+    ) -> BoxFuture<'_, Result<(), TransportError>> {
+        let subject = async_nats::Subject::from(self.inbox_subject(node));
+        Box::pin(async move {
+            self.connected()?;
+            for f in frames {
+                self.publish(&subject, f).await?;
             }
-            if !is_connected(&self.client) {
-                return Err(TransportError::Unavailable(
-                    "not connected to NATS (reconnecting)".into(),
-                ));
-            }
-            self.client
-                .publish(subject, frame)
-                .await
-                .map_err(|e| match e.kind() {
-                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
-                        TransportError::TooLarge {
-                            size,
-                            max: self.max_frame(),
-                        }
-                    }
-                    _ => TransportError::Broker(e.to_string()),
-                })
+            Ok(())
         })
     }
 

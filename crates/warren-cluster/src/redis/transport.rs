@@ -67,19 +67,22 @@ impl RedisTransport {
         format!("{}:node:{node}", self.prefix)
     }
 
-    async fn push(&self, node: &str, frame: Bytes) -> Result<(), TransportError> {
-        if frame.len() > MAX_FRAME {
+    /// `RPUSH` all `frames` to the inbox in one command (one round trip, and the receiver's
+    /// `BLPOP` + `LPOP n` takes them together), then refresh the list's expiry.
+    async fn push(&self, node: &str, frames: &[Bytes]) -> Result<(), TransportError> {
+        if let Some(f) = frames.iter().find(|f| f.len() > MAX_FRAME) {
             return Err(TransportError::TooLarge {
-                size: frame.len(),
+                size: f.len(),
                 max: MAX_FRAME,
             });
         }
         let key = self.inbox(node);
         let mut pipe = redis::pipe();
-        pipe.cmd("RPUSH")
-            .arg(&key)
-            .arg(&frame[..])
-            .ignore()
+        let push = pipe.cmd("RPUSH").arg(&key);
+        for f in frames {
+            push.arg(&f[..]);
+        }
+        push.ignore()
             .cmd("PEXPIRE")
             .arg(&key)
             .arg(INBOX_TTL_MS)
@@ -109,6 +112,9 @@ impl RedisTransport {
         Ok(())
     }
 }
+
+/// Bytes of frames pushed in one `RPUSH` at most (a frame larger than this goes alone).
+const PUSH_BYTES: usize = 1024 * 1024;
 
 /// Frames taken from the inbox per round trip after a `BLPOP` returned one.
 const DRAIN_BATCH: usize = 256;
@@ -202,7 +208,30 @@ async fn pop_loop(
 impl Transport for RedisTransport {
     fn send(&self, node: &str, frame: Bytes) -> BoxFuture<'_, Result<(), TransportError>> {
         let node = node.to_owned();
-        Box::pin(async move { self.push(&node, frame).await })
+        Box::pin(async move { self.push(&node, &[frame]).await })
+    }
+
+    fn send_batch(
+        &self,
+        node: &str,
+        frames: Vec<Bytes>,
+    ) -> BoxFuture<'_, Result<(), TransportError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            // large batches go in slices, so one command stays far below Redis's limits
+            let mut rest = &frames[..];
+            while !rest.is_empty() {
+                let mut n = 0;
+                let mut bytes = 0;
+                while n < rest.len() && (n == 0 || bytes + rest[n].len() <= PUSH_BYTES) {
+                    bytes += rest[n].len();
+                    n += 1;
+                }
+                self.push(&node, &rest[..n]).await?;
+                rest = &rest[n..];
+            }
+            Ok(())
+        })
     }
 
     fn serve(

@@ -181,6 +181,16 @@ async fn calls_cross_the_bus_with_replies_errors_order_and_deadlines() {
     hub.send("b", Bytes::from_static(b"W\x01\xc1\xc1"))
         .await
         .unwrap();
+    // right magic, then a call cut short and a session with a bad address
+    hub.send("b", Bytes::from_static(b"W\x02\x01\x07\x00"))
+        .await
+        .unwrap();
+    hub.send(
+        "b",
+        Bytes::from_static(b"W\x02\x03\x01\x00\x00\x00\x00\x00\x00\x00\xff\xff"),
+    )
+    .await
+    .unwrap();
     assert!(
         h.call("Svc", "echo", None, Bytes::from("2"), None)
             .await
