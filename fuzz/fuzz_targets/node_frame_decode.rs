@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use warren_proto::node_frame::{
-    CallRef, NodeFrame, SessionRef, decode, encode_call, encode_reply_err, encode_reply_ok,
+    CallRef, NodeFrame, decode, encode_call, encode_reply_err, encode_reply_ok,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -31,15 +31,7 @@ fuzz_target!(|data: &[u8]| {
             from,
             instance,
             handler,
-            session: session.as_ref().map(|s| SessionRef {
-                id: &s.id,
-                uid: s.uid.as_deref(),
-                settings: &s.settings,
-                remote: s.remote,
-                ws: s.ws,
-                protocol: &s.protocol,
-                gate: &s.gate,
-            }),
+            session: session.as_ref().map(|s| s.as_session_ref()),
             body,
             timeout_ms: *timeout_ms,
             sent_ms: *sent_ms,

@@ -125,6 +125,21 @@ pub struct WireSession {
     pub gate: String,
 }
 
+impl WireSession {
+    /// The session borrowed for [`encode_call`], as a node forwarding it would send it on.
+    pub fn as_session_ref(&self) -> SessionRef<'_> {
+        SessionRef {
+            id: &self.id,
+            uid: self.uid.as_deref(),
+            settings: &self.settings,
+            remote: self.remote,
+            ws: self.ws,
+            protocol: &self.protocol,
+            gate: &self.gate,
+        }
+    }
+}
+
 /// A decoded frame. Short-lived (decoded, taken apart, dropped), so the size difference of its
 /// variants does not matter.
 #[derive(Debug, Clone, PartialEq)]

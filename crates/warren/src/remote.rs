@@ -562,10 +562,11 @@ impl RemoteBus {
                 max,
             });
         }
+        let node: Arc<str> = node.into();
         if !reply {
             // nobody waits for a reply: the caller learns here whether the broker took it
             let (done, taken) = oneshot::channel();
-            self.enqueue(node.into(), bytes, Report::Done(done)).await?;
+            self.enqueue(node, bytes, Report::Done(done)).await?;
             taken.await.unwrap_or_else(|_| {
                 Err(TransportError::Unavailable("the bus is shut down".into()))
             })?;
@@ -575,12 +576,12 @@ impl RemoteBus {
         self.waiting().insert(
             id,
             Waiter {
-                node: node.into(),
+                node: node.clone(),
                 deadline: call.deadline,
                 tx,
             },
         );
-        if let Err(e) = self.enqueue(node.into(), bytes, Report::Waiter(id)).await {
+        if let Err(e) = self.enqueue(node, bytes, Report::Waiter(id)).await {
             self.waiting().remove(&id);
             return Err(e.into());
         }

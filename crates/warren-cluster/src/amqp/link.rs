@@ -169,27 +169,8 @@ impl Link {
         props: BasicProperties,
         mandatory: bool,
     ) -> Result<(), PublishError> {
-        let live = self
-            .current()
-            .ok_or_else(|| PublishError::Down("not connected to the broker".into()))?;
-        let exchange = short(exchange).map_err(PublishError::Refused)?;
-        let key = short(key).map_err(PublishError::Refused)?;
-        let opts = BasicPublishOptions {
-            mandatory,
-            immediate: false,
-        };
-        let confirm = match live
-            .publish
-            .basic_publish(exchange, key, opts, payload, props)
+        self.publish_batch(exchange, key, &[payload], props, mandatory)
             .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                self.kick();
-                return Err(PublishError::Down(e.to_string()));
-            }
-        };
-        self.confirmed(tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await)
     }
 
     /// Publish `payloads` in order to one exchange and routing key, all written before any
@@ -200,7 +181,7 @@ impl Link {
         &self,
         exchange: &str,
         key: &str,
-        payloads: &[bytes::Bytes],
+        payloads: &[impl AsRef<[u8]>],
         props: BasicProperties,
         mandatory: bool,
     ) -> Result<(), PublishError> {
@@ -217,7 +198,13 @@ impl Link {
         for p in payloads {
             match live
                 .publish
-                .basic_publish(exchange.clone(), key.clone(), opts, p, props.clone())
+                .basic_publish(
+                    exchange.clone(),
+                    key.clone(),
+                    opts,
+                    p.as_ref(),
+                    props.clone(),
+                )
                 .await
             {
                 Ok(c) => confirms.push(c),

@@ -91,19 +91,11 @@ impl AmqpTransport {
             });
         }
         let props = BasicProperties::default().with_delivery_mode(1);
-        let sent = match frames {
-            [one] => {
-                self.link
-                    .publish(&self.prefix, node, one, props, true)
-                    .await
-            }
-            _ => {
-                self.link
-                    .publish_batch(&self.prefix, node, frames, props, true)
-                    .await
-            }
-        };
-        match sent {
+        match self
+            .link
+            .publish_batch(&self.prefix, node, frames, props, true)
+            .await
+        {
             Ok(()) => Ok(()),
             Err(PublishError::Down(why)) => Err(TransportError::Unavailable(why)),
             Err(PublishError::Unroutable) => Err(TransportError::Broker(format!(
