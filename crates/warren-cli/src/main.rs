@@ -92,6 +92,9 @@ struct ServeArgs {
     /// `[registry] url`; default: the bus's URL for NATS and Redis).
     #[arg(long, value_name = "URL")]
     registry: Option<String>,
+    /// Runtime worker threads; 0 means one per CPU (overrides `[node] threads`).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
 }
 
 /// Which command runs the node.
@@ -138,17 +141,32 @@ fn main() -> ExitCode {
 
 fn run(role: Role, args: ServeArgs) -> ExitCode {
     init_logging();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let config = match resolve_config(role, &args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // one thread: the current-thread scheduler, which runs woken tasks in the order they woke,
+    // so a writer woken by the first of many queued frames runs after the rest were queued
+    let mut builder = match config.node.threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(role, args)) {
+    match rt.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -229,7 +247,9 @@ fn demo_config() -> Config {
     c
 }
 
-async fn serve(role: Role, args: ServeArgs) -> anyhow::Result<()> {
+/// The config this process runs: the file (or the demo's), then the command line's overrides,
+/// validated. Read before the runtime starts, since `[node] threads` sizes it.
+fn resolve_config(role: Role, args: &ServeArgs) -> anyhow::Result<Config> {
     let mut config = match &args.config {
         Some(file) => load_config(file)?,
         None => {
@@ -273,6 +293,9 @@ async fn serve(role: Role, args: ServeArgs) -> anyhow::Result<()> {
     if let Some(id) = &args.node_id {
         config.node.id = id.clone();
     }
+    if let Some(n) = args.threads {
+        config.node.threads = n;
+    }
     let defaults = warren::config::NodeConfig::default();
     if !config.bus.is_local() {
         // many processes share one registry: the one-process defaults would collide
@@ -289,6 +312,11 @@ async fn serve(role: Role, args: ServeArgs) -> anyhow::Result<()> {
     config
         .validate(warren_chat::MODULE_TYPES)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(config)
+}
+
+/// Run the node `config` describes until SIGINT/SIGTERM.
+async fn serve(config: Config) -> anyhow::Result<()> {
     if config.listeners.is_empty() {
         tracing::warn!("no listeners configured: clients cannot connect");
     }

@@ -75,6 +75,29 @@ pub trait Bus: Send + Sync + 'static {
         reply: bool,
     ) -> BoxFuture<'_, Result<Option<Pending>, CallError>>;
 
+    /// Hand `call` to whichever node of module type `module`'s queue group takes it from the
+    /// broker (`ModuleConfig::queue_group`); the receiving node runs it on its instance of that
+    /// type. Buses without queue groups refuse, and the router does not ask them
+    /// ([`Bus::has_groups`]).
+    fn send_to_group(
+        &self,
+        module: &str,
+        call: Call,
+        reply: bool,
+    ) -> BoxFuture<'_, Result<Option<Pending>, CallError>> {
+        let _ = (call, reply);
+        let why = format!(
+            "the {} bus has no queue groups (module {module})",
+            self.kind()
+        );
+        Box::pin(std::future::ready(Err(CallError::Unavailable(why))))
+    }
+
+    /// Whether [`Bus::send_to_group`] works on this bus.
+    fn has_groups(&self) -> bool {
+        false
+    }
+
     /// Short name for logs (`local`, `nats`, …).
     fn kind(&self) -> &'static str;
 }
@@ -108,6 +131,18 @@ impl LocalBus {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+    }
+
+    /// The id of an instance of module type `module` on this node, if one runs here (the one
+    /// that takes the calls of the type's queue group).
+    pub fn instance_of(&self, module: &str) -> Option<Arc<str>> {
+        let instances = self.instances.read().unwrap_or_else(|e| e.into_inner());
+        instances
+            .iter()
+            .filter(|(_, i)| &*i.info.module == module)
+            .map(|(id, _)| id)
+            .min()
+            .cloned()
     }
 
     /// Deliver a call to a local instance.

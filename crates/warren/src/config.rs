@@ -48,6 +48,10 @@ pub struct NodeConfig {
     pub call_timeout_s: u64,
     /// Mailbox size of sequential modules.
     pub mailbox: usize,
+    /// Runtime worker threads; 0 means one per CPU. Fewer than the CPUs pays when several
+    /// processes (gate, module nodes, the broker) share one machine's cores: each worker that
+    /// parks and wakes costs a context switch, and on a crowded machine those dominate.
+    pub threads: usize,
 }
 
 impl Default for NodeConfig {
@@ -58,6 +62,7 @@ impl Default for NodeConfig {
             drain_timeout_s: 10,
             call_timeout_s: 10,
             mailbox: 1024,
+            threads: 0,
         }
     }
 }
@@ -539,6 +544,12 @@ pub struct ModuleConfig {
     /// join (without it only the ring decides, and a join moves some keys).
     #[serde(default)]
     pub sticky: bool,
+    /// Share the load of this module type through the bus's queue group (NATS): a call without
+    /// `@` goes to whichever instance's node takes it first, not to the one the ring picks.
+    /// For stateless modules: such calls keep no per-session order and no instance affinity.
+    /// Every instance of the type should say the same; callers use the group only when all do.
+    #[serde(default)]
+    pub queue_group: bool,
     /// Reach this instance through a broker in a compatible format (`[module.bus]`).
     #[serde(default)]
     pub bus: Option<ModuleBusConfig>,
@@ -557,6 +568,7 @@ impl ModuleConfig {
             execution: None,
             tags: Vec::new(),
             sticky: false,
+            queue_group: false,
             bus: None,
             settings: toml::Table::new(),
         }
@@ -857,6 +869,13 @@ impl Config {
                 );
             }
             ids.push(id);
+            if m.queue_group && (m.sticky || m.bus.is_some()) {
+                return bad(
+                    format!("module[{i}].queue_group"),
+                    "a queue group shares calls among instances: it excludes sticky and [module.bus]"
+                        .into(),
+                );
+            }
             if let Some(b) = &m.bus {
                 if b.kind != "amqp" || b.mode != "mqant" {
                     return bad(
@@ -1094,6 +1113,15 @@ mod tests {
         let text = "[[listener]]\naddr = \"127.0.0.1:1\"\n\n[[listener]]\nmode = \"mqant\"\naddr = \"nope\"\n";
         let e = Config::load(text, &[]).unwrap_err().to_string();
         assert!(e.starts_with("6: listener[1].addr:"), "{e}");
+    }
+
+    #[test]
+    fn queue_groups_exclude_sticky() {
+        let text = "[[module]]\ntype = \"Work\"\nqueue_group = true\nsticky = true\n";
+        let e = Config::load(text, &[]).unwrap_err().to_string();
+        assert!(e.contains("module[0].queue_group"), "{e}");
+        let c = Config::load("[[module]]\ntype = \"Work\"\nqueue_group = true\n", &[]).unwrap();
+        assert!(c.modules[0].queue_group);
     }
 
     #[test]

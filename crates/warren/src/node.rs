@@ -877,6 +877,7 @@ impl NodeBuilder {
                 tags: mcfg.tags.clone(),
                 sticky: mcfg.sticky,
                 watches_sessions: module.wants_session_closed(),
+                queue_group: mcfg.queue_group,
             });
             bus.attach(inst.clone());
             instances.push(inst);
@@ -894,6 +895,26 @@ impl NodeBuilder {
         let stop_bus = CancellationToken::new();
         if let Some(r) = &remote {
             r.serve(bus.clone(), stop_bus.clone()).await?;
+            let mut grouped: Vec<&str> = record
+                .instances
+                .iter()
+                .filter(|i| i.queue_group)
+                .map(|i| i.module.as_str())
+                .collect();
+            grouped.sort_unstable();
+            grouped.dedup();
+            for module in grouped {
+                if r.has_groups() {
+                    r.join_group(bus.clone(), module, stop_bus.clone()).await?;
+                    tracing::info!(module, "taking calls from the module's queue group");
+                } else {
+                    tracing::warn!(
+                        module,
+                        bus = r.transport_kind(),
+                        "queue_group is set but this bus has no queue groups: calls are routed by the ring"
+                    );
+                }
+            }
         }
         let own_record = record.clone();
         registry.register(record).await?;

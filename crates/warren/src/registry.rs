@@ -27,6 +27,9 @@ pub struct InstanceRecord {
     /// The instance wants to hear when any session closes (`on_session_closed`).
     #[serde(default)]
     pub watches_sessions: bool,
+    /// The instance takes calls from its module type's queue group (`ModuleConfig::queue_group`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub queue_group: bool,
 }
 
 /// One live node.

@@ -90,21 +90,64 @@ pub trait Transport: Send + Sync + 'static {
         })
     }
 
-    /// Receive the inbox of node `node`: resolves once the broker confirmed the subscription, then
-    /// feeds each frame to `inbox` in arrival order (awaiting room: backpressure reaches the
-    /// broker) until `stop` is cancelled, resubscribing after reconnects.
+    /// Receive the inbox of node `node`: resolves once the broker confirmed the subscription,
+    /// with the frames in arrival order. The bus pulls them as it is ready for them, so
+    /// backpressure reaches the broker. The transport resubscribes after reconnects by itself;
+    /// the frames end when `stop` is cancelled or the stream is dropped.
     fn serve(
         &self,
         node: &str,
-        inbox: mpsc::Sender<Bytes>,
         stop: CancellationToken,
-    ) -> BoxFuture<'_, Result<(), TransportError>>;
+    ) -> BoxFuture<'_, Result<InboxFrames, TransportError>>;
+
+    /// Whether the broker has queue groups: [`Transport::send_to_group`] and
+    /// [`Transport::serve_group`] work.
+    fn has_groups(&self) -> bool {
+        false
+    }
+
+    /// Put `frames` in queue group `group`, in order; the broker hands each to one member,
+    /// whichever takes it first. Resolves once the broker took them all.
+    fn send_to_group(
+        &self,
+        group: &str,
+        frames: Vec<Bytes>,
+    ) -> BoxFuture<'_, Result<(), TransportError>> {
+        let _ = frames;
+        let why = format!("the {} bus has no queue groups ({group})", self.kind());
+        Box::pin(std::future::ready(Err(TransportError::Unavailable(why))))
+    }
+
+    /// Join queue group `group`: the frames the broker hands this member, as
+    /// [`Transport::serve`] gives a node's inbox.
+    fn serve_group(
+        &self,
+        group: &str,
+        stop: CancellationToken,
+    ) -> BoxFuture<'_, Result<InboxFrames, TransportError>> {
+        let _ = stop;
+        let why = format!("the {} bus has no queue groups ({group})", self.kind());
+        Box::pin(std::future::ready(Err(TransportError::Unavailable(why))))
+    }
 
     /// Largest frame the broker carries.
     fn max_frame(&self) -> usize;
 
     /// Short name for logs and metrics (`nats`, `redis`, `amqp`).
     fn kind(&self) -> &'static str;
+}
+
+/// A node's inbox as a transport hands it over ([`Transport::serve`]): the frames in arrival
+/// order. The remote bus reads it in the task that runs the calls, with no task in between.
+pub type InboxFrames = futures_util::stream::BoxStream<'static, Bytes>;
+
+/// An inbox fed by a task of the transport's own (a `BLPOP` loop, a consumer): what the task
+/// sends comes out of the frames in order, and with `capacity` frames queued the task waits, so
+/// backpressure reaches the broker.
+pub fn inbox_channel(capacity: usize) -> (mpsc::Sender<Bytes>, InboxFrames) {
+    let (tx, mut rx) = mpsc::channel(capacity);
+    let frames = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    (tx, Box::pin(frames))
 }
 
 /// A session as a call carries it (see [`node_frame::SessionRef`]).
@@ -171,9 +214,27 @@ fn reply_frame(id: u64, r: &Result<Bytes, CallError>) -> Option<Bytes> {
     }
 }
 
-/// A frame on its way to a node, and who hears of it when the broker does not take it.
+/// Where a frame goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Dest {
+    /// The inbox of one node.
+    Node(Arc<str>),
+    /// The queue group of a module type: one of its members takes it.
+    Group(Arc<str>),
+}
+
+impl std::fmt::Display for Dest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dest::Node(n) => write!(f, "node {n}"),
+            Dest::Group(g) => write!(f, "queue group {g}"),
+        }
+    }
+}
+
+/// A frame on its way, and who hears of it when the broker does not take it.
 struct Outgoing {
-    node: Arc<str>,
+    dest: Dest,
     frame: Bytes,
     report: Report,
 }
@@ -208,14 +269,14 @@ async fn write_frames(
     mut rx: mpsc::Receiver<Outgoing>,
 ) {
     let mut queued = Vec::with_capacity(BATCH);
-    type Group = (Arc<str>, Vec<Bytes>, Vec<Report>);
+    type Group = (Dest, Vec<Bytes>, Vec<Report>);
     while rx.recv_many(&mut queued, BATCH).await > 0 {
         let mut groups: Vec<Group> = Vec::new();
         for o in queued.drain(..) {
-            let at = match groups.iter().position(|g| g.0 == o.node) {
+            let at = match groups.iter().position(|g| g.0 == o.dest) {
                 Some(i) => i,
                 None => {
-                    groups.push((o.node, Vec::new(), Vec::new()));
+                    groups.push((o.dest, Vec::new(), Vec::new()));
                     groups.len() - 1
                 }
             };
@@ -224,14 +285,17 @@ async fn write_frames(
             g.2.push(o.report);
         }
         let (transport, waiting) = (&transport, &waiting);
-        let sends = groups.into_iter().map(|(node, frames, reports)| async move {
+        let sends = groups.into_iter().map(|(dest, frames, reports)| async move {
             let n = frames.len();
-            let r = transport.send_batch(&node, frames).await;
+            let r = match &dest {
+                Dest::Node(node) => transport.send_batch(node, frames).await,
+                Dest::Group(group) => transport.send_to_group(group, frames).await,
+            };
             if let Err(e) = &r {
                 metrics::counter!("warren_bus_send_errors_total", "transport" => transport.kind())
                     .increment(n as u64);
                 if reports.iter().any(|x| matches!(x, Report::Log)) {
-                    tracing::warn!(%node, frames = n, error = %e, "could not send replies");
+                    tracing::warn!(to = %dest, frames = n, error = %e, "could not send replies");
                 }
             }
             for report in reports {
@@ -261,7 +325,9 @@ type Running = std::pin::Pin<
 >;
 
 struct Waiter {
-    node: Arc<str>,
+    /// The node the call went to; `None` for a queue group's call (any member may run it, so
+    /// the loss of one node says nothing about it: it ends at its deadline).
+    node: Option<Arc<str>>,
     deadline: Instant,
     tx: oneshot::Sender<Result<Bytes, CallError>>,
 }
@@ -302,7 +368,7 @@ impl RemoteBus {
     /// hears of it if the broker does not take it.
     async fn enqueue(
         &self,
-        node: Arc<str>,
+        dest: Dest,
         frame: Bytes,
         report: Report,
     ) -> Result<(), TransportError> {
@@ -316,7 +382,7 @@ impl RemoteBus {
             tx
         });
         tx.send(Outgoing {
-            node,
+            dest,
             frame,
             report,
         })
@@ -345,13 +411,14 @@ impl RemoteBus {
             let mut w = self.waiting();
             let ids: Vec<u64> = w
                 .iter()
-                .filter(|(_, x)| !live.contains(&*x.node))
+                .filter(|(_, x)| x.node.as_ref().is_some_and(|n| !live.contains(&**n)))
                 .map(|(id, _)| *id)
                 .collect();
             ids.iter().filter_map(|id| w.remove(id)).collect()
         };
         for x in lost {
-            let _ = x.tx.send(Err(CallError::NodeLost(x.node.to_string())));
+            let node = x.node.as_deref().unwrap_or_default().to_owned();
+            let _ = x.tx.send(Err(CallError::NodeLost(node)));
         }
     }
 
@@ -377,26 +444,8 @@ impl RemoteBus {
         local: Arc<LocalBus>,
         stop: CancellationToken,
     ) -> Result<(), TransportError> {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
-        self.transport.serve(&self.node, tx, stop.clone()).await?;
-        let bus = self.clone();
-        let stop2 = stop.clone();
-        tokio::spawn(async move {
-            // results of the calls this node runs, awaited here rather than on a task each
-            let mut running: FuturesUnordered<Running> = FuturesUnordered::new();
-            loop {
-                tokio::select! {
-                    _ = stop2.cancelled() => break,
-                    Some((from, id, r)) = running.next(), if !running.is_empty() => {
-                        bus.answer(&from, id, true, r).await;
-                    }
-                    frame = rx.recv() => match frame {
-                        Some(f) => bus.receive(&local, f, &mut running).await,
-                        None => break,
-                    },
-                }
-            }
-        });
+        let inbox = self.transport.serve(&self.node, stop.clone()).await?;
+        tokio::spawn(self.clone().run_inbox(local, inbox, false, stop.clone()));
         let bus = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -415,10 +464,57 @@ impl RemoteBus {
         Ok(())
     }
 
-    async fn receive(
+    /// Whether the transport has queue groups ([`RemoteBus::join_group`]).
+    pub fn has_groups(&self) -> bool {
+        self.transport.has_groups()
+    }
+
+    /// Take calls from module type `module`'s queue group and run them on this node's instance
+    /// of that type, until `stop` (`ModuleConfig::queue_group`). Resolves once the broker
+    /// confirmed the membership.
+    pub async fn join_group(
         self: &Arc<Self>,
+        local: Arc<LocalBus>,
+        module: &str,
+        stop: CancellationToken,
+    ) -> Result<(), TransportError> {
+        let frames = self.transport.serve_group(module, stop.clone()).await?;
+        tokio::spawn(self.clone().run_inbox(local, frames, true, stop));
+        Ok(())
+    }
+
+    /// Read `frames` (this node's inbox, or with `group` a queue group's share) and run the
+    /// calls in them, awaiting their results here rather than on a task each, until `stop`.
+    async fn run_inbox(
+        self: Arc<Self>,
+        local: Arc<LocalBus>,
+        mut frames: InboxFrames,
+        group: bool,
+        stop: CancellationToken,
+    ) {
+        let mut running: FuturesUnordered<Running> = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                Some((from, id, r)) = running.next(), if !running.is_empty() => {
+                    self.answer(&from, id, true, r).await;
+                }
+                frame = frames.next() => match frame {
+                    Some(f) => self.receive(&local, f, group, &mut running).await,
+                    None => {
+                        tracing::warn!(transport = self.transport.kind(), node = %self.node, group, "the transport ended an inbox; no longer receiving its calls");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn receive(
+        &self,
         local: &Arc<LocalBus>,
         bytes: Bytes,
+        group: bool,
         running: &mut FuturesUnordered<Running>,
     ) {
         let len = bytes.len();
@@ -478,8 +574,26 @@ impl RemoteBus {
                     },
                 };
                 let deadline = Instant::now() + Duration::from_millis(timeout_ms.min(86_400_000));
+                // a queue group's call names the module type: this node's instance of it runs it
+                let target: Arc<str> = if group {
+                    match local.instance_of(&instance) {
+                        Some(id) => id,
+                        None => {
+                            self.answer(
+                                &from,
+                                id,
+                                reply,
+                                Err(CallError::ServiceNotFound(instance)),
+                            )
+                            .await;
+                            return;
+                        }
+                    }
+                } else {
+                    instance.as_str().into()
+                };
                 let call = Call {
-                    instance: instance.as_str().into(),
+                    instance: target,
                     handler: handler.into(),
                     session,
                     body,
@@ -527,14 +641,19 @@ impl RemoteBus {
             };
             bytes = b;
         }
-        if let Err(e) = self.enqueue(to.into(), bytes, Report::Log).await {
+        if let Err(e) = self
+            .enqueue(Dest::Node(to.into()), bytes, Report::Log)
+            .await
+        {
             tracing::warn!(%to, error = %e, "could not send a reply");
         }
     }
 
+    /// Encode `call` and queue it for `dest`; for a queue group, `call.instance` is replaced by
+    /// the module type, which the receiving member resolves to its own instance.
     async fn call(
         &self,
-        node: &str,
+        dest: Dest,
         call: Call,
         reply: bool,
     ) -> Result<Option<Pending>, CallError> {
@@ -546,7 +665,10 @@ impl RemoteBus {
         let bytes = node_frame::encode_call(&CallRef {
             id,
             from: &self.node,
-            instance: &call.instance,
+            instance: match &dest {
+                Dest::Node(_) => &call.instance,
+                Dest::Group(module) => module,
+            },
             handler: &call.handler,
             session: call.session.as_deref().map(session_ref),
             body: &call.body,
@@ -562,11 +684,10 @@ impl RemoteBus {
                 max,
             });
         }
-        let node: Arc<str> = node.into();
         if !reply {
             // nobody waits for a reply: the caller learns here whether the broker took it
             let (done, taken) = oneshot::channel();
-            self.enqueue(node, bytes, Report::Done(done)).await?;
+            self.enqueue(dest, bytes, Report::Done(done)).await?;
             taken.await.unwrap_or_else(|_| {
                 Err(TransportError::Unavailable("the bus is shut down".into()))
             })?;
@@ -576,12 +697,15 @@ impl RemoteBus {
         self.waiting().insert(
             id,
             Waiter {
-                node: node.clone(),
+                node: match &dest {
+                    Dest::Node(n) => Some(n.clone()),
+                    Dest::Group(_) => None,
+                },
                 deadline: call.deadline,
                 tx,
             },
         );
-        if let Err(e) = self.enqueue(node, bytes, Report::Waiter(id)).await {
+        if let Err(e) = self.enqueue(dest, bytes, Report::Waiter(id)).await {
             self.waiting().remove(&id);
             return Err(e.into());
         }
@@ -596,8 +720,22 @@ impl Bus for RemoteBus {
         call: Call,
         reply: bool,
     ) -> BoxFuture<'_, Result<Option<Pending>, CallError>> {
-        let node = node.to_owned();
-        Box::pin(async move { self.call(&node, call, reply).await })
+        let dest = Dest::Node(node.into());
+        Box::pin(async move { self.call(dest, call, reply).await })
+    }
+
+    fn send_to_group(
+        &self,
+        module: &str,
+        call: Call,
+        reply: bool,
+    ) -> BoxFuture<'_, Result<Option<Pending>, CallError>> {
+        let dest = Dest::Group(module.into());
+        Box::pin(async move { self.call(dest, call, reply).await })
+    }
+
+    fn has_groups(&self) -> bool {
+        self.transport.has_groups()
     }
 
     fn kind(&self) -> &'static str {

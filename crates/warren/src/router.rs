@@ -33,6 +33,9 @@ pub struct Target {
     via: Option<Arc<dyn Bus>>,
     sticky: bool,
     watches_sessions: bool,
+    /// Sent to the module type's queue group instead of this instance (see
+    /// [`Target::is_group`]).
+    group: bool,
 }
 
 /// A custom router for one module type: from the handler, the caller's session and the request
@@ -51,6 +54,13 @@ impl Target {
     pub fn is_client_handler(&self, handler: &str) -> bool {
         self.client_handlers.iter().any(|h| h == handler)
     }
+
+    /// Whether the call goes to the module type's queue group, where the broker hands it to
+    /// whichever instance's node takes it first (`ModuleConfig::queue_group`): `node` and
+    /// `instance` then name only one of the instances that may take it.
+    pub fn is_group(&self) -> bool {
+        self.group
+    }
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +73,8 @@ struct Table {
     tag_rings: HashMap<(Arc<str>, String), Members>,
     /// Instances that want session-closed notices.
     watchers: Vec<Target>,
+    /// Module types whose every instance takes calls from the type's queue group.
+    groups: std::collections::HashSet<Arc<str>>,
 }
 
 /// A ring over some instances, and normalized instance id → target.
@@ -148,6 +160,8 @@ impl Router {
             g.1.clone()
         };
         let mut t = Table::default();
+        let mut grouped_modules = std::collections::HashSet::new();
+        let mut ungrouped = std::collections::HashSet::new();
         let all = nodes
             .iter()
             .map(|n| (n, None))
@@ -163,7 +177,9 @@ impl Router {
                     via: via.clone(),
                     sticky: i.sticky,
                     watches_sessions: i.watches_sessions,
+                    group: false,
                 };
+                let grouped = i.queue_group && via.is_none();
                 if target.watches_sessions {
                     t.watchers.push(target.clone());
                 }
@@ -177,6 +193,11 @@ impl Router {
                             .insert(normalize(&target.instance), target.clone());
                     }
                 }
+                if grouped {
+                    grouped_modules.insert(target.module.clone());
+                } else {
+                    ungrouped.insert(target.module.clone());
+                }
                 t.by_module
                     .entry(target.module.clone())
                     .or_default()
@@ -184,6 +205,11 @@ impl Router {
                 t.by_instance.insert(target.instance.clone(), target);
             }
         }
+        // a type shares through its group only when every instance takes from it
+        t.groups = grouped_modules
+            .into_iter()
+            .filter(|m| !ungrouped.contains(m))
+            .collect();
         for (module, v) in t.by_module.iter_mut() {
             v.sort_by(|a, b| a.instance.cmp(&b.instance));
             t.rings.insert(module.clone(), ring_of(v));
@@ -232,6 +258,17 @@ impl Router {
             .and_then(|f| f(handler, session, body));
         if let Some(key) = custom {
             return self.resolve(module, None, &key);
+        }
+        if self.bus.has_groups() {
+            let t = self.table.load();
+            if t.groups.contains(module)
+                && let Some(first) = t.by_module.get(module).and_then(|v| v.first())
+            {
+                return Ok(Target {
+                    group: true,
+                    ..first.clone()
+                });
+            }
         }
         let key = session.map_or("", Session::hash_key);
         let target = self.resolve(module, None, key)?;
@@ -326,6 +363,9 @@ impl Router {
         if let Some(via) = &target.via {
             return via.send(&target.node, call, reply).await;
         }
+        if target.group {
+            return self.bus.send_to_group(&target.module, call, reply).await;
+        }
         match &self.local {
             Some((node, local)) if *node == target.node => local.deliver(call, reply).await,
             _ => self.bus.send(&target.node, call, reply).await,
@@ -405,6 +445,66 @@ mod tests {
             instances,
             ..Default::default()
         }
+    }
+
+    /// A bus that says it has queue groups (nothing is sent through it here).
+    struct Grouping;
+
+    impl Bus for Grouping {
+        fn send(
+            &self,
+            _node: &str,
+            _call: Call,
+            _reply: bool,
+        ) -> futures_util::future::BoxFuture<'_, Result<Option<Pending>, CallError>> {
+            Box::pin(std::future::ready(Err(CallError::Closed)))
+        }
+
+        fn has_groups(&self) -> bool {
+            true
+        }
+
+        fn kind(&self) -> &'static str {
+            "grouping"
+        }
+    }
+
+    #[test]
+    fn queue_groups_only_when_the_bus_has_them_and_every_instance_takes_part() {
+        let grouped = |m: &str, i: &str| InstanceRecord {
+            queue_group: true,
+            ..inst(m, i, &[], false)
+        };
+        let view = [with(vec![
+            grouped("Work", "w1"),
+            grouped("Work", "w2"),
+            grouped("Mixed", "m1"),
+            inst("Mixed", "m2", &[], false),
+        ])];
+        let r = Router::new(Arc::new(Grouping));
+        r.refresh(&view);
+        let s = session("s1", "alice");
+        let t = r.resolve_call("Work", None, "h", Some(&s), b"").unwrap();
+        assert!(t.is_group(), "all of Work's instances take from the group");
+        assert!(
+            !r.resolve_call("Work", Some("w2"), "h", None, b"")
+                .unwrap()
+                .is_group()
+        );
+        assert!(
+            !r.resolve_call("Mixed", None, "h", Some(&s), b"")
+                .unwrap()
+                .is_group()
+        );
+        // a bus without groups: the ring decides
+        let local = Router::new(Arc::new(LocalBus::default()));
+        local.refresh(&view);
+        assert!(
+            !local
+                .resolve_call("Work", None, "h", Some(&s), b"")
+                .unwrap()
+                .is_group()
+        );
     }
 
     #[test]

@@ -778,6 +778,7 @@ impl MqantBridge {
                         tags: m.tags.clone(),
                         sticky: m.sticky,
                         watches_sessions: false,
+                        queue_group: false,
                     }],
                 };
                 node.router().add_static(record, client.clone());

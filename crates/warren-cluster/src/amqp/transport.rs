@@ -18,13 +18,16 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Consumer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use warren::remote::{Transport, TransportError};
+use warren::remote::{InboxFrames, Transport, TransportError, inbox_channel};
 
 use super::MAX_MESSAGE;
 use super::link::{
     ExchangeSpec, Link, Live, PublishError, Subscriber, exchange_kind, run_subscription, short,
     subscribe_now,
 };
+
+/// Frames received but not yet taken by the bus; a full queue pauses the receiving loop.
+const INBOX_QUEUE: usize = 1024;
 
 /// Deliveries a node's consumer may hold unacknowledged: once its inbox is full and this many
 /// wait, the broker stops delivering (backpressure reaches the queue).
@@ -125,9 +128,9 @@ impl Transport for AmqpTransport {
     fn serve(
         &self,
         node: &str,
-        inbox: mpsc::Sender<Bytes>,
         stop: CancellationToken,
-    ) -> BoxFuture<'_, Result<(), TransportError>> {
+    ) -> BoxFuture<'_, Result<InboxFrames, TransportError>> {
+        let (inbox, frames) = inbox_channel(INBOX_QUEUE);
         let sub = Arc::new(Inbox {
             what: format!("inbox of node {node}"),
             exchange: self.prefix.clone(),
@@ -145,7 +148,7 @@ impl Transport for AmqpTransport {
                 }
             })?;
             tokio::spawn(run_subscription(self.link.clone(), sub, stop, first));
-            Ok(())
+            Ok(frames)
         })
     }
 

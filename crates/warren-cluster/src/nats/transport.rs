@@ -8,9 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use warren::remote::{Transport, TransportError};
+use warren::remote::{InboxFrames, Transport, TransportError};
 
 use super::{connect_client, is_connected};
 
@@ -51,8 +50,8 @@ impl NatsTransport {
         }))
     }
 
-    /// The underlying client, for what the inbox-per-node model does not cover (queue groups for
-    /// load sharing, raw round trips in benchmarks). Shares this transport's connection.
+    /// The underlying client, for what the inbox-per-node model does not cover (raw round trips
+    /// in benchmarks). Shares this transport's connection.
     pub fn client(&self) -> &async_nats::Client {
         &self.client
     }
@@ -66,6 +65,55 @@ impl NatsTransport {
         s.push_str(".node.");
         push_token(&mut s, node);
         s
+    }
+}
+
+impl NatsTransport {
+    /// The subject of module type `module`'s queue group, `<prefix>.group.<token>`; the queue
+    /// group's name is the subject too.
+    pub fn group_subject(&self, module: &str) -> String {
+        let mut s = String::with_capacity(self.prefix.len() + 7 + module.len());
+        s.push_str(&self.prefix);
+        s.push_str(".group.");
+        push_token(&mut s, module);
+        s
+    }
+
+    /// Subscribe `subject` (in queue group `queue` when given) and wait until the server has it.
+    async fn subscribe_confirmed(
+        &self,
+        subject: String,
+        queue: Option<String>,
+        stop: CancellationToken,
+    ) -> Result<InboxFrames, TransportError> {
+        if !is_connected(&self.client) {
+            return Err(TransportError::Unavailable(
+                "not connected to NATS (reconnecting)".into(),
+            ));
+        }
+        let sub = match queue {
+            None => self.client.subscribe(subject.clone()).await,
+            Some(q) => self.client.queue_subscribe(subject.clone(), q).await,
+        }
+        .map_err(|e| TransportError::Broker(format!("subscribe {subject}: {e}")))?;
+        // the server has the subscription once it answered the PING that follows it
+        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(TransportError::Unavailable(format!(
+                    "subscribe {subject}: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(TransportError::Unavailable(format!(
+                    "subscribe {subject}: no confirmation from the server within {SUBSCRIBE_TIMEOUT:?}"
+                )));
+            }
+        }
+        tracing::debug!(%subject, "serving a NATS subscription");
+        Ok(Box::pin(
+            sub.map(|m| m.payload).take_until(stop.cancelled_owned()),
+        ))
     }
 }
 
@@ -161,62 +209,45 @@ impl Transport for NatsTransport {
         })
     }
 
+    /// The subscription itself is the inbox: the bus reads the client's deliveries directly.
+    /// Dropping it unsubscribes.
     fn serve(
         &self,
         node: &str,
-        inbox: mpsc::Sender<Bytes>,
         stop: CancellationToken,
-    ) -> BoxFuture<'_, Result<(), TransportError>> {
+    ) -> BoxFuture<'_, Result<InboxFrames, TransportError>> {
         let subject = self.inbox_subject(node);
+        Box::pin(self.subscribe_confirmed(subject, None, stop))
+    }
+
+    fn has_groups(&self) -> bool {
+        true
+    }
+
+    /// Publishes to the group's subject; the server gives each message to one member of the
+    /// queue group subscribed to it.
+    fn send_to_group(
+        &self,
+        group: &str,
+        frames: Vec<Bytes>,
+    ) -> BoxFuture<'_, Result<(), TransportError>> {
+        let subject = async_nats::Subject::from(self.group_subject(group));
         Box::pin(async move {
-            if !is_connected(&self.client) {
-                return Err(TransportError::Unavailable(
-                    "not connected to NATS (reconnecting)".into(),
-                ));
+            self.connected()?;
+            for f in frames {
+                self.publish(&subject, f).await?;
             }
-            let mut sub = self
-                .client
-                .subscribe(subject.clone())
-                .await
-                .map_err(|e| TransportError::Broker(format!("subscribe {subject}: {e}")))?;
-            // the server has the subscription once it answered the PING that follows it
-            match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.client.flush()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    return Err(TransportError::Unavailable(format!(
-                        "subscribe {subject}: {e}"
-                    )));
-                }
-                Err(_) => {
-                    return Err(TransportError::Unavailable(format!(
-                        "subscribe {subject}: no confirmation from the server within {SUBSCRIBE_TIMEOUT:?}"
-                    )));
-                }
-            }
-            tracing::debug!(%subject, "serving a NATS inbox");
-            tokio::spawn(async move {
-                loop {
-                    let msg = tokio::select! {
-                        biased;
-                        _ = stop.cancelled() => break,
-                        m = sub.next() => m,
-                    };
-                    let Some(msg) = msg else {
-                        tracing::warn!(%subject, "the NATS client closed; inbox no longer served");
-                        break;
-                    };
-                    tokio::select! {
-                        biased;
-                        _ = stop.cancelled() => break,
-                        sent = inbox.send(msg.payload) => if sent.is_err() { break },
-                    }
-                }
-                if let Err(e) = sub.unsubscribe().await {
-                    tracing::debug!(%subject, error = %e, "unsubscribe after stop");
-                }
-            });
             Ok(())
         })
+    }
+
+    fn serve_group(
+        &self,
+        group: &str,
+        stop: CancellationToken,
+    ) -> BoxFuture<'_, Result<InboxFrames, TransportError>> {
+        let subject = self.group_subject(group);
+        Box::pin(self.subscribe_confirmed(subject.clone(), Some(subject), stop))
     }
 
     fn max_frame(&self) -> usize {

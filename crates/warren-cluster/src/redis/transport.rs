@@ -11,9 +11,12 @@ use redis::Client;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use warren::remote::{Transport, TransportError};
+use warren::remote::{InboxFrames, Transport, TransportError, inbox_channel};
 
 use super::{BLOCK_S, Backoff, COMMAND_TIMEOUT, blocking_connection, bounded, client, manager};
+
+/// Frames received but not yet taken by the bus; a full queue pauses the receiving loop.
+const INBOX_QUEUE: usize = 1024;
 
 /// Largest frame sent: 64 MiB. Redis itself takes strings up to 512 MiB (`proto-max-bulk-len`),
 /// but a frame that size would hold the receiver's single `BLPOP` connection and the server's
@@ -237,11 +240,14 @@ impl Transport for RedisTransport {
     fn serve(
         &self,
         node: &str,
-        inbox: mpsc::Sender<Bytes>,
         stop: CancellationToken,
-    ) -> BoxFuture<'_, Result<(), TransportError>> {
+    ) -> BoxFuture<'_, Result<InboxFrames, TransportError>> {
         let node = node.to_owned();
-        Box::pin(async move { self.start_serving(&node, inbox, stop).await })
+        Box::pin(async move {
+            let (inbox, frames) = inbox_channel(INBOX_QUEUE);
+            self.start_serving(&node, inbox, stop).await?;
+            Ok(frames)
+        })
     }
 
     fn max_frame(&self) -> usize {

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -122,14 +123,13 @@ fn transport_orders_refuses_fails_fast_and_recovers() {
         assert_eq!(a.kind(), "amqp");
         assert_eq!(a.max_frame(), MAX_MESSAGE);
         let stop = CancellationToken::new();
-        let (tx, mut rx) = mpsc::channel::<Bytes>(64);
-        b.serve("nb", tx, stop.clone()).await.expect("serve nb");
+        let mut rx = b.serve("nb", stop.clone()).await.expect("serve nb");
 
         // 1000 frames arrive, in the order sent
         let receiver = tokio::spawn(async move {
             let mut got = Vec::with_capacity(1000);
             while got.len() < 1000 {
-                got.push(rx.recv().await.expect("inbox open"));
+                got.push(rx.next().await.expect("inbox open"));
             }
             (got, rx)
         });
@@ -165,7 +165,7 @@ fn transport_orders_refuses_fails_fast_and_recovers() {
         }
         let mut next = [0u8; 20];
         for _ in 0..1000 {
-            let f = rx.recv().await.expect("frame");
+            let f = rx.next().await.expect("frame");
             let (t, i) = (usize::from(f[0]), f[1]);
             assert_eq!(i, next[t], "sender {t} out of order");
             next[t] += 1;
@@ -191,13 +191,12 @@ fn transport_orders_refuses_fails_fast_and_recovers() {
             .unwrap_err();
         assert!(matches!(e, TransportError::TooLarge { .. }), "{e}");
         // a second inbox under the same node id is refused (the queue is exclusive)
-        let (tx2, _rx2) = mpsc::channel::<Bytes>(1);
-        assert!(a.serve("nb", tx2, stop.clone()).await.is_err());
+        assert!(a.serve("nb", stop.clone()).await.is_err());
         // and the first one still works
         a.send("nb", Bytes::from_static(b"still"))
             .await
             .expect("send");
-        assert_eq!(&rx.recv().await.expect("frame")[..], b"still");
+        assert_eq!(&rx.next().await.expect("frame")[..], b"still");
 
         // broker down: sends fail fast with Unavailable, and keep failing fast
         tokio::task::block_in_place(|| server.kill());
@@ -232,18 +231,17 @@ fn transport_orders_refuses_fails_fast_and_recovers() {
             a.send("nb", Bytes::from_static(b"after")).await.ok()
         })
         .await;
-        let f = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        let f = tokio::time::timeout(Duration::from_secs(10), rx.next())
             .await
             .expect("frame after restart")
             .expect("inbox open");
         assert_eq!(&f[..], b"after");
         // and the other direction, on b's reconnected publisher
-        let (txa, mut rxa) = mpsc::channel::<Bytes>(4);
-        a.serve("na", txa, stop.clone()).await.expect("serve na");
+        let mut rxa = a.serve("na", stop.clone()).await.expect("serve na");
         b.send("na", Bytes::from_static(b"back"))
             .await
             .expect("b sends");
-        assert_eq!(&rxa.recv().await.expect("frame")[..], b"back");
+        assert_eq!(&rxa.next().await.expect("frame")[..], b"back");
         stop.cancel();
     });
 }

@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use futures_util::StreamExt as _;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use warren::bus::{Bus, Call, LocalBus};
 use warren::error::CallError;
 use warren::registry::{NodeRecord, Registry};
-use warren::remote::{RemoteBus, Transport, TransportError};
+use warren::remote::{InboxFrames, RemoteBus, Transport, TransportError};
 use warren_cluster::nats::{KvRegistry, NatsTransport};
 
 use crate::kit::{self, Kind, Server};
@@ -43,15 +43,13 @@ async fn transport(s: &Server) -> Arc<NatsTransport> {
         .expect("connect")
 }
 
-/// Serve node `node` on `t` into a fresh channel.
-async fn serve(t: &NatsTransport, node: &str, stop: &CancellationToken) -> mpsc::Receiver<Bytes> {
-    let (tx, rx) = mpsc::channel(4096);
-    t.serve(node, tx, stop.clone()).await.expect("serve");
-    rx
+/// Serve node `node` on `t`: its inbox's frames.
+async fn serve(t: &NatsTransport, node: &str, stop: &CancellationToken) -> InboxFrames {
+    t.serve(node, stop.clone()).await.expect("serve")
 }
 
-async fn recv(rx: &mut mpsc::Receiver<Bytes>) -> Bytes {
-    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+async fn recv(rx: &mut InboxFrames) -> Bytes {
+    tokio::time::timeout(Duration::from_secs(10), rx.next())
         .await
         .expect("a frame within 10 s")
         .expect("inbox open")
@@ -136,11 +134,9 @@ async fn outage_fails_sends_fast_and_serving_resumes_after_a_restart() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(unavailable, "sends fail while the server is down");
-    let (tx, _rx) = mpsc::channel(1);
-    let e = a
-        .serve("c", tx, stop.clone())
-        .await
-        .expect_err("no serving while down");
+    let Err(e) = a.serve("c", stop.clone()).await else {
+        panic!("no serving while down");
+    };
     assert!(matches!(e, TransportError::Unavailable(_)), "{e:?}");
 
     tokio::task::block_in_place(|| s.restart());
@@ -150,7 +146,7 @@ async fn outage_fails_sends_fast_and_serving_resumes_after_a_restart() {
     for n in 0..500u32 {
         let probe = Bytes::from(format!("probe-{n}"));
         if a.send("b", probe).await.is_ok() {
-            if let Ok(Some(f)) = tokio::time::timeout(Duration::from_millis(50), inbox.recv()).await
+            if let Ok(Some(f)) = tokio::time::timeout(Duration::from_millis(50), inbox.next()).await
             {
                 assert!(f.starts_with(b"probe-") || &f[..] == b"x", "{f:?}");
                 through = true;
@@ -161,7 +157,7 @@ async fn outage_fails_sends_fast_and_serving_resumes_after_a_restart() {
         }
     }
     assert!(through, "frames flow again after the restart");
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), inbox.recv()).await {}
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), inbox.next()).await {}
     for i in 0..100u32 {
         a.send("b", Bytes::from(i.to_be_bytes().to_vec()))
             .await
@@ -192,7 +188,7 @@ async fn foreign_messages_on_an_inbox_are_passed_through_and_stop_ends_serving()
     assert_eq!(&recv(&mut inbox).await[..], b"\x00garbage\xff");
     stop.cancel();
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        while inbox.recv().await.is_some() {}
+        while inbox.next().await.is_some() {}
     })
     .await;
     assert!(closed.is_ok(), "the inbox closes once serving stops");
@@ -442,4 +438,94 @@ async fn records_come_back_after_a_server_restart_without_flapping() {
         seen.iter().all(|v| v == &["n1", "n2"]),
         "no flap during the outage: {seen:?}"
     );
+}
+
+/// A module type with `queue_group = true` on two nodes: calls without `@` are shared by the
+/// NATS queue group (both instances take some), and when one node leaves, the other takes them
+/// all. A call with `@` still reaches the named instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_group_shares_calls_and_survives_a_member_leaving() {
+    use warren::config::{Config, ModuleConfig};
+    use warren::{Context, Module, Node};
+
+    let s = start_nats();
+    let start = |id: &'static str, with_work: bool| {
+        let url = s.url();
+        async move {
+            let mut config = Config::default();
+            config.http.enabled = false;
+            config.node.id = id.into();
+            config.node.gate_id = format!("Gate-{id}");
+            let transport = NatsTransport::connect(&url, "warren").await.expect("bus");
+            let registry = KvRegistry::connect(&url, "groups", TTL)
+                .await
+                .expect("registry");
+            let mut b = Node::builder(config)
+                .transport(transport)
+                .registry(registry.clone());
+            if with_work {
+                let m = Module::builder("Work", ())
+                    .handler("who", |cx: Context, _body: Bytes| async move {
+                        Ok::<_, CallError>(Bytes::from(cx.instance().id.to_string()))
+                    })
+                    .build();
+                let mut mc = ModuleConfig::new("Work");
+                mc.id = Some(format!("Work-{id}"));
+                mc.queue_group = true;
+                b = b.module(m, mc);
+            }
+            (b.start().await.expect("node"), registry)
+        }
+    };
+    let (w1, _r1) = start("w1", true).await;
+    let (w2, _r2) = start("w2", true).await;
+    let (caller, rc) = start("caller", false).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let n = rc.watch().borrow().len();
+            n == 3
+        })
+        .await,
+        "the caller sees both workers"
+    );
+    let h = caller.handle().clone();
+    let who = |module: &'static str| {
+        let h = h.clone();
+        async move {
+            let r = h
+                .call(
+                    module,
+                    "who",
+                    None,
+                    Bytes::new(),
+                    Some(Duration::from_secs(5)),
+                )
+                .await;
+            String::from_utf8(r.expect("answered").to_vec()).expect("utf-8")
+        }
+    };
+    let mut seen = HashSet::new();
+    for _ in 0..200 {
+        seen.insert(who("Work").await);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        HashSet::from(["Work-w1".to_owned(), "Work-w2".to_owned()]),
+        "both members of the group take calls"
+    );
+    assert_eq!(who("Work@Work-w1").await, "Work-w1", "@ still names one");
+
+    w1.shutdown().await;
+    for _ in 0..50 {
+        assert_eq!(
+            who("Work").await,
+            "Work-w2",
+            "the member left takes every call"
+        );
+    }
+    w2.shutdown().await;
+    caller.shutdown().await;
 }

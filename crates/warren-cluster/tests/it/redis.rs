@@ -13,7 +13,7 @@ use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 use warren::config::{Config, ModuleConfig, RedisRpcConfig};
@@ -160,23 +160,22 @@ async fn transport_keeps_order_fails_fast_while_down_and_resumes() {
     let a = RedisTransport::connect(&url, "t").await.expect("connect a");
     let b = RedisTransport::connect(&url, "t").await.expect("connect b");
     assert_eq!(b.inbox("b"), "t:node:b");
-    // a small inbox: delivery waits for room rather than buffering
-    let (tx, mut rx) = mpsc::channel(8);
+    // more frames than the inbox queue holds: delivery waits for room rather than buffering
     let stop = CancellationToken::new();
-    b.serve("b", tx, stop.clone()).await.expect("serve");
+    let mut rx = b.serve("b", stop.clone()).await.expect("serve");
 
     let sender = {
         let a = a.clone();
         tokio::spawn(async move {
-            for i in 0..1000u32 {
+            for i in 0..3000u32 {
                 a.send("b", Bytes::from(i.to_be_bytes().to_vec()))
                     .await
                     .expect("send while up");
             }
         })
     };
-    for i in 0..1000u32 {
-        let f = timeout(PATIENCE, rx.recv())
+    for i in 0..3000u32 {
+        let f = timeout(PATIENCE, rx.next())
             .await
             .expect("frame in time")
             .expect("inbox open");
@@ -219,7 +218,7 @@ async fn transport_keeps_order_fails_fast_while_down_and_resumes() {
         a.send("b", Bytes::from_static(b"after")).await.is_ok()
     })
     .await;
-    let f = timeout(PATIENCE, rx.recv())
+    let f = timeout(PATIENCE, rx.next())
         .await
         .expect("the served inbox reconnects")
         .expect("inbox open");

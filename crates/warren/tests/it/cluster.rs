@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use warren::config::{Config, ModuleConfig};
 use warren::node::NodeError;
 use warren::registry::{MemoryRegistry, Registry};
-use warren::remote::{Transport, TransportError};
+use warren::remote::{InboxFrames, Transport, TransportError, inbox_channel};
 use warren::{CallError, Context, Json, Module, Node};
 
 /// Inboxes in a map: the least a broker does.
@@ -37,11 +37,11 @@ impl Transport for Hub {
     fn serve(
         &self,
         node: &str,
-        inbox: mpsc::Sender<Bytes>,
         _stop: CancellationToken,
-    ) -> BoxFuture<'_, Result<(), TransportError>> {
+    ) -> BoxFuture<'_, Result<InboxFrames, TransportError>> {
+        let (inbox, frames) = inbox_channel(1024);
         self.inboxes.lock().unwrap().insert(node.into(), inbox);
-        Box::pin(std::future::ready(Ok(())))
+        Box::pin(std::future::ready(Ok(frames)))
     }
 
     fn max_frame(&self) -> usize {
