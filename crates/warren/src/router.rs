@@ -169,6 +169,11 @@ impl Router {
         for (n, via) in all {
             let node: Arc<str> = n.id.as_str().into();
             for i in &n.instances {
+                if via.is_some() && t.by_instance.contains_key(i.id.as_str()) {
+                    // a peer instance that a warren node also registers (it serves the mqant
+                    // format as well): the registry's entry, over warren's own bus, is the one
+                    continue;
+                }
                 let target = Target {
                     node: node.clone(),
                     instance: i.id.as_str().into(),
@@ -505,6 +510,25 @@ mod tests {
                 .unwrap()
                 .is_group()
         );
+    }
+
+    #[test]
+    fn a_static_instance_the_registry_also_lists_is_routed_once() {
+        let r = Router::new(Arc::new(LocalBus::default()));
+        let peer = NodeRecord {
+            id: "mqant-peer".into(),
+            instances: vec![inst("Login", "Login001", &[], false)],
+            ..Default::default()
+        };
+        r.add_static(peer, Arc::new(LocalBus::default()));
+        assert_eq!(&*r.resolve_instance("Login001").unwrap().node, "mqant-peer");
+        r.refresh(&[node("n1", &[("Login", "Login001")])]);
+        assert_eq!(r.instances("Login").len(), 1, "listed once");
+        let t = r.resolve_instance("Login001").unwrap();
+        assert_eq!(&*t.node, "n1", "the registry's entry wins");
+        // when the node leaves, the peer's entry is back
+        r.refresh(&[]);
+        assert_eq!(&*r.resolve_instance("Login001").unwrap().node, "mqant-peer");
     }
 
     #[test]
