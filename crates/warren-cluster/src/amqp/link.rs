@@ -369,6 +369,12 @@ pub(crate) trait Subscriber: Send + Sync + 'static {
     /// subscription for good (its receiver is gone).
     fn deliver(&self, delivery: Delivery) -> BoxFuture<'_, bool>;
 
+    /// No further delivery is ready right now: acknowledge what is held, for a subscriber that
+    /// acknowledges in groups.
+    fn settle(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
     /// The subscription ended (connection lost or channel closed); it will be made again.
     fn lost(&self) {}
 }
@@ -396,6 +402,8 @@ pub(crate) async fn run_subscription<S: Subscriber>(
     let (mut generation, mut channel, mut consumer) = first;
     let mut states = link.watch();
     loop {
+        // deliveries handed on since the subscriber last settled
+        let mut unsettled = false;
         loop {
             tokio::select! {
                 biased;
@@ -419,6 +427,7 @@ pub(crate) async fn run_subscription<S: Subscriber>(
                             let _ = channel.close(200, "receiver gone".into()).await;
                             return;
                         }
+                        unsettled = true;
                     }
                     Some(Err(e)) => {
                         tracing::debug!(what = sub.what(), error = %e, "consumer failed");
@@ -429,6 +438,11 @@ pub(crate) async fn run_subscription<S: Subscriber>(
                         break;
                     }
                 },
+                // polled only when no delivery is ready (the select is biased)
+                _ = std::future::ready(()), if unsettled => {
+                    sub.settle().await;
+                    unsettled = false;
+                }
             }
         }
         sub.lost();

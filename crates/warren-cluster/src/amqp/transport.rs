@@ -15,7 +15,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Consumer};
+use lapin::{Acker, BasicProperties, Channel, Consumer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use warren::remote::{InboxFrames, Transport, TransportError, inbox_channel};
@@ -138,6 +138,7 @@ impl Transport for AmqpTransport {
             node: node.to_owned(),
             inbox,
             stop: stop.clone(),
+            held: std::sync::Mutex::new(None),
         });
         Box::pin(async move {
             let first = subscribe_now(&self.link, &*sub).await.map_err(|why| {
@@ -169,6 +170,26 @@ struct Inbox {
     node: String,
     inbox: mpsc::Sender<Bytes>,
     stop: CancellationToken,
+    /// The newest delivery handed on but not acknowledged, and how many wait with it: one ack
+    /// with `multiple` covers them all.
+    held: std::sync::Mutex<Option<(Acker, u16)>>,
+}
+
+/// Deliveries acknowledged together at most, well inside the prefetch window so the broker
+/// keeps delivering while they are handed on.
+const ACK_EVERY: u16 = PREFETCH / 4;
+
+impl Inbox {
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<(Acker, u16)>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn ack_all(&self, acker: Acker) {
+        let opts = BasicAckOptions { multiple: true };
+        if let Err(e) = acker.ack(opts).await {
+            tracing::debug!(queue = %self.queue, error = %e, "ack failed (connection lost?)");
+        }
+    }
 }
 
 impl Subscriber for Inbox {
@@ -239,11 +260,37 @@ impl Subscriber for Inbox {
                 _ = self.stop.cancelled() => return false,
                 sent = self.inbox.send(Bytes::from(data)) => if sent.is_err() { return false },
             }
-            // acknowledged once handed on: the prefetch window is what bounds the backlog here
-            if let Err(e) = acker.ack(BasicAckOptions::default()).await {
-                tracing::debug!(queue = %self.queue, error = %e, "ack failed (connection lost?)");
+            // acknowledged once handed on, in groups: when no further delivery is ready
+            // (`settle`) or every ACK_EVERY deliveries; the prefetch window bounds the backlog
+            let due = {
+                let mut held = self.held();
+                let n = held.as_ref().map_or(0, |h| h.1) + 1;
+                if n >= ACK_EVERY {
+                    *held = None;
+                    Some(acker)
+                } else {
+                    *held = Some((acker, n));
+                    None
+                }
+            };
+            if let Some(acker) = due {
+                self.ack_all(acker).await;
             }
             true
         })
+    }
+
+    fn settle(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let held = self.held().take();
+            if let Some((acker, _)) = held {
+                self.ack_all(acker).await;
+            }
+        })
+    }
+
+    fn lost(&self) {
+        // its channel is gone, and with it every unacknowledged delivery
+        self.held().take();
     }
 }
