@@ -445,7 +445,7 @@ impl RemoteBus {
         stop: CancellationToken,
     ) -> Result<(), TransportError> {
         let inbox = self.transport.serve(&self.node, stop.clone()).await?;
-        tokio::spawn(self.clone().run_inbox(local, inbox, false, stop.clone()));
+        tokio::spawn(self.clone().run_inbox(local, inbox, None, stop.clone()));
         let bus = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -478,18 +478,27 @@ impl RemoteBus {
         module: &str,
         stop: CancellationToken,
     ) -> Result<(), TransportError> {
+        // the group's calls name the module type; the instance that runs them is found once
+        let Some(instance) = local.instance_of(module) else {
+            tracing::warn!(
+                module,
+                "no instance of the module here: not joining its queue group"
+            );
+            return Ok(());
+        };
         let frames = self.transport.serve_group(module, stop.clone()).await?;
-        tokio::spawn(self.clone().run_inbox(local, frames, true, stop));
+        tokio::spawn(self.clone().run_inbox(local, frames, Some(instance), stop));
         Ok(())
     }
 
-    /// Read `frames` (this node's inbox, or with `group` a queue group's share) and run the
-    /// calls in them, awaiting their results here rather than on a task each, until `stop`.
+    /// Read `frames` and run the calls in them, awaiting their results here rather than on a
+    /// task each, until `stop`. The frames are this node's inbox, or with `group` a queue group's
+    /// share, whose calls all run on that instance.
     async fn run_inbox(
         self: Arc<Self>,
         local: Arc<LocalBus>,
         mut frames: InboxFrames,
-        group: bool,
+        group: Option<Arc<str>>,
         stop: CancellationToken,
     ) {
         let mut running: FuturesUnordered<Running> = FuturesUnordered::new();
@@ -500,9 +509,9 @@ impl RemoteBus {
                     self.answer(&from, id, true, r).await;
                 }
                 frame = frames.next() => match frame {
-                    Some(f) => self.receive(&local, f, group, &mut running).await,
+                    Some(f) => self.receive(&local, f, group.as_ref(), &mut running).await,
                     None => {
-                        tracing::warn!(transport = self.transport.kind(), node = %self.node, group, "the transport ended an inbox; no longer receiving its calls");
+                        tracing::warn!(transport = self.transport.kind(), node = %self.node, group = group.is_some(), "the transport ended an inbox; no longer receiving its calls");
                         break;
                     }
                 },
@@ -514,7 +523,7 @@ impl RemoteBus {
         &self,
         local: &Arc<LocalBus>,
         bytes: Bytes,
-        group: bool,
+        group: Option<&Arc<str>>,
         running: &mut FuturesUnordered<Running>,
     ) {
         let len = bytes.len();
@@ -575,22 +584,9 @@ impl RemoteBus {
                 };
                 let deadline = Instant::now() + Duration::from_millis(timeout_ms.min(86_400_000));
                 // a queue group's call names the module type: this node's instance of it runs it
-                let target: Arc<str> = if group {
-                    match local.instance_of(&instance) {
-                        Some(id) => id,
-                        None => {
-                            self.answer(
-                                &from,
-                                id,
-                                reply,
-                                Err(CallError::ServiceNotFound(instance)),
-                            )
-                            .await;
-                            return;
-                        }
-                    }
-                } else {
-                    instance.as_str().into()
+                let target: Arc<str> = match group {
+                    Some(id) => id.clone(),
+                    None => instance.as_str().into(),
                 };
                 let call = Call {
                     instance: target,

@@ -172,6 +172,20 @@ impl NatsTransport {
             })
     }
 
+    /// Publish `frames` to `subject` back to back, so the client's connection task writes them to
+    /// the socket together.
+    async fn publish_all(
+        &self,
+        subject: async_nats::Subject,
+        frames: Vec<Bytes>,
+    ) -> Result<(), TransportError> {
+        self.connected()?;
+        for f in frames {
+            self.publish(&subject, f).await?;
+        }
+        Ok(())
+    }
+
     fn connected(&self) -> Result<(), TransportError> {
         if is_connected(&self.client) {
             Ok(())
@@ -192,21 +206,13 @@ impl Transport for NatsTransport {
         })
     }
 
-    /// The frames are queued on the client back to back, so its connection task writes them to
-    /// the socket together.
     fn send_batch(
         &self,
         node: &str,
         frames: Vec<Bytes>,
     ) -> BoxFuture<'_, Result<(), TransportError>> {
         let subject = async_nats::Subject::from(self.inbox_subject(node));
-        Box::pin(async move {
-            self.connected()?;
-            for f in frames {
-                self.publish(&subject, f).await?;
-            }
-            Ok(())
-        })
+        Box::pin(self.publish_all(subject, frames))
     }
 
     /// The subscription itself is the inbox: the bus reads the client's deliveries directly.
@@ -232,13 +238,7 @@ impl Transport for NatsTransport {
         frames: Vec<Bytes>,
     ) -> BoxFuture<'_, Result<(), TransportError>> {
         let subject = async_nats::Subject::from(self.group_subject(group));
-        Box::pin(async move {
-            self.connected()?;
-            for f in frames {
-                self.publish(&subject, f).await?;
-            }
-            Ok(())
-        })
+        Box::pin(self.publish_all(subject, frames))
     }
 
     fn serve_group(
