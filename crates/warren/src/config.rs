@@ -12,6 +12,11 @@ use serde::{Deserialize, Serialize};
 use crate::module::Execution;
 use crate::session::Transport;
 
+mod security;
+pub use security::{
+    AccessConfig, AuthConfig, HttpAuthConfig, JwtConfig, LimitsConfig, UidConflict, parse_network,
+};
+
 /// The whole configuration of one node.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,6 +37,12 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// TianQinS Redis RPC endpoints (`[[redis_rpc]]`).
     pub redis_rpc: Vec<RedisRpcConfig>,
+    /// Caps on what clients may make the node hold (`[limits]`).
+    pub limits: LimitsConfig,
+    /// Node-wide IP allow and deny lists (`[access]`).
+    pub access: AccessConfig,
+    /// Who may connect (`[auth]`).
+    pub auth: AuthConfig,
 }
 
 /// `[node]`.
@@ -115,9 +126,10 @@ pub struct ListenerConfig {
     pub push_qos: u8,
     /// Answer PINGREQ with the old mqant bytes `d2 00`.
     pub pingresp_d2: bool,
-    /// Deadline for the first packet (CONNECT).
+    /// Deadline for the first meaningful message of every protocol: MQTT CONNECT, the pomelo
+    /// handshake, the JSON-WS login, the pomelo-rpc CONNECT, a line's first message.
     pub connect_timeout_s: u64,
-    /// Read deadline when the client's keepalive is 0 (mqant: 600; default mode: none).
+    /// Read deadline when the protocol's keepalive or heartbeat is off (default 600 s; 0: none).
     pub idle_timeout_s: Option<u64>,
     /// Deadline for one socket write.
     pub write_timeout_s: u64,
@@ -127,6 +139,8 @@ pub struct ListenerConfig {
     pub max_conn: usize,
     /// Outbound queue length per connection; a client that lets it fill is disconnected.
     pub write_queue: usize,
+    /// Outbound queue bytes per connection; a client that lets it fill is disconnected.
+    pub write_queue_bytes: usize,
     /// Requests one connection may have awaiting their handlers; past it, the gate stops
     /// reading from that client until replies come back (backpressure, bounded memory).
     pub max_inflight: usize,
@@ -134,8 +148,33 @@ pub struct ListenerConfig {
     pub rpc_expired_s: Option<u64>,
     /// Default mode: deliver publishes to topics that name no module to matching subscribers.
     pub pubsub: bool,
-    /// Deadline for the WebSocket upgrade request.
-    pub ws_handshake_timeout_s: u64,
+    /// Deadline for the transport handshakes, counted from accept: PROXY header, TLS, the
+    /// WebSocket upgrade request.
+    #[serde(alias = "ws_handshake_timeout_s")]
+    pub handshake_timeout_s: u64,
+    /// Messages per second one connection may send (0: no cap); past it, reading pauses.
+    pub msg_rate: u32,
+    /// Messages one connection may send at once above `msg_rate`.
+    pub msg_burst: u32,
+    /// Bytes per second one connection may send (0: no cap); past it, reading pauses.
+    pub byte_rate: u32,
+    /// Bytes one connection may send at once above `byte_rate`.
+    pub byte_burst: u32,
+    /// When not empty, only these networks may connect to this listener (CIDR or address).
+    pub allow: Vec<String>,
+    /// Networks that may not connect to this listener; deny wins over allow.
+    pub deny: Vec<String>,
+    /// Expect a PROXY protocol v1 or v2 header first (behind a load balancer): the address in
+    /// it is the client's, for IP lists, per-IP limits and logs.
+    pub proxy_protocol: bool,
+    /// PEM certificate chain: serve TLS (`mqtts://`, `wss://`, `pomelo+tls://`, …).
+    pub tls_cert: Option<String>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<String>,
+    /// PEM CA certificates: when set, clients must present a certificate signed by one.
+    pub tls_client_ca: Option<String>,
+    /// Apply the node's `[auth]` checks on this listener (default true).
+    pub auth: bool,
     /// Minimum seconds between storage heartbeats of a bound session.
     pub min_hb_storage_s: u64,
 
@@ -170,6 +209,9 @@ pub struct ListenerConfig {
     pub lazy_channels: Option<bool>,
     /// line: `echo` (default) or `router` (bodies are `Module/Handler[/msgid] <json>`).
     pub handler: Option<String>,
+    /// line: the first message carries credentials (`user password` or a token), checked by
+    /// `[auth]` before anything else is read (default false).
+    pub auth_first_line: Option<bool>,
 
     /// pomelo-rpc: answer CONNECT with CONNACK (default true; upstream never did).
     pub send_connack: Option<bool>,
@@ -185,6 +227,10 @@ pub struct ListenerConfig {
     pub namespaces: Option<Vec<String>>,
     /// pomelo-rpc: service name → module name, for peers whose service names differ.
     pub service_map: Option<std::collections::BTreeMap<String, String>>,
+}
+
+fn pick(tls: bool, plain: &'static str, secure: &'static str) -> &'static str {
+    if tls { secure } else { plain }
 }
 
 /// Transport name in config (`tcp` / `ws`).
@@ -225,10 +271,22 @@ impl Default for ListenerConfig {
             max_packet: None,
             max_conn: 20000,
             write_queue: 1024,
+            write_queue_bytes: 4 << 20,
             max_inflight: 1024,
             rpc_expired_s: None,
             pubsub: true,
-            ws_handshake_timeout_s: 10,
+            handshake_timeout_s: 10,
+            msg_rate: 0,
+            msg_burst: 0,
+            byte_rate: 0,
+            byte_burst: 0,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            proxy_protocol: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            auth: true,
             min_hb_storage_s: 60,
             heartbeat_s: None,
             heartbeat_timeout_s: None,
@@ -244,6 +302,7 @@ impl Default for ListenerConfig {
             space_before_crlf: None,
             lazy_channels: None,
             handler: None,
+            auth_first_line: None,
             send_connack: None,
             buffer_msg: None,
             interval_ms: None,
@@ -268,20 +327,30 @@ impl ListenerConfig {
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| bad(format!("{url:?} is not a URL like mqtt://127.0.0.1:1883")))?;
-        let (protocol, transport, mode) = match scheme {
-            "mqtt" | "tcp" => ("mqtt", "tcp", "default"),
-            "mqtt+mqant" => ("mqtt", "tcp", "mqant"),
-            "ws" | "mqtt+ws" => ("mqtt", "ws", "default"),
-            "ws+mqant" => ("mqtt", "ws", "mqant"),
-            "pomelo" => ("pomelo", "tcp", "default"),
-            "json+ws" | "json" => ("json", "ws", "default"),
-            "line" => ("line", "tcp", "default"),
-            "pomelo-rpc" => ("pomelo-rpc", "mqtt", "default"),
-            "pomelo-rpc+tcp" => ("pomelo-rpc", "tcp", "default"),
+        let (protocol, transport, mode, tls) = match scheme {
+            "mqtt" | "tcp" => ("mqtt", "tcp", "default", false),
+            "mqtts" | "ssl" => ("mqtt", "tcp", "default", true),
+            "mqtt+mqant" => ("mqtt", "tcp", "mqant", false),
+            "mqtts+mqant" => ("mqtt", "tcp", "mqant", true),
+            "ws" | "mqtt+ws" => ("mqtt", "ws", "default", false),
+            "wss" | "mqtt+wss" => ("mqtt", "ws", "default", true),
+            "ws+mqant" => ("mqtt", "ws", "mqant", false),
+            "wss+mqant" => ("mqtt", "ws", "mqant", true),
+            "pomelo" => ("pomelo", "tcp", "default", false),
+            "pomelo+tls" => ("pomelo", "tcp", "default", true),
+            "json+ws" | "json" => ("json", "ws", "default", false),
+            "json+wss" => ("json", "ws", "default", true),
+            "line" => ("line", "tcp", "default", false),
+            "line+tls" => ("line", "tcp", "default", true),
+            "pomelo-rpc" => ("pomelo-rpc", "mqtt", "default", false),
+            "pomelo-rpc+tls" => ("pomelo-rpc", "mqtt", "default", true),
+            "pomelo-rpc+tcp" => ("pomelo-rpc", "tcp", "default", false),
+            "pomelo-rpc+tcp+tls" => ("pomelo-rpc", "tcp", "default", true),
             other => {
                 return Err(bad(format!(
-                    "unknown scheme {other:?} (expected mqtt, mqtt+mqant, ws, ws+mqant, pomelo, \
-                     json+ws, line, pomelo-rpc or pomelo-rpc+tcp)"
+                    "unknown scheme {other:?} (expected mqtt, mqtts, mqtt+mqant, mqtts+mqant, ws, \
+                     wss, ws+mqant, wss+mqant, pomelo, pomelo+tls, json+ws, json+wss, line, \
+                     line+tls, pomelo-rpc, pomelo-rpc+tls, pomelo-rpc+tcp or pomelo-rpc+tcp+tls)"
                 )));
             }
         };
@@ -310,6 +379,13 @@ impl ListenerConfig {
         let l: ListenerConfig = t
             .try_into()
             .map_err(|e: toml::de::Error| bad(format!("{url}: {}", e.message())))?;
+        if tls != l.tls() {
+            return Err(bad(if tls {
+                format!("{scheme}:// serves TLS: give ?tls_cert=FILE&tls_key=FILE")
+            } else {
+                format!("tls_cert on {scheme}://: use the TLS scheme (mqtts://, wss://, …)")
+            }));
+        }
         l.validate("--listen").map_err(|e| match e {
             ConfigError::Invalid { key, why, .. } => bad(format!("{key}: {why}")),
             other => other,
@@ -319,16 +395,21 @@ impl ListenerConfig {
 
     /// The listener's URL form (for logs and the startup banner).
     pub fn scheme(&self) -> &'static str {
+        let tls = self.tls();
         match (self.protocol, self.transport(), self.mode) {
-            (ListenerProtocol::Mqtt, TransportName::Ws, Mode::Default) => "ws",
-            (ListenerProtocol::Mqtt, TransportName::Ws, Mode::Mqant) => "ws+mqant",
-            (ListenerProtocol::Mqtt, _, Mode::Mqant) => "mqtt+mqant",
-            (ListenerProtocol::Mqtt, _, Mode::Default) => "mqtt",
-            (ListenerProtocol::Pomelo, _, _) => "pomelo",
-            (ListenerProtocol::Json, _, _) => "json+ws",
-            (ListenerProtocol::Line, _, _) => "line",
-            (ListenerProtocol::PomeloRpc, TransportName::Tcp, _) => "pomelo-rpc+tcp",
-            (ListenerProtocol::PomeloRpc, _, _) => "pomelo-rpc",
+            (ListenerProtocol::Mqtt, TransportName::Ws, Mode::Default) => pick(tls, "ws", "wss"),
+            (ListenerProtocol::Mqtt, TransportName::Ws, Mode::Mqant) => {
+                pick(tls, "ws+mqant", "wss+mqant")
+            }
+            (ListenerProtocol::Mqtt, _, Mode::Mqant) => pick(tls, "mqtt+mqant", "mqtts+mqant"),
+            (ListenerProtocol::Mqtt, _, Mode::Default) => pick(tls, "mqtt", "mqtts"),
+            (ListenerProtocol::Pomelo, _, _) => pick(tls, "pomelo", "pomelo+tls"),
+            (ListenerProtocol::Json, _, _) => pick(tls, "json+ws", "json+wss"),
+            (ListenerProtocol::Line, _, _) => pick(tls, "line", "line+tls"),
+            (ListenerProtocol::PomeloRpc, TransportName::Tcp, _) => {
+                pick(tls, "pomelo-rpc+tcp", "pomelo-rpc+tcp+tls")
+            }
+            (ListenerProtocol::PomeloRpc, _, _) => pick(tls, "pomelo-rpc", "pomelo-rpc+tls"),
         }
     }
 
@@ -400,6 +481,7 @@ impl ListenerConfig {
             ("space_before_crlf", self.space_before_crlf.is_some(), Line),
             ("lazy_channels", self.lazy_channels.is_some(), Line),
             ("handler", self.handler.is_some(), Line),
+            ("auth_first_line", self.auth_first_line.is_some(), Line),
             ("send_connack", self.send_connack.is_some(), PomeloRpc),
             ("buffer_msg", self.buffer_msg.is_some(), PomeloRpc),
             ("interval_ms", self.interval_ms.is_some(), PomeloRpc),
@@ -418,14 +500,18 @@ impl ListenerConfig {
         }))
     }
 
-    /// Effective idle read deadline for clients with keepalive 0.
+    /// Effective idle read deadline for clients whose keepalive or heartbeat is off.
     pub fn idle_timeout(&self) -> Option<Duration> {
-        match (self.idle_timeout_s, self.mode) {
-            (Some(0), _) => None,
-            (Some(s), _) => Some(Duration::from_secs(s)),
-            (None, Mode::Mqant) => Some(Duration::from_secs(600)),
-            (None, Mode::Default) => None,
+        match self.idle_timeout_s {
+            Some(0) => None,
+            Some(s) => Some(Duration::from_secs(s)),
+            None => Some(Duration::from_secs(600)),
         }
+    }
+
+    /// Whether the listener serves TLS.
+    pub fn tls(&self) -> bool {
+        self.tls_cert.is_some()
     }
 
     fn validate(&self, key: &str) -> Result<(), ConfigError> {
@@ -495,6 +581,44 @@ impl ListenerConfig {
         }
         if self.write_queue == 0 {
             return bad("write_queue", "must be at least 1".into());
+        }
+        if self.write_queue_bytes < 1024 {
+            return bad(
+                "write_queue_bytes",
+                format!("must be at least 1024, got {}", self.write_queue_bytes),
+            );
+        }
+        if self.handshake_timeout_s == 0 {
+            return bad("handshake_timeout_s", "must be at least 1".into());
+        }
+        if self.msg_rate > 0 && self.msg_burst == 0 {
+            return bad("msg_burst", "must be at least 1 when msg_rate is set".into());
+        }
+        if self.byte_rate > 0 && (self.byte_burst as usize) < self.max_packet().min(1 << 20) {
+            return bad(
+                "byte_burst",
+                "must hold at least one largest packet (max_packet, up to 1 MiB) when byte_rate is set"
+                    .into(),
+            );
+        }
+        for (k, list) in [("allow", &self.allow), ("deny", &self.deny)] {
+            if let Err(ConfigError::Invalid { key: _, why, .. }) =
+                security::check_networks(k, list)
+            {
+                return bad(k, why);
+            }
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad(
+                if self.tls_cert.is_some() { "tls_key" } else { "tls_cert" },
+                "TLS needs both tls_cert and tls_key".into(),
+            );
+        }
+        if self.tls_client_ca.is_some() && !self.tls() {
+            return bad(
+                "tls_client_ca",
+                "client certificates need TLS (tls_cert and tls_key)".into(),
+            );
         }
         if self.max_inflight == 0 {
             return bad("max_inflight", "must be at least 1".into());
@@ -827,6 +951,9 @@ impl Config {
         if self.node.mailbox == 0 {
             return bad("node.mailbox".into(), "must be at least 1".into());
         }
+        self.limits.validate()?;
+        self.access.validate()?;
+        self.auth.validate()?;
         let mut addrs = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {
             l.validate(&format!("listener[{i}]"))?;

@@ -203,7 +203,7 @@ fn gate_listeners(
             l.max_conn = v as usize;
         }
         if let Some(v) = handshake {
-            l.ws_handshake_timeout_s = v;
+            l.handshake_timeout_s = v;
         }
         if let Some(v) = hb {
             l.min_hb_storage_s = v;

@@ -171,7 +171,7 @@ async fn sniff(ws: WsState, stream: TcpStream, peer: SocketAddr, permit: OwnedSe
             let io = hyper_util::rt::TokioIo::new(stream);
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(ws.cfg.ws_handshake_timeout_s))
+                .header_read_timeout(Duration::from_secs(ws.cfg.handshake_timeout_s))
                 .serve_connection(io, service)
                 .with_upgrades()
                 .await;
