@@ -970,7 +970,7 @@ impl NodeBuilder {
             inst.run(handle.clone(), stop_modules.child_token(), &module_tasks);
         }
 
-        let gate = Arc::new(Gate::new(handle.clone(), self.auth, self.channel_handler));
+        let gate = Arc::new(Gate::new(handle.clone(), &cfg, self.auth, self.channel_handler));
         let mut listeners = Vec::new();
         for l in &cfg.listeners {
             let l = Arc::new(l.clone());

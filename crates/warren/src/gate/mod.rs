@@ -25,6 +25,7 @@ use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::{AccessConfig, AuthConfig, Config, LimitsConfig};
 use crate::node::NodeHandle;
 use crate::session::SessionHandle;
 
@@ -67,6 +68,12 @@ pub(crate) struct Gate {
     pub(crate) killing: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) auth: Option<Arc<dyn AuthHook>>,
+    /// Node-wide caps (`[limits]`).
+    pub(crate) limits: LimitsConfig,
+    /// Node-wide IP lists (`[access]`).
+    pub(crate) access: AccessConfig,
+    /// Who may connect (`[auth]`).
+    pub(crate) auth_config: AuthConfig,
     /// What line listeners bound to a channel handler talk to.
     pub(crate) channel_handler: Arc<dyn ChannelHandler>,
     /// Live line channels by id.
@@ -78,6 +85,7 @@ pub(crate) struct Gate {
 impl Gate {
     pub(crate) fn new(
         node: NodeHandle,
+        config: &Config,
         auth: Option<Arc<dyn AuthHook>>,
         channel_handler: Option<Arc<dyn ChannelHandler>>,
     ) -> Self {
@@ -87,6 +95,9 @@ impl Gate {
             killing: CancellationToken::new(),
             tracker: TaskTracker::new(),
             auth,
+            limits: config.limits.clone(),
+            access: config.access.clone(),
+            auth_config: config.auth.clone(),
             channel_handler: channel_handler.unwrap_or_else(|| Arc::new(EchoHandler)),
             channels: Channels::default(),
             client_ids: Mutex::new(HashMap::new()),
