@@ -13,6 +13,7 @@ mod listener;
 pub mod mqtt;
 mod pomelo;
 mod pomelo_rpc;
+pub(crate) mod refusal;
 mod transport;
 
 pub use line::{Channel, ChannelHandler, Channels, EchoHandler};
