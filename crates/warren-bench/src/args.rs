@@ -43,9 +43,19 @@ pub enum Scenario {
 /// Options every client scenario has.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
-    /// Server address: HOST:PORT or mqtt://HOST:PORT.
+    /// Server address: HOST:PORT, mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS.
     #[arg(long, default_value = "127.0.0.1:1883", value_name = "ADDR")]
     pub target: String,
+    /// MQTT user name sent in CONNECT (to measure a server with authentication on).
+    #[arg(long)]
+    pub username: Option<String>,
+    /// MQTT password sent in CONNECT.
+    #[arg(long)]
+    pub password: Option<String>,
+    /// PEM CA certificates that an mqtts:// target's certificate must chain to; without it the
+    /// certificate is not checked.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
     /// Seconds measured, after the warm-up (connections: seconds the idle connections are held).
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     pub duration: f64,
@@ -84,6 +94,17 @@ impl CommonArgs {
     /// The warm-up, checked.
     pub(crate) fn warmup(&self) -> Result<Duration, BenchError> {
         seconds("--warmup", self.warmup)
+    }
+
+    /// TLS and credentials for every connection of the run.
+    pub(crate) fn login(&self) -> Result<std::sync::Arc<crate::login::Login>, BenchError> {
+        crate::login::Login::new(
+            &self.target,
+            self.username.clone(),
+            self.password.clone(),
+            self.ca.as_deref(),
+        )
+        .map(std::sync::Arc::new)
     }
 }
 

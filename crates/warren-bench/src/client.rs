@@ -16,7 +16,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpSocket;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -24,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use warren_proto::mqtt::{self, Connect, Packet, QoS, Subscribe, SubscribeFilter};
 
 use crate::BenchError;
+use crate::login::{self, Login, ReadIo, WriteIo};
 
 /// Largest packet the client accepts from a server.
 pub const MAX_PACKET: usize = 16 << 20;
@@ -45,6 +45,8 @@ pub struct ConnectOptions {
     /// Spare read-buffer room ensured before each read: large for busy connections, tiny for
     /// idle ones.
     pub read_chunk: usize,
+    /// TLS and credentials.
+    pub login: Arc<Login>,
 }
 
 /// The read side: a socket half and the bytes read but not yet decoded.
@@ -137,9 +139,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
 #[derive(Debug)]
 pub struct Client {
     /// Incoming packets.
-    pub reader: Reader<OwnedReadHalf>,
+    pub reader: Reader<ReadIo>,
     /// Outgoing packets.
-    pub writer: Writer<OwnedWriteHalf>,
+    pub writer: Writer<WriteIo>,
 }
 
 impl Client {
@@ -189,7 +191,7 @@ impl Client {
         };
         let stream = socket.connect(o.target).await.map_err(connect_err)?;
         stream.set_nodelay(true).map_err(connect_err)?;
-        let (r, w) = stream.into_split();
+        let (r, w) = login::split(stream, &o.login).await.map_err(connect_err)?;
         let mut client = Client {
             reader: Reader {
                 io: r,
@@ -201,10 +203,10 @@ impl Client {
                 buf: BytesMut::new(),
             },
         };
-        client.writer.queue(&Packet::Connect(Connect::new(
-            o.client_id.clone(),
-            o.keep_alive,
-        )));
+        let mut connect = Connect::new(o.client_id.clone(), o.keep_alive);
+        connect.username = o.login.username.clone();
+        connect.password = o.login.password.clone().map(bytes::Bytes::from);
+        client.writer.queue(&Packet::Connect(connect));
         client.writer.flush().await?;
         match client.reader.packet().await? {
             Packet::ConnAck(a) if a.code == 0 => Ok(client),

@@ -48,6 +48,7 @@ pub async fn run(a: &ConnectionsArgs, stop: CancellationToken) -> Result<Report,
     let settle = seconds("--settle", a.settle)?;
     let connect_timeout = seconds("--connect-timeout", a.connect_timeout)?;
     let target = resolve(&c.target).await?;
+    let login = c.login()?;
     if let Some(limit) = proc::open_files_limit()
         && (a.count as u64).saturating_add(64) > limit
     {
@@ -117,6 +118,7 @@ pub async fn run(a: &ConnectionsArgs, stop: CancellationToken) -> Result<Report,
             keep_alive: c.keepalive,
             timeout: connect_timeout,
             read_chunk: 64,
+            login: login.clone(),
         };
         tracker.spawn(idle_connection(
             o,

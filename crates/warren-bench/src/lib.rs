@@ -24,6 +24,7 @@ mod connections;
 mod echo;
 mod error;
 mod latency;
+mod login;
 mod loss;
 mod payload;
 mod pomelo;

@@ -115,6 +115,7 @@ pub async fn run(a: &PubsubArgs, stop: CancellationToken) -> Result<Report, Benc
     let stall_timeout = seconds("--stall-timeout", a.stall_timeout)?;
     let drain = seconds("--drain", a.drain)?;
     let target = resolve(&c.target).await?;
+    let login = c.login()?;
     let topic = a
         .topic
         .clone()
@@ -151,6 +152,7 @@ pub async fn run(a: &PubsubArgs, stop: CancellationToken) -> Result<Report, Benc
         keep_alive: c.keepalive,
         timeout: SETUP_TIMEOUT,
         read_chunk: SUB_READ_CHUNK,
+        login: login.clone(),
     };
     let subscribers = {
         let topic = topic.clone();
@@ -621,7 +623,7 @@ async fn wait_for_subscribers(
 /// A publisher's read side: counts PUBACKs and ignores everything else.
 async fn publisher_reader(
     idx: usize,
-    mut reader: Reader<tokio::net::tcp::OwnedReadHalf>,
+    mut reader: Reader<crate::login::ReadIo>,
     acked: Arc<AtomicU64>,
     wake: Arc<tokio::sync::Notify>,
     sh: Arc<Shared>,

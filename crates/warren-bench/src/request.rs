@@ -82,6 +82,7 @@ pub async fn run(a: &RequestArgs, stop: CancellationToken) -> Result<Report, Ben
     let warmup = c.warmup()?;
     let drain = seconds("--drain", a.drain)?;
     let target = resolve(&c.target).await?;
+    let login = c.login()?;
     let tag = std::process::id();
 
     let mut report = Report::new("request", target.to_string(), c.label.clone());
@@ -100,6 +101,7 @@ pub async fn run(a: &RequestArgs, stop: CancellationToken) -> Result<Report, Ben
             keep_alive: c.keepalive,
             timeout: SETUP_TIMEOUT,
             read_chunk: 64 * 1024,
+            login: login.clone(),
         };
         async move { Client::connect(&o).await }
     })
@@ -303,7 +305,7 @@ async fn client_task(
 
 /// Queues one request on `<route>/<next_id>` and remembers when it was sent.
 fn queue_request(
-    w: &mut Writer<tokio::net::tcp::OwnedWriteHalf>,
+    w: &mut Writer<crate::login::WriteIo>,
     plan: &Plan,
     topic: &mut Vec<u8>,
     next_id: &mut u32,
