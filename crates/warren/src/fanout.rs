@@ -4,6 +4,7 @@
 //! the shared bytes. No per-recipient lock, allocation or encode.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -113,9 +114,25 @@ impl Groups {
 }
 
 /// Plain MQTT subscriptions of the sessions on one node: a trie over topic levels with `+` and `#`.
+///
+/// Every walk over the trie (subscribe, unsubscribe, publish, drop) is a loop with an explicit
+/// stack, never a recursion per level, so a client cannot overflow a worker's stack with a deep
+/// filter or topic whatever the configured limits are. The number of subscriptions is counted so
+/// the gate can cap it node-wide (`[limits] max_subscriptions`).
 #[derive(Debug, Default)]
 pub struct Subscriptions {
     root: RwLock<Level>,
+    /// (filter, session) pairs in the trie; changed only under the write lock.
+    count: AtomicUsize,
+}
+
+/// The node already holds `[limits] max_subscriptions` subscriptions: a new one is refused
+/// (re-subscribing to a filter a session holds is still allowed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the node holds its maximum of {max} subscriptions")]
+pub struct SubscriptionsFull {
+    /// The cap that was reached.
+    pub max: usize,
 }
 
 #[derive(Debug, Default)]
@@ -142,47 +159,187 @@ impl Level {
             && self.hash.is_empty()
             && self.here.is_empty()
     }
+
+    /// Whether this level must stay for reasons other than its child on one path: it has
+    /// subscribers or more than one child.
+    fn needed_besides_one_child(&self) -> bool {
+        !self.here.is_empty()
+            || !self.hash.is_empty()
+            || self.children.len() + usize::from(self.plus.is_some()) > 1
+    }
+
+    fn child(&self, level: &str) -> Option<&Level> {
+        if level == "+" {
+            self.plus.as_deref()
+        } else {
+            self.children.get(level)
+        }
+    }
+
+    fn child_mut(&mut self, level: &str) -> Option<&mut Level> {
+        if level == "+" {
+            self.plus.as_deref_mut()
+        } else {
+            self.children.get_mut(level)
+        }
+    }
 }
 
-fn upsert(subs: &mut Vec<Sub>, sub: Sub) {
-    match subs.iter_mut().find(|s| s.id == sub.id) {
-        Some(s) => s.qos = sub.qos,
-        None => subs.push(sub),
+/// Dropping a level drops its descendants one by one from a heap stack: the default drop glue
+/// would recurse once per level.
+impl Drop for Level {
+    fn drop(&mut self) {
+        if self.children.is_empty() && self.plus.is_none() {
+            return;
+        }
+        let mut stack: Vec<Level> = self.children.drain().map(|(_, l)| l).collect();
+        stack.extend(self.plus.take().map(|p| *p));
+        while let Some(mut l) = stack.pop() {
+            stack.extend(l.children.drain().map(|(_, c)| c));
+            stack.extend(l.plus.take().map(|p| *p));
+            // `l` now has no children: dropping it here does not recurse
+        }
     }
+}
+
+/// Insert or update a session's entry; returns whether it is new.
+fn upsert(subs: &mut Vec<Sub>, sub: Sub) -> bool {
+    match subs.iter_mut().find(|s| s.id == sub.id) {
+        Some(s) => {
+            s.qos = sub.qos;
+            false
+        }
+        None => {
+            subs.push(sub);
+            true
+        }
+    }
+}
+
+/// The levels of a filter that are edges of the trie (up to a `#`), and whether it ends in `#`.
+fn edges(filter: &str) -> (impl Iterator<Item = &str>, bool) {
+    let hash = filter == "#" || filter.ends_with("/#");
+    let body = if hash {
+        &filter[..filter.len().saturating_sub(2)]
+    } else {
+        filter
+    };
+    let empty = hash && filter == "#";
+    (
+        body.split('/').take(if empty { 0 } else { usize::MAX }),
+        hash,
+    )
 }
 
 impl Subscriptions {
     /// Subscribe a session to a (valid) filter with a granted QoS; re-subscribing replaces the QoS.
-    pub fn subscribe(&self, filter: &str, session: &Arc<SessionHandle>, qos: u8) {
+    /// Returns whether the subscription is new. Not capped: see [`Self::subscribe_within`].
+    pub fn subscribe(&self, filter: &str, session: &Arc<SessionHandle>, qos: u8) -> bool {
+        let mut root = write(&self.root);
+        self.insert(&mut root, filter, session, qos)
+    }
+
+    /// As [`Self::subscribe`], refusing a new subscription when the node already holds `max`.
+    pub fn subscribe_within(
+        &self,
+        filter: &str,
+        session: &Arc<SessionHandle>,
+        qos: u8,
+        max: usize,
+    ) -> Result<bool, SubscriptionsFull> {
+        let mut root = write(&self.root);
+        if self.count.load(Ordering::Relaxed) >= max && !holds(&root, filter, session.id()) {
+            return Err(SubscriptionsFull { max });
+        }
+        Ok(self.insert(&mut root, filter, session, qos))
+    }
+
+    fn insert(
+        &self,
+        root: &mut Level,
+        filter: &str,
+        session: &Arc<SessionHandle>,
+        qos: u8,
+    ) -> bool {
         let sub = Sub {
             session: session.clone(),
             id: session.id().clone(),
             qos,
         };
-        let mut root = write(&self.root);
-        let mut node: &mut Level = &mut root;
-        let mut levels = filter.split('/').peekable();
-        while let Some(level) = levels.next() {
-            match level {
-                "#" => {
-                    upsert(&mut node.hash, sub);
-                    return;
-                }
-                "+" => node = node.plus.get_or_insert_with(Default::default),
-                l => node = node.children.entry(l.into()).or_default(),
-            }
-            if levels.peek().is_none() {
-                upsert(&mut node.here, sub);
-                return;
-            }
+        let (levels, hash) = edges(filter);
+        let mut node = root;
+        for level in levels {
+            node = match level {
+                "+" => node.plus.get_or_insert_with(Default::default),
+                l => node.children.entry(l.into()).or_default(),
+            };
         }
+        let subs = if hash { &mut node.hash } else { &mut node.here };
+        let new = upsert(subs, sub);
+        if new {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+        new
     }
 
-    /// Remove one subscription of a session.
-    pub fn unsubscribe(&self, filter: &str, session: &str) {
+    /// Remove one subscription of a session; returns whether it existed. Levels left without
+    /// subscribers or children are freed.
+    pub fn unsubscribe(&self, filter: &str, session: &str) -> bool {
         let mut root = write(&self.root);
-        let levels: Vec<&str> = filter.split('/').collect();
-        remove_at(&mut root, &levels, session);
+        // 1. Walk to the filter's level, remembering the deepest level on the way that stays
+        //    whatever happens below it: the chain after it is freed if the last level empties.
+        let mut node: &mut Level = &mut root;
+        let mut cut = 0;
+        let mut depth = 0;
+        let (levels, hash) = edges(filter);
+        for level in levels {
+            if node.needed_besides_one_child() {
+                cut = depth;
+            }
+            node = match node.child_mut(level) {
+                Some(c) => c,
+                None => return false,
+            };
+            depth += 1;
+        }
+        let subs = if hash { &mut node.hash } else { &mut node.here };
+        let before = subs.len();
+        subs.retain(|s| &*s.id != session);
+        let removed = subs.len() < before;
+        if removed {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        if depth == 0 || !node.is_empty() {
+            return removed;
+        }
+        // 2. Free the emptied chain: cut the edge below level `cut`.
+        let mut node: &mut Level = &mut root;
+        let (levels, _) = edges(filter);
+        for (i, level) in levels.enumerate() {
+            if i == cut {
+                if level == "+" {
+                    node.plus = None;
+                } else {
+                    node.children.remove(level);
+                }
+                break;
+            }
+            node = match node.child_mut(level) {
+                Some(c) => c,
+                None => break,
+            };
+        }
+        removed
+    }
+
+    /// Subscriptions on this node, all sessions together.
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Whether no session subscribes to anything.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Deliver a message to every session with a matching filter, at most once per session, with
@@ -191,9 +348,7 @@ impl Subscriptions {
         let mut hits: Vec<(Arc<SessionHandle>, u8)> = Vec::new();
         let sources = {
             let root = read(&self.root);
-            let levels: Vec<&str> = topic_name.split('/').collect();
-            let dollar = topic_name.starts_with('$');
-            collect(&root, &levels, dollar, &mut hits)
+            collect(&root, topic_name, &mut hits)
         };
         if hits.is_empty() {
             return 0;
@@ -220,54 +375,54 @@ impl Subscriptions {
     }
 }
 
-fn remove_at(node: &mut Level, levels: &[&str], session: &str) -> bool {
-    match levels.split_first() {
-        None => node.here.retain(|s| &*s.id != session),
-        Some((&"#", _)) => node.hash.retain(|s| &*s.id != session),
-        Some((&"+", rest)) => {
-            if let Some(p) = node.plus.as_mut()
-                && remove_at(p, rest, session)
-            {
-                node.plus = None;
-            }
-        }
-        Some((l, rest)) => {
-            if let Some(c) = node.children.get_mut(*l)
-                && remove_at(c, rest, session)
-            {
-                node.children.remove(*l);
-            }
+/// Whether `session` holds exactly `filter`.
+fn holds(root: &Level, filter: &str, session: &str) -> bool {
+    let (levels, hash) = edges(filter);
+    let mut node = root;
+    for level in levels {
+        match node.child(level) {
+            Some(c) => node = c,
+            None => return false,
         }
     }
-    node.is_empty()
+    let subs = if hash { &node.hash } else { &node.here };
+    subs.iter().any(|s| &*s.id == session)
 }
 
-/// Gather the subscribers matching `levels`; returns how many subscriber lists contributed.
-fn collect(
-    node: &Level,
-    levels: &[&str],
-    dollar_first: bool,
-    out: &mut Vec<(Arc<SessionHandle>, u8)>,
-) -> usize {
+/// Gather the subscribers matching `topic`; returns how many subscriber lists contributed.
+///
+/// The walk follows the topic's literal level in a loop and keeps only the `+` branches it has
+/// yet to visit on a stack, so a topic that meets no `+` subscription allocates nothing here.
+fn collect(root: &Level, topic: &str, out: &mut Vec<(Arc<SessionHandle>, u8)>) -> usize {
     fn take(subs: &[Sub], out: &mut Vec<(Arc<SessionHandle>, u8)>) -> usize {
         out.extend(subs.iter().map(|s| (s.session.clone(), s.qos)));
         usize::from(!subs.is_empty())
     }
-    // a wildcard in the first level never matches a topic starting with '$'
-    let wild_ok = !dollar_first;
+    let dollar = topic.starts_with('$');
     let mut sources = 0;
-    if wild_ok {
-        sources += take(&node.hash, out);
-    }
-    match levels.split_first() {
-        None => sources += take(&node.here, out),
-        Some((l, rest)) => {
-            if let Some(c) = node.children.get(*l) {
-                sources += collect(c, rest, false, out);
-            }
-            if wild_ok && let Some(p) = node.plus.as_ref() {
-                sources += collect(p, rest, false, out);
-            }
+    // (level, byte offset of the topic's next level or None past the last one, first level)
+    let mut pending: Vec<(&Level, Option<usize>, bool)> = Vec::new();
+    let mut current = Some((root, Some(0), true));
+    while let Some((node, at, first)) = current.take().or_else(|| pending.pop()) {
+        // a wildcard in the first level never matches a topic starting with '$'
+        let wild_ok = !(first && dollar);
+        if wild_ok {
+            sources += take(&node.hash, out);
+        }
+        let Some(start) = at else {
+            sources += take(&node.here, out);
+            continue;
+        };
+        let rest = &topic[start..];
+        let (level, next) = match rest.find('/') {
+            Some(i) => (&rest[..i], Some(start + i + 1)),
+            None => (rest, None),
+        };
+        if wild_ok && let Some(p) = node.plus.as_deref() {
+            pending.push((p, next, false));
+        }
+        if let Some(c) = node.children.get(level) {
+            current = Some((c, next, false));
         }
     }
     sources
@@ -334,6 +489,95 @@ mod tests {
         subs.unsubscribe("#", "b");
         subs.publish("x", 0, Bytes::from_static(b"x"), Bytes::new());
         assert!(got(&mut rb).is_empty());
+    }
+
+    #[test]
+    fn deep_filters_and_topics_do_not_recurse() {
+        const DEPTH: usize = 200_000;
+        let subs = Subscriptions::default();
+        let (a, mut ra) = handle("a");
+        let (b, mut rb) = handle("b");
+        let empty_levels = "/".repeat(DEPTH - 1);
+        let plus_levels = vec!["+"; DEPTH].join("/");
+        let topic = vec!["x"; DEPTH].join("/");
+        assert!(subs.subscribe(&empty_levels, &a, 0));
+        assert!(subs.subscribe(&plus_levels, &b, 1));
+        assert!(subs.subscribe(&format!("{empty_levels}/#"), &a, 0));
+        assert_eq!(subs.len(), 3);
+        let n = subs.publish(&empty_levels, 1, Bytes::from_static(b"deep"), Bytes::new());
+        assert_eq!(n, 2);
+        assert_eq!(got(&mut ra), vec![("deep".into(), Some(0))]);
+        assert_eq!(got(&mut rb), vec![("deep".into(), Some(1))]);
+        assert_eq!(
+            subs.publish(&topic, 1, Bytes::from_static(b"x"), Bytes::new()),
+            1
+        );
+        assert_eq!(got(&mut rb).len(), 1);
+        // a topic deeper than every filter matches nothing and still does not recurse
+        let deeper = "/".repeat(3 * DEPTH);
+        assert_eq!(subs.publish(&deeper, 0, Bytes::new(), Bytes::new()), 1);
+        assert!(subs.unsubscribe(&empty_levels, "a"));
+        assert!(!subs.unsubscribe(&empty_levels, "a"));
+        assert!(subs.unsubscribe(&plus_levels, "b"));
+        assert_eq!(subs.len(), 1);
+        assert!(subs.unsubscribe(&format!("{empty_levels}/#"), "a"));
+        assert_eq!(subs.len(), 0);
+        assert!(read(&subs.root).is_empty());
+        // dropping a deep trie without unsubscribing does not recurse either
+        subs.subscribe(&plus_levels, &b, 0);
+        subs.subscribe(&empty_levels, &a, 0);
+        drop(subs);
+    }
+
+    #[test]
+    fn unsubscribing_frees_only_the_emptied_chain() {
+        let subs = Subscriptions::default();
+        let (a, _ra) = handle("a");
+        let (b, mut rb) = handle("b");
+        subs.subscribe("a/b/c/d", &a, 0);
+        subs.subscribe("a/b", &b, 0);
+        subs.subscribe("a/+/x", &b, 0);
+        subs.subscribe("#", &a, 0);
+        assert!(subs.unsubscribe("a/b/c/d", "a"));
+        {
+            let root = read(&subs.root);
+            let ab = root
+                .child("a")
+                .and_then(|l| l.child("b"))
+                .expect("a/b stays");
+            assert!(ab.children.is_empty(), "the c/d chain is freed");
+            assert!(root.child("a").and_then(|l| l.child("+")).is_some());
+        }
+        assert_eq!(
+            subs.publish("a/b", 0, Bytes::from_static(b"a/b"), Bytes::new()),
+            2
+        );
+        assert_eq!(got(&mut rb).len(), 1);
+        assert!(subs.unsubscribe("a/b", "b"));
+        assert!(subs.unsubscribe("a/+/x", "b"));
+        assert!(!subs.unsubscribe("a/+/x", "b"));
+        assert!(!subs.unsubscribe("never/there", "b"));
+        assert!(subs.unsubscribe("#", "a"));
+        assert!(read(&subs.root).is_empty());
+        assert!(subs.is_empty());
+    }
+
+    #[test]
+    fn the_node_cap_refuses_new_subscriptions_only() {
+        let subs = Subscriptions::default();
+        let (a, _ra) = handle("a");
+        let (b, _rb) = handle("b");
+        assert_eq!(subs.subscribe_within("t/1", &a, 0, 2), Ok(true));
+        assert_eq!(subs.subscribe_within("t/1", &b, 0, 2), Ok(true));
+        assert_eq!(
+            subs.subscribe_within("t/2", &a, 0, 2),
+            Err(SubscriptionsFull { max: 2 })
+        );
+        // re-subscribing (a new QoS) is not a new subscription
+        assert_eq!(subs.subscribe_within("t/1", &a, 1, 2), Ok(false));
+        subs.unsubscribe("t/1", "b");
+        assert_eq!(subs.subscribe_within("t/2", &a, 0, 2), Ok(true));
+        assert_eq!(subs.len(), 2);
     }
 
     #[test]

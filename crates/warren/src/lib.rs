@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acl;
 pub mod bus;
 pub mod config;
 pub mod error;

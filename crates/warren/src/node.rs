@@ -671,6 +671,9 @@ pub enum NodeError {
     /// The bus could not subscribe this node's inbox.
     #[error("bus: {0}")]
     Bus(#[from] TransportError),
+    /// The ACL file (`[auth] acl_file`) could not be read or has a bad line.
+    #[error(transparent)]
+    Acl(#[from] crate::acl::AclError),
     /// Another live node already runs an instance with one of this node's instance ids.
     #[error(
         "instance id {instance:?} is already run by node {node:?}; instance ids must be unique in the cluster"
@@ -794,6 +797,10 @@ impl NodeBuilder {
     /// Start modules, register, bind listeners.
     pub async fn start(self) -> Result<Node, NodeError> {
         let cfg = self.config;
+        let acl = match &cfg.auth.acl_file {
+            Some(path) => Some(Arc::new(crate::acl::Acl::load(path)?)),
+            None => None,
+        };
         let bus = Arc::new(LocalBus::default());
         let remote = self.transport.map(|t| RemoteBus::new(&cfg.node.id, t));
         let carrier: Arc<dyn Bus> = match &remote {
@@ -971,6 +978,7 @@ impl NodeBuilder {
         }
 
         let gate = Arc::new(Gate::new(handle.clone(), &cfg, self.auth, self.channel_handler));
+        gate.acl.store(acl);
         let mut listeners = Vec::new();
         for l in &cfg.listeners {
             let l = Arc::new(l.clone());

@@ -75,6 +75,9 @@ pub(crate) struct Gate {
     pub(crate) access: AccessConfig,
     /// Who may connect (`[auth]`).
     pub(crate) auth_config: AuthConfig,
+    /// Topic ACLs of default-mode MQTT (`[auth] acl_file`), parsed at start; `None`: no
+    /// ACL file, everything allowed. Swapped as a whole when the file is reloaded.
+    pub(crate) acl: arc_swap::ArcSwapOption<crate::acl::Acl>,
     /// What line listeners bound to a channel handler talk to.
     pub(crate) channel_handler: Arc<dyn ChannelHandler>,
     /// Live line channels by id.
@@ -99,6 +102,7 @@ impl Gate {
             limits: config.limits.clone(),
             access: config.access.clone(),
             auth_config: config.auth.clone(),
+            acl: arc_swap::ArcSwapOption::empty(),
             channel_handler: channel_handler.unwrap_or_else(|| Arc::new(EchoHandler)),
             channels: Channels::default(),
             client_ids: Mutex::new(HashMap::new()),

@@ -19,8 +19,9 @@ use warren_proto::mqtt::{self, Packet, Publish, QoS};
 
 use super::conn::{self, End, Framer, Out, SessionConn};
 use super::transport::{Reader, Writer};
-use super::{AuthRefusal, ConnectInfo, Gate};
-use crate::config::{ListenerConfig, Mode};
+use super::{AuthRefusal, ConnectInfo, Gate, refusal};
+use crate::acl::{Acl, ClientAcl};
+use crate::config::{LimitsConfig, ListenerConfig, Mode};
 use crate::error::CallError;
 use crate::route::Route;
 use crate::session::{InlineFrame, Message, Outbound, Protocol};
@@ -198,6 +199,8 @@ async fn handshake(
         (k, false) => Some(Duration::from_millis(u64::from(k) * 1500)),
     };
     // nothing of CONNECT is needed from here on; dropping it keeps the connection's task small
+    // the name topic ACLs apply to (as mosquitto, the CONNECT user name)
+    let user: Option<Arc<str>> = connect.username.as_deref().map(Arc::from);
     drop(connect);
     let proto = MqttSession {
         mqant,
@@ -205,7 +208,9 @@ async fn handshake(
         read_timeout,
         client_id,
         awaiting_rel: HashSet::new(),
-        filters: Vec::new(),
+        filters: HashSet::new(),
+        user,
+        acl: None,
     };
     Some((proto, conn, reader, buf))
 }
@@ -242,7 +247,13 @@ struct MqttSession {
     read_timeout: Option<Duration>,
     client_id: String,
     awaiting_rel: HashSet<u16>,
-    filters: Vec<String>,
+    /// The filters this session holds (O(1) membership: a SUBSCRIBE of n filters costs O(n)).
+    filters: HashSet<Box<str>>,
+    /// The user name topic ACLs apply to; authentication may replace it with the verified one.
+    user: Option<Arc<str>>,
+    /// The node's ACL as resolved for this client, with the ACL it was resolved from (resolved
+    /// again when that one is swapped); `None` while the node has no ACL file.
+    acl: Option<(Arc<Acl>, ClientAcl)>,
 }
 
 type Conn = SessionConn<Bytes>;
@@ -328,14 +339,23 @@ impl MqttSession {
             }
             Packet::Subscribe(s) => self.subscribe(conn, s).await,
             Packet::Unsubscribe(u) => {
+                let max = conn.gate.limits.max_filters_per_subscribe;
+                if u.filters.len() > max {
+                    let why = format!(
+                        "UNSUBSCRIBE of {} filters, limits.max_filters_per_subscribe is {max}",
+                        u.filters.len()
+                    );
+                    refusal::refuse(&conn.peer, "filters_per_subscribe", why);
+                    return Err(End::ServerClosed);
+                }
                 for f in &u.filters {
-                    if !self.mqant {
+                    // only what this session holds is in the trie: nothing else to walk
+                    if self.filters.remove(f.as_str()) && !self.mqant {
                         conn.gate
                             .node
                             .subscriptions()
                             .unsubscribe(f, conn.handle.id());
                     }
-                    self.filters.retain(|x| x != f);
                 }
                 let [h, l] = u.pkid.to_be_bytes();
                 ack(conn, [0xb0, 0x02, h, l]).await
@@ -353,22 +373,81 @@ impl MqttSession {
         }
     }
 
+    /// Grant or refuse each filter (SUBACK 0x80 for a refused one): length and levels, syntax,
+    /// the topic ACL, the session's and the node's caps. A SUBSCRIBE of more filters than
+    /// `limits.max_filters_per_subscribe` is abuse and closes the connection.
     async fn subscribe(&mut self, conn: &mut Conn, s: mqtt::Subscribe) -> Result<(), End> {
+        let gate = conn.gate.clone();
+        let limits = &gate.limits;
+        let peer = conn.peer;
+        if s.filters.len() > limits.max_filters_per_subscribe {
+            let why = format!(
+                "SUBSCRIBE of {} filters, limits.max_filters_per_subscribe is {}",
+                s.filters.len(),
+                limits.max_filters_per_subscribe
+            );
+            refusal::refuse(&peer, "filters_per_subscribe", why);
+            return Err(End::ServerClosed);
+        }
+        if !self.mqant {
+            self.refresh_acl(&gate);
+        }
+        let subscriptions = gate.node.subscriptions();
         let mut codes = Vec::with_capacity(s.filters.len());
-        for f in &s.filters {
-            if !mqtt::topic::valid_filter(&f.filter) {
+        for f in s.filters {
+            let filter = f.filter;
+            if let Some((kind, why)) = topic_over_limits(limits, &filter, "filter") {
+                refusal::refuse(&peer, kind, why);
+                codes.push(0x80);
+                continue;
+            }
+            if !mqtt::topic::valid_filter(&filter) {
+                refusal::deny(
+                    &peer,
+                    "bad_filter",
+                    format!("invalid filter {:?}", preview(&filter)),
+                );
+                codes.push(0x80);
+                continue;
+            }
+            if let Some((_, acl)) = &self.acl
+                && !acl.may_subscribe(&filter)
+            {
+                let why = format!(
+                    "no ACL read rule covers filter {:?} for user {:?}",
+                    preview(&filter),
+                    self.user.as_deref().unwrap_or("")
+                );
+                refusal::deny(&peer, "acl", why);
+                codes.push(0x80);
+                continue;
+            }
+            let new = !self.filters.contains(filter.as_str());
+            if new && self.filters.len() >= limits.max_filters_per_session {
+                let why = format!(
+                    "session holds {} filters, limits.max_filters_per_session is {}",
+                    self.filters.len(),
+                    limits.max_filters_per_session
+                );
+                refusal::refuse(&peer, "filters_per_session", why);
                 codes.push(0x80);
                 continue;
             }
             let granted = f.qos.as_u8().min(1);
-            if !self.mqant {
-                conn.gate
-                    .node
-                    .subscriptions()
-                    .subscribe(&f.filter, &conn.handle, granted);
+            if !self.mqant
+                && let Err(full) = subscriptions.subscribe_within(
+                    &filter,
+                    &conn.handle,
+                    granted,
+                    limits.max_subscriptions,
+                )
+            {
+                refusal::refuse(&peer, "max_subscriptions", full);
+                codes.push(0x80);
+                continue;
             }
-            if !self.filters.contains(&f.filter) {
-                self.filters.push(f.filter.clone());
+            if new {
+                self.filters.insert(filter.into_boxed_str());
             }
             codes.push(granted);
         }
@@ -408,14 +487,32 @@ impl MqttSession {
         self.route(conn, p).await
     }
 
-    /// Route a publish: to a module handler, or (default mode) to subscribers.
+    /// Route a publish: to a module handler, or (default mode) to subscribers. A topic over
+    /// the `[limits]` is dropped; in pub/sub, so is one the topic ACL does not let this client
+    /// write (the publish was acknowledged already, as MQTT 3.1.1 has no way to refuse it).
     async fn route(&mut self, conn: &mut Conn, p: Publish) -> Result<(), End> {
         let node = conn.gate.node.clone();
         let topic = p.topic_str();
+        if let Some((kind, why)) = topic_over_limits(&conn.gate.limits, topic, "topic") {
+            refusal::refuse(&conn.peer, kind, why);
+            return Ok(());
+        }
         let module = Route::module_of(topic);
         let is_module = node.router().has_module(module);
         if !self.mqant && !is_module {
             if conn.cfg.pubsub {
+                self.refresh_acl(&conn.gate);
+                if let Some((_, acl)) = &self.acl
+                    && !acl.may_publish(topic)
+                {
+                    let why = format!(
+                        "no ACL write rule for topic {:?} for user {:?}; publish dropped",
+                        preview(topic),
+                        self.user.as_deref().unwrap_or("")
+                    );
+                    refusal::deny(&conn.peer, "acl", why);
+                    return Ok(());
+                }
                 node.subscriptions().publish(
                     topic,
                     p.qos.as_u8(),
@@ -462,6 +559,21 @@ impl MqttSession {
         }
     }
 
+    /// Keep `self.acl` in step with the node's ACL: resolved for this client once, again only
+    /// when the node's ACL is swapped, dropped when it has none.
+    fn refresh_acl(&mut self, gate: &Gate) {
+        let current = gate.acl.load();
+        match current.as_ref() {
+            None => self.acl = None,
+            Some(node_acl) => {
+                if !matches!(&self.acl, Some((a, _)) if Arc::ptr_eq(a, node_acl)) {
+                    let resolved = node_acl.for_client(self.user.as_deref(), &self.client_id);
+                    self.acl = Some((node_acl.clone(), resolved));
+                }
+            }
+        }
+    }
+
     /// The gate-side checks, in the order that decides which error wins (PROTOCOLS.md §1.5).
     fn check(
         &self,
@@ -487,6 +599,38 @@ impl MqttSession {
         }
         Ok(target)
     }
+}
+
+/// Whether a topic name or filter is over `limits.max_topic_len` or `limits.max_topic_levels`:
+/// the refusal kind and reason. The length is checked first, so counting levels scans at most
+/// `max_topic_len` bytes and nothing is allocated.
+fn topic_over_limits(limits: &LimitsConfig, t: &str, what: &str) -> Option<(&'static str, String)> {
+    if t.len() > limits.max_topic_len {
+        let why = format!(
+            "{what} of {} bytes, limits.max_topic_len is {}",
+            t.len(),
+            limits.max_topic_len
+        );
+        return Some(("topic_len", why));
+    }
+    let levels = t.bytes().filter(|b| *b == b'/').count() + 1;
+    if levels > limits.max_topic_levels {
+        let why = format!(
+            "{what} of {levels} levels, limits.max_topic_levels is {}",
+            limits.max_topic_levels
+        );
+        return Some(("topic_levels", why));
+    }
+    None
+}
+
+/// The start of a client-chosen topic for a log line (at most 64 bytes).
+fn preview(t: &str) -> &str {
+    let mut end = t.len().min(64);
+    while !t.is_char_boundary(end) {
+        end -= 1;
+    }
+    &t[..end]
 }
 
 /// Frames pushes and replies as PUBLISH packets with this connection's QoS and packet ids.
