@@ -223,8 +223,9 @@ pub struct ConnectionsArgs {
     #[arg(long, default_value_t = 1000)]
     pub count: usize,
     /// On a loopback target, connections per source address (127.a.b.c, from a random start
-    /// each run): one address has only ~28 k ephemeral ports.
-    #[arg(long, default_value_t = 10_000)]
+    /// each run): one address has only ~28 k ephemeral ports, and warren lets one address hold
+    /// 1000 connections by default (`[limits] max_conn_per_ip`).
+    #[arg(long, default_value_t = 1000)]
     pub per_source: usize,
     /// Connection attempts in progress at once (many more overflow the accept queue of some
     /// servers, and the kernel then retries the SYN only after a second).

@@ -159,6 +159,7 @@ fn run(role: Role, args: ServeArgs) -> ExitCode {
             b
         }
     };
+    raise_nofile(&config);
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -166,7 +167,7 @@ fn run(role: Role, args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(config)) {
+    match rt.block_on(serve(config, move || resolve_config(role, &args))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -315,8 +316,46 @@ fn resolve_config(role: Role, args: &ServeArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// Run the node `config` describes until SIGINT/SIGTERM.
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// Descriptors kept for what is not a client connection (log, registry, bus, web page…) when
+/// checking that the listeners' `max_conn` fit under the open file limit.
+const NOFILE_MARGIN: u64 = 256;
+
+/// Raise the soft open-file limit to the hard one (each connection is a descriptor; a soft
+/// limit of 1024 would stop every listener after a thousand clients), and warn when the
+/// listeners' `max_conn` together cannot fit under it.
+fn raise_nofile(config: &Config) {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).ok();
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open file limit");
+            match before {
+                Some((soft, _)) => soft,
+                None => return,
+            }
+        }
+    };
+    tracing::info!(
+        soft_before = before.map_or(0, |b| b.0),
+        hard = before.map_or(limit, |b| b.1),
+        nofile = limit,
+        "open file limit"
+    );
+    let conns: u64 = config.listeners.iter().map(|l| l.max_conn as u64).sum();
+    if conns + NOFILE_MARGIN > limit {
+        tracing::warn!(
+            nofile = limit,
+            max_conn_total = conns,
+            "the listeners' max_conn together ({conns}) plus {NOFILE_MARGIN} exceed the open file \
+             limit ({limit}): past it, accepts fail; raise the hard limit (ulimit -Hn, LimitNOFILE=) \
+             or lower max_conn"
+        );
+    }
+}
+
+/// Run the node `config` describes until SIGINT/SIGTERM; on SIGHUP, `reload` reads the config
+/// again and the node takes its IP lists and TLS certificates.
+async fn serve(config: Config, reload: impl Fn() -> anyhow::Result<Config>) -> anyhow::Result<()> {
     if config.listeners.is_empty() {
         tracing::warn!("no listeners configured: clients cannot connect");
     }
@@ -374,7 +413,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         println!("web page http://{addr}/");
     }
 
-    wait_for_signal().await;
+    wait_for_signal(|| match reload() {
+        Ok(new) => {
+            let errors = node.reload(&new);
+            if errors.is_empty() {
+                tracing::info!("SIGHUP: reloaded the IP lists and TLS certificates");
+            }
+            for e in errors {
+                tracing::error!(error = %e, "SIGHUP: not reloaded; the old setting stays");
+            }
+        }
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "SIGHUP: the config does not load; nothing reloaded"
+            );
+        }
+    })
+    .await;
     tracing::info!("shutdown requested");
     stop_http.cancel();
     bridges.stop();
@@ -385,24 +441,30 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Wait for SIGINT or SIGTERM, calling `on_hangup` for each SIGHUP meanwhile.
+async fn wait_for_signal(on_hangup: impl Fn()) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(mut term), Ok(mut hup)) => loop {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = term.recv() => break,
+                    _ = hup.recv() => on_hangup(),
                 }
-            }
-            Err(_) => {
+            },
+            _ => {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = on_hangup;
         let _ = tokio::signal::ctrl_c().await;
     }
 }

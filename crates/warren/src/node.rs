@@ -1037,6 +1037,14 @@ impl Node {
         &self.listeners
     }
 
+    /// Apply what can change without a restart (SIGHUP): the IP allow and deny lists (`[access]`
+    /// and each listener's) and the listeners' TLS certificates, for new connections; open
+    /// connections are kept. `config` is the whole new config; its listeners are matched to the
+    /// running ones by position. Returns what could not be reloaded (the old setting stays).
+    pub fn reload(&self, config: &Config) -> Vec<String> {
+        self.gate.reload(config)
+    }
+
     /// Drain and stop: refuse new connections, let in-flight requests finish (up to the drain
     /// timeout), close every client, then stop the modules.
     pub async fn shutdown(self) {

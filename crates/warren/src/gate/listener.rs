@@ -1,62 +1,108 @@
-//! Accepting clients: a TCP accept loop, or an HTTP server that upgrades to WebSocket, both under
-//! the listener's connection cap (`max_conn`) and both stopping at drain. A pomelo listener serves
-//! raw TCP and WebSocket on one port: the first byte of a connection decides (PROTOCOLS.md §3.6).
+//! Accepting clients: one accept loop for every listener kind. A connection counts toward the
+//! listener's `max_conn` and its address's `max_conn_per_ip` from accept to close, HTTP upgrade
+//! included; the transport handshake (PROXY header, TLS, WebSocket upgrade) must finish within
+//! `handshake_timeout_s` of accept. A pomelo listener serves raw TCP and WebSocket on one port:
+//! the first byte of a connection decides (PROTOCOLS.md §3.6).
+//!
+//! Refusals at accept read nothing: IP lists and per-IP limits close the socket; a full listener
+//! answers MQTT over TCP with CONNACK 3 and WebSocket with HTTP 503 (one non-blocking write), the
+//! others with a close. Each refusal is one rate-limited log line and a count
+//! (`crate::gate::refusal`).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-use super::transport::{self, Reader, Writer, WsFraming};
-use super::{Gate, json, line, mqtt, pomelo, pomelo_rpc};
+use super::access::{IpSlot, ListenerAccess};
+use super::refusal::{deny, refuse};
+use super::tls::TlsState;
+use super::transport::{self, Prefixed, Reader, Writer, WsFraming};
+use super::{Gate, json, line, mqtt, pomelo, pomelo_rpc, proxy};
 use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::node::BoundListener;
 
-/// Bind the listener's address and start accepting.
+/// MQTT CONNACK, return code 3 (server unavailable): the answer of a full MQTT listener.
+pub(crate) const CONNACK_UNAVAILABLE: [u8; 4] = [0x20, 0x02, 0x00, 0x03];
+/// The answer of a full WebSocket listener.
+pub(crate) const HTTP_UNAVAILABLE: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// First pause after a failed accept; it doubles up to [`ACCEPT_BACKOFF_MAX`] while accepts keep
+/// failing (out of descriptors, usually) and resets on success.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest pause between failed accepts.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Bind the listener's address and start accepting. The TLS files are read first: a bad one
+/// stops the node with the key and the reason.
 pub(crate) async fn listen(
     gate: Arc<Gate>,
     cfg: Arc<ListenerConfig>,
 ) -> std::io::Result<BoundListener> {
-    let addr = cfg
-        .socket_addr()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let addr = cfg.socket_addr().map_err(invalid)?;
+    let tls = TlsState::load(&cfg).map_err(invalid)?;
     let socket = TcpListener::bind(addr).await?;
     let local_addr = socket.local_addr()?;
-    let slots = Arc::new(Semaphore::new(cfg.max_conn));
-    let all_ws = cfg.serves_websocket() && cfg.protocol != ListenerProtocol::Pomelo;
-    if all_ws {
-        let app = ws_app(WsState {
-            gate: gate.clone(),
-            cfg: cfg.clone(),
-            slots,
-        });
-        let stop = gate.draining.clone();
-        gate.tracker.spawn(async move {
-            let served = axum::serve(
-                socket,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "websocket listener failed");
-            }
-        });
+    let access = gate.admission.add_listener(&cfg, tls);
+    let kind = if cfg.protocol == ListenerProtocol::Pomelo {
+        Kind::Sniff
+    } else if cfg.serves_websocket() {
+        Kind::WebSocket
     } else {
-        gate.tracker
-            .spawn(accept_tcp(gate.clone(), cfg.clone(), socket, slots));
-    }
+        Kind::Stream
+    };
+    let listener = Arc::new(Listener {
+        slots: Arc::new(Semaphore::new(cfg.max_conn)),
+        gate: gate.clone(),
+        cfg: cfg.clone(),
+        access,
+        kind,
+    });
+    gate.tracker.spawn(accept_loop(listener, socket));
     Ok(BoundListener {
         config: cfg,
         local_addr,
     })
+}
+
+/// What a listener's connections carry once the transport is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The protocol's bytes straight away (MQTT, line, pomelo-rpc).
+    Stream,
+    /// An HTTP request upgrading to WebSocket (MQTT over WebSocket, JSON).
+    WebSocket,
+    /// pomelo: the first byte tells raw TCP from a WebSocket upgrade.
+    Sniff,
+}
+
+/// One listener's accept state.
+struct Listener {
+    gate: Arc<Gate>,
+    cfg: Arc<ListenerConfig>,
+    /// `max_conn` permits.
+    slots: Arc<Semaphore>,
+    /// IP lists and TLS settings, reloaded on SIGHUP.
+    access: Arc<ListenerAccess>,
+    kind: Kind,
+}
+
+/// What one connection holds from accept to close: a place under the listener's `max_conn` and,
+/// when per-IP limits are on, under its address's `max_conn_per_ip`.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    ip: Option<IpSlot>,
 }
 
 /// Hand a connection to its protocol, inside the connection's span (node, peer, protocol,
@@ -91,135 +137,391 @@ async fn dispatch(
     }
 }
 
-fn refuse_full(peer: SocketAddr, cfg: &ListenerConfig) {
-    tracing::warn!(%peer, reason = "connection limit reached", max_conn = cfg.max_conn, "refusing connection");
-    metrics::counter!("warren_connections_refused_total", "reason" => "max_conn").increment(1);
+/// A WARN at most once a second for failed accepts, saying how many were not logged.
+struct AcceptErrors {
+    last: Option<Instant>,
+    suppressed: u64,
 }
 
-async fn accept_tcp(
-    gate: Arc<Gate>,
-    cfg: Arc<ListenerConfig>,
-    socket: TcpListener,
-    slots: Arc<Semaphore>,
-) {
-    let ws = (cfg.protocol == ListenerProtocol::Pomelo).then(|| WsState {
-        gate: gate.clone(),
-        cfg: cfg.clone(),
-        slots: slots.clone(),
-    });
+impl AcceptErrors {
+    fn record(&mut self, addr: &str, e: &std::io::Error, backoff: Duration) {
+        let kind = match e.raw_os_error() {
+            Some(24) | Some(23) => "out_of_descriptors",
+            _ => "other",
+        };
+        metrics::counter!("warren_accept_errors_total", "reason" => kind).increment(1);
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        self.last = Some(now);
+        let suppressed = std::mem::take(&mut self.suppressed);
+        tracing::warn!(listener = addr, error = %e, backoff_ms = backoff.as_millis() as u64, suppressed, "accept failed; backing off");
+    }
+}
+
+async fn accept_loop(l: Arc<Listener>, socket: TcpListener) {
+    let mut backoff = Duration::ZERO;
+    let mut errors = AcceptErrors {
+        last: None,
+        suppressed: 0,
+    };
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = gate.draining.cancelled() => break,
+            _ = l.gate.draining.cancelled() => break,
             r = socket.accept() => r,
         };
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::ZERO;
+                l.accepted(stream, peer);
+            }
             Err(e) => {
                 // out of file descriptors and the like: back off instead of spinning
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            refuse_full(peer, &cfg);
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let g = gate.clone();
-        let c = cfg.clone();
-        let ws = ws.clone();
-        gate.tracker.spawn(async move {
-            match ws {
-                Some(ws) => Box::pin(sniff(ws, stream, peer, permit)).await,
-                None => {
-                    let (r, w) = transport::tcp(stream);
-                    serve(g, c, r, w, peer).await;
-                    drop(permit);
+                backoff = (backoff * 2).clamp(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
+                errors.record(&l.cfg.addr, &e, backoff);
+                tokio::select! {
+                    _ = l.gate.draining.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
                 }
             }
-        });
+        }
     }
 }
 
-/// One port, two transports: peek at the first byte. 0x01–0x05 is a pomelo package type (raw
-/// TCP); an ASCII letter starts an HTTP request (a WebSocket upgrade); anything else is refused.
-async fn sniff(ws: WsState, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
-    let mut first = [0u8; 1];
-    let deadline = Duration::from_secs(ws.cfg.connect_timeout_s);
-    let peeked = tokio::select! {
-        _ = ws.gate.killing.cancelled() => return,
-        r = tokio::time::timeout(deadline, stream.peek(&mut first)) => r,
-    };
-    match peeked {
-        Err(_) => {
-            tracing::warn!(%peer, reason = "nothing received before the connect deadline", "closing connection");
+impl Listener {
+    /// Admit or refuse a new connection without reading from it; an admitted one gets its task.
+    fn accepted(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let started = Instant::now();
+        // behind a PROXY balancer the socket's address is the balancer's: the client's is
+        // checked once the header is read
+        let ip = if self.cfg.proxy_protocol {
+            None
+        } else {
+            match self.gate.admission.admit(&self.access, peer.ip()) {
+                Ok(ip) => ip,
+                Err(r) => {
+                    refuse(&peer, r.kind(), &r);
+                    return;
+                }
+            }
+        };
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            self.refuse_full(stream, peer);
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        let slot = Slot {
+            _permit: permit,
+            ip,
+        };
+        let l = self.clone();
+        self.gate
+            .tracker
+            .spawn(async move { l.handshake(stream, peer, slot, started).await });
+    }
+
+    /// The listener is full: say so the protocol's way if that costs one non-blocking write of
+    /// a few bytes (MQTT over TCP: CONNACK 3; WebSocket: HTTP 503), then close.
+    fn refuse_full(&self, stream: TcpStream, peer: SocketAddr) {
+        let answer: &[u8] = match (self.kind, self.access.tls.is_some()) {
+            (_, true) => &[],
+            (Kind::Stream, false) if self.cfg.protocol == ListenerProtocol::Mqtt => {
+                &CONNACK_UNAVAILABLE
+            }
+            (Kind::WebSocket, false) => HTTP_UNAVAILABLE,
+            _ => &[],
+        };
+        if !answer.is_empty() {
+            let _ = stream.try_write(answer);
         }
-        Ok(Ok(0)) | Ok(Err(_)) => {}
-        Ok(Ok(_)) if (1..=5).contains(&first[0]) => {
-            let (r, w) = transport::tcp(stream);
-            serve(ws.gate.clone(), ws.cfg.clone(), r, w, peer).await;
-            drop(permit);
-        }
-        Ok(Ok(_)) if first[0].is_ascii_alphabetic() => {
-            // the upgrade handler takes its own slot; this one only covers the HTTP exchange
-            drop(permit);
-            let app = ws_app(ws.clone()).layer(axum::Extension(ConnectInfo(peer)));
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(ws.cfg.handshake_timeout_s))
-                .serve_connection(io, service)
-                .with_upgrades()
-                .await;
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "http connection ended");
+        refuse(
+            &peer,
+            "max_conn",
+            format_args!(
+                "{} connections open on {} (max_conn)",
+                self.cfg.max_conn,
+                self.cfg.scheme()
+            ),
+        );
+    }
+
+    fn deadline(&self, started: Instant) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(started + Duration::from_secs(self.cfg.handshake_timeout_s))
+    }
+
+    /// Run `f` until the handshake deadline; `None` (after one refusal line) when it passed or
+    /// the node is closing.
+    async fn within<T>(
+        &self,
+        peer: &SocketAddr,
+        deadline: tokio::time::Instant,
+        what: &str,
+        f: impl Future<Output = T>,
+    ) -> Option<T> {
+        tokio::select! {
+            _ = self.gate.killing.cancelled() => None,
+            r = tokio::time::timeout_at(deadline, f) => match r {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    refuse(
+                        peer,
+                        "handshake_timeout",
+                        format_args!(
+                            "{what} not complete within {} s of accept (handshake_timeout_s)",
+                            self.cfg.handshake_timeout_s
+                        ),
+                    );
+                    None
+                }
             }
         }
-        Ok(Ok(_)) => {
-            tracing::warn!(%peer, reason = format!("first byte {:#04x} is neither a pomelo package nor HTTP", first[0]), "closing connection");
-            metrics::counter!("warren_connections_refused_total", "reason" => "bad_first_byte")
-                .increment(1);
+    }
+
+    /// PROXY header, TLS, then the listener's kind of connection; the slot is held throughout.
+    async fn handshake(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        mut peer: SocketAddr,
+        mut slot: Slot,
+        started: Instant,
+    ) {
+        let deadline = self.deadline(started);
+        if self.cfg.proxy_protocol {
+            let header = self
+                .within(
+                    &peer,
+                    deadline,
+                    "PROXY header",
+                    proxy::read_header(&mut stream),
+                )
+                .await;
+            match header {
+                None => return,
+                Some(Err(e)) => {
+                    refuse(&peer, "proxy_header", e);
+                    return;
+                }
+                Some(Ok(Some(client))) => peer = client,
+                Some(Ok(None)) => {}
+            }
+            match self.gate.admission.admit(&self.access, peer.ip()) {
+                Ok(ip) => slot.ip = ip,
+                Err(r) => {
+                    refuse(&peer, r.kind(), &r);
+                    return;
+                }
+            }
+        }
+        let Some(tls) = &self.access.tls else {
+            return self.plain(stream, peer, slot, started).await;
+        };
+        let acceptor = tls.acceptor();
+        let Some(accepted) = self
+            .within(&peer, deadline, "TLS handshake", acceptor.accept(stream))
+            .await
+        else {
+            return;
+        };
+        let tls_stream = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                refuse(
+                    &peer,
+                    "tls_handshake",
+                    format_args!("TLS handshake failed: {e}"),
+                );
+                return;
+            }
+        };
+        let mut io = Prefixed::new(Bytes::new(), tls_stream);
+        match self.kind {
+            Kind::Stream => self.raw(transport::tls(io), peer, slot).await,
+            Kind::WebSocket => self.http(io, peer, slot, deadline).await,
+            Kind::Sniff => {
+                let mut first = [0u8; 1];
+                let sniff = self.sniff_deadline(started);
+                let read = tokio::select! {
+                    _ = self.gate.killing.cancelled() => return,
+                    r = tokio::time::timeout_at(sniff, io.get_mut().read(&mut first)) => r,
+                };
+                match self.sniffed(&peer, read, first[0]) {
+                    Some(Kind::Stream) => {
+                        let io = Prefixed::new(Bytes::copy_from_slice(&first), io.into_inner());
+                        self.raw(transport::tls(io), peer, slot).await
+                    }
+                    Some(_) => {
+                        let io = Prefixed::new(Bytes::copy_from_slice(&first), io.into_inner());
+                        self.http(io, peer, slot, deadline).await
+                    }
+                    None => {}
+                }
+            }
         }
     }
+
+    /// After the PROXY header (if any), without TLS.
+    async fn plain(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        slot: Slot,
+        started: Instant,
+    ) {
+        match self.kind {
+            Kind::Stream => self.raw(transport::tcp(stream), peer, slot).await,
+            Kind::WebSocket => {
+                let deadline = self.deadline(started);
+                self.http(stream, peer, slot, deadline).await
+            }
+            Kind::Sniff => {
+                // peek, so the raw path keeps the plain TCP reader
+                let mut first = [0u8; 1];
+                let sniff = self.sniff_deadline(started);
+                let peeked = tokio::select! {
+                    _ = self.gate.killing.cancelled() => return,
+                    r = tokio::time::timeout_at(sniff, stream.peek(&mut first)) => r,
+                };
+                match self.sniffed(&peer, peeked, first[0]) {
+                    Some(Kind::Stream) => self.raw(transport::tcp(stream), peer, slot).await,
+                    Some(_) => {
+                        let deadline = self.deadline(started);
+                        self.http(stream, peer, slot, deadline).await
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    /// The first byte of a pomelo connection's data comes within the connect deadline (it is the
+    /// pomelo handshake, or an HTTP request).
+    fn sniff_deadline(&self, started: Instant) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(started + Duration::from_secs(self.cfg.connect_timeout_s))
+    }
+
+    /// One port, two transports: 0x01–0x05 is a pomelo package type (raw TCP); an ASCII letter
+    /// starts an HTTP request (a WebSocket upgrade); anything else is refused.
+    fn sniffed(
+        &self,
+        peer: &SocketAddr,
+        read: Result<std::io::Result<usize>, tokio::time::error::Elapsed>,
+        first: u8,
+    ) -> Option<Kind> {
+        match read {
+            Err(_) => {
+                refuse(
+                    peer,
+                    "connect_timeout",
+                    format_args!(
+                        "nothing received within {} s (connect_timeout_s)",
+                        self.cfg.connect_timeout_s
+                    ),
+                );
+                None
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => None,
+            Ok(Ok(_)) if (1..=5).contains(&first) => Some(Kind::Stream),
+            Ok(Ok(_)) if first.is_ascii_alphabetic() => Some(Kind::WebSocket),
+            Ok(Ok(_)) => {
+                refuse(
+                    peer,
+                    "bad_first_byte",
+                    format_args!("first byte {first:#04x} is neither a pomelo package nor HTTP"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Serve a byte-stream connection; the slot is given back when it ends.
+    async fn raw(&self, (r, w): (Reader, Writer), peer: SocketAddr, slot: Slot) {
+        serve(self.gate.clone(), self.cfg.clone(), r, w, peer).await;
+        drop(slot);
+    }
+
+    /// Serve the HTTP exchange that upgrades to WebSocket, within the handshake deadline. The
+    /// upgraded connection takes the slot with it; without an upgrade the slot is given back
+    /// when the exchange ends.
+    async fn http<IO>(&self, io: IO, peer: SocketAddr, slot: Slot, deadline: tokio::time::Instant)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let ctx = ConnCtx {
+            peer,
+            slot: Arc::new(Mutex::new(Some(slot))),
+        };
+        let app = axum::Router::new()
+            .fallback(upgrade)
+            .with_state(WsState {
+                gate: self.gate.clone(),
+                cfg: self.cfg.clone(),
+            })
+            .layer(axum::Extension(ctx));
+        let service = hyper_util::service::TowerToHyperService::new(app);
+        let remaining = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(1));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(remaining)
+            .keep_alive(false)
+            .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+            .with_upgrades();
+        if let Some(Err(e)) = self
+            .within(&peer, deadline, "WebSocket upgrade", conn)
+            .await
+        {
+            tracing::debug!(%peer, error = %e, "http connection ended");
+        }
+    }
+}
+
+/// What the upgrade handler needs of its connection: the client's address (from the PROXY
+/// header when there is one) and the connection's slot, which the upgraded WebSocket keeps.
+#[derive(Clone)]
+struct ConnCtx {
+    peer: SocketAddr,
+    slot: Arc<Mutex<Option<Slot>>>,
 }
 
 #[derive(Clone)]
 struct WsState {
     gate: Arc<Gate>,
     cfg: Arc<ListenerConfig>,
-    slots: Arc<Semaphore>,
-}
-
-fn ws_app(state: WsState) -> axum::Router {
-    axum::Router::new().fallback(upgrade).with_state(state)
 }
 
 async fn upgrade(
     State(st): State<WsState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    axum::Extension(ctx): axum::Extension<ConnCtx>,
     method: Method,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    let peer = ctx.peer;
     if method != Method::GET {
-        tracing::info!(%peer, reason = "websocket listener only accepts GET", %method, "refusing request");
+        deny(
+            &peer,
+            "ws_upgrade",
+            format_args!("{method} on a WebSocket listener"),
+        );
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     }
     let ws = match ws {
         Ok(ws) => ws,
         Err(e) => {
-            tracing::info!(%peer, reason = %e, "refusing websocket upgrade");
+            deny(&peer, "ws_upgrade", &e);
             return e.into_response();
         }
     };
     if st.gate.draining.is_cancelled() {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
-    let Ok(permit) = st.slots.clone().try_acquire_owned() else {
-        refuse_full(peer, &st.cfg);
+    let Some(slot) = ctx.slot.lock().unwrap_or_else(|e| e.into_inner()).take() else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
     let (max, framing, protocols): (usize, WsFraming, &[&'static str]) = match st.cfg.protocol {
@@ -241,7 +543,7 @@ async fn upgrade(
         .on_upgrade(move |socket| async move {
             let (r, w) = transport::ws(socket, framing);
             serve(gate, cfg, r, w, peer).await;
-            drop(permit);
+            drop(slot);
             drop(token);
         })
 }

@@ -5,6 +5,7 @@
 //! route, reply, push. [`Gate`] holds what connections share: the node, the drain and kill
 //! signals, the task tracker, and the client-id table for MQTT takeover.
 
+mod access;
 mod args;
 mod conn;
 mod json;
@@ -13,7 +14,9 @@ mod listener;
 pub mod mqtt;
 mod pomelo;
 mod pomelo_rpc;
+mod proxy;
 pub(crate) mod refusal;
+mod tls;
 mod transport;
 
 pub use line::{Channel, ChannelHandler, Channels, EchoHandler};
@@ -73,6 +76,8 @@ pub(crate) struct Gate {
     pub(crate) limits: LimitsConfig,
     /// Node-wide IP lists (`[access]`).
     pub(crate) access: AccessConfig,
+    /// Who may open a connection: IP lists and per-IP limits, reloaded on SIGHUP.
+    pub(crate) admission: access::Admission,
     /// Who may connect (`[auth]`).
     pub(crate) auth_config: AuthConfig,
     /// Topic ACLs of default-mode MQTT (`[auth] acl_file`), parsed at start; `None`: no
@@ -101,6 +106,7 @@ impl Gate {
             auth,
             limits: config.limits.clone(),
             access: config.access.clone(),
+            admission: access::Admission::new(&config.limits, &config.access),
             auth_config: config.auth.clone(),
             acl: arc_swap::ArcSwapOption::empty(),
             channel_handler: channel_handler.unwrap_or_else(|| Arc::new(EchoHandler)),

@@ -3,14 +3,19 @@
 //! a frame may hold several); message protocols (JSON) keep frame boundaries: the reader prefixes
 //! each WebSocket message with its 4-byte length, and the writer sends each marked message in its
 //! own frame.
+//!
+//! A TLS connection is a third kind: a byte stream like TCP, read through rustls. Plain TCP keeps
+//! its readiness-based read (no buffer while idle), the fast path.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -29,18 +34,42 @@ pub(crate) enum WsFraming {
 pub(crate) enum Reader {
     /// A TCP socket and how much room the next read gets (grows while reads fill it).
     Tcp(OwnedReadHalf, usize),
+    /// A TLS connection.
+    Tls(ReadHalf<TlsIo>),
+    /// A WebSocket (over TCP or TLS).
     Ws(SplitStream<WebSocket>, WsFraming),
 }
 
 /// The writing side.
 pub(crate) enum Writer {
-    Tcp(OwnedWriteHalf),
+    /// A byte stream: TCP, or TLS over TCP.
+    Tcp(StreamWriter),
+    /// A WebSocket (over TCP or TLS).
     Ws(SplitSink<WebSocket, WsMessage>, WsFraming),
 }
 
+/// The writing side of a byte stream.
+pub(crate) enum StreamWriter {
+    /// Plain TCP.
+    Plain(OwnedWriteHalf),
+    /// TLS: writes go through rustls and are flushed.
+    Tls(WriteHalf<TlsIo>),
+}
+
+/// A server-side TLS connection, with any bytes read before the protocol was known put back.
+pub(crate) type TlsIo = Prefixed<tokio_rustls::server::TlsStream<TcpStream>>;
+
 pub(crate) fn tcp(s: TcpStream) -> (Reader, Writer) {
     let (r, w) = s.into_split();
-    (Reader::Tcp(r, MIN_READ), Writer::Tcp(w))
+    (
+        Reader::Tcp(r, MIN_READ),
+        Writer::Tcp(StreamWriter::Plain(w)),
+    )
+}
+
+pub(crate) fn tls(s: TlsIo) -> (Reader, Writer) {
+    let (r, w) = tokio::io::split(s);
+    (Reader::Tls(r), Writer::Tcp(StreamWriter::Tls(w)))
 }
 
 pub(crate) fn ws(s: WebSocket, framing: WsFraming) -> (Reader, Writer) {
@@ -80,6 +109,12 @@ impl Reader {
                     Err(e) => return Err(e),
                 }
             },
+            Reader::Tls(r) => {
+                if buf.capacity() - buf.len() < MIN_READ {
+                    buf.reserve(MIN_READ);
+                }
+                r.read_buf(buf).await
+            }
             Reader::Ws(r, framing) => loop {
                 let data: Bytes = match r.next().await {
                     None => return Ok(0),
@@ -120,8 +155,15 @@ impl Writer {
     /// Write what the framer produced, then clear it.
     pub(crate) async fn write(&mut self, out: &mut Out) -> io::Result<()> {
         match self {
-            Writer::Tcp(w) => {
+            Writer::Tcp(StreamWriter::Plain(w)) => {
                 w.write_all(&out.buf).await?;
+                out.buf.clear();
+                out.ends.clear();
+                Ok(())
+            }
+            Writer::Tcp(StreamWriter::Tls(w)) => {
+                w.write_all(&out.buf).await?;
+                w.flush().await?;
                 out.buf.clear();
                 out.ends.clear();
                 Ok(())
@@ -150,7 +192,11 @@ impl Writer {
     /// Say goodbye the transport's way (a WebSocket close frame, with `code` if given) and close.
     pub(crate) async fn close(&mut self, code: Option<u16>) {
         match self {
-            Writer::Tcp(w) => {
+            Writer::Tcp(StreamWriter::Plain(w)) => {
+                let _ = w.shutdown().await;
+            }
+            Writer::Tcp(StreamWriter::Tls(w)) => {
+                // close_notify, then FIN
                 let _ = w.shutdown().await;
             }
             Writer::Ws(w, _) => {
@@ -170,5 +216,89 @@ impl Writer {
         out.buf.extend_from_slice(bytes);
         out.end_message();
         self.write(&mut out).await
+    }
+}
+
+/// A stream with bytes already read from it put back in front: the first byte a pomelo
+/// listener read to tell a pomelo package from an HTTP request, over TLS (where peeking is not
+/// possible).
+pub(crate) struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// `inner`, to be read after `prefix`.
+    pub(crate) fn new(prefix: Bytes, inner: S) -> Self {
+        Prefixed { prefix, inner }
+    }
+
+    /// The stream itself.
+    pub(crate) fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The stream, dropping any prefix not read yet.
+    pub(crate) fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn prefixed_reads_the_prefix_then_the_stream() {
+        let mut p = Prefixed::new(Bytes::from_static(b"GE"), &b"T / HTTP/1.1"[..]);
+        let mut out = Vec::new();
+        p.read_to_end(&mut out).await.expect("read");
+        assert_eq!(out, b"GET / HTTP/1.1");
     }
 }

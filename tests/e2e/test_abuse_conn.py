@@ -1,0 +1,292 @@
+"""Connection-level abuse: silent connections, full listeners, per-IP caps and rates, log floods.
+
+Each test attacks a real warren the way a hostile client would and checks that the server
+survives, that a canary client on another listener keeps getting its request/reply answered, and
+that the refusal is the documented one (exact bytes, a close, a rate-limited log line).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import select
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Warren, wait_until
+from rawmqtt import RawClient, connect_packet, parse_publish, publish_packet
+
+CONNACK_OK = b"\x20\x02\x00\x00"
+CONNACK_UNAVAILABLE = b"\x20\x02\x00\x03"
+
+
+@pytest.fixture(autouse=True)
+def _enough_descriptors():
+    """This process opens over a thousand sockets: raise its own soft limit for the test."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 8192) if hard != resource.RLIM_INFINITY else 8192
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def raw_connect(port: int, source: str = "127.0.0.1", timeout: float = 5) -> socket.socket:
+    """A TCP connection from `source` (any 127.0.0.0/8 address works on Linux loopback)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.settimeout(timeout)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def read_until_closed(s: socket.socket, timeout: float = 5) -> bytes:
+    """Everything the server sends until it closes (fails if it stays open past `timeout`)."""
+    s.settimeout(timeout)
+    got = b""
+    while True:
+        try:
+            chunk = s.recv(4096)
+        except ConnectionResetError:
+            return got
+        except socket.timeout:
+            raise AssertionError(f"connection still open after {timeout} s (received {got!r})") from None
+        if not chunk:
+            return got
+        got += chunk
+
+
+def mqtt_session(port: int, source: str = "127.0.0.1", client_id: str = "c") -> socket.socket | None:
+    """CONNECT from `source`; the socket when CONNACK 0 came back, None when refused/closed."""
+    try:
+        s = raw_connect(port, source)
+        s.sendall(connect_packet(client_id))
+        got = b""
+        while len(got) < 4:
+            chunk = s.recv(4 - len(got))
+            if not chunk:
+                s.close()
+                return None
+            got += chunk
+    except (ConnectionResetError, BrokenPipeError, socket.timeout):
+        return None
+    if got != CONNACK_OK:
+        s.close()
+        return None
+    return s
+
+
+class Canary(threading.Thread):
+    """A client doing Echo/HD_Echo request/reply every 100 ms; records every miss."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.c = RawClient(port)
+        assert self.c.connect("canary") == CONNACK_OK
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            topic = f"Echo/HD_Echo/{n}"
+            try:
+                self.c.send(publish_packet(topic, json.dumps({"n": n}).encode()))
+                while True:
+                    first, body = self.c.recv_packet(timeout=3)
+                    if first >> 4 == 3 and parse_publish(first, body)[0] == topic:
+                        reply = json.loads(parse_publish(first, body)[3])
+                        assert reply == {"Error": "", "Result": {"n": n}}, reply
+                        break
+                self.ok += 1
+            except Exception as e:  # noqa: BLE001 - any miss is a failure of the server
+                self.failures.append(f"request {n}: {e!r}")
+                return
+            self.stop.wait(0.1)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(10)
+        self.c.close()
+        assert not self.failures, f"the canary was not served: {self.failures}"
+        assert self.ok > 0
+
+
+def config_file(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "warren.toml"
+    p.write_text(text)
+    return p
+
+
+def test_silent_connections_do_not_stop_other_listeners_and_are_closed_at_the_deadline():
+    json_url = Warren.url("json+ws", handshake_timeout_s=1)
+    w = Warren(
+        "--module", "Echo",
+        listen=[Warren.url("mqtt+mqant"), json_url],
+        http=False,
+    ).wait_ready()
+    json_port = w.ports["json+ws"]
+    canary = Canary(w.mqtt_mqant)
+    canary.start()
+    silent: list[socket.socket] = []
+    try:
+        # 1,100 silent TCP connections from eleven addresses (under the default per-IP caps)
+        for i in range(1100):
+            silent.append(raw_connect(json_port, source=f"127.0.0.{2 + i // 100}"))
+        # the other listener keeps accepting and serving while they are held
+        with RawClient(w.mqtt_mqant) as late:
+            assert late.connect("late") == CONNACK_OK
+        # every silent connection is closed by the server at the handshake deadline
+        open_ = {s.fileno(): s for s in silent}
+        poller = select.poll()
+        for fd in open_:
+            poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + 15
+        while open_ and time.monotonic() < deadline:
+            for fd, _ev in poller.poll(500):
+                try:
+                    data = open_[fd].recv(1)
+                except ConnectionResetError:
+                    data = b""
+                assert data == b"", f"a silent connection was sent {data!r}"
+                poller.unregister(fd)
+                del open_[fd]
+        assert not open_, f"{len(open_)} silent connections still open after the handshake deadline"
+        assert w.running()
+    finally:
+        for s in silent:
+            s.close()
+        canary.finish()
+    # the closes are refusals, logged a limited number of times
+    assert "handshake_timeout" in w.log()
+    # after the flood, JSON-WS still serves an honest client
+    import websocket
+
+    ws = websocket.create_connection(f"ws://127.0.0.1:{json_port}/", timeout=5)
+    ws.close()
+
+
+def test_over_max_conn_mqtt_gets_connack_3_and_websocket_503():
+    w = Warren(
+        "--module", "Echo",
+        listen=[Warren.url("mqtt+mqant", max_conn=2), Warren.url("ws+mqant", max_conn=1)],
+        http=False,
+    ).wait_ready()
+    # (the readiness probe's connection may hold a place for a moment)
+    held = [wait_until(lambda: mqtt_session(w.mqtt_mqant, client_id=f"h{i}"), timeout=5, interval=0.1) for i in range(2)]
+    s = raw_connect(w.mqtt_mqant)
+    s.sendall(connect_packet("third"))
+    assert read_until_closed(s) == CONNACK_UNAVAILABLE
+    s.close()
+
+    import websocket
+
+    def ws_open():
+        try:
+            return websocket.create_connection(f"ws://127.0.0.1:{w.ws_mqant}/", subprotocols=["mqtt"], timeout=5)
+        except websocket.WebSocketBadStatusException:
+            return None
+
+    ws = wait_until(ws_open, timeout=5, interval=0.1)
+    try:
+        with pytest.raises(websocket.WebSocketBadStatusException) as e:
+            websocket.create_connection(f"ws://127.0.0.1:{w.ws_mqant}/", subprotocols=["mqtt"], timeout=5)
+        assert e.value.status_code == 503
+    finally:
+        ws.close()
+    # a freed place is usable again
+    held[0].close()
+    wait_until(lambda: mqtt_session(w.mqtt_mqant, client_id="again"), timeout=5)
+    assert "max_conn" in w.log()
+
+
+def test_per_ip_cap_and_rate_leave_other_addresses_alone(tmp_path):
+    cfg = config_file(
+        tmp_path,
+        """
+[limits]
+max_conn_per_ip = 3
+conn_rate_per_ip = 1
+conn_burst_per_ip = 6
+""",
+    )
+    w = Warren("--config", str(cfg), "--module", "Echo", listen=[Warren.url("mqtt+mqant")], http=False).wait_ready()
+    port = w.mqtt_mqant
+    held = [mqtt_session(port, "127.0.0.2", f"a{i}") for i in range(3)]
+    assert all(held), "the first three connections of an address are served"
+    # the fourth from the same address is closed before a byte is read: no CONNACK
+    s = raw_connect(port, "127.0.0.2")
+    try:
+        s.sendall(connect_packet("a4"))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert read_until_closed(s) == b""
+    s.close()
+    # another address is not affected
+    other = mqtt_session(port, "127.0.0.3", "b")
+    assert other is not None
+    # closing one gives the place back (two connection attempts of the burst are left)
+    held[0].close()
+    assert wait_until(lambda: mqtt_session(port, "127.0.0.2", "a5"), timeout=5, interval=0.2)
+
+    # rate: a burst of 6 new connections, then refusals, while another address connects
+    opened = [raw_connect(port, "127.0.0.4") for _ in range(6)]
+    refused = raw_connect(port, "127.0.0.4")
+    assert read_until_closed(refused) == b""
+    assert mqtt_session(port, "127.0.0.5", "c") is not None
+    for s in opened:
+        s.close()
+    log = w.log()
+    assert "max_conn_per_ip" in log and "127.0.0.2" in log
+    assert "conn_rate_per_ip" in log and "127.0.0.4" in log
+
+
+def test_refusal_log_lines_are_rate_limited():
+    w = Warren(listen=[Warren.url("mqtt", max_conn=1)], http=False).wait_ready()
+    port = w.mqtt_plain
+    # (the readiness probe's connection may hold the one place for a moment)
+    holder = wait_until(lambda: mqtt_session(port, client_id="holder"), timeout=5, interval=0.1)
+    started = time.monotonic()
+    for i in range(500):
+        s = raw_connect(port, source=f"127.0.1.{1 + i % 200}")
+        s.close()
+    elapsed = time.monotonic() - started
+    time.sleep(1.2)
+    # one more, after the window, reports how many were left out
+    s = raw_connect(port, source="127.0.2.1")
+    s.close()
+
+    def lines():
+        return [l for l in w.log().splitlines() if "WARN" in l and "max_conn" in l]
+
+    wait_until(lambda: any("not logged" in l for l in lines()), timeout=5)
+    n = len(lines())
+    bound = 10 * (int(elapsed) + 3)
+    assert 1 <= n <= bound, f"{n} WARN lines for 500 refusals in {elapsed:.1f} s (bound {bound})"
+    holder.close()
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 1024:
+        pytest.skip(f"hard nofile limit {hard} leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        # listeners whose max_conn together cannot fit under the hard limit: warned at start
+        w = Warren(listen=[Warren.url("mqtt", max_conn=hard)], http=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    w.wait_ready()
+    limits = Path(f"/proc/{w.proc.pid}/limits").read_text()
+    m = re.search(r"Max open files\s+(\d+)\s+(\d+)", limits)
+    assert m, limits
+    assert (int(m.group(1)), int(m.group(2))) == (hard, hard)
+    log = w.log()
+    assert re.search(r"WARN.*exceed the open file limit", log), log[-3000:]
