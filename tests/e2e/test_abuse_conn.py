@@ -12,6 +12,7 @@ import re
 import resource
 import select
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -290,3 +291,24 @@ def test_the_soft_descriptor_limit_is_raised_to_the_hard_one():
     assert (int(m.group(1)), int(m.group(2))) == (hard, hard)
     log = w.log()
     assert re.search(r"WARN.*exceed the open file limit", log), log[-3000:]
+
+
+def test_out_of_descriptors_accept_backs_off_quietly_and_recovers():
+    w = Warren("--module", "Echo", listen=[Warren.url("mqtt+mqant")], http=False).wait_ready()
+    port = w.mqtt_mqant
+    # leave the running server few descriptors: accepts soon fail with EMFILE
+    subprocess.run(["prlimit", f"--pid={w.proc.pid}", "--nofile=64:64"], check=True)
+    held: list[socket.socket] = []
+    try:
+        for i in range(150):
+            held.append(raw_connect(port, source=f"127.0.3.{1 + i}"))
+        wait_until(lambda: "accept failed" in w.log(), timeout=5, msg="no accept failure logged")
+        time.sleep(2)
+        assert w.running()
+        failures = [l for l in w.log().splitlines() if "accept failed" in l]
+        assert len(failures) <= 6, f"{len(failures)} accept-failure lines in about 2 s: {failures[:8]}"
+    finally:
+        for s in held:
+            s.close()
+    # once descriptors are free again, the listener serves (the backoff resets)
+    assert wait_until(lambda: mqtt_session(port, "127.0.4.1", "after"), timeout=10, interval=0.2)

@@ -98,6 +98,8 @@ def test_every_listener_kind_over_tls(certs, tmp_path):
         tls_url("pomelo+tls", certs),
         tls_url("line+tls", certs),
         tls_url("mqtts+mqant", certs, **client_ca),
+        tls_url("wss+mqant", certs),
+        tls_url("pomelo-rpc+tls", certs),
     ]
     w = Warren("--module", "Echo", listen=listen, http=False).wait_ready()
     port = {scheme: p for scheme, p in w.listeners}
@@ -129,6 +131,19 @@ def test_every_listener_kind_over_tls(certs, tmp_path):
     ws.send_binary(connect_packet("tls-ws"))
     assert ws.recv() == CONNACK_OK
     ws.close()
+
+    # wss+mqant:// and pomelo-rpc+tls:// (MQTT framing under the RPC protocol)
+    ws = websocket.create_connection(
+        f"wss://localhost:{port['wss+mqant']}/", subprotocols=["mqtt"],
+        sslopt={"ca_certs": str(certs / "ca.pem")}, timeout=5,
+    )
+    ws.send_binary(connect_packet("tls-ws-mqant"))
+    assert ws.recv() == CONNACK_OK
+    ws.close()
+    s = tls_socket(port["pomelo-rpc+tls"], client_ctx(certs))
+    s.sendall(connect_packet("rpc-peer"))
+    assert recv_exact(s, 4) == CONNACK_OK
+    s.close()
 
     # JSON over wss://
     ws = websocket.create_connection(
