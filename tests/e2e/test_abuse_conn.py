@@ -171,6 +171,10 @@ def test_silent_connections_do_not_stop_other_listeners_and_are_closed_at_the_de
     import websocket
 
     ws = websocket.create_connection(f"ws://127.0.0.1:{json_port}/", timeout=5)
+    # an upgraded connection is past the handshake: the deadline no longer applies to it
+    time.sleep(1.5)
+    ws.send(json.dumps({"tpc": "login", "func": "login", "args": ["guid", "md5"], "cb": ""}))
+    assert "loginback" in ws.recv()
     ws.close()
 
 

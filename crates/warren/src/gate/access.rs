@@ -5,7 +5,8 @@
 //!
 //! An attacker chooses the addresses, so nothing here grows with them beyond what is live: the
 //! per-IP count holds only addresses with an open connection, and the rate limiter's keys are
-//! pruned once they are indistinguishable from a fresh key.
+//! pruned once they are indistinguishable from a fresh key. An IPv6 client is counted by its
+//! /64 network (one subscriber's usual allocation, which a client can roam freely).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -218,6 +219,7 @@ impl Admission {
             .load()
             .check(ip)
             .map_err(|l| Refused::Denied(format!("the listener's {l}")))?;
+        let ip = limit_key(ip);
         if let Some((limiter, per_s)) = &self.rate {
             if self.checks.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
                 limiter.retain_recent();
@@ -249,6 +251,17 @@ impl Admission {
     #[cfg(test)]
     fn tracked(&self) -> usize {
         self.counts.map.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// The address the per-IP limits count: an IPv4 address, or an IPv6 address's /64 network.
+fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
     }
 }
 
@@ -341,6 +354,15 @@ mod tests {
         );
         // another address is unaffected
         let other = a.admit(&l, ip("192.0.2.2")).expect("other address");
+        // IPv6 addresses of one /64 share a count
+        let v6a = a.admit(&l, ip("2001:db8::1")).expect("v6");
+        let v6b = a.admit(&l, ip("2001:db8::ffff:2")).expect("v6, same /64");
+        assert_eq!(
+            a.admit(&l, ip("2001:db8::3")).err(),
+            Some(Refused::PerIpCap(2))
+        );
+        assert!(a.admit(&l, ip("2001:db8:0:1::1")).is_ok(), "another /64");
+        drop((v6a, v6b));
         drop(s1);
         let s3 = a.admit(&l, ip("192.0.2.1")).expect("after a close");
         drop((s2, s3, other));
