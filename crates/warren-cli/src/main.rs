@@ -417,7 +417,7 @@ async fn serve(config: Config, reload: impl Fn() -> anyhow::Result<Config>) -> a
         Ok(new) => {
             let errors = node.reload(&new);
             if errors.is_empty() {
-                tracing::info!("SIGHUP: reloaded the IP lists and TLS certificates");
+                tracing::info!("SIGHUP: reloaded the IP lists, TLS certificates and topic ACL");
             }
             for e in errors {
                 tracing::error!(error = %e, "SIGHUP: not reloaded; the old setting stays");

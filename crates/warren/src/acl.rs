@@ -215,7 +215,7 @@ fn parse_rule(rest: &str) -> Result<Rule, String> {
         None if rest.is_empty() => return Err("missing topic".into()),
         None if !after.is_empty() => {
             return Err(format!(
-                "{rest:?}: a topic with spaces needs an access word before it (read, write, readwrite or deny)"
+                "{first:?} is not an access word (read, write, readwrite or deny); a topic with spaces needs one before it"
             ));
         }
         None => (Access::ReadWrite, first),
@@ -409,7 +409,7 @@ pattern deny users/%u/in/forbidden
             ("topic", "acl:1: missing topic"),
             ("\n\nuser", "acl:3: `user` needs a user name"),
             ("topic read", "acl:1: missing topic after \"read\""),
-            ("topic a b", "acl:1: \"a b\": a topic with spaces"),
+            ("topic reed a/#", "acl:1: \"reed\" is not an access word"),
             (
                 "user x\ntopic read a/#/b",
                 "acl:2: \"a/#/b\" is not a valid",

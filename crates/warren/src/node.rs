@@ -1040,9 +1040,19 @@ impl Node {
     /// Apply what can change without a restart (SIGHUP): the IP allow and deny lists (`[access]`
     /// and each listener's) and the listeners' TLS certificates, for new connections; open
     /// connections are kept. `config` is the whole new config; its listeners are matched to the
-    /// running ones by position. Returns what could not be reloaded (the old setting stays).
+    /// running ones by position. The topic ACL file is read again too: it applies to later
+    /// SUBSCRIBE and PUBLISH packets of every session (subscriptions already granted are kept).
+    /// Returns what could not be reloaded (the old setting stays).
     pub fn reload(&self, config: &Config) -> Vec<String> {
-        self.gate.reload(config)
+        let mut errors = self.gate.reload(config);
+        match &config.auth.acl_file {
+            Some(path) => match crate::acl::Acl::load(path) {
+                Ok(acl) => self.gate.acl.store(Some(Arc::new(acl))),
+                Err(e) => errors.push(e.to_string()),
+            },
+            None => self.gate.acl.store(None),
+        }
+        errors
     }
 
     /// Drain and stop: refuse new connections, let in-flight requests finish (up to the drain
