@@ -255,8 +255,8 @@ impl Listener {
         tokio::time::Instant::from_std(started + Duration::from_secs(self.cfg.handshake_timeout_s))
     }
 
-    /// Run `f` until the handshake deadline; `None` (after one refusal line) when it passed or
-    /// the node is closing.
+    /// Run `f` until the handshake deadline; `None` when it passed (after one refusal line) or
+    /// the node drains (a connection still in its handshake is not worth waiting for).
     async fn within<T>(
         &self,
         peer: &SocketAddr,
@@ -265,7 +265,7 @@ impl Listener {
         f: impl Future<Output = T>,
     ) -> Option<T> {
         tokio::select! {
-            _ = self.gate.killing.cancelled() => None,
+            _ = self.gate.draining.cancelled() => None,
             r = tokio::time::timeout_at(deadline, f) => match r {
                 Ok(v) => Some(v),
                 Err(_) => {
@@ -347,7 +347,7 @@ impl Listener {
                 let mut first = [0u8; 1];
                 let sniff = self.sniff_deadline(started);
                 let read = tokio::select! {
-                    _ = self.gate.killing.cancelled() => return,
+                    _ = self.gate.draining.cancelled() => return,
                     r = tokio::time::timeout_at(sniff, io.get_mut().read(&mut first)) => r,
                 };
                 match self.sniffed(&peer, read, first[0]) {
@@ -384,7 +384,7 @@ impl Listener {
                 let mut first = [0u8; 1];
                 let sniff = self.sniff_deadline(started);
                 let peeked = tokio::select! {
-                    _ = self.gate.killing.cancelled() => return,
+                    _ = self.gate.draining.cancelled() => return,
                     r = tokio::time::timeout_at(sniff, stream.peek(&mut first)) => r,
                 };
                 match self.sniffed(&peer, peeked, first[0]) {
