@@ -17,11 +17,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{AuthHook, Authenticator};
 use crate::bus::{Bus, LocalBus};
 use crate::config::{Config, ListenerConfig, ModuleConfig};
 use crate::error::CallError;
 use crate::fanout::{Groups, Subscriptions};
-use crate::gate::{self, AuthHook, ChannelHandler, Gate};
+use crate::gate::{self, ChannelHandler, Gate};
 use crate::module::{Instance, InstanceInfo, Json, Module, SESSION_CLOSED};
 use crate::registry::{InstanceRecord, MemoryRegistry, NodeRecord, Registry};
 use crate::remote::{RemoteBus, Transport as BusTransport, TransportError};
@@ -671,6 +672,9 @@ pub enum NodeError {
     /// The bus could not subscribe this node's inbox.
     #[error("bus: {0}")]
     Bus(#[from] TransportError),
+    /// `[auth]` could not be set up (password file, JWT key, HTTP callback URL).
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     /// The ACL file (`[auth] acl_file`) could not be read or has a bad line.
     #[error(transparent)]
     Acl(#[from] crate::acl::AclError),
@@ -781,7 +785,8 @@ impl NodeBuilder {
         self
     }
 
-    /// Check CONNECT credentials with this hook (the default accepts everyone).
+    /// Check client credentials with this hook, on every protocol, before the methods of
+    /// `[auth]` (see [`crate::auth`]). Without a hook or a method, everyone is let in.
     pub fn auth(mut self, hook: Arc<dyn AuthHook>) -> Self {
         self.auth = Some(hook);
         self
@@ -797,6 +802,7 @@ impl NodeBuilder {
     /// Start modules, register, bind listeners.
     pub async fn start(self) -> Result<Node, NodeError> {
         let cfg = self.config;
+        let authenticator = Arc::new(Authenticator::from_config(&cfg.auth, self.auth)?);
         let acl = match &cfg.auth.acl_file {
             Some(path) => Some(Arc::new(crate::acl::Acl::load(path)?)),
             None => None,
@@ -810,7 +816,10 @@ impl NodeBuilder {
         let registry: Arc<dyn Registry> = self
             .registry
             .unwrap_or_else(|| Arc::new(MemoryRegistry::default()));
-        let sessions = Arc::new(SessionTable::new(cfg.node.gate_id.as_str().into()));
+        let sessions = Arc::new(
+            SessionTable::new(cfg.node.gate_id.as_str().into())
+                .with_uid_conflict(cfg.auth.uid_conflict),
+        );
         let groups = Arc::new(Groups::default());
         let shared = Arc::new(NodeShared {
             id: cfg.node.id.as_str().into(),
@@ -881,6 +890,7 @@ impl NodeBuilder {
                 module: info.module.to_string(),
                 id: info.id.to_string(),
                 client_handlers: module.client_handlers(),
+                login_handlers: module.login_handlers(),
                 tags: mcfg.tags.clone(),
                 sticky: mcfg.sticky,
                 watches_sessions: module.wants_session_closed(),
@@ -977,7 +987,12 @@ impl NodeBuilder {
             inst.run(handle.clone(), stop_modules.child_token(), &module_tasks);
         }
 
-        let gate = Arc::new(Gate::new(handle.clone(), &cfg, self.auth, self.channel_handler));
+        let gate = Arc::new(Gate::new(
+            handle.clone(),
+            &cfg,
+            authenticator,
+            self.channel_handler,
+        ));
         gate.acl.store(acl);
         let mut listeners = Vec::new();
         for l in &cfg.listeners {

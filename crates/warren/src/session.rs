@@ -7,12 +7,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde_json::{Map, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CallError;
@@ -218,6 +219,195 @@ pub enum Outbound {
     CloseCode(u16),
 }
 
+/// Bytes counted for a [`Outbound::Message`] beyond its topic and body: the largest fixed header
+/// any protocol frames it with.
+const MESSAGE_OVERHEAD: usize = 16;
+
+impl Outbound {
+    /// The bytes this item is counted for while it waits in a queue: topic + body + header for a
+    /// message (a shared broadcast message counts in full in every queue it is in: that is what
+    /// each queue may keep alive), the length of pre-encoded bytes, nothing for a close.
+    pub fn queued_size(&self) -> usize {
+        match self {
+            Outbound::Message { msg, .. } => msg.topic.len() + msg.body.len() + MESSAGE_OVERHEAD,
+            Outbound::Inline(f) => f.len as usize,
+            Outbound::Bytes(b) => b.len(),
+            Outbound::Close | Outbound::CloseCode(_) => 0,
+        }
+    }
+}
+
+/// The bytes queued for output by all sessions of a node together, against
+/// `[limits] max_queued_bytes`: the node refuses new deliveries (and closes the session they were
+/// for as a slow consumer) before slow readers together can exhaust the machine's memory.
+/// Each session counts in it in whole [`NODE_GRANULE`]s.
+#[derive(Debug)]
+pub struct OutputBudget {
+    queued: AtomicUsize,
+    max: usize,
+}
+
+impl OutputBudget {
+    /// A budget of `max` bytes, nothing queued.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(OutputBudget {
+            queued: AtomicUsize::new(0),
+            max: max.max(1),
+        })
+    }
+
+    /// Bytes queued now, all sessions together.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// The budget.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// Which bound a queued item would have passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// The session's `write_queue` (items).
+    QueueLen,
+    /// The session's `write_queue_bytes`.
+    QueueBytes,
+    /// The node's `[limits] max_queued_bytes`.
+    NodeBudget,
+}
+
+impl Overflow {
+    /// The `reason` label of `warren_slow_consumer_disconnects_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Overflow::QueueLen => "write_queue",
+            Overflow::QueueBytes => "write_queue_bytes",
+            Overflow::NodeBudget => "max_queued_bytes",
+        }
+    }
+}
+
+/// One session's output in bytes: what waits in its outbound queue or in its writer until the
+/// socket has taken it. Added when an item is queued, released by the writer once the item is
+/// written (or dropped), so a client that stops reading can hold at most `write_queue_bytes`
+/// (plus one item, when its queue was empty), and the node's [`OutputBudget`] sees every byte.
+#[derive(Debug)]
+pub struct QueueBytes {
+    queued: AtomicUsize,
+    max: usize,
+    node: Option<Arc<OutputBudget>>,
+    /// Woken when the writer releases bytes (a reply waiting for room).
+    room: Notify,
+}
+
+impl QueueBytes {
+    /// A session's account with a cap of `max` bytes, counted in `node` too when given.
+    pub fn new(max: usize, node: Option<Arc<OutputBudget>>) -> Arc<Self> {
+        Arc::new(QueueBytes {
+            queued: AtomicUsize::new(0),
+            max: max.max(1),
+            node,
+            room: Notify::new(),
+        })
+    }
+
+    /// Bytes queued now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Add `n` bytes to this queue's count and the whole granules it crossed to the node's.
+    /// Returns the queue's count before, and the node's count after when it changed.
+    fn add(&self, n: usize) -> (usize, Option<usize>) {
+        let before = self.queued.fetch_add(n, Ordering::Relaxed);
+        let granules = (before + n) / NODE_GRANULE - before / NODE_GRANULE;
+        let node_after = match &self.node {
+            Some(node) if granules > 0 => {
+                let d = granules * NODE_GRANULE;
+                Some(node.queued.fetch_add(d, Ordering::Relaxed) + d)
+            }
+            _ => None,
+        };
+        (before, node_after)
+    }
+
+    /// Take `n` bytes off this queue's count and the whole granules it crossed off the node's.
+    /// (Each change moves the node's count by the change of `count / granule`, so whatever the
+    /// interleaving, the node holds exactly the sum of its queues' counts rounded down.)
+    fn sub(&self, n: usize) {
+        let before = self.queued.fetch_sub(n, Ordering::Relaxed);
+        let granules = before / NODE_GRANULE - (before - n) / NODE_GRANULE;
+        if let Some(node) = &self.node
+            && granules > 0
+        {
+            node.queued
+                .fetch_sub(granules * NODE_GRANULE, Ordering::Relaxed);
+        }
+    }
+
+    /// Count `n` bytes about to be queued; refused (nothing counted) when it would pass the
+    /// session's cap or the node's budget. An empty queue always takes one item, so an item
+    /// larger than the cap is not refused forever; with `spare_node`, an empty queue also takes
+    /// it past the node's budget (replies, which wait for room instead of being refused).
+    /// One relaxed add on the session's counter; the node's shared counter only when the queue
+    /// crosses a [`NODE_GRANULE`] boundary, which is where the budget is checked.
+    fn reserve(&self, n: usize, spare_node: bool) -> Result<(), Overflow> {
+        let (before, node_after) = self.add(n);
+        if before != 0 && before + n > self.max {
+            self.sub(n);
+            return Err(Overflow::QueueBytes);
+        }
+        if let (Some(total), Some(node)) = (node_after, &self.node)
+            && total > node.max
+            && !(spare_node && before == 0)
+        {
+            self.sub(n);
+            return Err(Overflow::NodeBudget);
+        }
+        Ok(())
+    }
+
+    /// Give back `n` bytes: written, dropped, or never queued after [`QueueBytes::reserve`].
+    pub(crate) fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.sub(n);
+        self.room.notify_one();
+    }
+
+    /// Count `n` bytes for a reply if there is room now (see [`QueueBytes::reserve_waiting`]).
+    pub(crate) fn try_reserve_reply(&self, n: usize) -> bool {
+        self.reserve(n, true).is_ok()
+    }
+
+    /// Count `n` bytes for a reply, waiting while the queue holds more than the cap allows
+    /// (backpressure on this client only). Returns `false` when `closed` fires first.
+    pub(crate) async fn reserve_waiting(&self, n: usize, closed: &CancellationToken) -> bool {
+        loop {
+            if self.reserve(n, true).is_ok() {
+                return true;
+            }
+            tokio::select! {
+                biased;
+                _ = closed.cancelled() => return false,
+                _ = self.room.notified() => {}
+            }
+        }
+    }
+}
+
+/// What a session's queue holds by default when no listener configured it (4 MiB).
+pub const DEFAULT_QUEUE_BYTES: usize = 4 << 20;
+
+/// The unit in which the node's [`OutputBudget`] counts each queue (its bytes rounded down to
+/// it): the shared counter is touched once per 4 KiB a queue grows or shrinks, not once per
+/// message, so a fan-out does not make every core fight over one cache line. The node's count
+/// is therefore short by less than this per session.
+pub const NODE_GRANULE: usize = 4096;
+
 /// What the gate holds for one live session: its current snapshot, its outbound queue and the
 /// token that closes it.
 #[derive(Debug)]
@@ -225,25 +415,50 @@ pub struct SessionHandle {
     id: SessionId,
     snapshot: ArcSwap<Session>,
     outbound: mpsc::Sender<Outbound>,
+    /// The bytes waiting in `outbound` (and in the writer).
+    bytes: Arc<QueueBytes>,
     close: CancellationToken,
     /// Subscriptions and groups this session is in, so closing it can clean up.
     memberships: std::sync::Mutex<Vec<Arc<str>>>,
 }
 
 impl SessionHandle {
-    /// A handle for a new connection.
+    /// A handle for a new connection, its queue capped at [`DEFAULT_QUEUE_BYTES`] and outside
+    /// any node budget.
     pub fn new(
         session: Session,
         outbound: mpsc::Sender<Outbound>,
         close: CancellationToken,
     ) -> Arc<Self> {
+        Self::bounded(
+            session,
+            outbound,
+            close,
+            QueueBytes::new(DEFAULT_QUEUE_BYTES, None),
+        )
+    }
+
+    /// A handle whose queue is bounded in bytes by `bytes` (the listener's `write_queue_bytes`
+    /// and the node's budget). Whoever reads `outbound` must release what it takes from it.
+    pub fn bounded(
+        session: Session,
+        outbound: mpsc::Sender<Outbound>,
+        close: CancellationToken,
+        bytes: Arc<QueueBytes>,
+    ) -> Arc<Self> {
         Arc::new(SessionHandle {
             id: session.id.clone(),
             snapshot: ArcSwap::from_pointee(session),
             outbound,
+            bytes,
             close,
             memberships: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// The byte account of this session's queue.
+    pub fn queue_bytes(&self) -> &Arc<QueueBytes> {
+        &self.bytes
     }
 
     /// The current snapshot.
@@ -265,22 +480,52 @@ impl SessionHandle {
         s
     }
 
-    /// Queue a message without waiting. A full queue means the client is not reading fast enough:
-    /// the session is closed (slow-consumer policy) and the message is refused.
+    /// Queue a message without waiting. A queue that is full (in items or bytes), or a node
+    /// whose output budget is spent, means the client is not reading fast enough: the session is
+    /// closed (slow-consumer policy) and the message is refused.
     pub fn deliver(&self, msg: Arc<Message>, qos: Option<u8>) -> Result<(), CallError> {
-        match self.outbound.try_send(Outbound::Message { msg, qos }) {
+        let item = Outbound::Message { msg, qos };
+        let n = item.queued_size();
+        if let Err(over) = self.bytes.reserve(n, false) {
+            self.slow_consumer(over);
+            return Err(CallError::ConnectionClosed);
+        }
+        match self.outbound.try_send(item) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.close.is_cancelled() {
-                    let s = self.snapshot.load();
-                    tracing::warn!(session = %s.id, peer = %s.remote, reason = "slow consumer: outbound queue full", "closing connection");
-                    metrics::counter!("warren_slow_consumer_disconnects_total").increment(1);
-                    self.close.cancel();
-                }
+                self.bytes.release(n);
+                self.slow_consumer(Overflow::QueueLen);
                 Err(CallError::ConnectionClosed)
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(CallError::ConnectionClosed),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.bytes.release(n);
+                Err(CallError::ConnectionClosed)
+            }
         }
+    }
+
+    /// Close a session that cannot keep up: one rate-limited log line, one metric, once.
+    fn slow_consumer(&self, over: Overflow) {
+        if self.close.is_cancelled() {
+            return;
+        }
+        let s = self.snapshot.load();
+        let why = match over {
+            Overflow::QueueLen => "slow consumer: outbound queue full (write_queue)".to_owned(),
+            Overflow::QueueBytes => format!(
+                "slow consumer: {} bytes queued, cap write_queue_bytes = {}",
+                self.bytes.queued(),
+                self.bytes.max
+            ),
+            Overflow::NodeBudget => format!(
+                "slow consumer: the node's queued output is at [limits] max_queued_bytes = {}",
+                self.bytes.node.as_ref().map_or(0, |n| n.max)
+            ),
+        };
+        crate::gate::refusal::refuse(&s.remote, "slow_consumer", why);
+        metrics::counter!("warren_slow_consumer_disconnects_total", "reason" => over.reason())
+            .increment(1);
+        self.close.cancel();
     }
 
     /// Ask the connection to flush and close.
@@ -414,7 +659,10 @@ impl SessionTable {
         self.read().by_id.values().cloned().collect()
     }
 
-    /// `Bind(Sessionid, Userid)`.
+    /// `Bind(Sessionid, Userid)`. A uid is held by one live session of the gate: when another
+    /// one holds it, the table's policy decides: `reject` fails with [`CallError::UidInUse`] and
+    /// changes nothing; `kick_old` closes the other sessions (their snapshots keep the uid, the
+    /// index forgets them) and binds this one. Binding the uid a session already has is a no-op.
     pub fn bind(&self, id: &str, uid: &str) -> Result<Arc<Session>, CallError> {
         let mut t = self.write();
         let h = t.by_id.get(id).cloned().ok_or(CallError::NoSession)?;
@@ -523,6 +771,154 @@ mod tests {
             r#"{"IP":"127.0.0.1:53422","Network":"tcp","Serverid":"Gate001","Sessionid":"8f3c0b6e-1d2a-4c3b-9e8f-0a1b2c3d4e5f","Settings":{}}"#
         );
         let back = Session::from_export_map(&s.export_map(), Transport::Tcp).unwrap();
+    fn msg(body: usize) -> Arc<Message> {
+        Message::new(Bytes::from_static(b"t"), Bytes::from(vec![b'x'; body]))
+    }
+
+    /// What a writer does with what it takes: give the bytes back.
+    fn drain(rx: &mut mpsc::Receiver<Outbound>, bytes: &QueueBytes) -> usize {
+        let mut n = 0;
+        while let Ok(item) = rx.try_recv() {
+            let size = item.queued_size();
+            bytes.release(size);
+            n += 1;
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn a_session_that_never_reads_holds_at_most_its_byte_cap() {
+        let node = OutputBudget::new(1 << 30);
+        let bytes = QueueBytes::new(64 * 1024, Some(node.clone()));
+        let (tx, mut rx) = mpsc::channel(1024);
+        let close = CancellationToken::new();
+        let h = SessionHandle::bounded(session("s1"), tx, close.clone(), bytes.clone());
+        let mut delivered = 0;
+        while h.deliver(msg(10_000), None).is_ok() {
+            delivered += 1;
+            assert!(delivered < 1024, "the byte cap never refused");
+        }
+        // far below the 1024-item queue: the bytes decided
+        assert_eq!(delivered, 6);
+        assert!(bytes.queued() <= 64 * 1024);
+        assert_eq!(node.queued(), bytes.queued() / NODE_GRANULE * NODE_GRANULE);
+        assert!(close.is_cancelled(), "the slow consumer is closed");
+        assert_eq!(drain(&mut rx, &bytes), 6);
+        assert_eq!(bytes.queued(), 0);
+        assert_eq!(node.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_empty_queue_takes_one_item_larger_than_the_cap() {
+        let bytes = QueueBytes::new(1024, None);
+        let (tx, mut rx) = mpsc::channel(16);
+        let h = SessionHandle::bounded(session("s1"), tx, CancellationToken::new(), bytes.clone());
+        assert!(h.deliver(msg(5000), None).is_ok());
+        assert!(h.deliver(msg(10), None).is_err());
+        drain(&mut rx, &bytes);
+        assert_eq!(bytes.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_node_budget_refuses_and_closes_only_the_recipient() {
+        let node = OutputBudget::new(20_000);
+        let (tx_a, mut rx_a) = mpsc::channel(1024);
+        let (tx_b, _rx_b) = mpsc::channel(1024);
+        let (close_a, close_b) = (CancellationToken::new(), CancellationToken::new());
+        let bytes_a = QueueBytes::new(1 << 20, Some(node.clone()));
+        let a = SessionHandle::bounded(session("a"), tx_a, close_a.clone(), bytes_a.clone());
+        let b = SessionHandle::bounded(
+            session("b"),
+            tx_b,
+            close_b.clone(),
+            QueueBytes::new(1 << 20, Some(node.clone())),
+        );
+        for _ in 0..4 {
+            a.deliver(msg(5000), None).expect("within the budget");
+        }
+        // 4 × 5017 bytes queued, counted as 4 granules; b's first granule would pass 20 000
+        assert_eq!(node.queued(), 4 * NODE_GRANULE);
+        assert_eq!(
+            b.deliver(msg(5000), None).unwrap_err(),
+            CallError::ConnectionClosed
+        );
+        assert!(close_b.is_cancelled());
+        assert!(!close_a.is_cancelled());
+        assert_eq!(node.queued(), 4 * NODE_GRANULE);
+        // once a's writer catches up, the node takes work again
+        drain(&mut rx_a, &bytes_a);
+        assert_eq!(node.queued(), 0);
+        a.deliver(msg(5000), None).expect("budget given back");
+    }
+
+    #[tokio::test]
+    async fn a_full_item_queue_is_a_slow_consumer_too_and_gives_its_bytes_back() {
+        let node = OutputBudget::new(1 << 30);
+        let bytes = QueueBytes::new(1 << 20, Some(node.clone()));
+        let (tx, _rx) = mpsc::channel(2);
+        let close = CancellationToken::new();
+        let h = SessionHandle::bounded(session("s1"), tx, close.clone(), bytes.clone());
+        h.deliver(msg(1), None).unwrap();
+        h.deliver(msg(1), None).unwrap();
+        assert!(h.deliver(msg(1), None).is_err());
+        assert!(close.is_cancelled());
+        assert_eq!(bytes.queued(), 2 * 18);
+        assert_eq!(node.queued(), 0, "less than a granule");
+    }
+
+    #[tokio::test]
+    async fn a_reply_waits_for_room_and_goes_once_the_writer_releases() {
+        use futures_util::FutureExt;
+        let bytes = QueueBytes::new(1000, None);
+        let closed = CancellationToken::new();
+        assert!(bytes.reserve_waiting(800, &closed).await);
+        let wait = bytes.reserve_waiting(800, &closed);
+        tokio::pin!(wait);
+        assert!((&mut wait).now_or_never().is_none(), "over the cap: waits");
+        bytes.release(800);
+        assert!(wait.await, "room again: goes");
+        assert_eq!(bytes.queued(), 800);
+        // a connection that closes while waiting stops waiting
+        let wait = bytes.reserve_waiting(800, &closed);
+        tokio::pin!(wait);
+        assert!((&mut wait).now_or_never().is_none());
+        closed.cancel();
+        assert!(!wait.await);
+        assert_eq!(bytes.queued(), 800);
+    }
+
+    #[tokio::test]
+    async fn a_reply_to_an_empty_queue_is_not_held_by_the_node_budget() {
+        const G: usize = NODE_GRANULE;
+        let node = OutputBudget::new(2 * G);
+        let other = QueueBytes::new(1 << 20, Some(node.clone()));
+        assert!(other.try_reserve_reply(2 * G));
+        let mine = QueueBytes::new(1 << 20, Some(node.clone()));
+        // a push is refused, a reply is not (it would wait for a writer with nothing to write)
+        assert_eq!(mine.reserve(G, false), Err(Overflow::NodeBudget));
+        assert!(mine.try_reserve_reply(G));
+        assert!(!mine.try_reserve_reply(G), "not empty any more: waits");
+        mine.release(G);
+        other.release(2 * G);
+        assert_eq!(node.queued(), 0);
+    }
+
+    #[test]
+    fn the_node_count_is_each_queue_rounded_down_to_granules_whatever_the_order() {
+        let node = OutputBudget::new(1 << 30);
+        let q = QueueBytes::new(1 << 30, Some(node.clone()));
+        let sizes = [1, 4095, 3000, 5000, 17, 9000, 4096, 1];
+        for n in sizes {
+            q.reserve(n, false).unwrap();
+            assert_eq!(node.queued(), q.queued() / NODE_GRANULE * NODE_GRANULE);
+        }
+        for n in sizes.iter().rev().step_by(2).chain(sizes.iter().step_by(2)) {
+            q.release(*n);
+            assert_eq!(node.queued(), q.queued() / NODE_GRANULE * NODE_GRANULE);
+        }
+        assert_eq!((q.queued(), node.queued()), (0, 0));
+    }
+
         assert_eq!(back, s);
     }
 
@@ -550,3 +946,45 @@ mod tests {
         assert_eq!(t.update("s1").unwrap_err().to_string(), "No Sesssion found");
     }
 }
+    /// What binding a uid that another live session holds does (`[auth] uid_conflict`).
+    uid_conflict: crate::config::UidConflict,
+            uid_conflict: crate::config::UidConflict::default(),
+    /// The same table with another uid conflict policy (`[auth] uid_conflict`).
+    pub fn with_uid_conflict(mut self, policy: crate::config::UidConflict) -> Self {
+        self.uid_conflict = policy;
+        self
+    }
+
+        if old.as_deref() == Some(uid) {
+            return Ok(h.snapshot());
+        }
+        let holders: Vec<Arc<SessionHandle>> = t
+            .by_uid
+            .get(uid)
+            .map(|ids| {
+                ids.iter()
+                    .filter(|s| &***s != id)
+                    .filter_map(|s| t.by_id.get(s).cloned())
+                    .filter(|s| !s.is_closed())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !holders.is_empty() {
+            match self.uid_conflict {
+                crate::config::UidConflict::Reject => {
+                    metrics::counter!("warren_uid_conflicts_total", "policy" => "reject")
+                        .increment(1);
+                    return Err(CallError::UidInUse(uid.to_owned()));
+                }
+                crate::config::UidConflict::KickOld => {
+                    metrics::counter!("warren_uid_conflicts_total", "policy" => "kick_old")
+                        .increment(1);
+                    for old in holders {
+                        let s = old.snapshot();
+                        tracing::info!(uid, old_session = %s.id, old_peer = %s.remote, "uid bound by a new session; closing the older one");
+                        unindex(&mut t.by_uid, uid, old.id());
+                        old.close();
+                    }
+                }
+            }
+        }

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -16,6 +17,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -23,13 +26,37 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Gate;
+use super::refusal;
 use super::transport::{Reader, Writer};
 use crate::bus::Pending;
 use crate::config::ListenerConfig;
 use crate::error::CallError;
 use crate::route::Route;
 use crate::router::Target;
-use crate::session::{Outbound, Protocol as SessionProtocol, Session, SessionHandle, Transport};
+use crate::session::{
+    Outbound, Protocol as SessionProtocol, QueueBytes, Session, SessionHandle, Transport,
+};
+
+/// WebSocket close codes (RFC 6455 §7.4.1) a connection says goodbye with. On TCP there is no
+/// code: the socket is shut down.
+pub(crate) mod close_code {
+    /// The connection did what it was for (the client said goodbye or closed, a session `Close`).
+    pub(crate) const NORMAL: u16 = 1000;
+    /// The server is going away (drain) or the client went silent (idle timeout).
+    pub(crate) const GOING_AWAY: u16 = 1001;
+    /// The client broke its protocol (a malformed packet, a WebSocket protocol error).
+    pub(crate) const PROTOCOL_ERROR: u16 = 1002;
+    /// A data type the endpoint cannot accept (a text frame on a binary protocol).
+    pub(crate) const UNSUPPORTED_DATA: u16 = 1003;
+    /// A text frame that is not UTF-8, or a message that is not what the protocol carries.
+    pub(crate) const BAD_DATA: u16 = 1007;
+    /// A rule of this server (login refused, deadline missed, slow consumer).
+    pub(crate) const POLICY: u16 = 1008;
+    /// A frame or message over the listener's size limit.
+    pub(crate) const TOO_BIG: u16 = 1009;
+    /// The server failed.
+    pub(crate) const SERVER_ERROR: u16 = 1011;
+}
 
 /// Why a connection ends, for the log line and for how it closes.
 pub(crate) enum End {
@@ -37,14 +64,82 @@ pub(crate) enum End {
     PeerClosed,
     /// The client said goodbye in its protocol.
     Disconnect,
-    /// The client broke a rule; the text is logged with its address.
+    /// The client broke a rule; the text is logged with its address (WebSocket close 1002).
     Refused(String),
     /// As `Refused`, closing a WebSocket with this close code (1007 bad data, 1008 policy).
     RefusedWithCode(u16, String),
+    /// A limit or deadline ended it: the kind names it in `warren_refusals_total` and the log
+    /// line (`connect_timeout`, `idle_timeout`, `ws_too_big`…), then the WebSocket close code.
+    Limit(&'static str, u16, String),
     /// The server closed it (session `Close`, takeover, slow consumer).
     ServerClosed,
     /// Shutdown: in-flight requests are done.
     Drained,
+}
+
+impl End {
+    /// The WebSocket close code this end says goodbye with.
+    pub(crate) fn close_code(&self) -> u16 {
+        match self {
+            End::PeerClosed | End::Disconnect | End::ServerClosed => close_code::NORMAL,
+            End::Refused(_) => close_code::PROTOCOL_ERROR,
+            End::RefusedWithCode(code, _) | End::Limit(_, code, _) => *code,
+            End::Drained => close_code::GOING_AWAY,
+        }
+    }
+
+    /// The refusal kind of a close code, for the metric and the log line.
+    fn kind_of(code: u16) -> &'static str {
+        match code {
+            close_code::UNSUPPORTED_DATA => "unsupported_data",
+            close_code::BAD_DATA => "bad_data",
+            close_code::POLICY => "policy",
+            close_code::TOO_BIG => "too_big",
+            close_code::SERVER_ERROR => "server_error",
+            _ => "protocol",
+        }
+    }
+}
+
+/// A read that failed: the peer went away, or the WebSocket layer refused what the client sent
+/// (each with its close code: not UTF-8 1007, too big 1009, a protocol violation 1002).
+fn read_error(e: &std::io::Error) -> End {
+    if matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::UnexpectedEof
+    ) {
+        return End::PeerClosed;
+    }
+    // the WebSocket library's errors reach us as text inside an io::Error
+    let text = e.to_string();
+    if text.contains("without closing handshake") {
+        End::PeerClosed
+    } else if text.contains("UTF-8") {
+        End::Limit(
+            "ws_bad_utf8",
+            close_code::BAD_DATA,
+            format!("text frame is not UTF-8: {text}"),
+        )
+    } else if text.contains("Space limit exceeded") || text.contains("too long") {
+        End::Limit(
+            "ws_too_big",
+            close_code::TOO_BIG,
+            format!("frame or message over the size limit: {text}"),
+        )
+    } else if text.contains("WebSocket protocol error") {
+        End::Limit(
+            "ws_protocol",
+            close_code::PROTOCOL_ERROR,
+            format!("websocket protocol error: {text}"),
+        )
+    } else if e.kind() == std::io::ErrorKind::InvalidData && text.contains("text frame") {
+        End::Limit("ws_data_type", close_code::UNSUPPORTED_DATA, text)
+    } else {
+        End::Refused(format!("read failed: {text}"))
+    }
 }
 
 /// Frames outbound items in one protocol's bytes. Runs on the writer task.
@@ -111,6 +206,14 @@ pub(crate) trait Protocol: Send + Sized + 'static {
     /// How long the connection may stay silent.
     fn read_timeout(&self) -> Option<Duration>;
 
+    /// What the connection still waits for before it is established (`"the pomelo handshake"`,
+    /// `"login"`…), or `None` once it is. Until then the read deadline is the listener's
+    /// `connect_timeout_s`, counted from the start and not re-armed by other traffic, so a
+    /// client that never says its first meaningful message cannot hold a connection.
+    fn awaiting(&self, _conn: &SessionConn<Self::Tag>) -> Option<&'static str> {
+        None
+    }
+
     /// A period at which [`Protocol::on_tick`] runs (buffered flushes), if any.
     fn tick(&self) -> Option<Duration> {
         None
@@ -173,11 +276,107 @@ pub(crate) struct SessionConn<T> {
     pub(crate) gate: Arc<Gate>,
     pub(crate) cfg: Arc<ListenerConfig>,
     pub(crate) handle: Arc<SessionHandle>,
-    pub(crate) tx: mpsc::Sender<Outbound>,
+    /// The outbound queue; items go in through [`SessionConn::send`] or
+    /// [`SessionConn::try_send`], which count their bytes.
+    tx: mpsc::Sender<Outbound>,
     pub(crate) close: CancellationToken,
     pub(crate) peer: SocketAddr,
     pub(crate) pending: PendingSet<T>,
+    /// Client messages taken in so far (see [`SessionConn::admit_message`]).
+    messages_in: u64,
+    /// The listener's per-connection rates, when it sets any.
+    rates: Option<Box<Rates>>,
     write_task: JoinHandle<()>,
+}
+
+/// Per-connection rate limits (`msg_rate`/`msg_burst`, `byte_rate`/`byte_burst`): what the
+/// client has sent beyond what its limiters allowed so far is a debt; while there is one, the
+/// connection stops reading (TCP backpressure on that client) until the limiter lets it be paid.
+struct Rates {
+    clock: DefaultClock,
+    msgs: Option<DefaultDirectRateLimiter>,
+    bytes: Option<(DefaultDirectRateLimiter, u32)>,
+    msg_debt: u64,
+    byte_debt: u64,
+    /// Reading resumes at this time.
+    resume_at: Option<Instant>,
+    /// The one log line of this connection's throttling was written.
+    logged: bool,
+}
+
+impl Rates {
+    /// The limiters a listener configures; `None` when it sets no rate (nothing to pay for).
+    fn new(cfg: &ListenerConfig) -> Option<Box<Rates>> {
+        let clock = DefaultClock::default();
+        let limiter = |rate: u32, burst: u32| {
+            let rate = NonZeroU32::new(rate)?;
+            let burst = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
+            Some(RateLimiter::direct_with_clock(
+                Quota::per_second(rate).allow_burst(burst),
+                clock.clone(),
+            ))
+        };
+        let msgs = limiter(cfg.msg_rate, cfg.msg_burst);
+        let bytes = limiter(cfg.byte_rate, cfg.byte_burst).map(|l| (l, cfg.byte_burst.max(1)));
+        if msgs.is_none() && bytes.is_none() {
+            return None;
+        }
+        Some(Box::new(Rates {
+            clock,
+            msgs,
+            bytes,
+            msg_debt: 0,
+            byte_debt: 0,
+            resume_at: None,
+            logged: false,
+        }))
+    }
+
+    /// Pay what the limiters allow now; when a debt remains, say when reading may resume.
+    /// Returns the rate that is over, if any.
+    fn settle(&mut self) -> Option<&'static str> {
+        let mut wait = None;
+        let mut over = None;
+        if let Some(l) = &self.msgs {
+            while self.msg_debt > 0 {
+                match l.check() {
+                    Ok(()) => self.msg_debt -= 1,
+                    Err(not_until) => {
+                        wait = Some(not_until.wait_time_from(self.clock.now()));
+                        over = Some("msg_rate");
+                        break;
+                    }
+                }
+            }
+        } else {
+            self.msg_debt = 0;
+        }
+        if wait.is_none() {
+            if let Some((l, burst)) = &self.bytes {
+                while self.byte_debt > 0 {
+                    let chunk = self.byte_debt.min(u64::from(*burst)) as u32;
+                    let Some(cells) = NonZeroU32::new(chunk) else {
+                        break;
+                    };
+                    match l.check_n(cells) {
+                        Ok(Ok(())) => self.byte_debt -= u64::from(chunk),
+                        Ok(Err(not_until)) => {
+                            wait = Some(not_until.wait_time_from(self.clock.now()));
+                            over = Some("byte_rate");
+                            break;
+                        }
+                        // a chunk is never larger than the burst; should it be, forgive it
+                        Err(_) => self.byte_debt = 0,
+                    }
+                }
+            } else {
+                self.byte_debt = 0;
+            }
+        }
+        // a limiter that says "now" is retried on the next turn of the loop, not spun on here
+        self.resume_at = wait.map(|w| Instant::now() + w.max(Duration::from_millis(1)));
+        over
+    }
 }
 
 impl<T: Send + Unpin + 'static> SessionConn<T> {
@@ -206,18 +405,21 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             gate: node.session_table().gate_id().clone(),
         };
         tracing::Span::current().record("session", tracing::field::display(&session.id));
-        let handle = SessionHandle::new(session, tx.clone(), close.clone());
+        let bytes = QueueBytes::new(cfg.write_queue_bytes, Some(gate.output.clone()));
+        let handle = SessionHandle::bounded(session, tx.clone(), close.clone(), bytes.clone());
         node.session_table().insert(handle.clone());
         let write_task = tokio::spawn(
             write_loop(
                 writer,
-                rx,
+                QueueRx { rx, bytes },
                 close.clone(),
                 framer,
                 Duration::from_secs(cfg.write_timeout_s),
+                peer,
             )
             .instrument(tracing::Span::current()),
         );
+        let rates = Rates::new(&cfg);
         SessionConn {
             gate,
             cfg,
@@ -226,18 +428,112 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             close,
             peer,
             pending: PendingSet::default(),
+            messages_in: 0,
+            rates,
             write_task,
         }
     }
 
-    /// Whether another request may be taken in.
+    /// Whether another request may be taken in: fewer than `max_inflight` awaiting their
+    /// handlers, and the connection is not over its rates.
     pub(crate) fn has_room(&self) -> bool {
         self.pending.len() < self.cfg.max_inflight.max(1)
+            && self.rates.as_ref().is_none_or(|r| r.resume_at.is_none())
     }
 
-    /// Queue an outbound item, waiting for room (backpressure on this client only).
+    /// Count one decoded client message, whatever the protocol (every protocol's decode loop
+    /// calls it once per message). Over `msg_rate`, the connection stops reading until the
+    /// limiter allows again; the message itself is handled.
+    pub(crate) fn admit_message(&mut self) {
+        self.messages_in += 1;
+        if let Some(r) = self.rates.as_deref_mut()
+            && r.msgs.is_some()
+        {
+            r.msg_debt += 1;
+            if r.resume_at.is_none() {
+                self.settle_rates();
+            }
+        }
+    }
+
+    /// Client messages taken in so far.
+    pub(crate) fn messages_in(&self) -> u64 {
+        self.messages_in
+    }
+
+    /// Count `n` bytes read from the socket against `byte_rate`.
+    fn admit_bytes(&mut self, n: usize) {
+        if let Some(r) = self.rates.as_deref_mut()
+            && r.bytes.is_some()
+        {
+            r.byte_debt += n as u64;
+            if r.resume_at.is_none() {
+                self.settle_rates();
+            }
+        }
+    }
+
+    /// Pay the rate debts the limiters allow now; count (and log once) a pause.
+    fn settle_rates(&mut self) {
+        let Some(r) = self.rates.as_deref_mut() else {
+            return;
+        };
+        let Some(over) = r.settle() else { return };
+        metrics::counter!("warren_throttled_total", "reason" => over).increment(1);
+        if !r.logged {
+            r.logged = true;
+            let (rate, burst) = if over == "msg_rate" {
+                (self.cfg.msg_rate, self.cfg.msg_burst)
+            } else {
+                (self.cfg.byte_rate, self.cfg.byte_burst)
+            };
+            refusal::deny(
+                &self.peer,
+                over,
+                format_args!("over {over} = {rate}/s (burst {burst}): reading paused"),
+            );
+        }
+    }
+
+    /// When reading resumes, if the connection is over a rate.
+    fn throttled_until(&self) -> Option<Instant> {
+        self.rates.as_ref().and_then(|r| r.resume_at)
+    }
+
+    /// Queue an outbound item, waiting for room (backpressure on this client only): room in
+    /// items (`write_queue`) and in bytes (`write_queue_bytes`; an empty queue always takes one
+    /// item). A client that never reads cannot hold this forever: its writer gives up after
+    /// `write_timeout_s` and closes the connection, which ends the wait.
     pub(crate) async fn send(&mut self, o: Outbound) -> Result<(), End> {
-        self.tx.send(o).await.map_err(|_| End::ServerClosed)
+        let n = o.queued_size();
+        let bytes = self.handle.queue_bytes();
+        if !bytes.reserve_waiting(n, &self.close).await {
+            return Err(End::ServerClosed);
+        }
+        let sent = tokio::select! {
+            biased;
+            _ = self.close.cancelled() => Err(()),
+            r = self.tx.send(o) => r.map_err(|_| ()),
+        };
+        sent.map_err(|()| {
+            bytes.release(n);
+            End::ServerClosed
+        })
+    }
+
+    /// Queue an outbound item only if there is room now (a goodbye while draining); whether it
+    /// was queued.
+    pub(crate) fn try_send(&self, o: Outbound) -> bool {
+        let n = o.queued_size();
+        let bytes = self.handle.queue_bytes();
+        if !bytes.try_reserve_reply(n) {
+            return false;
+        }
+        if self.tx.try_send(o).is_err() {
+            bytes.release(n);
+            return false;
+        }
+        true
     }
 
     /// Resolve a route to a target for this session.
@@ -289,9 +585,20 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     /// modules that asked for it.
     pub(crate) async fn finish(self, end: End) {
         match &end {
-            End::Refused(why) | End::RefusedWithCode(_, why) => {
-                tracing::warn!(peer = %self.peer, reason = %why, "closing connection");
+            End::Refused(why) => {
+                refusal::refuse(&self.peer, "protocol", why);
                 metrics::counter!("warren_connections_refused_total", "reason" => "protocol")
+                    .increment(1);
+            }
+            End::RefusedWithCode(code, why) => {
+                let kind = End::kind_of(*code);
+                refusal::refuse(&self.peer, kind, why);
+                metrics::counter!("warren_connections_refused_total", "reason" => kind)
+                    .increment(1);
+            }
+            End::Limit(kind, _, why) => {
+                refusal::refuse(&self.peer, kind, why);
+                metrics::counter!("warren_connections_refused_total", "reason" => *kind)
                     .increment(1);
             }
             End::PeerClosed => tracing::debug!("peer closed"),
@@ -304,12 +611,15 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         node.session_table().remove(&sid);
         node.groups().remove_everywhere(&self.handle);
         let last = self.handle.snapshot();
-        if let End::RefusedWithCode(code, _) = end {
-            let _ = self.tx.try_send(Outbound::CloseCode(code));
-        } else if matches!(end, End::Drained | End::ServerClosed | End::Refused(_)) {
-            let _ = self.tx.try_send(Outbound::Close);
-        } else {
-            self.close.cancel();
+        match end {
+            // nothing more to say to a client that left: the writer stops (a WebSocket still
+            // gets its close frame, code 1000)
+            End::PeerClosed | End::Disconnect => self.close.cancel(),
+            // flush what is queued, then the close frame with the code of why it ends; a queue
+            // too full to take it is a client not reading: the writer's deadline ends it
+            _ => {
+                let _ = self.tx.try_send(Outbound::CloseCode(end.close_code()));
+            }
         }
         let SessionConn {
             mut write_task,
@@ -353,8 +663,12 @@ pub(crate) fn serve_session<P: Protocol>(
     }
 }
 
-/// The read loop every protocol uses: server close, drain, replies, keepalive, socket — in that
-/// order of priority. Returns why the connection ends.
+/// The read loop every protocol uses: server close, drain, replies, keepalive, rate pauses,
+/// socket — in that order of priority. Returns why the connection ends.
+///
+/// Until the protocol is established ([`Protocol::awaiting`]) the read deadline is
+/// `connect_timeout_s` from the start; then it is the protocol's [`Protocol::read_timeout`],
+/// re-armed by every frame handled.
 pub(crate) async fn run<P: Protocol>(
     proto: &mut P,
     conn: &mut SessionConn<P::Tag>,
@@ -362,8 +676,14 @@ pub(crate) async fn run<P: Protocol>(
     buf: &mut BytesMut,
 ) -> End {
     let read_timeout = proto.read_timeout();
+    let connect_timeout = Duration::from_secs(conn.cfg.connect_timeout_s.max(1));
     let far = Instant::now() + Duration::from_secs(86400 * 365);
-    let deadline = tokio::time::sleep_until(read_timeout.map_or(far, |d| Instant::now() + d));
+    let mut awaiting = proto.awaiting(conn);
+    let first = match awaiting {
+        Some(_) => Some(connect_timeout),
+        None => read_timeout,
+    };
+    let deadline = tokio::time::sleep_until(first.map_or(far, |d| Instant::now() + d));
     tokio::pin!(deadline);
     let mut draining = false;
     let tick_every = proto.tick();
@@ -382,12 +702,19 @@ pub(crate) async fn run<P: Protocol>(
             // connection's task stays small
             match Box::pin(proto.handle_buffered(conn, buf)).await {
                 Err(end) => return end,
-                Ok(true) => {
-                    if let Some(d) = read_timeout {
+                Ok(handled) => {
+                    if awaiting.is_some() {
+                        // the connect deadline is not re-armed: only being established ends it
+                        awaiting = proto.awaiting(conn);
+                        if awaiting.is_none() {
+                            deadline
+                                .as_mut()
+                                .reset(read_timeout.map_or(far, |d| Instant::now() + d));
+                        }
+                    } else if handled && let Some(d) = read_timeout {
                         deadline.as_mut().reset(Instant::now() + d);
                     }
                 }
-                Ok(false) => {}
             }
             if buf.is_empty() && buf.capacity() > 0 {
                 // an idle connection holds no read buffer
@@ -395,6 +722,7 @@ pub(crate) async fn run<P: Protocol>(
             }
         }
         let room = conn.has_room();
+        let resume = conn.throttled_until();
         tokio::select! {
             biased;
             _ = conn.close.cancelled() => return End::ServerClosed,
@@ -421,52 +749,86 @@ pub(crate) async fn run<P: Protocol>(
                     }
                 }
             }
+            _ = async { tokio::time::sleep_until(resume?).await; Some(()) }, if resume.is_some() => {
+                conn.settle_rates();
+            }
             _ = &mut deadline, if !draining => {
-                return End::Refused(format!(
-                    "idle timeout: nothing received for {:?}",
-                    read_timeout.unwrap_or_default()
-                ));
+                return match awaiting {
+                    Some(what) => End::Limit(
+                        "connect_timeout",
+                        close_code::POLICY,
+                        format!("no {what} within connect_timeout_s = {}", connect_timeout.as_secs()),
+                    ),
+                    None => End::Limit(
+                        "idle_timeout",
+                        close_code::GOING_AWAY,
+                        format!(
+                            "idle timeout: nothing received for {:?}",
+                            read_timeout.unwrap_or_default()
+                        ),
+                    ),
+                };
             }
             r = reader.read(buf), if !draining && room => {
                 match r {
                     Ok(0) => return End::PeerClosed,
-                    Ok(_) => {}
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) => {
-                        return End::PeerClosed;
-                    }
-                    Err(e) if e.to_string().contains("without closing handshake") => return End::PeerClosed,
-                    Err(e) => return End::Refused(format!("read failed: {e}")),
+                    Ok(n) => conn.admit_bytes(n),
+                    Err(e) => return read_error(&e),
                 }
             }
         }
     }
 }
 
+/// The writer's end of a session's queue. Every item taken from it gives its bytes back to the
+/// session's [`QueueBytes`] (once written, or when dropped unwritten), so the node's budget
+/// never keeps bytes of a connection that is gone.
+struct QueueRx {
+    rx: mpsc::Receiver<Outbound>,
+    bytes: Arc<QueueBytes>,
+}
+
+impl Drop for QueueRx {
+    fn drop(&mut self) {
+        self.rx.close();
+        let mut n = 0;
+        while let Ok(item) = self.rx.try_recv() {
+            n += item.queued_size();
+        }
+        self.bytes.release(n);
+    }
+}
+
 /// Drain the outbound queue into the socket: everything already queued goes out in one write.
+/// Bytes are given back to the session's account once written, so what a client that stops
+/// reading pins — queued and being written — stays within `write_queue_bytes`.
 async fn write_loop(
     mut w: Writer,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut q: QueueRx,
     close: CancellationToken,
     mut framer: impl Framer,
     write_timeout: Duration,
+    peer: SocketAddr,
 ) {
     let mut out = Out::default();
     'outer: loop {
         let first = tokio::select! {
             biased;
             _ = close.cancelled() => break,
-            o = rx.recv() => o,
+            o = q.rx.recv() => o,
         };
         let Some(first) = first else { break };
         let mut closing = false;
         // everything else already queued comes out in one batch: one permit release (one lock)
         // per batch instead of per message
         let mut batch = Vec::new();
-        if !rx.is_empty() {
-            batch.reserve(rx.len().min(128));
-            rx.recv_many(&mut batch, 128).await;
+        if !q.rx.is_empty() {
+            batch.reserve(q.rx.len().min(128));
+            q.rx.recv_many(&mut batch, 128).await;
         }
+        let mut taken = 0;
         for item in std::iter::once(first).chain(batch) {
+            taken += item.queued_size();
             match item {
                 Outbound::Close => closing = true,
                 Outbound::CloseCode(code) => {
@@ -480,31 +842,150 @@ async fn write_loop(
         }
         if !out.buf.is_empty() {
             metrics::counter!("warren_socket_writes_total").increment(1);
-            // boxed: the write and its timer exist only while writing, not in an idle task
-            match Box::pin(tokio::time::timeout(write_timeout, w.write(&mut out))).await {
+            // boxed: the write and its timer exist only while writing, not in an idle task;
+            // a session closed meanwhile (slow consumer, kill) stops it: what it held is freed
+            let written = Box::pin(async {
+                tokio::select! {
+                    biased;
+                    _ = close.cancelled() => None,
+                    r = tokio::time::timeout(write_timeout, w.write(&mut out)) => Some(r),
+                }
+            })
+            .await;
+            q.bytes.release(taken);
+            let Some(written) = written else {
+                break 'outer;
+            };
+            match written {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "write failed");
                     break 'outer;
                 }
                 Err(_) => {
-                    tracing::warn!(
-                        reason = "write timeout: client not reading",
-                        "closing connection"
+                    refusal::refuse(
+                        &peer,
+                        "slow_consumer",
+                        format_args!(
+                            "slow consumer: a write took longer than write_timeout_s = {}",
+                            write_timeout.as_secs()
+                        ),
                     );
-                    metrics::counter!("warren_slow_consumer_disconnects_total").increment(1);
+                    metrics::counter!("warren_slow_consumer_disconnects_total", "reason" => "write_timeout")
+                        .increment(1);
                     break 'outer;
                 }
             }
-            if rx.is_empty() && out.buf.capacity() > 4 * 1024 {
+            if q.rx.is_empty() && out.buf.capacity() > 4 * 1024 {
                 // a burst is over: give its buffer back instead of holding it while idle
                 out.buf = BytesMut::new();
             }
+        } else {
+            q.bytes.release(taken);
         }
         if closing {
             break;
         }
     }
     close.cancel();
-    w.close(out.close_code).await;
+    // what is still queued is not going to be written: give its bytes back now
+    drop(q);
+    // a peer that does not read cannot hold the goodbye either
+    let code = out.close_code.unwrap_or(close_code::NORMAL);
+    let _ = tokio::time::timeout(
+        write_timeout.min(Duration::from_secs(5)),
+        w.close(Some(code)),
+    )
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{Message, OutputBudget};
+
+    #[tokio::test]
+    async fn what_the_writer_never_wrote_is_given_back_to_the_node() {
+        let node = OutputBudget::new(1 << 20);
+        let bytes = QueueBytes::new(1 << 20, Some(node.clone()));
+        let (tx, rx) = mpsc::channel(16);
+        let h = SessionHandle::bounded(
+            Session {
+                id: "s1".into(),
+                uid: None,
+                settings: Default::default(),
+                remote: "127.0.0.1:1".parse().unwrap(),
+                transport: Transport::Tcp,
+                protocol: SessionProtocol::Mqtt,
+                gate: "g".into(),
+            },
+            tx,
+            CancellationToken::new(),
+            bytes.clone(),
+        );
+        for _ in 0..3 {
+            h.deliver(Message::new("t", vec![0u8; 5000]), None).unwrap();
+        }
+        assert!(node.queued() >= 12_000);
+        drop(QueueRx { rx, bytes });
+        assert_eq!(node.queued(), 0);
+        // a delivery after the writer is gone is refused and counts nothing
+        assert!(h.deliver(Message::new("t", vec![0u8; 10]), None).is_err());
+        assert_eq!(node.queued(), 0);
+    }
+
+    #[test]
+    fn no_rates_configured_means_no_limiter() {
+        assert!(Rates::new(&ListenerConfig::default()).is_none());
+    }
+
+    #[test]
+    fn over_the_message_rate_reading_pauses_and_nothing_is_forgiven() {
+        let cfg = ListenerConfig {
+            msg_rate: 1,
+            msg_burst: 3,
+            ..ListenerConfig::default()
+        };
+        let mut r = Rates::new(&cfg).expect("a limiter");
+        for _ in 0..3 {
+            r.msg_debt += 1;
+            assert_eq!(r.settle(), None, "within the burst");
+            assert!(r.resume_at.is_none());
+        }
+        r.msg_debt += 1;
+        assert_eq!(r.settle(), Some("msg_rate"));
+        assert!(r.resume_at.is_some(), "reading pauses");
+        assert_eq!(r.msg_debt, 1, "the message is still owed");
+    }
+
+    #[test]
+    fn bytes_are_paid_in_chunks_of_the_burst() {
+        let cfg = ListenerConfig {
+            byte_rate: 1,
+            byte_burst: 1000,
+            ..ListenerConfig::default()
+        };
+        let mut r = Rates::new(&cfg).expect("a limiter");
+        r.byte_debt = 900;
+        assert_eq!(r.settle(), None);
+        // a read larger than the whole burst cannot be paid at once, and is not forgiven
+        r.byte_debt = 5000;
+        assert_eq!(r.settle(), Some("byte_rate"));
+        assert_eq!(r.byte_debt, 5000);
+    }
+
+    #[test]
+    fn ends_close_websockets_with_their_codes() {
+        assert_eq!(End::Drained.close_code(), 1001);
+        assert_eq!(End::Refused("x".into()).close_code(), 1002);
+        assert_eq!(End::PeerClosed.close_code(), 1000);
+        let utf8 = std::io::Error::other("UTF-8 encoding error: invalid utf-8 sequence");
+        assert_eq!(read_error(&utf8).close_code(), 1007);
+        let big = std::io::Error::other("Space limit exceeded: Message too long: 9 > 4");
+        assert_eq!(read_error(&big).close_code(), 1009);
+        let proto = std::io::Error::other("WebSocket protocol error: unmasked frame");
+        assert_eq!(read_error(&proto).close_code(), 1002);
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(matches!(read_error(&reset), End::PeerClosed));
+    }
 }

@@ -17,7 +17,7 @@ use warren_proto::json_ws::{self, Frame};
 use super::args::{args_from_result, body_from_args};
 use super::conn::{self, End, Framer, Out, SessionConn};
 use super::transport::{Reader, Writer};
-use super::{AuthRefusal, ConnectInfo, Gate};
+use super::{Credentials, Gate};
 use crate::config::ListenerConfig;
 use crate::error::CallError;
 use crate::route::Route;
@@ -85,6 +85,7 @@ impl conn::Protocol for JsonSession {
         while conn.has_room() {
             let Some(raw) = take_message(buf) else { break };
             handled = true;
+            conn.admit_message();
             let frame = json_ws::decode(&raw, self.max).map_err(|e| {
                 metrics::counter!("warren_decode_errors_total", "kind" => e.kind()).increment(1);
                 End::RefusedWithCode(1007, format!("bad frame: {e}"))
@@ -128,6 +129,10 @@ impl conn::Protocol for JsonSession {
     fn read_timeout(&self) -> Option<Duration> {
         self.idle
     }
+
+    fn awaiting(&self, _conn: &Conn) -> Option<&'static str> {
+        (!self.logged_in).then_some("login")
+    }
 }
 
 impl JsonSession {
@@ -142,23 +147,25 @@ impl JsonSession {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        if let Some(auth) = &conn.gate.auth {
-            let info = ConnectInfo {
-                peer: conn.peer,
-                client_id: guid.clone(),
-                username: Some(guid.clone()),
-                password: Some(Bytes::from(match &frame.args[1] {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })),
-            };
-            if let Err(refusal) = auth.check(&info).await {
-                conn.send(frame_out(&json_ws::loginback(1))).await?;
-                let why = match refusal {
-                    AuthRefusal::BadCredentials => "bad credentials",
-                    AuthRefusal::NotAuthorized => "not authorized",
-                };
-                return Err(End::RefusedWithCode(1008, format!("login refused: {why}")));
+        // the node's credential checks: the guid is the user name, the md5 slot the password
+        // or token; a verified identity's uid replaces the guid
+        let creds = Credentials {
+            peer: conn.peer,
+            protocol: Protocol::Json,
+            client_id: guid.clone(),
+            username: Some(guid.clone()),
+            password: Some(Bytes::from(match &frame.args[1] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })),
+        };
+        let gate = conn.gate.clone();
+        let uid = match gate.authenticate_quietly(&conn.cfg, &creds).await {
+            Ok(Some(identity)) => identity.uid,
+            Ok(None) => guid,
+            Err(r) => {
+                let why = super::auth_refusal_reason(&creds, r);
+                return refuse_login(conn, r.kind(), why).await;
             }
         }
         if let Some(route) = conn.cfg.login_handler.clone() {
@@ -170,12 +177,10 @@ impl JsonSession {
                     "login refused by the login handler".into(),
                 ));
             }
+        };
+        if let Err(e) = conn.gate.node.session_table().bind(conn.handle.id(), &uid) {
+            return refuse_login(conn, "uid_conflict", e.to_string()).await;
         }
-        conn.gate
-            .node
-            .session_table()
-            .bind(conn.handle.id(), &guid)
-            .map_err(|_| End::ServerClosed)?;
         self.logged_in = true;
         conn.send(frame_out(&json_ws::loginback(0))).await
     }
@@ -236,6 +241,7 @@ impl JsonSession {
                 Err(CallError::HandlerNotFound(frame.func.clone()))
             }
         });
+                crate::auth::admit_call(&t, &frame.func, &conn.handle.snapshot())?;
         let outcome = match checked {
             Ok(target) => conn.call(&target, &frame.func, body, tag).await,
             Err(CallError::ServiceNotFound(_)) => {
@@ -244,7 +250,11 @@ impl JsonSession {
             Err(e) => Err((tag, e)),
         };
         if let Err((tag, e)) = outcome {
-            tracing::info!(peer = %conn.peer, func = %frame.func, reason = %e, "refusing call");
+            super::refusal::deny(
+                &conn.peer,
+                e.kind().as_str(),
+                format_args!("call {:?}: {e}", frame.func),
+            );
             metrics::counter!("warren_requests_refused_total", "reason" => e.kind().as_str())
                 .increment(1);
             if let Some(cb) = tag {
@@ -260,6 +270,13 @@ struct JsonFramer;
 
 impl Framer for JsonFramer {
     fn frame(&mut self, item: Outbound, out: &mut Out) {
+/// Answer a refused login with `loginback [1]`; the connection then closes with 1008, and the
+/// refusal is logged once under `kind`.
+async fn refuse_login(conn: &mut Conn, kind: &'static str, why: String) -> Result<(), End> {
+    conn.send(frame_out(&json_ws::loginback(1))).await?;
+    Err(End::Limit(kind, 1008, format!("login refused: {why}")))
+}
+
         match item {
             Outbound::Message { msg, .. } => {
                 let frame = msg.frame(FrameKind::Json, |m| {

@@ -18,9 +18,9 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use warren_proto::line::{self, LineDecoder, LineEvent};
 
-use super::Gate;
 use super::conn::{self, End, Framer, Out, SessionConn};
 use super::transport::{Reader, Writer};
+use super::{Credentials, Gate};
 use crate::config::ListenerConfig;
 use crate::error::CallError;
 use crate::route::Route;
@@ -197,8 +197,10 @@ pub(crate) async fn serve(
         channel,
         announced: false,
         idle: cfg.idle_timeout(),
+        awaiting_auth: cfg.auth && cfg.auth_first_line.unwrap_or(false),
+        lazy,
     };
-    if !lazy {
+    if !lazy && !proto.awaiting_auth {
         proto.announce(&gate);
     }
     conn::serve_session(proto, conn, reader, BytesMut::new()).await;
@@ -214,6 +216,10 @@ struct LineSession {
     channel: Channel,
     announced: bool,
     idle: Option<Duration>,
+    /// `auth_first_line`: the next message carries credentials, nothing else is read before.
+    awaiting_auth: bool,
+    /// Channels are announced at the first message (`lazy_channels`).
+    lazy: bool,
 }
 
 type Conn = SessionConn<Bytes>;
@@ -229,6 +235,58 @@ impl LineSession {
             gate.channels.insert(&self.channel);
             h.on_connect(&self.channel);
         }
+    }
+
+    /// A one-message frame with this text.
+    fn text_frame(&self, text: &str) -> Outbound {
+        let mut b = BytesMut::with_capacity(text.len() + 12);
+        line::encode(text.as_bytes(), self.space, &mut b);
+        Outbound::Bytes(Box::new(b.freeze()))
+    }
+
+    /// `auth_first_line`: the first message is `user password`, or a token alone. Accepted:
+    /// `auth ok` and the session is bound to the verified uid; refused: `auth failed: <why>`,
+    /// then the connection closes.
+    async fn first_line(&mut self, conn: &mut Conn, msg: Bytes) -> Result<(), End> {
+        let text = String::from_utf8_lossy(&msg);
+        let mut words = text.split_whitespace();
+        let (username, password) = match (words.next(), words.next()) {
+            (Some(u), Some(p)) => (Some(u.to_owned()), Some(p.to_owned())),
+            (Some(token), None) => (None, Some(token.to_owned())),
+            _ => (None, None),
+        };
+        let creds = Credentials {
+            peer: conn.peer,
+            protocol: Protocol::Line,
+            client_id: String::new(),
+            username,
+            password: password.map(Bytes::from),
+        };
+        let gate = conn.gate.clone();
+        let outcome = match gate.authenticate(&conn.cfg, &creds).await {
+            Ok(None) => Ok(()),
+            Ok(Some(identity)) => gate.bind_identity(&conn.handle, &identity).map_err(|e| {
+                super::refusal::refuse(&conn.peer, "uid_conflict", format_args!("{e}"));
+                e.to_string()
+            }),
+            Err(refusal) => Err(refusal.to_string()),
+        };
+        match outcome {
+            Ok(()) => {
+                self.awaiting_auth = false;
+                if !self.lazy {
+                    self.announce(&gate);
+                }
+                conn.send(self.text_frame("auth ok")).await
+            }
+            Err(why) => {
+                conn.send(self.text_frame(&format!("auth failed: {why}")))
+                    .await?;
+                conn.send(Outbound::Close).await?;
+                Err(End::ServerClosed)
+            }
+        }
+            conn.admit_message();
     }
 
     fn error_frame(&self) -> Outbound {
@@ -252,6 +310,7 @@ impl LineSession {
             .then(|| Bytes::copy_from_slice(topic.trim().as_bytes()));
         let checked = conn.resolve(&route, &body).and_then(|t| {
             if t.is_client_handler(route.handler) {
+                crate::auth::admit_call(&t, route.handler, &conn.handle.snapshot())?;
                 Ok(t)
             } else {
                 Err(CallError::HandlerNotFound(route.handler.to_owned()))
@@ -262,7 +321,7 @@ impl LineSession {
             Err(e) => Err((tag, e)),
         };
         if let Err((tag, e)) = outcome {
-            tracing::info!(peer = %conn.peer, route = %route, reason = %e, "refusing request");
+            super::refusal::deny(&conn.peer, e.kind().as_str(), format_args!("{route}: {e}"));
             if let Some(topic) = tag {
                 return conn::Protocol::reply(self, conn, topic, Err(e)).await;
             }
@@ -273,6 +332,10 @@ impl LineSession {
 
 impl conn::Protocol for LineSession {
     type Tag = Bytes;
+
+    fn awaiting(&self, conn: &Conn) -> Option<&'static str> {
+        (conn.messages_in() == 0).then_some("first message")
+    }
 
     async fn handle_buffered(&mut self, conn: &mut Conn, buf: &mut BytesMut) -> Result<bool, End> {
         let mut handled = false;
@@ -300,6 +363,10 @@ impl conn::Protocol for LineSession {
                     }
                 }
                 LineEvent::Message(msg) => {
+                LineEvent::Message(msg) if self.awaiting_auth => {
+                    self.bad_heads = 0;
+                    self.first_line(conn, msg).await?;
+                }
                     self.bad_heads = 0;
                     match self.handler.clone() {
                         Some(h) => {

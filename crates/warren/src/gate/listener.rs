@@ -220,6 +220,16 @@ impl Listener {
             _permit: permit,
             ip,
         };
+        if self.kind == Kind::Stream && !self.cfg.proxy_protocol && self.access.tls.is_none() {
+            // nothing comes before the protocol: its task is the connection's, no larger
+            let (gate, cfg) = (self.gate.clone(), self.cfg.clone());
+            self.gate.tracker.spawn(async move {
+                let (r, w) = transport::tcp(stream);
+                serve(gate, cfg, r, w, peer).await;
+                drop(slot);
+            });
+            return;
+        }
         let l = self.clone();
         self.gate
             .tracker
@@ -284,6 +294,9 @@ impl Listener {
     }
 
     /// PROXY header, TLS, then the listener's kind of connection; the slot is held throughout.
+    /// The task lives as long as the connection, so each large step (the PROXY header buffer,
+    /// the TLS state, the HTTP exchange) is boxed: the task keeps only what the current step
+    /// needs.
     async fn handshake(
         self: Arc<Self>,
         mut stream: TcpStream,
@@ -298,7 +311,7 @@ impl Listener {
                     &peer,
                     deadline,
                     "PROXY header",
-                    proxy::read_header(&mut stream),
+                    Box::pin(proxy::read_header(&mut stream)),
                 )
                 .await;
             match header {
@@ -323,26 +336,41 @@ impl Listener {
         };
         let acceptor = tls.acceptor();
         let Some(accepted) = self
-            .within(&peer, deadline, "TLS handshake", acceptor.accept(stream))
+            .within(
+                &peer,
+                deadline,
+                "TLS handshake",
+                Box::pin(acceptor.accept(stream)),
+            )
             .await
         else {
             return;
         };
-        let tls_stream = match accepted {
-            Ok(s) => s,
+        match accepted {
+            Ok(s) => Box::pin(self.tls(s, peer, slot, started)).await,
             Err(e) => {
                 refuse(
                     &peer,
                     "tls_handshake",
                     format_args!("TLS handshake failed: {e}"),
                 );
-                return;
             }
-        };
+        }
+    }
+
+    /// After the TLS handshake.
+    async fn tls(
+        self: Arc<Self>,
+        tls_stream: tokio_rustls::server::TlsStream<TcpStream>,
+        peer: SocketAddr,
+        slot: Slot,
+        started: Instant,
+    ) {
+        let deadline = self.deadline(started);
         let mut io = Prefixed::new(Bytes::new(), tls_stream);
         match self.kind {
             Kind::Stream => self.raw(transport::tls(io), peer, slot).await,
-            Kind::WebSocket => self.http(io, peer, slot, deadline).await,
+            Kind::WebSocket => Box::pin(self.http(io, peer, slot, deadline)).await,
             Kind::Sniff => {
                 let mut first = [0u8; 1];
                 let sniff = self.sniff_deadline(started);
@@ -357,7 +385,7 @@ impl Listener {
                     }
                     Some(_) => {
                         let io = Prefixed::new(Bytes::copy_from_slice(&first), io.into_inner());
-                        self.http(io, peer, slot, deadline).await
+                        Box::pin(self.http(io, peer, slot, deadline)).await
                     }
                     None => {}
                 }
@@ -377,7 +405,7 @@ impl Listener {
             Kind::Stream => self.raw(transport::tcp(stream), peer, slot).await,
             Kind::WebSocket => {
                 let deadline = self.deadline(started);
-                self.http(stream, peer, slot, deadline).await
+                Box::pin(self.http(stream, peer, slot, deadline)).await
             }
             Kind::Sniff => {
                 // peek, so the raw path keeps the plain TCP reader
@@ -391,7 +419,7 @@ impl Listener {
                     Some(Kind::Stream) => self.raw(transport::tcp(stream), peer, slot).await,
                     Some(_) => {
                         let deadline = self.deadline(started);
-                        self.http(stream, peer, slot, deadline).await
+                        Box::pin(self.http(stream, peer, slot, deadline)).await
                     }
                     None => {}
                 }

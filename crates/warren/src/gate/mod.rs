@@ -22,45 +22,34 @@ mod transport;
 pub use line::{Channel, ChannelHandler, Channels, EchoHandler};
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{AccessConfig, AuthConfig, Config, LimitsConfig};
+use crate::config::{AccessConfig, Config, LimitsConfig};
 use crate::node::NodeHandle;
 use crate::session::SessionHandle;
 
 pub(crate) use listener::listen;
 
-/// What a client presented when it connected, for authentication.
-#[derive(Debug, Clone)]
-pub struct ConnectInfo {
-    /// Remote address.
-    pub peer: SocketAddr,
-    /// MQTT client id.
-    pub client_id: String,
-    /// User name, if given.
-    pub username: Option<String>,
-    /// Password bytes, if given.
-    pub password: Option<bytes::Bytes>,
-}
+pub use crate::auth::{AuthHook, AuthRefusal, Credentials, Identity};
 
-/// Why a client was refused at connect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthRefusal {
-    /// CONNACK 4: bad user name or password.
-    BadCredentials,
-    /// CONNACK 5: not authorized.
-    NotAuthorized,
-}
+use crate::auth::Authenticator;
+use crate::config::ListenerConfig;
+use crate::error::CallError;
 
-/// Checks credentials before a session exists. The default accepts everyone (as mqant does).
-pub trait AuthHook: Send + Sync + 'static {
-    /// Accept or refuse a connecting client.
-    fn check(&self, info: &ConnectInfo) -> BoxFuture<'static, Result<(), AuthRefusal>>;
+/// Who holds a default-mode MQTT client id: the session, and its verified uid (`None`:
+/// anonymous).
+type ClientIdOwner = (Arc<SessionHandle>, Option<String>);
+
+/// The log text of a refused authentication: protocol, client id, user name and why.
+pub(crate) fn auth_refusal_reason(creds: &Credentials, r: AuthRefusal) -> String {
+    let who = creds.username.as_deref().unwrap_or_default();
+    format!(
+        "{:?} client {:?} user {who:?}: {r}",
+        creds.protocol, creds.client_id
+    )
 }
 
 /// Shared state of every listener of a node.
@@ -71,31 +60,33 @@ pub(crate) struct Gate {
     /// Close every connection now.
     pub(crate) killing: CancellationToken,
     pub(crate) tracker: TaskTracker,
-    pub(crate) auth: Option<Arc<dyn AuthHook>>,
+    /// The node's credential checks (`[auth]` and the builder's hook).
+    pub(crate) auth: Arc<Authenticator>,
     /// Node-wide caps (`[limits]`).
     pub(crate) limits: LimitsConfig,
     /// Node-wide IP lists (`[access]`).
     pub(crate) access: AccessConfig,
     /// Who may open a connection: IP lists and per-IP limits, reloaded on SIGHUP.
     pub(crate) admission: access::Admission,
-    /// Who may connect (`[auth]`).
-    pub(crate) auth_config: AuthConfig,
     /// Topic ACLs of default-mode MQTT (`[auth] acl_file`), parsed at start; `None`: no
     /// ACL file, everything allowed. Swapped as a whole when the file is reloaded.
     pub(crate) acl: arc_swap::ArcSwapOption<crate::acl::Acl>,
     /// What line listeners bound to a channel handler talk to.
     pub(crate) channel_handler: Arc<dyn ChannelHandler>,
     /// Live line channels by id.
+    /// Bytes queued for output by every session of the node (`[limits] max_queued_bytes`).
+    pub(crate) output: Arc<crate::session::OutputBudget>,
     pub(crate) channels: Channels,
-    /// Default-mode MQTT client ids → the session using it (for takeover).
-    client_ids: Mutex<HashMap<String, Arc<SessionHandle>>>,
+    /// Default-mode MQTT client ids → the session using it and its verified uid (takeover is
+    /// allowed only to the same user).
+    client_ids: Mutex<HashMap<String, ClientIdOwner>>,
 }
 
 impl Gate {
     pub(crate) fn new(
         node: NodeHandle,
         config: &Config,
-        auth: Option<Arc<dyn AuthHook>>,
+        auth: Arc<Authenticator>,
         channel_handler: Option<Arc<dyn ChannelHandler>>,
     ) -> Self {
         Gate {
@@ -107,7 +98,6 @@ impl Gate {
             limits: config.limits.clone(),
             access: config.access.clone(),
             admission: access::Admission::new(&config.limits, &config.access),
-            auth_config: config.auth.clone(),
             acl: arc_swap::ArcSwapOption::empty(),
             channel_handler: channel_handler.unwrap_or_else(|| Arc::new(EchoHandler)),
             channels: Channels::default(),
@@ -117,6 +107,7 @@ impl Gate {
 
     /// Begin a drain.
     pub(crate) fn drain(&self) {
+            output: crate::session::OutputBudget::new(config.limits.max_queued_bytes),
         self.draining.cancel();
         self.tracker.close();
     }
@@ -131,21 +122,79 @@ impl Gate {
         self.tracker.wait().await;
     }
 
-    /// Claim a client id; returns the session it takes over from, if any.
+    /// Claim a client id for a session of user `uid` (`None`: anonymous). Returns the session
+    /// it takes over from, if any; `Err(())` when a live session of another user holds it (that
+    /// session is left alone).
     pub(crate) fn claim_client_id(
         &self,
         id: &str,
         session: &Arc<SessionHandle>,
-    ) -> Option<Arc<SessionHandle>> {
+        uid: Option<&str>,
+    ) -> Result<Option<Arc<SessionHandle>>, ()> {
         let mut m = self.client_ids.lock().unwrap_or_else(|e| e.into_inner());
-        m.insert(id.to_owned(), session.clone())
+        if let Some((old, owner)) = m.get(id)
+            && !old.is_closed()
+            && owner.as_deref() != uid
+        {
+            return Err(());
+        }
+        Ok(
+            m.insert(id.to_owned(), (session.clone(), uid.map(str::to_owned)))
+                .map(|(s, _)| s),
+        )
     }
 
     /// Release a client id if this session still holds it.
     pub(crate) fn release_client_id(&self, id: &str, session: &Arc<SessionHandle>) {
         let mut m = self.client_ids.lock().unwrap_or_else(|e| e.into_inner());
-        if m.get(id).is_some_and(|s| Arc::ptr_eq(s, session)) {
+        if m.get(id).is_some_and(|(s, _)| Arc::ptr_eq(s, session)) {
             m.remove(id);
         }
     }
 }
+
+    /// Run the node's credential checks for a client of a listener: `Ok(None)` lets it in
+    /// anonymously (also on listeners with `auth = false`), `Ok(Some)` with a verified identity.
+    /// A refusal is counted and logged here (rate-limited); the caller answers in its protocol.
+    pub(crate) async fn authenticate(
+        &self,
+        cfg: &ListenerConfig,
+        creds: &Credentials,
+    ) -> Result<Option<Identity>, AuthRefusal> {
+        let verdict = self.authenticate_quietly(cfg, creds).await;
+        if let Err(r) = &verdict {
+            refusal::refuse(&creds.peer, r.kind(), auth_refusal_reason(creds, *r));
+        }
+        verdict
+    }
+
+    /// As [`Gate::authenticate`], counting but not logging a refusal: for a caller that logs it
+    /// itself as it closes the connection (with [`auth_refusal_reason`]).
+    pub(crate) async fn authenticate_quietly(
+        &self,
+        cfg: &ListenerConfig,
+        creds: &Credentials,
+    ) -> Result<Option<Identity>, AuthRefusal> {
+        if !cfg.auth {
+            return Ok(None);
+        }
+        let verdict = self.auth.authenticate(creds).await;
+        let result = match &verdict {
+            Ok(_) => "allow",
+            Err(r) => r.kind(),
+        };
+        metrics::counter!("warren_auth_total", "result" => result).increment(1);
+        verdict
+    }
+
+    /// Bind a session to the uid of its verified identity, under the `uid_conflict` policy.
+    pub(crate) fn bind_identity(
+        &self,
+        session: &SessionHandle,
+        identity: &Identity,
+    ) -> Result<(), CallError> {
+        self.node
+            .session_table()
+            .bind(session.id(), &identity.uid)
+            .map(|_| ())
+    }

@@ -19,7 +19,7 @@ use warren_proto::mqtt::{self, Packet, Publish, QoS};
 
 use super::conn::{self, End, Framer, Out, SessionConn};
 use super::transport::{Reader, Writer};
-use super::{AuthRefusal, ConnectInfo, Gate, refusal};
+use super::{Credentials, Gate, Identity, refusal};
 use crate::acl::{Acl, ClientAcl};
 use crate::config::{LimitsConfig, ListenerConfig, Mode};
 use crate::error::CallError;
@@ -126,32 +126,28 @@ async fn handshake(
     } else if (mqant || v31) && connect.client_id.len() > 23 {
         code = 2;
     }
-    if code == 0
-        && let Some(auth) = &gate.auth
-    {
-        let info = ConnectInfo {
-            peer,
-            client_id: connect.client_id.clone(),
-            username: connect.username.clone(),
-            password: connect.password.clone(),
-        };
-        code = match auth.check(&info).await {
-            Ok(()) => 0,
-            Err(AuthRefusal::BadCredentials) => 4,
-            Err(AuthRefusal::NotAuthorized) => 5,
-        };
-    }
     if code != 0 {
         connack_and_close(&mut writer, &cfg, code).await;
-        let why = match code {
-            2 => format!("client id of {} bytes refused", connect.client_id.len()),
-            _ => "credentials refused".to_owned(),
-        };
-        {
-            refuse(&peer, &why, "connack_refused");
+        let why = format!("client id of {} bytes refused", connect.client_id.len());
+        refuse(&peer, &why, "connack_refused");
+        return None;
+    }
+    // the node's credential checks (logged and counted by the gate): CONNACK 4, 5 or 3
+    let creds = Credentials {
+        peer,
+        protocol: Protocol::Mqtt,
+        client_id: connect.client_id.clone(),
+        username: connect.username.clone(),
+        password: connect.password.clone(),
+    };
+    let identity: Option<Identity> = match gate.authenticate(&cfg, &creds).await {
+        Ok(id) => id,
+        Err(refusal) => {
+            connack_and_close(&mut writer, &cfg, refusal.connack_code()).await;
             return None;
         }
-    }
+    };
+    drop(creds);
     let client_id = if connect.client_id.is_empty() {
         format!("auto-{}", uuid::Uuid::new_v4())
     } else {
@@ -171,10 +167,38 @@ async fn handshake(
         writer,
         framer,
     );
-    if !mqant && let Some(old) = gate.claim_client_id(&client_id, &conn.handle) {
-        let s = old.snapshot();
-        tracing::info!(client_id = %client_id, old_session = %s.id, old_peer = %s.remote, "client id taken over; closing the older connection");
-        old.close();
+    let uid = identity.as_ref().map(|i| i.uid.as_str());
+    if !mqant {
+        match gate.claim_client_id(&client_id, &conn.handle, uid) {
+            Ok(Some(old)) => {
+                let s = old.snapshot();
+                tracing::info!(client_id = %client_id, old_session = %s.id, old_peer = %s.remote, "client id taken over; closing the older connection");
+                // the uid goes with the client id: the new session binds it next
+                if s.uid.is_some() {
+                    let _ = gate.node.session_table().unbind(&s.id);
+                }
+                old.close();
+            }
+            Ok(None) => {}
+            Err(()) => {
+                let why = format!(
+                    "client id {client_id:?} is held by a session of another user; takeover refused"
+                );
+                refusal::refuse(&peer, "takeover", why);
+                refuse_session(conn, 5).await;
+                return None;
+            }
+        }
+    }
+    if let Some(id) = &identity
+        && let Err(e) = gate.bind_identity(&conn.handle, id)
+    {
+        refusal::refuse(&peer, "uid_conflict", format_args!("{e}"));
+        if !mqant {
+            gate.release_client_id(&client_id, &conn.handle);
+        }
+        refuse_session(conn, 5).await;
+        return None;
     }
     if conn
         .send(Outbound::Inline(InlineFrame::new(&[
@@ -199,8 +223,11 @@ async fn handshake(
         (k, false) => Some(Duration::from_millis(u64::from(k) * 1500)),
     };
     // nothing of CONNECT is needed from here on; dropping it keeps the connection's task small
-    // the name topic ACLs apply to (as mosquitto, the CONNECT user name)
-    let user: Option<Arc<str>> = connect.username.as_deref().map(Arc::from);
+    // the name topic ACLs apply to: the verified uid, else (as mosquitto) the CONNECT user name
+    let user: Option<Arc<str>> = match &identity {
+        Some(id) => Some(Arc::from(id.uid.as_str())),
+        None => connect.username.as_deref().map(Arc::from),
+    };
     drop(connect);
     let proto = MqttSession {
         mqant,
@@ -213,6 +240,16 @@ async fn handshake(
         acl: None,
     };
     Some((proto, conn, reader, buf))
+}
+
+/// Answer CONNACK `code` on an opened session and close it (its uid was never bound).
+async fn refuse_session(mut conn: Conn, code: u8) {
+    let _ = conn
+        .send(Outbound::Inline(InlineFrame::new(&[
+            0x20, 0x02, 0x00, code,
+        ])))
+        .await;
+    conn.finish(End::ServerClosed).await;
 }
 
 enum ReadError {
@@ -231,11 +268,16 @@ async fn read_packet(
             Ok(Some(p)) => return Ok(p),
             Ok(None) => {}
             Err(e) => return Err(ReadError::Decode(e)),
+                    conn.admit_message();
         }
         match reader.read(buf).await {
             Ok(0) => return Err(ReadError::Closed),
             Ok(_) => {}
             Err(e) => return Err(ReadError::Io(e)),
+                    if e.kind() == "too_large" {
+                        let code = conn::close_code::TOO_BIG;
+                        return Err(End::Limit("too_big", code, format!("{e}")));
+                    }
         }
     }
 }
@@ -550,7 +592,7 @@ impl MqttSession {
             Err((tag, e)) => {
                 metrics::counter!("warren_requests_refused_total", "reason" => e.kind().as_str())
                     .increment(1);
-                tracing::info!(peer = %conn.peer, route = %route, reason = %e, "refusing request");
+                refusal::deny(&conn.peer, e.kind().as_str(), format_args!("{route}: {e}"));
                 match tag {
                     Some(topic) => reply(conn, topic, Err(e)).await,
                     None => Ok(()),
@@ -603,6 +645,7 @@ impl MqttSession {
 
 /// Whether a topic name or filter is over `limits.max_topic_len` or `limits.max_topic_levels`:
 /// the refusal kind and reason. The length is checked first, so counting levels scans at most
+        crate::auth::admit_call(&target, route.handler, &conn.handle.snapshot())?;
 /// `max_topic_len` bytes and nothing is allocated.
 fn topic_over_limits(limits: &LimitsConfig, t: &str, what: &str) -> Option<(&'static str, String)> {
     if t.len() > limits.max_topic_len {

@@ -16,10 +16,10 @@ use warren_proto::pomelo::{
     self, MessageRoute, MessageType, PackageType, decode_message, decode_package,
 };
 
-use super::Gate;
 use super::args::{is_json, split_dotted};
 use super::conn::{self, End, Framer, Out, SessionConn};
 use super::transport::{Reader, Writer};
+use super::{Credentials, Gate};
 use crate::config::ListenerConfig;
 use crate::error::CallError;
 use crate::route::Route;
@@ -114,6 +114,7 @@ impl conn::Protocol for PomeloSession {
                 }
             };
             handled = true;
+            conn.admit_message();
             match p.kind {
                 PackageType::Handshake => self.handshake(conn, &p.body).await?,
                 PackageType::HandshakeAck => {
@@ -160,11 +161,13 @@ impl conn::Protocol for PomeloSession {
         self.read_timeout
     }
 
+    fn awaiting(&self, _conn: &Conn) -> Option<&'static str> {
+        (self.state != State::Working).then_some("pomelo handshake and ack")
+    }
+
     async fn on_drain(&mut self, conn: &mut Conn) {
         let body = json!({"reason": "server shutting down"}).to_string();
-        let _ = conn
-            .tx
-            .try_send(package(PackageType::Kick, body.as_bytes()));
+        let _ = conn.try_send(package(PackageType::Kick, body.as_bytes()));
     }
 }
 
@@ -173,16 +176,37 @@ impl PomeloSession {
         if self.state != State::Inited {
             return Ok(()); // as upstream: a handshake in the wrong state is ignored
         }
-        let ok = serde_json::from_slice::<Value>(body)
+        let hs = serde_json::from_slice::<Value>(body)
             .ok()
-            .is_some_and(|v| v.get("sys").is_some_and(Value::is_object));
-        if !ok {
+            .filter(|v| v.get("sys").is_some_and(Value::is_object));
+        let Some(hs) = hs else {
             conn.send(package(PackageType::Handshake, br#"{"code":500}"#))
                 .await?;
             return Err(End::Refused("handshake without a sys object".into()));
         }
         let mut sys = serde_json::Map::new();
         if let Some(h) = self.heartbeat {
+        };
+        // the node's credential checks on the handshake's `user` data: `{"token": …}` or
+        // `{"username": …, "password": …}`; a refusal is pomelo's handshake error, code 500
+        let creds = handshake_credentials(conn.peer, hs.get("user"));
+        let gate = conn.gate.clone();
+        let refused = match gate.authenticate(&conn.cfg, &creds).await {
+            Ok(None) => false,
+            Ok(Some(identity)) => match gate.bind_identity(&conn.handle, &identity) {
+                Ok(()) => false,
+                Err(e) => {
+                    super::refusal::refuse(&conn.peer, "uid_conflict", format_args!("{e}"));
+                    true
+                }
+            },
+            Err(_) => true,
+        };
+        if refused {
+            conn.send(package(PackageType::Handshake, br#"{"code":500}"#))
+                .await?;
+            conn.send(Outbound::Close).await?;
+            return Err(End::ServerClosed);
             sys.insert("heartbeat".into(), json!(h.as_secs()));
         }
         if !self.dict.is_empty() {
@@ -239,6 +263,7 @@ impl PomeloSession {
                         Ok((t, handler.to_owned()))
                     } else {
                         Err(CallError::HandlerNotFound(handler.to_owned()))
+                        crate::auth::admit_call(&t, handler, &conn.handle.snapshot())?;
                     }
                 })
             }
@@ -248,7 +273,7 @@ impl PomeloSession {
             Err(e) => Err((tag, e)),
         };
         if let Err((tag, e)) = outcome {
-            tracing::info!(peer = %conn.peer, reason = %e, "refusing request");
+            super::refusal::deny(&conn.peer, e.kind().as_str(), format_args!("{e}"));
             metrics::counter!("warren_requests_refused_total", "reason" => e.kind().as_str())
                 .increment(1);
             if let Some(id) = tag {
@@ -262,6 +287,26 @@ impl PomeloSession {
 /// Frames pushes as pomelo push messages; protocol packages pass through.
 struct PomeloFramer {
     dict: Arc<std::collections::BTreeMap<String, u16>>,
+/// The credentials in a handshake's `user` data. A token may come as `token` (or as the
+/// password); a missing or non-object `user` presents nothing.
+fn handshake_credentials(peer: SocketAddr, user: Option<&Value>) -> Credentials {
+    let field = |k: &str| {
+        user.and_then(|u| u.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let password = field("password")
+        .filter(|p| !p.is_empty())
+        .or_else(|| field("token"));
+    Credentials {
+        peer,
+        protocol: Protocol::Pomelo,
+        client_id: field("clientid").unwrap_or_default(),
+        username: field("username"),
+        password: password.map(Bytes::from),
+    }
+}
+
 }
 
 fn push_route(topic: &[u8]) -> String {

@@ -3,8 +3,11 @@
 //! and stream-pkg over TCP (`<varint length><JSON>`).
 //!
 //! `namespace.service.method` dispatches to module `service` (or its `service_map` alias) and
-//! handler `method`, within the namespaces allowed (`sys`, `user`). Any handler may be called, not
-//! only client handlers: this is a server-to-server door; restrict who reaches it by address.
+//! handler `method`, within the namespaces allowed (`sys`, `user`). Peers are servers, and a
+//! *trusted* peer may call any handler, RPC-only ones included. A peer is trusted when it
+//! authenticated with credentials in its CONNECT (checked by the node's `[auth]`), or when the
+//! listener restricts who may connect (an `allow` list, or `tls_client_ca`: client certificates).
+//! Any other peer is treated as a client: client-visible handlers only, and the login rule.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,10 +19,10 @@ use warren_proto::mqtt::{self, Packet, QoS};
 use warren_proto::pomelo_rpc::{self, RpcRequest};
 use warren_proto::stream_pkg;
 
-use super::Gate;
 use super::args::body_from_args;
 use super::conn::{self, End, Framer, Out, SessionConn};
 use super::transport::{Reader, Writer};
+use super::{Credentials, Gate};
 use crate::config::{ListenerConfig, TransportName};
 use crate::error::CallError;
 use crate::route::Route;
@@ -37,6 +40,18 @@ pub(crate) async fn serve(
     peer: SocketAddr,
 ) {
     let over_mqtt = cfg.transport() != TransportName::Tcp;
+    // the listener decides who connects: every peer that got here is a trusted server
+    let restricted = !cfg.allow.is_empty() || cfg.tls_client_ca.is_some();
+    if !over_mqtt && !restricted && cfg.auth && !gate.auth.allows_anonymous() {
+        // stream-pkg carries no credentials: with anonymous peers refused, nobody gets in
+        super::refusal::refuse(
+            &peer,
+            "auth_not_authorized",
+            "pomelo-rpc over stream-pkg carries no credentials and anonymous peers are refused",
+        );
+        drop((reader, writer));
+        return;
+    }
     let conn = SessionConn::open(
         gate,
         cfg.clone(),
@@ -48,6 +63,7 @@ pub(crate) async fn serve(
     let proto = RpcSession {
         over_mqtt,
         connected: !over_mqtt,
+        trusted: restricted,
         send_connack: cfg.send_connack.unwrap_or(true),
         buffered: cfg.buffer_msg.unwrap_or(false).then(Vec::new),
         interval: Duration::from_millis(cfg.interval_ms.unwrap_or(50).max(1)),
@@ -65,6 +81,8 @@ pub(crate) async fn serve(
 struct RpcSession {
     over_mqtt: bool,
     connected: bool,
+    /// May call RPC-only handlers (authenticated peer, or a listener that restricts peers).
+    trusted: bool,
     send_connack: bool,
     /// Responses waiting for the next flush (`buffer_msg`).
     buffered: Option<Vec<Bytes>>,
@@ -159,10 +177,21 @@ impl RpcSession {
                     msgid: None,
                 };
                 let body = body_from_args(&msg.args);
-                match conn.resolve(&route, &body) {
+                let admitted = conn.resolve(&route, &body).and_then(|t| {
+                    if !self.trusted {
+                        if !t.is_client_handler(&msg.method) {
+                            return Err(CallError::HandlerNotFound(msg.method.clone()));
+                        }
+                        crate::auth::admit_call(&t, &msg.method, &conn.handle.snapshot())?;
+                    }
+                    Ok(t)
+                });
+                match admitted {
+                    Err(CallError::HandlerNotFound(m)) => Some(format!("no such method:{m}")),
                     Err(e) => Some(e.to_string()),
                     Ok(target) => match conn
                         .call(&target, &msg.method, body, Some(tag.clone()))
+                conn.admit_message();
                         .await
                     {
                         Ok(()) => return Ok(()),
@@ -172,7 +201,8 @@ impl RpcSession {
             }
         };
         let text = error.unwrap_or_default();
-        tracing::info!(peer = %conn.peer, reason = %text, "refusing rpc");
+            conn.admit_message();
+        super::refusal::deny(&conn.peer, "rpc", format_args!("{text}"));
         self.respond(conn, tag, &[pomelo_rpc::error_value(&text)])
             .await
     }
@@ -201,11 +231,42 @@ impl conn::Protocol for RpcSession {
             };
             handled = true;
             match packet {
-                Packet::Connect(_) if !self.connected => {
+                Packet::Connect(c) if !self.connected => {
+                    // credentials in CONNECT are checked by the node; a peer that passes is
+                    // trusted; one that presents none relies on the listener's restrictions
+                    let creds = Credentials {
+                        peer: conn.peer,
+                        protocol: Protocol::PomeloRpc,
+                        client_id: c.client_id.clone(),
+                        username: c.username.clone(),
+                        password: c.password.clone(),
+                    };
+                    let gate = conn.gate.clone();
+                    if creds.is_empty() && self.trusted {
+                        // allowed by address or certificate
+                    } else {
+                        match gate.authenticate(&conn.cfg, &creds).await {
+                            Ok(Some(_)) => self.trusted = true,
+                            Ok(None) => {}
+                            Err(refusal) => {
+                                let code = refusal.connack_code();
+                                conn.send(Outbound::Inline(InlineFrame::new(&[
+                                    0x20, 0x02, 0x00, code,
+                                ])))
+                                .await?;
+                                conn.send(Outbound::Close).await?;
+                                return Err(End::ServerClosed);
+                            }
+                        }
+                    }
                     self.connected = true;
                     if self.send_connack {
                         conn.send(Outbound::Inline(InlineFrame::new(&[
                             0x20, 0x02, 0x00, 0x00,
+    }
+
+    fn awaiting(&self, _conn: &Conn) -> Option<&'static str> {
+        (!self.connected).then_some("CONNECT")
                         ])))
                         .await?;
                     }
