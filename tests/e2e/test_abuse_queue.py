@@ -261,3 +261,45 @@ def test_a_client_over_its_byte_rate_is_slowed_not_disconnected():
         flooder.close()
     canary.finish()
     assert w.running()
+
+
+def test_a_client_that_sends_requests_and_never_reads_its_replies_is_closed():
+    # replies wait for room in the queue (backpressure on that client alone); a client that never
+    # reads cannot hold its connection that way: the writer gives up after write_timeout_s
+    w = Warren(
+        "--module", "Echo",
+        listen=[Warren.url("mqtt", write_timeout_s=2)],
+        http=False,
+    ).wait_ready()
+    port = w.mqtt_plain
+    pid = w.proc.pid
+    canary = Canary(port)
+    canary.start()
+    deaf = RawClient(port, rcvbuf=4096, timeout=60)
+    before = rss_kib(pid)
+    try:
+        assert deaf.connect("deaf") == CONNACK_OK
+        peer = deaf.local_addr
+        body = json.dumps({"pad": "p" * 65536}).encode()
+        requests = b"".join(publish_packet(f"Echo/HD_Echo/{i}", body) for i in range(300))
+
+        def flood() -> None:
+            try:
+                deaf.send(requests)
+            except OSError:
+                pass  # closed by the server while we were still sending: expected
+
+        threading.Thread(target=flood, daemon=True).start()
+        wait_until(
+            lambda: logged(w, peer, "write_timeout_s"),
+            timeout=30,
+            interval=0.1,
+            msg="no slow-consumer line for a client that does not read its replies",
+        )
+        assert deaf.closed(20), "the client that never reads was not disconnected"
+        grown_mib = (rss_kib(pid) - before) / 1024
+        assert grown_mib < 100, f"RSS grew by {grown_mib:.0f} MiB for one client not reading"
+        assert w.running()
+    finally:
+        deaf.close()
+    canary.finish()
