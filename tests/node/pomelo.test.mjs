@@ -102,11 +102,13 @@ test('a handshake that is not JSON or has no sys object gets code 500 and a clos
 
 test('WebSocket upgrade works on any path', withWarren(async (t) => {
   const [, port] = await pomeloServer(t);
-  for (const path of ['/', '/pomelo', '/some/deep/path?x=1']) {
+  for (const [i, path] of ['/', '/pomelo', '/some/deep/path?x=1'].entries()) {
     const c = await PomeloClient.connect('ws', port, path);
     t.after(() => c.close());
     await c.start();
-    assert.equal(await c.request('Login.HD_Login', { userName: 'pathy', passWord: 'x' }), 'login success pathy');
+    // one user name per live connection: a second login of a held uid is refused
+    const user = `pathy${i}`;
+    assert.equal(await c.request('Login.HD_Login', { userName: user, passWord: 'x' }), `login success ${user}`);
   }
 }));
 

@@ -62,9 +62,12 @@ function invoke(client, msg, ms = 10_000) {
   }), `the reply to ${JSON.stringify(msg)}`);
 }
 
-/** A pomelo-rpc listener with the Echo module; returns [warren, port]. */
+/**
+ * A pomelo-rpc listener with the Echo module; returns [warren, port]. The listener admits only
+ * 127.0.0.1, so its peers are trusted servers and may call RPC-only handlers such as `echo`.
+ */
 async function rpcServer(t, scheme = 'pomelo-rpc', query = {}) {
-  const url = await listenUrl(scheme, query);
+  const url = await listenUrl(scheme, { allow: '127.0.0.1', ...query });
   const w = await startWarren(t, { listen: [url], args: ['--module', 'Echo'] });
   return [w, portOf(url)];
 }
@@ -78,6 +81,7 @@ async function mappedServer(t, extra = []) {
     'transport = "mqtt"',
     `addr = "127.0.0.1:${port}"`,
     'service_map = { service = "Echo" }',
+    'allow = ["127.0.0.1"]',
     ...extra,
     '',
     '[[module]]',
@@ -344,7 +348,7 @@ test('PROTOCOLS.md 8.7 vectors byte for byte on pomelo-rpc://', withWarren(async
 test('a config-file pomelo-rpc listener speaks MQTT unless told otherwise', withWarren(async (t) => {
   // PROTOCOLS.md 8: `transport = "mqtt"` is the default (pomelo-rpc 1.0.7's).
   const port = await freePort();
-  const config = `[[listener]]\nprotocol = "pomelo-rpc"\naddr = "127.0.0.1:${port}"\n\n[[module]]\ntype = "Echo"\n`;
+  const config = `[[listener]]\nprotocol = "pomelo-rpc"\naddr = "127.0.0.1:${port}"\nallow = ["127.0.0.1"]\n\n[[module]]\ntype = "Echo"\n`;
   await startWarren(t, { config, ports: [port] });
   const r = await rawRpc(t, port);
   r.send(publishRpc('{"id":0,"msg":{"namespace":"user","serverType":"test","service":"Echo","method":"echo","args":[1,2]}}'));

@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+mod passwd;
 mod web;
 
 use std::path::PathBuf;
@@ -45,6 +46,9 @@ enum Command {
     PrintDefaultConfig,
     /// Load generator: drive warren or any MQTT 3.1.1 server (pubsub, request, connections).
     Bench(warren_bench::BenchArgs),
+    /// Add, change (-b for batch) or delete (-D) a user of an `[auth] password_file`, as
+    /// mosquitto_passwd does: `warren passwd FILE USER`.
+    Passwd(passwd::PasswdArgs),
 }
 
 #[derive(Subcommand)]
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => warren_bench::main(args),
+        Command::Passwd(args) => passwd::main(args),
         Command::Config(ConfigCommand::Convert { file }) => match convert(&file) {
             Ok(text) => {
                 print!("{text}");

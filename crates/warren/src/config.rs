@@ -369,7 +369,7 @@ impl ListenerConfig {
                 toml::Value::Integer(i)
             } else if let Ok(b) = v.parse::<bool>() {
                 toml::Value::Boolean(b)
-            } else if k == "handler_prefixes" {
+            } else if matches!(k, "handler_prefixes" | "allow" | "deny") {
                 toml::Value::Array(v.split(',').map(toml::Value::from).collect())
             } else {
                 toml::Value::String(v.to_owned())

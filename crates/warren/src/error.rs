@@ -56,6 +56,13 @@ pub enum CallError {
     /// The node running the target instance left the cluster before replying.
     #[error("node {0} left the cluster")]
     NodeLost(String),
+    /// A client without a bound uid called a handler that is not a login handler (the login
+    /// rule). The wire text is the mqant demo's, so its clients see the words they expect.
+    #[error("Not Logined")]
+    LoginRequired,
+    /// Binding a uid that a live session on the gate holds, under `uid_conflict = "reject"`.
+    #[error("user {0} is already logged in")]
+    UidInUse(String),
     /// The call is larger than the bus carries; it was refused before sending.
     #[error("call of {size} bytes exceeds the bus limit of {max} bytes")]
     TooLarge {
@@ -99,6 +106,10 @@ pub enum CallErrorKind {
     NodeLost,
     /// See [`CallError::TooLarge`].
     TooLarge,
+    /// See [`CallError::LoginRequired`].
+    LoginRequired,
+    /// See [`CallError::UidInUse`].
+    UidInUse,
 }
 
 impl CallError {
@@ -120,6 +131,8 @@ impl CallError {
             CallError::Unavailable(_) => CallErrorKind::Unavailable,
             CallError::NodeLost(_) => CallErrorKind::NodeLost,
             CallError::TooLarge { .. } => CallErrorKind::TooLarge,
+            CallError::LoginRequired => CallErrorKind::LoginRequired,
+            CallError::UidInUse(_) => CallErrorKind::UidInUse,
         }
     }
 
@@ -148,6 +161,8 @@ impl CallErrorKind {
             CallErrorKind::Unavailable => "unavailable",
             CallErrorKind::NodeLost => "node_lost",
             CallErrorKind::TooLarge => "too_large",
+            CallErrorKind::LoginRequired => "login_required",
+            CallErrorKind::UidInUse => "uid_in_use",
         }
     }
 
@@ -169,6 +184,8 @@ impl CallErrorKind {
             "unavailable" => CallErrorKind::Unavailable,
             "node_lost" => CallErrorKind::NodeLost,
             "too_large" => CallErrorKind::TooLarge,
+            "login_required" => CallErrorKind::LoginRequired,
+            "uid_in_use" => CallErrorKind::UidInUse,
             _ => return None,
         })
     }
@@ -186,14 +203,16 @@ impl CallError {
             | CallError::BadRequest(s)
             | CallError::App(s)
             | CallError::Unavailable(s)
-            | CallError::NodeLost(s) => s.clone(),
+            | CallError::NodeLost(s)
+            | CallError::UidInUse(s) => s.clone(),
             CallError::NotClientVisible { handler, prefix } => format!("{handler}\n{prefix}"),
             CallError::TooLarge { size, max } => format!("{size}\n{max}"),
             CallError::BodyNotJson
             | CallError::Timeout
             | CallError::NoSession
             | CallError::ConnectionClosed
-            | CallError::Closed => String::new(),
+            | CallError::Closed
+            | CallError::LoginRequired => String::new(),
         }
     }
 
@@ -225,6 +244,8 @@ impl CallError {
             CallErrorKind::App => CallError::App(detail),
             CallErrorKind::Unavailable => CallError::Unavailable(detail),
             CallErrorKind::NodeLost => CallError::NodeLost(detail),
+            CallErrorKind::LoginRequired => CallError::LoginRequired,
+            CallErrorKind::UidInUse => CallError::UidInUse(detail),
             CallErrorKind::TooLarge => {
                 let (a, b) = pair(&detail);
                 CallError::TooLarge {

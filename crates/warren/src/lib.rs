@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod acl;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod error;

@@ -281,6 +281,8 @@ pub(crate) struct Env {
 struct HandlerEntry {
     f: ErasedHandler,
     client_visible: bool,
+    /// Callable by a client whose session has no uid yet (see [`ModuleBuilder::login_handler`]).
+    before_login: bool,
 }
 
 /// Reserved handler name a module receives when a session it has seen closes (see
@@ -362,6 +364,20 @@ impl Module {
         v
     }
 
+    /// Names of the handlers registered with [`ModuleBuilder::login_handler`]: the only ones a
+    /// client may call before its session is bound to a uid.
+    pub fn login_handlers(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .def
+            .handlers
+            .iter()
+            .filter(|(_, h)| h.before_login)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
     /// The same module with another execution mode (a config override).
     pub fn with_execution(self, execution: Execution) -> Module {
         let mut def = ModuleDef::clone(&self.def);
@@ -382,7 +398,13 @@ impl<S: Send + Sync + 'static> ModuleBuilder<S> {
         self
     }
 
-    fn add<B: 'static>(mut self, name: &str, h: impl Handler<S, B>, client_visible: bool) -> Self {
+    fn add<B: 'static>(
+        mut self,
+        name: &str,
+        h: impl Handler<S, B>,
+        client_visible: bool,
+        before_login: bool,
+    ) -> Self {
         let state = self.state.clone();
         let h = Arc::new(h);
         let f: ErasedHandler = Arc::new(move |env: Env, session, body| {
@@ -394,28 +416,42 @@ impl<S: Send + Sync + 'static> ModuleBuilder<S> {
             };
             h.call(cx, body)
         });
-        self.def
-            .handlers
-            .insert(name.into(), HandlerEntry { f, client_visible });
+        self.def.handlers.insert(
+            name.into(),
+            HandlerEntry {
+                f,
+                client_visible,
+                before_login,
+            },
+        );
         self
     }
 
     /// Register an RPC handler: callable by other modules; callable by clients only in mqant mode
     /// when its name starts with a client-visible prefix (`HD_`, `Handler_`).
     pub fn handler<B: 'static>(self, name: &str, h: impl Handler<S, B>) -> Self {
-        self.add(name, h, false)
+        self.add(name, h, false, false)
     }
 
-    /// Register a handler that clients may call in every mode.
+    /// Register a handler that clients may call in every mode, once their session is bound to a
+    /// uid (by authentication at connect, or by a login handler): calls from a session without
+    /// one are refused with [`CallError::LoginRequired`].
     pub fn client_handler<B: 'static>(self, name: &str, h: impl Handler<S, B>) -> Self {
-        self.add(name, h, true)
+        self.add(name, h, true, false)
+    }
+
+    /// Register a client handler that may be called *before* login: the handler that logs a
+    /// client in (and binds its uid), or a public one such as an echo. Every other client call
+    /// from a session without a uid is refused, on every protocol.
+    pub fn login_handler<B: 'static>(self, name: &str, h: impl Handler<S, B>) -> Self {
+        self.add(name, h, true, true)
     }
 
     /// Run `h` when a session that has called this module closes (for presence: "user left").
     /// It receives that session's last snapshot and an empty body, in order after the session's
     /// own requests.
     pub fn on_session_closed<B: 'static>(self, h: impl Handler<S, B>) -> Self {
-        self.add(SESSION_CLOSED, h, false)
+        self.add(SESSION_CLOSED, h, false, false)
     }
 
     /// Run once before the node starts serving; an error stops the node from starting.

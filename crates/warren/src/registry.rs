@@ -18,6 +18,9 @@ pub struct InstanceRecord {
     /// Handlers registered as client-visible (a remote gate needs them to admit client calls).
     #[serde(default)]
     pub client_handlers: Vec<String>,
+    /// Client handlers callable before login (a remote gate applies the login rule with them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub login_handlers: Vec<String>,
     /// Routing tags.
     #[serde(default)]
     pub tags: Vec<String>,

@@ -29,6 +29,7 @@ pub struct Target {
     /// Module type.
     pub module: Arc<str>,
     client_handlers: Arc<[String]>,
+    login_handlers: Arc<[String]>,
     /// The instance's own bus, for instances outside warren's bus (see [`Router::add_static`]).
     via: Option<Arc<dyn Bus>>,
     sticky: bool,
@@ -53,6 +54,12 @@ impl Target {
     /// Whether the module registered `handler` as client-visible.
     pub fn is_client_handler(&self, handler: &str) -> bool {
         self.client_handlers.iter().any(|h| h == handler)
+    }
+
+    /// Whether the module registered `handler` as callable before login
+    /// (`ModuleBuilder::login_handler`).
+    pub fn is_login_handler(&self, handler: &str) -> bool {
+        self.login_handlers.iter().any(|h| h == handler)
     }
 
     /// Whether the call goes to the module type's queue group, where the broker hands it to
@@ -179,6 +186,7 @@ impl Router {
                     instance: i.id.as_str().into(),
                     module: i.module.as_str().into(),
                     client_handlers: i.client_handlers.clone().into(),
+                    login_handlers: i.login_handlers.clone().into(),
                     via: via.clone(),
                     sticky: i.sticky,
                     watches_sessions: i.watches_sessions,

@@ -570,6 +570,8 @@ impl SessionHandle {
 pub struct SessionTable {
     gate: Arc<str>,
     inner: RwLock<Tables>,
+    /// What binding a uid that another live session holds does (`[auth] uid_conflict`).
+    uid_conflict: crate::config::UidConflict,
 }
 
 #[derive(Debug, Default)]
@@ -584,7 +586,14 @@ impl SessionTable {
         SessionTable {
             gate,
             inner: RwLock::new(Tables::default()),
+            uid_conflict: crate::config::UidConflict::default(),
         }
+    }
+
+    /// The same table with another uid conflict policy (`[auth] uid_conflict`).
+    pub fn with_uid_conflict(mut self, policy: crate::config::UidConflict) -> Self {
+        self.uid_conflict = policy;
+        self
     }
 
     /// Id of the gate owning this table (mqant `Serverid`).
@@ -667,6 +676,39 @@ impl SessionTable {
         let mut t = self.write();
         let h = t.by_id.get(id).cloned().ok_or(CallError::NoSession)?;
         let old = h.snapshot().uid.clone();
+        if old.as_deref() == Some(uid) {
+            return Ok(h.snapshot());
+        }
+        let holders: Vec<Arc<SessionHandle>> = t
+            .by_uid
+            .get(uid)
+            .map(|ids| {
+                ids.iter()
+                    .filter(|s| &***s != id)
+                    .filter_map(|s| t.by_id.get(s).cloned())
+                    .filter(|s| !s.is_closed())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !holders.is_empty() {
+            match self.uid_conflict {
+                crate::config::UidConflict::Reject => {
+                    metrics::counter!("warren_uid_conflicts_total", "policy" => "reject")
+                        .increment(1);
+                    return Err(CallError::UidInUse(uid.to_owned()));
+                }
+                crate::config::UidConflict::KickOld => {
+                    metrics::counter!("warren_uid_conflicts_total", "policy" => "kick_old")
+                        .increment(1);
+                    for old in holders {
+                        let s = old.snapshot();
+                        tracing::info!(uid, old_session = %s.id, old_peer = %s.remote, "uid bound by a new session; closing the older one");
+                        unindex(&mut t.by_uid, uid, old.id());
+                        old.close();
+                    }
+                }
+            }
+        }
         let s = h.update(|s| s.uid = Some(uid.to_owned()));
         if let Some(old) = old {
             unindex(&mut t.by_uid, &old, id);
@@ -771,6 +813,9 @@ mod tests {
             r#"{"IP":"127.0.0.1:53422","Network":"tcp","Serverid":"Gate001","Sessionid":"8f3c0b6e-1d2a-4c3b-9e8f-0a1b2c3d4e5f","Settings":{}}"#
         );
         let back = Session::from_export_map(&s.export_map(), Transport::Tcp).unwrap();
+        assert_eq!(back, s);
+    }
+
     fn msg(body: usize) -> Arc<Message> {
         Message::new(Bytes::from_static(b"t"), Bytes::from(vec![b'x'; body]))
     }
@@ -919,7 +964,45 @@ mod tests {
         assert_eq!((q.queued(), node.queued()), (0, 0));
     }
 
-        assert_eq!(back, s);
+    #[tokio::test]
+    async fn bind_follows_the_uid_conflict_policy() {
+        use crate::config::UidConflict;
+        for policy in [UidConflict::Reject, UidConflict::KickOld] {
+            let t = SessionTable::new("Gate001".into()).with_uid_conflict(policy);
+            let (tx1, mut rx1) = mpsc::channel(4);
+            let (tx2, _rx2) = mpsc::channel(4);
+            t.insert(SessionHandle::new(
+                session("s1"),
+                tx1,
+                CancellationToken::new(),
+            ));
+            t.insert(SessionHandle::new(
+                session("s2"),
+                tx2,
+                CancellationToken::new(),
+            ));
+            t.bind("s1", "alice").unwrap();
+            // binding the uid a session already has changes nothing
+            t.bind("s1", "alice").unwrap();
+            match policy {
+                UidConflict::Reject => {
+                    assert_eq!(
+                        t.bind("s2", "alice").unwrap_err(),
+                        CallError::UidInUse("alice".into())
+                    );
+                    assert_eq!(t.update("s2").unwrap().uid, None);
+                    assert_eq!(t.by_uid("alice").len(), 1);
+                    assert_eq!(&**t.by_uid("alice")[0].id(), "s1");
+                }
+                UidConflict::KickOld => {
+                    assert_eq!(t.bind("s2", "alice").unwrap().uid.as_deref(), Some("alice"));
+                    assert_eq!(t.by_uid("alice").len(), 1);
+                    assert_eq!(&**t.by_uid("alice")[0].id(), "s2");
+                    // the older session was asked to close
+                    assert!(matches!(rx1.recv().await, Some(Outbound::Close)));
+                }
+            }
+        }
     }
 
     #[tokio::test]
@@ -946,45 +1029,3 @@ mod tests {
         assert_eq!(t.update("s1").unwrap_err().to_string(), "No Sesssion found");
     }
 }
-    /// What binding a uid that another live session holds does (`[auth] uid_conflict`).
-    uid_conflict: crate::config::UidConflict,
-            uid_conflict: crate::config::UidConflict::default(),
-    /// The same table with another uid conflict policy (`[auth] uid_conflict`).
-    pub fn with_uid_conflict(mut self, policy: crate::config::UidConflict) -> Self {
-        self.uid_conflict = policy;
-        self
-    }
-
-        if old.as_deref() == Some(uid) {
-            return Ok(h.snapshot());
-        }
-        let holders: Vec<Arc<SessionHandle>> = t
-            .by_uid
-            .get(uid)
-            .map(|ids| {
-                ids.iter()
-                    .filter(|s| &***s != id)
-                    .filter_map(|s| t.by_id.get(s).cloned())
-                    .filter(|s| !s.is_closed())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !holders.is_empty() {
-            match self.uid_conflict {
-                crate::config::UidConflict::Reject => {
-                    metrics::counter!("warren_uid_conflicts_total", "policy" => "reject")
-                        .increment(1);
-                    return Err(CallError::UidInUse(uid.to_owned()));
-                }
-                crate::config::UidConflict::KickOld => {
-                    metrics::counter!("warren_uid_conflicts_total", "policy" => "kick_old")
-                        .increment(1);
-                    for old in holders {
-                        let s = old.snapshot();
-                        tracing::info!(uid, old_session = %s.id, old_peer = %s.remote, "uid bound by a new session; closing the older one");
-                        unindex(&mut t.by_uid, uid, old.id());
-                        old.close();
-                    }
-                }
-            }
-        }

@@ -10,11 +10,13 @@ use warren::{CallError, Context, Json, Module};
 /// The Debug module.
 pub fn module() -> Module {
     Module::builder("Debug", ())
-        .client_handler("HD_Echo", echo)
-        .client_handler("HD_Panic", panic)
-        .client_handler("HD_Hang", hang)
-        .client_handler("HD_Sleep", sleep)
-        .client_handler("HD_PushSelf", push_self)
+        // callable before login: tests reach them from a bare connection (and the module is
+        // never enabled in production)
+        .login_handler("HD_Echo", echo)
+        .login_handler("HD_Panic", panic)
+        .login_handler("HD_Hang", hang)
+        .login_handler("HD_Sleep", sleep)
+        .login_handler("HD_PushSelf", push_self)
         .handler("CheckLogin", check_login)
         .build()
 }

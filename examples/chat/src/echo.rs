@@ -12,7 +12,8 @@ pub fn module() -> Module {
     // a trivial handler: one task in mailbox order beats a task per message
     Module::builder("Echo", ())
         .execution(Execution::Sequential)
-        .client_handler("HD_Echo", echo)
+        // public: callable before login, as a benchmark and health-check target
+        .login_handler("HD_Echo", echo)
         .handler("echo", first_arg)
         .build()
 }

@@ -14,8 +14,10 @@ use warren::{CallError, Context, Json, Module};
 /// The `global` module: `test(a1, a2) → [a1 + a2]`, `phaserLogin() → [guid, "测试名称", 99]`.
 pub fn module() -> Module {
     Module::builder("global", ())
-        .client_handler("test", test)
-        .client_handler("phaserLogin", phaser_login)
+        // the sample's public functions: callable before login (with `require_login = false`
+        // a JSON-WS client calls them without a login message)
+        .login_handler("test", test)
+        .login_handler("phaserLogin", phaser_login)
         .build()
 }
 

@@ -1,5 +1,8 @@
 //! The `Login` module (PROTOCOLS.md §2.1): binds the session to the user name it is given. The
-//! password is not checked, as in the original demo; a real deployment replaces this module.
+//! password is not checked, as in the original demo; a real deployment replaces this module or
+//! authenticates clients at connect (`[auth]`). Binding a name another live session holds
+//! follows `[auth] uid_conflict`: refused by default (`user alice is already logged in`), or the
+//! older session is closed (`kick_old`).
 
 use serde_json::Value;
 use warren::{CallError, Context, Json, Module};
@@ -13,7 +16,8 @@ pub fn module(flavour: Flavour) -> Module {
         Flavour::V10 => "Handler_Login",
     };
     Module::builder("Login", ())
-        .client_handler(login, login_handler)
+        // the one handler a client may call before it has a uid: it binds one
+        .login_handler(login, login_handler)
         .handler("getRand", get_rand)
         .build()
 }

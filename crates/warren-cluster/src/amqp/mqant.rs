@@ -775,6 +775,7 @@ impl MqantBridge {
                         id: instance.clone(),
                         // a peer's handlers are unknown: mqant-mode gates admit by prefix
                         client_handlers: Vec::new(),
+                        login_handlers: Vec::new(),
                         tags: m.tags.clone(),
                         sticky: m.sticky,
                         watches_sessions: false,

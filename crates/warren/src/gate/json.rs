@@ -167,7 +167,7 @@ impl JsonSession {
                 let why = super::auth_refusal_reason(&creds, r);
                 return refuse_login(conn, r.kind(), why).await;
             }
-        }
+        };
         if let Some(route) = conn.cfg.login_handler.clone() {
             let accepted = self.check_login(conn, &route, &frame.args).await;
             if !accepted {
@@ -177,7 +177,7 @@ impl JsonSession {
                     "login refused by the login handler".into(),
                 ));
             }
-        };
+        }
         if let Err(e) = conn.gate.node.session_table().bind(conn.handle.id(), &uid) {
             return refuse_login(conn, "uid_conflict", e.to_string()).await;
         }
@@ -236,12 +236,12 @@ impl JsonSession {
         let body = body_from_args(&frame.args);
         let checked = conn.resolve(&route, &body).and_then(|t| {
             if t.is_client_handler(&frame.func) {
+                crate::auth::admit_call(&t, &frame.func, &conn.handle.snapshot())?;
                 Ok(t)
             } else {
                 Err(CallError::HandlerNotFound(frame.func.clone()))
             }
         });
-                crate::auth::admit_call(&t, &frame.func, &conn.handle.snapshot())?;
         let outcome = match checked {
             Ok(target) => conn.call(&target, &frame.func, body, tag).await,
             Err(CallError::ServiceNotFound(_)) => {
@@ -265,11 +265,6 @@ impl JsonSession {
     }
 }
 
-/// Frames every outbound item as one text message.
-struct JsonFramer;
-
-impl Framer for JsonFramer {
-    fn frame(&mut self, item: Outbound, out: &mut Out) {
 /// Answer a refused login with `loginback [1]`; the connection then closes with 1008, and the
 /// refusal is logged once under `kind`.
 async fn refuse_login(conn: &mut Conn, kind: &'static str, why: String) -> Result<(), End> {
@@ -277,6 +272,11 @@ async fn refuse_login(conn: &mut Conn, kind: &'static str, why: String) -> Resul
     Err(End::Limit(kind, 1008, format!("login refused: {why}")))
 }
 
+/// Frames every outbound item as one text message.
+struct JsonFramer;
+
+impl Framer for JsonFramer {
+    fn frame(&mut self, item: Outbound, out: &mut Out) {
         match item {
             Outbound::Message { msg, .. } => {
                 let frame = msg.frame(FrameKind::Json, |m| {

@@ -286,7 +286,6 @@ impl LineSession {
                 Err(End::ServerClosed)
             }
         }
-            conn.admit_message();
     }
 
     fn error_frame(&self) -> Outbound {
@@ -333,10 +332,6 @@ impl LineSession {
 impl conn::Protocol for LineSession {
     type Tag = Bytes;
 
-    fn awaiting(&self, conn: &Conn) -> Option<&'static str> {
-        (conn.messages_in() == 0).then_some("first message")
-    }
-
     async fn handle_buffered(&mut self, conn: &mut Conn, buf: &mut BytesMut) -> Result<bool, End> {
         let mut handled = false;
         while conn.has_room() {
@@ -349,6 +344,7 @@ impl conn::Protocol for LineSession {
                 }
             };
             handled = true;
+            conn.admit_message();
             match event {
                 LineEvent::BadHead => {
                     self.bad_heads += 1;
@@ -362,11 +358,11 @@ impl conn::Protocol for LineSession {
                         )));
                     }
                 }
-                LineEvent::Message(msg) => {
                 LineEvent::Message(msg) if self.awaiting_auth => {
                     self.bad_heads = 0;
                     self.first_line(conn, msg).await?;
                 }
+                LineEvent::Message(msg) => {
                     self.bad_heads = 0;
                     match self.handler.clone() {
                         Some(h) => {
@@ -397,6 +393,10 @@ impl conn::Protocol for LineSession {
 
     fn read_timeout(&self) -> Option<Duration> {
         self.idle
+    }
+
+    fn awaiting(&self, conn: &Conn) -> Option<&'static str> {
+        (conn.messages_in() == 0).then_some("first message")
     }
 
     fn on_close(&mut self, conn: &Conn) {

@@ -64,6 +64,8 @@ pub(crate) struct Gate {
     pub(crate) auth: Arc<Authenticator>,
     /// Node-wide caps (`[limits]`).
     pub(crate) limits: LimitsConfig,
+    /// Bytes queued for output by every session of the node (`[limits] max_queued_bytes`).
+    pub(crate) output: Arc<crate::session::OutputBudget>,
     /// Node-wide IP lists (`[access]`).
     pub(crate) access: AccessConfig,
     /// Who may open a connection: IP lists and per-IP limits, reloaded on SIGHUP.
@@ -74,8 +76,6 @@ pub(crate) struct Gate {
     /// What line listeners bound to a channel handler talk to.
     pub(crate) channel_handler: Arc<dyn ChannelHandler>,
     /// Live line channels by id.
-    /// Bytes queued for output by every session of the node (`[limits] max_queued_bytes`).
-    pub(crate) output: Arc<crate::session::OutputBudget>,
     pub(crate) channels: Channels,
     /// Default-mode MQTT client ids → the session using it and its verified uid (takeover is
     /// allowed only to the same user).
@@ -96,6 +96,7 @@ impl Gate {
             tracker: TaskTracker::new(),
             auth,
             limits: config.limits.clone(),
+            output: crate::session::OutputBudget::new(config.limits.max_queued_bytes),
             access: config.access.clone(),
             admission: access::Admission::new(&config.limits, &config.access),
             acl: arc_swap::ArcSwapOption::empty(),
@@ -107,7 +108,6 @@ impl Gate {
 
     /// Begin a drain.
     pub(crate) fn drain(&self) {
-            output: crate::session::OutputBudget::new(config.limits.max_queued_bytes),
         self.draining.cancel();
         self.tracker.close();
     }
@@ -151,7 +151,6 @@ impl Gate {
             m.remove(id);
         }
     }
-}
 
     /// Run the node's credential checks for a client of a listener: `Ok(None)` lets it in
     /// anonymously (also on listeners with `auth = false`), `Ok(Some)` with a verified identity.
@@ -198,3 +197,4 @@ impl Gate {
             .bind(session.id(), &identity.uid)
             .map(|_| ())
     }
+}

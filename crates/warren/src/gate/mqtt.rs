@@ -268,16 +268,11 @@ async fn read_packet(
             Ok(Some(p)) => return Ok(p),
             Ok(None) => {}
             Err(e) => return Err(ReadError::Decode(e)),
-                    conn.admit_message();
         }
         match reader.read(buf).await {
             Ok(0) => return Err(ReadError::Closed),
             Ok(_) => {}
             Err(e) => return Err(ReadError::Io(e)),
-                    if e.kind() == "too_large" {
-                        let code = conn::close_code::TOO_BIG;
-                        return Err(End::Limit("too_big", code, format!("{e}")));
-                    }
         }
     }
 }
@@ -310,11 +305,16 @@ impl conn::Protocol for MqttSession {
                 Ok(None) => break,
                 Ok(Some(p)) => {
                     handled = true;
+                    conn.admit_message();
                     self.handle(conn, p).await?;
                 }
                 Err(e) => {
                     metrics::counter!("warren_decode_errors_total", "kind" => e.kind())
                         .increment(1);
+                    if e.kind() == "too_large" {
+                        let code = conn::close_code::TOO_BIG;
+                        return Err(End::Limit("too_big", code, format!("{e}")));
+                    }
                     return Err(End::Refused(format!("malformed packet: {e}")));
                 }
             }
@@ -639,13 +639,13 @@ impl MqttSession {
                 prefix,
             });
         }
+        crate::auth::admit_call(&target, route.handler, &conn.handle.snapshot())?;
         Ok(target)
     }
 }
 
 /// Whether a topic name or filter is over `limits.max_topic_len` or `limits.max_topic_levels`:
 /// the refusal kind and reason. The length is checked first, so counting levels scans at most
-        crate::auth::admit_call(&target, route.handler, &conn.handle.snapshot())?;
 /// `max_topic_len` bytes and nothing is allocated.
 fn topic_over_limits(limits: &LimitsConfig, t: &str, what: &str) -> Option<(&'static str, String)> {
     if t.len() > limits.max_topic_len {

@@ -183,9 +183,6 @@ impl PomeloSession {
             conn.send(package(PackageType::Handshake, br#"{"code":500}"#))
                 .await?;
             return Err(End::Refused("handshake without a sys object".into()));
-        }
-        let mut sys = serde_json::Map::new();
-        if let Some(h) = self.heartbeat {
         };
         // the node's credential checks on the handshake's `user` data: `{"token": …}` or
         // `{"username": …, "password": …}`; a refusal is pomelo's handshake error, code 500
@@ -207,6 +204,9 @@ impl PomeloSession {
                 .await?;
             conn.send(Outbound::Close).await?;
             return Err(End::ServerClosed);
+        }
+        let mut sys = serde_json::Map::new();
+        if let Some(h) = self.heartbeat {
             sys.insert("heartbeat".into(), json!(h.as_secs()));
         }
         if !self.dict.is_empty() {
@@ -260,10 +260,10 @@ impl PomeloSession {
                 };
                 conn.resolve(&r, &body).and_then(|t| {
                     if t.is_client_handler(handler) {
+                        crate::auth::admit_call(&t, handler, &conn.handle.snapshot())?;
                         Ok((t, handler.to_owned()))
                     } else {
                         Err(CallError::HandlerNotFound(handler.to_owned()))
-                        crate::auth::admit_call(&t, handler, &conn.handle.snapshot())?;
                     }
                 })
             }
@@ -284,9 +284,6 @@ impl PomeloSession {
     }
 }
 
-/// Frames pushes as pomelo push messages; protocol packages pass through.
-struct PomeloFramer {
-    dict: Arc<std::collections::BTreeMap<String, u16>>,
 /// The credentials in a handshake's `user` data. A token may come as `token` (or as the
 /// password); a missing or non-object `user` presents nothing.
 fn handshake_credentials(peer: SocketAddr, user: Option<&Value>) -> Credentials {
@@ -307,6 +304,9 @@ fn handshake_credentials(peer: SocketAddr, user: Option<&Value>) -> Credentials 
     }
 }
 
+/// Frames pushes as pomelo push messages; protocol packages pass through.
+struct PomeloFramer {
+    dict: Arc<std::collections::BTreeMap<String, u16>>,
 }
 
 fn push_route(topic: &[u8]) -> String {

@@ -191,7 +191,6 @@ impl RpcSession {
                     Err(e) => Some(e.to_string()),
                     Ok(target) => match conn
                         .call(&target, &msg.method, body, Some(tag.clone()))
-                conn.admit_message();
                         .await
                     {
                         Ok(()) => return Ok(()),
@@ -201,7 +200,6 @@ impl RpcSession {
             }
         };
         let text = error.unwrap_or_default();
-            conn.admit_message();
         super::refusal::deny(&conn.peer, "rpc", format_args!("{text}"));
         self.respond(conn, tag, &[pomelo_rpc::error_value(&text)])
             .await
@@ -221,6 +219,7 @@ impl conn::Protocol for RpcSession {
                     Err(e) => return Err(End::Refused(format!("malformed package: {e}"))),
                 };
                 handled = true;
+                conn.admit_message();
                 self.payload(conn, &frame).await?;
                 continue;
             }
@@ -230,6 +229,7 @@ impl conn::Protocol for RpcSession {
                 Err(e) => return Err(End::Refused(format!("malformed packet: {e}"))),
             };
             handled = true;
+            conn.admit_message();
             match packet {
                 Packet::Connect(c) if !self.connected => {
                     // credentials in CONNECT are checked by the node; a peer that passes is
@@ -263,10 +263,6 @@ impl conn::Protocol for RpcSession {
                     if self.send_connack {
                         conn.send(Outbound::Inline(InlineFrame::new(&[
                             0x20, 0x02, 0x00, 0x00,
-    }
-
-    fn awaiting(&self, _conn: &Conn) -> Option<&'static str> {
-        (!self.connected).then_some("CONNECT")
                         ])))
                         .await?;
                     }
@@ -322,6 +318,10 @@ impl conn::Protocol for RpcSession {
 
     fn read_timeout(&self) -> Option<Duration> {
         self.idle
+    }
+
+    fn awaiting(&self, _conn: &Conn) -> Option<&'static str> {
+        (!self.connected).then_some("CONNECT")
     }
 
     fn tick(&self) -> Option<Duration> {

@@ -1,0 +1,381 @@
+//! The HTTP callback (`[auth.http]`), as EMQX and centrifugo offer it: warren POSTs the
+//! credentials as JSON
+//!
+//! ```json
+//! {"protocol":"mqtt","clientid":"c1","username":"ann","password":"…","peer":"192.0.2.7:50122"}
+//! ```
+//!
+//! and a `200` answer `{"result":"allow","uid":"ann","acl":…}` lets the client in (`uid`
+//! defaults to the user name, then the client id; `acl` is kept in the [`Identity`] as sent).
+//! `{"result":"ignore"}` abstains (the next method is asked); `{"result":"deny"}` refuses as bad
+//! credentials. Any other status or body, a connection error or no answer within `timeout_ms`
+//! refuses the client as unavailable. Allow and deny answers are cached for `cache_s`, keyed by
+//! a SHA-256 of the protocol, client id, user name, password and peer address (not its port),
+//! so the cache holds no password.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::Request;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+use super::{AuthError, AuthHook, AuthRefusal, Credentials, Identity, Verdict};
+use crate::config::HttpAuthConfig;
+
+/// Largest answer body read from the auth service.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Most answers kept in the cache; when it is full, expired ones are dropped and, if none was,
+/// new answers are not cached until some expire.
+pub const MAX_CACHED: usize = 65_536;
+
+type Key = [u8; 32];
+/// A cached answer: when it was received, and what it was.
+type Cached = (Instant, Result<Identity, AuthRefusal>);
+
+/// Asks an HTTP service.
+pub struct HttpAuth {
+    client: Client<HttpConnector, Full<Bytes>>,
+    uri: hyper::Uri,
+    timeout: Duration,
+    ttl: Duration,
+    cache: Mutex<HashMap<Key, Cached>>,
+}
+
+impl std::fmt::Debug for HttpAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpAuth")
+            .field("uri", &self.uri)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpAuth {
+    /// Build from `[auth.http]`. Only `http://` URLs are reached (put the service on the local
+    /// network or behind a local TLS proxy).
+    pub fn new(cfg: &HttpAuthConfig) -> Result<Self, AuthError> {
+        let uri: hyper::Uri = cfg
+            .url
+            .parse()
+            .map_err(|e| AuthError::Http(format!("url {:?}: {e}", cfg.url)))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(AuthError::Http(format!(
+                "url {:?}: only http:// URLs are supported",
+                cfg.url
+            )));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_millis(cfg.timeout_ms)));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(HttpAuth {
+            client,
+            uri,
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            ttl: Duration::from_secs(cfg.cache_s),
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn key(creds: &Credentials) -> Key {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let proto = serde_json::to_string(&creds.protocol).unwrap_or_default();
+        let peer_ip = creds.peer.ip().to_string();
+        let user = creds.username.as_deref().unwrap_or_default();
+        let pass = creds.password.as_deref().unwrap_or_default();
+        for part in [
+            proto.as_bytes(),
+            creds.client_id.as_bytes(),
+            user.as_bytes(),
+            pass,
+            peer_ip.as_bytes(),
+        ] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part);
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ctx.finish().as_ref());
+        key
+    }
+
+    fn cached(&self, key: &Key) -> Option<Result<Identity, AuthRefusal>> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, r)| r.clone())
+    }
+
+    fn remember(&self, key: Key, answer: Result<Identity, AuthRefusal>) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_CACHED {
+            let ttl = self.ttl;
+            cache.retain(|_, (at, _)| at.elapsed() < ttl);
+            if cache.len() >= MAX_CACHED {
+                return;
+            }
+        }
+        cache.insert(key, (Instant::now(), answer));
+    }
+
+    /// Ask the service (no cache).
+    async fn ask(&self, creds: &Credentials) -> Verdict {
+        let body = json!({
+            "protocol": creds.protocol,
+            "clientid": creds.client_id,
+            "username": creds.username.as_deref().unwrap_or_default(),
+            "password": creds.password.as_deref().map(String::from_utf8_lossy).unwrap_or_default(),
+            "peer": creds.peer.to_string(),
+        });
+        let req = Request::post(self.uri.clone())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|_| AuthRefusal::Unavailable)?;
+        let exchange = async {
+            let res = self.client.request(req).await.map_err(|e| e.to_string())?;
+            let status = res.status();
+            let bytes = Limited::new(res.into_body(), MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, bytes))
+        };
+        let (status, bytes) = match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(url = %self.uri, reason = %e, "auth service unreachable");
+                return Err(AuthRefusal::Unavailable);
+            }
+            Err(_) => {
+                tracing::warn!(url = %self.uri, timeout_ms = self.timeout.as_millis() as u64, "auth service did not answer in time");
+                return Err(AuthRefusal::Unavailable);
+            }
+        };
+        if status != hyper::StatusCode::OK {
+            tracing::warn!(url = %self.uri, %status, "auth service answered with an error status");
+            return Err(AuthRefusal::Unavailable);
+        }
+        let answer: Value = serde_json::from_slice(&bytes).map_err(|_| {
+            tracing::warn!(url = %self.uri, "auth service answer is not JSON");
+            AuthRefusal::Unavailable
+        })?;
+        match answer.get("result").and_then(Value::as_str) {
+            Some("allow") => {
+                let uid = answer
+                    .get("uid")
+                    .and_then(Value::as_str)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_owned)
+                    .or_else(|| creds.username.clone().filter(|u| !u.is_empty()))
+                    .unwrap_or_else(|| creds.client_id.clone());
+                if uid.is_empty() {
+                    return Err(AuthRefusal::NotAuthorized);
+                }
+                Ok(Some(Identity {
+                    uid,
+                    topics: None,
+                    rooms: None,
+                    acl: answer.get("acl").filter(|v| !v.is_null()).cloned(),
+                }))
+            }
+            Some("ignore") => Ok(None),
+            Some("deny") => Err(AuthRefusal::BadCredentials),
+            _ => {
+                tracing::warn!(url = %self.uri, "auth service answer has no result allow|deny|ignore");
+                Err(AuthRefusal::Unavailable)
+            }
+        }
+    }
+}
+
+impl AuthHook for HttpAuth {
+    fn check<'a>(&'a self, creds: &'a Credentials) -> BoxFuture<'a, Verdict> {
+        Box::pin(async move {
+            let key = Self::key(creds);
+            if let Some(hit) = self.cached(&key) {
+                metrics::counter!("warren_auth_http_cache_hits_total").increment(1);
+                return hit.map(Some);
+            }
+            let verdict = self.ask(creds).await;
+            match &verdict {
+                Ok(Some(id)) => self.remember(key, Ok(id.clone())),
+                Err(AuthRefusal::BadCredentials) => {
+                    self.remember(key, Err(AuthRefusal::BadCredentials))
+                }
+                _ => {}
+            }
+            verdict
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-route HTTP server: answers every POST with `answer(body)`; counts requests.
+    async fn server(answer: fn(&Value) -> (u16, String), hang: bool) -> (String, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let n = s.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).into_owned();
+                        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                            continue;
+                        };
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if body.len() < len {
+                            continue;
+                        }
+                        h.fetch_add(1, Ordering::SeqCst);
+                        if hang {
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            return;
+                        }
+                        let v: Value = serde_json::from_str(&body[..len]).unwrap_or(Value::Null);
+                        let (status, out) = answer(&v);
+                        let resp = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{out}",
+                            out.len()
+                        );
+                        let _ = s.write_all(resp.as_bytes()).await;
+                        buf.clear();
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}/auth"), hits)
+    }
+
+    fn creds(user: &str, pass: &str) -> Credentials {
+        Credentials {
+            peer: "127.0.0.1:5000".parse().expect("addr"),
+            protocol: crate::session::Protocol::Mqtt,
+            client_id: "dev1".into(),
+            username: Some(user.into()),
+            password: Some(Bytes::copy_from_slice(pass.as_bytes())),
+        }
+    }
+
+    fn decide(v: &Value) -> (u16, String) {
+        assert_eq!(v["protocol"], "mqtt");
+        assert_eq!(v["clientid"], "dev1");
+        assert_eq!(v["peer"], "127.0.0.1:5000");
+        match (v["username"].as_str(), v["password"].as_str()) {
+            (Some("ann"), Some("good")) => (
+                200,
+                r#"{"result":"allow","uid":"user-7","acl":{"pub":["a/#"]}}"#.into(),
+            ),
+            (Some("skip"), _) => (200, r#"{"result":"ignore"}"#.into()),
+            (Some("boom"), _) => (500, "{}".into()),
+            _ => (200, r#"{"result":"deny"}"#.into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn allow_deny_ignore_error_and_cache() {
+        let (url, hits) = server(decide, false).await;
+        let h = HttpAuth::new(&HttpAuthConfig {
+            url,
+            timeout_ms: 2000,
+            cache_s: 60,
+        })
+        .expect("http");
+        let id = h
+            .check(&creds("ann", "good"))
+            .await
+            .expect("allow")
+            .expect("id");
+        assert_eq!(id.uid, "user-7");
+        assert_eq!(id.acl, Some(json!({"pub": ["a/#"]})));
+        assert_eq!(
+            h.check(&creds("ann", "bad")).await,
+            Err(AuthRefusal::BadCredentials)
+        );
+        assert_eq!(h.check(&creds("skip", "x")).await, Ok(None));
+        assert_eq!(
+            h.check(&creds("boom", "x")).await,
+            Err(AuthRefusal::Unavailable)
+        );
+        let before = hits.load(Ordering::SeqCst);
+        // answers are cached: the same credentials do not reach the service again
+        assert!(
+            h.check(&creds("ann", "good"))
+                .await
+                .expect("allow")
+                .is_some()
+        );
+        assert_eq!(
+            h.check(&creds("ann", "bad")).await,
+            Err(AuthRefusal::BadCredentials)
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), before);
+    }
+
+    #[tokio::test]
+    async fn no_answer_in_time_refuses_as_unavailable() {
+        let (url, _) = server(decide, true).await;
+        let h = HttpAuth::new(&HttpAuthConfig {
+            url,
+            timeout_ms: 200,
+            cache_s: 0,
+        })
+        .expect("http");
+        assert_eq!(
+            h.check(&creds("ann", "good")).await,
+            Err(AuthRefusal::Unavailable)
+        );
+    }
+
+    #[test]
+    fn https_urls_are_refused_at_start() {
+        let e = HttpAuth::new(&HttpAuthConfig {
+            url: "https://example.invalid/auth".into(),
+            ..HttpAuthConfig::default()
+        });
+        assert!(e.is_err());
+    }
+}
