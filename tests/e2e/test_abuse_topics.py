@@ -363,6 +363,42 @@ def test_three_subscribes_of_40000_filters_cost_the_same_with_raised_limits():
 # ---- the other caps --------------------------------------------------------------------------
 
 
+def test_deep_filters_from_many_sessions_stop_at_the_node_level_cap():
+    # each session may hold 1,024 filters of 128 levels (the defaults): 131,072 trie levels of
+    # unique filters, about 20 MiB. The node-wide cap on levels bounds what many sessions hold.
+    w = server(config("[limits]\nmax_subscription_levels = 150000\n"))
+    canary = Canary(w)
+    before = rss_kb(w.proc.pid)
+    granted = refused = 0
+    clients = []
+    for s in range(4):
+        a = attacker(w, f"levels-{s}")
+        for k in range(4):
+            filters = [(f"s{s}k{k}f{i}" + "/a" * 127, 0) for i in range(256)]
+            a.send(subscribe_many(k + 1, filters))
+            first, body = a.recv_packet(timeout=30)
+            assert first == 0x90 and body[:2] == struct.pack(">H", k + 1)
+            granted += body[2:].count(0x00)
+            refused += body[2:].count(0x80)
+        clients.append(a)
+    # 150,000 levels hold 1,171 filters of 128 unique levels
+    assert (granted, refused) == (150_000 // 128, 4 * 1024 - 150_000 // 128)
+    assert_logged(w, clients[1].local_addr, "max_subscription_levels")
+    assert w.running()
+    canary.check()
+    grown = rss_kb(w.proc.pid) - before
+    print(f"RSS grew by {grown} KiB")
+    assert grown < RSS_BOUND_KB, f"RSS grew by {grown} KiB"
+    # leaving frees the levels for others
+    for a in clients:
+        a.send(DISCONNECT)
+        assert a.closed(timeout=30)
+    b = attacker(w, "after")
+    b.send(subscribe_many(1, [(f"after{i}" + "/a" * 127, 0) for i in range(256)]))
+    b.expect(suback(1, [0x00] * 256), timeout=30)
+
+
+
 def test_filters_per_session_and_subscriptions_per_node():
     w = server(
         config(
@@ -396,3 +432,16 @@ max_subscriptions = 5
     c.send(subscribe_packet(6, [("c/1", 0), ("c/2", 0)]))
     c.expect(suback(6, [0x00, 0x00]))
     assert w.running()
+
+
+def test_subscription_levels_per_node():
+    w = server(config("[limits]\nmax_subscription_levels = 4\n"))
+    a = attacker(w, "a")
+    # l/1/2/3 takes the 4 levels; l/1/2/x needs one more; l/1/2 and l/# need none
+    a.send(subscribe_packet(1, [("l/1/2/3", 0), ("l/1/2/x", 0), ("l/1/2", 0), ("l/#", 1)]))
+    a.expect(suback(1, [0x00, 0x80, 0x00, 0x01]))
+    assert_logged(w, a.local_addr, "max_subscription_levels")
+    a.send(unsubscribe_packet(2, ["l/1/2/3"]))
+    a.expect(b"\xb0\x02\x00\x02")
+    a.send(subscribe_packet(3, [("l/1/2/x", 0)]))
+    a.expect(suback(3, [0x00]))

@@ -119,6 +119,11 @@ def test_every_listener_kind_over_tls(certs, tmp_path):
         c.publish("tls/t", b"over tls", qos=1)
         wait_until(lambda: got, timeout=5, msg="no publish back over mqtts")
         assert got[0] == b"over tls"
+        # a packet larger than several TLS records arrives whole
+        big = bytes(range(256)) * 1200
+        c.publish("tls/t", big, qos=1)
+        wait_until(lambda: len(got) == 2, timeout=5, msg="no large publish back over mqtts")
+        assert got[1] == big
     finally:
         c.loop_stop()
         c.disconnect()

@@ -117,27 +117,150 @@ impl Groups {
 ///
 /// Every walk over the trie (subscribe, unsubscribe, publish, drop) is a loop with an explicit
 /// stack, never a recursion per level, so a client cannot overflow a worker's stack with a deep
-/// filter or topic whatever the configured limits are. The number of subscriptions is counted so
-/// the gate can cap it node-wide (`[limits] max_subscriptions`).
+/// filter or topic whatever the configured limits are. The subscriptions and the levels of the
+/// trie (its nodes, which are what its memory is made of) are counted so the gate can cap both
+/// node-wide (`[limits] max_subscriptions`, `max_subscription_levels`).
 #[derive(Debug, Default)]
 pub struct Subscriptions {
     root: RwLock<Level>,
     /// (filter, session) pairs in the trie; changed only under the write lock.
     count: AtomicUsize,
+    /// Levels (nodes) of the trie below the root; changed only under the write lock.
+    levels: AtomicUsize,
 }
 
-/// The node already holds `[limits] max_subscriptions` subscriptions: a new one is refused
-/// (re-subscribing to a filter a session holds is still allowed).
+/// A new subscription was refused because the node is at one of its caps (re-subscribing to a
+/// filter a session holds is still allowed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the node holds its maximum of {max} subscriptions")]
-pub struct SubscriptionsFull {
-    /// The cap that was reached.
-    pub max: usize,
+pub enum SubscriptionsFull {
+    /// `[limits] max_subscriptions` subscriptions are held.
+    #[error("the node holds its maximum of {max} subscriptions")]
+    Subscriptions {
+        /// The cap that was reached.
+        max: usize,
+    },
+    /// The filter would take the trie past `[limits] max_subscription_levels` levels.
+    #[error(
+        "the filter needs {needed} new levels; the node's subscriptions hold {held} of at most {max}"
+    )]
+    Levels {
+        /// Levels the filter would add.
+        needed: usize,
+        /// Levels held now.
+        held: usize,
+        /// The cap.
+        max: usize,
+    },
+}
+
+impl SubscriptionsFull {
+    /// The refusal kind for logs and metrics: the name of the `[limits]` key.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SubscriptionsFull::Subscriptions { .. } => "max_subscriptions",
+            SubscriptionsFull::Levels { .. } => "max_subscription_levels",
+        }
+    }
+}
+
+/// Literal children of a level: a vector sized to its entries while there are few (most levels
+/// have one child: a chain of unique levels then costs about its entries, not a hash table per
+/// level), a hash map past [`FEW_CHILDREN`].
+#[derive(Debug)]
+enum Children {
+    Few(Vec<(Box<str>, Level)>),
+    // boxed: every level holds a `Children`, and most never need the map's 48 bytes inline
+    #[expect(clippy::box_collection, reason = "keeps every level of the trie small")]
+    Many(Box<HashMap<Box<str>, Level>>),
+}
+
+/// Children kept in a vector (searched linearly) before they move to a hash map.
+const FEW_CHILDREN: usize = 8;
+
+impl Default for Children {
+    fn default() -> Self {
+        Children::Few(Vec::new())
+    }
+}
+
+impl Children {
+    fn len(&self) -> usize {
+        match self {
+            Children::Few(v) => v.len(),
+            Children::Many(m) => m.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, key: &str) -> Option<&Level> {
+        match self {
+            Children::Few(v) => v.iter().find(|(k, _)| &**k == key).map(|(_, l)| l),
+            Children::Many(m) => m.get(key),
+        }
+    }
+
+    fn get_mut(&mut self, key: &str) -> Option<&mut Level> {
+        match self {
+            Children::Few(v) => v.iter_mut().find(|(k, _)| &**k == key).map(|(_, l)| l),
+            Children::Many(m) => m.get_mut(key),
+        }
+    }
+
+    /// The child `key`, created if missing; and whether it was.
+    fn get_or_insert(&mut self, key: &str) -> (&mut Level, bool) {
+        if let Children::Few(v) = self
+            && v.len() >= FEW_CHILDREN
+            && !v.iter().any(|(k, _)| &**k == key)
+        {
+            let map: HashMap<Box<str>, Level> = std::mem::take(v).into_iter().collect();
+            *self = Children::Many(Box::new(map));
+        }
+        match self {
+            Children::Few(v) => match v.iter().position(|(k, _)| &**k == key) {
+                Some(i) => (&mut v[i].1, false),
+                None => {
+                    v.reserve_exact(1);
+                    v.push((key.into(), Level::default()));
+                    let last = v.len() - 1;
+                    (&mut v[last].1, true)
+                }
+            },
+            Children::Many(m) => {
+                let created = !m.contains_key(key);
+                (m.entry(key.into()).or_default(), created)
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Level> {
+        match self {
+            Children::Few(v) => {
+                let i = v.iter().position(|(k, _)| &**k == key)?;
+                let (_, l) = v.swap_remove(i);
+                if v.capacity() > 2 * v.len() {
+                    v.shrink_to_fit();
+                }
+                Some(l)
+            }
+            Children::Many(m) => m.remove(key),
+        }
+    }
+
+    /// Move every child into `out`.
+    fn drain_into(&mut self, out: &mut Vec<Level>) {
+        match self {
+            Children::Few(v) => out.extend(v.drain(..).map(|(_, l)| l)),
+            Children::Many(m) => out.extend(m.drain().map(|(_, l)| l)),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct Level {
-    children: HashMap<Box<str>, Level>,
+    children: Children,
     plus: Option<Box<Level>>,
     /// Subscribers whose filter ends with `#` at this level.
     hash: Vec<Sub>,
@@ -192,10 +315,11 @@ impl Drop for Level {
         if self.children.is_empty() && self.plus.is_none() {
             return;
         }
-        let mut stack: Vec<Level> = self.children.drain().map(|(_, l)| l).collect();
+        let mut stack: Vec<Level> = Vec::new();
+        self.children.drain_into(&mut stack);
         stack.extend(self.plus.take().map(|p| *p));
         while let Some(mut l) = stack.pop() {
-            stack.extend(l.children.drain().map(|(_, c)| c));
+            l.children.drain_into(&mut stack);
             stack.extend(l.plus.take().map(|p| *p));
             // `l` now has no children: dropping it here does not recurse
         }
@@ -239,17 +363,36 @@ impl Subscriptions {
         self.insert(&mut root, filter, session, qos)
     }
 
-    /// As [`Self::subscribe`], refusing a new subscription when the node already holds `max`.
+    /// As [`Self::subscribe`], refusing a new subscription when the node already holds
+    /// `max_subscriptions`, or when the levels it adds to the trie would take it past
+    /// `max_levels`. Checked before anything is allocated.
     pub fn subscribe_within(
         &self,
         filter: &str,
         session: &Arc<SessionHandle>,
         qos: u8,
-        max: usize,
+        max_subscriptions: usize,
+        max_levels: usize,
     ) -> Result<bool, SubscriptionsFull> {
         let mut root = write(&self.root);
-        if self.count.load(Ordering::Relaxed) >= max && !holds(&root, filter, session.id()) {
-            return Err(SubscriptionsFull { max });
+        if self.count.load(Ordering::Relaxed) >= max_subscriptions
+            && !holds(&root, filter, session.id())
+        {
+            return Err(SubscriptionsFull::Subscriptions {
+                max: max_subscriptions,
+            });
+        }
+        let held = self.levels.load(Ordering::Relaxed);
+        // the exact count needs a walk: only when the filter's depth could reach the cap
+        if held + edges(filter).0.count() > max_levels {
+            let needed = missing_levels(&root, filter);
+            if held + needed > max_levels {
+                return Err(SubscriptionsFull::Levels {
+                    needed,
+                    held,
+                    max: max_levels,
+                });
+            }
         }
         Ok(self.insert(&mut root, filter, session, qos))
     }
@@ -268,11 +411,21 @@ impl Subscriptions {
         };
         let (levels, hash) = edges(filter);
         let mut node = root;
+        let mut created = 0;
         for level in levels {
-            node = match level {
-                "+" => node.plus.get_or_insert_with(Default::default),
-                l => node.children.entry(l.into()).or_default(),
+            node = if level == "+" {
+                if node.plus.is_none() {
+                    created += 1;
+                }
+                node.plus.get_or_insert_with(Default::default)
+            } else {
+                let (child, new) = node.children.get_or_insert(level);
+                created += usize::from(new);
+                child
             };
+        }
+        if created > 0 {
+            self.levels.fetch_add(created, Ordering::Relaxed);
         }
         let subs = if hash { &mut node.hash } else { &mut node.here };
         let new = upsert(subs, sub);
@@ -312,7 +465,8 @@ impl Subscriptions {
         if depth == 0 || !node.is_empty() {
             return removed;
         }
-        // 2. Free the emptied chain: cut the edge below level `cut`.
+        // 2. Free the emptied chain: cut the edge below level `cut` (levels cut+1 ..= depth).
+        self.levels.fetch_sub(depth - cut, Ordering::Relaxed);
         let mut node: &mut Level = &mut root;
         let (levels, _) = edges(filter);
         for (i, level) in levels.enumerate() {
@@ -335,6 +489,11 @@ impl Subscriptions {
     /// Subscriptions on this node, all sessions together.
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// Levels (nodes) of the trie, shared prefixes counted once.
+    pub fn levels(&self) -> usize {
+        self.levels.load(Ordering::Relaxed)
     }
 
     /// Whether no session subscribes to anything.
@@ -373,6 +532,18 @@ impl Subscriptions {
         metrics::counter!("warren_fanout_deliveries_total").increment(n as u64);
         n
     }
+}
+
+/// How many levels the trie lacks to hold `filter`.
+fn missing_levels(root: &Level, filter: &str) -> usize {
+    let (levels, _) = edges(filter);
+    let mut node = Some(root);
+    let mut missing = 0;
+    for level in levels {
+        node = node.and_then(|n| n.child(level));
+        missing += usize::from(node.is_none());
+    }
+    missing
 }
 
 /// Whether `session` holds exactly `filter`.
@@ -567,17 +738,150 @@ mod tests {
         let subs = Subscriptions::default();
         let (a, _ra) = handle("a");
         let (b, _rb) = handle("b");
-        assert_eq!(subs.subscribe_within("t/1", &a, 0, 2), Ok(true));
-        assert_eq!(subs.subscribe_within("t/1", &b, 0, 2), Ok(true));
+        let within =
+            |f: &str, s: &Arc<SessionHandle>, q: u8| subs.subscribe_within(f, s, q, 2, 100);
+        assert_eq!(within("t/1", &a, 0), Ok(true));
+        assert_eq!(within("t/1", &b, 0), Ok(true));
         assert_eq!(
-            subs.subscribe_within("t/2", &a, 0, 2),
-            Err(SubscriptionsFull { max: 2 })
+            within("t/2", &a, 0),
+            Err(SubscriptionsFull::Subscriptions { max: 2 })
         );
         // re-subscribing (a new QoS) is not a new subscription
-        assert_eq!(subs.subscribe_within("t/1", &a, 1, 2), Ok(false));
+        assert_eq!(within("t/1", &a, 1), Ok(false));
         subs.unsubscribe("t/1", "b");
-        assert_eq!(subs.subscribe_within("t/2", &a, 0, 2), Ok(true));
+        assert_eq!(within("t/2", &a, 0), Ok(true));
         assert_eq!(subs.len(), 2);
+    }
+
+    #[test]
+    fn trie_levels_are_counted_and_capped() {
+        let subs = Subscriptions::default();
+        let (a, _ra) = handle("a");
+        let (b, _rb) = handle("b");
+        let within = |f: &str, s: &Arc<SessionHandle>| subs.subscribe_within(f, s, 0, 100, 6);
+        assert_eq!(within("a/b/c", &a), Ok(true));
+        assert_eq!(subs.levels(), 3);
+        // shared prefixes cost nothing; `#` is not a level of the trie
+        assert_eq!(within("a/b/c", &b), Ok(true));
+        assert_eq!(within("a/b/#", &b), Ok(true));
+        assert_eq!(within("#", &b), Ok(true));
+        assert_eq!(subs.levels(), 3);
+        assert_eq!(within("a/+/d", &a), Ok(true));
+        assert_eq!(subs.levels(), 5);
+        assert_eq!(
+            within("x/y", &a),
+            Err(SubscriptionsFull::Levels {
+                needed: 2,
+                held: 5,
+                max: 6
+            })
+        );
+        assert_eq!(within("a/b/c/d", &a), Ok(true));
+        assert_eq!(subs.levels(), 6);
+        // unsubscribing frees the levels only this filter used
+        subs.unsubscribe("a/b/c/d", "a");
+        subs.unsubscribe("a/+/d", "a");
+        assert_eq!(subs.levels(), 3);
+        assert_eq!(within("x/y", &a), Ok(true));
+        for (f, s) in [
+            ("a/b/c", "a"),
+            ("a/b/c", "b"),
+            ("a/b/#", "b"),
+            ("#", "b"),
+            ("x/y", "a"),
+        ] {
+            assert!(subs.unsubscribe(f, s), "{f} {s}");
+        }
+        assert_eq!((subs.len(), subs.levels()), (0, 0));
+    }
+
+    #[test]
+    fn wide_levels_move_to_a_map_and_still_match() {
+        let subs = Subscriptions::default();
+        let (a, mut ra) = handle("a");
+        for i in 0..100 {
+            subs.subscribe(&format!("w/{i}/x"), &a, 0);
+        }
+        assert_eq!(subs.levels(), 1 + 100 + 100);
+        for i in [0, 7, 8, 99] {
+            let t = format!("w/{i}/x");
+            assert_eq!(subs.publish(&t, 0, Bytes::from(t.clone()), Bytes::new()), 1);
+        }
+        assert_eq!(got(&mut ra).len(), 4);
+        for i in 0..100 {
+            assert!(subs.unsubscribe(&format!("w/{i}/x"), "a"));
+        }
+        assert_eq!(subs.levels(), 0);
+        assert!(read(&subs.root).is_empty());
+    }
+
+    #[test]
+    fn matches_like_the_reference_on_random_filters() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut random = |wild: bool| {
+            let words = ["a", "b", "", "$s", "+", "#"];
+            let n = 1 + next(5);
+            let mut levels = Vec::new();
+            for i in 0..n {
+                let mut w = words[next(if wild { 6 } else { 4 })];
+                if (w == "$s" && i > 0) || (w == "#" && i + 1 < n) {
+                    w = "a";
+                }
+                levels.push(w);
+            }
+            match levels.join("/") {
+                empty if empty.is_empty() => "a".to_owned(),
+                t => t,
+            }
+        };
+        let subs = Subscriptions::default();
+        let mut sessions = Vec::new();
+        for i in 0..24 {
+            let (h, rx) = handle(&format!("s{i}"));
+            let filters: Vec<String> = (0..4).map(|_| random(true)).collect();
+            for f in &filters {
+                assert!(topic::valid_filter(f), "{f}");
+                subs.subscribe(f, &h, 0);
+            }
+            sessions.push((h, rx, filters));
+        }
+        for round in 0..2 {
+            for _ in 0..400 {
+                let t = random(false);
+                subs.publish(&t, 0, Bytes::from(t.clone()), Bytes::new());
+                for (h, rx, filters) in sessions.iter_mut() {
+                    let want = filters.iter().any(|f| topic::matches(f, &t));
+                    let n = got(rx).len();
+                    assert_eq!(n, usize::from(want), "{} {filters:?} on {t:?}", h.id());
+                }
+            }
+            if round == 0 {
+                // drop half of the filters and check again
+                for (h, _, filters) in sessions.iter_mut() {
+                    let id = h.id().clone();
+                    let keep = filters.split_off(2);
+                    for f in filters.iter() {
+                        if !keep.contains(f) {
+                            subs.unsubscribe(f, &id);
+                        }
+                    }
+                    *filters = keep;
+                }
+            }
+        }
+        for (h, _, filters) in &sessions {
+            for f in filters {
+                subs.unsubscribe(f, h.id());
+            }
+        }
+        assert_eq!((subs.len(), subs.levels()), (0, 0));
+        assert!(read(&subs.root).is_empty());
     }
 
     #[test]

@@ -482,9 +482,10 @@ impl MqttSession {
                     &conn.handle,
                     granted,
                     limits.max_subscriptions,
+                    limits.max_subscription_levels,
                 )
             {
-                refusal::refuse(&peer, "max_subscriptions", full);
+                refusal::refuse(&peer, full.kind(), full);
                 codes.push(0x80);
                 continue;
             }

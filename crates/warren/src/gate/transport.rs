@@ -34,8 +34,8 @@ pub(crate) enum WsFraming {
 pub(crate) enum Reader {
     /// A TCP socket and how much room the next read gets (grows while reads fill it).
     Tcp(OwnedReadHalf, usize),
-    /// A TLS connection.
-    Tls(ReadHalf<TlsIo>),
+    /// A TLS connection and how much room the next read gets (as for TCP).
+    Tls(ReadHalf<TlsIo>, usize),
     /// A WebSocket (over TCP or TLS).
     Ws(SplitStream<WebSocket>, WsFraming),
 }
@@ -69,7 +69,7 @@ pub(crate) fn tcp(s: TcpStream) -> (Reader, Writer) {
 
 pub(crate) fn tls(s: TlsIo) -> (Reader, Writer) {
     let (r, w) = tokio::io::split(s);
-    (Reader::Tls(r), Writer::Tcp(StreamWriter::Tls(w)))
+    (Reader::Tls(r, MIN_READ), Writer::Tcp(StreamWriter::Tls(w)))
 }
 
 pub(crate) fn ws(s: WebSocket, framing: WsFraming) -> (Reader, Writer) {
@@ -81,6 +81,10 @@ pub(crate) fn ws(s: WebSocket, framing: WsFraming) -> (Reader, Writer) {
 const MIN_READ: usize = 512;
 /// Largest room a read gets: a client that streams fills it and needs few syscalls.
 const MAX_READ: usize = 64 * 1024;
+/// Largest room a TLS read gets: one TLS record's plaintext. A TLS read reserves its room
+/// before waiting (rustls, not the socket, knows when data is ready), so an idle TLS connection
+/// may hold this much.
+const MAX_TLS_READ: usize = 16 * 1024;
 
 impl Reader {
     /// Read what is available into `buf`. `Ok(0)` means the peer closed. Cancel-safe: nothing is
@@ -109,11 +113,18 @@ impl Reader {
                     Err(e) => return Err(e),
                 }
             },
-            Reader::Tls(r) => {
-                if buf.capacity() - buf.len() < MIN_READ {
-                    buf.reserve(MIN_READ);
+            Reader::Tls(r, room) => {
+                if buf.capacity() - buf.len() < *room {
+                    buf.reserve(*room);
                 }
-                r.read_buf(buf).await
+                let spare = buf.capacity() - buf.len();
+                let n = r.read_buf(buf).await?;
+                if n == spare {
+                    *room = (*room * 2).min(MAX_TLS_READ);
+                } else if n < *room / 4 {
+                    *room = (*room / 2).max(MIN_READ);
+                }
+                Ok(n)
             }
             Reader::Ws(r, framing) => loop {
                 let data: Bytes = match r.next().await {
