@@ -259,6 +259,10 @@ def test_a_bad_acl_file_stops_the_node_with_file_and_line():
     code = w.proc.wait(timeout=20)
     assert code != 0
     assert f"{d / 'acl'}:3:" in w.log() + w.stdout(), w.tail()
+    # `warren check-config` says the same without starting anything
+    check = subprocess.run([str(w.bin), "check-config", str(d / "warren.toml")], capture_output=True, text=True, timeout=20)
+    assert check.returncode != 0
+    assert f"{d / 'acl'}:3: \"reed\" is not an access word" in check.stderr, check.stderr
     (d / "warren.toml").write_text(f'[auth]\nacl_file = "{d / "missing"}"\n')
     w = Warren("--module", "Echo", "--config", str(d / "warren.toml"), listen=["mqtt"], http=False)
     assert w.proc.wait(timeout=20) != 0

@@ -129,7 +129,13 @@ fn main() -> ExitCode {
             print!("{}", warren::config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
-        Command::CheckConfig { file } => match load_config(&file) {
+        Command::CheckConfig { file } => match load_config(&file).and_then(|config| {
+            // the files the node reads at start are checked as it would check them
+            if let Some(acl) = &config.auth.acl_file {
+                warren::acl::Acl::load(acl)?;
+            }
+            Ok(config)
+        }) {
             Ok(_) => {
                 println!("ok: {}", file.display());
                 ExitCode::SUCCESS
