@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{AccessConfig, Config, LimitsConfig};
+use crate::config::{Config, LimitsConfig};
 use crate::node::NodeHandle;
 use crate::session::SessionHandle;
 
@@ -66,9 +66,8 @@ pub(crate) struct Gate {
     pub(crate) limits: LimitsConfig,
     /// Bytes queued for output by every session of the node (`[limits] max_queued_bytes`).
     pub(crate) output: Arc<crate::session::OutputBudget>,
-    /// Node-wide IP lists (`[access]`).
-    pub(crate) access: AccessConfig,
-    /// Who may open a connection: IP lists and per-IP limits, reloaded on SIGHUP.
+    /// Who may open a connection: the IP lists (`[access]` and each listener's, reloaded on
+    /// SIGHUP) and the per-IP limits.
     pub(crate) admission: access::Admission,
     /// Topic ACLs of default-mode MQTT (`[auth] acl_file`), parsed at start; `None`: no
     /// ACL file, everything allowed. Swapped as a whole when the file is reloaded.
@@ -97,7 +96,6 @@ impl Gate {
             auth,
             limits: config.limits.clone(),
             output: crate::session::OutputBudget::new(config.limits.max_queued_bytes),
-            access: config.access.clone(),
             admission: access::Admission::new(&config.limits, &config.access),
             acl: arc_swap::ArcSwapOption::empty(),
             channel_handler: channel_handler.unwrap_or_else(|| Arc::new(EchoHandler)),
