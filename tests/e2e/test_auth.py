@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -428,4 +429,26 @@ def test_line_first_line_auth(tmp_path: Path, password_file: Path):
         s.sendall(line_frame(b"alice nope"))
         assert read_line_frame(s) == b"auth failed: bad user name or password"
         assert s.recv(1) == b""
+    w.kill()
+
+
+def test_sighup_reloads_the_password_file(tmp_path: Path, password_file: Path):
+    cfg = write_config(tmp_path, f'password_file = "{password_file}"')
+    w = Warren("--config", str(cfg), listen=["mqtt"], http=False).wait_ready()
+    port = w.ports["mqtt"]
+    connack, c = raw_connack(port, "new-1", username="carol", password="fresh")
+    assert connack == BAD_CREDENTIALS
+    # a user added (and one deleted) with warren passwd counts once the node is told
+    assert passwd("-b", str(password_file), "carol", "fresh").returncode == 0
+    assert passwd("-D", str(password_file), "bob").returncode == 0
+    w.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: raw_connack(port, "new-2", username="carol", password="fresh")[0] == OK, timeout=5)
+    connack, c = raw_connack(port, "new-3", username="bob", password="builder")
+    assert connack == BAD_CREDENTIALS
+    # a password file that no longer loads keeps the old checks, and says so
+    password_file.write_text("broken line\n")
+    w.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "password_file" in w.log(), timeout=5)
+    connack, c = raw_connack(port, "new-4", username="carol", password="fresh")
+    assert connack == OK
     w.kill()

@@ -1055,11 +1055,16 @@ impl Node {
     /// Apply what can change without a restart (SIGHUP): the IP allow and deny lists (`[access]`
     /// and each listener's) and the listeners' TLS certificates, for new connections; open
     /// connections are kept. `config` is the whole new config; its listeners are matched to the
-    /// running ones by position. The topic ACL file is read again too: it applies to later
+    /// running ones by position. The `[auth]` checks are rebuilt (password file, JWT key, HTTP
+    /// callback) for later logins. The topic ACL file is read again too: it applies to later
     /// SUBSCRIBE and PUBLISH packets of every session (subscriptions already granted are kept).
     /// Returns what could not be reloaded (the old setting stays).
     pub fn reload(&self, config: &Config) -> Vec<String> {
         let mut errors = self.gate.reload(config);
+        // [auth]: the password file and the JWT key are read again (uid_conflict stays)
+        if let Err(e) = self.gate.reload_auth(&config.auth) {
+            errors.push(e.to_string());
+        }
         match &config.auth.acl_file {
             Some(path) => match crate::acl::Acl::load(path) {
                 Ok(acl) => self.gate.acl.store(Some(Arc::new(acl))),

@@ -166,6 +166,8 @@ pub enum AuthError {
 pub struct Authenticator {
     methods: Vec<(&'static str, Arc<dyn AuthHook>)>,
     anonymous: bool,
+    /// The builder's hook, kept for [`Authenticator::rebuild`].
+    custom: Option<Arc<dyn AuthHook>>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -186,6 +188,7 @@ impl Authenticator {
         Authenticator {
             methods: Vec::new(),
             anonymous: true,
+            custom: None,
         }
     }
 
@@ -196,8 +199,8 @@ impl Authenticator {
         custom: Option<Arc<dyn AuthHook>>,
     ) -> Result<Self, AuthError> {
         let mut methods: Vec<(&'static str, Arc<dyn AuthHook>)> = Vec::new();
-        if let Some(h) = custom {
-            methods.push(("custom", h));
+        if let Some(h) = &custom {
+            methods.push(("custom", h.clone()));
         }
         if let Some(path) = &cfg.password_file {
             let file = password::PasswordFile::load(std::path::Path::new(path)).map_err(|why| {
@@ -215,7 +218,17 @@ impl Authenticator {
             methods.push(("http", Arc::new(http::HttpAuth::new(h)?)));
         }
         let anonymous = cfg.anonymous.unwrap_or(methods.is_empty());
-        Ok(Authenticator { methods, anonymous })
+        Ok(Authenticator {
+            methods,
+            anonymous,
+            custom,
+        })
+    }
+
+    /// The checks a new `[auth]` configures, with the same custom hook (SIGHUP: the password
+    /// file and the JWT key are read again, the HTTP cache starts empty).
+    pub fn rebuild(&self, cfg: &AuthConfig) -> Result<Self, AuthError> {
+        Self::from_config(cfg, self.custom.clone())
     }
 
     /// Whether any method is configured.
@@ -316,6 +329,7 @@ mod tests {
                 ("c", Arc::new(Fixed(Err(AuthRefusal::NotAuthorized)))),
             ],
             anonymous: false,
+            custom: None,
         };
         assert_eq!(
             a.authenticate(&creds(Some("x"), Some("y"))).await,
@@ -324,6 +338,7 @@ mod tests {
         let a = Authenticator {
             methods: vec![("a", abstain.clone())],
             anonymous: true,
+            custom: None,
         };
         // presented credentials nobody recognises are refused, even with anonymous allowed
         assert_eq!(
@@ -335,6 +350,7 @@ mod tests {
         let a = Authenticator {
             methods: vec![("a", abstain)],
             anonymous: false,
+            custom: None,
         };
         assert_eq!(
             a.authenticate(&creds(None, None)).await,

@@ -35,7 +35,7 @@ pub(crate) use listener::listen;
 
 pub use crate::auth::{AuthHook, AuthRefusal, Credentials, Identity};
 
-use crate::auth::Authenticator;
+use crate::auth::{AuthError, Authenticator};
 use crate::config::ListenerConfig;
 use crate::error::CallError;
 
@@ -60,8 +60,9 @@ pub(crate) struct Gate {
     /// Close every connection now.
     pub(crate) killing: CancellationToken,
     pub(crate) tracker: TaskTracker,
-    /// The node's credential checks (`[auth]` and the builder's hook).
-    pub(crate) auth: Arc<Authenticator>,
+    /// The node's credential checks (`[auth]` and the builder's hook); swapped whole when
+    /// SIGHUP reloads `[auth]`.
+    pub(crate) auth: arc_swap::ArcSwap<Authenticator>,
     /// Node-wide caps (`[limits]`).
     pub(crate) limits: LimitsConfig,
     /// Bytes queued for output by every session of the node (`[limits] max_queued_bytes`).
@@ -93,7 +94,7 @@ impl Gate {
             draining: CancellationToken::new(),
             killing: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            auth,
+            auth: arc_swap::ArcSwap::new(auth),
             limits: config.limits.clone(),
             output: crate::session::OutputBudget::new(config.limits.max_queued_bytes),
             admission: access::Admission::new(&config.limits, &config.access),
@@ -175,13 +176,22 @@ impl Gate {
         if !cfg.auth {
             return Ok(None);
         }
-        let verdict = self.auth.authenticate(creds).await;
+        let auth = self.auth.load_full();
+        let verdict = auth.authenticate(creds).await;
         let result = match &verdict {
             Ok(_) => "allow",
             Err(r) => r.kind(),
         };
         metrics::counter!("warren_auth_total", "result" => result).increment(1);
         verdict
+    }
+
+    /// Take the checks of a new `[auth]` (SIGHUP): the password file and the JWT key are read
+    /// again. On an error the old checks stay.
+    pub(crate) fn reload_auth(&self, cfg: &crate::config::AuthConfig) -> Result<(), AuthError> {
+        let fresh = self.auth.load().rebuild(cfg)?;
+        self.auth.store(Arc::new(fresh));
+        Ok(())
     }
 
     /// Bind a session to the uid of its verified identity, under the `uid_conflict` policy.

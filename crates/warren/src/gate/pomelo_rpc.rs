@@ -42,7 +42,7 @@ pub(crate) async fn serve(
     let over_mqtt = cfg.transport() != TransportName::Tcp;
     // the listener decides who connects: every peer that got here is a trusted server
     let restricted = !cfg.allow.is_empty() || cfg.tls_client_ca.is_some();
-    if !over_mqtt && !restricted && cfg.auth && !gate.auth.allows_anonymous() {
+    if !over_mqtt && !restricted && cfg.auth && !gate.auth.load().allows_anonymous() {
         // stream-pkg carries no credentials: with anonymous peers refused, nobody gets in
         super::refusal::refuse(
             &peer,
