@@ -56,12 +56,15 @@ def ws_close_code(ws: websocket.WebSocket, timeout: float = CLOSED_WITHIN_S) -> 
     ws.settimeout(timeout)
     while True:
         try:
-            opcode, data = ws.recv_data(control_frame=True)
+            # the raw frame: no close reply is sent, so a server that already closed its end
+            # cannot make this fail
+            frame = ws.recv_frame()
         except websocket.WebSocketConnectionClosedException:
             raise AssertionError("closed without a close frame") from None
         except websocket.WebSocketTimeoutException:
             raise AssertionError(f"connection still open after {timeout} s") from None
-        if opcode == ABNF.OPCODE_CLOSE:
+        if frame.opcode == ABNF.OPCODE_CLOSE:
+            data = frame.data
             return int.from_bytes(data[:2], "big") if len(data) >= 2 else None
 
 
@@ -231,3 +234,21 @@ def test_mqtt_over_websocket_protocol_error_is_closed_with_1002():
         assert ws_close_code(ws) == 1002
     finally:
         ws.close()
+
+
+def test_mqtt_over_websocket_before_connect_closes_with_a_code():
+    w = Warren(listen=[Warren.url("ws", connect_timeout_s=1)], http=False).wait_ready()
+    silent, wrong, refused = mqtt_ws(w.ws_plain), mqtt_ws(w.ws_plain), mqtt_ws(w.ws_plain)
+    try:
+        # a first packet that is not CONNECT: 1002
+        wrong.send_binary(b"\xc0\x00")  # PINGREQ
+        # CONNACK 2 (empty client id without clean session), then 1008
+        refused.send_binary(connect_packet("", clean=False))
+        assert ws_close_code(wrong) == 1002
+        assert refused.recv_data()[1] == b"\x20\x02\x00\x02"
+        assert ws_close_code(refused) == 1008
+        # upgraded, then no CONNECT: the connect deadline, 1008
+        assert ws_close_code(silent) == 1008
+    finally:
+        for ws in (silent, wrong, refused):
+            ws.close()

@@ -103,7 +103,7 @@ impl End {
 
 /// A read that failed: the peer went away, or the WebSocket layer refused what the client sent
 /// (each with its close code: not UTF-8 1007, too big 1009, a protocol violation 1002).
-fn read_error(e: &std::io::Error) -> End {
+pub(crate) fn read_error(e: &std::io::Error) -> End {
     if matches!(
         e.kind(),
         std::io::ErrorKind::ConnectionReset

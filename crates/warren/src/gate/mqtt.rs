@@ -60,7 +60,18 @@ async fn connack_and_close(writer: &mut Writer, cfg: &ListenerConfig, code: u8) 
         writer.write_raw(&[0x20, 0x02, 0x00, code]),
     )
     .await;
-    writer.close(None).await;
+    let ws_code = match code {
+        1 => conn::close_code::PROTOCOL_ERROR,
+        _ => conn::close_code::POLICY,
+    };
+    close_with(writer, cfg, ws_code).await;
+}
+
+/// Close before a session exists: over WebSocket, a close frame with `code` (within the write
+/// deadline: a peer that does not read cannot hold the goodbye).
+async fn close_with(writer: &mut Writer, cfg: &ListenerConfig, code: u16) {
+    let wait = Duration::from_secs(cfg.write_timeout_s);
+    let _ = tokio::time::timeout(wait, writer.close(Some(code))).await;
 }
 
 /// CONNECT, checks, CONNACK: returns the opened session, or `None` when the client was refused.
@@ -91,11 +102,13 @@ async fn handshake(
                 "no CONNECT before the connect deadline",
                 "connect_timeout",
             );
+            close_with(&mut writer, &cfg, conn::close_code::POLICY).await;
             return None;
         }
         Ok(Err(ReadError::Closed)) => return None,
         Ok(Err(ReadError::Io(e))) => {
             refuse(&peer, &format!("read failed: {e}"), "io");
+            close_with(&mut writer, &cfg, conn::read_error(&e).close_code()).await;
             return None;
         }
         Ok(Err(ReadError::Decode(mqtt::DecodeError::UnsupportedProtocol { name, level }))) => {
@@ -106,12 +119,18 @@ async fn handshake(
         }
         Ok(Err(ReadError::Decode(e))) => {
             refuse(&peer, &format!("malformed packet: {e}"), e.kind());
+            let code = match e.kind() {
+                "too_large" => conn::close_code::TOO_BIG,
+                _ => conn::close_code::PROTOCOL_ERROR,
+            };
+            close_with(&mut writer, &cfg, code).await;
             return None;
         }
         Ok(Ok(Packet::Connect(c))) => c,
         Ok(Ok(p)) => {
             let why = format!("first packet is {} instead of CONNECT", p.name());
             refuse(&peer, &why, "not_connect");
+            close_with(&mut writer, &cfg, conn::close_code::PROTOCOL_ERROR).await;
             return None;
         }
     };
