@@ -452,3 +452,16 @@ def test_sighup_reloads_the_password_file(tmp_path: Path, password_file: Path):
     connack, c = raw_connack(port, "new-4", username="carol", password="fresh")
     assert connack == OK
     w.kill()
+
+
+def test_listener_auth_false_skips_the_checks(tmp_path: Path, password_file: Path):
+    cfg = write_config(tmp_path, f'password_file = "{password_file}"')
+    w = Warren("--config", str(cfg), listen=["mqtt", Warren.url("mqtt", auth="false")], http=False).wait_ready()
+    (_, checked), (_, open_port) = w.listeners
+    connack, c = raw_connack(checked, "x1")
+    assert connack == NOT_AUTHORIZED
+    # auth = false: anyone, with any credentials, and nothing is bound (the demo's Login binds)
+    connack, c = raw_connack(open_port, "x2", username="alice", password="whatever")
+    assert connack == OK
+    c.close()
+    w.kill()

@@ -160,3 +160,28 @@ test('pomelo-rpc refuses anonymous peers with CONNACK 5 when anonymous is off', 
   assert.deepEqual(r.buf, Buffer.from([0x20, 0x02, 0x00, 0x05]));
   assert.equal(r.closed, true);
 }));
+
+test('a JWT in the pomelo handshake user data: sub becomes the uid, an expired one is refused', withWarren(async (t) => {
+  const { createHmac } = await import('node:crypto');
+  const b64 = (x) => Buffer.from(x).toString('base64url');
+  const jwt = (claims) => {
+    const head = b64(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
+    const body = b64(JSON.stringify(claims));
+    const sig = createHmac('sha256', 'node-secret').update(`${head}.${body}`).digest('base64url');
+    return `${head}.${body}.${sig}`;
+  };
+  const url = await listenUrl('pomelo');
+  await authServer(t, '[auth.jwt]\nalgorithm = "HS256"\nsecret = "node-secret"\nleeway_s = 0', [url]);
+  const now = Math.floor(Date.now() / 1000);
+  const expired = await PomeloClient.connect('tcp', portOf(url));
+  t.after(() => expired.close());
+  const refused = await expired.handshake({ ...CLIENT_HANDSHAKE, user: { token: jwt({ sub: 'kim', exp: now - 60 }) } });
+  assert.deepEqual(refused.json(), { code: 500 });
+  const c = await PomeloClient.connect('ws', portOf(url));
+  t.after(() => c.close());
+  const hs = await c.handshake({ ...CLIENT_HANDSHAKE, user: { token: jwt({ sub: 'kim', exp: now + 300 }) } });
+  assert.equal(hs.json().code, 200);
+  c.ack();
+  await c.nextHeartbeat();
+  assert.deepEqual(await c.request('Chat.HD_JoinChat', { roomName: 'jwt' }), { users: ['kim'] });
+}));
