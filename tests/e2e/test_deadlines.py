@@ -252,3 +252,19 @@ def test_mqtt_over_websocket_before_connect_closes_with_a_code():
     finally:
         for ws in (silent, wrong, refused):
             ws.close()
+
+
+def test_pomelo_over_websocket_too_big_is_closed_with_1009():
+    w = Warren(listen=[Warren.url("pomelo")], http=False).wait_ready()
+    header_only = websocket.create_connection(f"ws://127.0.0.1:{w.ports['pomelo']}/", timeout=5)
+    one_frame = websocket.create_connection(f"ws://127.0.0.1:{w.ports['pomelo']}/", timeout=5)
+    try:
+        # a data package announcing 16 MiB, in a small frame
+        header_only.send_binary(b"\x04\xff\xff\xff")
+        # one WebSocket message over the listener's limit (max_package 64 KiB)
+        one_frame.send_binary(pomelo_package(4, b"x" * 100_000))
+        assert ws_close_code(header_only) == 1009
+        assert ws_close_code(one_frame) == 1009
+    finally:
+        header_only.close()
+        one_frame.close()

@@ -110,6 +110,10 @@ impl conn::Protocol for PomeloSession {
                 Err(e) => {
                     metrics::counter!("warren_decode_errors_total", "kind" => e.kind())
                         .increment(1);
+                    if e.kind() == "too_large" {
+                        let code = conn::close_code::TOO_BIG;
+                        return Err(End::Limit("too_big", code, format!("{e}")));
+                    }
                     return Err(End::Refused(format!("malformed package: {e}")));
                 }
             };
