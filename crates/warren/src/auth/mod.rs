@@ -91,6 +91,23 @@ impl Identity {
             ..Identity::default()
         }
     }
+
+    /// The claims beyond the uid as one JSON object (`{"topics":[…],"rooms":[…],"acl":…}`,
+    /// absent keys left out), or `None` when there are none. The gate stores it in the
+    /// session's settings under `auth`, so modules can enforce it.
+    pub fn claims(&self) -> Option<serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        if let Some(t) = &self.topics {
+            m.insert("topics".into(), serde_json::json!(t));
+        }
+        if let Some(r) = &self.rooms {
+            m.insert("rooms".into(), serde_json::json!(r));
+        }
+        if let Some(a) = &self.acl {
+            m.insert("acl".into(), a.clone());
+        }
+        (!m.is_empty()).then_some(serde_json::Value::Object(m))
+    }
 }
 
 /// Why a client was refused. Each protocol answers with its own code (see [`Self::connack_code`]).
@@ -301,6 +318,20 @@ mod tests {
         fn check<'a>(&'a self, _: &'a Credentials) -> BoxFuture<'a, Verdict> {
             Box::pin(std::future::ready(self.0.clone()))
         }
+    }
+
+    #[test]
+    fn claims_are_an_object_of_what_is_present() {
+        assert_eq!(Identity::new("a").claims(), None);
+        let id = Identity {
+            rooms: Some(vec!["lobby".into()]),
+            acl: Some(serde_json::json!({"pub": ["x"]})),
+            ..Identity::new("a")
+        };
+        assert_eq!(
+            id.claims(),
+            Some(serde_json::json!({"rooms": ["lobby"], "acl": {"pub": ["x"]}}))
+        );
     }
 
     #[tokio::test]

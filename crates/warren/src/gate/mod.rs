@@ -195,14 +195,18 @@ impl Gate {
     }
 
     /// Bind a session to the uid of its verified identity, under the `uid_conflict` policy.
+    /// What the credentials say the client may use (JWT `topics` / `rooms`, the HTTP service's
+    /// `acl`) goes into the session's settings under `auth`, where modules on any node read it.
     pub(crate) fn bind_identity(
         &self,
         session: &SessionHandle,
         identity: &Identity,
     ) -> Result<(), CallError> {
-        self.node
-            .session_table()
-            .bind(session.id(), &identity.uid)
-            .map(|_| ())
+        let table = self.node.session_table();
+        table.bind(session.id(), &identity.uid)?;
+        if let Some(claims) = identity.claims() {
+            table.set(session.id(), "auth", claims)?;
+        }
+        Ok(())
     }
 }
