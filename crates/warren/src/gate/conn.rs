@@ -5,6 +5,13 @@
 //! ([`Framer`]). [`SessionConn`] owns the session, its outbound queue, the pending replies and the
 //! writer task; [`run`] is the one read loop (close, drain, replies, keepalive, socket) they all
 //! use, and [`SessionConn::finish`] the one way a connection ends.
+//!
+//! The limits every protocol gets from here: the outbound queue is bounded in items
+//! (`write_queue`) and bytes (`write_queue_bytes`, and the node's `max_queued_bytes`), a push
+//! that does not fit closes the session as a slow consumer, a reply waits for room; the
+//! connection's rates (`msg_rate`, `byte_rate`) pause reading; the first meaningful message is
+//! due within `connect_timeout_s`, then silence ends at the protocol's read timeout; a WebSocket
+//! always closes with a code that says why ([`close_code`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -751,8 +758,14 @@ pub(crate) async fn run<P: Protocol>(
             }
             _ = async { tokio::time::sleep_until(resume?).await; Some(()) }, if resume.is_some() => {
                 conn.settle_rates();
+                // the client was sending, not idle: its idle deadline starts again
+                if awaiting.is_none() && let Some(d) = read_timeout {
+                    deadline.as_mut().reset(Instant::now() + d);
+                }
             }
-            _ = &mut deadline, if !draining => {
+            // while reading is paused for a rate the client is not idle (the connect deadline
+            // still runs: a rate does not buy time to say the first message)
+            _ = &mut deadline, if !draining && (resume.is_none() || awaiting.is_some()) => {
                 return match awaiting {
                     Some(what) => End::Limit(
                         "connect_timeout",
