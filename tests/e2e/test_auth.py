@@ -384,9 +384,27 @@ def test_jsonws_login_checked_by_the_password_file(tmp_path: Path, password_file
     good = JsonWs(port)
     assert good.login("alice", "wonderland") == '{"tpc":"","func":"loginback","cb":"","args":[0]}'
     assert good.call("x", "phaserLogin", [], "p")["args"][0] == "alice"
-    # the same user again: refused by the uid policy
+    # the same user again, with her password: a second device, both stay
     twice = JsonWs(port)
-    assert twice.login("alice", "wonderland") == '{"tpc":"","func":"loginback","cb":"","args":[1]}'
+    assert twice.login("alice", "wonderland") == '{"tpc":"","func":"loginback","cb":"","args":[0]}'
+    assert good.call("x", "test", ["a", "b"], "t")["args"] == ["ab"]
+    w.kill()
+
+
+def test_verified_users_may_connect_twice_but_nobody_can_log_in_as_them(tmp_path: Path, password_file: Path):
+    """uid_conflict protects a uid from a bind by name; proved credentials may share it."""
+    cfg = write_config(tmp_path, f'password_file = "{password_file}"\nanonymous = true')
+    w = Warren("--config", str(cfg), listen=["mqtt+mqant"], http=False).wait_ready()
+    port = w.ports["mqtt+mqant"]
+    phone = ChatClient(port, username="alice", password="wonderland")
+    laptop = ChatClient(port, username="alice", password="wonderland")
+    assert phone.request("Chat/HD_JoinChat", {"roomName": "dev"})["Error"] == ""
+    assert laptop.request("Chat/HD_JoinChat", {"roomName": "dev"})["Error"] == ""
+    # an anonymous client naming alice through the demo Login is refused
+    intruder = ChatClient(port)
+    assert login(intruder, "alice") == {"Error": "user alice is already logged in", "Result": None}
+    for c in (phone, laptop, intruder):
+        c.close()
     w.kill()
 
 

@@ -673,6 +673,18 @@ impl SessionTable {
     /// changes nothing; `kick_old` closes the other sessions (their snapshots keep the uid, the
     /// index forgets them) and binds this one. Binding the uid a session already has is a no-op.
     pub fn bind(&self, id: &str, uid: &str) -> Result<Arc<Session>, CallError> {
+        self.bind_with(id, uid, true)
+    }
+
+    /// Bind a uid that the session's own credentials proved (the gate's authentication at
+    /// connect): the user may be connected more than once (one session per device), so other
+    /// sessions holding the uid are left alone. A later [`SessionTable::bind`] of that uid by
+    /// a session without those credentials still meets the policy.
+    pub fn bind_verified(&self, id: &str, uid: &str) -> Result<Arc<Session>, CallError> {
+        self.bind_with(id, uid, false)
+    }
+
+    fn bind_with(&self, id: &str, uid: &str, policy: bool) -> Result<Arc<Session>, CallError> {
         let mut t = self.write();
         let h = t.by_id.get(id).cloned().ok_or(CallError::NoSession)?;
         let old = h.snapshot().uid.clone();
@@ -690,7 +702,7 @@ impl SessionTable {
                     .collect()
             })
             .unwrap_or_default();
-        if !holders.is_empty() {
+        if policy && !holders.is_empty() {
             match self.uid_conflict {
                 crate::config::UidConflict::Reject => {
                     metrics::counter!("warren_uid_conflicts_total", "policy" => "reject")
@@ -984,6 +996,16 @@ mod tests {
             t.bind("s1", "alice").unwrap();
             // binding the uid a session already has changes nothing
             t.bind("s1", "alice").unwrap();
+            // a verified bind (credentials at connect) shares the uid whatever the policy
+            let (tx3, _rx3) = mpsc::channel(4);
+            t.insert(SessionHandle::new(
+                session("s3"),
+                tx3,
+                CancellationToken::new(),
+            ));
+            t.bind_verified("s3", "alice").unwrap();
+            assert_eq!(t.by_uid("alice").len(), 2);
+            t.unbind("s3").unwrap();
             match policy {
                 UidConflict::Reject => {
                     assert_eq!(

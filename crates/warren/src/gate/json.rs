@@ -160,9 +160,8 @@ impl JsonSession {
             })),
         };
         let gate = conn.gate.clone();
-        let uid = match gate.authenticate_quietly(&conn.cfg, &creds).await {
-            Ok(Some(identity)) => identity.uid,
-            Ok(None) => guid,
+        let identity = match gate.authenticate_quietly(&conn.cfg, &creds).await {
+            Ok(identity) => identity,
             Err(r) => {
                 let why = super::auth_refusal_reason(&creds, r);
                 return refuse_login(conn, r.kind(), why).await;
@@ -178,7 +177,17 @@ impl JsonSession {
                 ));
             }
         }
-        if let Err(e) = conn.gate.node.session_table().bind(conn.handle.id(), &uid) {
+        // a verified identity is bound as proved (several sessions of one user are fine); a
+        // guid nobody checked meets the uid_conflict policy
+        let bound = match &identity {
+            Some(id) => gate.bind_identity(&conn.handle, id),
+            None => gate
+                .node
+                .session_table()
+                .bind(conn.handle.id(), &guid)
+                .map(|_| ()),
+        };
+        if let Err(e) = bound {
             return refuse_login(conn, "uid_conflict", e.to_string()).await;
         }
         self.logged_in = true;

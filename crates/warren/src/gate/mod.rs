@@ -195,6 +195,8 @@ impl Gate {
     }
 
     /// Bind a session to the uid of its verified identity, under the `uid_conflict` policy.
+    /// The uid is proved by the session's own credentials, so other sessions of that user are
+    /// left alone (several devices); `uid_conflict` applies to binds by name (login handlers).
     /// What the credentials say the client may use (JWT `topics` / `rooms`, the HTTP service's
     /// `acl`) goes into the session's settings under `auth`, where modules on any node read it.
     pub(crate) fn bind_identity(
@@ -203,7 +205,7 @@ impl Gate {
         identity: &Identity,
     ) -> Result<(), CallError> {
         let table = self.node.session_table();
-        table.bind(session.id(), &identity.uid)?;
+        table.bind_verified(session.id(), &identity.uid)?;
         if let Some(claims) = identity.claims() {
             table.set(session.id(), "auth", claims)?;
         }
