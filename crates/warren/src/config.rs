@@ -592,7 +592,10 @@ impl ListenerConfig {
             return bad("handshake_timeout_s", "must be at least 1".into());
         }
         if self.msg_rate > 0 && self.msg_burst == 0 {
-            return bad("msg_burst", "must be at least 1 when msg_rate is set".into());
+            return bad(
+                "msg_burst",
+                "must be at least 1 when msg_rate is set".into(),
+            );
         }
         if self.byte_rate > 0 && (self.byte_burst as usize) < self.max_packet().min(1 << 20) {
             return bad(
@@ -602,15 +605,18 @@ impl ListenerConfig {
             );
         }
         for (k, list) in [("allow", &self.allow), ("deny", &self.deny)] {
-            if let Err(ConfigError::Invalid { key: _, why, .. }) =
-                security::check_networks(k, list)
+            if let Err(ConfigError::Invalid { key: _, why, .. }) = security::check_networks(k, list)
             {
                 return bad(k, why);
             }
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad(
-                if self.tls_cert.is_some() { "tls_key" } else { "tls_cert" },
+                if self.tls_cert.is_some() {
+                    "tls_key"
+                } else {
+                    "tls_cert"
+                },
                 "TLS needs both tls_cert and tls_key".into(),
             );
         }

@@ -68,7 +68,10 @@ impl LimitsConfig {
         ];
         for (key, v) in at_least_one {
             if v == 0 {
-                return Err(invalid(&format!("limits.{key}"), "must be at least 1".into()));
+                return Err(invalid(
+                    &format!("limits.{key}"),
+                    "must be at least 1".into(),
+                ));
             }
         }
         if self.max_topic_len > 65535 {
@@ -186,7 +189,10 @@ impl AuthConfig {
         }
         if let Some(j) = &self.jwt {
             let hmac = j.algorithm.starts_with("HS");
-            if !matches!(j.algorithm.as_str(), "HS256" | "HS384" | "HS512" | "RS256" | "ES256") {
+            if !matches!(
+                j.algorithm.as_str(),
+                "HS256" | "HS384" | "HS512" | "RS256" | "ES256"
+            ) {
                 return Err(invalid(
                     "auth.jwt.algorithm",
                     format!(
