@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use warren_proto::mqtt::topic;
 
+use crate::error::CallError;
 use crate::session::{Message, SessionHandle, SessionId};
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -21,9 +22,18 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 /// Named groups of sessions (chat rooms, game tables): add, remove, broadcast.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Groups {
     groups: RwLock<HashMap<Arc<str>, Arc<Group>>>,
+    /// Most groups one session may be in (`[limits] max_groups_per_session`): group names often
+    /// come from clients (a room to join), so each session's share of the table is bounded.
+    max_per_session: usize,
+}
+
+impl Default for Groups {
+    fn default() -> Self {
+        Groups::with_limit(crate::config::LimitsConfig::default().max_groups_per_session)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -33,23 +43,29 @@ struct Group {
 
 impl Groups {
     /// Add a session to a group (created on first member). Adding twice is a no-op.
-    pub fn add(&self, name: &str, session: &Arc<SessionHandle>) {
-        let group = {
-            let mut g = write(&self.groups);
-            match g.get(name) {
-                Some(group) => group.clone(),
-                None => {
-                    let group = Arc::new(Group::default());
-                    g.insert(name.into(), group.clone());
-                    group
-                }
+    pub fn add(&self, name: &str, session: &Arc<SessionHandle>) -> Result<(), CallError> {
+        let mut g = write(&self.groups);
+        // membership is checked on the session's own bounded list, not by scanning the group
+        if !session.join(name, self.max_per_session)? {
+            return Ok(());
+        }
+        let group = match g.get(name) {
+            Some(group) => group.clone(),
+            None => {
+                let group = Arc::new(Group::default());
+                g.insert(name.into(), group.clone());
+                group
             }
         };
-        let id = session.id().clone();
-        let mut members = write(&group.members);
-        if !members.iter().any(|m| *m.id() == id) {
-            members.push(session.clone());
-            session.joined(name.into());
+        write(&group.members).push(session.clone());
+        Ok(())
+    }
+
+    /// Groups whose sessions may each be in at most `max_per_session` groups.
+    pub fn with_limit(max_per_session: usize) -> Self {
+        Groups {
+            groups: RwLock::new(HashMap::new()),
+            max_per_session,
         }
     }
 
@@ -889,9 +905,9 @@ mod tests {
         let g = Groups::default();
         let (a, mut ra) = handle("a");
         let (b, mut rb) = handle("b");
-        g.add("room", &a);
-        g.add("room", &a);
-        g.add("room", &b);
+        g.add("room", &a).unwrap();
+        g.add("room", &a).unwrap();
+        g.add("room", &b).unwrap();
         assert_eq!(g.members("room").len(), 2);
         assert_eq!(g.broadcast("room", "Chat/OnChat", "{}", None), 2);
         assert_eq!(got(&mut ra).len(), 1);
@@ -900,5 +916,18 @@ mod tests {
         assert_eq!(g.members("room").len(), 1);
         g.remove("room", "b");
         assert_eq!(g.broadcast("room", "t", "b", None), 0);
+    }
+
+    #[test]
+    fn a_session_is_in_at_most_max_groups() {
+        let g = Groups::with_limit(2);
+        let (a, _ra) = handle("a");
+        g.add("r1", &a).unwrap();
+        g.add("r2", &a).unwrap();
+        g.add("r2", &a).unwrap(); // already a member: not counted again
+        assert!(matches!(g.add("r3", &a), Err(CallError::BadRequest(_))));
+        g.remove("r1", "a");
+        g.add("r3", &a).unwrap();
+        assert_eq!(g.members("r3").len(), 1);
     }
 }

@@ -91,8 +91,7 @@ impl NodeHandle {
     pub async fn group_add(&self, group: &str, session: &Session) -> Result<(), CallError> {
         if self.is_local_gate(&session.gate) {
             let h = self.inner.sessions.get(&session.id)?;
-            self.inner.groups.add(group, &h);
-            return Ok(());
+            return self.inner.groups.add(group, &h);
         }
         self.gate_call(&session.gate, "GroupAdd", json!([group, &*session.id]))
             .await
@@ -576,7 +575,7 @@ fn gate_module(table: Arc<SessionTable>, groups: Arc<Groups>) -> Module {
             "GroupAdd",
             |cx: crate::Context<T>, Json(a): Json<Vec<Value>>| async move {
                 let h = cx.state().table.get(arg(&a, 1))?;
-                cx.state().groups.add(arg(&a, 0), &h);
+                cx.state().groups.add(arg(&a, 0), &h)?;
                 Ok::<_, CallError>(true)
             },
         )
@@ -820,7 +819,7 @@ impl NodeBuilder {
             SessionTable::new(cfg.node.gate_id.as_str().into())
                 .with_uid_conflict(cfg.auth.uid_conflict),
         );
-        let groups = Arc::new(Groups::default());
+        let groups = Arc::new(Groups::with_limit(cfg.limits.max_groups_per_session));
         let shared = Arc::new(NodeShared {
             id: cfg.node.id.as_str().into(),
             router: Router::with_local(carrier, &cfg.node.id, bus.clone()),

@@ -540,13 +540,21 @@ impl SessionHandle {
         self.close.is_cancelled() || self.outbound.is_closed()
     }
 
-    /// Record a group or subscription this session joined.
-    pub(crate) fn joined(&self, name: Arc<str>) {
-        if let Ok(mut m) = self.memberships.lock()
-            && !m.contains(&name)
-        {
-            m.push(name);
+    /// Record that this session joins a group: `Ok(false)` when it is in it already, an error
+    /// when it is in `max` groups.
+    pub(crate) fn join(&self, name: &str, max: usize) -> Result<bool, CallError> {
+        let mut m = self.memberships.lock().unwrap_or_else(|e| e.into_inner());
+        if m.iter().any(|g| &**g == name) {
+            return Ok(false);
         }
+        if m.len() >= max {
+            return Err(CallError::BadRequest(format!(
+                "session is in {} groups already ([limits] max_groups_per_session)",
+                m.len()
+            )));
+        }
+        m.push(name.into());
+        Ok(true)
     }
 
     /// Forget a group this session left.

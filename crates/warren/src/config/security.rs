@@ -27,6 +27,8 @@ pub struct LimitsConfig {
     /// subscription trie; a prefix shared by several filters counts once). Bounds the trie's
     /// memory, which grows with levels rather than with subscriptions.
     pub max_subscription_levels: usize,
+    /// Most groups (rooms) one session may be in: group names often come from clients.
+    pub max_groups_per_session: usize,
     /// Bytes of output queued for all connections of the node together; past it, new
     /// deliveries are refused (slow consumers are closed) before the machine runs out.
     pub max_queued_bytes: usize,
@@ -47,6 +49,7 @@ impl Default for LimitsConfig {
             max_filters_per_session: 1024,
             max_subscriptions: 1_000_000,
             max_subscription_levels: 4_000_000,
+            max_groups_per_session: 256,
             max_queued_bytes: 1 << 30,
             max_conn_per_ip: 1000,
             conn_rate_per_ip: 200,
@@ -64,6 +67,7 @@ impl LimitsConfig {
             ("max_filters_per_session", self.max_filters_per_session),
             ("max_subscriptions", self.max_subscriptions),
             ("max_subscription_levels", self.max_subscription_levels),
+            ("max_groups_per_session", self.max_groups_per_session),
             ("max_queued_bytes", self.max_queued_bytes),
         ];
         for (key, v) in at_least_one {
