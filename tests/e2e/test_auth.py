@@ -3,7 +3,7 @@
 `warren passwd` manages a password file of argon2 hashes; MQTT CONNECT is checked against it
 (exact CONNACK bytes 20 02 00 00 / 04 / 05 with raw sockets, paho-mqtt and mosquitto_pub), as
 well as against JWTs built here by hand (HS256 with Python's hmac) and an HTTP auth service run
-in a thread. Client-id takeover is refused to another user; binding a uid a live session holds
+in a thread, over plain HTTP and over HTTPS with a private CA (`ca_file`). Client-id takeover is refused to another user; binding a uid a live session holds
 follows `[auth] uid_conflict`; calls before login are refused; JSON-WS logins and a line
 listener's first line go through the same checks.
 """
@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import threading
@@ -32,6 +33,7 @@ from chat import ChatClient, ChatError
 from conftest import Warren, free_port, wait_until, warren_bin
 from rawmqtt import PINGREQ, RawClient
 from test_jsonws import Closed, JsonWs
+from test_tls import certs  # noqa: F401 (the CA and certificates fixture)
 
 OK = b"\x20\x02\x00\x00"
 BAD_CREDENTIALS = b"\x20\x02\x00\x04"
@@ -278,6 +280,56 @@ def test_mqtt_http_callback(tmp_path: Path):
     finally:
         server.shutdown()
         w.kill()
+
+
+def test_mqtt_https_callback_with_a_private_ca(tmp_path: Path, certs: Path):
+    """`[auth.http] url = "https://…"` with `ca_file`: the service's certificate is checked
+    against that CA only; one the CA did not sign refuses every client as unavailable."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), AuthService)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(certs / "server.pem", certs / "server.key")
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    AuthService.seen.clear()
+    url = f"https://127.0.0.1:{server.server_address[1]}/auth"
+    cfg = write_config(tmp_path, f'[auth.http]\nurl = "{url}"\ntimeout_ms = 2000\ncache_s = 0\n'
+                                 f'ca_file = "{certs / "ca.pem"}"')
+    w = Warren("--config", str(cfg), listen=["mqtt"], http=False).wait_ready()
+    # a leaf certificate as the only root: the service's chain does not lead to it
+    (tmp_path / "wrong").mkdir()
+    wrong = write_config(tmp_path / "wrong", f'[auth.http]\nurl = "{url}"\ntimeout_ms = 2000\n'
+                                             f'ca_file = "{certs / "client.pem"}"')
+    w2 = Warren("--config", str(wrong), listen=["mqtt"], http=False).wait_ready()
+    try:
+        connack, c = raw_connack(w.ports["mqtt"], "dev1", username="ann", password="letmein")
+        assert connack == OK
+        c.close()
+        assert AuthService.seen[0]["username"] == "ann"
+        assert AuthService.seen[0]["clientid"] == "dev1"
+        connack, c = raw_connack(w.ports["mqtt"], "dev1", username="ann", password="wrong")
+        assert connack == BAD_CREDENTIALS
+        assert c.closed()
+        assert paho_connect(w.ports["mqtt"], "ann", "letmein") == 0
+        seen = len(AuthService.seen)
+        connack, c = raw_connack(w2.ports["mqtt"], "dev1", username="ann", password="letmein")
+        assert connack == b"\x20\x02\x00\x03"
+        assert c.closed()
+        assert len(AuthService.seen) == seen  # nothing was sent to a service it cannot trust
+        assert "auth service unreachable" in w2.log()
+    finally:
+        server.shutdown()
+        w.kill()
+        w2.kill()
+
+
+def test_ca_file_that_is_not_pem_stops_the_node(tmp_path: Path):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cfg = write_config(tmp_path, f'[auth.http]\nurl = "https://127.0.0.1:9/auth"\nca_file = "{junk}"')
+    w = Warren("--config", str(cfg), listen=["mqtt"], http=False)
+    assert w.proc.wait(timeout=20) != 0
+    out = w.log() + w.stdout()
+    assert "ca_file" in out and "no PEM certificate" in out, out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,18 +12,28 @@
 //! refuses the client as unavailable. Allow and deny answers are cached for `cache_s`, keyed by
 //! a SHA-256 of the protocol, client id, user name, password and peer address (not its port),
 //! so the cache holds no password.
+//!
+//! The URL may be `http://` or `https://`. Over HTTPS (rustls, `ring` provider, HTTP/1.1) the
+//! service's certificate is checked against the system's root certificates, or, with
+//! `ca_file`, against the PEM CA certificates in that file only (an internal service with a
+//! private CA). The roots are read when the authenticator is built (at start and on SIGHUP), so
+//! a missing or unreadable file stops the node with the key and the reason.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::Request;
+use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
 
 use super::{AuthError, AuthHook, AuthRefusal, Credentials, Identity, Verdict};
@@ -42,7 +52,7 @@ type Cached = (Instant, Result<Identity, AuthRefusal>);
 
 /// Asks an HTTP service.
 pub struct HttpAuth {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     uri: hyper::Uri,
     timeout: Duration,
     ttl: Duration,
@@ -58,22 +68,37 @@ impl std::fmt::Debug for HttpAuth {
 }
 
 impl HttpAuth {
-    /// Build from `[auth.http]`. Only `http://` URLs are reached (put the service on the local
-    /// network or behind a local TLS proxy).
+    /// Build from `[auth.http]`: an `http://` or `https://` URL; for HTTPS the trusted roots
+    /// (`ca_file`, or the system's) are read now.
     pub fn new(cfg: &HttpAuthConfig) -> Result<Self, AuthError> {
         let uri: hyper::Uri = cfg
             .url
             .parse()
             .map_err(|e| AuthError::Http(format!("url {:?}: {e}", cfg.url)))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(AuthError::Http(format!(
-                "url {:?}: only http:// URLs are supported",
-                cfg.url
-            )));
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                return Err(AuthError::Http(format!(
+                    "url {:?}: only http:// and https:// URLs are supported",
+                    cfg.url
+                )));
+            }
+        };
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(AuthError::Http(format!("url {:?}: no host", cfg.url)));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_millis(cfg.timeout_ms)));
-        connector.set_nodelay(true);
+        let tls = client_tls(cfg, https)?;
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(Duration::from_millis(cfg.timeout_ms)));
+        http.set_nodelay(true);
+        // the TLS layer below needs the plain connector to accept https:// URIs too
+        http.enforce_http(false);
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
@@ -204,6 +229,43 @@ impl HttpAuth {
     }
 }
 
+/// The rustls client settings: the roots in `ca_file` when set, else the system's roots when
+/// the URL is `https://` (none are needed for `http://`, so a node without a system CA store
+/// still reaches a plain HTTP service).
+fn client_tls(cfg: &HttpAuthConfig, https: bool) -> Result<rustls::ClientConfig, AuthError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| AuthError::Http(format!("tls: {e}")))?;
+    let builder = match (&cfg.ca_file, https) {
+        (Some(path), _) => {
+            let pem =
+                std::fs::read(path).map_err(|e| AuthError::Http(format!("ca_file {path}: {e}")))?;
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| AuthError::Http(format!("ca_file {path}: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| AuthError::Http(format!("ca_file {path}: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(AuthError::Http(format!(
+                    "ca_file {path}: no PEM certificate in the file"
+                )));
+            }
+            builder.with_root_certificates(roots)
+        }
+        (None, true) => builder.with_native_roots().map_err(|e| {
+            AuthError::Http(format!(
+                "url {:?}: the system's root certificates: {e} (set ca_file)",
+                cfg.url
+            ))
+        })?,
+        (None, false) => builder.with_root_certificates(RootCertStore::empty()),
+    };
+    Ok(builder.with_no_client_auth())
+}
+
 impl AuthHook for HttpAuth {
     fn check<'a>(&'a self, creds: &'a Credentials) -> BoxFuture<'a, Verdict> {
         Box::pin(async move {
@@ -228,66 +290,145 @@ impl AuthHook for HttpAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A one-route HTTP server: answers every POST with `answer(body)`; counts requests.
     async fn server(answer: fn(&Value) -> (u16, String), hang: bool) -> (String, Arc<AtomicUsize>) {
+        serve(answer, hang, None).await
+    }
+
+    /// The same server, over TLS when `tls` is given (the URL is then `https://`).
+    async fn serve(
+        answer: fn(&Value) -> (u16, String),
+        hang: bool,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> (String, Arc<AtomicUsize>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = l.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let h = hits.clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = l.accept().await else {
+                let Ok((s, _)) = l.accept().await else {
                     return;
                 };
                 let h = h.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    loop {
-                        let n = s.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
+                    match tls {
+                        None => exchange(s, answer, hang, h).await,
+                        Some(cfg) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                            if let Ok(s) = acceptor.accept(s).await {
+                                exchange(s, answer, hang, h).await;
+                            }
                         }
-                        buf.extend_from_slice(&chunk[..n]);
-                        let text = String::from_utf8_lossy(&buf).into_owned();
-                        let Some((head, body)) = text.split_once("\r\n\r\n") else {
-                            continue;
-                        };
-                        let len = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                            })
-                            .unwrap_or(0);
-                        if body.len() < len {
-                            continue;
-                        }
-                        h.fetch_add(1, Ordering::SeqCst);
-                        if hang {
-                            tokio::time::sleep(Duration::from_secs(30)).await;
-                            return;
-                        }
-                        let v: Value = serde_json::from_str(&body[..len]).unwrap_or(Value::Null);
-                        let (status, out) = answer(&v);
-                        let resp = format!(
-                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{out}",
-                            out.len()
-                        );
-                        let _ = s.write_all(resp.as_bytes()).await;
-                        buf.clear();
                     }
                 });
             }
         });
-        (format!("http://{addr}/auth"), hits)
+        (format!("{scheme}://{addr}/auth"), hits)
+    }
+
+    /// Serve one connection's requests.
+    async fn exchange<S>(
+        mut s: S,
+        answer: fn(&Value) -> (u16, String),
+        hang: bool,
+        h: Arc<AtomicUsize>,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = s.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                continue;
+            };
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if body.len() < len {
+                continue;
+            }
+            h.fetch_add(1, Ordering::SeqCst);
+            if hang {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                return;
+            }
+            let v: Value = serde_json::from_str(&body[..len]).unwrap_or(Value::Null);
+            let (status, out) = answer(&v);
+            let resp = format!(
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{out}",
+                out.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            let _ = s.flush().await;
+            buf.clear();
+        }
+    }
+
+    /// A CA and a server certificate it signed for `127.0.0.1` / `localhost`: the server's
+    /// rustls config and the CA's PEM.
+    fn test_pki() -> (Arc<rustls::ServerConfig>, String) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("ca cert");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().expect("key");
+        let params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])
+            .expect("params");
+        let cert = params.signed_by(&key, &issuer).expect("cert");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
+            )
+            .expect("server config");
+        (Arc::new(cfg), ca.pem())
+    }
+
+    /// A file in the temp dir holding `text`, removed when dropped.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, text: &str) -> Self {
+            let path = std::env::temp_dir()
+                .join(format!("warren-http-auth-{}-{name}", std::process::id()));
+            std::fs::write(&path, text).expect("write");
+            TempFile(path)
+        }
+
+        fn path(&self) -> String {
+            self.0.display().to_string()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 
     fn creds(user: &str, pass: &str) -> Credentials {
@@ -322,6 +463,7 @@ mod tests {
             url,
             timeout_ms: 2000,
             cache_s: 60,
+            ca_file: None,
         })
         .expect("http");
         let id = h
@@ -362,6 +504,7 @@ mod tests {
             url,
             timeout_ms: 200,
             cache_s: 0,
+            ca_file: None,
         })
         .expect("http");
         assert_eq!(
@@ -370,12 +513,82 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn https_with_a_private_ca() {
+        let (tls, ca_pem) = test_pki();
+        let (url, hits) = serve(decide, false, Some(tls)).await;
+        let ca = TempFile::new("ca.pem", &ca_pem);
+        let h = HttpAuth::new(&HttpAuthConfig {
+            url: url.clone(),
+            timeout_ms: 5000,
+            cache_s: 0,
+            ca_file: Some(ca.path()),
+        })
+        .expect("https");
+        let id = h
+            .check(&creds("ann", "good"))
+            .await
+            .expect("allow")
+            .expect("id");
+        assert_eq!(id.uid, "user-7");
+        assert_eq!(
+            h.check(&creds("ann", "bad")).await,
+            Err(AuthRefusal::BadCredentials)
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+
+        // a certificate the trusted roots did not sign: the TLS handshake fails, nothing is
+        // sent, the client is refused as unavailable
+        let (_, other_ca) = test_pki();
+        let other = TempFile::new("other-ca.pem", &other_ca);
+        let h = HttpAuth::new(&HttpAuthConfig {
+            url,
+            timeout_ms: 5000,
+            cache_s: 0,
+            ca_file: Some(other.path()),
+        })
+        .expect("https");
+        assert_eq!(
+            h.check(&creds("ann", "good")).await,
+            Err(AuthRefusal::Unavailable)
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+    }
+
     #[test]
-    fn https_urls_are_refused_at_start() {
+    fn bad_urls_and_ca_files_are_refused_at_start() {
+        for url in ["ftp://example.invalid/auth", "https:///auth", "not a url"] {
+            let e = HttpAuth::new(&HttpAuthConfig {
+                url: url.into(),
+                ..HttpAuthConfig::default()
+            });
+            assert!(e.is_err(), "{url}");
+        }
         let e = HttpAuth::new(&HttpAuthConfig {
-            url: "https://example.invalid/auth".into(),
+            url: "https://127.0.0.1:1/auth".into(),
+            ca_file: Some("/nonexistent/ca.pem".into()),
             ..HttpAuthConfig::default()
-        });
-        assert!(e.is_err());
+        })
+        .expect_err("missing ca_file");
+        assert!(
+            e.to_string()
+                .starts_with("auth.http: ca_file /nonexistent/ca.pem:"),
+            "{e}"
+        );
+        let junk = TempFile::new("junk.pem", "not a certificate\n");
+        let e = HttpAuth::new(&HttpAuthConfig {
+            url: "https://127.0.0.1:1/auth".into(),
+            ca_file: Some(junk.path()),
+            ..HttpAuthConfig::default()
+        })
+        .expect_err("no certificate");
+        assert!(e.to_string().contains("no PEM certificate"), "{e}");
+    }
+
+    #[test]
+    fn ca_file_needs_an_https_url() {
+        let text = "[auth.http]\nurl = \"http://127.0.0.1:9000/auth\"\nca_file = \"ca.pem\"\n";
+        let e = crate::config::Config::load(text, &[]).expect_err("ca_file with http://");
+        assert!(e.to_string().contains("auth.http.ca_file"), "{e}");
     }
 }

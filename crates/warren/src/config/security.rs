@@ -190,6 +190,12 @@ impl AuthConfig {
             if h.timeout_ms == 0 {
                 return Err(invalid("auth.http.timeout_ms", "must be at least 1".into()));
             }
+            if h.ca_file.is_some() && !h.url.starts_with("https://") {
+                return Err(invalid(
+                    "auth.http.ca_file",
+                    format!("is only used with an https:// URL, not {:?}", h.url),
+                ));
+            }
         }
         if let Some(j) = &self.jwt {
             let hmac = j.algorithm.starts_with("HS");
@@ -233,6 +239,9 @@ pub struct HttpAuthConfig {
     pub timeout_ms: u64,
     /// How long an answer is reused for the same credentials (0: not cached).
     pub cache_s: u64,
+    /// PEM CA certificates to trust for an `https://` URL instead of the system's roots (an
+    /// internal auth service whose certificate a private CA signed).
+    pub ca_file: Option<String>,
 }
 
 impl Default for HttpAuthConfig {
@@ -241,6 +250,7 @@ impl Default for HttpAuthConfig {
             url: String::new(),
             timeout_ms: 2000,
             cache_s: 60,
+            ca_file: None,
         }
     }
 }
