@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from chat import ChatClient, ChatError
 from conftest import Warren, free_port, wait_until, warren_bin
-from rawmqtt import PINGREQ, RawClient
+from rawmqtt import PINGREQ, RawClient, parse_publish, publish_packet, subscribe_packet
 from test_jsonws import Closed, JsonWs
 from test_tls import certs  # noqa: F401 (the CA and certificates fixture)
 
@@ -220,6 +220,56 @@ def test_mqtt_jwt_hs256(tmp_path: Path):
     chat = ChatClient(port, username="", password=good)
     assert chat.request("Chat/HD_JoinChat", {"roomName": "jwtroom"}) == {"Error": "", "Result": {"users": ["zoe"]}}
     chat.close()
+    w.kill()
+
+
+def test_jwt_topics_claim_limits_default_mode_mqtt(tmp_path: Path):
+    """A token with `"topics": ["rooms/lobby/#"]` may subscribe and publish there only (read and
+    write): SUBACK 0x80 elsewhere, publishes elsewhere acknowledged and dropped. A token without
+    the claim is not limited."""
+    cfg = write_config(tmp_path, f'[auth.jwt]\nalgorithm = "HS256"\nsecret = "{SECRET}"')
+    w = Warren("--config", str(cfg), listen=["mqtt"], http=False).wait_ready()
+    port = w.ports["mqtt"]
+    exp = int(time.time()) + 300
+    limited = jwt_hs256({"sub": "tess", "exp": exp, "topics": ["rooms/lobby/#"]})
+    free = jwt_hs256({"sub": "watcher", "exp": exp})
+
+    connack, watcher = raw_connack(port, "watch-1", username="watcher", password=free)
+    assert connack == OK
+    watcher.send(subscribe_packet(1, [("#", 0)]))
+    watcher.expect(b"\x90\x03\x00\x01\x00")
+
+    connack, tess = raw_connack(port, "tess-1", username="tess", password=limited)
+    assert connack == OK
+    tess.send(subscribe_packet(1, [("rooms/other/#", 0), ("rooms/lobby/#", 1), ("#", 0), ("rooms/#", 0)]))
+    tess.expect(b"\x90\x06\x00\x01\x80\x01\x80\x80")
+    # mosquitto_sub sees the refusal too (it reports the denied subscription and exits)
+    sub = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-i", "tess-2", "-u", "tess",
+                          "-P", limited, "-t", "rooms/other/#", "-C", "1", "-W", "3"],
+                         capture_output=True, text=True, timeout=15)
+    assert "all subscription requests were denied" in (sub.stderr + sub.stdout).lower(), sub.stderr + sub.stdout
+
+    # a publish outside the claim is acknowledged and dropped; inside it is delivered
+    tess.send(publish_packet("rooms/other/x", b"nope", qos=1, pkid=2))
+    tess.expect(b"\x40\x02\x00\x02")
+    tess.send(publish_packet("rooms/lobby/x", b"yes", qos=1, pkid=3))
+    tess.expect(b"\x40\x02\x00\x03")
+    got = parse_publish(*tess.recv_packet())
+    assert (got[0], got[3]) == ("rooms/lobby/x", b"yes")
+    # one connection's publishes are routed in order: the dropped one would have come first
+    got = parse_publish(*watcher.recv_packet())
+    assert (got[0], got[3]) == ("rooms/lobby/x", b"yes")
+    assert watcher.quiet()
+    # the watcher's token names no topics: it may publish anywhere
+    watcher.send(publish_packet("rooms/other/y", b"free", qos=0))
+    got = parse_publish(*watcher.recv_packet())
+    assert (got[0], got[3]) == ("rooms/other/y", b"free")
+    assert tess.quiet()
+    log = w.log()
+    assert 'kind="token_topics"' in log or "kind=token_topics" in log, log[-2000:]
+    assert "rooms/other/x" in log
+    tess.close()
+    watcher.close()
     w.kill()
 
 

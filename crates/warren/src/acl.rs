@@ -22,6 +22,10 @@
 //! a read rule covers every topic it can match (the filter is a subset of the rule) and no deny
 //! rule can match any of them: deliveries then need no ACL check at all. A PUBLISH needs a write
 //! rule matching its topic and no matching deny rule.
+//!
+//! A verified token that names its topics (JWT claim `topics`) gets a second [`ClientAcl`]
+//! ([`ClientAcl::only`]: read and write on those filters, nothing else); the gate checks both,
+//! so a token can narrow what the file grants but never widen it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -272,6 +276,20 @@ pub struct ClientAcl {
 }
 
 impl ClientAcl {
+    /// Read and write on each of `filters` and nothing else: the topics a verified token names
+    /// (JWT claim `topics`). The gate applies it on top of the ACL file, both having to allow.
+    /// An entry that is not a valid filter grants nothing; an empty list grants nothing at all.
+    pub fn only<S: AsRef<str>>(filters: &[S]) -> ClientAcl {
+        let mut out = ClientAcl::default();
+        for f in filters {
+            let f = f.as_ref();
+            if topic::valid_filter(f) {
+                out.add(Access::ReadWrite, f.into());
+            }
+        }
+        out
+    }
+
     fn add(&mut self, access: Access, topic: Box<str>) {
         if access == Access::Deny {
             self.deny.push(topic);
@@ -516,6 +534,33 @@ pattern deny users/%u/in/forbidden
         assert!(!slashed.may_publish("users/alice/in/out"));
         // the deny pattern is widened rather than dropped
         assert!(!slashed.may_subscribe("users/+/in/forbidden"));
+    }
+
+    #[test]
+    fn a_tokens_topics_grant_exactly_those_filters() {
+        let t = ClientAcl::only(&["rooms/lobby/#", "users/ann/+", "bad/#/x"]);
+        assert!(t.may_subscribe("rooms/lobby/#"));
+        assert!(t.may_subscribe("rooms/lobby/x/y"));
+        assert!(
+            t.may_subscribe("rooms/lobby"),
+            "rooms/lobby/# also matches rooms/lobby"
+        );
+        assert!(!t.may_subscribe("rooms/other/#"));
+        assert!(!t.may_subscribe("rooms/#"), "wider than rooms/lobby/#");
+        assert!(!t.may_subscribe("#"));
+        assert!(t.may_publish("rooms/lobby/x"));
+        assert!(!t.may_publish("rooms/other/x"));
+        assert!(t.may_publish("users/ann/inbox"));
+        assert!(!t.may_publish("users/ann/inbox/x"));
+        assert!(t.may_subscribe("users/ann/+"));
+        assert!(!t.may_subscribe("users/+/inbox"));
+        // an invalid entry grants nothing, not even what it looks like
+        assert!(!t.may_publish("bad/x/x"));
+        assert!(!t.may_subscribe("bad/#"));
+        // an empty list grants nothing
+        let none = ClientAcl::only::<&str>(&[]);
+        assert!(!none.may_publish("a"));
+        assert!(!none.may_subscribe("a/#"));
     }
 
     #[test]

@@ -247,6 +247,11 @@ async fn handshake(
         Some(id) => Some(Arc::from(id.uid.as_str())),
         None => connect.username.as_deref().map(Arc::from),
     };
+    // a token naming its topics limits the client to them (default mode), on top of acl_file
+    let token_acl = match identity.as_ref().and_then(|i| i.topics.as_deref()) {
+        Some(topics) if !mqant => Some(ClientAcl::only(topics)),
+        _ => None,
+    };
     drop(connect);
     let proto = MqttSession {
         mqant,
@@ -257,6 +262,7 @@ async fn handshake(
         filters: HashSet::new(),
         user,
         acl: None,
+        token_acl,
     };
     Some((proto, conn, reader, buf))
 }
@@ -310,6 +316,9 @@ struct MqttSession {
     /// The node's ACL as resolved for this client, with the ACL it was resolved from (resolved
     /// again when that one is swapped); `None` while the node has no ACL file.
     acl: Option<(Arc<Acl>, ClientAcl)>,
+    /// The topics the verified credentials limit this client to (JWT claim `topics`), read and
+    /// write; applied on top of `acl`, both having to allow. `None` when they name none.
+    token_acl: Option<ClientAcl>,
 }
 
 type Conn = SessionConn<Bytes>;
@@ -471,15 +480,8 @@ impl MqttSession {
                 codes.push(0x80);
                 continue;
             }
-            if let Some((_, acl)) = &self.acl
-                && !acl.may_subscribe(&filter)
-            {
-                let why = format!(
-                    "no ACL read rule covers filter {:?} for user {:?}",
-                    preview(&filter),
-                    self.user.as_deref().unwrap_or("")
-                );
-                refusal::deny(&peer, "acl", why);
+            if let Some((kind, why)) = self.subscribe_denied(&filter) {
+                refusal::deny(&peer, kind, why);
                 codes.push(0x80);
                 continue;
             }
@@ -564,15 +566,8 @@ impl MqttSession {
         if !self.mqant && !is_module {
             if conn.cfg.pubsub {
                 self.refresh_acl(&conn.gate);
-                if let Some((_, acl)) = &self.acl
-                    && !acl.may_publish(topic)
-                {
-                    let why = format!(
-                        "no ACL write rule for topic {:?} for user {:?}; publish dropped",
-                        preview(topic),
-                        self.user.as_deref().unwrap_or("")
-                    );
-                    refusal::deny(&conn.peer, "acl", why);
+                if let Some((kind, why)) = self.publish_denied(topic) {
+                    refusal::deny(&conn.peer, kind, why);
                     return Ok(());
                 }
                 node.subscriptions().publish(
@@ -619,6 +614,56 @@ impl MqttSession {
                 }
             }
         }
+    }
+
+    /// Why this client may not subscribe to `filter` (a valid filter), as a refusal kind and
+    /// reason: the ACL file (`acl`) or its token's topics (`token_topics`) does not cover it.
+    /// Call [`Self::refresh_acl`] first.
+    fn subscribe_denied(&self, filter: &str) -> Option<(&'static str, String)> {
+        let user = self.user.as_deref().unwrap_or("");
+        if let Some((_, acl)) = &self.acl
+            && !acl.may_subscribe(filter)
+        {
+            let why = format!(
+                "no ACL read rule covers filter {:?} for user {user:?}",
+                preview(filter)
+            );
+            return Some(("acl", why));
+        }
+        if let Some(t) = &self.token_acl
+            && !t.may_subscribe(filter)
+        {
+            let why = format!(
+                "the token's topics do not cover filter {:?} for user {user:?}",
+                preview(filter)
+            );
+            return Some(("token_topics", why));
+        }
+        None
+    }
+
+    /// Why this client may not publish to `topic`, as for [`Self::subscribe_denied`].
+    fn publish_denied(&self, topic: &str) -> Option<(&'static str, String)> {
+        let user = self.user.as_deref().unwrap_or("");
+        if let Some((_, acl)) = &self.acl
+            && !acl.may_publish(topic)
+        {
+            let why = format!(
+                "no ACL write rule for topic {:?} for user {user:?}; publish dropped",
+                preview(topic)
+            );
+            return Some(("acl", why));
+        }
+        if let Some(t) = &self.token_acl
+            && !t.may_publish(topic)
+        {
+            let why = format!(
+                "the token's topics do not include topic {:?} for user {user:?}; publish dropped",
+                preview(topic)
+            );
+            return Some(("token_topics", why));
+        }
+        None
     }
 
     /// Keep `self.acl` in step with the node's ACL: resolved for this client once, again only
@@ -772,6 +817,78 @@ mod tests {
         assert_eq!(
             &envelope(Err(CallError::BodyNotJson))[..],
             br#"{"Error":"body must be JSON format","Result":null}"#
+        );
+    }
+
+    /// A default-mode session of `user` with this ACL file and these token topics.
+    fn session(file: Option<&str>, topics: Option<&[&str]>) -> MqttSession {
+        let user = "ann";
+        MqttSession {
+            mqant: false,
+            max_packet: 1024,
+            read_timeout: None,
+            client_id: "c1".into(),
+            awaiting_rel: HashSet::new(),
+            filters: HashSet::new(),
+            user: Some(Arc::from(user)),
+            acl: file.map(|text| {
+                let acl = Arc::new(Acl::parse(text, "acl").expect("acl"));
+                let resolved = acl.for_client(Some(user), "c1");
+                (acl, resolved)
+            }),
+            token_acl: topics.map(ClientAcl::only),
+        }
+    }
+
+    #[test]
+    fn a_tokens_topics_and_the_acl_file_must_both_allow() {
+        let kind = |d: Option<(&'static str, String)>| d.map(|(k, _)| k);
+        // the token alone
+        let s = session(None, Some(&["rooms/lobby/#"]));
+        assert_eq!(kind(s.subscribe_denied("rooms/lobby/#")), None);
+        assert_eq!(kind(s.publish_denied("rooms/lobby/x")), None);
+        assert_eq!(
+            kind(s.subscribe_denied("rooms/other/#")),
+            Some("token_topics")
+        );
+        assert_eq!(kind(s.subscribe_denied("#")), Some("token_topics"));
+        assert_eq!(
+            kind(s.publish_denied("rooms/other/x")),
+            Some("token_topics")
+        );
+        // no token topics, no file: everything
+        let s = session(None, None);
+        assert_eq!(kind(s.subscribe_denied("#")), None);
+        assert_eq!(kind(s.publish_denied("any/topic")), None);
+        // with a file, both must allow
+        let file = "user ann\ntopic readwrite rooms/#\ntopic deny rooms/lobby/secret\n";
+        let s = session(Some(file), Some(&["rooms/lobby/#", "news/#"]));
+        assert_eq!(kind(s.publish_denied("rooms/lobby/x")), None);
+        assert_eq!(
+            kind(s.subscribe_denied("rooms/lobby/+")),
+            Some("acl"),
+            "may match the denied topic"
+        );
+        assert_eq!(kind(s.publish_denied("rooms/lobby/secret")), Some("acl"));
+        assert_eq!(
+            kind(s.publish_denied("news/today")),
+            Some("acl"),
+            "the token allows, the file does not"
+        );
+        assert_eq!(
+            kind(s.subscribe_denied("rooms/other/#")),
+            Some("token_topics"),
+            "the file allows, the token does not"
+        );
+        assert_eq!(
+            kind(s.publish_denied("rooms/other/x")),
+            Some("token_topics")
+        );
+        // a token with an empty list may use no topic
+        let s = session(None, Some(&[]));
+        assert_eq!(
+            kind(s.publish_denied("rooms/lobby/x")),
+            Some("token_topics")
         );
     }
 
