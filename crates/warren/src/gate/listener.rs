@@ -492,9 +492,10 @@ impl Listener {
             })
             .layer(axum::Extension(ctx));
         let service = hyper_util::service::TowerToHyperService::new(app);
-        let remaining = deadline
-            .saturating_duration_since(tokio::time::Instant::now())
-            .max(Duration::from_millis(1));
+        // the handshake deadline below is what ends a slow upgrade (and logs it); hyper's own
+        // header timer only backs it up, a little later, so the two never race
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now())
+            + Duration::from_secs(1);
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(remaining)
