@@ -16,6 +16,7 @@ use warren_proto::json_ws::{self, Frame};
 
 use super::args::{args_from_result, body_from_args};
 use super::conn::{self, End, Framer, Out, SessionConn};
+use super::refusal;
 use super::transport::{Reader, Writer};
 use super::{Credentials, Gate};
 use crate::config::ListenerConfig;
@@ -222,7 +223,11 @@ impl JsonSession {
                 Ok(v) if v == Value::Bool(true) || v == 0
             ),
             Err(e) => {
-                tracing::info!(peer = %conn.peer, reason = %e, "login handler failed");
+                refusal::deny(
+                    &conn.peer,
+                    "login_handler",
+                    format_args!("login handler failed: {e}"),
+                );
                 false
             }
         }

@@ -19,6 +19,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use warren_proto::line::{self, LineDecoder, LineEvent};
 
 use super::conn::{self, End, Framer, Out, SessionConn};
+use super::refusal;
 use super::transport::{Reader, Writer};
 use super::{Credentials, Gate};
 use crate::config::ListenerConfig;
@@ -300,7 +301,11 @@ impl LineSession {
         let (topic, body) = text.split_once([' ', '\t']).unwrap_or((&text, ""));
         let body = Bytes::copy_from_slice(body.trim_start().as_bytes());
         let Ok(route) = Route::parse(topic.trim()) else {
-            tracing::info!(peer = %conn.peer, reason = "line is not `Module/Handler[/msgid] body`", "dropping message");
+            refusal::deny(
+                &conn.peer,
+                "bad_route",
+                "dropping message: line is not `Module/Handler[/msgid] body`",
+            );
             return conn.send(self.error_frame()).await;
         };
         let tag = route

@@ -50,7 +50,7 @@ pub(crate) fn serve(
 }
 
 fn refuse(peer: &SocketAddr, why: &str, kind: &'static str) {
-    tracing::warn!(%peer, reason = %why, "closing connection");
+    refusal::refuse(peer, kind, why);
     metrics::counter!("warren_connections_refused_total", "reason" => kind).increment(1);
 }
 
@@ -587,7 +587,11 @@ impl MqttSession {
         let route = match Route::parse(topic) {
             Ok(r) => r,
             Err(e) => {
-                tracing::info!(peer = %conn.peer, reason = %e, "dropping publish");
+                refusal::deny(
+                    &conn.peer,
+                    "bad_route",
+                    format_args!("dropping publish: {e}"),
+                );
                 metrics::counter!("warren_requests_refused_total", "reason" => "bad_route")
                     .increment(1);
                 return Ok(());

@@ -21,6 +21,7 @@ use warren_proto::stream_pkg;
 
 use super::args::body_from_args;
 use super::conn::{self, End, Framer, Out, SessionConn};
+use super::refusal;
 use super::transport::{Reader, Writer};
 use super::{Credentials, Gate};
 use crate::config::{ListenerConfig, TransportName};
@@ -131,7 +132,11 @@ impl RpcSession {
             Ok(r) => r,
             Err(e) => {
                 // no id to answer: the caller's own timeout fires
-                tracing::warn!(peer = %conn.peer, reason = %e, "dropping unparseable rpc payload");
+                refusal::refuse(
+                    &conn.peer,
+                    "bad_rpc_payload",
+                    format_args!("dropping unparseable rpc payload: {e}"),
+                );
                 metrics::counter!("warren_decode_errors_total", "kind" => e.kind()).increment(1);
                 return Ok(());
             }
