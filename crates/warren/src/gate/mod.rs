@@ -14,7 +14,7 @@ mod listener;
 pub mod mqtt;
 mod pomelo;
 mod pomelo_rpc;
-mod proxy;
+pub mod proxy;
 pub(crate) mod refusal;
 mod tls;
 mod transport;

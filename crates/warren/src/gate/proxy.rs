@@ -2,27 +2,31 @@
 //! connection name the client's address, which then stands for the peer in IP lists, per-IP
 //! limits, logs and the session's remote address.
 //!
-//! The header is read exactly, never past its end (what follows belongs to TLS or the protocol):
-//! 12 bytes first, which tell the version; then, for v2, the 4 bytes of command, family and
-//! length and the length announced (bounded by [`V2_MAX`]); for v1, byte by byte up to the CRLF,
-//! at most [`V1_MAX`] bytes in all. `ppp` parses what was read. The caller bounds the whole read
-//! with the handshake deadline.
+//! The header is read exactly, never past its end (what follows belongs to TLS or the protocol).
+//! [`parse_header`] decides, from the bytes read so far, how many bytes in all are needed next
+//! or where the header ends: 12 bytes first, which tell the version; then, for v2, the 4 bytes
+//! of command, family and length and the length announced (bounded by [`V2_MAX`]); for v1, one
+//! byte more until the CRLF, at most [`V1_MAX`] bytes in all. `ppp` parses the complete header.
+//! The reader only reads what [`parse_header`] asks for; the caller bounds the whole read with
+//! the handshake deadline. The module is public so the fuzz target can drive [`parse_header`].
 
 use std::net::SocketAddr;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Longest v1 header, CRLF included (the spec's 107 bytes).
-pub(crate) const V1_MAX: usize = 107;
+pub const V1_MAX: usize = 107;
 /// Longest v2 address-and-TLV block accepted. The spec allows 65535; real balancers send a few
 /// hundred bytes at most (addresses plus a few TLVs).
-pub(crate) const V2_MAX: usize = 4096;
+pub const V2_MAX: usize = 4096;
+/// The most bytes a header may take (a v2 header of [`V2_MAX`] bytes after its fixed 16).
+pub const HEADER_MAX: usize = 16 + V2_MAX;
 
 const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 
 /// A header that could not be read.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ProxyError {
+pub enum ProxyError {
     /// The socket failed or closed before the header was complete.
     #[error("connection ended inside the PROXY header: {0}")]
     Io(#[from] std::io::Error),
@@ -34,42 +38,104 @@ pub(crate) enum ProxyError {
     Invalid(String),
 }
 
-/// Read one PROXY header and return the client's address: `Some` for a proxied TCP connection,
-/// `None` for `LOCAL` / `UNKNOWN` (the balancer's own health check: keep the socket's peer).
-pub(crate) async fn read_header<R: AsyncRead + Unpin>(
-    r: &mut R,
-) -> Result<Option<SocketAddr>, ProxyError> {
-    let mut buf = [0u8; 16 + V2_MAX];
-    r.read_exact(&mut buf[..12]).await?;
-    if buf[..12] == V2_SIGNATURE {
-        r.read_exact(&mut buf[12..16]).await?;
-        let len = u16::from_be_bytes([buf[14], buf[15]]) as usize;
+/// What the bytes read so far say about the PROXY header at their start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parsed {
+    /// The header is not complete: read until `total` bytes are buffered (always more than
+    /// were given, at most [`HEADER_MAX`]), then ask again.
+    NeedMore {
+        /// Bytes needed in all, counted from the start of the header.
+        total: usize,
+    },
+    /// A complete header of `len` bytes (never more than were given); what follows it is not
+    /// part of it.
+    Header {
+        /// The header's length, its CRLF or TLVs included.
+        len: usize,
+        /// The client's address: `Some` for a proxied TCP connection, `None` for `LOCAL` /
+        /// `UNKNOWN` (the balancer's own health check: keep the socket's peer).
+        source: Option<SocketAddr>,
+    },
+}
+
+/// Decide on the PROXY header at the start of `buf`, the bytes read from the connection so
+/// far: more bytes needed (and how many in all), a complete header (its length and the client's
+/// address), or an error. Never reads past the header: a v1 header ends at the first CRLF, a v2
+/// header after the length it announces. Pure, so it can be fuzzed.
+pub fn parse_header(buf: &[u8]) -> Result<Parsed, ProxyError> {
+    let Some(head) = buf.get(..12) else {
+        return Ok(Parsed::NeedMore { total: 12 });
+    };
+    if head == V2_SIGNATURE {
+        let Some(fixed) = buf.get(12..16) else {
+            return Ok(Parsed::NeedMore { total: 16 });
+        };
+        let len = usize::from(u16::from_be_bytes([fixed[2], fixed[3]]));
         if len > V2_MAX {
             return Err(ProxyError::Invalid(format!(
                 "v2 header of {len} bytes (at most {V2_MAX} accepted)"
             )));
         }
-        r.read_exact(&mut buf[16..16 + len]).await?;
-        return parse_v2(&buf[..16 + len]);
+        let total = 16 + len;
+        let Some(header) = buf.get(..total) else {
+            return Ok(Parsed::NeedMore { total });
+        };
+        return Ok(Parsed::Header {
+            len: total,
+            source: parse_v2(header)?,
+        });
     }
-    if &buf[..6] != b"PROXY " {
+    if &head[..6] != b"PROXY " {
         return Err(ProxyError::Missing);
     }
-    let mut n = 12;
-    while !(n >= 2 && buf[n - 2] == b'\r' && buf[n - 1] == b'\n') {
-        if n == V1_MAX {
-            return Err(ProxyError::Invalid(format!(
-                "v1 header without CRLF in {V1_MAX} bytes"
-            )));
+    let window = &buf[..buf.len().min(V1_MAX)];
+    match window.windows(2).position(|w| w == b"\r\n") {
+        // no valid v1 header is shorter than the 12 bytes read to tell the version
+        Some(at) if at + 2 < 12 => Err(ProxyError::Invalid(format!(
+            "v1 header of {} bytes",
+            at + 2
+        ))),
+        Some(at) => {
+            let len = at + 2;
+            Ok(Parsed::Header {
+                len,
+                source: parse_v1(&buf[..len])?,
+            })
         }
-        r.read_exact(&mut buf[n..n + 1]).await?;
-        n += 1;
+        None if buf.len() >= V1_MAX => Err(ProxyError::Invalid(format!(
+            "v1 header without CRLF in {V1_MAX} bytes"
+        ))),
+        None => Ok(Parsed::NeedMore {
+            total: buf.len() + 1,
+        }),
     }
-    parse_v1(&buf[..n])
+}
+
+/// Read one PROXY header and return the client's address: `Some` for a proxied TCP connection,
+/// `None` for `LOCAL` / `UNKNOWN` (the balancer's own health check: keep the socket's peer).
+/// Reads exactly the header's bytes, as [`parse_header`] asks for them.
+pub(crate) async fn read_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<SocketAddr>, ProxyError> {
+    let mut buf = [0u8; HEADER_MAX];
+    let mut have = 0;
+    loop {
+        match parse_header(&buf[..have])? {
+            Parsed::Header { source, .. } => return Ok(source),
+            Parsed::NeedMore { total } => {
+                let Some(more) = buf.get_mut(have..total) else {
+                    // parse_header never asks for more than HEADER_MAX
+                    return Err(ProxyError::Invalid("header longer than accepted".into()));
+                };
+                r.read_exact(more).await?;
+                have = total;
+            }
+        }
+    }
 }
 
 /// Parse a complete v1 header (`PROXY TCP4 src dst sport dport\r\n`).
-pub(crate) fn parse_v1(bytes: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
+fn parse_v1(bytes: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
     use ppp::v1::{Addresses, Header};
     let h = Header::try_from(bytes).map_err(|e| ProxyError::Invalid(format!("v1: {e}")))?;
     if h.header.len() != bytes.len() {
@@ -83,7 +149,7 @@ pub(crate) fn parse_v1(bytes: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
 }
 
 /// Parse a complete v2 header (signature, command, family, length, addresses, TLVs).
-pub(crate) fn parse_v2(bytes: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
+fn parse_v2(bytes: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
     use ppp::v2::{Addresses, Command, Header};
     let h = Header::try_from(bytes).map_err(|e| ProxyError::Invalid(format!("v2: {e}")))?;
     if h.command == Command::Local {
@@ -170,6 +236,46 @@ mod tests {
 
         let (a, _) = read(&v2(0, 0x00, &[])).await;
         assert!(matches!(a, Ok(None)), "{a:?}");
+    }
+
+    #[test]
+    fn parse_header_asks_for_exactly_the_header() {
+        let need = |b: &[u8]| match parse_header(b) {
+            Ok(Parsed::NeedMore { total }) => total,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(need(b""), 12);
+        assert_eq!(need(b"PROXY TC"), 12);
+        assert_eq!(need(b"PROXY TCP4 1"), 13);
+        assert_eq!(need(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r"), 32);
+        let line = b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nmore";
+        assert_eq!(
+            parse_header(line).ok(),
+            Some(Parsed::Header {
+                len: 32,
+                source: Some("1.2.3.4:1".parse().expect("addr"))
+            })
+        );
+        // a CRLF within the first 12 bytes: no v1 header is that short
+        assert!(matches!(
+            parse_header(b"PROXY \r\nxxxxxxx"),
+            Err(ProxyError::Invalid(_))
+        ));
+        let local = v2(0, 0x00, &[]);
+        assert_eq!(need(&local[..12]), 16);
+        assert_eq!(
+            parse_header(&local).ok(),
+            Some(Parsed::Header {
+                len: 16,
+                source: None
+            })
+        );
+        let mut addrs = vec![192, 0, 2, 7, 198, 51, 100, 1];
+        addrs.extend_from_slice(&5555u16.to_be_bytes());
+        addrs.extend_from_slice(&1883u16.to_be_bytes());
+        let tcp = v2(1, 0x11, &addrs);
+        assert_eq!(need(&tcp[..16]), 28);
+        assert_eq!(need(&tcp[..27]), 28);
     }
 
     #[tokio::test]
