@@ -9,7 +9,9 @@
 //! defaults to the user name, then the client id; `acl` is kept in the [`Identity`] as sent).
 //! `{"result":"ignore"}` abstains (the next method is asked); `{"result":"deny"}` refuses as bad
 //! credentials. Any other status or body, a connection error or no answer within `timeout_ms`
-//! refuses the client as unavailable. Allow and deny answers are cached for `cache_s`, keyed by
+//! refuses the client as unavailable; such a failure is counted in
+//! `warren_auth_http_errors_total{reason}` (`unreachable`, `timeout`, `status`, `bad_answer`)
+//! and logged at most once a second. Allow and deny answers are cached for `cache_s`, keyed by
 //! a SHA-256 of the protocol, client id, user name, password and peer address (not its port),
 //! so the cache holds no password.
 //!
@@ -57,6 +59,8 @@ pub struct HttpAuth {
     timeout: Duration,
     ttl: Duration,
     cache: Mutex<HashMap<Key, Cached>>,
+    /// When a failed exchange was last logged, and how many were not logged since.
+    log: Mutex<(Option<Instant>, u64)>,
 }
 
 impl std::fmt::Debug for HttpAuth {
@@ -108,6 +112,7 @@ impl HttpAuth {
             timeout: Duration::from_millis(cfg.timeout_ms),
             ttl: Duration::from_secs(cfg.cache_s),
             cache: Mutex::new(HashMap::new()),
+            log: Mutex::new((None, 0)),
         })
     }
 
@@ -158,6 +163,26 @@ impl HttpAuth {
         cache.insert(key, (Instant::now(), answer));
     }
 
+    /// Count a failed exchange (`warren_auth_http_errors_total{reason}`) and log it: one WARN
+    /// line a second at most, as every client that connects meanwhile fails the same way; the
+    /// next line says how many were left out.
+    fn service_failed(&self, reason: &'static str, what: impl std::fmt::Display) {
+        metrics::counter!("warren_auth_http_errors_total", "reason" => reason).increment(1);
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if log
+            .0
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
+        {
+            log.1 += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut log.1);
+        log.0 = Some(now);
+        drop(log);
+        tracing::warn!(url = %self.uri, reason, suppressed, "{what}");
+    }
+
     /// Ask the service (no cache).
     async fn ask(&self, creds: &Credentials) -> Verdict {
         let body = json!({
@@ -184,20 +209,27 @@ impl HttpAuth {
         let (status, bytes) = match tokio::time::timeout(self.timeout, exchange).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                tracing::warn!(url = %self.uri, reason = %e, "auth service unreachable");
+                self.service_failed("unreachable", format_args!("auth service unreachable: {e}"));
                 return Err(AuthRefusal::Unavailable);
             }
             Err(_) => {
-                tracing::warn!(url = %self.uri, timeout_ms = self.timeout.as_millis() as u64, "auth service did not answer in time");
+                let ms = self.timeout.as_millis();
+                self.service_failed(
+                    "timeout",
+                    format_args!("auth service did not answer in {ms} ms"),
+                );
                 return Err(AuthRefusal::Unavailable);
             }
         };
         if status != hyper::StatusCode::OK {
-            tracing::warn!(url = %self.uri, %status, "auth service answered with an error status");
+            self.service_failed(
+                "status",
+                format_args!("auth service answered with status {status}"),
+            );
             return Err(AuthRefusal::Unavailable);
         }
         let answer: Value = serde_json::from_slice(&bytes).map_err(|_| {
-            tracing::warn!(url = %self.uri, "auth service answer is not JSON");
+            self.service_failed("bad_answer", "auth service answer is not JSON");
             AuthRefusal::Unavailable
         })?;
         match answer.get("result").and_then(Value::as_str) {
@@ -222,7 +254,10 @@ impl HttpAuth {
             Some("ignore") => Ok(None),
             Some("deny") => Err(AuthRefusal::BadCredentials),
             _ => {
-                tracing::warn!(url = %self.uri, "auth service answer has no result allow|deny|ignore");
+                self.service_failed(
+                    "bad_answer",
+                    "auth service answer has no result allow|deny|ignore",
+                );
                 Err(AuthRefusal::Unavailable)
             }
         }
