@@ -96,8 +96,20 @@ impl NatsTransport {
             Some(q) => self.client.queue_subscribe(subject.clone(), q).await,
         }
         .map_err(|e| TransportError::Broker(format!("subscribe {subject}: {e}")))?;
-        // the server has the subscription once it answered the PING that follows it
-        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.client.flush()).await {
+        // The server handles one connection's operations in order: once a message published on
+        // a probe subject comes back, the SUB before it is in place too. (A flush only empties
+        // the client's write buffer; frames another connection sends meanwhile would be lost.)
+        let confirmed = async {
+            let probe = self.client.new_inbox();
+            let mut echo = self.client.subscribe(probe.clone()).await?;
+            self.client.publish(probe, Bytes::new()).await?;
+            self.client.flush().await?;
+            echo.next()
+                .await
+                .map(|_| ())
+                .ok_or_else(|| async_nats::Error::from("probe subscription closed"))
+        };
+        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, confirmed).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return Err(TransportError::Unavailable(format!(
