@@ -12,11 +12,11 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use futures_util::future::BoxFuture;
 use ring::rand::SecureRandom;
 use tokio::sync::Semaphore;
@@ -31,6 +31,17 @@ pub const PERMIT_WAIT: Duration = Duration::from_secs(5);
 
 /// Longest password verified (longer ones are refused without hashing).
 pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// How long a verified password is accepted again without argon2.
+pub const VERIFIED_TTL: Duration = Duration::from_secs(600);
+
+/// Most verified passwords remembered at once (when full, expired ones are dropped, and if none
+/// was, new ones are not remembered until some expire).
+pub const MAX_VERIFIED: usize = 65_536;
+
+/// Largest argon2 memory cost (KiB) a hash in the file may ask for: 256 MiB. A verification
+/// holds that much while it runs, once per slot.
+pub const MAX_M_COST_KIB: u32 = 256 * 1024;
 
 /// How many argon2 verifications may run at once: the number of CPUs, at most 4.
 pub fn max_concurrent() -> usize {
@@ -55,7 +66,95 @@ pub fn hash_password(password: &[u8]) -> Result<String, String> {
 
 /// Whether `password` matches a PHC hash string.
 pub fn verify_password(password: &[u8], phc: &str) -> bool {
-    PasswordHash::new(phc).is_ok_and(|h| Argon2::default().verify_password(password, &h).is_ok())
+    verify_with_memory(password, phc, &mut Vec::new())
+}
+
+/// [`verify_password`] with argon2's memory area supplied by the caller (grown to the hash's
+/// memory cost when smaller), so that it can be reused.
+pub fn verify_with_memory(password: &[u8], phc: &str, memory: &mut Vec<Block>) -> bool {
+    let Ok(h) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Some(expected), Some(salt)) = (h.hash, h.salt) else {
+        return false;
+    };
+    let Ok(params) = Params::try_from(&h) else {
+        return false;
+    };
+    if params.m_cost() > MAX_M_COST_KIB {
+        return false;
+    }
+    let Ok(algorithm) = Algorithm::try_from(h.algorithm) else {
+        return false;
+    };
+    let version = match h.version.map(Version::try_from) {
+        None => Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        memory.resize(blocks, Block::default());
+    }
+    let mut out = vec![0u8; expected.len()];
+    Argon2::new(algorithm, version, params)
+        .hash_password_into_with_memory(password, salt, &mut out, &mut memory[..blocks])
+        .is_ok()
+        && constant_time_eq(&out, expected.as_bytes())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Passwords that verified recently, as HMACs under a key made at start (see the module
+/// comment).
+struct Verified {
+    key: ring::hmac::Key,
+    seen: Mutex<HashMap<[u8; 32], Instant>>,
+}
+
+impl Verified {
+    fn new() -> Result<Self, String> {
+        let key =
+            ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+                .map_err(|_| "no system randomness for the verification cache key".to_owned())?;
+        Ok(Verified {
+            key,
+            seen: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn tag(&self, user: &str, password: &[u8], phc: &str) -> [u8; 32] {
+        let mut ctx = ring::hmac::Context::with_key(&self.key);
+        for part in [user.as_bytes(), password, phc.as_bytes()] {
+            ctx.update(&(part.len() as u64).to_le_bytes());
+            ctx.update(part);
+        }
+        let mut tag = [0u8; 32];
+        tag.copy_from_slice(ctx.sign().as_ref());
+        tag
+    }
+
+    fn contains(&self, tag: &[u8; 32]) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(tag).is_some_and(|at| at.elapsed() < VERIFIED_TTL)
+    }
+
+    fn insert(&self, tag: [u8; 32]) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= MAX_VERIFIED {
+            seen.retain(|_, at| at.elapsed() < VERIFIED_TTL);
+            if seen.len() >= MAX_VERIFIED {
+                return;
+            }
+        }
+        seen.insert(tag, Instant::now());
+    }
 }
 
 /// Whether a name may be stored in the file (not empty, no `:`, no line breaks or NUL).
@@ -69,6 +168,9 @@ pub struct PasswordFile {
     /// Verified against for unknown users, so their refusal takes as long as a known user's.
     dummy: Arc<str>,
     permits: Arc<Semaphore>,
+    /// argon2 memory areas, one per verification slot, reused.
+    memory: Arc<Mutex<Vec<Vec<Block>>>>,
+    verified: Arc<Verified>,
 }
 
 impl std::fmt::Debug for PasswordFile {
@@ -95,9 +197,14 @@ pub fn parse(text: &str) -> Result<HashMap<String, String>, String> {
         if !valid_user_name(user) {
             return Err(format!("line {n}: empty user name"));
         }
-        if PasswordHash::new(hash).is_err() {
+        let Ok(parsed) = PasswordHash::new(hash) else {
             return Err(format!(
                 "line {n}: the hash of {user:?} is not a PHC string ($argon2id$…)"
+            ));
+        };
+        if Params::try_from(&parsed).is_ok_and(|p| p.m_cost() > MAX_M_COST_KIB) {
+            return Err(format!(
+                "line {n}: the hash of {user:?} asks for more than {MAX_M_COST_KIB} KiB of memory"
             ));
         }
         if users.insert(user.to_owned(), hash.to_owned()).is_some() {
@@ -128,6 +235,8 @@ impl PasswordFile {
             users: Arc::new(users),
             dummy: dummy.into(),
             permits: Arc::new(Semaphore::new(max_concurrent())),
+            memory: Arc::new(Mutex::new(Vec::new())),
+            verified: Arc::new(Verified::new()?),
         })
     }
 
@@ -148,6 +257,13 @@ impl PasswordFile {
         if password.len() > MAX_PASSWORD_BYTES {
             return Ok(known.map(|_| false));
         }
+        let tag = known
+            .as_deref()
+            .map(|phc| self.verified.tag(user, password, phc));
+        if tag.as_ref().is_some_and(|t| self.verified.contains(t)) {
+            metrics::counter!("warren_auth_verified_cache_hits_total").increment(1);
+            return Ok(Some(true));
+        }
         let permit =
             match tokio::time::timeout(PERMIT_WAIT, self.permits.clone().acquire_owned()).await {
                 Ok(Ok(p)) => p,
@@ -161,13 +277,24 @@ impl PasswordFile {
             None => self.dummy.clone(),
         };
         let password = password.to_vec();
+        let pool = self.memory.clone();
         let ok = tokio::task::spawn_blocking(move || {
-            let ok = verify_password(&password, &phc);
+            // the permit bounds how many areas exist: one per slot at most
+            let mut memory = pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop()
+                .unwrap_or_default();
+            let ok = verify_with_memory(&password, &phc, &mut memory);
+            pool.lock().unwrap_or_else(|e| e.into_inner()).push(memory);
             drop(permit);
             ok
         })
         .await
         .map_err(|_| AuthRefusal::Unavailable)?;
+        if ok && let Some(tag) = tag {
+            self.verified.insert(tag);
+        }
         Ok(known.map(|_| ok))
     }
 }
@@ -283,6 +410,41 @@ mod tests {
                 .unwrap_err()
                 .contains("twice")
         );
+    }
+
+    #[test]
+    fn hashes_made_elsewhere_verify_and_costly_ones_are_refused() {
+        // made with the argon2 reference parameters of another tool: argon2id, m=65536, t=3
+        let h = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(65536, 3, 1, None).expect("params"),
+        )
+        .hash_password(
+            b"pw",
+            &SaltString::encode_b64(b"0123456789abcdef").expect("salt"),
+        )
+        .expect("hash")
+        .to_string();
+        let mut memory = Vec::new();
+        assert!(verify_with_memory(b"pw", &h, &mut memory));
+        assert_eq!(memory.len(), 65536, "the area grows to the hash's cost");
+        assert!(!verify_with_memory(b"pX", &h, &mut memory));
+        let huge = "$argon2id$v=19$m=1048576,t=1,p=1$MDEyMzQ1Njc4OWFiY2RlZg$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        assert!(parse(&format!("a:{huge}")).unwrap_err().contains("memory"));
+        assert!(!verify_with_memory(b"pw", huge, &mut Vec::new()));
+    }
+
+    #[tokio::test]
+    async fn a_verified_password_is_accepted_again_without_a_slot() {
+        let mut users = HashMap::new();
+        users.insert("alice".to_owned(), hash_password(b"secret").expect("hash"));
+        let mut f = PasswordFile::from_users(users).expect("file");
+        assert_eq!(f.verify("alice", b"secret").await, Ok(Some(true)));
+        // no verification slot left: only the memory of the success can answer now
+        f.permits = Arc::new(Semaphore::new(0));
+        assert_eq!(f.verify("alice", b"secret").await, Ok(Some(true)));
+        assert_eq!(f.memory.lock().expect("pool").len(), 1, "one area, reused");
     }
 
     #[tokio::test]
