@@ -13,14 +13,14 @@ import resource
 import select
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import Warren, wait_until
-from rawmqtt import RawClient, connect_packet, parse_publish, publish_packet
+from abuse import Canary
+from rawmqtt import RawClient, connect_packet
 
 CONNACK_OK = b"\x20\x02\x00\x00"
 CONNACK_UNAVAILABLE = b"\x20\x02\x00\x03"
@@ -80,44 +80,6 @@ def mqtt_session(port: int, source: str = "127.0.0.1", client_id: str = "c") -> 
         s.close()
         return None
     return s
-
-
-class Canary(threading.Thread):
-    """A client doing Echo/HD_Echo request/reply every 100 ms; records every miss."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.c = RawClient(port)
-        assert self.c.connect("canary") == CONNACK_OK
-        self.stop = threading.Event()
-        self.ok = 0
-        self.failures: list[str] = []
-
-    def run(self) -> None:
-        n = 0
-        while not self.stop.is_set():
-            n += 1
-            topic = f"Echo/HD_Echo/{n}"
-            try:
-                self.c.send(publish_packet(topic, json.dumps({"n": n}).encode()))
-                while True:
-                    first, body = self.c.recv_packet(timeout=3)
-                    if first >> 4 == 3 and parse_publish(first, body)[0] == topic:
-                        reply = json.loads(parse_publish(first, body)[3])
-                        assert reply == {"Error": "", "Result": {"n": n}}, reply
-                        break
-                self.ok += 1
-            except Exception as e:  # noqa: BLE001 - any miss is a failure of the server
-                self.failures.append(f"request {n}: {e!r}")
-                return
-            self.stop.wait(0.1)
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.join(10)
-        self.c.close()
-        assert not self.failures, f"the canary was not served: {self.failures}"
-        assert self.ok > 0
 
 
 def config_file(tmp_path: Path, text: str) -> Path:

@@ -14,7 +14,6 @@ packets of 40,000 filters each cost about the same (linear, no scan per filter).
 
 from __future__ import annotations
 
-import re
 import struct
 import tempfile
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import websocket
 from chat import ChatClient, ChatError, MQTTv311
+from abuse import log_lines, rss_kib
 from conftest import Warren, wait_until
 from rawmqtt import (
     DISCONNECT,
@@ -39,7 +39,6 @@ from rawmqtt import (
 # Resident memory a single attack may add to the server, in KiB.
 RSS_BOUND_KB = 64 * 1024
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def config(text: str) -> str:
@@ -66,17 +65,6 @@ def server(cfg: str | None = None) -> Warren:
     if cfg is not None:
         args += ["--config", cfg]
     return Warren(*args, listen=["mqtt", "json+ws", "ws"], http=False).wait_ready()
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS in /proc status")
-
-
-def log_lines(w: Warren) -> list[str]:
-    return [ANSI.sub("", line) for line in w.log().splitlines()]
 
 
 def assert_logged(w: Warren, peer: str, kind: str) -> str:
@@ -163,7 +151,7 @@ DEEP_FILTER = "/" * 6999  # 7,000 empty levels
 def test_deep_filter_is_refused_with_default_limits():
     w = server()
     canary = Canary(w)
-    before = rss_kb(w.proc.pid)
+    before = rss_kib(w.proc.pid)
     a = attacker(w)
     a.send(subscribe_packet(1, [(DEEP_FILTER, 0), ("ok/+", 1)]))
     a.expect(suback(1, [0x80, 0x01]))
@@ -178,7 +166,7 @@ def test_deep_filter_is_refused_with_default_limits():
     b.send(DISCONNECT)
     assert w.running()
     canary.check()
-    assert rss_kb(w.proc.pid) - before < RSS_BOUND_KB
+    assert rss_kib(w.proc.pid) - before < RSS_BOUND_KB
 
 
 def test_deep_filter_then_disconnect_does_not_overflow_with_raised_limits():
@@ -286,7 +274,7 @@ def test_deep_filter_over_websocket():
 def test_subscribe_of_200_deep_filters_is_refused_and_memory_stays_bounded():
     w = server()
     canary = Canary(w)
-    before = rss_kb(w.proc.pid)
+    before = rss_kib(w.proc.pid)
     a = attacker(w)
     filters = [(f"{i}" + "/" * 4000, 0) for i in range(200)]  # 4,001 levels each, ~0.8 MB
     packet = subscribe_many(9, filters)
@@ -300,7 +288,7 @@ def test_subscribe_of_200_deep_filters_is_refused_and_memory_stays_bounded():
     b.expect(suback(9, [0x80] * 200), timeout=30)
     assert w.running()
     canary.check()
-    grown = rss_kb(w.proc.pid) - before
+    grown = rss_kib(w.proc.pid) - before
     print(f"RSS grew by {grown} KiB")
     assert grown < RSS_BOUND_KB, f"RSS grew by {grown} KiB"
 
@@ -315,7 +303,7 @@ def many_filters(round_: int, n: int = 40_000) -> list[tuple[str, int]]:
 def test_subscribe_of_40000_filters_closes_with_default_limits():
     w = server()
     canary = Canary(w)
-    before = rss_kb(w.proc.pid)
+    before = rss_kib(w.proc.pid)
     for round_ in range(3):
         a = attacker(w, f"many-{round_}")
         a.send(subscribe_many(1, many_filters(round_)))
@@ -329,13 +317,13 @@ def test_subscribe_of_40000_filters_closes_with_default_limits():
     assert_logged(w, u.local_addr, "filters_per_subscribe")
     assert w.running()
     canary.check()
-    assert rss_kb(w.proc.pid) - before < RSS_BOUND_KB
+    assert rss_kib(w.proc.pid) - before < RSS_BOUND_KB
 
 
 def test_three_subscribes_of_40000_filters_cost_the_same_with_raised_limits():
     w = server(config(RAISED))
     canary = Canary(w)
-    before = rss_kb(w.proc.pid)
+    before = rss_kib(w.proc.pid)
     a = attacker(w)
     took = []
     for round_ in range(3):
@@ -357,7 +345,7 @@ def test_three_subscribes_of_40000_filters_cost_the_same_with_raised_limits():
     assert a.closed(timeout=30)
     assert w.running()
     canary.check()
-    assert rss_kb(w.proc.pid) - before < RSS_BOUND_KB
+    assert rss_kib(w.proc.pid) - before < RSS_BOUND_KB
 
 
 # ---- the other caps --------------------------------------------------------------------------
@@ -368,7 +356,7 @@ def test_deep_filters_from_many_sessions_stop_at_the_node_level_cap():
     # unique filters, about 20 MiB. The node-wide cap on levels bounds what many sessions hold.
     w = server(config("[limits]\nmax_subscription_levels = 150000\n"))
     canary = Canary(w)
-    before = rss_kb(w.proc.pid)
+    before = rss_kib(w.proc.pid)
     granted = refused = 0
     clients = []
     for s in range(4):
@@ -386,7 +374,7 @@ def test_deep_filters_from_many_sessions_stop_at_the_node_level_cap():
     assert_logged(w, clients[1].local_addr, "max_subscription_levels")
     assert w.running()
     canary.check()
-    grown = rss_kb(w.proc.pid) - before
+    grown = rss_kib(w.proc.pid) - before
     print(f"RSS grew by {grown} KiB")
     assert grown < RSS_BOUND_KB, f"RSS grew by {grown} KiB"
     # leaving frees the levels for others

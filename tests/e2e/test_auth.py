@@ -29,8 +29,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from chat import ChatClient, ChatError
-from conftest import Warren, free_port, wait_until, warren_bin
+from chat import ChatClient
+from conftest import Warren, wait_until, warren_bin
 from rawmqtt import PINGREQ, RawClient, parse_publish, publish_packet, subscribe_packet
 from test_jsonws import Closed, JsonWs
 from test_tls import certs  # noqa: F401 (the CA and certificates fixture)

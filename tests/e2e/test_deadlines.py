@@ -19,7 +19,7 @@ import time
 import websocket
 from websocket import ABNF
 
-from conftest import Warren, wait_until
+from conftest import Warren
 from rawmqtt import RawClient, connect_packet
 
 CONNACK_OK = b"\x20\x02\x00\x00"
