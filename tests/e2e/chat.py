@@ -1,4 +1,4 @@
-"""A paho-mqtt client that speaks the chat demo contract (PROTOCOLS.md sections 1.5 and 2).
+"""A paho-mqtt client that speaks the chat demo contract (examples/chat/README.md).
 
 Requests are published on `Module/Handler/<n>` and their reply arrives on the identical topic;
 everything else the server publishes to the session is a push. The client records replies and

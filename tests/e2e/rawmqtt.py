@@ -40,7 +40,7 @@ class ClosedError(ConnectionError):
 
 
 def hexdump(data: bytes) -> str:
-    """Space-separated hex, the notation of PROTOCOLS.md, for assertion messages."""
+    """Space-separated hex, the notation of docs/protocols/mqtt.md, for assertion messages."""
     return " ".join(f"{b:02x}" for b in data)
 
 

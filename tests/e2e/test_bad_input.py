@@ -1,10 +1,10 @@
 """Bad input at an mqant-mode listener: the exact reply or close, a log line, no harm to others.
 
-DESIGN.md's standard for bad input: a typed error, a log line naming the peer and the reason, and
-the close of that one connection (or a rejected call), never harm to other sessions. Every case
-here therefore checks three things: what the offending client sees, that warren's stderr has a
-line naming the offender's address together with a reason, and that a second client connected to
-the same listener still gets an answer afterwards.
+The project's standard for bad input (docs/security.md, "Threat model"): a typed error, a log line
+naming the peer and the reason, and the close of that one connection (or a rejected call), never
+harm to other sessions. Every case here therefore checks three things: what the offending client
+sees, that warren's stderr has a line naming the offender's address together with a reason, and that
+a second client connected to the same listener still gets an answer afterwards.
 """
 
 from __future__ import annotations

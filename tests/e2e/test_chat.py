@@ -1,7 +1,7 @@
-"""The chat demo of PROTOCOLS.md section 2 against a real warren, as its paho clients speak it.
+"""The chat demo (examples/chat/README.md) against a real warren, as its paho clients speak it.
 
-Covers the step table of 2.3 over TCP (MQTT 3.1 and 3.1.1) and WebSocket, QoS 0/1/2 requests,
-the Python client's habits (2.4), the error texts of 2.2, rejoin, departure and shared client ids.
+Covers its step-by-step session over TCP (MQTT 3.1 and 3.1.1) and WebSocket, QoS 0/1/2 requests,
+the habits of mqant's Python client, the error texts, rejoin, departure and shared client ids.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def test_counter_topics_like_the_web_client(warren_demo):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2.4 client habits
+# the habits of mqant's clients
 # ---------------------------------------------------------------------------------------------
 
 

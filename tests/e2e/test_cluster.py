@@ -118,7 +118,7 @@ def test_one_sessions_requests_keep_their_order_across_the_bus(brokers):
 
 
 def ring_owner(members: list[str], key: str) -> str:
-    """The member of a stathat/consistent ring (PROTOCOLS.md section 9) that `key` maps to."""
+    """The member of a stathat/consistent ring (docs/cluster.md, "Routing") that `key` maps to."""
     points: dict[int, str] = {}
     for m in sorted(x.strip().lower() for x in members):
         for i in range(20):

@@ -10,7 +10,8 @@ Four clients, one per protocol, log in and join room `mix` on one warren; one of
 | JSON over WebSocket | `{"tpc":"Chat","func":"OnChat","cb":"","args":[<push body>]}` |
 | line (`handler=router`) | frame `<len> \\r\\n` + `Chat/OnChat <push body>` |
 
-The pomelo client is driven with raw bytes (PROTOCOLS.md 3.1-3.2): simple enough for this test.
+The pomelo client is driven with raw bytes (docs/protocols/pomelo.md, "Packages and messages"):
+simple enough for this test.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""JSON over WebSocket (PROTOCOLS.md section 4) against a real warren, with websocket-client.
+"""JSON over WebSocket (docs/protocols/json-ws.md) against a real warren, with websocket-client.
 
 Covers upstream's sample client exchange byte for byte, the demo functions `test` and
 `phaserLogin` of module `global`, calls into the chat demo modules with their pushes, the error
@@ -169,7 +169,7 @@ def opened(port: int, guid: str | None = None) -> JsonWs:
 
 
 # ---------------------------------------------------------------------------------------------
-# The sample client of PROTOCOLS.md section 4
+# The sample client (docs/protocols/json-ws.md, "Sample client exchange")
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,9 +1,9 @@
 """Process lifecycle: graceful drain on SIGTERM/SIGINT, and `warren serve` with no flags.
 
-DESIGN.md: "No silent loss. Every call ends in a reply, a typed error, or a deadline error.
-Shutdown drains." These tests hold requests in flight across the signal and check that each one
-is answered before its client is let go, that the door closes to newcomers, and that the process
-exits cleanly.
+The rule (docs/architecture.md, "Concurrency model"): no silent loss; every call ends in a reply, a
+typed error, or a deadline error, and shutdown drains. These tests hold requests in flight across
+the signal and check that each one is answered before its client is let go, that the door closes to
+newcomers, and that the process exits cleanly.
 """
 
 from __future__ import annotations

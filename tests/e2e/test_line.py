@@ -1,4 +1,4 @@
-"""The line protocol (PROTOCOLS.md section 5) against a real warren, over raw sockets.
+"""The line protocol (docs/protocols/line.md) against a real warren, over raw sockets.
 
 Inbound a message is `<length>[ tokens]\\r\\n<body>`; outbound every send is
 `<length> \\r\\n<body>`. The default handler echoes (every vector of 5.3 except the plugin row);

@@ -1,8 +1,8 @@
-"""Byte-exact MQTT vectors of an mqant-mode listener (PROTOCOLS.md sections 1.1-1.3 and 1.9).
+"""Byte-exact MQTT vectors of an mqant-mode listener (docs/protocols/mqtt.md).
 
-Each vector is written the way the table in PROTOCOLS.md 1.9 writes it: hex bytes with quoted
-text in between, so a reader can check this file against the table line by line. Everything is
-spoken over raw sockets (`rawmqtt.RawClient`) because real clients would hide the bytes.
+Each vector is written the way docs/protocols/mqtt.md ("Byte vectors") writes it: hex bytes with
+quoted text in between, so a reader can check this file against the table line by line. Everything
+is spoken over raw sockets (`rawmqtt.RawClient`) because real clients would hide the bytes.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def test_qos2_resend_is_reacknowledged_but_routed_once(mqant):
         assert json.loads(replies[0]) == {"Error": "", "Result": {"k": 1}}
 
 
-# ---- keepalive (PROTOCOLS.md 1.2) ---------------------------------------------------------
+# ---- keepalive (docs/protocols/mqtt.md, the table of modes) -------------------------------
 
 
 def test_keepalive_1_closes_after_two_seconds_of_silence(mqant):

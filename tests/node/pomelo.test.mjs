@@ -1,4 +1,4 @@
-// End-to-end tests of warren's pomelo listener (PROTOCOLS.md section 3) with the npm
+// End-to-end tests of warren's pomelo listener (docs/protocols/pomelo.md) with the npm
 // `pomelo-protocol` encoders and decoders, over raw TCP and over WebSocket on the same port.
 //
 // Run from the repository root: `npm ci --prefix tests/node && node --test tests/node/`
@@ -41,7 +41,8 @@ test('handshake, ack and heartbeats over TCP and WebSocket on one port', withWar
     const c = await PomeloClient.connect(transport, port);
     t.after(() => c.close());
     const hs = await c.handshake();
-    // PROTOCOLS.md 3.7: the handshake response with heartbeat 3, byte for byte.
+    // docs/protocols/pomelo.md, "Connecting": the handshake response with heartbeat 3, byte for
+    // byte.
     assert.deepEqual(hs.json(), { code: 200, sys: { heartbeat: 3 } }, transport);
     assert.deepEqual(
       Buffer.concat(c.rawBytes).subarray(0, 4 + 0x22),
@@ -188,7 +189,7 @@ test('pushes reach pomelo sessions on TCP and WebSocket with route Chat.OnX', wi
   const expected = '{"from":"alice","msg":"hi","roomName":"mqant","target":"*"}'.replace('mqant', room);
   for (const c of [alice, bob]) {
     const p = await c.next((x) => x.msg && x.msg.type === Message.TYPE_PUSH && x.msg.route === 'Chat.OnChat', 'Chat.OnChat');
-    // The push body is the demo's JSON, unchanged (alphabetical keys, PROTOCOLS.md 2.1).
+    // The push body is the demo's JSON, unchanged (alphabetical keys, examples/chat/README.md).
     assert.equal(Protocol.strdecode(p.msg.body), expected);
     assert.equal(p.msg.compressRoute, 0);
     if (c === alice) {

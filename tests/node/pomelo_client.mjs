@@ -15,7 +15,7 @@ const require = createRequire(import.meta.url);
 export const Protocol = require('pomelo-protocol');
 export const { Package, Message } = Protocol;
 
-/** The handshake body of pomelo's js-websocket client (PROTOCOLS.md 3.3). */
+/** The handshake body of pomelo's js-websocket client (docs/protocols/pomelo.md, "Connecting"). */
 export const CLIENT_HANDSHAKE = {
   sys: { type: 'js-websocket', version: '0.0.1', rsa: {} },
   user: {},

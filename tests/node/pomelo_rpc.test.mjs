@@ -1,4 +1,4 @@
-// End-to-end tests of warren's pomelo-rpc listeners (PROTOCOLS.md section 8): the npm
+// End-to-end tests of warren's pomelo-rpc listeners (docs/protocols/pomelo-rpc.md): the npm
 // `pomelo-rpc` 1.0.7 client against `pomelo-rpc://` (MQTT transport), the byte vectors of 8.7
 // over a raw socket, and stream-pkg frames (8.6) against `pomelo-rpc+tcp://`.
 //
@@ -17,7 +17,7 @@ const RpcClient = require('pomelo-rpc').client;
 const Composer = createRequire(require.resolve('pomelo-rpc'))('stream-pkg');
 const SAMPLE_REMOTE = path.join(path.dirname(require.resolve('pomelo-rpc')), 'sample', 'remote', 'test');
 
-/** The argument of upstream's sample client (PROTOCOLS.md 8.7). */
+/** The argument of upstream's sample client (docs/protocols/pomelo-rpc.md, "Messages"). */
 const SAMPLE_ARG = ['onReloadSkill', ['210108'], { type: 'push', userOptions: {}, isPush: true }];
 const SERVER_ID = 'warren-rpc-1';
 
@@ -25,7 +25,7 @@ const text = (s) => Buffer.from(s, 'utf8');
 const hex = (s) => Buffer.from(s.replace(/\s+/g, ''), 'hex');
 const dump = (b) => [...b].map((x) => x.toString(16).padStart(2, '0')).join(' ');
 
-/** A vector as PROTOCOLS.md writes it: strings are hex, Buffers literal. */
+/** A vector as docs/protocols/pomelo-rpc.md writes it: strings are hex, Buffers literal. */
 function v(...parts) {
   return Buffer.concat(parts.map((p) => (typeof p === 'string' ? hex(p) : p)));
 }
@@ -226,7 +226,7 @@ function publishPayload(pkt) {
   return pkt.subarray(i + 2 + tlen).toString();
 }
 
-/** The CONNECT of pomelo-rpc's MQTT mailbox (PROTOCOLS.md 8.1). */
+/** The CONNECT of pomelo-rpc's MQTT mailbox (docs/protocols/pomelo-rpc.md, "Transports"). */
 function rpcConnect() {
   return v('10 22 00 04', text('MQTT'), '04 02 00 00 00 16', text(`MQTT_RPC_${Date.now()}`));
 }
@@ -251,7 +251,8 @@ test('vectors are self-consistent', () => {
   const req = '{"id":0,"msg":{"namespace":"user","serverType":"test","service":"service","method":"echo","args":[["onReloadSkill",["210108"],{"type":"push","userOptions":{},"isPush":true}],"aaa"]}}';
   assert.deepEqual(publishRpc(req).subarray(0, 3), hex('30 bb 01'));
   assert.equal(rpcConnect().length, 2 + 0x22);
-  // PROTOCOLS.md 8.6: stream-pkg's own encoder gives the table's length bytes.
+  // docs/protocols/pomelo-rpc.md, "Transports": stream-pkg's own encoder gives the table's length
+  // bytes.
   const table = { 5: '05', 127: '7f', 128: '81 00', 300: '82 2c', 16384: '81 80 00', 2097151: 'ff ff 7f', 2097152: '81 80 80 00' };
   for (const [n, bytes] of Object.entries(table)) {
     assert.deepEqual(pkgLength(Number(n)), hex(bytes), `length ${n}`);
@@ -313,7 +314,7 @@ test('client-side buffering (bufferMsg) sends arrays and gets every reply', with
   assert.deepEqual(replies, [[null, 'a'], [null, 'b'], [null, 'c']]);
 }));
 
-test('PROTOCOLS.md 8.7 vectors byte for byte on pomelo-rpc://', withWarren(async (t) => {
+test('the byte vectors of docs/protocols/pomelo-rpc.md on pomelo-rpc://', withWarren(async (t) => {
   const [, port] = await mappedServer(t);
   const r = await rawRpc(t, port);
   // request → response
@@ -346,7 +347,7 @@ test('PROTOCOLS.md 8.7 vectors byte for byte on pomelo-rpc://', withWarren(async
 }));
 
 test('a config-file pomelo-rpc listener speaks MQTT unless told otherwise', withWarren(async (t) => {
-  // PROTOCOLS.md 8: `transport = "mqtt"` is the default (pomelo-rpc 1.0.7's).
+  // docs/protocols/pomelo-rpc.md: `transport = "mqtt"` is the default (pomelo-rpc 1.0.7's).
   const port = await freePort();
   const config = `[[listener]]\nprotocol = "pomelo-rpc"\naddr = "127.0.0.1:${port}"\nallow = ["127.0.0.1"]\n\n[[module]]\ntype = "Echo"\n`;
   await startWarren(t, { config, ports: [port] });
@@ -404,7 +405,7 @@ test('stream-pkg frames on pomelo-rpc+tcp://', withWarren(async (t) => {
   const r = await Raw.open(port);
   t.after(() => r.close());
   const composer = new Composer();
-  // PROTOCOLS.md 8.6 frame example: 1b '{"id":1,"resp":[null,"ok"]}'.
+  // docs/protocols/pomelo-rpc.md, "Transports", frame example: 1b '{"id":1,"resp":[null,"ok"]}'.
   r.send(composer.compose('{"id":1,"msg":{"namespace":"user","serverType":"test","service":"Echo","method":"echo","args":["ok"]}}'));
   assert.deepEqual(await r.exact(1 + 0x1b, 'the framed reply'), v('1b', text('{"id":1,"resp":[null,"ok"]}')));
 

@@ -1,6 +1,6 @@
 //! `pomelo-request`: C raw-TCP pomelo clients each keep K requests in flight to a route.
 //!
-//! The pomelo counterpart of `request` (PROTOCOLS.md §3). Each client does the handshake
+//! The pomelo counterpart of `request` (docs/protocols/pomelo.md). Each client does the handshake
 //! (package type 1, then the ack, type 2), then sends data packages holding request messages:
 //! id counting from 1, route `Echo.HD_Echo` by default, JSON body `{"n":<id>,"pad":"xxx…"}`
 //! padded to the payload size. The response (message type 2) carries the same id; warren's

@@ -53,7 +53,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ConfigCommand {
-    /// Print the warren TOML equivalent of an mqant `server.conf` (PROTOCOLS.md §12).
+    /// Print the warren TOML equivalent of an mqant `server.conf` (docs/protocols/mqtt.md).
     Convert {
         /// The mqant JSON config.
         file: PathBuf,

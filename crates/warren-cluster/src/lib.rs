@@ -6,7 +6,7 @@
 //! | URL | bus | registry |
 //! |---|---|---|
 //! | `nats://host:4222` | [`nats::NatsTransport`] | [`nats::KvRegistry`] (JetStream KV) |
-//! | `redis://host:6379/0` | [`redis::RedisTransport`] | [`redis::GobaseRegistry`] (PROTOCOLS.md §10) |
+//! | `redis://host:6379/0` | [`redis::RedisTransport`] | [`redis::GobaseRegistry`] (docs/cluster.md) |
 //! | `amqp://user:pass@host:5672/%2f` | [`amqp::AmqpTransport`] | – |
 //! | `etcd://host:2379` (feature `etcd`) | – | `etcd::EtcdRegistry` |
 

@@ -1,4 +1,4 @@
-//! JSON-over-WebSocket frames (TianQinS/websocket, PROTOCOLS.md §4).
+//! JSON-over-WebSocket frames (TianQinS/websocket, docs/protocols/json-ws.md).
 //!
 //! Each WebSocket message carries one JSON object of the same shape in both directions:
 //! `{"tpc":<module>,"func":<function>,"cb":<callback name or "">,"args":[…]}`, plus an `error`

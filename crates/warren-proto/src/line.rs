@@ -1,4 +1,4 @@
-//! Line protocol framing (ffown msg broker, PROTOCOLS.md §5.1–5.3).
+//! Line protocol framing (ffown msg broker, docs/protocols/line.md, "Framing").
 //!
 //! A message is a head line holding its decimal body length, then exactly that many body bytes:
 //! `"5\r\nhello"`. The protocol is meant to be typed in telnet, so the decoder is forgiving where

@@ -1,4 +1,4 @@
-//! pomelo-rpc messages (pomelo-rpc 1.0.7, PROTOCOLS.md §8.2–8.3).
+//! pomelo-rpc messages (pomelo-rpc 1.0.7, docs/protocols/pomelo-rpc.md, "Messages").
 //!
 //! The same JSON travels over both transports: as MQTT PUBLISH payloads on topic `rpc`, or in
 //! [`crate::stream_pkg`] frames over TCP. A request names a namespace, service and method and
@@ -169,7 +169,7 @@ pub fn encode_request(id: &Value, msg: &RpcMsg) -> Bytes {
 }
 
 /// Joins already-encoded responses into one JSON array, the payload of a buffered flush
-/// (§8.3).
+/// (`buffer_msg`, docs/protocols/pomelo-rpc.md, "Settings").
 pub fn encode_batch(responses: &[Bytes]) -> Bytes {
     let len = responses.iter().map(|r| r.len() + 1).sum::<usize>() + 1;
     let mut buf = BytesMut::with_capacity(len);

@@ -1,4 +1,5 @@
-//! stream-pkg framing: pomelo-rpc's TCP transport (stream-pkg 0.0.5, PROTOCOLS.md §8.6).
+//! stream-pkg framing: pomelo-rpc's TCP transport (stream-pkg 0.0.5, docs/protocols/pomelo-rpc.md,
+//! "Transports").
 //!
 //! A frame is `length · body`, where the length is a **big-endian** base-128 varint: the most
 //! significant 7-bit group comes first and every byte but the last has `0x80` set (the reverse
@@ -163,7 +164,7 @@ impl tokio_util::codec::Encoder<Bytes> for StreamPkgCodec {
 mod tests {
     use super::*;
 
-    /// The length table of PROTOCOLS.md §8.6.
+    /// The length table of docs/protocols/pomelo-rpc.md, "Transports".
     const LENGTHS: &[(usize, &[u8])] = &[
         (5, &[0x05]),
         (127, &[0x7f]),

@@ -82,16 +82,17 @@ impl Default for NodeConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerProtocol {
-    /// MQTT 3.1 / 3.1.1 (PROTOCOLS.md §1).
+    /// MQTT 3.1 / 3.1.1 (docs/protocols/mqtt.md).
     #[default]
     Mqtt,
-    /// The pomelo client protocol, raw TCP and WebSocket on one port (§3).
+    /// The pomelo client protocol, raw TCP and WebSocket on one port (docs/protocols/pomelo.md).
     Pomelo,
-    /// JSON over WebSocket, TianQinS style (§4).
+    /// JSON over WebSocket, TianQinS style (docs/protocols/json-ws.md).
     Json,
-    /// The telnet-friendly line framing, ffown style (§5).
+    /// The telnet-friendly line framing, ffown style (docs/protocols/line.md).
     Line,
-    /// A pomelo-rpc acceptor, so pomelo/pinus servers can call modules (§8).
+    /// A pomelo-rpc acceptor, so pomelo/pinus servers can call modules
+    /// (docs/protocols/pomelo-rpc.md).
     #[serde(rename = "pomelo-rpc")]
     PomeloRpc,
 }
@@ -103,7 +104,7 @@ pub enum Mode {
     /// Standard MQTT 3.1.1 (client-id takeover, plain publish/subscribe between clients).
     #[default]
     Default,
-    /// mqant gate compatibility (PROTOCOLS.md §1).
+    /// mqant gate compatibility (docs/protocols/mqtt.md).
     Mqant,
 }
 
@@ -769,7 +770,7 @@ impl BusConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
     /// `memory` (this process only), `nats://host:4222` (JetStream KV), `redis://host:6379/0`
-    /// (the gobase layout, PROTOCOLS.md §10) or `etcd://host:2379`. `--registry URL` overrides
+    /// (the gobase layout, docs/cluster.md) or `etcd://host:2379`. `--registry URL` overrides
     /// it. Empty: the bus's URL when the bus is NATS or Redis, else `memory`.
     pub url: String,
     /// Name of the registry's key, bucket or prefix (the gobase `key`).
@@ -805,7 +806,7 @@ impl RegistryConfig {
 
 /// `[module.bus]`: a module instance reached through a broker in a compatible wire format rather
 /// than warren's own, so peers of the original system can call it or serve it. Today: RabbitMQ
-/// in mqant's format (PROTOCOLS.md §7), from a `server.conf` module's `Rabbitmq` object.
+/// in mqant's format (docs/cluster.md), from a `server.conf` module's `Rabbitmq` object.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModuleBusConfig {
@@ -838,7 +839,7 @@ fn direct() -> String {
     "direct".into()
 }
 
-/// `[[redis_rpc]]`: the TianQinS Redis RPC of PROTOCOLS.md §6. Functions called on `topic` run
+/// `[[redis_rpc]]`: the TianQinS Redis RPC (docs/cluster.md). Functions called on `topic` run
 /// the handlers of `module` on this node; [`RedisRpcConfig`] is also how this node calls peers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

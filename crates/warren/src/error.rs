@@ -1,6 +1,6 @@
 //! Typed call errors. Every call ends in a reply, one of these, or a deadline error; each variant
-//! renders to the exact string the compatible protocols expect on the wire (PROTOCOLS.md §1.5,
-//! §1.8, §7.3), so a client of the original systems sees the same text.
+//! renders to the exact string the compatible protocols expect on the wire (docs/protocols/mqtt.md,
+//! docs/cluster.md), so a client of the original systems sees the same text.
 
 use std::fmt;
 
@@ -50,7 +50,7 @@ pub enum CallError {
     #[error("{0}")]
     App(String),
     /// The bus could not carry the call (broker down, not connected); the call was not sent.
-    /// The text starts with mqant's wording (PROTOCOLS.md §7.3).
+    /// The text starts with mqant's wording (docs/cluster.md, "Compatibility bridges").
     #[error("rpc service connection failed: {0}")]
     Unavailable(String),
     /// The node running the target instance left the cluster before replying.

@@ -1,5 +1,6 @@
-//! Reading mqant's `server.conf` (PROTOCOLS.md §12), so an mqant deployment's config runs on warren
-//! unchanged and `warren config convert` can print the equivalent TOML.
+//! Reading mqant's `server.conf` (docs/protocols/mqtt.md, "mqant's server.conf"), so an mqant
+//! deployment's config runs on warren unchanged and `warren config convert` can print the
+//! equivalent TOML.
 //!
 //! The file is JSON with full-line `//` comments; keys match case-insensitively, as Go's
 //! `encoding/json` does. The `Gate` module's settings become two mqant-mode listeners; `Mqtt`
@@ -240,7 +241,7 @@ mod tests {
 // a last comment without a newline"#;
 
     #[test]
-    fn the_example_of_section_12_converts() {
+    fn an_mqant_sample_converts() {
         assert!(is_mqant_json(SAMPLE));
         assert!(!is_mqant_json("[node]\nid = \"x\"\n"));
         let (c, warnings) = from_mqant_json(SAMPLE).unwrap();

@@ -67,7 +67,8 @@ impl NodeHandle {
         &self.inner.router
     }
 
-    /// Session operations (PROTOCOLS.md §1.8) on any session, wherever its gate runs.
+    /// Session operations (docs/protocols/mqtt.md, "Session operations") on any session, wherever
+    /// its gate runs.
     pub fn sessions(&self) -> SessionOps<'_> {
         SessionOps { node: self }
     }
@@ -497,7 +498,8 @@ impl SessionOps<'_> {
 const GATE: &str = "Gate";
 
 /// The `Gate` module: session operations as RPC handlers, so modules on other nodes (and mqant
-/// peers) can reach sessions on this gate (PROTOCOLS.md §1.8).
+/// peers) can reach sessions on this gate (docs/protocols/mqtt.md,
+/// "Session operations").
 fn gate_module(table: Arc<SessionTable>, groups: Arc<Groups>) -> Module {
     fn arg(a: &[Value], i: usize) -> &str {
         a.get(i).and_then(Value::as_str).unwrap_or_default()

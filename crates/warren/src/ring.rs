@@ -1,6 +1,6 @@
 //! The consistent-hash ring, compatible bit for bit with stathat/consistent v1.0.0 as the gobase
-//! backend package uses it (PROTOCOLS.md §9), so Go peers and warren nodes pick the same member
-//! for the same key.
+//! backend package uses it (docs/cluster.md, "Routing"), so Go peers and warren nodes pick the same
+//! member for the same key.
 //!
 //! Each member owns 20 points: CRC32-IEEE of `decimal(i)` immediately followed by the member
 //! (`"0game1"` … `"19game1"`). A key belongs to the first point strictly greater than its own CRC32,
@@ -112,7 +112,7 @@ mod tests {
     }
 
     #[test]
-    fn vectors_of_section_9() {
+    fn stathat_vectors() {
         let mut r = Ring::with_members(["abcdefg", "hijklmn", "opqrstu"]);
         assert_eq!(r.get("ggg"), Some("abcdefg"));
         assert_eq!(r.get("hhh"), Some("opqrstu"));

@@ -1,5 +1,5 @@
 //! Route parsing: `Module[@target]/Handler[/msgid]`, the address every client message and every
-//! call carries (PROTOCOLS.md §1.4).
+//! call carries (docs/protocols/mqtt.md, "Requests, replies and pushes").
 
 use std::fmt;
 

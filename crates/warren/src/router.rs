@@ -2,9 +2,9 @@
 //!
 //! It keeps a routing table built from the registry: instances per module type, instances by id,
 //! and which node runs each. `Module@x` resolves `x` first as an instance id, then as a node id
-//! (PROTOCOLS.md §1.4); without `@` an instance is picked on the module's consistent-hash ring
-//! (`ring.rs`, PROTOCOLS.md §9) keyed by the session's uid (or session id): one user keeps reaching
-//! the same instance, and when an instance leaves only its keys move.
+//! (docs/protocols/mqtt.md); without `@` an instance is picked on the module's consistent-hash ring
+//! (`ring.rs`, docs/cluster.md "Routing") keyed by the session's uid (or session id): one user
+//! keeps reaching the same instance, and when an instance leaves only its keys move.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -148,7 +148,7 @@ impl Router {
     }
 
     /// Add the instances of `node`, which the registry does not list, reached through `bus`
-    /// (for example mqant servers over RabbitMQ, PROTOCOLS.md §7). They stay until the router is
+    /// (for example mqant servers over RabbitMQ, docs/cluster.md). They stay until the router is
     /// dropped.
     pub fn add_static(&self, node: NodeRecord, bus: Arc<dyn Bus>) {
         let live = {
@@ -565,12 +565,13 @@ mod tests {
         );
         let s = session("s1", "user1");
         let by_body = r.resolve_call("Game", None, "h", Some(&s), b"x").unwrap();
-        assert_eq!(&*by_body.instance, "game1"); // bob → game1 (§9)
+        assert_eq!(&*by_body.instance, "game1"); // bob → game1 (docs/cluster.md's ring example)
         let by_uid = r.resolve_call("Game", None, "h", Some(&s), b"").unwrap();
-        assert_eq!(&*by_uid.instance, "game2"); // user1 → game2 (§9)
+        assert_eq!(&*by_uid.instance, "game2"); // user1 → game2 (the same example)
 
-        // sticky: user1 reaches game1 on {game1, game3}; when game2 joins the ring alone would
-        // move it to game2 (§9), but it stays on game1 until game1 leaves
+        // sticky: user1 reaches game1 on {game1, game3}; when game2 joins the ring alone would move
+        // it to game2 (the ring example of docs/cluster.md), but it stays on game1 until game1
+        // leaves
         let r = Router::new(Arc::new(LocalBus::default()));
         r.refresh(&[with(vec![
             inst("S", "game1", &[], true),
@@ -621,7 +622,8 @@ mod tests {
             r.resolve("Nope", None, "k").unwrap_err().to_string(),
             "Service(type:Nope) not found"
         );
-        // without @, the module's ring decides (the §9 vectors, instance ids as members)
+        // without @, the module's ring decides (the ring example of docs/cluster.md, instance ids
+        // as members)
         r.refresh(&[node(
             "n1",
             &[("Game", "game1"), ("Game", "game2"), ("Game", "game3")],

@@ -2,7 +2,7 @@
 //!
 //! A connection task owns its socket; everything else reaches the client through the session's
 //! [`SessionHandle`]: a bounded outbound queue (pushes, replies) and a cancellation token (close).
-//! Handlers receive a [`Session`] *snapshot*; session operations (PROTOCOLS.md §1.8) go to the
+//! Handlers receive a [`Session`] *snapshot*; session operations (docs/protocols/mqtt.md) go to the
 //! [`SessionTable`] of the gate that owns the connection.
 
 use std::collections::HashMap;
@@ -68,8 +68,9 @@ pub struct Session {
 }
 
 impl Session {
-    /// The mqant session export map (PROTOCOLS.md §1.7): the first argument of every mqant RPC.
-    /// Keys with empty values are omitted; keys come out in alphabetical order.
+    /// The mqant session export map (docs/protocols/mqtt.md, "Session export map"): the first
+    /// argument of every mqant RPC. Keys with empty values are omitted; keys come out in
+    /// alphabetical order.
     pub fn export_map(&self) -> Value {
         let mut m = Map::new();
         m.insert("IP".into(), Value::String(self.remote.to_string()));

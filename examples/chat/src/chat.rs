@@ -1,5 +1,5 @@
-//! The `Chat` module (PROTOCOLS.md §2): rooms of logged-in users, join, say (to all or to one),
-//! and leave notices when a member's connection closes.
+//! The `Chat` module (examples/chat/README.md): rooms of logged-in users, join, say (to all or to
+//! one), and leave notices when a member's connection closes.
 //!
 //! Rooms are kept here (who joined, in join order, with which session) and mirrored as gate
 //! groups, so a message to the whole room is encoded once and shared by every member's queue.

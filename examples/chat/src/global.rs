@@ -1,8 +1,8 @@
-//! The `global` module: the functions TianQinS/websocket's sample registers globally (PROTOCOLS.md
-//! §4), so its JSON-over-WebSocket sample client runs unmodified. JSON calls whose `tpc` names no
-//! module land here.
+//! The `global` module: the functions TianQinS/websocket's sample registers globally
+//! (docs/protocols/json-ws.md), so its JSON-over-WebSocket sample client runs unmodified. JSON
+//! calls whose `tpc` names no module land here.
 //!
-//! Also the `rpc` module: the functions TianQinS's RPC module exposes over Redis (PROTOCOLS.md §6),
+//! Also the `rpc` module: the functions TianQinS's RPC module exposes over Redis (docs/cluster.md),
 //! for a `[[redis_rpc]]` entry with `module = "rpc"`. Upstream keeps the two tables apart, and
 //! they disagree: the WebSocket `test` joins its arguments into a one-element array
 //! (`["arg1arg2"]`), the Redis `test` returns one string (`"args: arg1, arg2."`), so each is a

@@ -1,4 +1,4 @@
-//! The chat demo that `warren serve` runs with no config: the mqant chat of PROTOCOLS.md §2
+//! The chat demo that `warren serve` runs with no config: the mqant chat of examples/chat/README.md
 //! (`Login` and `Chat` modules), its web page, the `global` functions of the JSON-over-WebSocket
 //! sample, and two small built-in modules: `Echo` (a request/reply target for benchmarks and
 //! pomelo-rpc) and `Debug` (misbehaving handlers for tests).
@@ -21,7 +21,7 @@ use warren::config::ModuleConfig;
 /// Module types this crate provides.
 pub const MODULE_TYPES: &[&str] = &["Login", "Chat", "Echo", "Debug", "global", "rpc"];
 
-/// Which revision of the mqant chat demo to speak (PROTOCOLS.md §2.5).
+/// Which revision of the mqant chat demo to speak (examples/chat/README.md, "mqant v1.0 flavour").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavour {
     /// mqant v1.1 (`HD_` handlers, OnJoin/OnChat/OnLeave): the default.

@@ -1,6 +1,6 @@
-//! The `Login` module (PROTOCOLS.md §2.1): binds the session to the user name it is given. The
-//! password is not checked, as in the original demo; a real deployment replaces this module or
-//! authenticates clients at connect (`[auth]`). Binding a name another live session holds
+//! The `Login` module (examples/chat/README.md, "Handlers"): binds the session to the user name it
+//! is given. The password is not checked, as in the original demo; a real deployment replaces this
+//! module or authenticates clients at connect (`[auth]`). Binding a name another live session holds
 //! follows `[auth] uid_conflict`: refused by default (`user alice is already logged in`), or the
 //! older session is closed (`kick_old`).
 

@@ -1,6 +1,7 @@
 // warren chat demo client.
 //
-// Speaks the mqant v1.1 chat contract (PROTOCOLS.md §1.5 and §2) over MQTT on a
+// Speaks the mqant v1.1 chat contract (examples/chat/README.md and
+// docs/protocols/mqtt.md) over MQTT on a
 // WebSocket, using the vendored MQTT.js bundle (global `mqtt`). Requests are
 // QoS 1 publishes to `<Module>/<Handler>/<n>`; the gate answers on the identical
 // topic with `{"Error":"…","Result":…}`. Pushes arrive on `Chat/OnChat`,

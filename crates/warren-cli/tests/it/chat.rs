@@ -1,4 +1,4 @@
-//! The chat demo (PROTOCOLS.md section 2) through rumqttc: two users log in, join a room, chat
+//! The chat demo (examples/chat/README.md) through rumqttc: two users log in, join a room, chat
 //! and see each other's pushes; every request is a QoS 1 publish answered on its own topic.
 
 use std::collections::VecDeque;

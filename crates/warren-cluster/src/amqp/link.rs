@@ -95,9 +95,9 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Connect to `url` and declare `exchanges` (durable, not auto-deleted, as PROTOCOLS.md §7.2
-    /// has it); fails if the broker cannot be reached now. Afterwards the link reconnects by
-    /// itself until `stop` fires, when it closes the connection.
+    /// Connect to `url` and declare `exchanges` (durable, not auto-deleted, as mqant peers declare
+    /// them: docs/cluster.md, "Compatibility bridges"); fails if the broker cannot be reached now.
+    /// Afterwards the link reconnects by itself until `stop` fires, when it closes the connection.
     pub async fn open(
         url: &str,
         label: &'static str,

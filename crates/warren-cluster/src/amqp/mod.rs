@@ -1,6 +1,6 @@
-//! RabbitMQ (AMQP 0-9-1 through lapin): warren's node-to-node transport, [`AmqpTransport`], and
-//! the mqant-compatible CallInfo/ResultInfo bridge of PROTOCOLS.md §7, [`MqantBridge`], through
-//! which mqant peers call warren module instances and are called by them.
+//! RabbitMQ (AMQP 0-9-1 through lapin): warren's node-to-node transport, [`AmqpTransport`], and the
+//! mqant-compatible CallInfo/ResultInfo bridge (docs/cluster.md, "Compatibility bridges"),
+//! [`MqantBridge`], through which mqant peers call warren module instances and are called by them.
 //!
 //! Both stand on a `Link`: one broker connection, one publisher-confirm channel for every
 //! publish, and a background task that notices a lost connection, fails sends fast while it is

@@ -1,5 +1,5 @@
-//! The mqant v1 RPC over RabbitMQ (PROTOCOLS.md §7): mqant peers call warren module instances,
-//! and warren calls instances that mqant peers serve.
+//! The mqant v1 RPC over RabbitMQ (docs/cluster.md, "Compatibility bridges"): mqant peers call
+//! warren module instances, and warren calls instances that mqant peers serve.
 //!
 //! - Served instances (running on this node): each consumes its own durable queue, bound with its
 //!   binding key to its exchange; a `CallInfo` runs the named handler on the local instance and,
@@ -131,7 +131,8 @@ fn split_args(mut args: Vec<Value>) -> (Option<Arc<Session>>, Bytes) {
     (None, Bytes::from(Value::Array(args).to_string()))
 }
 
-/// The error of a peer's `ResultInfo` as a typed error (PROTOCOLS.md §7.3).
+/// The error of a peer's `ResultInfo` as a typed error (the texts are listed in docs/cluster.md,
+/// "Compatibility bridges").
 fn error_from_text(text: String) -> CallError {
     if text == CallError::Timeout.to_string() {
         return CallError::Timeout;
@@ -299,8 +300,8 @@ impl Subscriber for Server {
             ch.basic_qos(PREFETCH, BasicQosOptions::default())
                 .await
                 .map_err(err("qos"))?;
-            // the peer-compatible declarations of PROTOCOLS.md §7.2 (the exchange is declared
-            // by the link on every connect)
+            // the peer-compatible declarations (docs/cluster.md, "Compatibility bridges"; the
+            // exchange is declared by the link on every connect)
             let opts = QueueDeclareOptions {
                 durable: true,
                 auto_delete: false,

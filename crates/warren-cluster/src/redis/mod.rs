@@ -1,7 +1,7 @@
-//! Redis for warren: a bus ([`RedisTransport`], one list per node), a registry in the gobase
-//! layout that Go services share ([`GobaseRegistry`], PROTOCOLS.md §10), and the TianQinS RPC
-//! bridge ([`RedisRpc`], PROTOCOLS.md §6) so Go and Python peers call warren modules and are called
-//! by them.
+//! Redis for warren: a bus ([`RedisTransport`], one list per node), a registry in the gobase layout
+//! that Go services share ([`GobaseRegistry`], docs/cluster.md "Registries"), and the TianQinS RPC
+//! bridge ([`RedisRpc`], docs/cluster.md "Compatibility bridges") so Go and Python peers call
+//! warren modules and are called by them.
 //!
 //! Connection rules common to the three, kept here once:
 //! - commands go through a redis-rs `ConnectionManager` (it reconnects by itself) and every

@@ -1,6 +1,6 @@
 //! [`GobaseRegistry`]: the node registry in the Redis layout of the gobase Go package
-//! (PROTOCOLS.md §10), so warren nodes and Go services that use gobase see each other in one
-//! place.
+//! (docs/cluster.md, "Registries"), so warren nodes and Go services that use gobase see each other
+//! in one place.
 //!
 //! The layout, for `key` = `test-service`:
 //!
@@ -325,7 +325,7 @@ struct Inner {
     read: Script,
 }
 
-/// The node registry in the gobase Redis layout (PROTOCOLS.md §10).
+/// The node registry in the gobase Redis layout (docs/cluster.md, "Registries").
 ///
 /// Registered nodes are refreshed every 4 s by a background keepalive; [`Registry::watch`] lists
 /// the live warren nodes (re-read on every channel message and every 8 s); [`GobaseRegistry::services`]

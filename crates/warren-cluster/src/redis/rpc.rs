@@ -1,6 +1,6 @@
-//! [`RedisRpc`]: the TianQinS Redis RPC (PROTOCOLS.md §6), so the Go processes and the Python
-//! pymodule of TianQinS/websocket call the handlers of a warren module and warren code calls
-//! their functions.
+//! [`RedisRpc`]: the TianQinS Redis RPC (docs/cluster.md, "Compatibility bridges"), so the Go
+//! processes and the Python pymodule of TianQinS/websocket call the handlers of a warren module and
+//! warren code calls their functions.
 //!
 //! Wire format, keys in this order:
 //! - call (one consumer runs it): `RPUSH <topic> {"func":f,"args":[…],"ct":<caller topic>,"cb":<callback>}`

@@ -1,6 +1,7 @@
 //! Tests of `warren_cluster::redis` against a real redis-server (started by the kit) and real
 //! Python peers written with redis-py (`tests/peers/`): the bus, the gobase-layout registry
-//! (PROTOCOLS.md §10) and the TianQinS RPC bridge (PROTOCOLS.md §6).
+//! (docs/cluster.md, "Registries") and the TianQinS RPC bridge (docs/cluster.md, "Compatibility
+//! bridges").
 
 use std::future::Future;
 use std::process::Stdio;
@@ -248,7 +249,8 @@ async fn gobase_layout_vectors_and_liveness_bound() {
     );
     let mut c = raw(&url, 0).await;
 
-    // §10 vector: now = 1700000008000; 1700000000000 is live (bound included), 1699999999999 not
+    // the liveness example of docs/cluster.md: now = 1700000008000; 1700000000000 is live (bound
+    // included), 1699999999999 not
     let _: i64 = redis::cmd("ZADD")
         .arg("test-service")
         .arg(1_700_000_000_000_i64)
@@ -719,7 +721,7 @@ async fn redis_rpc_answers_go_callers_byte_for_byte() {
     let mut db1 = raw(&url, 1).await;
     let mut replies = subscribe(&url, "test").await;
 
-    // §6: a caller on topic `test` calls rpc.test; the reply is published on `test`
+    // a caller on topic `test` calls rpc.test (docs/cluster.md): the reply is published on `test`
     let _: i64 = redis::cmd("RPUSH")
         .arg("rpc")
         .arg(r#"{"func":"test","args":["arg1","arg2"],"ct":"test","cb":"callback"}"#)
@@ -854,7 +856,7 @@ async fn redis_rpc_with_the_python_pymodule() {
     py.expect("the peer is subscribed", |v| v["event"] == "ready")
         .await;
 
-    // the peer's own traffic is the pymodule's, bytes and spacing included (§6 vector)
+    // the peer's own traffic is the pymodule's, bytes and spacing included
     py.send(r#"{"call": ["probe", "test", "callback", "arg1", "arg2"]}"#)
         .await;
     let mut db1 = raw(&url, 1).await;

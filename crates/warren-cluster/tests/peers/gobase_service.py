@@ -1,5 +1,5 @@
 # -*- coding: utf8 -*-
-"""A Go service registered with gobase's Redis registry (PROTOCOLS.md section 10), played with
+"""A Go service registered with gobase's Redis registry (docs/cluster.md, "Registries"), played with
 plain redis-py commands, for warren's registry tests.
 
 Every 4 s, like gobase's Register: read the server time (TIME -> sec*1000 + usec/1000, fractional

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""An mqant v1 RPC client over RabbitMQ, written with pika exactly as PROTOCOLS.md section 7 says
-mqant's Go client behaves: it declares the exchange (durable, not auto-deleted, not internal), a
-server-named exclusive auto-deleted callback queue consumed with manual acks, and publishes each
-CallInfo to the exchange with the target's binding key, content type text/plain, delivery mode 1
-and the callback queue in the `reply_to` *header* (the AMQP reply_to property is not set).
-Replies are correlated by `Cid` only.
+"""An mqant v1 RPC client over RabbitMQ, written with pika exactly as docs/cluster.md
+("Compatibility bridges") says mqant's Go client behaves: it declares the exchange (durable, not
+auto-deleted, not internal), a server-named exclusive auto-deleted callback queue consumed with
+manual acks, and publishes each CallInfo to the exchange with the target's binding key, content type
+text/plain, delivery mode 1 and the callback queue in the `reply_to` *header* (the AMQP reply_to
+property is not set). Replies are correlated by `Cid` only.
 
 Usage: mqant_client.py URL EXCHANGE EXCHANGE_TYPE BINDING_KEY PLAN_JSON
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""An mqant v1 RPC server over RabbitMQ, written with pika exactly as PROTOCOLS.md section 7 says
-mqant's Go server behaves: it declares the exchange (durable, not auto-deleted, not internal) and
-its durable queue bound with its binding key, consumes with manual acks acknowledged on receipt,
-drops calls whose `Expired` (unix ms) has passed, answers only when `Reply` is true, and sends the
-ResultInfo to the default exchange with the routing key taken from the `reply_to` *header*,
-content type text/plain, delivery mode 1 and empty headers.
+"""An mqant v1 RPC server over RabbitMQ, written with pika exactly as docs/cluster.md
+("Compatibility bridges") says mqant's Go server behaves: it declares the exchange (durable, not
+auto-deleted, not internal) and its durable queue bound with its binding key, consumes with manual
+acks acknowledged on receipt, drops calls whose `Expired` (unix ms) has passed, answers only when
+`Reply` is true, and sends the ResultInfo to the default exchange with the routing key taken from
+the `reply_to` *header*, content type text/plain, delivery mode 1 and empty headers.
 
 Usage: mqant_server.py URL EXCHANGE EXCHANGE_TYPE QUEUE BINDING_KEY
 

@@ -1,5 +1,5 @@
 # -*- coding: utf8 -*-
-"""A TianQinS pymodule peer for warren's Redis RPC tests (PROTOCOLS.md section 6).
+"""A TianQinS pymodule peer for warren's Redis RPC tests (docs/cluster.md, "Compatibility bridges").
 
 It speaks exactly like scripts/pymodule of TianQinS/websocket: a StrictRedis built the same way
 (DB 1, a connection pool with a 3 s connect timeout), a loop that BLPOPs its topic `pyRpc`, runs

@@ -1,4 +1,4 @@
-//! The message id varint (PROTOCOLS.md §3.2).
+//! The message id varint (docs/protocols/pomelo.md, "Packages and messages").
 //!
 //! Request and response ids are unsigned little-endian base-128 varints: the low seven bits
 //! come first and `0x80` means another byte follows. pomelo ids are 32-bit, so at most five

@@ -1,4 +1,5 @@
-//! Inflating gzip message bodies (flag bit 4, PROTOCOLS.md §3.2) under a hard size limit.
+//! Inflating gzip message bodies (flag bit 4, docs/protocols/pomelo.md, "Packages and
+//! messages") under a hard size limit.
 //!
 //! A few kilobytes of gzip can inflate to gigabytes, so the output is produced in small chunks
 //! and inflating stops with [`PomeloError::InflateTooLarge`] as soon as it would pass the limit;

@@ -1,5 +1,5 @@
-//! The message layer (PROTOCOLS.md §3.2), carried in the body of a data package:
-//! `flag · [id] · [route] · body`.
+//! The message layer (docs/protocols/pomelo.md, "Packages and messages"), carried in the body of a
+//! data package: `flag · [id] · [route] · body`.
 //!
 //! The flag byte holds the route-compressed bit (0), the message type (bits 1–3) and the gzip
 //! bit (4); bits 5–7 must be 0. Requests carry an id and a route, notifies and pushes only a

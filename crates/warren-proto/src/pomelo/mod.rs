@@ -1,4 +1,4 @@
-//! pomelo client protocol codec (PROTOCOLS.md §3; pomelo-protocol 0.1.6).
+//! pomelo client protocol codec (docs/protocols/pomelo.md; pomelo-protocol 0.1.6).
 //!
 //! This module owns the two layers pomelo clients speak: the package layer
 //! (`type · 3-byte length · body`, [`decode_package`]) that frames the byte stream, and the message layer (`flag · [id] · [route] · body`, [`decode_message`]) inside

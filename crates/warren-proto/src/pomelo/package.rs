@@ -1,4 +1,5 @@
-//! The package layer (PROTOCOLS.md §3.1): `type (1 B) · length (3 B, big-endian) · body`.
+//! The package layer (docs/protocols/pomelo.md, "Packages and messages"):
+//! `type (1 B) · length (3 B, big-endian) · body`.
 //!
 //! Packages are what the socket carries: several may share one read and one may span reads.
 //! The decoder rejects a bad type byte as soon as it arrives and an oversize body as soon as the
@@ -24,7 +25,7 @@ pub enum PackageType {
     HandshakeAck = 2,
     /// Keepalive in both directions; empty body.
     Heartbeat = 3,
-    /// One message (§3.2).
+    /// One message: `flag · [id] · [route] · body`.
     Data = 4,
     /// Server tells the client why it is being disconnected: `{"reason":"…"}`.
     Kick = 5,

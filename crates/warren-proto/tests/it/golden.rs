@@ -1,5 +1,6 @@
-//! Every MQTT vector of PROTOCOLS.md §1.9 (mqant mode, push_qos 1): the client bytes decode to
-//! the expected packets and the gate's answers encode to exactly the listed bytes.
+//! Every MQTT vector of docs/protocols/mqtt.md, "Byte vectors (mqant mode)" (push_qos 1): the
+//! client bytes decode to the expected packets and the gate's answers encode to exactly the listed
+//! bytes.
 
 use bytes::{Bytes, BytesMut};
 use tokio_util::codec::Decoder;

@@ -1,5 +1,5 @@
-//! JSON over WebSocket (PROTOCOLS.md §4): the sample client exchange byte for byte, and the
-//! decoder's leniency and strictness.
+//! JSON over WebSocket (docs/protocols/json-ws.md): the sample client exchange byte for byte, and
+//! the decoder's leniency and strictness.
 
 use proptest::prelude::*;
 use serde_json::{Value, json};

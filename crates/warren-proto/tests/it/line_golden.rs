@@ -1,5 +1,5 @@
-//! Line protocol (PROTOCOLS.md §5.3): every echo-plugin vector through the decoder and encoder
-//! acting as the broker, plus chunking properties.
+//! Line protocol (docs/protocols/line.md, "Echo handler (default)"): every echo vector through the
+//! decoder and encoder acting as the broker, plus chunking properties.
 
 use bytes::{Bytes, BytesMut};
 use proptest::collection::vec;

@@ -1,6 +1,7 @@
-//! The pomelo codec against PROTOCOLS.md §3.7, against the bytes of the reference encoder, and
-//! under property tests: every vector decodes and encodes exactly, every prefix asks for more,
-//! every valid package and message survives a round trip, and arbitrary bytes never panic.
+//! The pomelo codec against the byte table of docs/protocols/pomelo.md, against the bytes of the
+//! reference encoder, and under property tests: every vector decodes and encodes exactly, every
+//! prefix asks for more, every valid package and message survives a round trip, and arbitrary bytes
+//! never panic.
 
 use std::io::Write;
 
@@ -115,7 +116,7 @@ fn assert_message(bytes: &[u8], m: &Message) {
     assert_eq!(message_bytes(m), bytes);
 }
 
-// ---- PROTOCOLS.md §3.7 ----
+// ---- the byte table of docs/protocols/pomelo.md, "Packages and messages" ----
 
 #[test]
 fn handshake_packages() {

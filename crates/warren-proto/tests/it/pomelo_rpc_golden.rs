@@ -1,6 +1,6 @@
-//! pomelo-rpc (PROTOCOLS.md §8.2, §8.6, §8.7): the sample client's request, the server's
-//! response, error and buffered payloads byte for byte (the MQTT framing around them is the
-//! gate's), and stream-pkg framing.
+//! pomelo-rpc (docs/protocols/pomelo-rpc.md, "Transports" and "Messages"): the sample client's
+//! request, the server's response, error and buffered payloads byte for byte (the MQTT framing
+//! around them is the gate's), and stream-pkg framing.
 
 use bytes::{Bytes, BytesMut};
 use proptest::collection::vec;

@@ -32,7 +32,7 @@ pub(crate) fn args_from_result(result: &[u8]) -> Bytes {
 }
 
 /// `chat.chatHandler.send` → (`chat`, `chatHandler.send`): the first dot-separated segment is the
-/// module, the rest the handler (PROTOCOLS.md §3.2).
+/// module, the rest the handler (docs/protocols/pomelo.md, "Routes, requests, notifies, pushes").
 pub(crate) fn split_dotted(route: &str) -> Option<(&str, &str)> {
     let (m, h) = route.split_once('.')?;
     (!m.is_empty() && !h.is_empty()).then_some((m, h))

@@ -1,4 +1,4 @@
-//! JSON-over-WebSocket connections (PROTOCOLS.md §4, TianQinS style): one JSON object per
+//! JSON-over-WebSocket connections (docs/protocols/json-ws.md, TianQinS style): one JSON object per
 //! WebSocket message, `{"tpc","func","cb","args"}` both ways, login first.
 //!
 //! `tpc` names the module (falling back to `fallback_module`, default `global`, when no module

@@ -1,4 +1,4 @@
-//! Line-protocol connections (PROTOCOLS.md §5, ffown style): `"<len>\r\n<body>"` in,
+//! Line-protocol connections (docs/protocols/line.md, ffown style): `"<len>\r\n<body>"` in,
 //! `"<len> \r\n<body>"` out, usable from telnet.
 //!
 //! A line listener is bound to a [`ChannelHandler`]: an object told about every connection

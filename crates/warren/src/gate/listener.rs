@@ -2,7 +2,8 @@
 //! listener's `max_conn` and its address's `max_conn_per_ip` from accept to close, HTTP upgrade
 //! included; the transport handshake (PROXY header, TLS, WebSocket upgrade) must finish within
 //! `handshake_timeout_s` of accept. A pomelo listener serves raw TCP and WebSocket on one port:
-//! the first byte of a connection decides (PROTOCOLS.md §3.6).
+//! the first byte of a connection decides (docs/protocols/pomelo.md, "One port, raw TCP and
+//! WebSocket").
 //!
 //! Refusals at accept read nothing: IP lists and per-IP limits close the socket; a full listener
 //! answers MQTT over TCP with CONNACK 3 and WebSocket with HTTP 503 (one non-blocking write), the

@@ -1,4 +1,4 @@
-//! MQTT 3.1.1 / 3.1 connections (PROTOCOLS.md §1).
+//! MQTT 3.1.1 / 3.1 connections (docs/protocols/mqtt.md).
 //!
 //! [`serve`] reads CONNECT (deadline, protocol, client id, auth hook), answers CONNACK, opens the
 //! session and hands the connection to the shared read loop ([`conn::run`]) with an
@@ -685,7 +685,8 @@ impl MqttSession {
         }
     }
 
-    /// The gate-side checks, in the order that decides which error wins (PROTOCOLS.md §1.5).
+    /// The gate-side checks, in the order that decides which error wins (docs/protocols/mqtt.md,
+    /// "Requests, replies and pushes").
     fn check(
         &self,
         conn: &Conn,

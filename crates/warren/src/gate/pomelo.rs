@@ -1,5 +1,6 @@
-//! pomelo client connections (PROTOCOLS.md §3): handshake, ack, heartbeats, requests, notifies,
-//! responses and pushes, over raw TCP or WebSocket (the listener decides by the first byte).
+//! pomelo client connections (docs/protocols/pomelo.md): handshake, ack, heartbeats, requests,
+//! notifies, responses and pushes, over raw TCP or WebSocket (the listener decides by the first
+//! byte).
 //!
 //! Routes `module.handler…` map onto warren routes: the first dot-separated segment is the module,
 //! the rest the handler (`Chat.HD_Say` → `Chat/HD_Say`). Pushes go out with the push topic's `/`

@@ -1,6 +1,6 @@
-//! The pomelo-rpc acceptor (PROTOCOLS.md §8): pomelo and pinus servers call warren modules as if
-//! they were pomelo services. Two transports: MQTT (pomelo-rpc's default: PUBLISH on topic `rpc`)
-//! and stream-pkg over TCP (`<varint length><JSON>`).
+//! The pomelo-rpc acceptor (docs/protocols/pomelo-rpc.md): pomelo and pinus servers call warren
+//! modules as if they were pomelo services. Two transports: MQTT (pomelo-rpc's default: PUBLISH on
+//! topic `rpc`) and stream-pkg over TCP (`<varint length><JSON>`).
 //!
 //! `namespace.service.method` dispatches to module `service` (or its `service_map` alias) and
 //! handler `method`, within the namespaces allowed (`sys`, `user`). Peers are servers, and a
