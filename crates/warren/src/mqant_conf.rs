@@ -143,15 +143,7 @@ pub fn from_mqant_json(text: &str) -> Result<(Config, Vec<String>), ConfigError>
             };
             if kind.eq_ignore_ascii_case("Gate") {
                 config.node.gate_id = id.to_owned();
-                gate_listeners(
-                    &mut config,
-                    &settings,
-                    &path,
-                    &mut warnings,
-                    idle,
-                    write,
-                    queue,
-                )?;
+                gate_listeners(&mut config, &settings, &path, idle, write, queue)?;
                 continue;
             }
             let mut m = ModuleConfig::new(kind);
@@ -170,7 +162,6 @@ fn gate_listeners(
     config: &mut Config,
     s: &Map<String, Value>,
     path: &str,
-    warnings: &mut Vec<String>,
     idle: Option<u64>,
     write: Option<u64>,
     queue: Option<u64>,
@@ -180,12 +171,22 @@ fn gate_listeners(
     let max_conn = number(s, "MaxConnNum", &p)?;
     let handshake = number(s, "HTTPTimeout", &p)?;
     let hb = number(s, "MinHBStorage", &p)?;
-    let tls = get(s, "Tls").and_then(Value::as_bool).unwrap_or(false);
-    if tls {
-        warnings.push(format!(
-            "{p}.Tls is not supported yet: the listeners run without TLS"
-        ));
-    }
+    // mqant serves both its TCP and its WebSocket address with TLS when `Tls` is set
+    let tls = if get(s, "Tls").and_then(Value::as_bool).unwrap_or(false) {
+        let cert = string(s, "CertFile").filter(|f| !f.is_empty());
+        let key = string(s, "KeyFile").filter(|f| !f.is_empty());
+        match (cert, key) {
+            (Some(c), Some(k)) => Some((c.to_owned(), k.to_owned())),
+            _ => {
+                return Err(invalid(
+                    &format!("{p}.Tls"),
+                    "TLS needs CertFile and KeyFile",
+                ));
+            }
+        }
+    } else {
+        None
+    };
     for (key, transport) in [
         ("TCPAddr", TransportName::Tcp),
         ("WSAddr", TransportName::Ws),
@@ -200,6 +201,10 @@ fn gate_listeners(
             ..Default::default()
         };
         l.max_packet = max_packet.map(|v| v as usize);
+        if let Some((cert, key)) = &tls {
+            l.tls_cert = Some(cert.clone());
+            l.tls_key = Some(key.clone());
+        }
         if let Some(v) = max_conn {
             l.max_conn = v as usize;
         }
@@ -299,5 +304,25 @@ mod tests {
                 .unwrap_err();
         assert!(e.to_string().contains("MaxMsgLen"), "{e}");
         assert!(from_mqant_json("{ // not a full-line comment\n}").is_err());
+    }
+
+    #[test]
+    fn a_tls_gate_keeps_its_certificate() {
+        let gate = |tls: &str| {
+            format!(
+                r#"{{"Module":{{"Gate":[{{"Id":"g","Settings":{{"TCPAddr":":3563","WSAddr":":3653",{tls}}}}}]}}}}"#
+            )
+        };
+        let (c, _) =
+            from_mqant_json(&gate(r#""Tls":true,"CertFile":"c.pem","KeyFile":"k.pem""#)).unwrap();
+        assert_eq!(c.listeners.len(), 2);
+        for l in &c.listeners {
+            assert_eq!(l.tls_cert.as_deref(), Some("c.pem"));
+            assert_eq!(l.tls_key.as_deref(), Some("k.pem"));
+        }
+        assert_eq!(c.listeners[0].scheme(), "mqtts+mqant");
+        assert_eq!(c.listeners[1].scheme(), "wss+mqant");
+        let e = from_mqant_json(&gate(r#""Tls":true,"CertFile":"""#)).unwrap_err();
+        assert!(e.to_string().contains("Tls"), "{e}");
     }
 }
