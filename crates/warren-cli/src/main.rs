@@ -428,7 +428,9 @@ async fn serve(config: Config, reload: impl Fn() -> anyhow::Result<Config>) -> a
         Ok(new) => {
             let errors = node.reload(&new);
             if errors.is_empty() {
-                tracing::info!("SIGHUP: reloaded the IP lists, TLS certificates and topic ACL");
+                tracing::info!(
+                    "SIGHUP: reloaded the IP lists, TLS certificates, topic ACL and [auth] checks"
+                );
             }
             for e in errors {
                 tracing::error!(error = %e, "SIGHUP: not reloaded; the old setting stays");

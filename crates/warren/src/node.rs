@@ -1062,10 +1062,13 @@ impl Node {
     /// Returns what could not be reloaded (the old setting stays).
     pub fn reload(&self, config: &Config) -> Vec<String> {
         let mut errors = self.gate.reload(config);
-        // [auth]: the password file and the JWT key are read again (uid_conflict stays)
+        // [auth]: the password file and the JWT key are read again, the uid policy is swapped
         if let Err(e) = self.gate.reload_auth(&config.auth) {
             errors.push(e.to_string());
         }
+        self.handle
+            .session_table()
+            .set_uid_conflict(config.auth.uid_conflict);
         match &config.auth.acl_file {
             Some(path) => match crate::acl::Acl::load(path) {
                 Ok(acl) => self.gate.acl.store(Some(Arc::new(acl))),

@@ -579,8 +579,9 @@ impl SessionHandle {
 pub struct SessionTable {
     gate: Arc<str>,
     inner: RwLock<Tables>,
-    /// What binding a uid that another live session holds does (`[auth] uid_conflict`).
-    uid_conflict: crate::config::UidConflict,
+    /// What binding a uid that another live session holds does (`[auth] uid_conflict`): true
+    /// for `kick_old`. Atomic, so SIGHUP can change it under live sessions.
+    kick_old: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -595,14 +596,30 @@ impl SessionTable {
         SessionTable {
             gate,
             inner: RwLock::new(Tables::default()),
-            uid_conflict: crate::config::UidConflict::default(),
+            kick_old: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// The same table with another uid conflict policy (`[auth] uid_conflict`).
-    pub fn with_uid_conflict(mut self, policy: crate::config::UidConflict) -> Self {
-        self.uid_conflict = policy;
+    pub fn with_uid_conflict(self, policy: crate::config::UidConflict) -> Self {
+        self.set_uid_conflict(policy);
         self
+    }
+
+    /// Change the uid conflict policy for binds from now on (SIGHUP).
+    pub fn set_uid_conflict(&self, policy: crate::config::UidConflict) {
+        self.kick_old.store(
+            policy == crate::config::UidConflict::KickOld,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn uid_conflict(&self) -> crate::config::UidConflict {
+        if self.kick_old.load(std::sync::atomic::Ordering::Relaxed) {
+            crate::config::UidConflict::KickOld
+        } else {
+            crate::config::UidConflict::Reject
+        }
     }
 
     /// Id of the gate owning this table (mqant `Serverid`).
@@ -712,7 +729,7 @@ impl SessionTable {
             })
             .unwrap_or_default();
         if policy && !holders.is_empty() {
-            match self.uid_conflict {
+            match self.uid_conflict() {
                 crate::config::UidConflict::Reject => {
                     metrics::counter!("warren_uid_conflicts_total", "policy" => "reject")
                         .increment(1);
@@ -989,7 +1006,9 @@ mod tests {
     async fn bind_follows_the_uid_conflict_policy() {
         use crate::config::UidConflict;
         for policy in [UidConflict::Reject, UidConflict::KickOld] {
-            let t = SessionTable::new("Gate001".into()).with_uid_conflict(policy);
+            // the policy as SIGHUP sets it on a live table
+            let t = SessionTable::new("Gate001".into()).with_uid_conflict(UidConflict::Reject);
+            t.set_uid_conflict(policy);
             let (tx1, mut rx1) = mpsc::channel(4);
             let (tx2, _rx2) = mpsc::channel(4);
             t.insert(SessionHandle::new(
