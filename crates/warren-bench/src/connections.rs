@@ -256,11 +256,21 @@ const FIRST_PORT: u16 = 20_000;
 /// Most connections per source address (ports 20 000 to 60 000).
 const MAX_PER_SOURCE: usize = 40_000;
 
+/// Connections per source address in the `pubsub` and `request` scenarios: below the per-address
+/// caps servers keep (warren's `[limits] max_conn_per_ip` is 1000 by default), so 1 → 1000
+/// fan-out measures delivery, not a server's defence against one address opening everything.
+pub(crate) const SPREAD_PER_SOURCE: usize = 250;
+
 /// The local address connection `i` binds to on a loopback IPv4 target: 127.a.b.c (c never 0
 /// or 255) starting at address number `base`, `per_source` connections per address on ports
 /// from 20 000 up. A random `base` per run keeps clear of ports that earlier runs left in
 /// TIME_WAIT. Other targets get none (the kernel chooses).
-fn source_for(target: SocketAddr, i: usize, per_source: usize, base: u32) -> Option<SocketAddr> {
+pub(crate) fn source_for(
+    target: SocketAddr,
+    i: usize,
+    per_source: usize,
+    base: u32,
+) -> Option<SocketAddr> {
     match target.ip() {
         IpAddr::V4(ip) if ip.is_loopback() => {
             let per_source = per_source.clamp(1, MAX_PER_SOURCE);
@@ -279,7 +289,7 @@ fn source_for(target: SocketAddr, i: usize, per_source: usize, base: u32) -> Opt
 }
 
 /// A random starting address number for [`source_for`].
-fn random_base() -> u32 {
+pub(crate) fn random_base() -> u32 {
     use std::hash::BuildHasher;
     (std::collections::hash_map::RandomState::new().hash_one(std::process::id()) % (1 << 22)) as u32
 }

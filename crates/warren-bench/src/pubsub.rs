@@ -145,9 +145,17 @@ pub async fn run(a: &PubsubArgs, stop: CancellationToken) -> Result<Report, Benc
 
     // Subscribers first, each with its SUBACK, so that no message is published before
     // everyone listens.
+    let base = crate::connections::random_base();
+    let subscribers_n = a.subscribers;
     let options = move |kind: &str, i: usize| ConnectOptions {
         target,
-        source: None,
+        // subscribers first, then publishers, spread over loopback source addresses
+        source: crate::connections::source_for(
+            target,
+            if kind == "p" { subscribers_n + i } else { i },
+            crate::connections::SPREAD_PER_SOURCE,
+            base,
+        ),
         client_id: format!("wb-{tag}-{kind}{i}"),
         keep_alive: c.keepalive,
         timeout: SETUP_TIMEOUT,

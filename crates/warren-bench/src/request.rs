@@ -93,10 +93,16 @@ pub async fn run(a: &RequestArgs, stop: CancellationToken) -> Result<Report, Ben
     report.param("qos", a.qos);
     report.rss_before_kib = c.pid.and_then(proc::rss_kib);
 
+    let base = crate::connections::random_base();
     let clients = open_many(a.clients, c.ramp, 64, &stop, |i| {
         let o = ConnectOptions {
             target,
-            source: None,
+            source: crate::connections::source_for(
+                target,
+                i,
+                crate::connections::SPREAD_PER_SOURCE,
+                base,
+            ),
             client_id: format!("wb-{tag}-r{i}"),
             keep_alive: c.keepalive,
             timeout: SETUP_TIMEOUT,
