@@ -140,6 +140,26 @@ def test_silent_connections_do_not_stop_other_listeners_and_are_closed_at_the_de
     ws.close()
 
 
+def test_a_huge_upgrade_request_is_refused_with_431_and_others_are_served():
+    w = Warren("--module", "Echo", listen=[Warren.url("mqtt+mqant"), Warren.url("json+ws")], http=False).wait_ready()
+    canary = Canary(w.mqtt_mqant)
+    canary.start()
+    try:
+        s = raw_connect(w.ports["json+ws"])
+        # 200 KB of headers: more than a WebSocket upgrade needs (the limit is 32 KiB)
+        head = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(200))
+        try:
+            s.sendall(head)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = read_until_closed(s, timeout=5)
+        assert answer.startswith(b"HTTP/1.1 431") or answer == b"", answer[:80]
+        s.close()
+        assert w.running()
+    finally:
+        canary.finish()
+
+
 def test_over_max_conn_mqtt_gets_connack_3_and_websocket_503():
     w = Warren(
         "--module", "Echo",

@@ -99,6 +99,9 @@ struct Listener {
     kind: Kind,
 }
 
+/// Largest WebSocket upgrade request (headers included) read; a larger one gets 431.
+const MAX_UPGRADE_REQUEST: usize = 32 * 1024;
+
 /// What one connection holds from accept to close: a place under the listener's `max_conn` and,
 /// when per-IP limits are on, under its address's `max_conn_per_ip`.
 struct Slot {
@@ -500,6 +503,9 @@ impl Listener {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(remaining)
+            // an upgrade request is a few hundred bytes: hyper's default ~400 KB per connection
+            // would let slow clients make the node hold that much each until the deadline
+            .max_buf_size(MAX_UPGRADE_REQUEST)
             .keep_alive(false)
             .serve_connection(hyper_util::rt::TokioIo::new(io), service)
             .with_upgrades();
