@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
+import time
 from pathlib import Path
 
 from conftest import Warren
@@ -22,6 +24,23 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS in /proc status")
+
+
+def read_until_closed(s: socket.socket, timeout: float = 5) -> bytes:
+    """Everything the server sends until it closes (fails if it stays open past `timeout`)."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while True:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = s.recv(4096)
+        except ConnectionResetError:
+            return got
+        except socket.timeout:
+            raise AssertionError(f"connection still open after {timeout} s (received {got!r})") from None
+        if not chunk:
+            return got
+        got += chunk
 
 
 def log_lines(w: Warren) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Warren, wait_until
-from abuse import Canary
+from abuse import Canary, read_until_closed
 from rawmqtt import RawClient, connect_packet
 
 CONNACK_OK = b"\x20\x02\x00\x00"
@@ -44,22 +44,6 @@ def raw_connect(port: int, source: str = "127.0.0.1", timeout: float = 5) -> soc
     s.settimeout(timeout)
     s.connect(("127.0.0.1", port))
     return s
-
-
-def read_until_closed(s: socket.socket, timeout: float = 5) -> bytes:
-    """Everything the server sends until it closes (fails if it stays open past `timeout`)."""
-    s.settimeout(timeout)
-    got = b""
-    while True:
-        try:
-            chunk = s.recv(4096)
-        except ConnectionResetError:
-            return got
-        except socket.timeout:
-            raise AssertionError(f"connection still open after {timeout} s (received {got!r})") from None
-        if not chunk:
-            return got
-        got += chunk
 
 
 def mqtt_session(port: int, source: str = "127.0.0.1", client_id: str = "c") -> socket.socket | None:

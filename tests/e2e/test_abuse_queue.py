@@ -51,6 +51,18 @@ class Publisher(threading.Thread):
             self.error = e
 
 
+def a_reader_still_gets(port: int, payload: bytes) -> None:
+    """After a flood, a new subscriber that reads gets a new publish whole."""
+    fresh = subscriber(port, "fresh")
+    with RawClient(port) as p:
+        assert p.connect("publisher2") == CONNACK_OK
+        p.send(publish_packet("after/flood", payload))
+        first, body = fresh.recv_packet()
+        topic, _, _, got = parse_publish(first, body)
+        assert topic == "after/flood" and got == payload
+    fresh.close()
+
+
 def test_slow_subscribers_are_closed_and_memory_stays_bounded():
     # four subscribers to `#` that never read, 1 MiB messages: before byte bounds, each of them
     # could pin write_queue (1024) × 1 MiB
@@ -91,13 +103,7 @@ def test_slow_subscribers_are_closed_and_memory_stays_bounded():
         pub.c.close()
     canary.finish()
     # a subscriber that reads still gets what is published
-    fresh = subscriber(port, "fresh")
-    with RawClient(port) as p:
-        assert p.connect("publisher2") == CONNACK_OK
-        p.send(publish_packet("after/flood", b"hello"))
-        first, body = fresh.recv_packet()
-        assert parse_publish(first, body)[0] == "after/flood"
-    fresh.close()
+    a_reader_still_gets(port, b"hello")
 
 
 def test_the_node_output_budget_closes_slow_consumers_and_then_takes_work_again(tmp_path):
@@ -131,14 +137,7 @@ def test_the_node_output_budget_closes_slow_consumers_and_then_takes_work_again(
         pub.c.close()
     canary.finish()
     # the budget was given back: a reading subscriber gets a message as large as the first ones
-    fresh = subscriber(port, "fresh")
-    with RawClient(port) as p:
-        assert p.connect("publisher2") == CONNACK_OK
-        p.send(publish_packet("after/flood", b"y" * 200_000))
-        first, body = fresh.recv_packet()
-        topic, _, _, payload = parse_publish(first, body)
-        assert topic == "after/flood" and len(payload) == 200_000
-    fresh.close()
+    a_reader_still_gets(port, b"y" * 200_000)
 
 
 def test_a_client_over_its_message_rate_is_slowed_not_disconnected():

@@ -19,6 +19,7 @@ import time
 import websocket
 from websocket import ABNF
 
+from abuse import read_until_closed
 from conftest import Warren
 from rawmqtt import RawClient, connect_packet
 
@@ -35,20 +36,7 @@ def logged(w: Warren, *words: str) -> list[str]:
 
 def closed(s: socket.socket, timeout: float = CLOSED_WITHIN_S) -> bytes:
     """Read until the server closes the socket; return what came (fails if it stays open)."""
-    s.settimeout(timeout)
-    got = b""
-    deadline = time.monotonic() + timeout
-    while True:
-        s.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            chunk = s.recv(4096)
-        except ConnectionResetError:
-            return got
-        except socket.timeout:
-            raise AssertionError(f"connection still open after {timeout} s (received {got!r})") from None
-        if not chunk:
-            return got
-        got += chunk
+    return read_until_closed(s, timeout)
 
 
 def ws_close_code(ws: websocket.WebSocket, timeout: float = CLOSED_WITHIN_S) -> int | None:
