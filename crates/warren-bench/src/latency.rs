@@ -1,7 +1,7 @@
 //! Latency histograms: HDR histograms in nanoseconds, sharded so that a thousand subscriber
 //! tasks can record without one shared lock, merged once at the end.
 
-use std::sync::{Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -34,7 +34,7 @@ impl Latency {
     /// The shard task `i` records into.
     pub fn shard(&self, i: usize) -> MutexGuard<'_, Histogram<u64>> {
         let m = &self.shards[i % self.shards.len()];
-        m.lock().unwrap_or_else(|e| e.into_inner())
+        m.lock()
     }
 
     /// All shards added together.

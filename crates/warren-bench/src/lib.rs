@@ -298,7 +298,7 @@ fn dur_ns(d: Duration) -> u64 {
 #[derive(Debug, Default)]
 pub(crate) struct Errors {
     count: std::sync::atomic::AtomicU64,
-    first: std::sync::Mutex<Option<String>>,
+    first: parking_lot::Mutex<Option<String>>,
 }
 
 impl Errors {
@@ -306,7 +306,7 @@ impl Errors {
     pub(crate) fn record(&self, what: impl std::fmt::Display) {
         self.count
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        let mut first = self.first.lock();
         if first.is_none() {
             *first = Some(what.to_string());
         }
@@ -319,7 +319,7 @@ impl Errors {
 
     /// The first error's text.
     pub(crate) fn first(&self) -> Option<String> {
-        self.first.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.first.lock().clone()
     }
 }
 

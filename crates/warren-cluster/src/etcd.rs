@@ -11,9 +11,10 @@
 //! record again; for one TTL after the outage snapshots only add records, so the list never
 //! flaps to empty while the nodes re-announce themselves.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use etcd_client::{
@@ -162,7 +163,7 @@ struct Watching {
 
 impl Shared {
     fn cache(&self) -> MutexGuard<'_, Cache> {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+        self.cache.lock()
     }
 
     fn key(&self, id: &str) -> String {
@@ -507,7 +508,7 @@ impl EtcdRegistry {
     }
 
     fn keepalives(&self) -> MutexGuard<'_, HashMap<String, Keepalive>> {
-        self.keepalives.lock().unwrap_or_else(|e| e.into_inner())
+        self.keepalives.lock()
     }
 
     /// Stop the keepalive of `id`; returns its lease (0 if none).

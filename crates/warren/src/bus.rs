@@ -2,8 +2,9 @@
 //! Redis, RabbitMQ) plugs into; [`LocalBus`] delivers to instances in this process, so one node
 //! needs no broker. The router never knows which one it talks to.
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -119,24 +120,18 @@ impl std::fmt::Debug for LocalBus {
 impl LocalBus {
     pub(crate) fn attach(&self, instance: Arc<Instance>) {
         let id = instance.info.id.clone();
-        self.instances
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, instance);
+        self.instances.write().insert(id, instance);
     }
 
     /// Drop every instance (at shutdown), which closes sequential mailboxes.
     pub(crate) fn clear(&self) {
-        self.instances
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.instances.write().clear();
     }
 
     /// The id of an instance of module type `module` on this node, if one runs here (the one
     /// that takes the calls of the type's queue group).
     pub fn instance_of(&self, module: &str) -> Option<Arc<str>> {
-        let instances = self.instances.read().unwrap_or_else(|e| e.into_inner());
+        let instances = self.instances.read();
         instances
             .iter()
             .filter(|(_, i)| &*i.info.module == module)
@@ -150,7 +145,6 @@ impl LocalBus {
         let instance = self
             .instances
             .read()
-            .unwrap_or_else(|e| e.into_inner())
             .get(&call.instance)
             .cloned()
             .ok_or(CallError::Closed)?;

@@ -3,9 +3,10 @@
 //! `Arc<Message>` and every recipient's queue receives a pointer to it; each connection only frames
 //! the shared bytes. No per-recipient lock, allocation or encode.
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use warren_proto::mqtt::topic;
@@ -13,12 +14,12 @@ use warren_proto::mqtt::topic;
 use crate::error::CallError;
 use crate::session::{Message, SessionHandle, SessionId};
 
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
+fn read<T>(l: &RwLock<T>) -> parking_lot::RwLockReadGuard<'_, T> {
+    l.read()
 }
 
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
+fn write<T>(l: &RwLock<T>) -> parking_lot::RwLockWriteGuard<'_, T> {
+    l.write()
 }
 
 /// Named groups of sessions (chat rooms, game tables): add, remove, broadcast.

@@ -17,10 +17,11 @@
 //! assert_eq!(m.name(), "Greeter");
 //! ```
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -645,7 +646,7 @@ impl Lanes {
             return;
         };
         {
-            let mut active = this.active.lock().unwrap_or_else(|e| e.into_inner());
+            let mut active = this.active.lock();
             if let Some(q) = active.get_mut(&key) {
                 q.push_back(job);
                 return;
@@ -657,7 +658,7 @@ impl Lanes {
             let mut job = job;
             loop {
                 execute(&lanes.module, &lanes.env, job).await;
-                let mut active = lanes.active.lock().unwrap_or_else(|e| e.into_inner());
+                let mut active = lanes.active.lock();
                 match active.get_mut(&key).and_then(VecDeque::pop_front) {
                     Some(next) => job = next,
                     None => {

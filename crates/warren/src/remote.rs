@@ -15,9 +15,10 @@
 //! round trip or a socket write carries many calls and replies; frames are
 //! [`warren_proto::node_frame`]s, a fixed binary header and the body uncopied.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -252,8 +253,8 @@ enum Report {
 
 type Waiting = Arc<Mutex<HashMap<u64, Waiter>>>;
 
-fn lock(w: &Waiting) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
-    w.lock().unwrap_or_else(|e| e.into_inner())
+fn lock(w: &Waiting) -> parking_lot::MutexGuard<'_, HashMap<u64, Waiter>> {
+    w.lock()
 }
 
 /// Frames handed to the transport in one go at most.
@@ -395,7 +396,7 @@ impl RemoteBus {
         self.transport.kind()
     }
 
-    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
+    fn waiting(&self) -> parking_lot::MutexGuard<'_, HashMap<u64, Waiter>> {
         lock(&self.waiting)
     }
 

@@ -6,8 +6,9 @@
 //! (`ring.rs`, docs/cluster.md "Routing") keyed by the session's uid (or session id): one user
 //! keeps reaching the same instance, and when an instance leaves only its keys move.
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -152,7 +153,7 @@ impl Router {
     /// dropped.
     pub fn add_static(&self, node: NodeRecord, bus: Arc<dyn Bus>) {
         let live = {
-            let mut g = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            let mut g = self.nodes.lock();
             g.1.push((node, bus));
             g.0.clone()
         };
@@ -162,7 +163,7 @@ impl Router {
     /// Rebuild the routing table from the registry's live nodes.
     pub fn refresh(&self, nodes: &[NodeRecord]) {
         let statics = {
-            let mut g = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            let mut g = self.nodes.lock();
             g.0 = Arc::new(nodes.to_vec());
             g.1.clone()
         };
@@ -238,16 +239,13 @@ impl Router {
         self.table.store(Arc::new(t));
     }
 
-    fn sticky_map(&self) -> std::sync::MutexGuard<'_, StickyMap> {
-        self.sticky.lock().unwrap_or_else(|e| e.into_inner())
+    fn sticky_map(&self) -> parking_lot::MutexGuard<'_, StickyMap> {
+        self.sticky.lock()
     }
 
     /// Install a custom router for module type `module` (see [`RouteKeyFn`]).
     pub fn set_route_key(&self, module: &str, f: RouteKeyFn) {
-        self.key_fns
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(module.to_owned(), f);
+        self.key_fns.write().insert(module.to_owned(), f);
     }
 
     /// Pick the instance for one call from a client or a module: `at` when given, else the
@@ -266,7 +264,6 @@ impl Router {
         let custom = self
             .key_fns
             .read()
-            .unwrap_or_else(|e| e.into_inner())
             .get(module)
             .and_then(|f| f(handler, session, body));
         if let Some(key) = custom {

@@ -5,10 +5,11 @@
 //! Handlers receive a [`Session`] *snapshot*; session operations (docs/protocols/mqtt.md) go to the
 //! [`SessionTable`] of the gate that owns the connection.
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -420,7 +421,7 @@ pub struct SessionHandle {
     bytes: Arc<QueueBytes>,
     close: CancellationToken,
     /// Subscriptions and groups this session is in, so closing it can clean up.
-    memberships: std::sync::Mutex<Vec<Arc<str>>>,
+    memberships: parking_lot::Mutex<Vec<Arc<str>>>,
 }
 
 impl SessionHandle {
@@ -453,7 +454,7 @@ impl SessionHandle {
             outbound,
             bytes,
             close,
-            memberships: std::sync::Mutex::new(Vec::new()),
+            memberships: parking_lot::Mutex::new(Vec::new()),
         })
     }
 
@@ -544,7 +545,7 @@ impl SessionHandle {
     /// Record that this session joins a group: `Ok(false)` when it is in it already, an error
     /// when it is in `max` groups.
     pub(crate) fn join(&self, name: &str, max: usize) -> Result<bool, CallError> {
-        let mut m = self.memberships.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.memberships.lock();
         if m.iter().any(|g| &**g == name) {
             return Ok(false);
         }
@@ -560,17 +561,12 @@ impl SessionHandle {
 
     /// Forget a group this session left.
     pub(crate) fn left(&self, name: &str) {
-        if let Ok(mut m) = self.memberships.lock() {
-            m.retain(|g| &**g != name);
-        }
+        self.memberships.lock().retain(|g| &**g != name);
     }
 
     /// Take the list of groups this session is in (on close).
     pub(crate) fn take_memberships(&self) -> Vec<Arc<str>> {
-        self.memberships
-            .lock()
-            .map(|mut m| std::mem::take(&mut *m))
-            .unwrap_or_default()
+        std::mem::take(&mut *self.memberships.lock())
     }
 }
 
@@ -627,12 +623,12 @@ impl SessionTable {
         &self.gate
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Tables> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    fn read(&self) -> parking_lot::RwLockReadGuard<'_, Tables> {
+        self.inner.read()
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Tables> {
-        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    fn write(&self) -> parking_lot::RwLockWriteGuard<'_, Tables> {
+        self.inner.write()
     }
 
     /// Add a new session.

@@ -12,8 +12,9 @@
 //! counted and dropped; a call whose `Expired` has passed is dropped unanswered, as upstream
 //! does.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -357,11 +358,11 @@ struct Replies {
 
 impl Replies {
     fn queue(&self) -> Option<String> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.queue.lock().clone()
     }
 
-    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    fn waiting(&self) -> parking_lot::MutexGuard<'_, Waiting> {
+        self.waiting.lock()
     }
 }
 
@@ -402,7 +403,7 @@ impl Subscriber for Replies {
                 )
                 .await
                 .map_err(err("callback basic.consume"))?;
-            *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(name.to_string());
+            *self.queue.lock() = Some(name.to_string());
             Ok((ch, consumer))
         })
     }
@@ -437,7 +438,7 @@ impl Subscriber for Replies {
     }
 
     fn lost(&self) {
-        *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.queue.lock() = None;
         let lost: Vec<_> = self.waiting().drain().map(|(_, tx)| tx).collect();
         for tx in lost {
             let _ = tx.send(Err(CallError::Unavailable(

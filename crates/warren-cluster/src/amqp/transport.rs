@@ -138,7 +138,7 @@ impl Transport for AmqpTransport {
             node: node.to_owned(),
             inbox,
             stop: stop.clone(),
-            held: std::sync::Mutex::new(None),
+            held: parking_lot::Mutex::new(None),
         });
         Box::pin(async move {
             let first = subscribe_now(&self.link, &*sub).await.map_err(|why| {
@@ -172,7 +172,7 @@ struct Inbox {
     stop: CancellationToken,
     /// The newest delivery handed on but not acknowledged, and how many wait with it: one ack
     /// with `multiple` covers them all.
-    held: std::sync::Mutex<Option<(Acker, u16)>>,
+    held: parking_lot::Mutex<Option<(Acker, u16)>>,
 }
 
 /// Deliveries acknowledged together at most, well inside the prefetch window so the broker
@@ -180,8 +180,8 @@ struct Inbox {
 const ACK_EVERY: u16 = PREFETCH / 4;
 
 impl Inbox {
-    fn held(&self) -> std::sync::MutexGuard<'_, Option<(Acker, u16)>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    fn held(&self) -> parking_lot::MutexGuard<'_, Option<(Acker, u16)>> {
+        self.held.lock()
     }
 
     async fn ack_all(&self, acker: Acker) {

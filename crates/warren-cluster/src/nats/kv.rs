@@ -15,10 +15,11 @@
 //! consumer is started again, every keepalive puts its record again (recreating the bucket if the
 //! server lost it) and, for one TTL, nothing expires, so the list never flaps to empty.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
@@ -239,7 +240,7 @@ struct Shared {
 
 impl Shared {
     fn cache(&self) -> MutexGuard<'_, Cache> {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+        self.cache.lock()
     }
 
     fn bucket(&self) -> &str {
@@ -537,7 +538,7 @@ impl KvRegistry {
     }
 
     fn keepalives(&self) -> MutexGuard<'_, HashMap<String, JoinHandle<()>>> {
-        self.keepalives.lock().unwrap_or_else(|e| e.into_inner())
+        self.keepalives.lock()
     }
 
     async fn stop_keepalive(&self, id: &str) {

@@ -18,10 +18,11 @@
 //! is live while its score is at least `now − 8000` (server time, bound included); the checker
 //! purges stale members (and their hash entries) when the live list changes.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -477,8 +478,8 @@ impl GobaseRegistry {
 }
 
 impl Inner {
-    fn own(&self) -> std::sync::MutexGuard<'_, HashMap<String, Keepalive>> {
-        self.own.lock().unwrap_or_else(|e| e.into_inner())
+    fn own(&self) -> parking_lot::MutexGuard<'_, HashMap<String, Keepalive>> {
+        self.own.lock()
     }
 
     /// One registration (the REGISTER script).

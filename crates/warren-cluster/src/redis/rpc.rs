@@ -14,9 +14,10 @@
 //! return value, as a Go function returning a slice does. A handler that returns nothing (`()`,
 //! encoded `null`) replies `[null]`, as a Go function returning only an error does on success.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -271,8 +272,8 @@ impl RedisRpc {
         self.malformed.load(Ordering::Relaxed)
     }
 
-    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Vec<Value>>>> {
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    fn waiting(&self) -> parking_lot::MutexGuard<'_, HashMap<String, oneshot::Sender<Vec<Value>>>> {
+        self.waiting.lock()
     }
 
     /// Call `func` on the process serving `topic` and wait up to `timeout` for its callback;

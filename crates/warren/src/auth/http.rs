@@ -21,8 +21,9 @@
 //! private CA). The roots are read when the authenticator is built (at start and on SIGHUP), so
 //! a missing or unreadable file stops the node with the key and the reason.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -141,7 +142,7 @@ impl HttpAuth {
         if self.ttl.is_zero() {
             return None;
         }
-        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = self.cache.lock();
         cache
             .get(key)
             .filter(|(at, _)| at.elapsed() < self.ttl)
@@ -152,7 +153,7 @@ impl HttpAuth {
         if self.ttl.is_zero() {
             return;
         }
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.cache.lock();
         if cache.len() >= MAX_CACHED {
             let ttl = self.ttl;
             cache.retain(|_, (at, _)| at.elapsed() < ttl);
@@ -168,7 +169,7 @@ impl HttpAuth {
     /// next line says how many were left out.
     fn service_failed(&self, reason: &'static str, what: impl std::fmt::Display) {
         metrics::counter!("warren_auth_http_errors_total", "reason" => reason).increment(1);
-        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let mut log = self.log.lock();
         let now = Instant::now();
         if log
             .0

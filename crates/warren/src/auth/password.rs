@@ -9,10 +9,11 @@
 //! not in the file costs the same verification (against a dummy hash), so response times do not
 //! tell which users exist.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
@@ -141,12 +142,12 @@ impl Verified {
     }
 
     fn contains(&self, tag: &[u8; 32]) -> bool {
-        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = self.seen.lock();
         seen.get(tag).is_some_and(|at| at.elapsed() < VERIFIED_TTL)
     }
 
     fn insert(&self, tag: [u8; 32]) {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.seen.lock();
         if seen.len() >= MAX_VERIFIED {
             seen.retain(|_, at| at.elapsed() < VERIFIED_TTL);
             if seen.len() >= MAX_VERIFIED {
@@ -280,13 +281,9 @@ impl PasswordFile {
         let pool = self.memory.clone();
         let ok = tokio::task::spawn_blocking(move || {
             // the permit bounds how many areas exist: one per slot at most
-            let mut memory = pool
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop()
-                .unwrap_or_default();
+            let mut memory = pool.lock().pop().unwrap_or_default();
             let ok = verify_with_memory(&password, &phc, &mut memory);
-            pool.lock().unwrap_or_else(|e| e.into_inner()).push(memory);
+            pool.lock().push(memory);
             drop(permit);
             ok
         })
@@ -444,7 +441,7 @@ mod tests {
         // no verification slot left: only the memory of the success can answer now
         f.permits = Arc::new(Semaphore::new(0));
         assert_eq!(f.verify("alice", b"secret").await, Ok(Some(true)));
-        assert_eq!(f.memory.lock().expect("pool").len(), 1, "one area, reused");
+        assert_eq!(f.memory.lock().len(), 1, "one area, reused");
     }
 
     #[tokio::test]

@@ -8,11 +8,12 @@
 //! pruned once they are indistinguishable from a fresh key. An IPv6 client is counted by its
 //! /64 network (one subscriber's usual allocation, which a client can roam freely).
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -128,7 +129,7 @@ pub(crate) struct IpSlot {
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        let mut m = self.counts.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.counts.map.lock();
         if let Some(n) = m.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -175,10 +176,7 @@ impl Admission {
         tls: Option<TlsState>,
     ) -> Arc<ListenerAccess> {
         let l = Arc::new(ListenerAccess::new(cfg, tls));
-        self.listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(l.clone());
+        self.listeners.lock().push(l.clone());
         l
     }
 
@@ -188,7 +186,7 @@ impl Admission {
     pub(crate) fn reload(&self, config: &Config) -> Vec<String> {
         self.node_lists
             .store(Arc::new(NetLists::node(&config.access)));
-        let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let listeners = self.listeners.lock();
         let mut errors = Vec::new();
         for (i, (l, cfg)) in listeners.iter().zip(&config.listeners).enumerate() {
             l.lists.store(Arc::new(NetLists::listener(cfg)));
@@ -232,7 +230,7 @@ impl Admission {
         if self.max_per_ip == 0 {
             return Ok(None);
         }
-        let mut m = self.counts.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.counts.map.lock();
         let n = m.entry(ip).or_insert(0);
         if *n as usize >= self.max_per_ip {
             if *n == 0 {
@@ -250,7 +248,7 @@ impl Admission {
     /// Addresses with an open connection counted (for tests).
     #[cfg(test)]
     fn tracked(&self) -> usize {
-        self.counts.map.lock().map(|m| m.len()).unwrap_or(0)
+        self.counts.map.lock().len()
     }
 }
 

@@ -8,11 +8,12 @@
 //! message, written `Module/Handler[/msgid] <json body>`, to a module like any other client.
 //! Either way every connection is a session: pushes and rooms reach line clients too.
 
+use parking_lot::{Mutex, RwLock};
 use std::any::Any;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -108,16 +109,12 @@ impl Channel {
 
     /// Attach a value to the channel (for example a user id after authentication).
     pub fn set_data(&self, data: Option<Arc<dyn Any + Send + Sync>>) {
-        *self.inner.data.lock().unwrap_or_else(|e| e.into_inner()) = data;
+        *self.inner.data.lock() = data;
     }
 
     /// The value attached with [`Channel::set_data`].
     pub fn get_data(&self) -> Option<Arc<dyn Any + Send + Sync>> {
-        self.inner
-            .data
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.data.lock().clone()
     }
 }
 
@@ -130,11 +127,7 @@ pub struct Channels {
 impl Channels {
     /// The live channel with this id.
     pub fn get(&self, id: u64) -> Option<Channel> {
-        self.by_id
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-            .cloned()
+        self.by_id.read().get(&id).cloned()
     }
 
     /// Send to a channel by id: 0 queued, −1 unknown or closed.
@@ -143,17 +136,11 @@ impl Channels {
     }
 
     fn insert(&self, c: &Channel) {
-        self.by_id
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(c.id(), c.clone());
+        self.by_id.write().insert(c.id(), c.clone());
     }
 
     fn remove(&self, id: u64) {
-        self.by_id
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        self.by_id.write().remove(&id);
     }
 }
 

@@ -10,8 +10,9 @@
 //! others with a close. Each refusal is one rate-limited log line and a count
 //! (`crate::gate::refusal`).
 
+use parking_lot::Mutex;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -557,7 +558,7 @@ async fn upgrade(
     if st.gate.draining.is_cancelled() {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
-    let Some(slot) = ctx.slot.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+    let Some(slot) = ctx.slot.lock().take() else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
     let (max, framing, protocols): (usize, WsFraming, &[&'static str]) = match st.cfg.protocol {

@@ -21,8 +21,9 @@ mod transport;
 
 pub use line::{Channel, ChannelHandler, Channels, EchoHandler};
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -130,7 +131,7 @@ impl Gate {
         session: &Arc<SessionHandle>,
         uid: Option<&str>,
     ) -> Result<Option<Arc<SessionHandle>>, ()> {
-        let mut m = self.client_ids.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.client_ids.lock();
         if let Some((old, owner)) = m.get(id)
             && !old.is_closed()
             && owner.as_deref() != uid
@@ -145,7 +146,7 @@ impl Gate {
 
     /// Release a client id if this session still holds it.
     pub(crate) fn release_client_id(&self, id: &str, session: &Arc<SessionHandle>) {
-        let mut m = self.client_ids.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.client_ids.lock();
         if m.get(id).is_some_and(|(s, _)| Arc::ptr_eq(s, session)) {
             m.remove(id);
         }

@@ -5,10 +5,10 @@
 //! counted, and the next line that gets out says how many of its kind were left out. The metric
 //! `warren_refusals_total{kind}` counts every refusal, logged or not.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::time::Instant;
 
 /// Log lines of one kind per second; the rest are counted and reported with the next line.
@@ -25,7 +25,7 @@ static WINDOWS: Mutex<Option<HashMap<&'static str, Window>>> = Mutex::new(None);
 /// Whether a line of `kind` may be logged now, and how many of its kind were left out since the
 /// last one that was.
 fn admit(kind: &'static str) -> Option<u64> {
-    let mut guard = WINDOWS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = WINDOWS.lock();
     let windows = guard.get_or_insert_with(HashMap::new);
     let now = Instant::now();
     let w = windows.entry(kind).or_insert(Window {
