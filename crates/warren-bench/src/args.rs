@@ -38,12 +38,22 @@ pub enum Scenario {
     /// Raw TCP echo server: the physical-limit reference for `request`.
     #[command(hide = true)]
     EchoServer(EchoServerArgs),
+    /// WebSocket echo server (tokio-tungstenite): the physical-limit reference for `request`
+    /// and `pomelo-request` over ws://.
+    #[command(hide = true)]
+    WsEchoServer(EchoServerArgs),
+    /// One-topic QoS 0 MQTT relay that forwards each read batch of PUBLISH bytes, shared, to
+    /// every subscriber: the physical-limit reference for `pubsub`.
+    #[command(hide = true)]
+    RelayServer(EchoServerArgs),
 }
 
 /// Options every client scenario has.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
-    /// Server address: HOST:PORT, mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS.
+    /// Server address: HOST:PORT, mqtt://HOST:PORT, mqtts://HOST:PORT for TLS,
+    /// ws://HOST:PORT[/PATH] for WebSocket (path /mqtt for MQTT, / for pomelo by default), or
+    /// wss://HOST:PORT[/PATH] for WebSocket over TLS.
     #[arg(long, default_value = "127.0.0.1:1883", value_name = "ADDR")]
     pub target: String,
     /// MQTT user name sent in CONNECT (to measure a server with authentication on).
@@ -52,10 +62,18 @@ pub struct CommonArgs {
     /// MQTT password sent in CONNECT.
     #[arg(long)]
     pub password: Option<String>,
-    /// PEM CA certificates that an mqtts:// target's certificate must chain to; without it the
-    /// certificate is not checked.
+    /// PEM CA certificates that an mqtts:// or wss:// target's certificate must chain to;
+    /// without it the certificate is not checked.
     #[arg(long, value_name = "FILE")]
     pub ca: Option<std::path::PathBuf>,
+    /// ws:// and wss:// targets: one WebSocket frame per write, holding every packet queued,
+    /// instead of one frame per packet (what browser clients send).
+    #[arg(long)]
+    pub ws_batch: bool,
+    /// ws:// and wss:// targets: largest payload of one WebSocket frame; longer ones are split
+    /// (a packet may span frames). 4096 fits every warren listener's default frame limit.
+    #[arg(long, default_value_t = 4096, value_name = "BYTES")]
+    pub ws_max_frame: usize,
     /// Seconds measured, after the warm-up (connections: seconds the idle connections are held).
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     pub duration: f64,
@@ -96,13 +114,31 @@ impl CommonArgs {
         seconds("--warmup", self.warmup)
     }
 
-    /// TLS and credentials for every connection of the run.
+    /// TLS, WebSocket and credentials for every MQTT connection of the run (over WebSocket:
+    /// path `/mqtt` unless the target names one, subprotocol `mqtt`).
     pub(crate) fn login(&self) -> Result<std::sync::Arc<crate::login::Login>, BenchError> {
+        self.login_for("/mqtt", Some("mqtt"))
+    }
+
+    /// The same for another protocol: its default WebSocket path and subprotocol.
+    pub(crate) fn login_for(
+        &self,
+        default_path: &str,
+        protocol: Option<&'static str>,
+    ) -> Result<std::sync::Arc<crate::login::Login>, BenchError> {
+        let ws = crate::ws::WsSettings::from_target(
+            &self.target,
+            default_path,
+            protocol,
+            self.ws_batch,
+            self.ws_max_frame,
+        );
         crate::login::Login::new(
             &self.target,
             self.username.clone(),
             self.password.clone(),
             self.ca.as_deref(),
+            ws,
         )
         .map(std::sync::Arc::new)
     }
@@ -294,7 +330,7 @@ impl BrokerEchoArgs {
     }
 }
 
-/// Options of the hidden `echo-server`.
+/// Options of the hidden reference servers (`echo-server`, `ws-echo-server`, `relay-server`).
 #[derive(Debug, Clone, Args)]
 pub struct EchoServerArgs {
     /// Address to listen on.

@@ -7,6 +7,10 @@
 //!
 //! Against the raw echo reference (`warren bench echo-server`) the server's first answer is our
 //! own CONNECT echoed back; [`Client::connect`] accepts that in place of a CONNACK.
+//!
+//! On a `ws://` or `wss://` target the same byte stream travels in WebSocket frames
+//! ([`crate::ws`]): the reader takes the frames' payload out before decoding, the writer wraps
+//! what was queued into frames before writing. Nothing above these two sees the difference.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,6 +28,7 @@ use warren_proto::mqtt::{self, Connect, Packet, QoS, Subscribe, SubscribeFilter}
 
 use crate::BenchError;
 use crate::login::{self, Login, ReadIo, WriteIo};
+use crate::ws::{Deframer, Framer, Status};
 
 /// Largest packet the client accepts from a server.
 pub const MAX_PACKET: usize = 16 << 20;
@@ -55,19 +60,36 @@ pub struct Reader<R> {
     io: R,
     buf: BytesMut,
     chunk: usize,
+    /// WebSocket: the frames read, before their payload joins `buf`.
+    ws: Option<Deframer>,
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
-    /// Reads once, appending whatever the socket has. Cancel-safe: bytes are never lost when
-    /// the future is dropped. A closed connection is [`BenchError::Closed`].
+    /// Reads once, appending whatever the socket has (over WebSocket: the payload of the frames
+    /// read). Cancel-safe: bytes are never lost when the future is dropped. A closed connection
+    /// (or a WebSocket close frame) is [`BenchError::Closed`].
     pub async fn fill(&mut self) -> Result<(), BenchError> {
-        if self.buf.capacity() - self.buf.len() < self.chunk / 4 + 1 {
-            self.buf.reserve(self.chunk);
+        let raw = match &mut self.ws {
+            None => &mut self.buf,
+            Some(ws) => ws.raw(),
+        };
+        if raw.capacity() - raw.len() < self.chunk / 4 + 1 {
+            raw.reserve(self.chunk);
         }
-        match self.io.read_buf(&mut self.buf).await? {
-            0 => Err(BenchError::Closed),
-            _ => Ok(()),
+        if self.io.read_buf(raw).await? == 0 {
+            return Err(BenchError::Closed);
         }
+        if let Some(ws) = &mut self.ws
+            && ws.decode(&mut self.buf)? == Status::Closed
+        {
+            return Err(BenchError::Closed);
+        }
+        Ok(())
+    }
+
+    /// The bytes read and not yet decoded, for protocols other than MQTT (pomelo).
+    pub(crate) fn buf_mut(&mut self) -> &mut BytesMut {
+        &mut self.buf
     }
 
     /// The next complete packet in the buffer, if there is one.
@@ -90,49 +112,144 @@ impl<R: AsyncRead + Unpin> Reader<R> {
 #[derive(Debug)]
 pub struct Writer<W> {
     io: W,
+    /// Bytes ready for the socket (over WebSocket: whole frames).
     buf: BytesMut,
+    /// WebSocket: packets encoded and not yet framed.
+    ws: Option<Framer>,
 }
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
+    /// Queues the bytes `encode` appends: one packet of the protocol (over WebSocket, its own
+    /// frame unless frames are batched per write).
+    pub(crate) fn queue_with(&mut self, encode: impl FnOnce(&mut BytesMut)) {
+        match &mut self.ws {
+            None => encode(&mut self.buf),
+            Some(ws) => {
+                encode(ws.plain());
+                if !ws.batch() {
+                    ws.seal(&mut self.buf);
+                }
+            }
+        }
+    }
+
     /// Queues any packet.
     pub fn queue(&mut self, p: &Packet) {
-        mqtt::encode(p, &mut self.buf);
+        self.queue_with(|b| mqtt::encode(p, b));
     }
 
     /// Queues a PUBLISH without building a packet value.
     pub fn queue_publish(&mut self, topic: &[u8], qos: QoS, pkid: u16, payload: &[u8]) {
-        mqtt::encode_publish(&mut self.buf, topic, qos, false, false, pkid, payload);
+        self.queue_with(|b| mqtt::encode_publish(b, topic, qos, false, false, pkid, payload));
     }
 
     /// Queues the PUBACK for an incoming QoS 1 PUBLISH.
     pub fn queue_puback(&mut self, pkid: u16) {
         let [h, l] = pkid.to_be_bytes();
-        self.buf.extend_from_slice(&[0x40, 0x02, h, l]);
+        self.queue_with(|b| b.extend_from_slice(&[0x40, 0x02, h, l]));
     }
 
     /// Bytes queued and not yet written.
     pub fn queued(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.ws.as_ref().map_or(0, Framer::pending)
     }
 
     /// Writes everything queued in one go (one syscall when the socket has room).
     /// Cancel-safe: what was written is dropped from the queue, the rest stays for the next
     /// call, so no byte is ever sent twice.
     pub async fn flush(&mut self) -> Result<(), BenchError> {
+        if let Some(ws) = &mut self.ws {
+            ws.seal(&mut self.buf);
+        }
         while !self.buf.is_empty() {
             if self.io.write_buf(&mut self.buf).await? == 0 {
                 return Err(BenchError::Closed);
             }
         }
+        // TLS keeps what it could not send yet; plain TCP has nothing to do here
+        self.io.flush().await?;
         Ok(())
+    }
+
+    /// Closes the write side after what is queued (over WebSocket, with a close frame),
+    /// ignoring errors (the run is over).
+    pub(crate) async fn shutdown(&mut self) {
+        if let Some(ws) = &mut self.ws {
+            ws.seal(&mut self.buf);
+            ws.close(&mut self.buf);
+        }
+        let _ = self.flush().await;
+        let _ = self.io.shutdown().await;
     }
 
     /// Sends DISCONNECT and closes the write side, ignoring errors (the run is over).
     pub async fn goodbye(&mut self) {
         self.queue(&Packet::Disconnect);
-        let _ = self.flush().await;
-        let _ = self.io.shutdown().await;
+        self.shutdown().await;
     }
+}
+
+/// Opens a connection to `target` from `source` (see [`ConnectOptions::source`]) with Nagle's
+/// algorithm off, then does what `login` asks: TLS, and the WebSocket upgrade for `ws://` and
+/// `wss://` targets. `read_chunk` is the read room kept free (see
+/// [`ConnectOptions::read_chunk`]).
+pub(crate) async fn connect_stream(
+    target: SocketAddr,
+    source: Option<SocketAddr>,
+    login: &Login,
+    read_chunk: usize,
+) -> Result<(Reader<ReadIo>, Writer<WriteIo>), BenchError> {
+    let connect_err = |source| BenchError::Connect {
+        addr: target,
+        source,
+    };
+    let new_socket = || match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    };
+    let socket = new_socket().map_err(connect_err)?;
+    let socket = match source {
+        None => socket,
+        Some(addr) => {
+            // An explicit port avoids the kernel's search for a free one, which walks the
+            // whole port range once tens of thousands of sockets (or their TIME_WAIT
+            // remains) exist, and slows connecting to a few hundred per second.
+            match socket.bind(addr) {
+                Ok(()) => socket,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() != 0 => {
+                    let socket = new_socket().map_err(connect_err)?;
+                    socket
+                        .bind(SocketAddr::new(addr.ip(), 0))
+                        .map_err(connect_err)?;
+                    socket
+                }
+                Err(e) => return Err(connect_err(e)),
+            }
+        }
+    };
+    let stream = socket.connect(target).await.map_err(connect_err)?;
+    stream.set_nodelay(true).map_err(connect_err)?;
+    let (mut r, mut w) = login::split(stream, login).await.map_err(connect_err)?;
+    let (deframer, framer) = match &login.ws {
+        None => (None, None),
+        Some(s) => {
+            let leftover = crate::ws::handshake(&mut r, &mut w, s).await?;
+            (Some(Deframer::new(leftover)), Some(Framer::new(s)))
+        }
+    };
+    Ok((
+        Reader {
+            io: r,
+            buf: BytesMut::new(),
+            chunk: read_chunk.max(64),
+            ws: deframer,
+        },
+        Writer {
+            io: w,
+            buf: BytesMut::new(),
+            ws: framer,
+        },
+    ))
 }
 
 /// A connected MQTT client: both halves of its socket.
@@ -145,8 +262,8 @@ pub struct Client {
 }
 
 impl Client {
-    /// Opens the TCP connection, sends CONNECT and waits for CONNACK (or, from the raw echo
-    /// reference, the CONNECT itself), all within `o.timeout`.
+    /// Opens the connection (TCP, TLS, WebSocket as the target asks), sends CONNECT and waits
+    /// for CONNACK (or, from an echo reference, the CONNECT itself), all within `o.timeout`.
     pub async fn connect(o: &ConnectOptions) -> Result<Client, BenchError> {
         tokio::time::timeout(o.timeout, Self::connect_inner(o))
             .await
@@ -157,52 +274,8 @@ impl Client {
     }
 
     async fn connect_inner(o: &ConnectOptions) -> Result<Client, BenchError> {
-        let connect_err = |source| BenchError::Connect {
-            addr: o.target,
-            source,
-        };
-        let socket = match o.target {
-            SocketAddr::V4(_) => TcpSocket::new_v4(),
-            SocketAddr::V6(_) => TcpSocket::new_v6(),
-        }
-        .map_err(connect_err)?;
-        let socket = match o.source {
-            None => socket,
-            Some(addr) => {
-                // An explicit port avoids the kernel's search for a free one, which walks the
-                // whole port range once tens of thousands of sockets (or their TIME_WAIT
-                // remains) exist, and slows connecting to a few hundred per second.
-                match socket.bind(addr) {
-                    Ok(()) => socket,
-                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() != 0 => {
-                        let socket = match o.target {
-                            SocketAddr::V4(_) => TcpSocket::new_v4(),
-                            SocketAddr::V6(_) => TcpSocket::new_v6(),
-                        }
-                        .map_err(connect_err)?;
-                        socket
-                            .bind(SocketAddr::new(addr.ip(), 0))
-                            .map_err(connect_err)?;
-                        socket
-                    }
-                    Err(e) => return Err(connect_err(e)),
-                }
-            }
-        };
-        let stream = socket.connect(o.target).await.map_err(connect_err)?;
-        stream.set_nodelay(true).map_err(connect_err)?;
-        let (r, w) = login::split(stream, &o.login).await.map_err(connect_err)?;
-        let mut client = Client {
-            reader: Reader {
-                io: r,
-                buf: BytesMut::new(),
-                chunk: o.read_chunk.max(64),
-            },
-            writer: Writer {
-                io: w,
-                buf: BytesMut::new(),
-            },
-        };
+        let (reader, writer) = connect_stream(o.target, o.source, &o.login, o.read_chunk).await?;
+        let mut client = Client { reader, writer };
         let mut connect = Connect::new(o.client_id.clone(), o.keep_alive);
         connect.username = o.login.username.clone();
         connect.password = o.login.password.clone().map(bytes::Bytes::from);

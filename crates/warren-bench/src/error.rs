@@ -61,6 +61,12 @@ pub enum BenchError {
     /// The pomelo server kicked the client, with this reason.
     #[error("the server kicked the client: {0}")]
     Kicked(String),
+    /// The server did not upgrade the connection to WebSocket (`ws://` and `wss://` targets).
+    #[error("WebSocket upgrade failed: {0}")]
+    WsHandshake(String),
+    /// The server sent WebSocket frames this client does not take.
+    #[error("bad WebSocket frame from the server: {0}")]
+    WsProtocol(String),
     /// The broker of `broker-echo` could not be reached, or refused or failed an operation.
     #[error("{bus}: {what} failed: {why}")]
     Broker {

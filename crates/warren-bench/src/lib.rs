@@ -6,8 +6,10 @@
 //! [`Scenario::PomeloRequest`] (the same over raw-TCP pomelo: request messages with an id),
 //! [`Scenario::Connections`] (many idle connections: connect rate and the server's memory per
 //! connection), [`Scenario::BrokerEcho`] (a bare request/reply through a NATS, Redis or
-//! RabbitMQ server: the reference for requests to a module on another node), and the hidden raw
-//! echo server used as the physical-limit reference. Each run prints a human summary and one
+//! RabbitMQ server: the reference for requests to a module on another node), and three hidden
+//! servers that are the physical-limit references: the raw TCP echo and the WebSocket echo for
+//! requests, the one-topic relay for fan-out. The client scenarios reach their target over TCP,
+//! TLS (`mqtts://`), or WebSocket (`ws://`, `wss://`). Each run prints a human summary and one
 //! JSON line; `bench/compare` runs them side by side against other brokers, `bench/cluster`
 //! compares requests across nodes with the bare broker round trip.
 //!
@@ -30,9 +32,12 @@ mod payload;
 mod pomelo;
 mod proc;
 mod pubsub;
+mod relay;
 mod report;
 mod request;
 mod window;
+mod ws;
+mod ws_echo;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -60,7 +65,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
         Scenario::PomeloRequest(a) => a.common.threads,
         Scenario::Connections(a) => a.common.threads,
         Scenario::BrokerEcho(a) => a.threads,
-        Scenario::EchoServer(a) => a.threads,
+        Scenario::EchoServer(a) | Scenario::WsEchoServer(a) | Scenario::RelayServer(a) => a.threads,
     };
     let json_only = match &args.scenario {
         Scenario::Pubsub(a) => a.common.json,
@@ -68,7 +73,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
         Scenario::PomeloRequest(a) => a.common.json,
         Scenario::Connections(a) => a.common.json,
         Scenario::BrokerEcho(a) => a.json,
-        Scenario::EchoServer(_) => true,
+        Scenario::EchoServer(_) | Scenario::WsEchoServer(_) | Scenario::RelayServer(_) => true,
     };
     let rt = match runtime(threads) {
         Ok(rt) => rt,
@@ -102,7 +107,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
 }
 
 /// Runs one scenario until its duration ends or `stop` is cancelled, and returns its report
-/// (`None` for the echo server, which reports nothing).
+/// (`None` for the reference servers, which report nothing).
 pub async fn run(args: BenchArgs, stop: CancellationToken) -> Result<Option<Report>, BenchError> {
     match args.scenario {
         Scenario::Pubsub(a) => pubsub::run(&a, stop).await.map(Some),
@@ -111,6 +116,8 @@ pub async fn run(args: BenchArgs, stop: CancellationToken) -> Result<Option<Repo
         Scenario::Connections(a) => connections::run(&a, stop).await.map(Some),
         Scenario::BrokerEcho(a) => broker::run(&a, stop).await.map(Some),
         Scenario::EchoServer(a) => echo::run(&a, stop).await.map(|()| None),
+        Scenario::WsEchoServer(a) => ws_echo::run(&a, stop).await.map(|()| None),
+        Scenario::RelayServer(a) => relay::run(&a, stop).await.map(|()| None),
     }
 }
 
@@ -158,7 +165,7 @@ async fn signal() {
     }
 }
 
-/// Resolves `HOST:PORT` (optionally written `mqtt://HOST:PORT` or `tcp://HOST:PORT/…`).
+/// Resolves `HOST:PORT` (optionally written `mqtt://HOST:PORT`, `ws://HOST:PORT/PATH`, …).
 pub(crate) async fn resolve(target: &str) -> Result<SocketAddr, BenchError> {
     let bare = target
         .split_once("://")

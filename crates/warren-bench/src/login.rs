@@ -1,5 +1,6 @@
-//! How a benchmark client gets in: TLS for `mqtts://` targets and MQTT credentials, so that the
-//! cost of a server's TLS and authentication can be measured with the same scenarios.
+//! How a benchmark client gets in: TLS for `mqtts://` and `wss://` targets, the WebSocket
+//! upgrade for `ws://` and `wss://` ones, and MQTT credentials, so that the cost of a server's
+//! TLS, WebSocket and authentication can be measured with the same scenarios.
 //!
 //! Certificates are checked against `--ca` when it is given; without it a TLS target's
 //! certificate is accepted as it is (a load generator pointed at a test server, not a client
@@ -21,12 +22,15 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::rustls::{self, ClientConfig, DigitallySignedStruct, RootCertStore};
 
 use crate::BenchError;
+use crate::ws::WsSettings;
 
-/// TLS and credentials shared by every connection of a run.
+/// TLS, WebSocket and credentials shared by every connection of a run.
 #[derive(Clone, Default)]
 pub struct Login {
-    /// TLS connector and the name to ask for, when the target is `mqtts://`.
+    /// TLS connector and the name to ask for, when the target is `mqtts://` or `wss://`.
     pub tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// The WebSocket upgrade and framing, when the target is `ws://` or `wss://`.
+    pub ws: Option<WsSettings>,
     /// MQTT user name.
     pub username: Option<String>,
     /// MQTT password.
@@ -37,23 +41,32 @@ impl std::fmt::Debug for Login {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Login")
             .field("tls", &self.tls.is_some())
+            .field("ws", &self.ws)
             .field("username", &self.username)
             .finish_non_exhaustive()
     }
 }
 
 impl Login {
-    /// The login for `target` (`mqtts://` means TLS) with optional credentials and CA file.
+    /// The login for `target` (`mqtts://` and `wss://` mean TLS) with optional credentials, CA
+    /// file and WebSocket settings (given for `ws://` and `wss://` targets).
     pub fn new(
         target: &str,
         username: Option<String>,
         password: Option<String>,
         ca: Option<&Path>,
+        ws: Option<WsSettings>,
     ) -> Result<Login, BenchError> {
-        let tls = if target.starts_with("mqtts://") || target.starts_with("ssl://") {
+        let tls = if target.starts_with("mqtts://")
+            || target.starts_with("ssl://")
+            || crate::ws::is_wss(target)
+        {
             let host = target
                 .split_once("://")
                 .map_or(target, |(_, rest)| rest)
+                .split(['/', '?'])
+                .next()
+                .unwrap_or_default()
                 .rsplit_once(':')
                 .map_or("localhost", |(h, _)| h)
                 .trim_start_matches('[')
@@ -65,13 +78,14 @@ impl Login {
         } else {
             if ca.is_some() {
                 return Err(BenchError::Invalid(
-                    "--ca needs an mqtts:// target".to_owned(),
+                    "--ca needs an mqtts:// or wss:// target".to_owned(),
                 ));
             }
             None
         };
         Ok(Login {
             tls,
+            ws,
             username,
             password,
         })

@@ -1,4 +1,5 @@
-//! `pomelo-request`: C raw-TCP pomelo clients each keep K requests in flight to a route.
+//! `pomelo-request`: C pomelo clients (raw TCP, or WebSocket on a `ws://` target) each keep K
+//! requests in flight to a route.
 //!
 //! The pomelo counterpart of `request` (docs/protocols/pomelo.md). Each client does the handshake
 //! (package type 1, then the ack, type 2), then sends data packages holding request messages:
@@ -13,6 +14,11 @@
 //! echo-server`) the client's own handshake and requests come back: the handshake is taken as
 //! accepted and an echoed request as its own response, so that reference costs one read and one
 //! write per batch on each side, exactly like the real thing minus the server's work.
+//!
+//! Over WebSocket (`ws://HOST:PORT[/PATH]`, the pomelo listener's own port: docs/protocols/pomelo.md,
+//! "One port, raw TCP and WebSocket") the packages travel in binary frames, one package per
+//! frame as the pomelo web client sends them (or one frame per write with `--ws-batch`); the
+//! connection, TLS and framing are those of the MQTT scenarios ([`crate::client`]).
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -24,8 +30,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use warren_proto::pomelo::{
@@ -34,8 +38,9 @@ use warren_proto::pomelo::{
 };
 
 use crate::args::{PomeloRequestArgs, seconds};
-use crate::client::open_many;
+use crate::client::{Reader, Writer, connect_stream, open_many};
 use crate::latency::{Latency, Percentiles};
+use crate::login::{Login, ReadIo, WriteIo};
 use crate::report::{Report, per_second, spawn_progress};
 use crate::{BenchError, Clock, Errors, Phase, measure, proc, resolve};
 
@@ -104,6 +109,7 @@ pub async fn run(a: &PomeloRequestArgs, stop: CancellationToken) -> Result<Repor
     let warmup = c.warmup()?;
     let drain = seconds("--drain", a.drain)?;
     let target = resolve(&c.target).await?;
+    let login = c.login_for("/", None)?;
 
     let mut report = Report::new("pomelo-request", target.to_string(), c.label.clone());
     report.param("clients", a.clients as u64);
@@ -112,8 +118,12 @@ pub async fn run(a: &PomeloRequestArgs, stop: CancellationToken) -> Result<Repor
     report.param("payload", a.payload as u64);
     report.rss_before_kib = c.pid.and_then(proc::rss_kib);
 
-    let clients = open_many(a.clients, c.ramp, 64, &stop, |_| async move {
-        Conn::connect(target, SETUP_TIMEOUT).await
+    if let Some(ws) = &login.ws {
+        report.param("ws_frames", if ws.batch { "write" } else { "package" });
+    }
+    let clients = open_many(a.clients, c.ramp, 64, &stop, |_| {
+        let login = login.clone();
+        async move { Conn::connect(target, &login, SETUP_TIMEOUT).await }
     })
     .await?;
     let heartbeat = clients.iter().find_map(|c| c.heartbeat);
@@ -229,7 +239,8 @@ async fn client_task(
     let now = sh.phase.clock.now_ns();
     for _ in 0..plan.inflight {
         let id = take_id(&mut next_id);
-        queue_request(&mut conn.wbuf, &mut scratch, &plan, id);
+        conn.writer
+            .queue_with(|b| queue_request(b, &mut scratch, &plan, id));
         outstanding.insert(id, now);
         res.sent += 1;
     }
@@ -238,8 +249,8 @@ async fn client_task(
     let beat = tokio::time::sleep(every.unwrap_or(Duration::from_secs(3600)));
     tokio::pin!(beat);
     loop {
-        if !conn.wbuf.is_empty()
-            && let Err(e) = conn.flush().await
+        if conn.writer.queued() > 0
+            && let Err(e) = conn.writer.flush().await
         {
             sh.errors.record(format!("client {idx}: {e}"));
             break;
@@ -254,14 +265,15 @@ async fn client_task(
                 sending = false;
                 continue;
             }
-            r = conn.fill() => {
+            r = conn.reader.fill() => {
                 if let Err(e) = r {
                     sh.errors.record(format!("client {idx}: {e}"));
                     break;
                 }
             }
             () = &mut beat, if every.is_some() => {
-                encode_package(PackageType::Heartbeat, b"", &mut conn.wbuf);
+                conn.writer
+                    .queue_with(|b| encode_package(PackageType::Heartbeat, b"", b));
                 if let Some(h) = every {
                     beat.as_mut().reset(tokio::time::Instant::now() + h);
                 }
@@ -272,7 +284,12 @@ async fn client_task(
         let measuring = sh.phase.measuring(now);
         let got = {
             let mut hist = measuring.then(|| sh.latency.shard(idx));
-            absorb(&mut conn.rbuf, &mut outstanding, hist.as_deref_mut(), now)
+            absorb(
+                conn.reader.buf_mut(),
+                &mut outstanding,
+                hist.as_deref_mut(),
+                now,
+            )
         };
         let got = match got {
             Ok(x) => x,
@@ -297,33 +314,38 @@ async fn client_task(
         if sending {
             for _ in 0..n {
                 let id = take_id(&mut next_id);
-                queue_request(&mut conn.wbuf, &mut scratch, &plan, id);
+                conn.writer
+                    .queue_with(|b| queue_request(b, &mut scratch, &plan, id));
                 outstanding.insert(id, now);
                 res.sent += 1;
             }
         }
     }
     res.unanswered = outstanding.len() as u64;
-    conn.goodbye().await;
+    conn.writer.shutdown().await;
     res
 }
 
-/// A raw-TCP pomelo connection past its handshake, with read and write buffers: requests are
-/// queued into `wbuf` and written in one go, reads append to `rbuf`.
+/// A pomelo connection past its handshake: requests are queued on the writer and written in
+/// one go, reads append to the reader's buffer.
 #[derive(Debug)]
 struct Conn {
-    io: TcpStream,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
+    reader: Reader<ReadIo>,
+    writer: Writer<WriteIo>,
     /// The heartbeat interval the server announced, if any.
     heartbeat: Option<Duration>,
 }
 
 impl Conn {
-    /// Connects, sends the handshake, waits for the server's (or, from the raw echo reference,
-    /// our own) handshake and sends the ack, all within `timeout`.
-    async fn connect(target: SocketAddr, timeout: Duration) -> Result<Conn, BenchError> {
-        tokio::time::timeout(timeout, Self::connect_inner(target))
+    /// Connects (TCP, TLS, WebSocket as `login` says), sends the handshake, waits for the
+    /// server's (or, from an echo reference, our own) handshake and sends the ack, all within
+    /// `timeout`.
+    async fn connect(
+        target: SocketAddr,
+        login: &Login,
+        timeout: Duration,
+    ) -> Result<Conn, BenchError> {
+        tokio::time::timeout(timeout, Self::connect_inner(target, login))
             .await
             .map_err(|_| BenchError::Timeout {
                 what: "the pomelo handshake",
@@ -331,24 +353,19 @@ impl Conn {
             })?
     }
 
-    async fn connect_inner(target: SocketAddr) -> Result<Conn, BenchError> {
-        let connect_err = |source| BenchError::Connect {
-            addr: target,
-            source,
-        };
-        let io = TcpStream::connect(target).await.map_err(connect_err)?;
-        io.set_nodelay(true).map_err(connect_err)?;
+    async fn connect_inner(target: SocketAddr, login: &Login) -> Result<Conn, BenchError> {
+        let (reader, writer) = connect_stream(target, None, login, READ_CHUNK).await?;
         let mut conn = Conn {
-            io,
-            rbuf: BytesMut::new(),
-            wbuf: BytesMut::new(),
+            reader,
+            writer,
             heartbeat: None,
         };
-        encode_package(PackageType::Handshake, HANDSHAKE, &mut conn.wbuf);
-        conn.flush().await?;
+        conn.writer
+            .queue_with(|b| encode_package(PackageType::Handshake, HANDSHAKE, b));
+        conn.writer.flush().await?;
         let heartbeat = loop {
-            let Some(p) = decode_package(&mut conn.rbuf, MAX_PACKAGE_BODY)? else {
-                conn.fill().await?;
+            let Some(p) = decode_package(conn.reader.buf_mut(), MAX_PACKAGE_BODY)? else {
+                conn.reader.fill().await?;
                 continue;
             };
             match p.kind {
@@ -358,37 +375,10 @@ impl Conn {
             }
         };
         conn.heartbeat = heartbeat;
-        encode_package(PackageType::HandshakeAck, b"", &mut conn.wbuf);
-        conn.flush().await?;
+        conn.writer
+            .queue_with(|b| encode_package(PackageType::HandshakeAck, b"", b));
+        conn.writer.flush().await?;
         Ok(conn)
-    }
-
-    /// Reads once, appending whatever the socket has. Cancel-safe: bytes are never lost when
-    /// the future is dropped. A closed connection is [`BenchError::Closed`].
-    async fn fill(&mut self) -> Result<(), BenchError> {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 + 1 {
-            self.rbuf.reserve(READ_CHUNK);
-        }
-        match self.io.read_buf(&mut self.rbuf).await? {
-            0 => Err(BenchError::Closed),
-            _ => Ok(()),
-        }
-    }
-
-    /// Writes everything queued (one syscall when the socket has room).
-    async fn flush(&mut self) -> Result<(), BenchError> {
-        while !self.wbuf.is_empty() {
-            if self.io.write_buf(&mut self.wbuf).await? == 0 {
-                return Err(BenchError::Closed);
-            }
-        }
-        Ok(())
-    }
-
-    /// Closes the write side, ignoring errors (the run is over; pomelo clients just close).
-    async fn goodbye(&mut self) {
-        let _ = self.flush().await;
-        let _ = self.io.shutdown().await;
     }
 }
 
