@@ -26,10 +26,12 @@ Running a block (`Shell`): the commands run with bash, one after the other, in
 How each command runs: one ending in `&` runs in the background; a server (`warren serve|node`,
 `cargo run --release -- serve|node`, `nats-server`, `redis-server`) gets its own "terminal" and
 is waited for until it says it is ready, then left running, as a reader leaves it running in its
-terminal; a command the test lists as interactive gets a terminal whose keystrokes the test
-types; any other command runs to completion and must exit 0 unless `# →` lines say what it
-prints. The harness only waits (for readiness, for a subscriber to subscribe, for output); it
-adds nothing to the commands. When the block is done, each command still running gets Ctrl-C
+terminal; a background chat client is waited for until it has joined, a background
+`mosquitto_sub` is given a second to subscribe; a command the test lists as interactive gets a
+terminal whose keystrokes the test types; any other command runs to completion and must exit 0
+unless `# →` lines say what it prints (`(printed by X)`: what the running command X prints). The
+harness only waits (for readiness, for a subscriber to subscribe, for output); it adds nothing to
+the commands. When the block is done, each command still running gets Ctrl-C
 (SIGINT to its processes) in the reverse order of starting, and a warren must then exit 0, as the
 README promises.
 """
@@ -366,6 +368,10 @@ READY = [
     (re.compile(r"^nats-server\b"), re.compile(r"Server is ready")),
     (re.compile(r"^redis-server\b"), re.compile(r"Ready to accept connections")),
 ]
+# What a background client prints once it is in (the next command may count on it).
+GOING = [
+    (re.compile(r"^python3 \S*chat_client\.py\b"), re.compile(r"^joined \S+ as ", re.M)),
+]
 # Background clients that subscribe: given a moment to do so before the next command publishes.
 SUBSCRIBERS = re.compile(r"^mosquitto_sub\b")
 WARREN = re.compile(r"^(\S*/)?warren\s|^cargo run\b")
@@ -405,18 +411,19 @@ class Shell:
 
     # ---- starting and running commands ----------------------------------------------------------
 
-    def start(self, cmd: str, stdin: bool = False) -> Terminal:
+    def start(self, cmd: str, stdin: bool = False, cwd: Path | None = None) -> Terminal:
         """Start `cmd` in a terminal of its own and leave it running."""
         self._n += 1
-        t = Terminal(self.ns, cmd, self.cwd, self.env, self.dir / f"term{self._n}.log", stdin)
+        t = Terminal(self.ns, cmd, cwd or self.cwd, self.env, self.dir / f"term{self._n}.log", stdin)
         self.terminals.append(t)
         return t
 
-    def run(self, cmd: str, timeout: float = 60, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    def run(self, cmd: str, timeout: float = 120, stdin: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
         """Run `cmd` to completion; output is stdout and stderr together, as text."""
+        cwd = cwd or self.cwd
         r = subprocess.run(
-            self.ns.argv(self.cwd, "bash", "-c", cmd),
-            cwd=self.cwd,
+            self.ns.argv(cwd, "bash", "-c", cmd),
+            cwd=cwd,
             env=self.env,
             input=stdin if stdin is not None else b"",
             stdout=subprocess.PIPE,
@@ -430,8 +437,8 @@ class Shell:
         return self.ns.port_open(port)
 
     def wait_ready(self, t: Terminal) -> None:
-        """Wait until the server in `t` says it is ready."""
-        for cmd_re, ready_re in READY:
+        """Wait until the server (or background client) in `t` says it is ready."""
+        for cmd_re, ready_re in READY + GOING:
             if cmd_re.search(t.cmd):
                 deadline = time.monotonic() + READY_TIMEOUT_S
                 while not ready_re.search(t.output()):
@@ -448,38 +455,42 @@ class Shell:
     def expect(self, note: str, own: str = "", timeout: float = OUTPUT_TIMEOUT_S) -> None:
         """The text of a `# →` note is in `own` output or, within `timeout`, in a terminal's."""
         text = expected_text(note)
-        if text in own:
+        by = re.search(r"\(printed by (\S+)\)", note)
+        if text in own and not by:
             return
+        terminals = [t for t in self.terminals if not by or t.cmd.startswith(by.group(1))]
+        assert terminals, f"no command {by.group(1) if by else ''!r} runs to print {text!r}"
         deadline = time.monotonic() + timeout
         while True:
-            if any(text in t.output() for t in self.terminals):
+            if any(text in t.output() for t in terminals):
                 return
             if time.monotonic() >= deadline:
                 shown = "\n".join(f"--- {t.cmd}\n{t.output()[-2000:]}" for t in self.terminals)
                 raise AssertionError(f"nothing printed {text!r}; the command said {own!r}\n{shown}")
             time.sleep(0.05)
 
-    def walk(self, steps: list[Step], interactive: dict[str, Interactive] | None = None) -> dict[str, Terminal]:
-        """Run `steps` as the module docstring says; the terminals left running, by command."""
+    def walk(self, steps: list[Step], interactive: dict[str, Interactive] | None = None, cwd: Path | None = None) -> dict[str, Terminal]:
+        """Run `steps` as the module docstring says (in `cwd`, a directory of the shell's work
+        directory, when given); the terminals left running, by command."""
         interactive = interactive or {}
         started: dict[str, Terminal] = {}
         for step in steps:
             cmd = step.foreground
             own = ""
             if cmd in interactive:
-                t = self.start(cmd, stdin=True)
+                t = self.start(cmd, stdin=True, cwd=cwd)
                 started[cmd] = t
                 interactive[cmd](self, t)
             elif step.background or self.is_server(cmd):
-                t = self.start(cmd)
+                t = self.start(cmd, cwd=cwd)
                 started[cmd] = t
-                if self.is_server(cmd):
-                    self.wait_ready(t)
-                elif SUBSCRIBERS.search(cmd):
+                if SUBSCRIBERS.search(cmd):
                     time.sleep(1.0)  # a moment to connect and subscribe before anything publishes
                     assert t.running(), f"{cmd!r} exited:\n{t.output()}"
+                elif self.is_server(cmd) or any(c.search(cmd) for c, _ in GOING):
+                    self.wait_ready(t)
             else:
-                r = self.run(cmd)
+                r = self.run(cmd, cwd=cwd)
                 own = self.outputs[cmd] = r.stdout
                 if not step.expected:
                     assert r.returncode == 0, f"{cmd!r} failed ({r.returncode}):\n{r.stdout}"
