@@ -31,10 +31,12 @@ enum Command {
     /// 127.0.0.1:3563 (MQTT), 127.0.0.1:3653 (MQTT over WebSocket) and http://127.0.0.1:8080/.
     Serve(ServeArgs),
     /// Run a node of modules without a gate of its own: by default the demo's Login and Chat,
-    /// no listeners and no web page. Point it with --bus at the broker the gate uses.
+    /// no listeners and no web page. Point it with --bus at the broker the gate uses. With
+    /// --config, the file's modules and listeners; the web page only when the file has an
+    /// [http] section or --http is given.
     Node(ServeArgs),
-    /// Validate a config file and say exactly what is wrong (file:line: key: why). mqant's JSON
-    /// `server.conf` is accepted too.
+    /// Validate a config file and report every mistake, one line each (file:line:col: key:
+    /// why); exit 1 if there is any. mqant's JSON `server.conf` is accepted too.
     CheckConfig {
         /// The TOML file (or mqant `server.conf`).
         file: PathBuf,
@@ -65,8 +67,13 @@ struct ServeArgs {
     /// TOML config file; without it, the built-in chat demo config is used.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Add a listener: mqtt://ADDR, mqtt+mqant://ADDR, ws://ADDR or ws+mqant://ADDR, with
-    /// listener settings as query parameters (…?max_packet=4096&rpc_expired_s=5). Repeatable.
+    /// Add a listener (repeatable). Schemes: mqtt, mqtt+mqant, ws, ws+mqant (MQTT over TCP or
+    /// WebSocket, plain or mqant mode); pomelo (TCP and WebSocket on one port); json+ws; line;
+    /// pomelo-rpc (MQTT transport), pomelo-rpc+tcp (stream-pkg). TLS forms: mqtts, mqtts+mqant,
+    /// wss, wss+mqant, pomelo+tls, json+wss, line+tls, pomelo-rpc+tls, pomelo-rpc+tcp+tls, with
+    /// ?tls_cert=FILE&tls_key=FILE. Any listener setting is a query parameter
+    /// (mqtt://127.0.0.1:1883?max_packet=4096&rpc_expired_s=5); lists are comma-separated
+    /// (allow=10.0.0.0/8,192.0.2.7), maps NAME:VALUE pairs (service_map=service:Echo,chat:Chat).
     #[arg(long, value_name = "URL")]
     listen: Vec<String>,
     /// Serve the web page on this address instead of the configured one.
@@ -82,7 +89,9 @@ struct ServeArgs {
     /// running only the modules given with --module).
     #[arg(long)]
     no_demo_modules: bool,
-    /// Also run a built-in module (Login, Chat, Echo, Debug). Repeatable.
+    /// Also run a built-in module (repeatable): Login and Chat (the chat demo), Echo (replies
+    /// with what it is sent), Debug (misbehaving handlers, for tests), global (the JSON-WS
+    /// sample's functions), rpc (the TianQinS Redis RPC sample's functions).
     #[arg(long, value_name = "TYPE")]
     module: Vec<String>,
     /// Node id (default: the config's, or `<host>-<pid>` when the bus is not local).
@@ -129,19 +138,13 @@ fn main() -> ExitCode {
             print!("{}", warren::config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
-        Command::CheckConfig { file } => match load_config(&file).and_then(|config| {
-            // the files the node reads at start are checked as it would check them
-            if let Some(acl) = &config.auth.acl_file {
-                warren::acl::Acl::load(acl)?;
-            }
-            Ok(config)
-        }) {
+        Command::CheckConfig { file } => match load_config(&file) {
             Ok(_) => {
                 println!("ok: {}", file.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{e}");
+                eprintln!("{e:#}");
                 ExitCode::FAILURE
             }
         },
@@ -155,7 +158,10 @@ fn run(role: Role, args: ServeArgs) -> ExitCode {
     let config = match resolve_config(role, &args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // one line per mistake, each with the prefix
+            for line in format!("{e:#}").lines() {
+                eprintln!("error: {line}");
+            }
             return ExitCode::FAILURE;
         }
     };
@@ -200,35 +206,104 @@ fn init_logging() {
     }));
 }
 
-/// Read, parse and validate a config file, including each module's own settings.
-fn load_config(file: &std::path::Path) -> anyhow::Result<Config> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("{}: cannot read", file.display()))?;
-    let config = if warren::mqant_conf::is_mqant_json(&text) {
-        let (config, warnings) = warren::mqant_conf::from_mqant_json(&text)
-            .map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?;
+/// Everything wrong with a config file, one `FILE:LINE:COL: key: why` line each.
+#[derive(Debug)]
+struct FileErrors(Vec<String>);
+
+impl std::fmt::Display for FileErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+impl std::error::Error for FileErrors {}
+
+/// A loaded config file.
+struct Loaded {
+    config: Config,
+    /// The file has an `[http]` section: a `warren node` serves the web page only then.
+    has_http: bool,
+}
+
+/// A config file's text, or why it cannot be read, in words.
+fn read_text(file: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(file).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::NotFound => "no such file".to_owned(),
+            std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+            std::io::ErrorKind::IsADirectory => "it is a directory".to_owned(),
+            std::io::ErrorKind::InvalidData => "it is not UTF-8 text".to_owned(),
+            _ => e.to_string(),
+        };
+        anyhow::anyhow!("{}: cannot read: {why}", file.display())
+    })
+}
+
+/// Read, parse and validate a config file, including each module's own settings and the files
+/// the node reads at start; every mistake is reported, each at its line and column.
+fn load_config(file: &std::path::Path) -> anyhow::Result<Loaded> {
+    let text = read_text(file)?;
+    let name = file.display();
+    let at = |e: &warren::config::ConfigError| match e.to_string() {
+        // errors without a line get a space after the file name, like `file: key: why`
+        s if s.starts_with(|c: char| c.is_ascii_digit()) => format!("{name}:{s}"),
+        s => format!("{name}: {s}"),
+    };
+    let (config, has_http, mut errors) = if warren::mqant_conf::is_mqant_json(&text) {
+        let (config, warnings) =
+            warren::mqant_conf::from_mqant_json(&text).map_err(|e| anyhow::anyhow!(at(&e)))?;
         for w in warnings {
-            eprintln!("{}: warning: {w}", file.display());
+            eprintln!("{name}: warning: {w}");
         }
-        config
-            .validate(warren_chat::MODULE_TYPES)
-            .map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?;
-        config
+        let errors: Vec<String> = config
+            .problems(warren_chat::MODULE_TYPES)
+            .iter()
+            .map(at)
+            .collect();
+        (config, false, errors)
     } else {
-        Config::load(&text, warren_chat::MODULE_TYPES)
-            .map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?
+        match Config::load_all(&text, warren_chat::MODULE_TYPES) {
+            Ok(config) => {
+                let has_http =
+                    toml::from_str::<toml::Table>(&text).is_ok_and(|t| t.contains_key("http"));
+                (config, has_http, Vec::new())
+            }
+            Err(errors) => {
+                return Err(FileErrors(errors.iter().map(at).collect()).into());
+            }
+        }
+    };
+    let place = |key: String, why: String| {
+        let e = warren::config::ConfigError::invalid(key, why);
+        at(&if warren::mqant_conf::is_mqant_json(&text) {
+            e
+        } else {
+            e.located_in(&text)
+        })
     };
     for (i, m) in config.modules.iter().enumerate() {
-        warren_chat::catalog(m)
-            .map_err(|why| anyhow::anyhow!("{}: module[{i}]: {why}", file.display()))?;
+        if !warren_chat::MODULE_TYPES.contains(&m.kind.as_str()) {
+            continue; // reported above
+        }
+        if let Err(why) = warren_chat::catalog(m) {
+            errors.push(place(format!("module[{i}]"), why));
+        }
     }
-    Ok(config)
+    if let Some(acl) = &config.auth.acl_file
+        && let Err(e) = warren::acl::Acl::load(acl)
+    {
+        errors.push(place("auth.acl_file".into(), format!("{e:#}")));
+    }
+    if errors.is_empty() {
+        Ok(Loaded { config, has_http })
+    } else {
+        Err(FileErrors(errors).into())
+    }
 }
 
 /// `warren config convert`: mqant JSON in, warren TOML out.
 fn convert(file: &std::path::Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("{}: cannot read", file.display()))?;
+    let text = read_text(file)?;
     let (config, warnings) = warren::mqant_conf::from_mqant_json(&text)
         .map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?;
     let mut out = format!(
@@ -263,7 +338,18 @@ fn demo_config() -> Config {
 /// validated. Read before the runtime starts, since `[node] threads` sizes it.
 fn resolve_config(role: Role, args: &ServeArgs) -> anyhow::Result<Config> {
     let mut config = match &args.config {
-        Some(file) => load_config(file)?,
+        Some(file) => {
+            let Loaded {
+                mut config,
+                has_http,
+            } = load_config(file)?;
+            // a module node serves no page unless its file asks for one: the page's default
+            // address is the gate's
+            if role == Role::Node && !has_http {
+                config.http.enabled = false;
+            }
+            config
+        }
         None => {
             let mut c = demo_config();
             if args.no_demo_listeners || role == Role::Node {

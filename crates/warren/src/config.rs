@@ -13,6 +13,7 @@ use crate::module::Execution;
 use crate::session::Transport;
 
 mod security;
+mod source;
 pub use security::{
     AccessConfig, AuthConfig, HttpAuthConfig, JwtConfig, LimitsConfig, UidConflict, parse_network,
 };
@@ -95,6 +96,19 @@ pub enum ListenerProtocol {
     /// (docs/protocols/pomelo-rpc.md).
     #[serde(rename = "pomelo-rpc")]
     PomeloRpc,
+}
+
+impl ListenerProtocol {
+    /// The name a config file uses (`protocol = "pomelo-rpc"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerProtocol::Mqtt => "mqtt",
+            ListenerProtocol::Pomelo => "pomelo",
+            ListenerProtocol::Json => "json",
+            ListenerProtocol::Line => "line",
+            ListenerProtocol::PomeloRpc => "pomelo-rpc",
+        }
+    }
 }
 
 /// Behaviour flavour of an MQTT listener.
@@ -230,6 +244,121 @@ pub struct ListenerConfig {
     pub service_map: Option<std::collections::BTreeMap<String, String>>,
 }
 
+/// Every `--listen` URL scheme, in the order help texts list them: the plain form, then TLS.
+pub const LISTENER_SCHEMES: &[&str] = &[
+    "mqtt",
+    "mqtts",
+    "mqtt+mqant",
+    "mqtts+mqant",
+    "ws",
+    "wss",
+    "ws+mqant",
+    "wss+mqant",
+    "pomelo",
+    "pomelo+tls",
+    "json+ws",
+    "json+wss",
+    "line",
+    "line+tls",
+    "pomelo-rpc",
+    "pomelo-rpc+tls",
+    "pomelo-rpc+tcp",
+    "pomelo-rpc+tcp+tls",
+];
+
+/// Scheme names (the first is the one [`LISTENER_SCHEMES`] lists; the others are aliases) and
+/// the listener they mean: protocol, transport, mode, TLS.
+type Scheme = (
+    &'static [&'static str],
+    &'static str,
+    &'static str,
+    &'static str,
+    bool,
+);
+
+const SCHEMES: &[Scheme] = &[
+    (&["mqtt", "tcp"], "mqtt", "tcp", "default", false),
+    (&["mqtts", "ssl"], "mqtt", "tcp", "default", true),
+    (&["mqtt+mqant"], "mqtt", "tcp", "mqant", false),
+    (&["mqtts+mqant"], "mqtt", "tcp", "mqant", true),
+    (&["ws", "mqtt+ws"], "mqtt", "ws", "default", false),
+    (&["wss", "mqtt+wss"], "mqtt", "ws", "default", true),
+    (&["ws+mqant"], "mqtt", "ws", "mqant", false),
+    (&["wss+mqant"], "mqtt", "ws", "mqant", true),
+    (&["pomelo"], "pomelo", "tcp", "default", false),
+    (&["pomelo+tls"], "pomelo", "tcp", "default", true),
+    (&["json+ws", "json"], "json", "ws", "default", false),
+    (&["json+wss"], "json", "ws", "default", true),
+    (&["line"], "line", "tcp", "default", false),
+    (&["line+tls"], "line", "tcp", "default", true),
+    (&["pomelo-rpc"], "pomelo-rpc", "mqtt", "default", false),
+    (&["pomelo-rpc+tls"], "pomelo-rpc", "mqtt", "default", true),
+    (&["pomelo-rpc+tcp"], "pomelo-rpc", "tcp", "default", false),
+    (
+        &["pomelo-rpc+tcp+tls"],
+        "pomelo-rpc",
+        "tcp",
+        "default",
+        true,
+    ),
+];
+
+/// A `--listen` query value as the TOML value its key takes (see
+/// [`ListenerConfig::from_url`]).
+fn url_value(key: &str, raw: &str) -> Result<toml::Value, String> {
+    let list = || -> Vec<String> {
+        raw.split(',')
+            .filter(|s| !s.is_empty())
+            .map(percent_decode)
+            .collect()
+    };
+    let pairs = |example: &str| -> Result<Vec<(String, String)>, String> {
+        raw.split(',')
+            .filter(|s| !s.is_empty())
+            .map(|piece| match piece.split_once(':') {
+                Some((k, v)) if !k.is_empty() && !v.is_empty() => {
+                    Ok((percent_decode(k), percent_decode(v)))
+                }
+                _ => Err(format!(
+                    "{:?} is not a NAME:VALUE pair (expected a comma-separated list like {example})",
+                    percent_decode(piece)
+                )),
+            })
+            .collect()
+    };
+    let guess = |v: String| {
+        if let Ok(i) = v.parse::<i64>() {
+            toml::Value::Integer(i)
+        } else if let Ok(b) = v.parse::<bool>() {
+            toml::Value::Boolean(b)
+        } else {
+            toml::Value::String(v)
+        }
+    };
+    Ok(match key {
+        "handler_prefixes" | "allow" | "deny" | "namespaces" => {
+            toml::Value::Array(list().into_iter().map(toml::Value::String).collect())
+        }
+        "service_map" => toml::Value::Table(
+            pairs("service:Echo,chat:Chat")?
+                .into_iter()
+                .map(|(k, v)| (k, toml::Value::String(v)))
+                .collect(),
+        ),
+        "route_dict" => toml::Value::Table(
+            pairs("Chat.HD_Say:1,Login.HD_Login:2")?
+                .into_iter()
+                .map(|(k, v)| (k, guess(v)))
+                .collect(),
+        ),
+        "protocol" | "transport" | "mode" | "addr" | "fallback_module" | "login_handler"
+        | "handler" | "tls_cert" | "tls_key" | "tls_client_ca" => {
+            toml::Value::String(percent_decode(raw))
+        }
+        _ => guess(percent_decode(raw)),
+    })
+}
+
 fn pick(tls: bool, plain: &'static str, secure: &'static str) -> &'static str {
     if tls { secure } else { plain }
 }
@@ -317,43 +446,26 @@ impl Default for ListenerConfig {
 
 impl ListenerConfig {
     /// A listener from a URL such as `mqtt+mqant://127.0.0.1:3563?rpc_expired_s=1` (the
-    /// `--listen` flag). Query parameters are listener keys; values are read as integers or
-    /// booleans when they look like one.
+    /// `--listen` flag; [`LISTENER_SCHEMES`] lists the schemes). Query parameters are listener
+    /// keys, read by the key's type: lists (`allow`, `deny`, `handler_prefixes`, `namespaces`)
+    /// are comma-separated, maps (`service_map`, `route_dict`) are comma-separated `NAME:VALUE`
+    /// pairs (`service_map=service:Echo,chat:Chat`), and other values are integers or booleans
+    /// when they look like one. Values are percent-decoded after splitting, so `%2C` and `%3A`
+    /// are a literal `,` and `:`.
+    ///
+    /// Errors name the key as `--listen.KEY` (or `--listen` for the URL itself).
     pub fn from_url(url: &str) -> Result<ListenerConfig, ConfigError> {
-        let bad = |why: String| ConfigError::Invalid {
-            key: "--listen".into(),
-            why,
-            line: None,
-        };
+        let bad = |why: String| ConfigError::invalid("--listen", why);
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| bad(format!("{url:?} is not a URL like mqtt://127.0.0.1:1883")))?;
-        let (protocol, transport, mode, tls) = match scheme {
-            "mqtt" | "tcp" => ("mqtt", "tcp", "default", false),
-            "mqtts" | "ssl" => ("mqtt", "tcp", "default", true),
-            "mqtt+mqant" => ("mqtt", "tcp", "mqant", false),
-            "mqtts+mqant" => ("mqtt", "tcp", "mqant", true),
-            "ws" | "mqtt+ws" => ("mqtt", "ws", "default", false),
-            "wss" | "mqtt+wss" => ("mqtt", "ws", "default", true),
-            "ws+mqant" => ("mqtt", "ws", "mqant", false),
-            "wss+mqant" => ("mqtt", "ws", "mqant", true),
-            "pomelo" => ("pomelo", "tcp", "default", false),
-            "pomelo+tls" => ("pomelo", "tcp", "default", true),
-            "json+ws" | "json" => ("json", "ws", "default", false),
-            "json+wss" => ("json", "ws", "default", true),
-            "line" => ("line", "tcp", "default", false),
-            "line+tls" => ("line", "tcp", "default", true),
-            "pomelo-rpc" => ("pomelo-rpc", "mqtt", "default", false),
-            "pomelo-rpc+tls" => ("pomelo-rpc", "mqtt", "default", true),
-            "pomelo-rpc+tcp" => ("pomelo-rpc", "tcp", "default", false),
-            "pomelo-rpc+tcp+tls" => ("pomelo-rpc", "tcp", "default", true),
-            other => {
-                return Err(bad(format!(
-                    "unknown scheme {other:?} (expected mqtt, mqtts, mqtt+mqant, mqtts+mqant, ws, \
-                     wss, ws+mqant, wss+mqant, pomelo, pomelo+tls, json+ws, json+wss, line, \
-                     line+tls, pomelo-rpc, pomelo-rpc+tls, pomelo-rpc+tcp or pomelo-rpc+tcp+tls)"
-                )));
-            }
+        let Some(&(_, protocol, transport, mode, tls)) =
+            SCHEMES.iter().find(|(names, ..)| names.contains(&scheme))
+        else {
+            return Err(bad(format!(
+                "unknown scheme {scheme:?} (expected {})",
+                LISTENER_SCHEMES.join(", ")
+            )));
         };
         let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
         let addr = authority.split('/').next().unwrap_or_default();
@@ -364,22 +476,22 @@ impl ListenerConfig {
         t.insert("addr".into(), addr.into());
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, "true"));
-            let v = percent_decode(v);
-            let v = v.as_str();
-            let value = if let Ok(i) = v.parse::<i64>() {
-                toml::Value::Integer(i)
-            } else if let Ok(b) = v.parse::<bool>() {
-                toml::Value::Boolean(b)
-            } else if matches!(k, "handler_prefixes" | "allow" | "deny") {
-                toml::Value::Array(v.split(',').map(toml::Value::from).collect())
-            } else {
-                toml::Value::String(v.to_owned())
-            };
-            t.insert(k.to_owned(), value);
+            let k = percent_decode(k);
+            let value = url_value(&k, v)
+                .map_err(|why| ConfigError::invalid(format!("--listen.{k}"), why))?;
+            t.insert(k, value);
         }
-        let l: ListenerConfig = t
-            .try_into()
-            .map_err(|e: toml::de::Error| bad(format!("{url}: {}", e.message())))?;
+        // the same checks as a config file's [[listener]], keys named `--listen.KEY`
+        let text = toml::to_string(&t).map_err(|e| bad(format!("{url}: {e}")))?;
+        let on_flag = |e: ConfigError| match e {
+            ConfigError::Invalid { key, why, .. } => {
+                ConfigError::invalid(format!("--listen.{key}"), why)
+            }
+            other => other,
+        };
+        let l: ListenerConfig = source::Source::parse(&text)
+            .and_then(|src| src.deserialize_all())
+            .map_err(|errors| on_flag(first(errors)))?;
         if tls != l.tls() {
             return Err(bad(if tls {
                 format!("{scheme}:// serves TLS: give ?tls_cert=FILE&tls_key=FILE")
@@ -387,11 +499,12 @@ impl ListenerConfig {
                 format!("tls_cert on {scheme}://: use the TLS scheme (mqtts://, wss://, …)")
             }));
         }
-        l.validate("--listen").map_err(|e| match e {
-            ConfigError::Invalid { key, why, .. } => bad(format!("{key}: {why}")),
-            other => other,
-        })?;
-        Ok(l)
+        let mut p = Problems::default();
+        l.check("--listen", &mut p);
+        match p.0.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(l),
+        }
     }
 
     /// The listener's URL form (for logs and the startup banner).
@@ -515,24 +628,20 @@ impl ListenerConfig {
         self.tls_cert.is_some()
     }
 
-    fn validate(&self, key: &str) -> Result<(), ConfigError> {
-        let bad = |k: &str, why: String| {
-            Err(ConfigError::Invalid {
-                key: format!("{key}.{k}"),
-                why,
-                line: None,
-            })
-        };
+    /// Record every problem of this listener, its keys under `key` (`listener[0]`).
+    fn check(&self, key: &str, p: &mut Problems) {
+        let mut bad = |k: &str, why: String| p.add(format!("{key}.{k}"), why);
         if let Err(why) = self.socket_addr() {
-            return bad("addr", why);
+            bad("addr", why);
         }
         for (k, set, proto) in self.protocol_keys() {
             if set && proto != self.protocol {
-                return bad(
+                bad(
                     k,
                     format!(
-                        "only applies to {proto:?} listeners, not {:?}",
-                        self.protocol
+                        "only applies to {} listeners, not {}",
+                        proto.name(),
+                        self.protocol.name()
                     ),
                 );
             }
@@ -544,11 +653,11 @@ impl ListenerConfig {
             _ => true,
         };
         if !transport_ok {
-            return bad(
+            bad(
                 "transport",
                 format!(
-                    "{:?} listeners cannot use {:?}",
-                    self.protocol,
+                    "{} listeners cannot use {:?}",
+                    self.protocol.name(),
                     self.transport()
                 ),
             );
@@ -556,7 +665,7 @@ impl ListenerConfig {
         if let Some(h) = &self.login_handler
             && crate::route::Route::parse(h).is_err()
         {
-            return bad(
+            bad(
                 "login_handler",
                 format!("{h:?} is not a route like Login/CheckLogin"),
             );
@@ -564,55 +673,56 @@ impl ListenerConfig {
         if let Some(h) = &self.handler
             && !matches!(h.as_str(), "echo" | "router")
         {
-            return bad(
+            bad(
                 "handler",
                 format!("unknown line handler {h:?} (expected \"echo\" or \"router\")"),
             );
         }
         if self.push_qos > 1 {
-            return bad("push_qos", format!("must be 0 or 1, got {}", self.push_qos));
+            bad("push_qos", format!("must be 0 or 1, got {}", self.push_qos));
         }
         if let Some(m) = self.max_packet
             && !(16..=268_435_455).contains(&m)
         {
-            return bad(
+            bad(
                 "max_packet",
                 format!("must be between 16 and 268435455, got {m}"),
             );
         }
         if self.write_queue == 0 {
-            return bad("write_queue", "must be at least 1".into());
+            bad("write_queue", "must be at least 1".into());
         }
         if self.write_queue_bytes < 1024 {
-            return bad(
+            bad(
                 "write_queue_bytes",
                 format!("must be at least 1024, got {}", self.write_queue_bytes),
             );
         }
         if self.handshake_timeout_s == 0 {
-            return bad("handshake_timeout_s", "must be at least 1".into());
+            bad("handshake_timeout_s", "must be at least 1".into());
         }
         if self.msg_rate > 0 && self.msg_burst == 0 {
-            return bad(
+            bad(
                 "msg_burst",
                 "must be at least 1 when msg_rate is set".into(),
             );
         }
         if self.byte_rate > 0 && (self.byte_burst as usize) < self.max_packet().min(1 << 20) {
-            return bad(
+            bad(
                 "byte_burst",
                 "must hold at least one largest packet (max_packet, up to 1 MiB) when byte_rate is set"
                     .into(),
             );
         }
         for (k, list) in [("allow", &self.allow), ("deny", &self.deny)] {
-            if let Err(ConfigError::Invalid { key: _, why, .. }) = security::check_networks(k, list)
-            {
-                return bad(k, why);
+            for (i, n) in list.iter().enumerate() {
+                if let Err(why) = security::check_network(n) {
+                    bad(&format!("{k}[{i}]"), why);
+                }
             }
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return bad(
+            bad(
                 if self.tls_cert.is_some() {
                     "tls_key"
                 } else {
@@ -622,33 +732,32 @@ impl ListenerConfig {
             );
         }
         if self.tls_client_ca.is_some() && !self.tls() {
-            return bad(
+            bad(
                 "tls_client_ca",
                 "client certificates need TLS (tls_cert and tls_key)".into(),
             );
         }
         if self.max_inflight == 0 {
-            return bad("max_inflight", "must be at least 1".into());
+            bad("max_inflight", "must be at least 1".into());
         }
         if self.max_conn == 0 {
-            return bad("max_conn", "must be at least 1".into());
+            bad("max_conn", "must be at least 1".into());
         }
         if self.connect_timeout_s == 0 {
-            return bad("connect_timeout_s", "must be at least 1".into());
+            bad("connect_timeout_s", "must be at least 1".into());
         }
         if self.write_timeout_s == 0 {
-            return bad("write_timeout_s", "must be at least 1".into());
+            bad("write_timeout_s", "must be at least 1".into());
         }
         if self.rpc_expired_s == Some(0) {
-            return bad("rpc_expired_s", "must be at least 1".into());
+            bad("rpc_expired_s", "must be at least 1".into());
         }
         if self.mode == Mode::Mqant && self.handler_prefixes.iter().all(|p| p.is_empty()) {
-            return bad(
+            bad(
                 "handler_prefixes",
                 "mqant mode needs at least one non-empty prefix".into(),
             );
         }
-        Ok(())
     }
 }
 
@@ -876,18 +985,19 @@ fn publish() -> String {
 /// Why a config was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
-    /// The TOML did not parse or did not fit the schema (unknown key, wrong type).
+    /// The TOML did not parse (a syntax error), or the mqant JSON did not.
     #[error("{}{message}", location(*line, *column))]
     Parse {
         /// 1-based line, if known.
         line: Option<usize>,
         /// 1-based column, if known.
         column: Option<usize>,
-        /// What is wrong, naming the key.
+        /// What is wrong.
         message: String,
     },
-    /// A value is out of range or inconsistent.
-    #[error("{}{key}: {why}", location(*line, None))]
+    /// A key does not fit the schema (unknown, wrong type) or its value is out of range or
+    /// inconsistent with another.
+    #[error("{}{key}: {why}", location(*line, *column))]
     Invalid {
         /// Dotted key path (`listener[0].addr`).
         key: String,
@@ -895,7 +1005,31 @@ pub enum ConfigError {
         why: String,
         /// 1-based line, if known.
         line: Option<usize>,
+        /// 1-based column, if known.
+        column: Option<usize>,
     },
+}
+
+impl ConfigError {
+    /// An error about the key at a dotted path, not yet placed in a file.
+    pub fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            key: key.into(),
+            why: why.into(),
+            line: None,
+            column: None,
+        }
+    }
+
+    /// The same error placed at its key's line and column in the TOML `text` it came from (the
+    /// nearest table the file has when the key itself is left at its default). Errors already
+    /// placed, or whose text does not parse, are returned unchanged.
+    pub fn located_in(self, text: &str) -> ConfigError {
+        match source::Source::parse(text) {
+            Ok(src) => src.locate(self),
+            Err(_) => self,
+        }
+    }
 }
 
 fn location(line: Option<usize>, column: Option<usize>) -> String {
@@ -906,113 +1040,140 @@ fn location(line: Option<usize>, column: Option<usize>) -> String {
     }
 }
 
+/// The problems validation finds, collected so that all are reported at once.
+#[derive(Debug, Default)]
+pub(crate) struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    /// Record that `key` is wrong and why.
+    pub(crate) fn add(&mut self, key: impl Into<String>, why: impl Into<String>) {
+        self.0.push(ConfigError::invalid(key, why));
+    }
+}
+
 impl Config {
-    /// Parse TOML text (no semantic checks; see [`Config::validate`]).
+    /// Parse TOML text, without the semantic checks of [`Config::validate`]; the first error
+    /// ([`Config::load_all`] has them all).
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .span()
-                .map(|s| line_col(text, s.start))
-                .map_or((None, None), |(l, c)| (Some(l), Some(c)));
-            let message = e.message().trim().to_owned();
-            let message = match e.span().and_then(|s| key_at(text, s.start)) {
-                Some(key) => format!("{key}: {message}"),
-                None => message,
-            };
-            ConfigError::Parse {
-                line,
-                column,
-                message,
-            }
-        })
+        Config::from_toml_all(text).map_err(first)
     }
 
-    /// Parse and validate, locating semantic errors in the text.
+    /// Parse TOML text; every syntax error, or else every key that does not fit the schema.
+    fn from_toml_all(text: &str) -> Result<Config, Vec<ConfigError>> {
+        source::Source::parse(text)?.deserialize_all()
+    }
+
+    /// Parse and validate, locating errors in the text; the first error.
     pub fn load(text: &str, known_modules: &[&str]) -> Result<Config, ConfigError> {
-        let c = Config::from_toml(text)?;
-        c.validate(known_modules).map_err(|e| match e {
-            ConfigError::Invalid { key, why, .. } => {
-                let line = find_line(text, &key);
-                ConfigError::Invalid { key, why, line }
-            }
-            other => other,
-        })?;
-        Ok(c)
+        Config::load_all(text, known_modules).map_err(first)
     }
 
-    /// Check values and cross-references; `known_modules` are the module types this binary has.
+    /// Parse and validate, reporting every error, each with its key, line and column: all
+    /// syntax errors; else every key that does not fit the schema; else every value that does
+    /// not pass [`Config::validate`].
+    pub fn load_all(text: &str, known_modules: &[&str]) -> Result<Config, Vec<ConfigError>> {
+        let src = source::Source::parse(text)?;
+        let c: Config = src.deserialize_all().map_err(in_file_order)?;
+        let problems = c.problems(known_modules);
+        if problems.is_empty() {
+            Ok(c)
+        } else {
+            Err(in_file_order(
+                problems.into_iter().map(|e| src.locate(e)).collect(),
+            ))
+        }
+    }
+
+    /// Check values and cross-references; `known_modules` are the module types this binary has
+    /// (empty: any). The first problem ([`Config::problems`] lists them all).
     pub fn validate(&self, known_modules: &[&str]) -> Result<(), ConfigError> {
-        let bad = |key: String, why: String| {
-            Err(ConfigError::Invalid {
-                key,
-                why,
-                line: None,
-            })
-        };
+        match self.problems(known_modules).into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every problem [`Config::validate`] finds, each naming its key.
+    pub fn problems(&self, known_modules: &[&str]) -> Vec<ConfigError> {
+        let mut p = Problems::default();
+        self.check(known_modules, &mut p);
+        p.0
+    }
+
+    fn check(&self, known_modules: &[&str], p: &mut Problems) {
         if self.node.id.is_empty() {
-            return bad("node.id".into(), "must not be empty".into());
+            p.add("node.id", "must not be empty");
         }
         if self.node.gate_id.is_empty() {
-            return bad("node.gate_id".into(), "must not be empty".into());
+            p.add("node.gate_id", "must not be empty");
         }
         if self.node.mailbox == 0 {
-            return bad("node.mailbox".into(), "must be at least 1".into());
+            p.add("node.mailbox", "must be at least 1");
         }
-        self.limits.validate()?;
-        self.access.validate()?;
-        self.auth.validate()?;
-        let mut addrs = Vec::new();
+        self.limits.check(p);
+        self.access.check(p);
+        self.auth.check(p);
+        // every address this node binds, to refuse two that the OS would not both grant
+        let mut bound: Vec<(String, SocketAddr)> = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {
-            l.validate(&format!("listener[{i}]"))?;
-            let a = l.socket_addr().map_err(|why| ConfigError::Invalid {
-                key: format!("listener[{i}].addr"),
-                why,
-                line: None,
-            })?;
-            if a.port() != 0 && addrs.contains(&a) {
-                return bad(
-                    format!("listener[{i}].addr"),
-                    format!("{a} is used by another listener"),
-                );
+            let key = format!("listener[{i}]");
+            l.check(&key, p);
+            if let Ok(a) = l.socket_addr() {
+                bound.push((format!("{key}.addr"), a));
             }
-            addrs.push(a);
         }
-        if self.http.enabled && self.http.addr.parse::<SocketAddr>().is_err() {
-            return bad(
-                "http.addr".into(),
-                format!("{:?} is not an address like 127.0.0.1:8080", self.http.addr),
-            );
+        if self.http.enabled {
+            match self.http.addr.parse::<SocketAddr>() {
+                Ok(a) => bound.push(("http.addr".into(), a)),
+                Err(_) => p.add(
+                    "http.addr",
+                    format!("{:?} is not an address like 127.0.0.1:8080", self.http.addr),
+                ),
+            }
         }
-        let mut ids = Vec::new();
+        for (j, (key, a)) in bound.iter().enumerate() {
+            if let Some((other, b)) = bound[..j].iter().find(|(_, b)| binds_overlap(*a, *b)) {
+                let why = if a == b {
+                    format!("{a} is also {other}")
+                } else {
+                    format!(
+                        "{a} and {other} ({b}) cannot both be bound: an unspecified address \
+                         (0.0.0.0, ::) takes its port on every address"
+                    )
+                };
+                p.add(key.clone(), why);
+            }
+        }
+        let mut ids: Vec<String> = Vec::new();
         for (i, m) in self.modules.iter().enumerate() {
             if !known_modules.is_empty() && !known_modules.contains(&m.kind.as_str()) {
-                return bad(
-                    format!("module[{i}].type"),
-                    format!(
+                let why = match source::closest(&m.kind, known_modules) {
+                    Some(k) => format!("unknown module type {:?}, did you mean {k:?}?", m.kind),
+                    None => format!(
                         "unknown module type {:?} (this binary has: {})",
                         m.kind,
                         known_modules.join(", ")
                     ),
-                );
+                };
+                p.add(format!("module[{i}].type"), why);
             }
             let id = m.instance_id();
             if ids.contains(&id) {
-                return bad(
+                p.add(
                     format!("module[{i}].id"),
                     format!("instance id {id:?} is used twice"),
                 );
             }
             ids.push(id);
             if m.queue_group && (m.sticky || m.bus.is_some()) {
-                return bad(
+                p.add(
                     format!("module[{i}].queue_group"),
-                    "a queue group shares calls among instances: it excludes sticky and [module.bus]"
-                        .into(),
+                    "a queue group shares calls among instances: it excludes sticky and [module.bus]",
                 );
             }
             if let Some(b) = &m.bus {
                 if b.kind != "amqp" || b.mode != "mqant" {
-                    return bad(
+                    p.add(
                         format!("module[{i}].bus.kind"),
                         format!(
                             "only kind = \"amqp\" with mode = \"mqant\" is supported, got kind {:?} mode {:?}",
@@ -1021,7 +1182,7 @@ impl Config {
                     );
                 }
                 if !b.uri.starts_with("amqp://") && !b.uri.starts_with("amqps://") {
-                    return bad(
+                    p.add(
                         format!("module[{i}].bus.uri"),
                         format!("{:?} is not an amqp:// URL", b.uri),
                     );
@@ -1029,14 +1190,14 @@ impl Config {
             }
         }
         let scheme = |u: &str| u.split_once("://").map(|(s, _)| s.to_owned());
-        if !self.bus.is_local()
-            && !matches!(
+        let bus_ok = self.bus.is_local()
+            || matches!(
                 scheme(&self.bus.url).as_deref(),
                 Some("nats" | "redis" | "amqp")
-            )
-        {
-            return bad(
-                "bus.url".into(),
+            );
+        if !bus_ok {
+            p.add(
+                "bus.url",
                 format!(
                     "{:?}: expected local, nats://HOST:PORT, redis://HOST:PORT[/DB] or amqp://USER:PASS@HOST:PORT/VHOST",
                     self.bus.url
@@ -1046,9 +1207,17 @@ impl Config {
         let reg = &self.registry.url;
         let shared = matches!(scheme(reg).as_deref(), Some("nats" | "redis" | "etcd"));
         if !reg.is_empty() && reg != "memory" && !shared {
-            return bad(
-                "registry.url".into(),
+            p.add(
+                "registry.url",
                 format!("{reg:?}: expected memory, nats://, redis:// or etcd://"),
+            );
+        } else if bus_ok
+            && !self.bus.is_local()
+            && self.registry.effective_url(&self.bus) == "memory"
+        {
+            p.add(
+                "registry.url",
+                "a remote bus needs a shared registry: nodes in other processes cannot see an in-memory one (nats://, redis:// or etcd://)",
             );
         }
         if self.bus.prefix.is_empty()
@@ -1057,89 +1226,63 @@ impl Config {
                 .prefix
                 .contains(|c: char| c.is_whitespace() || c == '*' || c == '>')
         {
-            return bad(
-                "bus.prefix".into(),
-                "must be non-empty, without spaces, `*` or `>`".into(),
-            );
-        }
-        if !self.bus.is_local() && self.registry.effective_url(&self.bus) == "memory" {
-            return bad(
-                "registry.url".into(),
-                "a remote bus needs a shared registry: nodes in other processes cannot see an in-memory one (nats://, redis:// or etcd://)".into(),
+            p.add(
+                "bus.prefix",
+                "must be non-empty, without spaces, `*` or `>`",
             );
         }
         if self.registry.ttl_s == 0 {
-            return bad("registry.ttl_s".into(), "must be at least 1".into());
+            p.add("registry.ttl_s", "must be at least 1");
         }
         for (i, r) in self.redis_rpc.iter().enumerate() {
             if !r.url.starts_with("redis://") {
-                return bad(
+                p.add(
                     format!("redis_rpc[{i}].url"),
                     format!("{:?} is not a redis:// URL", r.url),
                 );
             }
             if r.reply != "publish" && r.reply != "list" {
-                return bad(
+                p.add(
                     format!("redis_rpc[{i}].reply"),
                     format!("{:?}: expected \"publish\" or \"list\"", r.reply),
                 );
             }
         }
-        Ok(())
     }
 }
 
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.len() - before.rfind('\n').map_or(0, |p| p + 1) + 1;
-    (line, col)
-}
-
-/// The dotted key path (`listener[0].max_conn`) of the assignment on the line holding `offset`,
-/// so that type errors name their key.
-fn key_at(text: &str, offset: usize) -> Option<String> {
-    let offset = offset.min(text.len());
-    let start = text[..offset].rfind('\n').map_or(0, |p| p + 1);
-    let end = text[offset..].find('\n').map_or(text.len(), |p| offset + p);
-    let line = text[start..end].trim();
-    let key = line
-        .split_once('=')
-        .map(|(k, _)| k.trim().trim_matches('"'))?;
-    if key.is_empty() || key.starts_with('[') {
-        return None;
-    }
-    // the table this line belongs to: the nearest header above, with its index for arrays
-    let mut table: Option<String> = None;
-    let mut counts: std::collections::HashMap<String, usize> = Default::default();
-    for l in text[..start].lines() {
-        let t = l.trim();
-        if let Some(name) = t
-            .strip_prefix("[[")
-            .and_then(|r| r.split_once("]]"))
-            .map(|(n, _)| n.trim())
-        {
-            let n = counts.entry(name.to_owned()).or_insert(0);
-            table = Some(format!("{name}[{n}]"));
-            *n += 1;
-        } else if let Some(name) = t
-            .strip_prefix('[')
-            .and_then(|r| r.split_once(']'))
-            .map(|(n, _)| n.trim())
-        {
-            table = Some(match name.rsplit_once('.') {
-                // `[module.settings]` belongs to the latest `[[module]]`
-                Some((parent, child)) if counts.contains_key(parent) => {
-                    format!("{parent}[{}].{child}", counts[parent] - 1)
-                }
-                _ => name.to_owned(),
-            });
+/// Errors sorted by line and column; those with no place keep their order, after the rest.
+fn in_file_order(mut errors: Vec<ConfigError>) -> Vec<ConfigError> {
+    errors.sort_by_key(|e| match e {
+        ConfigError::Parse { line, column, .. } | ConfigError::Invalid { line, column, .. } => {
+            (line.unwrap_or(usize::MAX), column.unwrap_or(0))
         }
-    }
-    Some(match table {
-        Some(t) => format!("{t}.{key}"),
-        None => key.to_owned(),
+    });
+    errors
+}
+
+fn first(errors: Vec<ConfigError>) -> ConfigError {
+    errors.into_iter().next().unwrap_or(ConfigError::Parse {
+        line: None,
+        column: None,
+        message: "invalid config".into(),
     })
+}
+
+/// Whether two listening sockets cannot both be bound: the same port and the same address, or
+/// an unspecified address (`0.0.0.0`, `::`) that takes the port on every address of its family
+/// — and `::`, dual-stack by default on Linux, on IPv4 addresses too. Port 0 (any free port)
+/// never conflicts.
+pub fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let v6_any = |ip: std::net::IpAddr| ip.is_ipv6() && ip.is_unspecified();
+    x == y
+        || v6_any(x)
+        || v6_any(y)
+        || (x.is_ipv4() == y.is_ipv4() && (x.is_unspecified() || y.is_unspecified()))
 }
 
 /// Decode `%XX` escapes (and `+` as a space) in a URL query value.
@@ -1178,39 +1321,6 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Find the line of a dotted key like `listener[1].addr` in the text: the n-th `[[listener]]`
-/// header, then the first line below it assigning that key.
-fn find_line(text: &str, key: &str) -> Option<usize> {
-    let (table, field) = key.split_once('.')?;
-    let (name, index) = match table.split_once('[') {
-        Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()?),
-        None => (table, 0),
-    };
-    let headers = [format!("[[{name}]]"), format!("[{name}]")];
-    let mut seen = 0usize;
-    let mut inside = false;
-    for (no, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if t.starts_with('[') {
-            inside = false;
-            if headers.iter().any(|h| t.starts_with(h.as_str())) {
-                if seen == index {
-                    inside = true;
-                }
-                seen += 1;
-            }
-            continue;
-        }
-        if inside
-            && let Some(rest) = t.strip_prefix(field)
-            && rest.trim_start().starts_with('=')
-        {
-            return Some(no + 1);
-        }
-    }
-    None
-}
-
 /// The commented default configuration `warren print-default-config` prints.
 pub const DEFAULT_CONFIG: &str = include_str!("default_config.toml");
 
@@ -1246,7 +1356,7 @@ mod tests {
     fn semantic_errors_name_key_and_line() {
         let text = "[[listener]]\naddr = \"127.0.0.1:1\"\n\n[[listener]]\nmode = \"mqant\"\naddr = \"nope\"\n";
         let e = Config::load(text, &[]).unwrap_err().to_string();
-        assert!(e.starts_with("6: listener[1].addr:"), "{e}");
+        assert!(e.starts_with("6:8: listener[1].addr:"), "{e}");
     }
 
     #[test]
@@ -1263,7 +1373,7 @@ mod tests {
         let e = Config::load("[bus]\nurl = \"kafka://x:1\"\n", &[])
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("2: bus.url:"), "{e}");
+        assert!(e.starts_with("2:7: bus.url:"), "{e}");
         let e = Config::load("[registry]\nurl = \"zk://x\"\n", &[])
             .unwrap_err()
             .to_string();
@@ -1297,5 +1407,187 @@ mod tests {
         assert_eq!(percent_decode("a+b%41"), "a bA");
         assert!(ListenerConfig::from_url("http://127.0.0.1:1").is_err());
         assert!(ListenerConfig::from_url("mqtt://nowhere").is_err());
+    }
+
+    fn all_errors(text: &str) -> Vec<String> {
+        Config::load_all(text, &["Login", "Chat", "Echo"])
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn every_schema_error_is_reported_at_its_place() {
+        let text = "[node]\nidd = \"a\"\n\n[[listener]]\nadr = \"127.0.0.1:1\"\nmax_conn = \"many\"\n\n[[module]]\nid = \"x\"\n\n[[listener]]\nprotocl = \"mqtt\"\n\n[nod]\n";
+        let e = all_errors(text);
+        assert_eq!(
+            e,
+            [
+                "2:1: node.idd: unknown key `idd`, did you mean `id`?",
+                "5:1: listener[0].adr: unknown key `adr`, did you mean `addr`?",
+                "6:12: listener[0].max_conn: invalid type: string \"many\", expected usize",
+                "8:1: module[0]: missing field `type`",
+                "12:1: listener[1].protocl: unknown key `protocl`, did you mean `protocol`?",
+                "14:2: nod: unknown key `nod`, did you mean `node`?",
+            ],
+            "{e:#?}"
+        );
+        // nothing close: no list of forty keys either
+        let e = all_errors("[[listener]]\nno_such_setting = 1\n");
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with("2:1: listener[0].no_such_setting: unknown key"),
+            "{e:?}"
+        );
+        assert!(e[0].contains("print-default-config"), "{e:?}");
+    }
+
+    #[test]
+    fn every_syntax_error_is_reported() {
+        let e = all_errors("[node]\nid = \n\n[http]\naddr = 127.0.0.1:1\n");
+        assert_eq!(e.len(), 2, "{e:#?}");
+        assert!(e[0].starts_with("2:"), "{e:?}");
+        assert!(e[1].starts_with("5:"), "{e:?}");
+    }
+
+    #[test]
+    fn every_value_error_is_reported() {
+        let text = "[node]\nmailbox = 0\n\n[[listener]]\naddr = \"127.0.0.1:1\"\npush_qos = 2\nmax_conn = 0\nallow = [\"10.0.0.0/8\", \"nope\"]\n\n[[module]]\ntype = \"Chatt\"\n\n[bus]\nurl = \"kafka://x\"\n";
+        let e = all_errors(text);
+        assert_eq!(
+            e,
+            [
+                "2:11: node.mailbox: must be at least 1",
+                "6:12: listener[0].push_qos: must be 0 or 1, got 2",
+                "7:12: listener[0].max_conn: must be at least 1",
+                "8:24: listener[0].allow[1]: \"nope\" is not a network like 10.0.0.0/8 or an address like 192.0.2.7",
+                "11:8: module[0].type: unknown module type \"Chatt\", did you mean \"Chat\"?",
+                "14:7: bus.url: \"kafka://x\": expected local, nats://HOST:PORT, redis://HOST:PORT[/DB] or amqp://USER:PASS@HOST:PORT/VHOST",
+            ],
+            "{e:#?}"
+        );
+    }
+
+    #[test]
+    fn addresses_that_cannot_both_be_bound_are_refused() {
+        let conf = |a: &str, b: &str| {
+            format!(
+                "[http]\nenabled = false\n[[listener]]\naddr = \"{a}\"\n[[listener]]\naddr = \"{b}\"\n"
+            )
+        };
+        for (a, b) in [
+            ("127.0.0.1:4000", "0.0.0.0:4000"),
+            ("0.0.0.0:4000", "127.0.0.1:4000"),
+            (":4000", "127.0.0.1:4000"),
+            ("127.0.0.1:4000", "127.0.0.1:4000"),
+            ("[::]:4000", "[::1]:4000"),
+            ("[::1]:4000", "[::1]:4000"),
+            ("[::]:4000", "127.0.0.1:4000"),
+            ("0.0.0.0:4000", "[::]:4000"),
+        ] {
+            let e = all_errors(&conf(a, b));
+            assert_eq!(e.len(), 1, "{a} {b}: {e:?}");
+            assert!(e[0].starts_with("6:8: listener[1].addr:"), "{a} {b}: {e:?}");
+            assert!(e[0].contains("listener[0].addr"), "{e:?}");
+        }
+        for (a, b) in [
+            ("127.0.0.1:4000", "127.0.0.2:4000"),
+            ("127.0.0.1:4000", "0.0.0.0:4001"),
+            ("[::1]:4000", "0.0.0.0:4000"),
+            ("[::1]:4000", "127.0.0.1:4000"),
+            ("0.0.0.0:0", "127.0.0.1:0"),
+        ] {
+            assert!(Config::load(&conf(a, b), &[]).is_ok(), "{a} {b}");
+        }
+        // the web page binds too
+        let text = "[[listener]]\naddr = \"0.0.0.0:8080\"\n";
+        let e = all_errors(text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("http.addr: 127.0.0.1:8080 and listener[0].addr"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn maps_and_lists_in_listener_urls() {
+        let l = ListenerConfig::from_url(
+            "pomelo-rpc://127.0.0.1:1?service_map=service:Echo,chat:Chat&namespaces=sys,user,game",
+        )
+        .unwrap();
+        let map = l.service_map.unwrap();
+        assert_eq!(map.get("service").map(String::as_str), Some("Echo"));
+        assert_eq!(map.get("chat").map(String::as_str), Some("Chat"));
+        assert_eq!(l.namespaces.unwrap(), ["sys", "user", "game"]);
+        let l = ListenerConfig::from_url(
+            "pomelo://127.0.0.1:1?route_dict=Chat.HD_Say:1,Login.HD_Login:2",
+        )
+        .unwrap();
+        let dict = l.route_dict.unwrap();
+        assert_eq!(dict.get("Chat.HD_Say"), Some(&1));
+        assert_eq!(dict.get("Login.HD_Login"), Some(&2));
+        // a literal comma or colon is percent-encoded
+        let l =
+            ListenerConfig::from_url("pomelo-rpc://127.0.0.1:1?service_map=a%3Ab:Echo").unwrap();
+        assert!(l.service_map.unwrap().contains_key("a:b"));
+        let e = ListenerConfig::from_url("pomelo-rpc://127.0.0.1:1?service_map=Echo")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--listen.service_map: \"Echo\" is not a NAME:VALUE pair"),
+            "{e}"
+        );
+        // strings stay strings even when they look like numbers
+        let l = ListenerConfig::from_url("json+ws://127.0.0.1:1?fallback_module=123").unwrap();
+        assert_eq!(l.fallback_module.as_deref(), Some("123"));
+    }
+
+    #[test]
+    fn listener_url_errors_have_one_prefix() {
+        let e = |url: &str| ListenerConfig::from_url(url).unwrap_err().to_string();
+        assert_eq!(
+            e("line://127.0.0.1:1?handler=nope"),
+            "--listen.handler: unknown line handler \"nope\" (expected \"echo\" or \"router\")"
+        );
+        assert_eq!(
+            e("mqtt://127.0.0.1:1?max_con=5"),
+            "--listen.max_con: unknown key `max_con`, did you mean `max_conn`?"
+        );
+        assert_eq!(
+            e("mqtt://127.0.0.1:1?max_conn=many"),
+            "--listen.max_conn: invalid type: string \"many\", expected usize"
+        );
+        assert_eq!(
+            e("mqtt://127.0.0.1:1?heartbeat_s=5"),
+            "--listen.heartbeat_s: only applies to pomelo listeners, not mqtt"
+        );
+        assert!(e("gopher://127.0.0.1:1").starts_with("--listen: unknown scheme \"gopher\""));
+        for scheme in LISTENER_SCHEMES {
+            let tls =
+                if scheme.contains("tls") || scheme.contains("mqtts") || scheme.contains("wss") {
+                    "?tls_cert=c.pem&tls_key=k.pem"
+                } else {
+                    ""
+                };
+            let l = ListenerConfig::from_url(&format!("{scheme}://127.0.0.1:1{tls}"))
+                .unwrap_or_else(|e| panic!("{scheme}: {e}"));
+            assert_eq!(l.scheme(), *scheme);
+        }
+    }
+
+    #[test]
+    fn errors_are_located_after_the_fact() {
+        let text = "[[module]]\ntype = \"Chat\"\n\n[[module]]\ntype = \"Login\"\n[module.settings]\nflavour = \"v9\"\n";
+        let e =
+            ConfigError::invalid("module[1].settings.flavour", "unknown flavour").located_in(text);
+        assert_eq!(
+            e.to_string(),
+            "7:11: module[1].settings.flavour: unknown flavour"
+        );
+        let e = ConfigError::invalid("module[1]", "bad").located_in(text);
+        assert_eq!(e.to_string(), "4:1: module[1]: bad");
+        let e = ConfigError::invalid("--listen", "bad").located_in(text);
+        assert_eq!(e.to_string(), "--listen: bad");
     }
 }

@@ -39,11 +39,7 @@ fn get<'a>(o: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
 }
 
 fn invalid(key: &str, why: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.to_owned(),
-        why: why.into(),
-        line: None,
-    }
+    ConfigError::invalid(key, why)
 }
 
 fn number(o: &Map<String, Value>, key: &str, path: &str) -> Result<Option<u64>, ConfigError> {

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::Problems;
 
 /// `[limits]`: caps on what clients may make a node hold. Each one is checked before the thing
 /// it bounds is allocated, and refusing it names the key in the log line.
@@ -59,7 +59,7 @@ impl Default for LimitsConfig {
 }
 
 impl LimitsConfig {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    pub(super) fn check(&self, p: &mut Problems) {
         let at_least_one = [
             ("max_topic_len", self.max_topic_len),
             ("max_topic_levels", self.max_topic_levels),
@@ -72,28 +72,24 @@ impl LimitsConfig {
         ];
         for (key, v) in at_least_one {
             if v == 0 {
-                return Err(invalid(
-                    &format!("limits.{key}"),
-                    "must be at least 1".into(),
-                ));
+                p.add(format!("limits.{key}"), "must be at least 1");
             }
         }
         if self.max_topic_len > 65535 {
-            return Err(invalid(
+            p.add(
                 "limits.max_topic_len",
                 format!(
                     "MQTT topics are at most 65535 bytes, got {}",
                     self.max_topic_len
                 ),
-            ));
+            );
         }
         if self.conn_rate_per_ip > 0 && self.conn_burst_per_ip == 0 {
-            return Err(invalid(
+            p.add(
                 "limits.conn_burst_per_ip",
-                "must be at least 1 when conn_rate_per_ip is set".into(),
-            ));
+                "must be at least 1 when conn_rate_per_ip is set",
+            );
         }
-        Ok(())
     }
 }
 
@@ -110,23 +106,25 @@ pub struct AccessConfig {
 }
 
 impl AccessConfig {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        check_networks("access.allow", &self.allow)?;
-        check_networks("access.deny", &self.deny)
+    pub(super) fn check(&self, p: &mut Problems) {
+        for (key, list) in [("access.allow", &self.allow), ("access.deny", &self.deny)] {
+            for (i, n) in list.iter().enumerate() {
+                if let Err(why) = check_network(n) {
+                    p.add(format!("{key}[{i}]"), why);
+                }
+            }
+        }
     }
 }
 
-/// Check that every entry of a list is a network (`10.0.0.0/8`) or a single address.
-pub(super) fn check_networks(key: &str, list: &[String]) -> Result<(), ConfigError> {
-    for (i, n) in list.iter().enumerate() {
-        if parse_network(n).is_none() {
-            return Err(invalid(
-                &format!("{key}[{i}]"),
-                format!("{n:?} is not a network like 10.0.0.0/8 or an address like 192.0.2.7"),
-            ));
-        }
+/// Check that a list entry is a network (`10.0.0.0/8`) or a single address.
+pub(super) fn check_network(n: &str) -> Result<(), String> {
+    match parse_network(n) {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "{n:?} is not a network like 10.0.0.0/8 or an address like 192.0.2.7"
+        )),
     }
-    Ok(())
 }
 
 /// A network from config: CIDR, or a bare address meaning just that host.
@@ -179,22 +177,22 @@ impl AuthConfig {
         self.anonymous.unwrap_or(!self.has_method())
     }
 
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    pub(super) fn check(&self, p: &mut Problems) {
         if let Some(h) = &self.http {
             if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
-                return Err(invalid(
+                p.add(
                     "auth.http.url",
                     format!("{:?} is not an http:// or https:// URL", h.url),
-                ));
+                );
             }
             if h.timeout_ms == 0 {
-                return Err(invalid("auth.http.timeout_ms", "must be at least 1".into()));
+                p.add("auth.http.timeout_ms", "must be at least 1");
             }
             if h.ca_file.is_some() && !h.url.starts_with("https://") {
-                return Err(invalid(
+                p.add(
                     "auth.http.ca_file",
                     format!("is only used with an https:// URL, not {:?}", h.url),
-                ));
+                );
             }
         }
         if let Some(j) = &self.jwt {
@@ -203,28 +201,22 @@ impl AuthConfig {
                 j.algorithm.as_str(),
                 "HS256" | "HS384" | "HS512" | "RS256" | "ES256"
             ) {
-                return Err(invalid(
+                p.add(
                     "auth.jwt.algorithm",
                     format!(
                         "unknown algorithm {:?} (expected HS256, HS384, HS512, RS256 or ES256)",
                         j.algorithm
                     ),
-                ));
-            }
-            if hmac && j.secret.is_none() {
-                return Err(invalid(
-                    "auth.jwt.secret",
-                    format!("{} needs a secret", j.algorithm),
-                ));
-            }
-            if !hmac && j.public_key_file.is_none() {
-                return Err(invalid(
+                );
+            } else if hmac && j.secret.is_none() {
+                p.add("auth.jwt.secret", format!("{} needs a secret", j.algorithm));
+            } else if !hmac && j.public_key_file.is_none() {
+                p.add(
                     "auth.jwt.public_key_file",
                     format!("{} needs a PEM public key file", j.algorithm),
-                ));
+                );
             }
         }
-        Ok(())
     }
 }
 
@@ -284,13 +276,5 @@ impl Default for JwtConfig {
             audience: None,
             leeway_s: 30,
         }
-    }
-}
-
-fn invalid(key: &str, why: String) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        why,
-        line: None,
     }
 }
