@@ -34,6 +34,9 @@ pub struct Call {
 /// [`CallError::Timeout`] at the deadline. A call to an instance in this process waits on a
 /// oneshot channel directly; a remote bus supplies its own future.
 pub enum Pending {
+    /// A result already known: the handler ran to its end on the caller's task
+    /// (`Instance::call_here`).
+    Ready(Option<Result<Bytes, CallError>>),
     /// The result of a call to a local instance.
     Local(oneshot::Receiver<Result<Bytes, CallError>>),
     /// The result of a call carried by a remote bus.
@@ -43,6 +46,7 @@ pub enum Pending {
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Pending::Ready(_) => "Pending::Ready",
             Pending::Local(_) => "Pending::Local",
             Pending::Remote(_) => "Pending::Remote",
         })
@@ -56,6 +60,7 @@ impl std::future::Future for Pending {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         match &mut *self {
+            Pending::Ready(r) => std::task::Poll::Ready(r.take().unwrap_or(Err(CallError::Closed))),
             Pending::Local(rx) => std::pin::Pin::new(rx)
                 .poll(cx)
                 .map(|r| r.unwrap_or(Err(CallError::Closed))),
@@ -108,7 +113,7 @@ pub trait Bus: Send + Sync + 'static {
 /// half of a remote bus.
 #[derive(Default)]
 pub struct LocalBus {
-    instances: RwLock<HashMap<Arc<str>, Arc<Instance>>>,
+    instances: RwLock<HashMap<Arc<str>, Arc<Instance>, foldhash::fast::RandomState>>,
 }
 
 impl std::fmt::Debug for LocalBus {
@@ -138,6 +143,11 @@ impl LocalBus {
             .map(|(id, _)| id)
             .min()
             .cloned()
+    }
+
+    /// The running instance `id`, if it is on this node.
+    pub(crate) fn get(&self, id: &str) -> Option<Arc<Instance>> {
+        self.instances.read().get(id).cloned()
     }
 
     /// Deliver a call to a local instance.

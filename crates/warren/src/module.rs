@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::Pending;
 use crate::error::CallError;
 use crate::node::NodeHandle;
 use crate::session::{Session, SessionId};
@@ -300,7 +301,7 @@ pub struct Module {
 struct ModuleDef {
     name: Arc<str>,
     execution: Execution,
-    handlers: HashMap<Box<str>, HandlerEntry>,
+    handlers: HashMap<Box<str>, HandlerEntry, foldhash::fast::RandomState>,
     on_init: Option<Hook>,
     on_run: Option<RunHook>,
     on_destroy: Option<Hook>,
@@ -329,7 +330,7 @@ impl Module {
             def: ModuleDef {
                 name: name.into(),
                 execution: Execution::default(),
-                handlers: HashMap::new(),
+                handlers: HashMap::default(),
                 on_init: None,
                 on_run: None,
                 on_destroy: None,
@@ -550,7 +551,7 @@ struct Lanes {
     module: Module,
     env: Env,
     tracker: tokio_util::task::TaskTracker,
-    active: Mutex<HashMap<SessionId, VecDeque<Job>>>,
+    active: Mutex<HashMap<SessionId, VecDeque<Job>, foldhash::fast::RandomState>>,
 }
 
 impl Instance {
@@ -581,7 +582,7 @@ impl Instance {
                 module: module.clone(),
                 env,
                 tracker: tracker.clone(),
-                active: Mutex::new(HashMap::new()),
+                active: Mutex::new(HashMap::default()),
             })),
         };
         Arc::new(Instance {
@@ -653,14 +654,22 @@ impl Lanes {
             }
             active.insert(key.clone(), VecDeque::new());
         }
-        let lanes = this.clone();
-        this.tracker.spawn(async move {
-            let mut job = job;
+        Lanes::run(this.clone(), key, Some(job));
+    }
+
+    /// Run a session's lane on its own task: `first`, then whatever queued behind it, until the
+    /// lane is empty (then the lane is gone).
+    fn run(lanes: Arc<Lanes>, key: SessionId, first: Option<Job>) {
+        let tracker = lanes.tracker.clone();
+        tracker.spawn(async move {
+            let mut job = first;
             loop {
-                execute(&lanes.module, &lanes.env, job).await;
+                if let Some(job) = job.take() {
+                    execute(&lanes.module, &lanes.env, job).await;
+                }
                 let mut active = lanes.active.lock();
                 match active.get_mut(&key).and_then(VecDeque::pop_front) {
-                    Some(next) => job = next,
+                    Some(next) => job = Some(next),
                     None => {
                         active.remove(&key);
                         break;
@@ -668,6 +677,247 @@ impl Lanes {
                 }
             }
         });
+    }
+
+    /// A lane's current job finished on its caller's task: hand what queued behind it to a
+    /// lane task, or close the lane.
+    fn release(this: &Arc<Lanes>, key: SessionId) {
+        let next = {
+            let mut active = this.active.lock();
+            match active.get_mut(&key) {
+                Some(q) if !q.is_empty() => q.pop_front(),
+                _ => {
+                    active.remove(&key);
+                    return;
+                }
+            }
+        };
+        Lanes::run(this.clone(), key, next);
+    }
+}
+
+impl Instance {
+    /// Call a handler from the caller's own task (the gate's connection task), the fast path of
+    /// a request to an instance in this process.
+    ///
+    /// A concurrent instance whose lane for this session is idle runs the handler right here: it
+    /// is polled once, and a handler that completes without waiting (most do) costs no task, no
+    /// channel and no wake-up; its result comes back as [`Pending::Ready`]. A handler that waits
+    /// moves, as it is, to a lane task of its own, and the caller gets a [`Pending::Local`].
+    /// Everything else (a busy lane, a sequential instance) goes through the mailbox as
+    /// [`Instance::submit`] does, so one session's calls still run one after another, in order.
+    pub(crate) async fn call_here(
+        &self,
+        handler: &str,
+        session: Option<Arc<Session>>,
+        body: Bytes,
+        started: Instant,
+        deadline: Instant,
+        reply: bool,
+    ) -> Result<Option<Pending>, CallError> {
+        let Mailbox::Concurrent(lanes) = &self.mailbox else {
+            return self
+                .submit_call(handler, session, body, deadline, reply)
+                .await;
+        };
+        let key = session.as_ref().map(|s| s.id.clone());
+        let busy = key.as_ref().is_some_and(|k| {
+            let mut active = lanes.active.lock();
+            if active.contains_key(k) {
+                return true;
+            }
+            active.insert(k.clone(), VecDeque::new());
+            false
+        });
+        if busy {
+            return self
+                .submit_call(handler, session, body, deadline, reply)
+                .await;
+        }
+        let env = &lanes.env;
+        let mut fut = match begin(
+            &lanes.module,
+            env,
+            handler,
+            session.clone(),
+            body,
+            deadline,
+            started,
+        ) {
+            Ok(fut) => fut,
+            Err(e) => {
+                let result = Err(e);
+                record(env, handler, started, &result);
+                if let Some(k) = key {
+                    Lanes::release(lanes, k);
+                }
+                return Ok(settled(env, handler, result, reply));
+            }
+        };
+        let polled = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::pin::Pin::new(&mut fut).poll(cx))
+        })
+        .await;
+        match polled {
+            std::task::Poll::Ready(caught) => {
+                let result = caught_result(caught, env, handler, session.as_deref());
+                record(env, handler, started, &result);
+                if let Some(k) = key {
+                    Lanes::release(lanes, k);
+                }
+                Ok(settled(env, handler, result, reply))
+            }
+            std::task::Poll::Pending => {
+                let (tx, rx) = if reply {
+                    let (tx, rx) = oneshot::channel();
+                    (Some(tx), Some(rx))
+                } else {
+                    (None, None)
+                };
+                let lanes = lanes.clone();
+                let handler: Box<str> = handler.into();
+                lanes.tracker.clone().spawn(async move {
+                    let env = &lanes.env;
+                    let result = drive(fut, deadline, env, &handler, session.as_deref()).await;
+                    record(env, &handler, started, &result);
+                    deliver(env, &handler, result, tx);
+                    if let Some(k) = key {
+                        Lanes::release(&lanes, k);
+                    }
+                });
+                Ok(rx.map(Pending::Local))
+            }
+        }
+    }
+
+    /// [`Instance::submit`] for a call given in parts, with its reply channel.
+    async fn submit_call(
+        &self,
+        handler: &str,
+        session: Option<Arc<Session>>,
+        body: Bytes,
+        deadline: Instant,
+        reply: bool,
+    ) -> Result<Option<Pending>, CallError> {
+        let (tx, rx) = if reply {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        self.submit(Job {
+            handler: handler.into(),
+            session,
+            body,
+            deadline,
+            reply: tx,
+        })
+        .await?;
+        Ok(rx.map(Pending::Local))
+    }
+}
+
+/// A handler's future, with panics caught.
+type Running = futures_util::future::CatchUnwind<
+    AssertUnwindSafe<BoxFuture<'static, Result<Bytes, CallError>>>,
+>;
+
+/// Start a handler: its future, or why it cannot run (no such handler, deadline already passed).
+fn begin(
+    module: &Module,
+    env: &Env,
+    handler: &str,
+    session: Option<Arc<Session>>,
+    body: Bytes,
+    deadline: Instant,
+    started: Instant,
+) -> Result<Running, CallError> {
+    match module.def.handlers.get(handler) {
+        None => Err(CallError::HandlerNotFound(handler.to_owned())),
+        Some(_) if started >= deadline => Err(CallError::Timeout),
+        Some(h) => Ok(AssertUnwindSafe((h.f)(env.clone(), session, body)).catch_unwind()),
+    }
+}
+
+/// A handler's outcome: its result, or a typed error (and one log line, one metric) if it
+/// panicked.
+fn caught_result(
+    caught: Result<Result<Bytes, CallError>, Box<dyn std::any::Any + Send>>,
+    env: &Env,
+    handler: &str,
+    session: Option<&Session>,
+) -> Result<Bytes, CallError> {
+    match caught {
+        Ok(r) => r,
+        Err(panic) => {
+            let text = panic_text(&*panic);
+            let peer = session.map(|s| s.remote.to_string()).unwrap_or_default();
+            tracing::error!(%peer, module = %env.instance.module, handler = %handler, reason = %text, "handler panicked");
+            metrics::counter!("warren_handler_panics_total").increment(1);
+            Err(CallError::Panicked(text))
+        }
+    }
+}
+
+/// Run a started handler to its end, cancelling it at the deadline.
+async fn drive(
+    fut: Running,
+    deadline: Instant,
+    env: &Env,
+    handler: &str,
+    session: Option<&Session>,
+) -> Result<Bytes, CallError> {
+    match tokio::time::timeout_at(deadline, fut).await {
+        Ok(caught) => caught_result(caught, env, handler, session),
+        Err(_) => {
+            let peer = session.map(|s| s.remote.to_string()).unwrap_or_default();
+            tracing::warn!(%peer, module = %env.instance.module, handler = %handler, reason = "deadline passed", "handler cancelled");
+            Err(CallError::Timeout)
+        }
+    }
+}
+
+/// Count one finished call.
+fn record(_env: &Env, _handler: &str, started: Instant, result: &Result<Bytes, CallError>) {
+    metrics::histogram!("warren_handler_duration_seconds").record(started.elapsed().as_secs_f64());
+    if let Err(e) = result {
+        metrics::counter!("warren_call_errors_total", "kind" => e.kind().as_str()).increment(1);
+    }
+}
+
+/// A result computed on the caller's task, as the caller's [`Pending`] (or logged, for a call
+/// without reply).
+fn settled(
+    env: &Env,
+    handler: &str,
+    result: Result<Bytes, CallError>,
+    reply: bool,
+) -> Option<Pending> {
+    if reply {
+        return Some(Pending::Ready(Some(result)));
+    }
+    if let Err(e) = result {
+        tracing::debug!(module = %env.instance.module, handler = %handler, error = %e, "call without reply failed");
+    }
+    None
+}
+
+/// Send a result to whoever waits for it (or log it, for a call without reply).
+fn deliver(
+    env: &Env,
+    handler: &str,
+    result: Result<Bytes, CallError>,
+    reply: Option<oneshot::Sender<Result<Bytes, CallError>>>,
+) {
+    match reply {
+        Some(tx) => {
+            let _ = tx.send(result);
+        }
+        None => {
+            if let Err(e) = result {
+                tracing::debug!(module = %env.instance.module, handler = %handler, error = %e, "call without reply failed");
+            }
+        }
     }
 }
 
@@ -681,48 +931,20 @@ async fn execute(module: &Module, env: &Env, job: Job) {
         reply,
     } = job;
     let started = Instant::now();
-    let result = match module.def.handlers.get(&*handler) {
-        None => Err(CallError::HandlerNotFound(handler.to_string())),
-        Some(_) if started >= deadline => Err(CallError::Timeout),
-        Some(h) => {
-            let fut = (h.f)(env.clone(), session.clone(), body);
-            match tokio::time::timeout_at(deadline, AssertUnwindSafe(fut).catch_unwind()).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(panic)) => {
-                    let text = panic_text(&*panic);
-                    let peer = session
-                        .as_ref()
-                        .map(|s| s.remote.to_string())
-                        .unwrap_or_default();
-                    tracing::error!(%peer, module = %env.instance.module, handler = %handler, reason = %text, "handler panicked");
-                    metrics::counter!("warren_handler_panics_total").increment(1);
-                    Err(CallError::Panicked(text))
-                }
-                Err(_) => {
-                    let peer = session
-                        .as_ref()
-                        .map(|s| s.remote.to_string())
-                        .unwrap_or_default();
-                    tracing::warn!(%peer, module = %env.instance.module, handler = %handler, reason = "deadline passed", "handler cancelled");
-                    Err(CallError::Timeout)
-                }
-            }
-        }
+    let result = match begin(
+        module,
+        env,
+        &handler,
+        session.clone(),
+        body,
+        deadline,
+        started,
+    ) {
+        Err(e) => Err(e),
+        Ok(fut) => drive(fut, deadline, env, &handler, session.as_deref()).await,
     };
-    metrics::histogram!("warren_handler_duration_seconds").record(started.elapsed().as_secs_f64());
-    if let Err(e) = &result {
-        metrics::counter!("warren_call_errors_total", "kind" => e.kind().as_str()).increment(1);
-    }
-    match reply {
-        Some(tx) => {
-            let _ = tx.send(result);
-        }
-        None => {
-            if let Err(e) = result {
-                tracing::debug!(module = %env.instance.module, handler = %handler, error = %e, "call without reply failed");
-            }
-        }
-    }
+    record(env, &handler, started, &result);
+    deliver(env, &handler, result, reply);
 }
 
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {

@@ -7,8 +7,11 @@
 //! keeps reaching the same instance, and when an instance leaves only its keys move.
 
 use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
 use std::sync::Arc;
+
+/// The router's maps are read on every request: a fast hasher (keys come from the registry
+/// and the module code, not from clients).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -202,7 +205,7 @@ impl Router {
                     if !tag.is_empty() {
                         t.tag_rings
                             .entry((target.module.clone(), tag))
-                            .or_insert_with(|| (Ring::default(), HashMap::new()))
+                            .or_insert_with(|| (Ring::default(), HashMap::default()))
                             .1
                             .insert(normalize(&target.instance), target.clone());
                     }
@@ -379,6 +382,19 @@ impl Router {
         match &self.local {
             Some((node, local)) if *node == target.node => local.deliver(call, reply).await,
             _ => self.bus.send(&target.node, call, reply).await,
+        }
+    }
+
+    /// The running instance behind `target` when it is on this node and reached through this
+    /// node's own bus (not a queue group, not a foreign bus): the gate calls it on the
+    /// connection's task ([`crate::module`]'s `Instance::call_here`).
+    pub(crate) fn local_instance(&self, target: &Target) -> Option<Arc<crate::module::Instance>> {
+        if target.via.is_some() || target.group {
+            return None;
+        }
+        match &self.local {
+            Some((node, local)) if *node == target.node => local.get(&target.instance),
+            _ => None,
         }
     }
 

@@ -3,15 +3,14 @@
 
 use bytes::Bytes;
 use serde_json::Value;
-use warren::{CallError, Context, Execution, Json, Module};
+use warren::{CallError, Context, Json, Module};
 
 /// The Echo module: `Echo/HD_Echo/<id>` answers with its body (which must be JSON); the RPC-only
 /// `echo` answers with the first element of an argument list (pomelo-rpc's sample service:
 /// `echo(msg, data, cb) → cb(null, msg)`).
 pub fn module() -> Module {
-    // a trivial handler: one task in mailbox order beats a task per message
+    // concurrent (the default): a handler that never waits runs on the caller's connection task
     Module::builder("Echo", ())
-        .execution(Execution::Sequential)
         // public: callable before login, as a benchmark and health-check target
         .login_handler("HD_Echo", echo)
         .handler("echo", first_arg)

@@ -13,6 +13,7 @@
 //! due within `connect_timeout_s`, then silence ends at the protocol's read timeout; a WebSocket
 //! always closes with a code that says why ([`close_code`]).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -243,34 +244,57 @@ pub(crate) trait Protocol: Send + Sized + 'static {
     fn on_close(&mut self, _conn: &SessionConn<Self::Tag>) {}
 }
 
-/// The replies a connection waits for. The set is created with the first request, so a
-/// connection that never calls anything does not pay for it.
+/// The replies a connection waits for: results already known (handlers that ran to their end
+/// on this task), in the order they came, and replies still on their way. Both are created with
+/// the first request, so a connection that never calls anything does not pay for them.
 pub(crate) struct PendingSet<T> {
+    ready: VecDeque<(Option<T>, Result<Bytes, CallError>)>,
     inner: Option<FuturesUnordered<ReplyFuture<T>>>,
 }
 
 impl<T> Default for PendingSet<T> {
     fn default() -> Self {
-        PendingSet { inner: None }
+        PendingSet {
+            ready: VecDeque::new(),
+            inner: None,
+        }
     }
 }
 
 impl<T: Unpin> PendingSet<T> {
     pub(crate) fn len(&self) -> usize {
-        self.inner.as_ref().map_or(0, FuturesUnordered::len)
+        self.ready.len() + self.inner.as_ref().map_or(0, FuturesUnordered::len)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn push(&mut self, f: ReplyFuture<T>) {
+    fn push(&mut self, mut f: ReplyFuture<T>) {
+        if let Pending::Ready(r) = &mut f.pending {
+            let r = r.take().unwrap_or(Err(CallError::Closed));
+            self.ready.push_back((f.tag, r));
+            return;
+        }
         self.inner.get_or_insert_with(FuturesUnordered::new).push(f);
+    }
+
+    /// A result already known, if any (no waiting).
+    fn pop_ready(&mut self) -> Option<(Option<T>, Result<Bytes, CallError>)> {
+        let r = self.ready.pop_front();
+        if self.ready.is_empty() && self.ready.capacity() > 64 {
+            // a burst is over: do not keep its slots
+            self.ready = VecDeque::new();
+        }
+        r
     }
 
     /// The next reply to complete; pending forever while the set is empty (callers guard on
     /// `is_empty`). Cancel-safe.
     async fn next(&mut self) -> Option<(Option<T>, Result<Bytes, CallError>)> {
+        if let Some(r) = self.pop_ready() {
+            return Some(r);
+        }
         match &mut self.inner {
             Some(f) => f.next().await,
             None => std::future::pending().await,
@@ -514,6 +538,22 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     pub(crate) async fn send(&mut self, o: Outbound) -> Result<(), End> {
         let n = o.queued_size();
         let bytes = self.handle.queue_bytes();
+        // the usual case, room in bytes and in items: no waiting, no futures
+        let o = if bytes.try_reserve_reply(n) {
+            match self.tx.try_send(o) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    bytes.release(n);
+                    return Err(End::ServerClosed);
+                }
+                Err(mpsc::error::TrySendError::Full(o)) => {
+                    bytes.release(n);
+                    o
+                }
+            }
+        } else {
+            o
+        };
         if !bytes.reserve_waiting(n, &self.close).await {
             return Err(End::ServerClosed);
         }
@@ -545,12 +585,21 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
 
     /// Resolve a route to a target for this session.
     pub(crate) fn resolve(&self, route: &Route<'_>, body: &[u8]) -> Result<Target, CallError> {
-        let snapshot = self.handle.snapshot();
+        self.resolve_as(route, body, &self.handle.snapshot())
+    }
+
+    /// [`SessionConn::resolve`] for a snapshot the caller holds.
+    pub(crate) fn resolve_as(
+        &self,
+        route: &Route<'_>,
+        body: &[u8],
+        session: &Session,
+    ) -> Result<Target, CallError> {
         self.gate.node.router().resolve_call(
             route.module,
             route.target,
             route.handler,
-            Some(&snapshot),
+            Some(session),
             body,
         )
     }
@@ -564,20 +613,37 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         body: Bytes,
         tag: Option<T>,
     ) -> Result<(), (Option<T>, CallError)> {
-        let deadline = Instant::now() + self.cfg.rpc_expired();
-        let sent = self
-            .gate
-            .node
-            .router()
-            .send(
-                target,
-                handler,
-                Some(self.handle.snapshot()),
-                body,
-                deadline,
-                true,
-            )
-            .await;
+        let session = self.handle.snapshot();
+        self.call_as(target, handler, body, tag, session).await
+    }
+
+    /// [`SessionConn::call`] with the session snapshot the caller already holds (the one the
+    /// target was resolved and admitted with).
+    pub(crate) async fn call_as(
+        &mut self,
+        target: &Target,
+        handler: &str,
+        body: Bytes,
+        tag: Option<T>,
+        session: Arc<Session>,
+    ) -> Result<(), (Option<T>, CallError)> {
+        let now = Instant::now();
+        let deadline = now + self.cfg.rpc_expired();
+        let router = self.gate.node.router();
+        let session = Some(session);
+        let sent = match router.local_instance(target) {
+            // in this process: run it here when the instance allows (no envelope, no channel)
+            Some(instance) => {
+                instance
+                    .call_here(handler, session, body, now, deadline, true)
+                    .await
+            }
+            None => {
+                router
+                    .send(target, handler, session, body, deadline, true)
+                    .await
+            }
+        };
         match sent {
             Ok(Some(pending)) => {
                 self.pending.push(ReplyFuture { tag, pending });
@@ -693,6 +759,14 @@ pub(crate) async fn run<P: Protocol>(
     let deadline = tokio::time::sleep_until(first.map_or(far, |d| Instant::now() + d));
     tokio::pin!(deadline);
     let mut draining = false;
+    // the close and drain signals are waited on from here for the life of the connection:
+    // registered once, not once per loop
+    let close = conn.close.clone();
+    let closed = close.cancelled();
+    tokio::pin!(closed);
+    let drain = conn.gate.draining.clone();
+    let drained = drain.cancelled();
+    tokio::pin!(drained);
     let tick_every = proto.tick();
     let mut ticker = tick_every.map(|every| {
         let mut t = tokio::time::interval(every);
@@ -732,8 +806,8 @@ pub(crate) async fn run<P: Protocol>(
         let resume = conn.throttled_until();
         tokio::select! {
             biased;
-            _ = conn.close.cancelled() => return End::ServerClosed,
-            _ = conn.gate.draining.cancelled(), if !draining => {
+            _ = &mut closed => return End::ServerClosed,
+            _ = &mut drained, if !draining => {
                 draining = true;
                 Box::pin(proto.on_drain(conn)).await;
             }
@@ -742,18 +816,23 @@ pub(crate) async fn run<P: Protocol>(
                     return end;
                 }
             }
-            Some((tag, result)) = conn.pending.next(), if !conn.pending.is_empty() => {
-                match tag {
-                    Some(tag) => {
-                        if let Err(end) = Box::pin(proto.reply(conn, tag, result)).await {
-                            return end;
+            Some(first) = conn.pending.next(), if !conn.pending.is_empty() => {
+                // this reply, and every other already known, in one go
+                let mut next = Some(first);
+                while let Some((tag, result)) = next {
+                    match tag {
+                        Some(tag) => {
+                            if let Err(end) = Box::pin(proto.reply(conn, tag, result)).await {
+                                return end;
+                            }
+                        }
+                        None => {
+                            if let Err(e) = result {
+                                tracing::debug!(error = %e, "request without reply failed");
+                            }
                         }
                     }
-                    None => {
-                        if let Err(e) = result {
-                            tracing::debug!(error = %e, "request without reply failed");
-                        }
-                    }
+                    next = conn.pending.pop_ready();
                 }
             }
             _ = async { tokio::time::sleep_until(resume?).await; Some(()) }, if resume.is_some() => {

@@ -601,8 +601,8 @@ impl MqttSession {
         let checked = self.check(conn, &route, &p.payload);
         let outcome = match checked {
             Err(e) => Err((tag, e)),
-            Ok(target) => {
-                conn.call(&target, route.handler, p.payload.clone(), tag)
+            Ok((target, session)) => {
+                conn.call_as(&target, route.handler, p.payload.clone(), tag, session)
                     .await
             }
         };
@@ -692,11 +692,12 @@ impl MqttSession {
         conn: &Conn,
         route: &Route<'_>,
         body: &[u8],
-    ) -> Result<crate::router::Target, CallError> {
+    ) -> Result<(crate::router::Target, Arc<crate::session::Session>), CallError> {
         if self.mqant && !is_json_object(body) {
             return Err(CallError::BodyNotJson);
         }
-        let target = conn.resolve(route, body)?;
+        let session = conn.handle.snapshot();
+        let target = conn.resolve_as(route, body, &session)?;
         let prefixes = &conn.cfg.handler_prefixes;
         let by_prefix = self.mqant
             && prefixes
@@ -709,8 +710,8 @@ impl MqttSession {
                 prefix,
             });
         }
-        crate::auth::admit_call(&target, route.handler, &conn.handle.snapshot())?;
-        Ok(target)
+        crate::auth::admit_call(&target, route.handler, &session)?;
+        Ok((target, session))
     }
 }
 

@@ -263,10 +263,11 @@ impl PomeloSession {
                     handler,
                     msgid: None,
                 };
-                conn.resolve(&r, &body).and_then(|t| {
+                let session = conn.handle.snapshot();
+                conn.resolve_as(&r, &body, &session).and_then(|t| {
                     if t.is_client_handler(handler) {
-                        crate::auth::admit_call(&t, handler, &conn.handle.snapshot())?;
-                        Ok((t, handler.to_owned()))
+                        crate::auth::admit_call(&t, handler, &session)?;
+                        Ok((t, handler, session))
                     } else {
                         Err(CallError::HandlerNotFound(handler.to_owned()))
                     }
@@ -274,7 +275,9 @@ impl PomeloSession {
             }
         };
         let outcome = match checked {
-            Ok((target, handler)) => conn.call(&target, &handler, body, tag).await,
+            Ok((target, handler, session)) => {
+                conn.call_as(&target, handler, body, tag, session).await
+            }
             Err(e) => Err((tag, e)),
         };
         if let Err((tag, e)) = outcome {
