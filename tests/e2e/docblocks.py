@@ -529,6 +529,40 @@ class Shell:
         self.close(check=exc_type is None)
 
 
+# ---- checks the tests share ----------------------------------------------------------------------
+
+
+def wait_normalized(t: Terminal, text: str) -> None:
+    """Wait until the output, CR LF read as LF, contains `text`."""
+    deadline = time.monotonic() + OUTPUT_TIMEOUT_S
+    while text not in t.raw().decode(errors="replace").replace("\r\n", "\n"):
+        assert time.monotonic() < deadline, f"{t.cmd!r} did not print {text!r}:\n{t.output()!r}"
+        time.sleep(0.05)
+
+
+def chat_through(sh: Shell, port: int = 3563) -> None:
+    """The test's own check that the chat works through the servers `sh` runs: alice waits in the
+    room, bob logs in, joins and says something, alice sees it."""
+    client = "examples/chat/client/chat_client.py"
+    alice = sh.start(quoted("python3", client, "--port", str(port), "--user", "alice", "--linger", "30", "--until", "bob: hello through the cluster"))
+    alice.wait_for("joined mqant as alice")
+    bob = sh.run(quoted("python3", client, "--port", str(port), "--user", "bob", "--say", "hello through the cluster"))
+    assert bob.returncode == 0, bob.stdout
+    assert "joined mqant as bob (here: alice, bob)" in bob.stdout, bob.stdout
+    assert alice.wait(timeout=30) == 0, alice.output()
+    assert "[mqant] bob: hello through the cluster" in alice.output()
+
+
+def nodes_joined(gate: Terminal, *nodes: str) -> None:
+    """The gate logged each module node joining (docs/cluster.md: `node joined node=chat1`)."""
+    for n in nodes:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not re.search(rf"node joined.*\bnode={n}\b", gate.output()):
+            assert gate.running(), f"the gate exited ({gate.proc.returncode}):\n{gate.output()[-4000:]}"
+            assert time.monotonic() < deadline, f"the gate never logged `node joined node={n}`:\n{gate.output()[-4000:]}"
+            time.sleep(0.05)
+
+
 def quoted(*args: str) -> str:
     """A command line of `args`, quoted for bash (for the tests' own checks, not doc commands)."""
     return " ".join(shlex.quote(a) for a in args)

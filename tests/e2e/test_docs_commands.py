@@ -39,8 +39,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from docblocks import Shell, Step, Terminal, blocks, commands, find_block
-from test_readme import chat_through, nodes_joined, wait_normalized
+from docblocks import Shell, Step, Terminal, blocks, chat_through, commands, find_block, nodes_joined, wait_normalized
 
 DOCS = REPO_ROOT / "docs"
 PROTOCOLS = DOCS / "protocols"

@@ -25,11 +25,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 from conftest import REPO_ROOT
-from docblocks import Shell, Terminal, commands, find_block, quoted
+from docblocks import Shell, Terminal, chat_through, commands, find_block, nodes_joined, wait_normalized
 
 README = REPO_ROOT / "README.md"
 
@@ -115,14 +114,6 @@ def telnet(sh: Shell, t: Terminal) -> None:
     assert t.wait() == 0, t.output()
 
 
-def wait_normalized(t: Terminal, text: str) -> None:
-    """Wait until the output, CR LF read as LF, contains `text`."""
-    deadline = time.monotonic() + 15
-    while text not in t.raw().decode(errors="replace").replace("\r\n", "\n"):
-        assert time.monotonic() < deadline, f"{t.cmd!r} did not print {text!r}:\n{t.output()!r}"
-        time.sleep(0.05)
-
-
 def test_one_server_on_every_protocol_and_telnet_on_the_line_echo(tmp_path: Path):
     steps = commands(block("cargo run --release -- serve --listen pomelo://").lines)
     assert len(steps) == 2 and steps[1].cmd == TELNET, steps
@@ -149,26 +140,6 @@ def test_the_config_file_commands(tmp_path: Path):
 
 
 # ---- the cluster -------------------------------------------------------------------------------
-
-
-def chat_through(sh: Shell, port: int = 3563) -> None:
-    """The test's own check that the chat works through the servers `sh` runs: alice waits in the
-    room, bob logs in, joins and says something, alice sees it."""
-    client = "examples/chat/client/chat_client.py"
-    alice = sh.start(quoted("python3", client, "--port", str(port), "--user", "alice", "--linger", "30", "--until", "bob: hello through the cluster"))
-    alice.wait_for("joined mqant as alice")
-    bob = sh.run(quoted("python3", client, "--port", str(port), "--user", "bob", "--say", "hello through the cluster"))
-    assert bob.returncode == 0, bob.stdout
-    assert "joined mqant as bob (here: alice, bob)" in bob.stdout, bob.stdout
-    assert alice.wait(timeout=30) == 0, alice.output()
-    assert "[mqant] bob: hello through the cluster" in alice.output()
-
-
-def nodes_joined(gate: Terminal, *nodes: str) -> None:
-    """The gate logged each module node joining (docs/cluster.md: `node joined node=chat1`)."""
-    for n in nodes:
-        gate.wait_for(f"node={n}", timeout=20)
-    assert "node joined" in gate.output(), gate.output()
 
 
 def test_the_three_process_cluster_walk_and_a_chat_through_it(tmp_path: Path):
