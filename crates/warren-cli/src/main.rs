@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use warren::Node;
-use warren::config::{Config, ListenerConfig, ModuleConfig};
+use warren::config::{Config, ConfigError, ListenerConfig, ModuleConfig};
 
 /// warren: a realtime server for long-connection applications.
 #[derive(Parser)]
@@ -244,61 +244,52 @@ fn read_text(file: &std::path::Path) -> anyhow::Result<String> {
 fn load_config(file: &std::path::Path) -> anyhow::Result<Loaded> {
     let text = read_text(file)?;
     let name = file.display();
-    let at = |e: &warren::config::ConfigError| match e.to_string() {
-        // errors without a line get a space after the file name, like `file: key: why`
+    let at = |e: &ConfigError| match e.to_string() {
+        // errors without a line get a space after the file name: `file: key: why`
         s if s.starts_with(|c: char| c.is_ascii_digit()) => format!("{name}:{s}"),
         s => format!("{name}: {s}"),
     };
-    let (config, has_http, mut errors) = if warren::mqant_conf::is_mqant_json(&text) {
+    let report = |errors: Vec<ConfigError>| FileErrors(errors.iter().map(at).collect());
+    if warren::mqant_conf::is_mqant_json(&text) {
         let (config, warnings) =
             warren::mqant_conf::from_mqant_json(&text).map_err(|e| anyhow::anyhow!(at(&e)))?;
         for w in warnings {
             eprintln!("{name}: warning: {w}");
         }
-        let errors: Vec<String> = config
-            .problems(warren_chat::MODULE_TYPES)
-            .iter()
-            .map(at)
-            .collect();
-        (config, false, errors)
-    } else {
-        match Config::load_all(&text, warren_chat::MODULE_TYPES) {
-            Ok(config) => {
-                let has_http =
-                    toml::from_str::<toml::Table>(&text).is_ok_and(|t| t.contains_key("http"));
-                (config, has_http, Vec::new())
-            }
-            Err(errors) => {
-                return Err(FileErrors(errors.iter().map(at).collect()).into());
-            }
+        let mut errors = config.problems(warren_chat::MODULE_TYPES);
+        errors.extend(start_checks(&config));
+        if !errors.is_empty() {
+            return Err(report(errors).into());
         }
-    };
-    let place = |key: String, why: String| {
-        let e = warren::config::ConfigError::invalid(key, why);
-        at(&if warren::mqant_conf::is_mqant_json(&text) {
-            e
-        } else {
-            e.located_in(&text)
-        })
-    };
+        return Ok(Loaded {
+            config,
+            has_http: false,
+        });
+    }
+    let config =
+        Config::load_all_with(&text, warren_chat::MODULE_TYPES, start_checks).map_err(report)?;
+    let has_http = toml::from_str::<toml::Table>(&text).is_ok_and(|t| t.contains_key("http"));
+    Ok(Loaded { config, has_http })
+}
+
+/// What the node checks as it starts, beyond the config's own rules: each module's settings
+/// (as the catalog reads them) and the ACL file.
+fn start_checks(config: &Config) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
     for (i, m) in config.modules.iter().enumerate() {
         if !warren_chat::MODULE_TYPES.contains(&m.kind.as_str()) {
-            continue; // reported above
+            continue; // an unknown type is the config's own error
         }
         if let Err(why) = warren_chat::catalog(m) {
-            errors.push(place(format!("module[{i}]"), why));
+            errors.push(ConfigError::invalid(format!("module[{i}]"), why));
         }
     }
     if let Some(acl) = &config.auth.acl_file
         && let Err(e) = warren::acl::Acl::load(acl)
     {
-        errors.push(place("auth.acl_file".into(), format!("{e:#}")));
+        errors.push(ConfigError::invalid("auth.acl_file", format!("{e:#}")));
     }
-    if errors.is_empty() {
-        Ok(Loaded { config, has_http })
-    } else {
-        Err(FileErrors(errors).into())
-    }
+    errors
 }
 
 /// `warren config convert`: mqant JSON in, warren TOML out.

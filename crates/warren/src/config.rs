@@ -99,6 +99,20 @@ pub enum ListenerProtocol {
 }
 
 impl ListenerProtocol {
+    /// Every protocol.
+    pub const ALL: [ListenerProtocol; 5] = [
+        ListenerProtocol::Mqtt,
+        ListenerProtocol::Pomelo,
+        ListenerProtocol::Json,
+        ListenerProtocol::Line,
+        ListenerProtocol::PomeloRpc,
+    ];
+
+    /// The protocol a config file names.
+    pub fn from_name(name: &str) -> Option<ListenerProtocol> {
+        ListenerProtocol::ALL.into_iter().find(|p| p.name() == name)
+    }
+
     /// The name a config file uses (`protocol = "pomelo-rpc"`).
     pub fn name(self) -> &'static str {
         match self {
@@ -359,6 +373,74 @@ fn url_value(key: &str, raw: &str) -> Result<toml::Value, String> {
     })
 }
 
+/// Listener keys that only some protocols take, with those protocols; every other key applies
+/// to all. A config file that sets one of these on another protocol's listener is refused as
+/// it is parsed, like an unknown key, rather than the key being silently ignored.
+pub const PROTOCOL_ONLY_KEYS: &[(&str, &[ListenerProtocol])] = {
+    use ListenerProtocol::*;
+    &[
+        ("mode", &[Mqtt]),
+        ("pingresp_d2", &[Mqtt]),
+        ("push_qos", &[Mqtt]),
+        ("handler_prefixes", &[Mqtt]),
+        ("pubsub", &[Mqtt]),
+        ("max_packet", &[Mqtt, Json]),
+        ("heartbeat_s", &[Pomelo]),
+        ("heartbeat_timeout_s", &[Pomelo]),
+        ("max_package", &[Pomelo]),
+        ("route_dict", &[Pomelo]),
+        ("require_login", &[Json]),
+        ("fallback_module", &[Json]),
+        ("silent_errors", &[Json]),
+        ("login_handler", &[Json]),
+        ("max_head", &[Line]),
+        ("max_body", &[Line]),
+        ("max_bad_heads", &[Line]),
+        ("space_before_crlf", &[Line]),
+        ("lazy_channels", &[Line]),
+        ("handler", &[Line]),
+        ("auth_first_line", &[Line]),
+        ("send_connack", &[PomeloRpc]),
+        ("buffer_msg", &[PomeloRpc]),
+        ("interval_ms", &[PomeloRpc]),
+        ("trace", &[PomeloRpc]),
+        ("pkg_size", &[PomeloRpc]),
+        ("namespaces", &[PomeloRpc]),
+        ("service_map", &[PomeloRpc]),
+    ]
+};
+
+/// Why `key` does not belong on a `protocol` listener, if it does not.
+fn foreign_key(key: &str, protocol: ListenerProtocol) -> Option<String> {
+    let (_, owners) = PROTOCOL_ONLY_KEYS.iter().find(|(k, _)| *k == key)?;
+    if owners.contains(&protocol) {
+        return None;
+    }
+    let names: Vec<&str> = owners.iter().map(|p| p.name()).collect();
+    Some(format!(
+        "only applies to {} listeners, not {}",
+        names.join(" and "),
+        protocol.name()
+    ))
+}
+
+/// For a listener table of a parsed file, each key its protocol does not take (the protocol
+/// is the table's `protocol` value, `mqtt` when absent): `(key, why)`.
+fn foreign_keys<'k>(
+    protocol: Option<&str>,
+    keys: impl Iterator<Item = &'k str>,
+) -> Vec<(&'k str, String)> {
+    let protocol = match protocol {
+        None => ListenerProtocol::Mqtt,
+        Some(name) => match ListenerProtocol::from_name(name) {
+            Some(p) => p,
+            None => return Vec::new(), // the schema check names the bad protocol
+        },
+    };
+    keys.filter_map(|k| foreign_key(k, protocol).map(|why| (k, why)))
+        .collect()
+}
+
 fn pick(tls: bool, plain: &'static str, secure: &'static str) -> &'static str {
     if tls { secure } else { plain }
 }
@@ -472,7 +554,9 @@ impl ListenerConfig {
         let mut t = toml::Table::new();
         t.insert("protocol".into(), protocol.into());
         t.insert("transport".into(), transport.into());
-        t.insert("mode".into(), mode.into());
+        if protocol == "mqtt" {
+            t.insert("mode".into(), mode.into());
+        }
         t.insert("addr".into(), addr.into());
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, "true"));
@@ -490,7 +574,13 @@ impl ListenerConfig {
             other => other,
         };
         let l: ListenerConfig = source::Source::parse(&text)
-            .and_then(|src| src.deserialize_all())
+            .and_then(|src| {
+                let l = src.deserialize_all()?;
+                match src.foreign_listener_keys(true).into_iter().next() {
+                    Some(e) => Err(vec![e]),
+                    None => Ok(l),
+                }
+            })
             .map_err(|errors| on_flag(first(errors)))?;
         if tls != l.tls() {
             return Err(bad(if tls {
@@ -573,36 +663,33 @@ impl ListenerConfig {
         })
     }
 
-    /// Keys that only one protocol understands, with that protocol, to refuse them elsewhere.
-    fn protocol_keys(&self) -> Vec<(&'static str, bool, ListenerProtocol)> {
-        use ListenerProtocol::*;
-        vec![
-            ("heartbeat_s", self.heartbeat_s.is_some(), Pomelo),
-            (
-                "heartbeat_timeout_s",
-                self.heartbeat_timeout_s.is_some(),
-                Pomelo,
-            ),
-            ("max_package", self.max_package.is_some(), Pomelo),
-            ("route_dict", self.route_dict.is_some(), Pomelo),
-            ("require_login", self.require_login.is_some(), Json),
-            ("fallback_module", self.fallback_module.is_some(), Json),
-            ("silent_errors", self.silent_errors.is_some(), Json),
-            ("login_handler", self.login_handler.is_some(), Json),
-            ("max_head", self.max_head.is_some(), Line),
-            ("max_body", self.max_body.is_some(), Line),
-            ("max_bad_heads", self.max_bad_heads.is_some(), Line),
-            ("space_before_crlf", self.space_before_crlf.is_some(), Line),
-            ("lazy_channels", self.lazy_channels.is_some(), Line),
-            ("handler", self.handler.is_some(), Line),
-            ("auth_first_line", self.auth_first_line.is_some(), Line),
-            ("send_connack", self.send_connack.is_some(), PomeloRpc),
-            ("buffer_msg", self.buffer_msg.is_some(), PomeloRpc),
-            ("interval_ms", self.interval_ms.is_some(), PomeloRpc),
-            ("trace", self.trace.is_some(), PomeloRpc),
-            ("pkg_size", self.pkg_size.is_some(), PomeloRpc),
-            ("namespaces", self.namespaces.is_some(), PomeloRpc),
-            ("service_map", self.service_map.is_some(), PomeloRpc),
+    /// The keys of [`PROTOCOL_ONLY_KEYS`] whose value is set (the optional ones), to refuse
+    /// them on listeners built in code as a config file's are refused when parsed.
+    fn protocol_keys(&self) -> [(&'static str, bool); 23] {
+        [
+            ("max_packet", self.max_packet.is_some()),
+            ("heartbeat_s", self.heartbeat_s.is_some()),
+            ("heartbeat_timeout_s", self.heartbeat_timeout_s.is_some()),
+            ("max_package", self.max_package.is_some()),
+            ("route_dict", self.route_dict.is_some()),
+            ("require_login", self.require_login.is_some()),
+            ("fallback_module", self.fallback_module.is_some()),
+            ("silent_errors", self.silent_errors.is_some()),
+            ("login_handler", self.login_handler.is_some()),
+            ("max_head", self.max_head.is_some()),
+            ("max_body", self.max_body.is_some()),
+            ("max_bad_heads", self.max_bad_heads.is_some()),
+            ("space_before_crlf", self.space_before_crlf.is_some()),
+            ("lazy_channels", self.lazy_channels.is_some()),
+            ("handler", self.handler.is_some()),
+            ("auth_first_line", self.auth_first_line.is_some()),
+            ("send_connack", self.send_connack.is_some()),
+            ("buffer_msg", self.buffer_msg.is_some()),
+            ("interval_ms", self.interval_ms.is_some()),
+            ("trace", self.trace.is_some()),
+            ("pkg_size", self.pkg_size.is_some()),
+            ("namespaces", self.namespaces.is_some()),
+            ("service_map", self.service_map.is_some()),
         ]
     }
 
@@ -634,16 +721,9 @@ impl ListenerConfig {
         if let Err(why) = self.socket_addr() {
             bad("addr", why);
         }
-        for (k, set, proto) in self.protocol_keys() {
-            if set && proto != self.protocol {
-                bad(
-                    k,
-                    format!(
-                        "only applies to {} listeners, not {}",
-                        proto.name(),
-                        self.protocol.name()
-                    ),
-                );
+        for (k, set) in self.protocol_keys() {
+            if let Some(why) = set.then(|| foreign_key(k, self.protocol)).flatten() {
+                bad(k, why);
             }
         }
         let transport_ok = match self.protocol {
@@ -1058,9 +1138,21 @@ impl Config {
         Config::from_toml_all(text).map_err(first)
     }
 
-    /// Parse TOML text; every syntax error, or else every key that does not fit the schema.
+    /// Parse TOML text; every syntax error, or else every key that does not fit the schema
+    /// (unknown, of the wrong type, or of another protocol's listener).
     fn from_toml_all(text: &str) -> Result<Config, Vec<ConfigError>> {
-        source::Source::parse(text)?.deserialize_all()
+        let src = source::Source::parse(text)?;
+        let parsed = src.deserialize_all::<Config>();
+        let mut foreign = src.foreign_listener_keys(false);
+        match parsed {
+            Ok(c) if foreign.is_empty() => Ok(c),
+            Ok(_) => Err(in_file_order(foreign)),
+            Err(mut errors) => {
+                foreign.retain(|f| !errors.contains(f));
+                errors.extend(foreign);
+                Err(in_file_order(errors))
+            }
+        }
     }
 
     /// Parse and validate, locating errors in the text; the first error.
@@ -1072,9 +1164,22 @@ impl Config {
     /// syntax errors; else every key that does not fit the schema; else every value that does
     /// not pass [`Config::validate`].
     pub fn load_all(text: &str, known_modules: &[&str]) -> Result<Config, Vec<ConfigError>> {
+        Config::load_all_with(text, known_modules, |_| Vec::new())
+    }
+
+    /// [`Config::load_all`] with more checks: `more` sees the parsed config and returns what
+    /// else is wrong (a module's own settings, files the node reads at start), keyed by dotted
+    /// paths like the config's own errors; they are placed in the text and reported with them,
+    /// in file order.
+    pub fn load_all_with(
+        text: &str,
+        known_modules: &[&str],
+        more: impl FnOnce(&Config) -> Vec<ConfigError>,
+    ) -> Result<Config, Vec<ConfigError>> {
+        let c = Config::from_toml_all(text)?;
         let src = source::Source::parse(text)?;
-        let c: Config = src.deserialize_all().map_err(in_file_order)?;
-        let problems = c.problems(known_modules);
+        let mut problems = c.problems(known_modules);
+        problems.extend(more(&c));
         if problems.is_empty() {
             Ok(c)
         } else {
@@ -1589,5 +1694,54 @@ mod tests {
         assert_eq!(e.to_string(), "4:1: module[1]: bad");
         let e = ConfigError::invalid("--listen", "bad").located_in(text);
         assert_eq!(e.to_string(), "--listen: bad");
+    }
+
+    #[test]
+    fn a_listener_takes_only_its_protocols_keys() {
+        let text = "[[listener]]\nprotocol = \"pomelo\"\naddr = \"127.0.0.1:1\"\npubsub = true\nheartbeat_s = 5\n\n[[listener]]\naddr = \"127.0.0.1:2\"\nheartbeat_s = 5\nmax_packet = 4096\n\n[[listener]]\nprotocol = \"line\"\naddr = \"127.0.0.1:3\"\nmax_packet = 4096\nmode = \"mqant\"\n";
+        let e = all_errors(text);
+        assert_eq!(
+            e,
+            [
+                "4:1: listener[0].pubsub: only applies to mqtt listeners, not pomelo",
+                "9:1: listener[1].heartbeat_s: only applies to pomelo listeners, not mqtt",
+                "15:1: listener[2].max_packet: only applies to mqtt and json listeners, not line",
+                "16:1: listener[2].mode: only applies to mqtt listeners, not line",
+            ],
+            "{e:#?}"
+        );
+        // reported with the other schema errors, in file order
+        let e = all_errors("[[listener]]\nprotocol = \"json\"\npush_qos = 0\nbogus = 1\n");
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].starts_with("3:1: listener[0].push_qos: only applies to mqtt"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with("4:1: listener[0].bogus: unknown key"),
+            "{e:?}"
+        );
+        // json takes max_packet; the same from a URL
+        assert!(Config::load("[[listener]]\nprotocol = \"json\"\nmax_packet = 100\n", &[]).is_ok());
+        let e = ListenerConfig::from_url("pomelo://127.0.0.1:1?push_qos=0").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--listen.push_qos: only applies to mqtt listeners, not pomelo"
+        );
+        assert!(ListenerConfig::from_url("json+ws://127.0.0.1:1?max_packet=100").is_ok());
+        // a listener built in code is held to the same rule for the keys it sets
+        let l = ListenerConfig {
+            protocol: ListenerProtocol::Line,
+            max_packet: Some(100),
+            ..ListenerConfig::default()
+        };
+        let c = Config {
+            listeners: vec![l],
+            ..Config::default()
+        };
+        assert_eq!(
+            c.validate(&[]).unwrap_err().to_string(),
+            "listener[0].max_packet: only applies to mqtt and json listeners, not line"
+        );
     }
 }

@@ -105,6 +105,47 @@ impl<'a> Source<'a> {
         Err(errors)
     }
 
+    /// Every listener key set in the file that its listener's protocol does not take: in each
+    /// `[[listener]]` table, or in the root table when the document is one listener (a
+    /// `--listen` URL's settings). Each error is placed at its key.
+    pub(super) fn foreign_listener_keys(&self, root_is_listener: bool) -> Vec<ConfigError> {
+        let root = self.root.get_ref();
+        let tables: Vec<(String, &DeTable<'a>)> = if root_is_listener {
+            vec![(String::new(), root)]
+        } else {
+            match root.get("listener").map(|v| v.get_ref()) {
+                Some(DeValue::Array(a)) => a
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, el)| match el.get_ref() {
+                        DeValue::Table(t) => Some((format!("listener[{i}]."), t)),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        let mut errors = Vec::new();
+        for (prefix, table) in tables {
+            let protocol = table.get("protocol").and_then(|v| v.get_ref().as_str());
+            let keys = table.iter().map(|(k, _)| k.get_ref().as_ref());
+            for (key, why) in super::foreign_keys(protocol, keys) {
+                let (line, column) = table
+                    .iter()
+                    .find(|(k, _)| k.get_ref() == key)
+                    .map(|(k, _)| line_col(self.text, k.span().start))
+                    .map_or((None, None), |(l, c)| (Some(l), Some(c)));
+                errors.push(ConfigError::Invalid {
+                    key: format!("{prefix}{key}"),
+                    why,
+                    line,
+                    column,
+                });
+            }
+        }
+        errors
+    }
+
     /// Fill in the position of an error whose key is a dotted path (`listener[1].addr`): the
     /// key's value, or the nearest table above it that the file has (a key left at its default
     /// is placed at its table's header).
