@@ -185,7 +185,7 @@ def test_a_listen_flag_on_the_page_address_is_refused():
     http = free_port()
     res = run("serve", "--no-demo-listeners", "--http", f"127.0.0.1:{http}", "--listen", f"mqtt://0.0.0.0:{http}", timeout=15)
     assert res.returncode == 1
-    assert "http.addr:" in res.stderr and f"0.0.0.0:{http}" in res.stderr, res.stderr
+    assert f"listener[0].addr: 0.0.0.0:{http} and http.addr (127.0.0.1:{http})" in res.stderr, res.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 //! One config tree for a node, loaded from TOML and validated before anything starts.
 //!
-//! Every table rejects unknown keys, every key has a default, and errors name the file, the line
-//! and the key. `warren print-default-config` prints [`DEFAULT_CONFIG`]; `warren check-config`
-//! runs [`Config::from_toml`] and [`Config::validate`].
+//! Every table rejects unknown keys, a listener refuses the keys of other protocols, every key
+//! has a default, and errors name the line, the column and the key, all of them at once
+//! ([`Config::load_all`]; config/source.rs reads the positions from the toml crate's spans).
+//! `warren print-default-config` prints [`DEFAULT_CONFIG`]; `warren check-config` runs
+//! [`Config::load_all_with`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -1236,8 +1238,15 @@ impl Config {
                 ),
             }
         }
-        for (j, (key, a)) in bound.iter().enumerate() {
-            if let Some((other, b)) = bound[..j].iter().find(|(_, b)| binds_overlap(*a, *b)) {
+        for (j, later) in bound.iter().enumerate() {
+            if let Some(earlier) = bound[..j].iter().find(|(_, b)| binds_overlap(later.1, *b)) {
+                // the page comes last and is often left at its default, not in the file: name
+                // the listener, which is
+                let ((key, a), (other, b)) = if later.0 == "http.addr" {
+                    (earlier, later)
+                } else {
+                    (later, earlier)
+                };
                 let why = if a == b {
                     format!("{a} is also {other}")
                 } else {
@@ -1609,9 +1618,10 @@ mod tests {
         let text = "[[listener]]\naddr = \"0.0.0.0:8080\"\n";
         let e = all_errors(text);
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(
-            e[0].starts_with("http.addr: 127.0.0.1:8080 and listener[0].addr"),
-            "{e:?}"
+        assert_eq!(
+            e[0],
+            "2:8: listener[0].addr: 0.0.0.0:8080 and http.addr (127.0.0.1:8080) cannot both be \
+             bound: an unspecified address (0.0.0.0, ::) takes its port on every address"
         );
     }
 
