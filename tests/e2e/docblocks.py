@@ -421,15 +421,19 @@ class Shell:
     def run(self, cmd: str, timeout: float = 120, stdin: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
         """Run `cmd` to completion; output is stdout and stderr together, as text."""
         cwd = cwd or self.cwd
-        r = subprocess.run(
-            self.ns.argv(cwd, "bash", "-c", cmd),
-            cwd=cwd,
-            env=self.env,
-            input=stdin if stdin is not None else b"",
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-        )
+        try:
+            r = subprocess.run(
+                self.ns.argv(cwd, "bash", "-c", cmd),
+                cwd=cwd,
+                env=self.env,
+                input=stdin if stdin is not None else b"",
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as e:
+            said = (e.output or b"").decode(errors="replace")
+            raise AssertionError(f"{cmd!r} still runs after {timeout} s; it printed:\n{said[-4000:]}") from None
         return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(errors="replace"), "")
 
     def port_open(self, port: int) -> bool:

@@ -252,7 +252,7 @@ def test_json_ws_try_it(tmp_path: Path):
         started = sh.walk(commands(found[1].lines))
         serving(sh, started[found[1].first])
         # "Try it": the Python sample prints what its comments say
-        r = sh.run("python3 -", stdin="\n".join(sample.lines).encode())
+        r = sh.run("python3 -", stdin="\n".join(sample.lines).encode(), timeout=30)
         assert r.returncode == 0, r.stdout
         want = [re.match(r".*print\(.*\)\s+#\s*(.+)$", ln).group(1) for ln in sample.lines if re.match(r"\s*print\(.*\)\s+#", ln)]
         assert len(want) == 5, want
