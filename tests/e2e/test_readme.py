@@ -17,6 +17,11 @@ workspace's default members have exactly one binary, warren-cli's `warren`, so `
 --release -- ARGS` is `warren ARGS` built from this tree; the etcd feature only adds the etcd://
 registry, which no README command uses.
 
+Beyond the commands: the addresses the "Two commands" comment gives answer; the output "A
+five-minute tour" shows is what the demo prints (each shown line begins a printed line, in order:
+the ready line goes on to name the bus and registry); the two terminal clients chat; telnet gets
+the echo the comment shows; the cluster's gate logs both nodes joining and a chat goes through.
+
 Not run: `scripts/test` ("Two commands") is the script that runs this test.
 """
 
