@@ -68,7 +68,7 @@ INVENTORY: dict[tuple[str, str], str] = {
     ("docs/protocols/pomelo.md", "warren serve --listen 'pomelo://127.0.0.1:3010?heartbeat_s=10'"): "test_pomelo_listener",
     ("docs/protocols/pomelo.md", "warren serve --listen pomelo://127.0.0.1:3010"): "test_pomelo_try_it",
     ("docs/protocols/pomelo-rpc.md", "warren serve --module Echo --listen 'pomelo-rpc://127.0.0.1:3333?allow"): "test_pomelo_rpc_listeners",
-    ("docs/protocols/pomelo-rpc.md", "warren serve --module Echo --listen pomelo-rpc://127.0.0.1:3333"): "test_pomelo_rpc_try_it",
+    ("docs/protocols/pomelo-rpc.md", "warren serve --listen 'pomelo-rpc://127.0.0.1:3333?allow=127.0.0.1' --module Echo"): "test_pomelo_rpc_try_it",
     ("examples/chat/client/README.md", "python3 -m pip install"): "test_terminal_client_readme",
     ("examples/chat/client/README.md", "python3 chat_client.py --user alice"): "test_terminal_client_readme",
     ("fuzz/README.md", "cargo fuzz run mqtt_decode"): "not run here: scripts/test fuzzes every target this way",
@@ -284,7 +284,7 @@ def test_pomelo_rpc_listeners(tmp_path: Path):
 
 
 def test_pomelo_rpc_try_it(tmp_path: Path):
-    b = find_block(PROTOCOLS / "pomelo-rpc.md", "warren serve --module Echo --listen pomelo-rpc://127.0.0.1:3333")
+    b = find_block(PROTOCOLS / "pomelo-rpc.md", "warren serve --listen 'pomelo-rpc://127.0.0.1:3333?allow=127.0.0.1' --module Echo")
     sample = next_block(b, "js")
     want = [m.group(1) for ln in sample.lines if (m := re.search(r"console\.log\(.*\);\s*//\s*(.+)$", ln))]
     assert want == ["null hello"], want

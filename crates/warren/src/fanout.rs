@@ -624,12 +624,11 @@ pub fn valid_filter(f: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::{Outbound, Protocol, Session, Transport};
-    use tokio::sync::mpsc;
+    use crate::session::{Outbound, OutboxRx, Protocol, Session, Transport, outbox};
     use tokio_util::sync::CancellationToken;
 
-    fn handle(id: &str) -> (Arc<SessionHandle>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(8);
+    fn handle(id: &str) -> (Arc<SessionHandle>, OutboxRx) {
+        let (tx, rx) = outbox(8);
         let s = Session {
             id: id.into(),
             uid: None,
@@ -642,9 +641,9 @@ mod tests {
         (SessionHandle::new(s, tx, CancellationToken::new()), rx)
     }
 
-    fn got(rx: &mut mpsc::Receiver<Outbound>) -> Vec<(String, Option<u8>)> {
+    fn got(rx: &mut OutboxRx) -> Vec<(String, Option<u8>)> {
         let mut v = vec![];
-        while let Ok(o) = rx.try_recv() {
+        while let Some(o) = rx.try_recv() {
             if let Outbound::Message { msg, qos } = o {
                 v.push((String::from_utf8_lossy(&msg.topic).into_owned(), qos));
             }

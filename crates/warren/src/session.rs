@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde_json::{Map, Value};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CallError;
@@ -300,8 +300,6 @@ pub struct QueueBytes {
     queued: AtomicUsize,
     max: usize,
     node: Option<Arc<OutputBudget>>,
-    /// Woken when the writer releases bytes (a reply waiting for room).
-    room: Notify,
 }
 
 impl QueueBytes {
@@ -311,7 +309,6 @@ impl QueueBytes {
             queued: AtomicUsize::new(0),
             max: max.max(1),
             node,
-            room: Notify::new(),
         })
     }
 
@@ -377,27 +374,113 @@ impl QueueBytes {
             return;
         }
         self.sub(n);
-        self.room.notify_one();
     }
 
-    /// Count `n` bytes for a reply if there is room now (see [`QueueBytes::reserve_waiting`]).
+    /// Count `n` bytes for a reply if there is room now: the cap, and the node's budget unless
+    /// the queue is empty (a reply to a client that reads is never refused by others' backlog).
     pub(crate) fn try_reserve_reply(&self, n: usize) -> bool {
         self.reserve(n, true).is_ok()
     }
+}
 
-    /// Count `n` bytes for a reply, waiting while the queue holds more than the cap allows
-    /// (backpressure on this client only). Returns `false` when `closed` fires first.
-    pub(crate) async fn reserve_waiting(&self, n: usize, closed: &CancellationToken) -> bool {
-        loop {
-            if self.reserve(n, true).is_ok() {
-                return true;
+/// A session's outbound queue, bounded in items (the listener's `write_queue`; its bytes are
+/// counted in [`QueueBytes`]). Many senders (fan-out, other sessions' handlers, the module
+/// runtime) and one receiver, the connection's task. Nothing is allocated until the first item
+/// (an idle connection holds no slots), and a queue drained after a burst gives its slots back.
+#[derive(Debug)]
+struct Outbox {
+    state: parking_lot::Mutex<OutboxState>,
+    /// The connection's task, when it waits for an item.
+    waker: futures_util::task::AtomicWaker,
+    cap: usize,
+}
+
+#[derive(Debug, Default)]
+struct OutboxState {
+    items: std::collections::VecDeque<Outbound>,
+    closed: bool,
+}
+
+/// A new outbound queue of at most `cap` items: its sending and receiving ends.
+pub fn outbox(cap: usize) -> (OutboxTx, OutboxRx) {
+    let q = Arc::new(Outbox {
+        state: parking_lot::Mutex::new(OutboxState::default()),
+        waker: futures_util::task::AtomicWaker::new(),
+        cap: cap.max(1),
+    });
+    (OutboxTx(q.clone()), OutboxRx(q))
+}
+
+/// The sending end of a session's outbound queue (held by its [`SessionHandle`]).
+#[derive(Debug, Clone)]
+pub struct OutboxTx(Arc<Outbox>);
+
+/// The receiving end of a session's outbound queue (the connection's task). Dropping it closes
+/// the queue: later sends are refused.
+#[derive(Debug)]
+pub struct OutboxRx(Arc<Outbox>);
+
+impl OutboxTx {
+    /// Queue an item if there is room; the item comes back when the queue is full or closed.
+    pub fn try_send(&self, item: Outbound) -> Result<(), mpsc::error::TrySendError<Outbound>> {
+        {
+            let mut st = self.0.state.lock();
+            if st.closed {
+                return Err(mpsc::error::TrySendError::Closed(item));
             }
-            tokio::select! {
-                biased;
-                _ = closed.cancelled() => return false,
-                _ = self.room.notified() => {}
+            if st.items.len() >= self.0.cap {
+                return Err(mpsc::error::TrySendError::Full(item));
             }
+            st.items.push_back(item);
         }
+        self.0.waker.wake();
+        Ok(())
+    }
+
+    /// Whether the receiving end is gone.
+    pub fn is_closed(&self) -> bool {
+        self.0.state.lock().closed
+    }
+}
+
+impl OutboxRx {
+    /// The next item, if one is queued.
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        let mut st = self.0.state.lock();
+        let item = st.items.pop_front()?;
+        if st.items.is_empty() && st.items.capacity() > 16 {
+            // a burst is over: do not keep its slots
+            st.items = std::collections::VecDeque::new();
+        }
+        Some(item)
+    }
+
+    /// Wait for the next item; `None` once the queue is closed and empty. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        std::future::poll_fn(|cx| {
+            if let Some(item) = self.try_recv() {
+                return std::task::Poll::Ready(Some(item));
+            }
+            self.0.waker.register(cx.waker());
+            let mut st = self.0.state.lock();
+            match st.items.pop_front() {
+                Some(item) => std::task::Poll::Ready(Some(item)),
+                None if st.closed => std::task::Poll::Ready(None),
+                None => std::task::Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Refuse further items (what is queued can still be taken).
+    pub fn close(&mut self) {
+        self.0.state.lock().closed = true;
+    }
+}
+
+impl Drop for OutboxRx {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -416,7 +499,7 @@ pub const NODE_GRANULE: usize = 4096;
 pub struct SessionHandle {
     id: SessionId,
     snapshot: ArcSwap<Session>,
-    outbound: mpsc::Sender<Outbound>,
+    outbound: OutboxTx,
     /// The bytes waiting in `outbound` (and in the writer).
     bytes: Arc<QueueBytes>,
     close: CancellationToken,
@@ -427,11 +510,7 @@ pub struct SessionHandle {
 impl SessionHandle {
     /// A handle for a new connection, its queue capped at [`DEFAULT_QUEUE_BYTES`] and outside
     /// any node budget.
-    pub fn new(
-        session: Session,
-        outbound: mpsc::Sender<Outbound>,
-        close: CancellationToken,
-    ) -> Arc<Self> {
+    pub fn new(session: Session, outbound: OutboxTx, close: CancellationToken) -> Arc<Self> {
         Self::bounded(
             session,
             outbound,
@@ -444,7 +523,7 @@ impl SessionHandle {
     /// and the node's budget). Whoever reads `outbound` must release what it takes from it.
     pub fn bounded(
         session: Session,
-        outbound: mpsc::Sender<Outbound>,
+        outbound: OutboxTx,
         close: CancellationToken,
         bytes: Arc<QueueBytes>,
     ) -> Arc<Self> {
@@ -855,9 +934,9 @@ mod tests {
     }
 
     /// What a writer does with what it takes: give the bytes back.
-    fn drain(rx: &mut mpsc::Receiver<Outbound>, bytes: &QueueBytes) -> usize {
+    fn drain(rx: &mut OutboxRx, bytes: &QueueBytes) -> usize {
         let mut n = 0;
-        while let Ok(item) = rx.try_recv() {
+        while let Some(item) = rx.try_recv() {
             let size = item.queued_size();
             bytes.release(size);
             n += 1;
@@ -869,7 +948,7 @@ mod tests {
     async fn a_session_that_never_reads_holds_at_most_its_byte_cap() {
         let node = OutputBudget::new(1 << 30);
         let bytes = QueueBytes::new(64 * 1024, Some(node.clone()));
-        let (tx, mut rx) = mpsc::channel(1024);
+        let (tx, mut rx) = outbox(1024);
         let close = CancellationToken::new();
         let h = SessionHandle::bounded(session("s1"), tx, close.clone(), bytes.clone());
         let mut delivered = 0;
@@ -890,7 +969,7 @@ mod tests {
     #[tokio::test]
     async fn an_empty_queue_takes_one_item_larger_than_the_cap() {
         let bytes = QueueBytes::new(1024, None);
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = outbox(16);
         let h = SessionHandle::bounded(session("s1"), tx, CancellationToken::new(), bytes.clone());
         assert!(h.deliver(msg(5000), None).is_ok());
         assert!(h.deliver(msg(10), None).is_err());
@@ -901,8 +980,8 @@ mod tests {
     #[tokio::test]
     async fn the_node_budget_refuses_and_closes_only_the_recipient() {
         let node = OutputBudget::new(20_000);
-        let (tx_a, mut rx_a) = mpsc::channel(1024);
-        let (tx_b, _rx_b) = mpsc::channel(1024);
+        let (tx_a, mut rx_a) = outbox(1024);
+        let (tx_b, _rx_b) = outbox(1024);
         let (close_a, close_b) = (CancellationToken::new(), CancellationToken::new());
         let bytes_a = QueueBytes::new(1 << 20, Some(node.clone()));
         let a = SessionHandle::bounded(session("a"), tx_a, close_a.clone(), bytes_a.clone());
@@ -934,7 +1013,7 @@ mod tests {
     async fn a_full_item_queue_is_a_slow_consumer_too_and_gives_its_bytes_back() {
         let node = OutputBudget::new(1 << 30);
         let bytes = QueueBytes::new(1 << 20, Some(node.clone()));
-        let (tx, _rx) = mpsc::channel(2);
+        let (tx, _rx) = outbox(2);
         let close = CancellationToken::new();
         let h = SessionHandle::bounded(session("s1"), tx, close.clone(), bytes.clone());
         h.deliver(msg(1), None).unwrap();
@@ -943,27 +1022,6 @@ mod tests {
         assert!(close.is_cancelled());
         assert_eq!(bytes.queued(), 2 * 18);
         assert_eq!(node.queued(), 0, "less than a granule");
-    }
-
-    #[tokio::test]
-    async fn a_reply_waits_for_room_and_goes_once_the_writer_releases() {
-        use futures_util::FutureExt;
-        let bytes = QueueBytes::new(1000, None);
-        let closed = CancellationToken::new();
-        assert!(bytes.reserve_waiting(800, &closed).await);
-        let wait = bytes.reserve_waiting(800, &closed);
-        tokio::pin!(wait);
-        assert!((&mut wait).now_or_never().is_none(), "over the cap: waits");
-        bytes.release(800);
-        assert!(wait.await, "room again: goes");
-        assert_eq!(bytes.queued(), 800);
-        // a connection that closes while waiting stops waiting
-        let wait = bytes.reserve_waiting(800, &closed);
-        tokio::pin!(wait);
-        assert!((&mut wait).now_or_never().is_none());
-        closed.cancel();
-        assert!(!wait.await);
-        assert_eq!(bytes.queued(), 800);
     }
 
     #[tokio::test]
@@ -1005,8 +1063,8 @@ mod tests {
             // the policy as SIGHUP sets it on a live table
             let t = SessionTable::new("Gate001".into()).with_uid_conflict(UidConflict::Reject);
             t.set_uid_conflict(policy);
-            let (tx1, mut rx1) = mpsc::channel(4);
-            let (tx2, _rx2) = mpsc::channel(4);
+            let (tx1, mut rx1) = outbox(4);
+            let (tx2, _rx2) = outbox(4);
             t.insert(SessionHandle::new(
                 session("s1"),
                 tx1,
@@ -1021,7 +1079,7 @@ mod tests {
             // binding the uid a session already has changes nothing
             t.bind("s1", "alice").unwrap();
             // a verified bind (credentials at connect) shares the uid whatever the policy
-            let (tx3, _rx3) = mpsc::channel(4);
+            let (tx3, _rx3) = outbox(4);
             t.insert(SessionHandle::new(
                 session("s3"),
                 tx3,
@@ -1054,7 +1112,7 @@ mod tests {
     #[tokio::test]
     async fn operations_edit_the_live_session_and_the_uid_index() {
         let t = SessionTable::new("Gate001".into());
-        let (tx, mut rx) = mpsc::channel(4);
+        let (tx, mut rx) = outbox(4);
         t.insert(SessionHandle::new(
             session("s1"),
             tx,

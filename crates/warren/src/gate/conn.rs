@@ -27,11 +27,8 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use super::Gate;
 use super::refusal;
@@ -83,6 +80,8 @@ pub(crate) enum End {
     ServerClosed,
     /// Shutdown: in-flight requests are done.
     Drained,
+    /// A write made no progress for `write_timeout_s`: a client that does not read.
+    Stalled(Duration),
 }
 
 impl End {
@@ -93,6 +92,7 @@ impl End {
             End::Refused(_) => close_code::PROTOCOL_ERROR,
             End::RefusedWithCode(code, _) | End::Limit(_, code, _) => *code,
             End::Drained => close_code::GOING_AWAY,
+            End::Stalled(_) => close_code::POLICY,
         }
     }
 
@@ -162,8 +162,8 @@ pub(crate) trait Framer: Send + 'static {
 pub(crate) struct Out {
     pub(crate) buf: BytesMut,
     pub(crate) ends: Vec<usize>,
-    /// WebSocket close code to say goodbye with.
-    pub(crate) close_code: Option<u16>,
+    /// Written but not yet flushed (TLS, WebSocket).
+    pub(crate) unflushed: bool,
 }
 
 impl Out {
@@ -302,14 +302,27 @@ impl<T: Unpin> PendingSet<T> {
     }
 }
 
-/// A live session's connection: the session, its queue, its pending replies, its writer.
+/// A live session's connection: the session, its queue, its pending replies, its socket's
+/// writing side. One task runs it all (reads, replies, queued pushes, writes), so a request
+/// and its reply never cross to another task.
 pub(crate) struct SessionConn<T> {
     pub(crate) gate: Arc<Gate>,
     pub(crate) cfg: Arc<ListenerConfig>,
     pub(crate) handle: Arc<SessionHandle>,
-    /// The outbound queue; items go in through [`SessionConn::send`] or
-    /// [`SessionConn::try_send`], which count their bytes.
-    tx: mpsc::Sender<Outbound>,
+    /// What others queue for this client (pushes, fan-out, a close), counted in the session's
+    /// [`QueueBytes`].
+    queue: QueueRx,
+    /// The socket's writing side, what is framed for it, and the framer.
+    writer: Writer,
+    out: Out,
+    framer: Box<dyn Framer>,
+    /// Bytes of what is in `out` still counted in the session's [`QueueBytes`]: given back as
+    /// they are written.
+    out_counted: usize,
+    /// When a write that cannot progress gives up (armed while the socket has no room).
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A close was framed: flush, then say goodbye with this code; nothing after it is written.
+    closing: Option<u16>,
     pub(crate) close: CancellationToken,
     pub(crate) peer: SocketAddr,
     pub(crate) pending: PendingSet<T>,
@@ -317,8 +330,13 @@ pub(crate) struct SessionConn<T> {
     messages_in: u64,
     /// The listener's per-connection rates, when it sets any.
     rates: Option<Box<Rates>>,
-    write_task: JoinHandle<()>,
 }
+
+/// What `out` may hold before queued items wait in the queue instead (they are taken again as
+/// the socket drains).
+const OUT_HIGH: usize = 64 * 1024;
+/// Queued items framed in one go.
+const QUEUE_BATCH: usize = 128;
 
 /// Per-connection rate limits (`msg_rate`/`msg_burst`, `byte_rate`/`byte_burst`): what the
 /// client has sent beyond what its limiters allowed so far is a debt; while there is one, the
@@ -411,7 +429,7 @@ impl Rates {
 }
 
 impl<T: Send + Unpin + 'static> SessionConn<T> {
-    /// Create the session, register it with the gate, and start the writer.
+    /// Create the session and register it with the gate.
     pub(crate) fn open(
         gate: Arc<Gate>,
         cfg: Arc<ListenerConfig>,
@@ -420,7 +438,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         writer: Writer,
         framer: impl Framer,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(cfg.write_queue);
+        let (tx, rx) = crate::session::outbox(cfg.write_queue);
         let close = gate.killing.child_token();
         let node = gate.node.clone();
         let session = Session {
@@ -437,31 +455,25 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         };
         tracing::Span::current().record("session", tracing::field::display(&session.id));
         let bytes = QueueBytes::new(cfg.write_queue_bytes, Some(gate.output.clone()));
-        let handle = SessionHandle::bounded(session, tx.clone(), close.clone(), bytes.clone());
+        let handle = SessionHandle::bounded(session, tx, close.clone(), bytes.clone());
         node.session_table().insert(handle.clone());
-        let write_task = tokio::spawn(
-            write_loop(
-                writer,
-                QueueRx { rx, bytes },
-                close.clone(),
-                framer,
-                Duration::from_secs(cfg.write_timeout_s),
-                peer,
-            )
-            .instrument(tracing::Span::current()),
-        );
         let rates = Rates::new(&cfg);
         SessionConn {
             gate,
             cfg,
             handle,
-            tx,
+            queue: QueueRx { rx, bytes },
+            writer,
+            out: Out::default(),
+            framer: Box::new(framer),
+            out_counted: 0,
+            stall: None,
+            closing: None,
             close,
             peer,
             pending: PendingSet::default(),
             messages_in: 0,
             rates,
-            write_task,
         }
     }
 
@@ -531,56 +543,137 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         self.rates.as_ref().and_then(|r| r.resume_at)
     }
 
-    /// Queue an outbound item, waiting for room (backpressure on this client only): room in
-    /// items (`write_queue`) and in bytes (`write_queue_bytes`; an empty queue always takes one
-    /// item). A client that never reads cannot hold this forever: its writer gives up after
-    /// `write_timeout_s` and closes the connection, which ends the wait.
+    /// Frame an item for the client after everything queued before it, waiting for room
+    /// (backpressure on this client only): room in bytes (`write_queue_bytes`, counted with the
+    /// session's queue; an empty queue always takes one item). A client that never reads cannot
+    /// hold this forever: after `write_timeout_s` without progress the connection is closed.
     pub(crate) async fn send(&mut self, o: Outbound) -> Result<(), End> {
-        let n = o.queued_size();
-        let bytes = self.handle.queue_bytes();
-        // the usual case, room in bytes and in items: no waiting, no futures
-        let o = if bytes.try_reserve_reply(n) {
-            match self.tx.try_send(o) {
-                Ok(()) => return Ok(()),
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    bytes.release(n);
-                    return Err(End::ServerClosed);
-                }
-                Err(mpsc::error::TrySendError::Full(o)) => {
-                    bytes.release(n);
-                    o
-                }
-            }
-        } else {
-            o
-        };
-        if !bytes.reserve_waiting(n, &self.close).await {
-            return Err(End::ServerClosed);
+        if self.closing.is_some() {
+            return Ok(());
         }
-        let sent = tokio::select! {
-            biased;
-            _ = self.close.cancelled() => Err(()),
-            r = self.tx.send(o) => r.map_err(|_| ()),
-        };
-        sent.map_err(|()| {
-            bytes.release(n);
-            End::ServerClosed
-        })
+        // what was queued before this item goes out before it (a push made by a handler
+        // reaches the client before the handler's reply)
+        self.take_queued(usize::MAX);
+        let n = o.queued_size();
+        let bytes = self.queue.bytes.clone();
+        while !bytes.try_reserve_reply(n) {
+            // over the cap: write until what is in `out` is given back
+            if self.out.buf.is_empty() && !self.out.unflushed {
+                break;
+            }
+            self.write_some().await?;
+        }
+        self.out_counted += n;
+        self.frame(o);
+        if self.out.buf.len() >= OUT_HIGH {
+            self.write_now()?;
+        }
+        Ok(())
     }
 
-    /// Queue an outbound item only if there is room now (a goodbye while draining); whether it
-    /// was queued.
-    pub(crate) fn try_send(&self, o: Outbound) -> bool {
+    /// Frame an item only if there is room now (a goodbye while draining); whether it was.
+    pub(crate) fn try_send(&mut self, o: Outbound) -> bool {
+        if self.closing.is_some() {
+            return false;
+        }
+        self.take_queued(usize::MAX);
         let n = o.queued_size();
-        let bytes = self.handle.queue_bytes();
-        if !bytes.try_reserve_reply(n) {
+        if !self.queue.bytes.try_reserve_reply(n) {
             return false;
         }
-        if self.tx.try_send(o).is_err() {
-            bytes.release(n);
-            return false;
-        }
+        self.out_counted += n;
+        self.frame(o);
         true
+    }
+
+    /// Frame one item into `out` (a close marks the end: nothing after it is written).
+    fn frame(&mut self, o: Outbound) {
+        match o {
+            Outbound::Close => self.closing = Some(close_code::NORMAL),
+            Outbound::CloseCode(code) => self.closing = Some(code),
+            o => self.framer.frame(o, &mut self.out),
+        }
+    }
+
+    /// Frame what others queued, up to `limit` items and while `out` is under [`OUT_HIGH`]
+    /// (or all of it for `usize::MAX`, to keep order before a direct item).
+    fn take_queued(&mut self, limit: usize) {
+        let mut taken = 0;
+        while taken < limit && self.closing.is_none() {
+            if limit != usize::MAX && self.out.buf.len() >= OUT_HIGH {
+                break;
+            }
+            let Some(item) = self.queue.rx.try_recv() else {
+                break;
+            };
+            taken += 1;
+            self.out_counted += item.queued_size();
+            self.frame(item);
+        }
+    }
+
+    /// Account for `n` bytes written: give back what `out` held of the session's queue bytes.
+    fn wrote(&mut self, n: usize) {
+        let empty = self.out.buf.is_empty();
+        let back = if empty {
+            self.out_counted
+        } else {
+            n.min(self.out_counted)
+        };
+        self.out_counted -= back;
+        self.queue.bytes.release(back);
+        if empty {
+            self.stall = None;
+            if self.out.buf.capacity() > 4 * 1024 {
+                // a burst is over: give its buffer back instead of holding it while idle
+                self.out.buf = BytesMut::new();
+            }
+        }
+    }
+
+    /// Whether anything waits to be written (or flushed).
+    fn has_output(&self) -> bool {
+        !self.out.buf.is_empty() || self.out.unflushed
+    }
+
+    /// Write what the socket takes right now, without waiting.
+    fn write_now(&mut self) -> Result<(), End> {
+        if !self.has_output() {
+            return Ok(());
+        }
+        let waker = std::task::Waker::noop();
+        let mut cx = TaskContext::from_waker(waker);
+        match self.writer.poll_write_out(&mut cx, &mut self.out) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    metrics::counter!("warren_socket_writes_total").increment(1);
+                }
+                self.wrote(n);
+                Ok(())
+            }
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "write failed");
+                Err(End::PeerClosed)
+            }
+            Poll::Pending => Ok(()),
+        }
+    }
+
+    /// Wait until the socket takes some of `out` (at most `write_timeout_s` without progress).
+    async fn write_some(&mut self) -> Result<(), End> {
+        let timeout = Duration::from_secs(self.cfg.write_timeout_s);
+        let n = std::future::poll_fn(|cx| {
+            poll_write(
+                &mut self.writer,
+                &mut self.out,
+                &mut self.stall,
+                timeout,
+                cx,
+            )
+        })
+        .await?;
+        self.wrote(n);
+        Ok(())
     }
 
     /// Resolve a route to a target for this session.
@@ -654,9 +747,9 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         }
     }
 
-    /// End the connection: log why, leave groups, let the writer flush (or stop it), tell the
-    /// modules that asked for it.
-    pub(crate) async fn finish(self, end: End) {
+    /// End the connection: log why, leave groups, flush what is owed (or not), say goodbye,
+    /// tell the modules that asked for it.
+    pub(crate) async fn finish(mut self, end: End) {
         match &end {
             End::Refused(why) => {
                 refusal::refuse(&self.peer, "protocol", why);
@@ -674,6 +767,18 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
                 metrics::counter!("warren_connections_refused_total", "reason" => *kind)
                     .increment(1);
             }
+            End::Stalled(timeout) => {
+                refusal::refuse(
+                    &self.peer,
+                    "slow_consumer",
+                    format_args!(
+                        "slow consumer: a write took longer than write_timeout_s = {}",
+                        timeout.as_secs()
+                    ),
+                );
+                metrics::counter!("warren_slow_consumer_disconnects_total", "reason" => "write_timeout")
+                    .increment(1);
+            }
             End::PeerClosed => tracing::debug!("peer closed"),
             End::Disconnect => tracing::debug!("client said goodbye"),
             End::ServerClosed => tracing::debug!("closed by the server"),
@@ -684,33 +789,137 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         node.session_table().remove(&sid);
         node.groups().remove_everywhere(&self.handle);
         let last = self.handle.snapshot();
-        match end {
-            // nothing more to say to a client that left: the writer stops (a WebSocket still
-            // gets its close frame, code 1000)
-            End::PeerClosed | End::Disconnect => self.close.cancel(),
-            // flush what is queued, then the close frame with the code of why it ends; a queue
-            // too full to take it is a client not reading: the writer's deadline ends it
-            _ => {
-                let _ = self.tx.try_send(Outbound::CloseCode(end.close_code()));
+        let write_timeout = Duration::from_secs(self.cfg.write_timeout_s);
+        let flush = match end {
+            // nothing more to say to a client that left, or that does not read
+            End::PeerClosed | End::Disconnect | End::Stalled(_) => false,
+            // killed (slow consumer elsewhere, shutdown): no waiting on this client
+            _ if self.close.is_cancelled() && self.closing.is_none() => false,
+            _ => true,
+        };
+        let code = self.closing.unwrap_or(end.close_code());
+        // nothing more is taken from the queue; what is in it is given back
+        self.queue.rx.close();
+        if flush {
+            // what is queued goes out, then the goodbye; a client not reading it meets the
+            // write deadline
+            self.take_queued(usize::MAX);
+            let done = tokio::time::timeout(write_timeout, async {
+                while self.has_output() {
+                    if self.write_some().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+            if done.is_err() {
+                tracing::debug!("goodbye not flushed within write_timeout_s");
             }
         }
+        self.close.cancel();
+        let counted = std::mem::take(&mut self.out_counted);
+        self.queue.bytes.release(counted);
         let SessionConn {
-            mut write_task,
-            close,
-            tx,
+            mut writer,
+            queue,
             handle,
-            cfg,
             ..
         } = self;
-        drop(tx);
+        drop(queue);
         drop(handle);
-        let wait = Duration::from_secs(cfg.write_timeout_s);
-        if tokio::time::timeout(wait, &mut write_task).await.is_err() {
-            close.cancel();
-            let _ = write_task.await;
+        if !matches!(end, End::Stalled(_)) {
+            // a peer that does not read cannot hold the goodbye either
+            let code = match end {
+                End::PeerClosed | End::Disconnect => close_code::NORMAL,
+                _ => code,
+            };
+            let _ = tokio::time::timeout(
+                write_timeout.min(Duration::from_secs(5)),
+                writer.close(Some(code)),
+            )
+            .await;
         }
-        close.cancel();
+        drop(writer);
         node.session_closed(last).await;
+    }
+}
+
+/// The connection's occasional steps (decoding a batch, a reply, a tick, a drain, the end),
+/// each boxed while it runs so that an idle connection's state holds none of them. Plain
+/// functions: a future built inside an `async` block and boxed there still takes its full size
+/// in that block's state.
+mod boxed {
+    use super::*;
+
+    type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+    pub(super) fn handle_buffered<'a, P: Protocol>(
+        proto: &'a mut P,
+        conn: &'a mut SessionConn<P::Tag>,
+        buf: &'a mut BytesMut,
+    ) -> Boxed<'a, Result<bool, End>> {
+        Box::pin(proto.handle_buffered(conn, buf))
+    }
+
+    pub(super) fn reply<'a, P: Protocol>(
+        proto: &'a mut P,
+        conn: &'a mut SessionConn<P::Tag>,
+        tag: P::Tag,
+        result: Result<Bytes, CallError>,
+    ) -> Boxed<'a, Result<(), End>> {
+        Box::pin(proto.reply(conn, tag, result))
+    }
+
+    pub(super) fn on_tick<'a, P: Protocol>(
+        proto: &'a mut P,
+        conn: &'a mut SessionConn<P::Tag>,
+    ) -> Boxed<'a, Result<(), End>> {
+        Box::pin(proto.on_tick(conn))
+    }
+
+    pub(super) fn on_drain<'a, P: Protocol>(
+        proto: &'a mut P,
+        conn: &'a mut SessionConn<P::Tag>,
+    ) -> Boxed<'a, ()> {
+        Box::pin(proto.on_drain(conn))
+    }
+
+    pub(super) fn finish<T: Send + Unpin + 'static>(
+        conn: SessionConn<T>,
+        end: End,
+    ) -> Boxed<'static, ()> {
+        Box::pin(conn.finish(end))
+    }
+}
+
+/// Progress on `out`, or the stall deadline (armed while the socket has no room): what the
+/// connection loop's write branch polls. Takes the connection's fields apart so the loop's other
+/// branches can borrow the rest.
+fn poll_write(
+    writer: &mut Writer,
+    out: &mut Out,
+    stall: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    timeout: Duration,
+    cx: &mut TaskContext<'_>,
+) -> Poll<Result<usize, End>> {
+    match writer.poll_write_out(cx, out) {
+        Poll::Ready(Ok(n)) => {
+            if n > 0 {
+                metrics::counter!("warren_socket_writes_total").increment(1);
+            }
+            Poll::Ready(Ok(n))
+        }
+        Poll::Ready(Err(e)) => {
+            tracing::debug!(error = %e, "write failed");
+            Poll::Ready(Err(End::PeerClosed))
+        }
+        Poll::Pending => {
+            let stall = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+            match stall.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(End::Stalled(timeout))),
+                Poll::Pending => Poll::Pending,
+            }
+        }
     }
 }
 
@@ -732,7 +941,7 @@ pub(crate) fn serve_session<P: Protocol>(
         drop(buf);
         proto.on_close(&conn);
         drop(proto);
-        Box::pin(conn.finish(end)).await;
+        boxed::finish(conn, end).await;
     }
 }
 
@@ -756,8 +965,12 @@ pub(crate) async fn run<P: Protocol>(
         Some(_) => Some(connect_timeout),
         None => read_timeout,
     };
-    let deadline = tokio::time::sleep_until(first.map_or(far, |d| Instant::now() + d));
-    tokio::pin!(deadline);
+    // when the connection ends for silence (the connect deadline until established, then the
+    // idle deadline, which traffic pushes later); one timer serves it and the rate pauses, and it
+    // is moved only earlier: a deadline pushed later is met when the timer fires early
+    let mut idle_at = first.map_or(far, |d| Instant::now() + d);
+    let timer = tokio::time::sleep_until(idle_at);
+    tokio::pin!(timer);
     let mut draining = false;
     // the close and drain signals are waited on from here for the life of the connection:
     // registered once, not once per loop
@@ -773,7 +986,12 @@ pub(crate) async fn run<P: Protocol>(
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         t
     });
+    let write_timeout = Duration::from_secs(conn.cfg.write_timeout_s);
     loop {
+        if conn.closing.is_some() {
+            // a close was framed: finish flushes what came before it
+            return End::ServerClosed;
+        }
         if draining && conn.pending.is_empty() {
             return End::Drained;
         }
@@ -781,19 +999,17 @@ pub(crate) async fn run<P: Protocol>(
             // frames already buffered (a first packet may arrive with more) go first
             // boxed: the decode-and-dispatch state exists only while it runs, so an idle
             // connection's task stays small
-            match Box::pin(proto.handle_buffered(conn, buf)).await {
+            match boxed::handle_buffered(proto, conn, buf).await {
                 Err(end) => return end,
                 Ok(handled) => {
                     if awaiting.is_some() {
                         // the connect deadline is not re-armed: only being established ends it
                         awaiting = proto.awaiting(conn);
                         if awaiting.is_none() {
-                            deadline
-                                .as_mut()
-                                .reset(read_timeout.map_or(far, |d| Instant::now() + d));
+                            idle_at = read_timeout.map_or(far, |d| Instant::now() + d);
                         }
                     } else if handled && let Some(d) = read_timeout {
-                        deadline.as_mut().reset(Instant::now() + d);
+                        idle_at = Instant::now() + d;
                     }
                 }
             }
@@ -804,16 +1020,34 @@ pub(crate) async fn run<P: Protocol>(
         }
         let room = conn.has_room();
         let resume = conn.throttled_until();
+        // while reading is paused for a rate the client is not idle (the connect deadline
+        // still runs: a rate does not buy time to say the first message)
+        let wake = match resume {
+            Some(r) if awaiting.is_none() => r,
+            Some(r) => r.min(idle_at),
+            None => idle_at,
+        };
+        if wake < timer.deadline() {
+            timer.as_mut().reset(wake);
+        }
         tokio::select! {
             biased;
             _ = &mut closed => return End::ServerClosed,
             _ = &mut drained, if !draining => {
                 draining = true;
-                Box::pin(proto.on_drain(conn)).await;
+                boxed::on_drain(proto, conn).await;
             }
             _ = async { ticker.as_mut()?.tick().await; Some(()) }, if ticker.is_some() => {
-                if let Err(end) = Box::pin(proto.on_tick(conn)).await {
+                if let Err(end) = boxed::on_tick(proto, conn).await {
                     return end;
+                }
+            }
+            written = std::future::poll_fn(|cx| {
+                poll_write(&mut conn.writer, &mut conn.out, &mut conn.stall, write_timeout, cx)
+            }), if !conn.out.buf.is_empty() || conn.out.unflushed => {
+                match written {
+                    Ok(n) => conn.wrote(n),
+                    Err(end) => return end,
                 }
             }
             Some(first) = conn.pending.next(), if !conn.pending.is_empty() => {
@@ -822,7 +1056,7 @@ pub(crate) async fn run<P: Protocol>(
                 while let Some((tag, result)) = next {
                     match tag {
                         Some(tag) => {
-                            if let Err(end) = Box::pin(proto.reply(conn, tag, result)).await {
+                            if let Err(end) = boxed::reply(proto, conn, tag, result).await {
                                 return end;
                             }
                         }
@@ -835,16 +1069,34 @@ pub(crate) async fn run<P: Protocol>(
                     next = conn.pending.pop_ready();
                 }
             }
-            _ = async { tokio::time::sleep_until(resume?).await; Some(()) }, if resume.is_some() => {
-                conn.settle_rates();
-                // the client was sending, not idle: its idle deadline starts again
-                if awaiting.is_none() && let Some(d) = read_timeout {
-                    deadline.as_mut().reset(Instant::now() + d);
+            item = conn.queue.rx.recv(), if conn.out.buf.len() < OUT_HIGH => {
+                match item {
+                    Some(item) => {
+                        conn.out_counted += item.queued_size();
+                        conn.frame(item);
+                        conn.take_queued(QUEUE_BATCH);
+                    }
+                    // every sender is gone: the session was dropped
+                    None => return End::ServerClosed,
                 }
             }
-            // while reading is paused for a rate the client is not idle (the connect deadline
-            // still runs: a rate does not buy time to say the first message)
-            _ = &mut deadline, if !draining && (resume.is_none() || awaiting.is_some()) => {
+            _ = &mut timer, if resume.is_some() || !draining => {
+                let now = Instant::now();
+                timer.as_mut().reset(far);
+                if let Some(r) = resume
+                    && now >= r
+                {
+                    conn.settle_rates();
+                    // the client was sending, not idle: its idle deadline starts again
+                    if awaiting.is_none() && let Some(d) = read_timeout {
+                        idle_at = now + d;
+                    }
+                    continue;
+                }
+                if now < idle_at || draining || (resume.is_some() && awaiting.is_none()) {
+                    // early (the deadline moved later), or not a deadline that applies now
+                    continue;
+                }
                 return match awaiting {
                     Some(what) => End::Limit(
                         "connect_timeout",
@@ -861,7 +1113,7 @@ pub(crate) async fn run<P: Protocol>(
                     ),
                 };
             }
-            r = reader.read(buf), if !draining && room => {
+            r = std::future::poll_fn(|cx| reader.poll_read(cx, buf)), if !draining && room => {
                 match r {
                     Ok(0) => return End::PeerClosed,
                     Ok(n) => conn.admit_bytes(n),
@@ -876,7 +1128,7 @@ pub(crate) async fn run<P: Protocol>(
 /// session's [`QueueBytes`] (once written, or when dropped unwritten), so the node's budget
 /// never keeps bytes of a connection that is gone.
 struct QueueRx {
-    rx: mpsc::Receiver<Outbound>,
+    rx: crate::session::OutboxRx,
     bytes: Arc<QueueBytes>,
 }
 
@@ -884,111 +1136,11 @@ impl Drop for QueueRx {
     fn drop(&mut self) {
         self.rx.close();
         let mut n = 0;
-        while let Ok(item) = self.rx.try_recv() {
+        while let Some(item) = self.rx.try_recv() {
             n += item.queued_size();
         }
         self.bytes.release(n);
     }
-}
-
-/// Drain the outbound queue into the socket: everything already queued goes out in one write.
-/// Bytes are given back to the session's account once written, so what a client that stops
-/// reading pins — queued and being written — stays within `write_queue_bytes`.
-async fn write_loop(
-    mut w: Writer,
-    mut q: QueueRx,
-    close: CancellationToken,
-    mut framer: impl Framer,
-    write_timeout: Duration,
-    peer: SocketAddr,
-) {
-    let mut out = Out::default();
-    'outer: loop {
-        let first = tokio::select! {
-            biased;
-            _ = close.cancelled() => break,
-            o = q.rx.recv() => o,
-        };
-        let Some(first) = first else { break };
-        let mut closing = false;
-        // everything else already queued comes out in one batch: one permit release (one lock)
-        // per batch instead of per message
-        let mut batch = Vec::new();
-        if !q.rx.is_empty() {
-            batch.reserve(q.rx.len().min(128));
-            q.rx.recv_many(&mut batch, 128).await;
-        }
-        let mut taken = 0;
-        for item in std::iter::once(first).chain(batch) {
-            taken += item.queued_size();
-            match item {
-                Outbound::Close => closing = true,
-                Outbound::CloseCode(code) => {
-                    closing = true;
-                    out.close_code = Some(code);
-                }
-                // nothing queued after a close is written
-                _ if closing => {}
-                item => framer.frame(item, &mut out),
-            }
-        }
-        if !out.buf.is_empty() {
-            metrics::counter!("warren_socket_writes_total").increment(1);
-            // boxed: the write and its timer exist only while writing, not in an idle task;
-            // a session closed meanwhile (slow consumer, kill) stops it: what it held is freed
-            let written = Box::pin(async {
-                tokio::select! {
-                    biased;
-                    _ = close.cancelled() => None,
-                    r = tokio::time::timeout(write_timeout, w.write(&mut out)) => Some(r),
-                }
-            })
-            .await;
-            q.bytes.release(taken);
-            let Some(written) = written else {
-                break 'outer;
-            };
-            match written {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "write failed");
-                    break 'outer;
-                }
-                Err(_) => {
-                    refusal::refuse(
-                        &peer,
-                        "slow_consumer",
-                        format_args!(
-                            "slow consumer: a write took longer than write_timeout_s = {}",
-                            write_timeout.as_secs()
-                        ),
-                    );
-                    metrics::counter!("warren_slow_consumer_disconnects_total", "reason" => "write_timeout")
-                        .increment(1);
-                    break 'outer;
-                }
-            }
-            if q.rx.is_empty() && out.buf.capacity() > 4 * 1024 {
-                // a burst is over: give its buffer back instead of holding it while idle
-                out.buf = BytesMut::new();
-            }
-        } else {
-            q.bytes.release(taken);
-        }
-        if closing {
-            break;
-        }
-    }
-    close.cancel();
-    // what is still queued is not going to be written: give its bytes back now
-    drop(q);
-    // a peer that does not read cannot hold the goodbye either
-    let code = out.close_code.unwrap_or(close_code::NORMAL);
-    let _ = tokio::time::timeout(
-        write_timeout.min(Duration::from_secs(5)),
-        w.close(Some(code)),
-    )
-    .await;
 }
 
 #[cfg(test)]
@@ -1000,7 +1152,7 @@ mod tests {
     async fn what_the_writer_never_wrote_is_given_back_to_the_node() {
         let node = OutputBudget::new(1 << 20);
         let bytes = QueueBytes::new(1 << 20, Some(node.clone()));
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = crate::session::outbox(16);
         let h = SessionHandle::bounded(
             Session {
                 id: "s1".into(),

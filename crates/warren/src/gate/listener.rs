@@ -111,9 +111,11 @@ struct Slot {
 }
 
 /// Hand a connection to its protocol, inside the connection's span (node, peer, protocol,
-/// session) so every line it logs says whose it is.
+/// session) so every line it logs says whose it is. The span is at debug level: with the default
+/// filter it is off and costs a connection nothing (lines that matter name their peer
+/// themselves); `RUST_LOG=warren=debug` turns it on.
 async fn serve(gate: Arc<Gate>, cfg: Arc<ListenerConfig>, r: Reader, w: Writer, peer: SocketAddr) {
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "conn",
         node = %gate.node.id(),
         %peer,
@@ -124,21 +126,22 @@ async fn serve(gate: Arc<Gate>, cfg: Arc<ListenerConfig>, r: Reader, w: Writer, 
     dispatch(gate, cfg, r, w, peer).instrument(span).await;
 }
 
-async fn dispatch(
+/// The connection's protocol future, boxed: each protocol's state lives in its own allocation,
+/// sized for that protocol alone (an idle MQTT connection does not pay for the largest
+/// protocol's state). A plain function, so the unboxed future never takes room in the caller's.
+fn dispatch(
     gate: Arc<Gate>,
     cfg: Arc<ListenerConfig>,
     r: Reader,
     w: Writer,
     peer: SocketAddr,
-) {
-    // each protocol's connection future lives in its own allocation, sized for that protocol
-    // alone (an idle MQTT connection does not pay for the largest protocol's state)
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     match cfg.protocol {
-        ListenerProtocol::Mqtt => Box::pin(mqtt::serve(gate, cfg, r, w, peer)).await,
-        ListenerProtocol::Pomelo => Box::pin(pomelo::serve(gate, cfg, r, w, peer)).await,
-        ListenerProtocol::Json => Box::pin(json::serve(gate, cfg, r, w, peer)).await,
-        ListenerProtocol::Line => Box::pin(line::serve(gate, cfg, r, w, peer)).await,
-        ListenerProtocol::PomeloRpc => Box::pin(pomelo_rpc::serve(gate, cfg, r, w, peer)).await,
+        ListenerProtocol::Mqtt => Box::pin(mqtt::serve(gate, cfg, r, w, peer)),
+        ListenerProtocol::Pomelo => Box::pin(pomelo::serve(gate, cfg, r, w, peer)),
+        ListenerProtocol::Json => Box::pin(json::serve(gate, cfg, r, w, peer)),
+        ListenerProtocol::Line => Box::pin(line::serve(gate, cfg, r, w, peer)),
+        ListenerProtocol::PomeloRpc => Box::pin(pomelo_rpc::serve(gate, cfg, r, w, peer)),
     }
 }
 

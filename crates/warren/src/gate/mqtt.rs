@@ -42,12 +42,35 @@ pub(crate) fn serve(
     async move {
         // two phases in two allocations: the CONNECT exchange is freed once the session runs,
         // so an idle connection's task holds only the session's state
-        let session = Box::pin(handshake(gate, cfg, reader, writer, peer)).await;
-        if let Some((proto, conn, reader, buf)) = session {
-            conn::serve_session(proto, conn, reader, buf).await;
-        }
+        let Some(session) = boxed_handshake(gate, cfg, reader, writer, peer).await else {
+            return;
+        };
+        boxed_session(session).await;
     }
 }
+
+/// The handshake's future, boxed. Built by a plain function: a future built inside an `async`
+/// block and then boxed still takes its full size in that block's state.
+fn boxed_handshake(
+    gate: Arc<Gate>,
+    cfg: Arc<ListenerConfig>,
+    reader: Reader,
+    writer: Writer,
+    peer: SocketAddr,
+) -> std::pin::Pin<Box<impl std::future::Future<Output = Option<Established>> + Send>> {
+    Box::pin(handshake(gate, cfg, reader, writer, peer))
+}
+
+/// The session's future, boxed (as [`boxed_handshake`]).
+fn boxed_session(
+    (proto, conn, reader, buf): Established,
+) -> std::pin::Pin<Box<impl std::future::Future<Output = ()> + Send>> {
+    Box::pin(conn::serve_session(proto, conn, reader, buf))
+}
+
+/// What a completed handshake hands to the session: its MQTT state, the connection, the reading
+/// side and what was read past CONNECT.
+type Established = (MqttSession, Conn, Reader, BytesMut);
 
 fn refuse(peer: &SocketAddr, why: &str, kind: &'static str) {
     refusal::refuse(peer, kind, why);
@@ -81,7 +104,7 @@ async fn handshake(
     mut reader: Reader,
     mut writer: Writer,
     peer: SocketAddr,
-) -> Option<(MqttSession, Conn, Reader, BytesMut)> {
+) -> Option<Established> {
     let mqant = cfg.mode == Mode::Mqant;
     let max_packet = cfg.max_packet();
     let mut buf = BytesMut::new();
@@ -249,7 +272,7 @@ async fn handshake(
     };
     // a token naming its topics limits the client to them (default mode), on top of acl_file
     let token_acl = match identity.as_ref().and_then(|i| i.topics.as_deref()) {
-        Some(topics) if !mqant => Some(ClientAcl::only(topics)),
+        Some(topics) if !mqant => Some(Box::new(ClientAcl::only(topics))),
         _ => None,
     };
     drop(connect);
@@ -315,10 +338,10 @@ struct MqttSession {
     user: Option<Arc<str>>,
     /// The node's ACL as resolved for this client, with the ACL it was resolved from (resolved
     /// again when that one is swapped); `None` while the node has no ACL file.
-    acl: Option<(Arc<Acl>, ClientAcl)>,
+    acl: Option<Box<(Arc<Acl>, ClientAcl)>>,
     /// The topics the verified credentials limit this client to (JWT claim `topics`), read and
     /// write; applied on top of `acl`, both having to allow. `None` when they name none.
-    token_acl: Option<ClientAcl>,
+    token_acl: Option<Box<ClientAcl>>,
 }
 
 type Conn = SessionConn<Bytes>;
@@ -625,7 +648,7 @@ impl MqttSession {
     /// Call [`Self::refresh_acl`] first.
     fn subscribe_denied(&self, filter: &str) -> Option<(&'static str, String)> {
         let user = self.user.as_deref().unwrap_or("");
-        if let Some((_, acl)) = &self.acl
+        if let Some((_, acl)) = self.acl.as_deref()
             && !acl.may_subscribe(filter)
         {
             let why = format!(
@@ -649,7 +672,7 @@ impl MqttSession {
     /// Why this client may not publish to `topic`, as for [`Self::subscribe_denied`].
     fn publish_denied(&self, topic: &str) -> Option<(&'static str, String)> {
         let user = self.user.as_deref().unwrap_or("");
-        if let Some((_, acl)) = &self.acl
+        if let Some((_, acl)) = self.acl.as_deref()
             && !acl.may_publish(topic)
         {
             let why = format!(
@@ -677,9 +700,9 @@ impl MqttSession {
         match current.as_ref() {
             None => self.acl = None,
             Some(node_acl) => {
-                if !matches!(&self.acl, Some((a, _)) if Arc::ptr_eq(a, node_acl)) {
+                if !matches!(self.acl.as_deref(), Some((a, _)) if Arc::ptr_eq(a, node_acl)) {
                     let resolved = node_acl.for_client(self.user.as_deref(), &self.client_id);
-                    self.acl = Some((node_acl.clone(), resolved));
+                    self.acl = Some(Box::new((node_acl.clone(), resolved)));
                 }
             }
         }
@@ -840,9 +863,9 @@ mod tests {
             acl: file.map(|text| {
                 let acl = Arc::new(Acl::parse(text, "acl").expect("acl"));
                 let resolved = acl.for_client(Some(user), "c1");
-                (acl, resolved)
+                Box::new((acl, resolved))
             }),
-            token_acl: topics.map(ClientAcl::only),
+            token_acl: topics.map(|t| Box::new(ClientAcl::only(t))),
         }
     }
 

@@ -12,10 +12,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use futures_util::{Sink, SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -44,8 +44,8 @@ pub(crate) enum Reader {
 pub(crate) enum Writer {
     /// A byte stream: TCP, or TLS over TCP.
     Tcp(StreamWriter),
-    /// A WebSocket (over TCP or TLS).
-    Ws(SplitSink<WebSocket, WsMessage>, WsFraming),
+    /// A WebSocket (over TCP or TLS); boxed, so that a TCP connection's writer stays small.
+    Ws(Box<SplitSink<WebSocket, WsMessage>>, WsFraming),
 }
 
 /// The writing side of a byte stream.
@@ -74,7 +74,7 @@ pub(crate) fn tls(s: TlsIo) -> (Reader, Writer) {
 
 pub(crate) fn ws(s: WebSocket, framing: WsFraming) -> (Reader, Writer) {
     let (w, r) = s.split();
-    (Reader::Ws(r, framing), Writer::Ws(w, framing))
+    (Reader::Ws(r, framing), Writer::Ws(Box::new(w), framing))
 }
 
 /// Smallest room a read gets; small, so connections that send little stay cheap.
@@ -90,10 +90,22 @@ impl Reader {
     /// Read what is available into `buf`. `Ok(0)` means the peer closed. Cancel-safe: nothing is
     /// lost if the future is dropped before it completes.
     pub(crate) async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_read(cx, buf)).await
+    }
+
+    /// [`Reader::read`] as a poll: what the connection loop waits on, so that its state holds no
+    /// read future (an idle connection's whole state is a few hundred bytes).
+    pub(crate) fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
         match self {
             Reader::Tcp(r, room) => loop {
                 // wait for data before reserving room, so an idle connection holds no buffer
-                r.readable().await?;
+                if let Err(e) = std::task::ready!(r.as_ref().poll_read_ready(cx)) {
+                    return Poll::Ready(Err(e));
+                }
                 if buf.capacity() - buf.len() < *room {
                     buf.reserve(*room);
                 }
@@ -107,10 +119,17 @@ impl Reader {
                         } else if n < *room / 4 {
                             *room = (*room / 2).max(MIN_READ);
                         }
-                        return Ok(n);
+                        return Poll::Ready(Ok(n));
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // readiness was stale (left from the last read): wait again without
+                        // holding the room just reserved
+                        if buf.is_empty() {
+                            *buf = BytesMut::new();
+                        }
+                        continue;
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
                 }
             },
             Reader::Tls(r, room) => {
@@ -118,29 +137,29 @@ impl Reader {
                     buf.reserve(*room);
                 }
                 let spare = buf.capacity() - buf.len();
-                let n = r.read_buf(buf).await?;
+                let n = std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(r), cx, buf))?;
                 if n == spare {
                     *room = (*room * 2).min(MAX_TLS_READ);
                 } else if n < *room / 4 {
                     *room = (*room / 2).max(MIN_READ);
                 }
-                Ok(n)
+                Poll::Ready(Ok(n))
             }
             Reader::Ws(r, framing) => loop {
-                let data: Bytes = match r.next().await {
-                    None => return Ok(0),
-                    Some(Err(e)) => return Err(io::Error::other(e)),
+                let data: Bytes = match std::task::ready!(r.poll_next_unpin(cx)) {
+                    None => return Poll::Ready(Ok(0)),
+                    Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
                     Some(Ok(WsMessage::Binary(b))) => b,
                     Some(Ok(WsMessage::Text(t))) if *framing == WsFraming::TextMessages => {
                         Bytes::from(t)
                     }
                     Some(Ok(WsMessage::Text(_))) => {
-                        return Err(io::Error::new(
+                        return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::InvalidData,
                             "text frame on a binary protocol",
-                        ));
+                        )));
                     }
-                    Some(Ok(WsMessage::Close(_))) => return Ok(0),
+                    Some(Ok(WsMessage::Close(_))) => return Poll::Ready(Ok(0)),
                     Some(Ok(_)) => continue,
                 };
                 match framing {
@@ -156,13 +175,121 @@ impl Reader {
                         buf.extend_from_slice(&data);
                     }
                 }
-                return Ok(data.len().max(1));
+                return Poll::Ready(Ok(data.len().max(1)));
             },
         }
     }
 }
 
 impl Writer {
+    /// Make progress on `out` without waiting: write what the socket takes now (a WebSocket: hand
+    /// it to the sink as frames), and flush. `Ready(Ok(n))` with the bytes taken from `out`
+    /// (0: only flushed); `Pending` when the transport has no room, the task being woken when it
+    /// has. Cancel-safe: what was taken is gone from `out`, what was not stays.
+    pub(crate) fn poll_write_out(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Out,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Writer::Tcp(StreamWriter::Plain(w)) => {
+                let mut taken = 0;
+                while !out.buf.is_empty() {
+                    match Pin::new(&mut *w).poll_write(cx, &out.buf) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                        }
+                        Poll::Ready(Ok(n)) => {
+                            out.buf.advance(n);
+                            taken += n;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending if taken > 0 => break,
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                out.ends.clear();
+                Poll::Ready(Ok(taken))
+            }
+            Writer::Tcp(StreamWriter::Tls(w)) => {
+                let mut taken = 0;
+                while !out.buf.is_empty() {
+                    match Pin::new(&mut *w).poll_write(cx, &out.buf) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                        }
+                        Poll::Ready(Ok(n)) => {
+                            out.buf.advance(n);
+                            out.unflushed = true;
+                            taken += n;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending if taken > 0 => return Poll::Ready(Ok(taken)),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                out.ends.clear();
+                if out.unflushed {
+                    match Pin::new(&mut *w).poll_flush(cx) {
+                        Poll::Ready(Ok(())) => out.unflushed = false,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending if taken > 0 => {}
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                Poll::Ready(Ok(taken))
+            }
+            Writer::Ws(w, WsFraming::Stream) => {
+                let mut taken = 0;
+                if !out.buf.is_empty() {
+                    match Pin::new(&mut *w).poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                    taken = out.buf.len();
+                    out.ends.clear();
+                    let all = out.buf.split().freeze();
+                    Pin::new(&mut *w)
+                        .start_send(WsMessage::Binary(all))
+                        .map_err(io::Error::other)?;
+                    out.unflushed = true;
+                }
+                flush_ws(w, cx, out, taken)
+            }
+            Writer::Ws(w, WsFraming::TextMessages) => {
+                // one text frame per marked message; the sink takes one at a time (each
+                // `start_send` after its `poll_ready`)
+                let mut taken = 0;
+                let mut sent = 0;
+                while sent < out.ends.len() {
+                    match Pin::new(&mut *w).poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+                        Poll::Pending => break,
+                    }
+                    let end = out.ends[sent];
+                    let msg = out.buf.split_to(end - taken).freeze();
+                    taken = end;
+                    sent += 1;
+                    let text = Utf8Bytes::try_from(msg).map_err(io::Error::other)?;
+                    Pin::new(&mut *w)
+                        .start_send(WsMessage::Text(text))
+                        .map_err(io::Error::other)?;
+                    out.unflushed = true;
+                }
+                out.ends.drain(..sent);
+                for e in &mut out.ends {
+                    *e -= taken;
+                }
+                if sent == 0 && !out.ends.is_empty() && !out.unflushed {
+                    return Poll::Pending;
+                }
+                flush_ws(w, cx, out, taken)
+            }
+        }
+    }
+
     /// Write what the framer produced, then clear it.
     pub(crate) async fn write(&mut self, out: &mut Out) -> io::Result<()> {
         match self {
@@ -228,6 +355,25 @@ impl Writer {
         out.end_message();
         self.write(&mut out).await
     }
+}
+
+/// Flush a WebSocket sink after `taken` bytes went to it: `Ready(taken)` once flushed, or with
+/// progress made; `Pending` with none.
+fn flush_ws(
+    w: &mut SplitSink<WebSocket, WsMessage>,
+    cx: &mut Context<'_>,
+    out: &mut Out,
+    taken: usize,
+) -> Poll<io::Result<usize>> {
+    if out.unflushed {
+        match Pin::new(&mut *w).poll_flush(cx) {
+            Poll::Ready(Ok(())) => out.unflushed = false,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+            Poll::Pending if taken > 0 => {}
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    Poll::Ready(Ok(taken))
 }
 
 /// A stream with bytes already read from it put back in front: the first byte a pomelo
@@ -304,6 +450,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     #[tokio::test]
     async fn prefixed_reads_the_prefix_then_the_stream() {
