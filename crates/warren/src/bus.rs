@@ -114,6 +114,8 @@ pub trait Bus: Send + Sync + 'static {
 #[derive(Default)]
 pub struct LocalBus {
     instances: RwLock<HashMap<Arc<str>, Arc<Instance>, foldhash::fast::RandomState>>,
+    /// Bumped when an instance comes or goes (see `Router::generation`).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for LocalBus {
@@ -126,11 +128,20 @@ impl LocalBus {
     pub(crate) fn attach(&self, instance: Arc<Instance>) {
         let id = instance.info.id.clone();
         self.instances.write().insert(id, instance);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Changes whenever an instance comes or goes.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Drop every instance (at shutdown), which closes sequential mailboxes.
     pub(crate) fn clear(&self) {
         self.instances.write().clear();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     /// The id of an instance of module type `module` on this node, if one runs here (the one

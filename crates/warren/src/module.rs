@@ -552,6 +552,9 @@ struct Lanes {
     env: Env,
     tracker: tokio_util::task::TaskTracker,
     active: Mutex<HashMap<SessionId, VecDeque<Job>, foldhash::fast::RandomState>>,
+    /// How many lanes `active` holds: while none, a caller running a handler on its own task
+    /// need not look for its session's lane.
+    busy: std::sync::atomic::AtomicUsize,
 }
 
 impl Instance {
@@ -583,6 +586,7 @@ impl Instance {
                 env,
                 tracker: tracker.clone(),
                 active: Mutex::new(HashMap::default()),
+                busy: Default::default(),
             })),
         };
         Arc::new(Instance {
@@ -653,6 +657,7 @@ impl Lanes {
                 return;
             }
             active.insert(key.clone(), VecDeque::new());
+            this.busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
         Lanes::run(this.clone(), key, Some(job));
     }
@@ -672,6 +677,7 @@ impl Lanes {
                     Some(next) => job = Some(next),
                     None => {
                         active.remove(&key);
+                        lanes.busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                         break;
                     }
                 }
@@ -687,7 +693,9 @@ impl Lanes {
             match active.get_mut(&key) {
                 Some(q) if !q.is_empty() => q.pop_front(),
                 _ => {
-                    active.remove(&key);
+                    if active.remove(&key).is_some() {
+                        this.busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    }
                     return;
                 }
             }
@@ -720,19 +728,29 @@ impl Instance {
                 .submit_call(handler, session, body, deadline, reply)
                 .await;
         };
-        let key = session.as_ref().map(|s| s.id.clone());
-        let busy = key.as_ref().is_some_and(|k| {
-            let mut active = lanes.active.lock();
-            if active.contains_key(k) {
-                return true;
+        // the session's lane: looked for only while some lane runs (while none does, nothing of
+        // this session can be running or queued); claimed only if the handler has to wait
+        let mut key = session.as_ref().map(|s| s.id.clone());
+        let mut claimed = false;
+        if let Some(k) = &key
+            && lanes.busy.load(std::sync::atomic::Ordering::Acquire) > 0
+        {
+            let busy = {
+                let mut active = lanes.active.lock();
+                if active.contains_key(k) {
+                    true
+                } else {
+                    active.insert(k.clone(), VecDeque::new());
+                    lanes.busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    claimed = true;
+                    false
+                }
+            };
+            if busy {
+                return self
+                    .submit_call(handler, session, body, deadline, reply)
+                    .await;
             }
-            active.insert(k.clone(), VecDeque::new());
-            false
-        });
-        if busy {
-            return self
-                .submit_call(handler, session, body, deadline, reply)
-                .await;
         }
         let env = &lanes.env;
         let mut fut = match begin(
@@ -748,7 +766,7 @@ impl Instance {
             Err(e) => {
                 let result = Err(e);
                 record(env, handler, started, &result);
-                if let Some(k) = key {
+                if let Some(k) = key.filter(|_| claimed) {
                     Lanes::release(lanes, k);
                 }
                 return Ok(settled(env, handler, result, reply));
@@ -762,12 +780,25 @@ impl Instance {
             std::task::Poll::Ready(caught) => {
                 let result = caught_result(caught, env, handler, session.as_deref());
                 record(env, handler, started, &result);
-                if let Some(k) = key {
+                if let Some(k) = key.filter(|_| claimed) {
                     Lanes::release(lanes, k);
                 }
                 Ok(settled(env, handler, result, reply))
             }
             std::task::Poll::Pending => {
+                // it waits: from now on the session's later calls queue behind it
+                if !claimed && let Some(k) = &key {
+                    let mut active = lanes.active.lock();
+                    if !active.contains_key(k) {
+                        active.insert(k.clone(), VecDeque::new());
+                        lanes.busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                        claimed = true;
+                    }
+                }
+                if !claimed {
+                    // a call made elsewhere with this session holds its lane: not ours to free
+                    key = None;
+                }
                 let (tx, rx) = if reply {
                     let (tx, rx) = oneshot::channel();
                     (Some(tx), Some(rx))

@@ -115,6 +115,9 @@ pub struct Router {
     key_fns: RwLock<HashMap<String, RouteKeyFn>>,
     /// Sticky choices: (session, module type) → instance id.
     sticky: Mutex<StickyMap>,
+    /// Bumped whenever a resolution may change (the table, a custom key): what a connection's
+    /// cached resolution is checked against.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Router {
@@ -135,6 +138,7 @@ impl Router {
             nodes: Default::default(),
             key_fns: Default::default(),
             sticky: Default::default(),
+            generation: Default::default(),
         }
     }
 
@@ -148,6 +152,7 @@ impl Router {
             nodes: Default::default(),
             key_fns: Default::default(),
             sticky: Default::default(),
+            generation: Default::default(),
         }
     }
 
@@ -240,6 +245,7 @@ impl Router {
         let live = &t.by_instance;
         self.sticky_map().retain(|_, inst| live.contains_key(inst));
         self.table.store(Arc::new(t));
+        self.bump();
     }
 
     fn sticky_map(&self) -> parking_lot::MutexGuard<'_, StickyMap> {
@@ -249,6 +255,21 @@ impl Router {
     /// Install a custom router for module type `module` (see [`RouteKeyFn`]).
     pub fn set_route_key(&self, module: &str, f: RouteKeyFn) {
         self.key_fns.write().insert(module.to_owned(), f);
+        self.bump();
+    }
+
+    fn bump(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// A number that changes whenever a call could resolve differently than before: the routing
+    /// table, the custom keys, or this node's running instances.
+    pub(crate) fn generation(&self) -> u64 {
+        let local = self.local.as_ref().map_or(0, |(_, l)| l.generation());
+        self.generation
+            .load(std::sync::atomic::Ordering::Acquire)
+            .wrapping_add(local << 32)
     }
 
     /// Pick the instance for one call from a client or a module: `at` when given, else the
@@ -261,8 +282,23 @@ impl Router {
         session: Option<&Session>,
         body: &[u8],
     ) -> Result<Target, CallError> {
+        self.resolve_call_cacheable(module, at, handler, session, body)
+            .map(|(t, _)| t)
+    }
+
+    /// [`Router::resolve_call`], and whether the answer holds for any handler and body of the
+    /// same module, target and session until [`Router::generation`] changes (no custom key, no
+    /// queue group, not sticky): a connection may keep it.
+    pub(crate) fn resolve_call_cacheable(
+        &self,
+        module: &str,
+        at: Option<&str>,
+        handler: &str,
+        session: Option<&Session>,
+        body: &[u8],
+    ) -> Result<(Target, bool), CallError> {
         if at.is_some() {
-            return self.resolve(module, at, "");
+            return self.resolve(module, at, "").map(|t| (t, true));
         }
         let custom = self
             .key_fns
@@ -270,17 +306,20 @@ impl Router {
             .get(module)
             .and_then(|f| f(handler, session, body));
         if let Some(key) = custom {
-            return self.resolve(module, None, &key);
+            return self.resolve(module, None, &key).map(|t| (t, false));
         }
         if self.bus.has_groups() {
             let t = self.table.load();
             if t.groups.contains(module)
                 && let Some(first) = t.by_module.get(module).and_then(|v| v.first())
             {
-                return Ok(Target {
-                    group: true,
-                    ..first.clone()
-                });
+                return Ok((
+                    Target {
+                        group: true,
+                        ..first.clone()
+                    },
+                    false,
+                ));
             }
         }
         let key = session.map_or("", Session::hash_key);
@@ -291,11 +330,13 @@ impl Router {
             if let Some(inst) = chosen
                 && let Some(t) = self.table.load().by_instance.get(&inst)
             {
-                return Ok(t.clone());
+                return Ok((t.clone(), false));
             }
             self.sticky_map().insert(k, target.instance.clone());
+            return Ok((target, false));
         }
-        Ok(target)
+        let cacheable = !self.key_fns.read().contains_key(module);
+        Ok((target, cacheable))
     }
 
     /// Pick an instance of `module` carrying `tag`, by `key` on that tag's ring.

@@ -393,6 +393,9 @@ struct Outbox {
     /// The connection's task, when it waits for an item.
     waker: futures_util::task::AtomicWaker,
     cap: usize,
+    /// How many items `state` holds (written under its lock): the receiver looks here first,
+    /// so an empty queue costs no lock.
+    len: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -407,6 +410,7 @@ pub fn outbox(cap: usize) -> (OutboxTx, OutboxRx) {
         state: parking_lot::Mutex::new(OutboxState::default()),
         waker: futures_util::task::AtomicWaker::new(),
         cap: cap.max(1),
+        len: Default::default(),
     });
     (OutboxTx(q.clone()), OutboxRx(q))
 }
@@ -432,6 +436,9 @@ impl OutboxTx {
                 return Err(mpsc::error::TrySendError::Full(item));
             }
             st.items.push_back(item);
+            self.0
+                .len
+                .store(st.items.len(), std::sync::atomic::Ordering::Release);
         }
         self.0.waker.wake();
         Ok(())
@@ -446,8 +453,14 @@ impl OutboxTx {
 impl OutboxRx {
     /// The next item, if one is queued.
     pub fn try_recv(&mut self) -> Option<Outbound> {
+        if self.0.len.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return None;
+        }
         let mut st = self.0.state.lock();
         let item = st.items.pop_front()?;
+        self.0
+            .len
+            .store(st.items.len(), std::sync::atomic::Ordering::Release);
         if st.items.is_empty() && st.items.capacity() > 16 {
             // a burst is over: do not keep its slots
             st.items = std::collections::VecDeque::new();
@@ -464,7 +477,12 @@ impl OutboxRx {
             self.0.waker.register(cx.waker());
             let mut st = self.0.state.lock();
             match st.items.pop_front() {
-                Some(item) => std::task::Poll::Ready(Some(item)),
+                Some(item) => {
+                    self.0
+                        .len
+                        .store(st.items.len(), std::sync::atomic::Ordering::Release);
+                    std::task::Poll::Ready(Some(item))
+                }
                 None if st.closed => std::task::Poll::Ready(None),
                 None => std::task::Poll::Pending,
             }
@@ -942,6 +960,34 @@ mod tests {
             n += 1;
         }
         n
+    }
+
+    #[tokio::test]
+    async fn the_outbox_is_bounded_wakes_its_reader_and_closes_with_it() {
+        let (tx, mut rx) = outbox(2);
+        assert!(rx.try_recv().is_none());
+        tx.try_send(Outbound::Close).unwrap();
+        tx.try_send(Outbound::CloseCode(1000)).unwrap();
+        assert!(matches!(
+            tx.try_send(Outbound::Close),
+            Err(mpsc::error::TrySendError::Full(_))
+        ));
+        assert!(matches!(rx.try_recv(), Some(Outbound::Close)));
+        tx.try_send(Outbound::Close).unwrap();
+        assert!(matches!(rx.recv().await, Some(Outbound::CloseCode(1000))));
+        assert!(matches!(rx.recv().await, Some(Outbound::Close)));
+        // a reader waiting on an empty queue is woken by a send from elsewhere
+        let sender = tx.clone();
+        let waiter = tokio::spawn(async move { rx.recv().await.is_some() });
+        tokio::task::yield_now().await;
+        sender.try_send(Outbound::Close).unwrap();
+        assert!(waiter.await.unwrap());
+        // the reader is gone: sends are refused
+        assert!(tx.is_closed());
+        assert!(matches!(
+            tx.try_send(Outbound::Close),
+            Err(mpsc::error::TrySendError::Closed(_))
+        ));
     }
 
     #[tokio::test]

@@ -203,13 +203,9 @@ pub(crate) trait Protocol: Send + Sized + 'static {
         buf: &mut BytesMut,
     ) -> impl Future<Output = Result<bool, End>> + Send;
 
-    /// Turn a handler result into the protocol's reply and queue it.
-    fn reply(
-        &mut self,
-        conn: &mut SessionConn<Self::Tag>,
-        tag: Self::Tag,
-        result: Result<Bytes, CallError>,
-    ) -> impl Future<Output = Result<(), End>> + Send;
+    /// Turn a handler result into the protocol's reply: the item to send, or `None` when the
+    /// protocol sends nothing now (a silent listener, a batch flushed on the next tick).
+    fn reply(&mut self, tag: Self::Tag, result: Result<Bytes, CallError>) -> Option<Outbound>;
 
     /// How long the connection may stay silent.
     fn read_timeout(&self) -> Option<Duration>;
@@ -330,6 +326,21 @@ pub(crate) struct SessionConn<T> {
     messages_in: u64,
     /// The listener's per-connection rates, when it sets any.
     rates: Option<Box<Rates>>,
+    /// The last route this connection resolved, kept while it holds (most clients call one
+    /// module over and over): no table lookups, ring walks or instance lookups per request.
+    route_cache: Option<Box<RouteCache>>,
+}
+
+/// One resolved route of a connection: valid while the router's generation and the session
+/// snapshot it was resolved with are the same.
+struct RouteCache {
+    generation: u64,
+    session: Arc<Session>,
+    module: Box<str>,
+    at: Option<Box<str>>,
+    target: Arc<Target>,
+    /// The instance behind `target` when it runs in this process (looked up once).
+    instance: Option<Arc<crate::module::Instance>>,
 }
 
 /// What `out` may hold before queued items wait in the queue instead (they are taken again as
@@ -474,6 +485,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             pending: PendingSet::default(),
             messages_in: 0,
             rates,
+            route_cache: None,
         }
     }
 
@@ -567,6 +579,26 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         self.frame(o);
         if self.out.buf.len() >= OUT_HIGH {
             self.write_now()?;
+        }
+        Ok(())
+    }
+
+    /// Frame an item if there is room now, without waiting (the reply path): the item comes
+    /// back when the client's queue is over its cap and [`SessionConn::send`] must wait.
+    pub(crate) fn send_now(&mut self, o: Outbound) -> Result<(), Outbound> {
+        if self.closing.is_some() {
+            return Ok(());
+        }
+        self.take_queued(usize::MAX);
+        let n = o.queued_size();
+        if !self.queue.bytes.try_reserve_reply(n) {
+            return Err(o);
+        }
+        self.out_counted += n;
+        self.frame(o);
+        if self.out.buf.len() >= OUT_HIGH {
+            // a write error surfaces on the loop's next write
+            let _ = self.write_now();
         }
         Ok(())
     }
@@ -677,24 +709,75 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     }
 
     /// Resolve a route to a target for this session.
-    pub(crate) fn resolve(&self, route: &Route<'_>, body: &[u8]) -> Result<Target, CallError> {
-        self.resolve_as(route, body, &self.handle.snapshot())
-    }
-
-    /// [`SessionConn::resolve`] for a snapshot the caller holds.
-    pub(crate) fn resolve_as(
-        &self,
+    pub(crate) fn resolve(
+        &mut self,
         route: &Route<'_>,
         body: &[u8],
-        session: &Session,
-    ) -> Result<Target, CallError> {
-        self.gate.node.router().resolve_call(
+    ) -> Result<Arc<Target>, CallError> {
+        let session = self.handle.snapshot();
+        self.resolve_as(route, body, &session)
+    }
+
+    /// [`SessionConn::resolve`] for a snapshot the caller holds; a route resolved before with
+    /// the same snapshot and routing table comes from the connection's cache.
+    pub(crate) fn resolve_as(
+        &mut self,
+        route: &Route<'_>,
+        body: &[u8],
+        session: &Arc<Session>,
+    ) -> Result<Arc<Target>, CallError> {
+        let router = self.gate.node.router();
+        let generation = router.generation();
+        if let Some(c) = &self.route_cache
+            && c.generation == generation
+            && Arc::ptr_eq(&c.session, session)
+            && *c.module == *route.module
+            && c.at.as_deref() == route.target
+        {
+            return Ok(c.target.clone());
+        }
+        let (target, cacheable) = router.resolve_call_cacheable(
             route.module,
             route.target,
             route.handler,
             Some(session),
             body,
-        )
+        )?;
+        let target = Arc::new(target);
+        if cacheable {
+            let instance = router.local_instance(&target);
+            self.route_cache = Some(Box::new(RouteCache {
+                generation,
+                session: session.clone(),
+                module: route.module.into(),
+                at: route.target.map(Into::into),
+                target: target.clone(),
+                instance,
+            }));
+        }
+        Ok(target)
+    }
+
+    /// Whether `module` is the module of the route this connection resolved last, with the
+    /// routing table unchanged since (then it names a live module: no table lookup needed).
+    pub(crate) fn names_cached_module(&self, module: &str) -> bool {
+        self.route_cache.as_ref().is_some_and(|c| {
+            *c.module == *module && c.generation == self.gate.node.router().generation()
+        })
+    }
+
+    /// The instance behind `target` if it runs in this process: from the route cache when it
+    /// holds that target, else looked up.
+    fn local_instance(&self, target: &Target) -> Option<Arc<crate::module::Instance>> {
+        let router = self.gate.node.router();
+        if let Some(c) = &self.route_cache
+            && Arc::ptr_eq(&c.target.instance, &target.instance)
+            && Arc::ptr_eq(&c.target.node, &target.node)
+            && c.generation == router.generation()
+        {
+            return c.instance.clone();
+        }
+        router.local_instance(target)
     }
 
     /// Send a request to a module instance. The result is always awaited (so in-flight requests
@@ -722,9 +805,10 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     ) -> Result<(), (Option<T>, CallError)> {
         let now = Instant::now();
         let deadline = now + self.cfg.rpc_expired();
-        let router = self.gate.node.router();
         let session = Some(session);
-        let sent = match router.local_instance(target) {
+        let local = self.local_instance(target);
+        let router = self.gate.node.router();
+        let sent = match local {
             // in this process: run it here when the instance allows (no envelope, no channel)
             Some(instance) => {
                 instance
@@ -861,13 +945,11 @@ mod boxed {
         Box::pin(proto.handle_buffered(conn, buf))
     }
 
-    pub(super) fn reply<'a, P: Protocol>(
-        proto: &'a mut P,
-        conn: &'a mut SessionConn<P::Tag>,
-        tag: P::Tag,
-        result: Result<Bytes, CallError>,
-    ) -> Boxed<'a, Result<(), End>> {
-        Box::pin(proto.reply(conn, tag, result))
+    pub(super) fn send<T: Send + Unpin + 'static>(
+        conn: &mut SessionConn<T>,
+        o: Outbound,
+    ) -> Boxed<'_, Result<(), End>> {
+        Box::pin(conn.send(o))
     }
 
     pub(super) fn on_tick<'a, P: Protocol>(
@@ -1056,7 +1138,10 @@ pub(crate) async fn run<P: Protocol>(
                 while let Some((tag, result)) = next {
                     match tag {
                         Some(tag) => {
-                            if let Err(end) = boxed::reply(proto, conn, tag, result).await {
+                            if let Some(o) = proto.reply(tag, result)
+                                && let Err(o) = conn.send_now(o)
+                                && let Err(end) = boxed::send(conn, o).await
+                            {
                                 return end;
                             }
                         }

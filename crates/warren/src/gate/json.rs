@@ -100,12 +100,7 @@ impl conn::Protocol for JsonSession {
         Ok(handled)
     }
 
-    async fn reply(
-        &mut self,
-        conn: &mut Conn,
-        cb: String,
-        result: Result<Bytes, CallError>,
-    ) -> Result<(), End> {
+    fn reply(&mut self, cb: String, result: Result<Bytes, CallError>) -> Option<Outbound> {
         let out = match result {
             Ok(r) => {
                 let args = args_from_result(&r);
@@ -118,13 +113,13 @@ impl conn::Protocol for JsonSession {
                 b.put_u8(b'}');
                 Outbound::Bytes(Box::new(b.freeze()))
             }
-            Err(_) if self.silent => return Ok(()),
+            Err(_) if self.silent => return None,
             Err(e) => frame_out(&Frame {
                 error: Some(e.to_string()),
                 ..json_ws::reply(&cb, Vec::new())
             }),
         };
-        conn.send(out).await
+        Some(out)
     }
 
     fn read_timeout(&self) -> Option<Duration> {
@@ -272,7 +267,10 @@ impl JsonSession {
             metrics::counter!("warren_requests_refused_total", "reason" => e.kind().as_str())
                 .increment(1);
             if let Some(cb) = tag {
-                return conn::Protocol::reply(self, conn, cb, Err(e)).await;
+                return match conn::Protocol::reply(self, cb, Err(e)) {
+                    Some(o) => conn.send(o).await,
+                    None => Ok(()),
+                };
             }
         }
         Ok(())

@@ -314,7 +314,10 @@ impl LineSession {
         if let Err((tag, e)) = outcome {
             super::refusal::deny(&conn.peer, e.kind().as_str(), format_args!("{route}: {e}"));
             if let Some(topic) = tag {
-                return conn::Protocol::reply(self, conn, topic, Err(e)).await;
+                return match conn::Protocol::reply(self, topic, Err(e)) {
+                    Some(o) => conn.send(o).await,
+                    None => Ok(()),
+                };
             }
         }
         Ok(())
@@ -369,18 +372,12 @@ impl conn::Protocol for LineSession {
         Ok(handled)
     }
 
-    async fn reply(
-        &mut self,
-        conn: &mut Conn,
-        topic: Bytes,
-        result: Result<Bytes, CallError>,
-    ) -> Result<(), End> {
+    fn reply(&mut self, topic: Bytes, result: Result<Bytes, CallError>) -> Option<Outbound> {
         let body = super::mqtt::envelope(result);
-        conn.send(Outbound::Message {
+        Some(Outbound::Message {
             msg: Message::new(topic, body),
             qos: None,
         })
-        .await
     }
 
     fn read_timeout(&self) -> Option<Duration> {

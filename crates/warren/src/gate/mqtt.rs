@@ -373,13 +373,8 @@ impl conn::Protocol for MqttSession {
         Ok(handled)
     }
 
-    async fn reply(
-        &mut self,
-        conn: &mut Conn,
-        topic: Bytes,
-        result: Result<Bytes, CallError>,
-    ) -> Result<(), End> {
-        reply(conn, topic, result).await
+    fn reply(&mut self, topic: Bytes, result: Result<Bytes, CallError>) -> Option<Outbound> {
+        Some(reply_item(topic, result))
     }
 
     fn read_timeout(&self) -> Option<Duration> {
@@ -403,14 +398,17 @@ async fn ack(conn: &mut Conn, bytes: [u8; 4]) -> Result<(), End> {
     conn.send(Outbound::Inline(InlineFrame::new(&bytes))).await
 }
 
-/// Queue a reply `{"Error":…,"Result":…}` on the request topic.
-async fn reply(conn: &mut Conn, topic: Bytes, result: Result<Bytes, CallError>) -> Result<(), End> {
-    let body = envelope(result);
-    conn.send(Outbound::Message {
-        msg: Message::new(topic, body),
+/// A reply `{"Error":…,"Result":…}` on the request topic.
+fn reply_item(topic: Bytes, result: Result<Bytes, CallError>) -> Outbound {
+    Outbound::Message {
+        msg: Message::new(topic, envelope(result)),
         qos: None,
-    })
-    .await
+    }
+}
+
+/// Queue a reply on the request topic.
+async fn reply(conn: &mut Conn, topic: Bytes, result: Result<Bytes, CallError>) -> Result<(), End> {
+    conn.send(reply_item(topic, result)).await
 }
 
 impl MqttSession {
@@ -579,13 +577,19 @@ impl MqttSession {
     /// write (the publish was acknowledged already, as MQTT 3.1.1 has no way to refuse it).
     async fn route(&mut self, conn: &mut Conn, p: Publish) -> Result<(), End> {
         let node = conn.gate.node.clone();
-        let topic = p.topic_str();
+        let Publish {
+            topic: topic_bytes,
+            payload,
+            qos,
+            ..
+        } = p;
+        let topic = std::str::from_utf8(&topic_bytes).unwrap_or("");
         if let Some((kind, why)) = topic_over_limits(&conn.gate.limits, topic, "topic") {
             refusal::refuse(&conn.peer, kind, why);
             return Ok(());
         }
         let module = Route::module_of(topic);
-        let is_module = node.router().has_module(module);
+        let is_module = conn.names_cached_module(module) || node.router().has_module(module);
         if !self.mqant && !is_module {
             if conn.cfg.pubsub {
                 self.refresh_acl(&conn.gate);
@@ -593,12 +597,8 @@ impl MqttSession {
                     refusal::deny(&conn.peer, kind, why);
                     return Ok(());
                 }
-                node.subscriptions().publish(
-                    topic,
-                    p.qos.as_u8(),
-                    p.topic.clone(),
-                    p.payload.clone(),
-                );
+                node.subscriptions()
+                    .publish(topic, qos.as_u8(), topic_bytes.clone(), payload);
             } else {
                 tracing::debug!(
                     topic,
@@ -620,12 +620,12 @@ impl MqttSession {
                 return Ok(());
             }
         };
-        let tag = route.msgid.is_some().then(|| p.topic.clone());
-        let checked = self.check(conn, &route, &p.payload);
+        let tag = route.msgid.is_some().then(|| topic_bytes.clone());
+        let checked = self.check(conn, &route, &payload);
         let outcome = match checked {
             Err(e) => Err((tag, e)),
             Ok((target, session)) => {
-                conn.call_as(&target, route.handler, p.payload.clone(), tag, session)
+                conn.call_as(&target, route.handler, payload, tag, session)
                     .await
             }
         };
@@ -712,10 +712,10 @@ impl MqttSession {
     /// "Requests, replies and pushes").
     fn check(
         &self,
-        conn: &Conn,
+        conn: &mut Conn,
         route: &Route<'_>,
         body: &[u8],
-    ) -> Result<(crate::router::Target, Arc<crate::session::Session>), CallError> {
+    ) -> Result<(Arc<crate::router::Target>, Arc<crate::session::Session>), CallError> {
         if self.mqant && !is_json_object(body) {
             return Err(CallError::BodyNotJson);
         }

@@ -148,18 +148,12 @@ impl conn::Protocol for PomeloSession {
         Ok(handled)
     }
 
-    async fn reply(
-        &mut self,
-        conn: &mut Conn,
-        id: u32,
-        result: Result<Bytes, CallError>,
-    ) -> Result<(), End> {
-        let out = match result {
+    fn reply(&mut self, id: u32, result: Result<Bytes, CallError>) -> Option<Outbound> {
+        Some(match result {
             Ok(body) if body.is_empty() => response(id, b"null"),
             Ok(body) => response(id, &body),
             Err(e) => response(id, &error_body(&e)),
-        };
-        conn.send(out).await
+        })
     }
 
     fn read_timeout(&self) -> Option<Duration> {

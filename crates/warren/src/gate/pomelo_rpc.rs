@@ -109,6 +109,14 @@ impl RpcSession {
     }
 
     async fn respond(&mut self, conn: &mut Conn, tag: Tag, resp: &[Value]) -> Result<(), End> {
+        match self.response(tag, resp) {
+            Some(out) => conn.send(out).await,
+            None => Ok(()),
+        }
+    }
+
+    /// A response to send now, or `None` when it joins the batch flushed on the next tick.
+    fn response(&mut self, tag: Tag, resp: &[Value]) -> Option<Outbound> {
         let (id, trace) = tag;
         let trace = trace
             .as_ref()
@@ -118,12 +126,9 @@ impl RpcSession {
         match &mut self.buffered {
             Some(queue) => {
                 queue.push(body);
-                Ok(())
+                None
             }
-            None => {
-                let out = self.frame(&body);
-                conn.send(out).await
-            }
+            None => Some(self.frame(&body)),
         }
     }
 
@@ -300,12 +305,7 @@ impl conn::Protocol for RpcSession {
         Ok(handled)
     }
 
-    async fn reply(
-        &mut self,
-        conn: &mut Conn,
-        tag: Tag,
-        result: Result<Bytes, CallError>,
-    ) -> Result<(), End> {
+    fn reply(&mut self, tag: Tag, result: Result<Bytes, CallError>) -> Option<Outbound> {
         let resp = match result {
             Ok(bytes) => {
                 let v = serde_json::from_slice::<Value>(&bytes).unwrap_or_else(|_| {
@@ -318,7 +318,7 @@ impl conn::Protocol for RpcSession {
             }
             Err(e) => vec![pomelo_rpc::error_value(&e.to_string())],
         };
-        self.respond(conn, tag, &resp).await
+        self.response(tag, &resp)
     }
 
     fn read_timeout(&self) -> Option<Duration> {
