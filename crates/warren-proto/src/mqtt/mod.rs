@@ -11,6 +11,7 @@
 //! and no input makes it panic (see the fuzz target in `fuzz/`). PUBLISH payloads are zero-copy
 //! slices of the read buffer.
 
+mod ack;
 mod connack;
 mod connect;
 mod disconnect;
@@ -30,6 +31,7 @@ mod unsubscribe;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+pub use ack::{Ack, ack_bytes, connack_bytes};
 pub use connack::ConnAck;
 pub use connect::{Connect, LastWill};
 pub use error::{DecodeError, EncodeError};

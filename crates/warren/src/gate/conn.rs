@@ -112,6 +112,7 @@ impl End {
 /// A read that failed: the peer went away, or the WebSocket layer refused what the client sent
 /// (each with its close code: not UTF-8 1007, too big 1009, a protocol violation 1002).
 pub(crate) fn read_error(e: &std::io::Error) -> End {
+    use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
     if matches!(
         e.kind(),
         std::io::ErrorKind::ConnectionReset
@@ -121,32 +122,38 @@ pub(crate) fn read_error(e: &std::io::Error) -> End {
     ) {
         return End::PeerClosed;
     }
-    // the WebSocket library's errors reach us as text inside an io::Error
-    let text = e.to_string();
-    if text.contains("without closing handshake") {
-        End::PeerClosed
-    } else if text.contains("UTF-8") {
-        End::Limit(
+    let inner = e.get_ref();
+    if inner.is_some_and(|i| i.is::<super::transport::TextOnBinary>()) {
+        return End::Limit("ws_data_type", close_code::UNSUPPORTED_DATA, e.to_string());
+    }
+    // the WebSocket library's error, inside axum's, inside the io::Error the reader returns
+    let ws = inner
+        .and_then(|i| i.downcast_ref::<axum::Error>())
+        .and_then(std::error::Error::source)
+        .and_then(|s| s.downcast_ref::<WsError>());
+    match ws {
+        Some(
+            WsError::ConnectionClosed
+            | WsError::AlreadyClosed
+            | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake),
+        ) => End::PeerClosed,
+        Some(WsError::Utf8(_)) => End::Limit(
             "ws_bad_utf8",
             close_code::BAD_DATA,
-            format!("text frame is not UTF-8: {text}"),
-        )
-    } else if text.contains("Space limit exceeded") || text.contains("too long") {
-        End::Limit(
+            format!("text frame is not UTF-8: {e}"),
+        ),
+        Some(WsError::Capacity(CapacityError::MessageTooLong { .. })) => End::Limit(
             "ws_too_big",
             close_code::TOO_BIG,
-            format!("frame or message over the size limit: {text}"),
-        )
-    } else if text.contains("WebSocket protocol error") {
-        End::Limit(
+            format!("frame or message over the size limit: {e}"),
+        ),
+        Some(WsError::Capacity(_) | WsError::Protocol(_) | WsError::AttackAttempt) => End::Limit(
             "ws_protocol",
             close_code::PROTOCOL_ERROR,
-            format!("websocket protocol error: {text}"),
-        )
-    } else if e.kind() == std::io::ErrorKind::InvalidData && text.contains("text frame") {
-        End::Limit("ws_data_type", close_code::UNSUPPORTED_DATA, text)
-    } else {
-        End::Refused(format!("read failed: {text}"))
+            format!("websocket protocol error: {e}"),
+        ),
+        Some(WsError::Io(io)) if io.kind() != std::io::ErrorKind::Other => read_error(io),
+        _ => End::Refused(format!("read failed: {e}")),
     }
 }
 

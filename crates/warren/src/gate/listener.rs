@@ -34,7 +34,7 @@ use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::node::BoundListener;
 
 /// MQTT CONNACK, return code 3 (server unavailable): the answer of a full MQTT listener.
-pub(crate) const CONNACK_UNAVAILABLE: [u8; 4] = [0x20, 0x02, 0x00, 0x03];
+pub(crate) const CONNACK_UNAVAILABLE: [u8; 4] = warren_proto::mqtt::connack_bytes(false, 3);
 /// The answer of a full WebSocket listener.
 pub(crate) const HTTP_UNAVAILABLE: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";

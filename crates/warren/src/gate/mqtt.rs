@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use warren_proto::mqtt::{self, Packet, Publish, QoS};
+use warren_proto::mqtt::{self, Ack, Packet, Publish, QoS};
 
 use super::conn::{self, End, Framer, Out, SessionConn};
 use super::transport::{Reader, Writer};
@@ -80,7 +80,7 @@ fn refuse(peer: &SocketAddr, why: &str, kind: &'static str) {
 async fn connack_and_close(writer: &mut Writer, cfg: &ListenerConfig, code: u8) {
     let _ = tokio::time::timeout(
         Duration::from_secs(cfg.write_timeout_s),
-        writer.write_raw(&[0x20, 0x02, 0x00, code]),
+        writer.write_raw(&mqtt::connack_bytes(false, code)),
     )
     .await;
     let ws_code = match code {
@@ -243,9 +243,9 @@ async fn handshake(
         return None;
     }
     if conn
-        .send(Outbound::Inline(InlineFrame::new(&[
-            0x20, 0x02, 0x00, 0x00,
-        ])))
+        .send(Outbound::Inline(InlineFrame::new(&mqtt::connack_bytes(
+            false, 0,
+        ))))
         .await
         .is_err()
     {
@@ -293,9 +293,9 @@ async fn handshake(
 /// Answer CONNACK `code` on an opened session and close it (its uid was never bound).
 async fn refuse_session(mut conn: Conn, code: u8) {
     let _ = conn
-        .send(Outbound::Inline(InlineFrame::new(&[
-            0x20, 0x02, 0x00, code,
-        ])))
+        .send(Outbound::Inline(InlineFrame::new(&mqtt::connack_bytes(
+            false, code,
+        ))))
         .await;
     conn.finish(End::ServerClosed).await;
 }
@@ -417,17 +417,13 @@ impl MqttSession {
             Packet::Publish(p) => self.publish(conn, p).await,
             Packet::PubRel(id) => {
                 self.awaiting_rel.remove(&id);
-                let [h, l] = id.to_be_bytes();
-                ack(conn, [0x70, 0x02, h, l]).await
+                ack(conn, mqtt::ack_bytes(Ack::PubComp, id)).await
             }
             Packet::PubAck(_) | Packet::PubComp(_) => {
                 metrics::counter!("warren_push_acks_total").increment(1);
                 Ok(())
             }
-            Packet::PubRec(id) => {
-                let [h, l] = id.to_be_bytes();
-                ack(conn, [0x62, 0x02, h, l]).await
-            }
+            Packet::PubRec(id) => ack(conn, mqtt::ack_bytes(Ack::PubRel, id)).await,
             Packet::Subscribe(s) => self.subscribe(conn, s).await,
             Packet::Unsubscribe(u) => {
                 let max = conn.gate.limits.max_filters_per_subscribe;
@@ -448,8 +444,7 @@ impl MqttSession {
                             .unsubscribe(f, conn.handle.id());
                     }
                 }
-                let [h, l] = u.pkid.to_be_bytes();
-                ack(conn, [0xb0, 0x02, h, l]).await
+                ack(conn, mqtt::ack_bytes(Ack::UnsubAck, u.pkid)).await
             }
             Packet::PingReq => {
                 let bytes = mqtt::pingresp_bytes(conn.cfg.pingresp_d2);
@@ -548,10 +543,9 @@ impl MqttSession {
     }
 
     async fn publish(&mut self, conn: &mut Conn, p: Publish) -> Result<(), End> {
-        let [h, l] = p.pkid.to_be_bytes();
         match p.qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => ack(conn, [0x40, 0x02, h, l]).await?,
+            QoS::AtLeastOnce => ack(conn, mqtt::ack_bytes(Ack::PubAck, p.pkid)).await?,
             QoS::ExactlyOnce => {
                 let resend = self.awaiting_rel.contains(&p.pkid);
                 if !resend {
@@ -562,7 +556,7 @@ impl MqttSession {
                     }
                     self.awaiting_rel.insert(p.pkid);
                 }
-                ack(conn, [0x50, 0x02, h, l]).await?;
+                ack(conn, mqtt::ack_bytes(Ack::PubRec, p.pkid)).await?;
                 if resend {
                     return Ok(());
                 }

@@ -260,9 +260,9 @@ impl conn::Protocol for RpcSession {
                             Ok(None) => {}
                             Err(refusal) => {
                                 let code = refusal.connack_code();
-                                conn.send(Outbound::Inline(InlineFrame::new(&[
-                                    0x20, 0x02, 0x00, code,
-                                ])))
+                                conn.send(Outbound::Inline(InlineFrame::new(
+                                    &mqtt::connack_bytes(false, code),
+                                )))
                                 .await?;
                                 conn.send(Outbound::Close).await?;
                                 return Err(End::ServerClosed);
@@ -271,9 +271,9 @@ impl conn::Protocol for RpcSession {
                     }
                     self.connected = true;
                     if self.send_connack {
-                        conn.send(Outbound::Inline(InlineFrame::new(&[
-                            0x20, 0x02, 0x00, 0x00,
-                        ])))
+                        conn.send(Outbound::Inline(InlineFrame::new(&mqtt::connack_bytes(
+                            false, 0,
+                        ))))
                         .await?;
                     }
                 }
@@ -281,14 +281,15 @@ impl conn::Protocol for RpcSession {
                     return Err(End::Refused("first packet is not CONNECT".into()));
                 }
                 Packet::PingReq => {
-                    conn.send(Outbound::Inline(InlineFrame::new(&[0xd0, 0x00])))
-                        .await?
+                    conn.send(Outbound::Inline(InlineFrame::new(mqtt::pingresp_bytes(
+                        false,
+                    ))))
+                    .await?
                 }
                 Packet::Publish(p) => {
                     if p.qos == QoS::AtLeastOnce {
-                        let [h, l] = p.pkid.to_be_bytes();
-                        conn.send(Outbound::Inline(InlineFrame::new(&[0x40, 0x02, h, l])))
-                            .await?;
+                        let ack = mqtt::ack_bytes(mqtt::Ack::PubAck, p.pkid);
+                        conn.send(Outbound::Inline(InlineFrame::new(&ack))).await?;
                     }
                     self.payload(conn, &p.payload).await?;
                 }

@@ -156,7 +156,7 @@ impl Reader {
                     Some(Ok(WsMessage::Text(_))) => {
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::InvalidData,
-                            "text frame on a binary protocol",
+                            TextOnBinary,
                         )));
                     }
                     Some(Ok(WsMessage::Close(_))) => return Poll::Ready(Ok(0)),
@@ -356,6 +356,19 @@ impl Writer {
         self.write(&mut out).await
     }
 }
+
+/// A text frame where the protocol carries binary frames only (MQTT, pomelo): the connection
+/// ends with WebSocket close code 1003.
+#[derive(Debug)]
+pub(crate) struct TextOnBinary;
+
+impl std::fmt::Display for TextOnBinary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("text frame on a binary protocol")
+    }
+}
+
+impl std::error::Error for TextOnBinary {}
 
 /// Flush a WebSocket sink after `taken` bytes went to it: `Ready(taken)` once flushed, or with
 /// progress made; `Pending` with none.
