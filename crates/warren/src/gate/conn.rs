@@ -1315,12 +1315,30 @@ mod tests {
         assert_eq!(End::Drained.close_code(), 1001);
         assert_eq!(End::Refused("x".into()).close_code(), 1002);
         assert_eq!(End::PeerClosed.close_code(), 1000);
-        let utf8 = std::io::Error::other("UTF-8 encoding error: invalid utf-8 sequence");
+        use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+        // what the WebSocket reader returns: tungstenite's error inside axum's, inside io::Error
+        let ws = |e: WsError| std::io::Error::other(axum::Error::new(e));
+        let utf8 = ws(WsError::Utf8("invalid utf-8 sequence".into()));
         assert_eq!(read_error(&utf8).close_code(), 1007);
-        let big = std::io::Error::other("Space limit exceeded: Message too long: 9 > 4");
+        let big = ws(WsError::Capacity(CapacityError::MessageTooLong {
+            size: 9,
+            max_size: 4,
+        }));
         assert_eq!(read_error(&big).close_code(), 1009);
-        let proto = std::io::Error::other("WebSocket protocol error: unmasked frame");
+        let proto = ws(WsError::Protocol(ProtocolError::UnmaskedFrameFromClient));
         assert_eq!(read_error(&proto).close_code(), 1002);
+        let reset = ws(WsError::Protocol(
+            ProtocolError::ResetWithoutClosingHandshake,
+        ));
+        assert!(matches!(read_error(&reset), End::PeerClosed));
+        let text = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            super::super::transport::TextOnBinary,
+        );
+        assert_eq!(read_error(&text).close_code(), 1003);
+        // an error message that merely looks like one is not taken for it
+        let lookalike = std::io::Error::other("UTF-8 encoding error: not from the socket");
+        assert!(matches!(read_error(&lookalike), End::Refused(_)));
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
         assert!(matches!(read_error(&reset), End::PeerClosed));
     }
