@@ -1,17 +1,15 @@
-//! The HTTP side of `warren serve`: the chat page, its assets, and `/config.json`, which tells
-//! the page where the MQTT-over-WebSocket listener is.
+//! The chat page of `warren serve`: the page, its assets, and `/config.json`, which tells the
+//! page where the MQTT-over-WebSocket listener is. warren-app serves this router on `[http] addr`.
 
 use std::net::SocketAddr;
 
-use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use warren::config::{ListenerProtocol, Mode, TransportName};
 use warren::node::BoundListener;
+use warren_app::axum::extract::{Path, State};
+use warren_app::axum::http::{HeaderMap, StatusCode, header};
+use warren_app::axum::response::{IntoResponse, Response};
+use warren_app::axum::routing::get;
+use warren_app::axum::{self, Router};
 use warren_chat::web::{self as assets, Asset};
 
 #[derive(Clone)]
@@ -20,12 +18,8 @@ struct Page {
     ws: Option<SocketAddr>,
 }
 
-/// Bind `addr` and serve until `stop` fires. Returns the bound address and the server task.
-pub async fn serve(
-    addr: &str,
-    listeners: &[BoundListener],
-    stop: CancellationToken,
-) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+/// The page's routes, given the node's bound listeners.
+pub fn router(listeners: &[BoundListener]) -> Router {
     let ws = listeners
         .iter()
         .filter(|l| {
@@ -33,24 +27,13 @@ pub async fn serve(
         })
         .max_by_key(|l| l.config.mode == Mode::Mqant)
         .map(|l| l.local_addr);
-    let app = Router::new()
+    Router::new()
         .route("/", get(index))
         .route("/index.html", get(index))
         .route("/mqant/index.html", get(index))
         .route("/config.json", get(config_json))
         .route("/static/{*path}", get(static_file))
-        .with_state(Page { ws });
-    let socket = tokio::net::TcpListener::bind(addr).await?;
-    let local = socket.local_addr()?;
-    let task = tokio::spawn(async move {
-        let r = axum::serve(socket, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "web server failed");
-        }
-    });
-    Ok((local, task))
+        .with_state(Page { ws })
 }
 
 fn respond(a: Asset) -> Response {

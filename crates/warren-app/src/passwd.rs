@@ -1,5 +1,5 @@
-//! `warren passwd`: manage the password file of `[auth] password_file`, as `mosquitto_passwd`
-//! does: `warren passwd FILE USER` adds or replaces a user (the password is asked twice on a
+//! `passwd`: manage the password file of `[auth] password_file`, as `mosquitto_passwd` does:
+//! `warren passwd FILE USER` adds or replaces a user (the password is asked twice on a
 //! terminal, or read as one line from standard input), `-D` deletes one, `-b` takes the password
 //! from the command line. The file is created with mode 0600 and replaced atomically.
 
@@ -10,9 +10,9 @@ use std::process::ExitCode;
 use clap::Args;
 use warren::auth::password;
 
-/// Arguments of `warren passwd`.
+/// Arguments of `passwd`.
 #[derive(Args)]
-pub struct PasswdArgs {
+pub(crate) struct PasswdArgs {
     /// Delete USER from the file.
     #[arg(short = 'D', conflicts_with = "batch")]
     delete: bool,
@@ -28,9 +28,9 @@ pub struct PasswdArgs {
     password: Option<String>,
 }
 
-/// Run `warren passwd`.
-pub fn main(args: PasswdArgs) -> ExitCode {
-    match run(args) {
+/// Run `passwd`; `name` is the binary's, for the error prefix (`warren passwd: …`).
+pub(crate) fn main(name: &str, args: PasswdArgs) -> ExitCode {
+    match run(name, args) {
         Ok(msg) => {
             if !msg.is_empty() {
                 eprintln!("{msg}");
@@ -38,13 +38,13 @@ pub fn main(args: PasswdArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("warren passwd: {e}");
+            eprintln!("{name} passwd: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(args: PasswdArgs) -> Result<String, String> {
+fn run(name: &str, args: PasswdArgs) -> Result<String, String> {
     if !password::valid_user_name(&args.user) {
         return Err(format!(
             "user name {:?} must not be empty or contain ':' or a line break",
@@ -68,7 +68,9 @@ fn run(args: PasswdArgs) -> Result<String, String> {
     let pw = match (args.batch, args.password) {
         (true, Some(p)) => p,
         (true, None) => {
-            return Err("-b needs a password: warren passwd -b FILE USER PASSWORD".into());
+            return Err(format!(
+                "-b needs a password: {name} passwd -b FILE USER PASSWORD"
+            ));
         }
         (false, Some(_)) => return Err("a password on the command line needs -b".into()),
         (false, None) => read_password()?,

@@ -1,0 +1,233 @@
+//! `serve` and `node`: the runtime, the node with the app's modules, the web page, and the
+//! signals (SIGINT/SIGTERM drain and stop, SIGHUP reloads).
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+use warren::Node;
+use warren::config::{Config, ModuleConfig};
+
+use crate::cli::ServeArgs;
+use crate::load::resolve_config;
+use crate::{App, Role, web};
+
+/// Run `serve` or `node` with these arguments until a signal stops the node.
+pub(crate) fn run(app: &App, role: Role, args: ServeArgs) -> ExitCode {
+    init_logging();
+    let config = match resolve_config(app, role, &args) {
+        Ok(c) => c,
+        Err(e) => {
+            // one line per mistake, each with the prefix
+            for line in format!("{e:#}").lines() {
+                eprintln!("error: {line}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    // one thread: the current-thread scheduler, which runs woken tasks in the order they woke,
+    // so a writer woken by the first of many queued frames runs after the rest were queued
+    let mut builder = match config.node.threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    raise_nofile(&config);
+    let rt = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(app, config, || resolve_config(app, role, &args))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); a panic is logged as an error.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "panic");
+    }));
+}
+
+/// Descriptors kept for what is not a client connection (log, registry, bus, web page…) when
+/// checking that the listeners' `max_conn` fit under the open file limit.
+const NOFILE_MARGIN: u64 = 256;
+
+/// Raise the soft open-file limit to the hard one (each connection is a descriptor; a soft
+/// limit of 1024 would stop every listener after a thousand clients), and warn when the
+/// listeners' `max_conn` together cannot fit under it.
+fn raise_nofile(config: &Config) {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).ok();
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open file limit");
+            match before {
+                Some((soft, _)) => soft,
+                None => return,
+            }
+        }
+    };
+    tracing::info!(
+        soft_before = before.map_or(0, |b| b.0),
+        hard = before.map_or(limit, |b| b.1),
+        nofile = limit,
+        "open file limit"
+    );
+    let conns: u64 = config.listeners.iter().map(|l| l.max_conn as u64).sum();
+    if conns + NOFILE_MARGIN > limit {
+        tracing::warn!(
+            nofile = limit,
+            max_conn_total = conns,
+            "the listeners' max_conn together ({conns}) plus {NOFILE_MARGIN} exceed the open file \
+             limit ({limit}): past it, accepts fail; raise the hard limit (ulimit -Hn, LimitNOFILE=) \
+             or lower max_conn"
+        );
+    }
+}
+
+/// Run the node `config` describes until SIGINT/SIGTERM; on SIGHUP, `reload` reads the config
+/// again and the node takes its IP lists and TLS certificates.
+async fn serve(
+    app: &App,
+    config: Config,
+    reload: impl Fn() -> anyhow::Result<Config>,
+) -> anyhow::Result<()> {
+    if config.listeners.is_empty() {
+        tracing::warn!("no listeners configured: clients cannot connect");
+    }
+
+    let transport = warren_cluster::connect::transport(&config.bus).await?;
+    let registry = warren_cluster::connect::registry(&config.registry, &config.bus).await?;
+    let node_id = config.node.id.clone();
+    // an instance runs here when it names this node or no node (and, for mqant AMQP instances
+    // reached through RabbitMQ, only when it names this node)
+    let runs_here = move |m: &ModuleConfig| match (&m.node, &m.bus) {
+        (Some(n), _) => *n == node_id,
+        (None, _) => true,
+    };
+    let mut builder = Node::builder(config.clone());
+    for setup in &app.setup {
+        builder = setup(builder);
+    }
+    if let Some(t) = transport {
+        builder = builder.transport(t);
+    }
+    if let Some(r) = registry {
+        builder = builder.registry(r);
+    }
+    for m in config.modules.iter().filter(|m| runs_here(m)) {
+        let module = app
+            .build_module(m)
+            .map_err(|e| anyhow::anyhow!("module {}: {e}", m.kind))?;
+        builder = builder.module(module, m.clone());
+    }
+    let node = builder.start().await?;
+    let bridges = warren_cluster::connect::bridges(&config, node.handle(), &runs_here).await?;
+
+    let stop_http = CancellationToken::new();
+    let http = match &app.web_page {
+        Some(page) if config.http.enabled => {
+            let router = page(node.listeners());
+            let bound = web::serve(&config.http.addr, router, stop_http.clone())
+                .await
+                .with_context(|| format!("cannot serve the web page on {}", config.http.addr))?;
+            Some(bound)
+        }
+        _ => None,
+    };
+
+    println!(
+        "{} {} node {:?} ready (bus {}, registry {})",
+        app.name,
+        app.version,
+        config.node.id,
+        if config.bus.is_local() {
+            "local"
+        } else {
+            &config.bus.url
+        },
+        config.registry.effective_url(&config.bus),
+    );
+    for l in node.listeners() {
+        println!("listening {}", l.describe());
+    }
+    if let Some((addr, _)) = &http {
+        println!("web page http://{addr}/");
+    }
+
+    wait_for_signal(|| match reload() {
+        Ok(new) => {
+            let errors = node.reload(&new);
+            if errors.is_empty() {
+                tracing::info!(
+                    "SIGHUP: reloaded the IP lists, TLS certificates, topic ACL and [auth] checks"
+                );
+            }
+            for e in errors {
+                tracing::error!(error = %e, "SIGHUP: not reloaded; the old setting stays");
+            }
+        }
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "SIGHUP: the config does not load; nothing reloaded"
+            );
+        }
+    })
+    .await;
+    tracing::info!("shutdown requested");
+    stop_http.cancel();
+    bridges.stop();
+    node.shutdown().await;
+    if let Some((_, task)) = http {
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+/// Wait for SIGINT or SIGTERM, calling `on_hangup` for each SIGHUP meanwhile.
+async fn wait_for_signal(on_hangup: impl Fn()) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(mut term), Ok(mut hup)) => loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = term.recv() => break,
+                    _ = hup.recv() => on_hangup(),
+                }
+            },
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = on_hangup;
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
