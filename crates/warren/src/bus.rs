@@ -2,8 +2,6 @@
 //! Redis, RabbitMQ) plugs into; [`LocalBus`] delivers to instances in this process, so one node
 //! needs no broker. The router never knows which one it talks to.
 
-use parking_lot::RwLock;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -12,7 +10,6 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::error::CallError;
-use crate::module::{Instance, Job};
 use crate::session::Session;
 
 /// One call on its way to an instance.
@@ -106,99 +103,4 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Short name for logs (`local`, `nats`, …).
     fn kind(&self) -> &'static str;
-}
-
-/// The in-process bus: a map from instance id to running instance. The router calls it directly
-/// for instances on this node (no boxed future); it is also a [`Bus`] for tests and as the local
-/// half of a remote bus.
-#[derive(Default)]
-pub struct LocalBus {
-    instances: RwLock<HashMap<Arc<str>, Arc<Instance>, foldhash::fast::RandomState>>,
-    /// Bumped when an instance comes or goes (see `Router::generation`).
-    generation: std::sync::atomic::AtomicU64,
-}
-
-impl std::fmt::Debug for LocalBus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalBus").finish_non_exhaustive()
-    }
-}
-
-impl LocalBus {
-    pub(crate) fn attach(&self, instance: Arc<Instance>) {
-        let id = instance.info.id.clone();
-        self.instances.write().insert(id, instance);
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
-    }
-
-    /// Changes whenever an instance comes or goes.
-    pub(crate) fn generation(&self) -> u64 {
-        self.generation.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Drop every instance (at shutdown), which closes sequential mailboxes.
-    pub(crate) fn clear(&self) {
-        self.instances.write().clear();
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
-    }
-
-    /// The id of an instance of module type `module` on this node, if one runs here (the one
-    /// that takes the calls of the type's queue group).
-    pub fn instance_of(&self, module: &str) -> Option<Arc<str>> {
-        let instances = self.instances.read();
-        instances
-            .iter()
-            .filter(|(_, i)| &*i.info.module == module)
-            .map(|(id, _)| id)
-            .min()
-            .cloned()
-    }
-
-    /// The running instance `id`, if it is on this node.
-    pub(crate) fn get(&self, id: &str) -> Option<Arc<Instance>> {
-        self.instances.read().get(id).cloned()
-    }
-
-    /// Deliver a call to a local instance.
-    pub async fn deliver(&self, call: Call, reply: bool) -> Result<Option<Pending>, CallError> {
-        let instance = self
-            .instances
-            .read()
-            .get(&call.instance)
-            .cloned()
-            .ok_or(CallError::Closed)?;
-        let (tx, rx) = if reply {
-            let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        instance
-            .submit(Job {
-                handler: call.handler,
-                session: call.session,
-                body: call.body,
-                deadline: call.deadline,
-                reply: tx,
-            })
-            .await?;
-        Ok(rx.map(Pending::Local))
-    }
-}
-
-impl Bus for LocalBus {
-    fn send(
-        &self,
-        _node: &str,
-        call: Call,
-        reply: bool,
-    ) -> BoxFuture<'_, Result<Option<Pending>, CallError>> {
-        Box::pin(self.deliver(call, reply))
-    }
-
-    fn kind(&self) -> &'static str {
-        "local"
-    }
 }

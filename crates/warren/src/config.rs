@@ -11,9 +11,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::module::Execution;
-use crate::session::Transport;
-
 mod security;
 mod source;
 pub use security::{
@@ -447,6 +444,19 @@ fn pick(tls: bool, plain: &'static str, secure: &'static str) -> &'static str {
     if tls { secure } else { plain }
 }
 
+/// How a module runs its handlers (defined with the config, which names it; the module API
+/// re-exports it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Execution {
+    /// One task, mailbox order: handlers never overlap. Keep them short.
+    Sequential,
+    /// Concurrent across sessions; one session's messages still run one after another, in
+    /// order. A handler that does not wait runs on the caller's task.
+    #[default]
+    Concurrent,
+}
+
 /// Transport name in config (`tcp` / `ws`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -458,15 +468,6 @@ pub enum TransportName {
     Ws,
     /// MQTT over TCP (pomelo-rpc's default transport).
     Mqtt,
-}
-
-impl From<TransportName> for Transport {
-    fn from(t: TransportName) -> Self {
-        match t {
-            TransportName::Tcp | TransportName::Mqtt => Transport::Tcp,
-            TransportName::Ws => Transport::Ws,
-        }
-    }
 }
 
 impl Default for ListenerConfig {

@@ -23,6 +23,7 @@ pub mod gate;
 pub mod module;
 pub mod mqant_conf;
 pub mod node;
+pub(crate) mod refusal;
 pub mod registry;
 pub mod remote;
 pub mod ring;

@@ -30,8 +30,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use warren_proto::node_frame::{self, CallRef, NodeFrame, SessionRef, WireSession};
 
-use crate::bus::{Bus, Call, LocalBus, Pending};
+use crate::bus::{Bus, Call, Pending};
 use crate::error::CallError;
+use crate::module::LocalBus;
 use crate::session::{Protocol, Session, Transport as Net};
 
 /// Why a transport could not carry a frame.

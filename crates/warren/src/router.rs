@@ -17,8 +17,9 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::bus::{Bus, Call, LocalBus, Pending};
+use crate::bus::{Bus, Call, Pending};
 use crate::error::CallError;
+use crate::module::LocalBus;
 use crate::registry::NodeRecord;
 use crate::ring::{Ring, normalize};
 use crate::session::Session;
@@ -463,7 +464,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::LocalBus;
+    use crate::module::LocalBus;
     use crate::registry::InstanceRecord;
 
     fn node(id: &str, inst: &[(&str, &str)]) -> NodeRecord {

@@ -383,6 +383,16 @@ impl QueueBytes {
     }
 }
 
+impl From<crate::config::TransportName> for Transport {
+    fn from(t: crate::config::TransportName) -> Self {
+        use crate::config::TransportName;
+        match t {
+            TransportName::Tcp | TransportName::Mqtt => Transport::Tcp,
+            TransportName::Ws => Transport::Ws,
+        }
+    }
+}
+
 /// A session's outbound queue, bounded in items (the listener's `write_queue`; its bytes are
 /// counted in [`QueueBytes`]). Many senders (fan-out, other sessions' handlers, the module
 /// runtime) and one receiver, the connection's task. Nothing is allocated until the first item
@@ -621,7 +631,7 @@ impl SessionHandle {
                 self.bytes.node.as_ref().map_or(0, |n| n.max)
             ),
         };
-        crate::gate::refusal::refuse(&s.remote, "slow_consumer", why);
+        crate::refusal::refuse(&s.remote, "slow_consumer", why);
         metrics::counter!("warren_slow_consumer_disconnects_total", "reason" => over.reason())
             .increment(1);
         self.close.cancel();

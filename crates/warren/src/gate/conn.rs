@@ -31,11 +31,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Gate;
-use super::refusal;
 use super::transport::{Reader, Writer};
 use crate::bus::Pending;
 use crate::config::ListenerConfig;
 use crate::error::CallError;
+use crate::refusal;
 use crate::route::Route;
 use crate::router::Target;
 use crate::session::{

@@ -16,11 +16,11 @@ use warren_proto::json_ws::{self, Frame};
 
 use super::args::{args_from_result, body_from_args};
 use super::conn::{self, End, Framer, Out, SessionConn};
-use super::refusal;
 use super::transport::{Reader, Writer};
 use super::{Credentials, Gate};
 use crate::config::ListenerConfig;
 use crate::error::CallError;
+use crate::refusal;
 use crate::route::Route;
 use crate::session::{FrameKind, Outbound, Protocol};
 
@@ -259,7 +259,7 @@ impl JsonSession {
             Err(e) => Err((tag, e)),
         };
         if let Err((tag, e)) = outcome {
-            super::refusal::deny(
+            crate::refusal::deny(
                 &conn.peer,
                 e.kind().as_str(),
                 format_args!("call {:?}: {e}", frame.func),

@@ -20,11 +20,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 use warren_proto::line::{self, LineDecoder, LineEvent};
 
 use super::conn::{self, End, Framer, Out, SessionConn};
-use super::refusal;
 use super::transport::{Reader, Writer};
 use super::{Credentials, Gate};
 use crate::config::ListenerConfig;
 use crate::error::CallError;
+use crate::refusal;
 use crate::route::Route;
 use crate::session::{FrameKind, Message, Outbound, Protocol, SessionHandle};
 
@@ -254,7 +254,7 @@ impl LineSession {
         let outcome = match gate.authenticate(&conn.cfg, &creds).await {
             Ok(None) => Ok(()),
             Ok(Some(identity)) => gate.bind_identity(&conn.handle, &identity).map_err(|e| {
-                super::refusal::refuse(&conn.peer, "uid_conflict", format_args!("{e}"));
+                crate::refusal::refuse(&conn.peer, "uid_conflict", format_args!("{e}"));
                 e.to_string()
             }),
             Err(refusal) => Err(refusal.to_string()),
@@ -312,7 +312,7 @@ impl LineSession {
             Err(e) => Err((tag, e)),
         };
         if let Err((tag, e)) = outcome {
-            super::refusal::deny(&conn.peer, e.kind().as_str(), format_args!("{route}: {e}"));
+            crate::refusal::deny(&conn.peer, e.kind().as_str(), format_args!("{route}: {e}"));
             if let Some(topic) = tag {
                 return match conn::Protocol::reply(self, topic, Err(e)) {
                     Some(o) => conn.send(o).await,

@@ -8,7 +8,7 @@
 //! Refusals at accept read nothing: IP lists and per-IP limits close the socket; a full listener
 //! answers MQTT over TCP with CONNACK 3 and WebSocket with HTTP 503 (one non-blocking write), the
 //! others with a close. Each refusal is one rate-limited log line and a count
-//! (`crate::gate::refusal`).
+//! (`crate::refusal`).
 
 use parking_lot::Mutex;
 use std::net::SocketAddr;
@@ -26,12 +26,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::access::{IpSlot, ListenerAccess};
-use super::refusal::{deny, refuse};
 use super::tls::TlsState;
 use super::transport::{self, Prefixed, Reader, Writer, WsFraming};
 use super::{Gate, json, line, mqtt, pomelo, pomelo_rpc, proxy};
 use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::node::BoundListener;
+use crate::refusal::{deny, refuse};
 
 /// MQTT CONNACK, return code 3 (server unavailable): the answer of a full MQTT listener.
 pub(crate) const CONNACK_UNAVAILABLE: [u8; 4] = warren_proto::mqtt::connack_bytes(false, 3);

@@ -15,7 +15,7 @@ pub mod mqtt;
 mod pomelo;
 mod pomelo_rpc;
 pub mod proxy;
-pub(crate) mod refusal;
+
 mod tls;
 mod transport;
 
@@ -162,7 +162,7 @@ impl Gate {
     ) -> Result<Option<Identity>, AuthRefusal> {
         let verdict = self.authenticate_quietly(cfg, creds).await;
         if let Err(r) = &verdict {
-            refusal::refuse(&creds.peer, r.kind(), auth_refusal_reason(creds, *r));
+            crate::refusal::refuse(&creds.peer, r.kind(), auth_refusal_reason(creds, *r));
         }
         verdict
     }

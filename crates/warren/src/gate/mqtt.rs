@@ -19,10 +19,11 @@ use warren_proto::mqtt::{self, Ack, Packet, Publish, QoS};
 
 use super::conn::{self, End, Framer, Out, SessionConn};
 use super::transport::{Reader, Writer};
-use super::{Credentials, Gate, Identity, refusal};
+use super::{Credentials, Gate, Identity};
 use crate::acl::{Acl, ClientAcl};
 use crate::config::{LimitsConfig, ListenerConfig, Mode};
 use crate::error::CallError;
+use crate::refusal;
 use crate::route::Route;
 use crate::session::{InlineFrame, Message, Outbound, Protocol};
 

@@ -192,7 +192,7 @@ impl PomeloSession {
             Ok(Some(identity)) => match gate.bind_identity(&conn.handle, &identity) {
                 Ok(()) => false,
                 Err(e) => {
-                    super::refusal::refuse(&conn.peer, "uid_conflict", format_args!("{e}"));
+                    crate::refusal::refuse(&conn.peer, "uid_conflict", format_args!("{e}"));
                     true
                 }
             },
@@ -275,7 +275,7 @@ impl PomeloSession {
             Err(e) => Err((tag, e)),
         };
         if let Err((tag, e)) = outcome {
-            super::refusal::deny(&conn.peer, e.kind().as_str(), format_args!("{e}"));
+            crate::refusal::deny(&conn.peer, e.kind().as_str(), format_args!("{e}"));
             metrics::counter!("warren_requests_refused_total", "reason" => e.kind().as_str())
                 .increment(1);
             if let Some(id) = tag {

@@ -21,11 +21,11 @@ use warren_proto::stream_pkg;
 
 use super::args::body_from_args;
 use super::conn::{self, End, Framer, Out, SessionConn};
-use super::refusal;
 use super::transport::{Reader, Writer};
 use super::{Credentials, Gate};
 use crate::config::{ListenerConfig, TransportName};
 use crate::error::CallError;
+use crate::refusal;
 use crate::route::Route;
 use crate::session::{InlineFrame, Outbound, Protocol};
 
@@ -45,7 +45,7 @@ pub(crate) async fn serve(
     let restricted = !cfg.allow.is_empty() || cfg.tls_client_ca.is_some();
     if !over_mqtt && !restricted && cfg.auth && !gate.auth.load().allows_anonymous() {
         // stream-pkg carries no credentials: with anonymous peers refused, nobody gets in
-        super::refusal::refuse(
+        crate::refusal::refuse(
             &peer,
             "auth_not_authorized",
             "pomelo-rpc over stream-pkg carries no credentials and anonymous peers are refused",
@@ -210,7 +210,7 @@ impl RpcSession {
             }
         };
         let text = error.unwrap_or_default();
-        super::refusal::deny(&conn.peer, "rpc", format_args!("{text}"));
+        crate::refusal::deny(&conn.peer, "rpc", format_args!("{text}"));
         self.respond(conn, tag, &[pomelo_rpc::error_value(&text)])
             .await
     }

@@ -39,11 +39,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthHook, Authenticator};
-use crate::bus::{Bus, LocalBus};
+use crate::bus::Bus;
 use crate::config::{Config, ListenerConfig, ModuleConfig};
 use crate::error::CallError;
 use crate::fanout::{Groups, Subscriptions};
 use crate::gate::{self, ChannelHandler, Gate};
+use crate::module::LocalBus;
 use crate::module::{Instance, InstanceInfo, Json, Module, SESSION_CLOSED};
 use crate::registry::{InstanceRecord, MemoryRegistry, NodeRecord, Registry};
 use crate::remote::{RemoteBus, Transport as BusTransport, TransportError};

@@ -1,0 +1,522 @@
+//! Modules: named services whose handlers answer client requests and each other's calls.
+//!
+//! A module is declared once with [`Module::builder`]: its type name, its state, its handlers
+//! (plain async fns taking a [`Context`] and a body), whether they run **sequentially** (one task,
+//! mailbox order — mqant `Register`) or **concurrently** (a task per message — `RegisterGO`), and its
+//! lifecycle hooks. Either way one session's messages reach the module in the order sent: in
+//! concurrent mode each session has a lane that runs its messages one after another.
+//!
+//! ```
+//! use warren::{Context, Json, Module, CallError};
+//! #[derive(serde::Deserialize)]
+//! struct Hello { name: String }
+//! async fn hello(_cx: Context<()>, Json(req): Json<Hello>) -> Result<String, CallError> {
+//!     Ok(format!("hello {}", req.name))
+//! }
+//! let m: Module = Module::builder("Greeter", ()).client_handler("Hello", hello).build();
+//! assert_eq!(m.name(), "Greeter");
+//! ```
+
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Pending;
+use crate::error::CallError;
+use crate::node::NodeHandle;
+use crate::session::{Session, SessionId};
+
+pub use crate::config::Execution;
+
+mod runtime;
+
+pub(crate) use runtime::Instance;
+pub use runtime::Job;
+pub use runtime::LocalBus;
+
+/// What a handler sees: the module state, the caller's session snapshot (absent for calls between
+/// modules that carry none), and the node's services (calls, session operations, groups).
+pub struct Context<S = ()> {
+    state: Arc<S>,
+    session: Option<Arc<Session>>,
+    node: NodeHandle,
+    instance: Arc<InstanceInfo>,
+}
+
+impl<S> Clone for Context<S> {
+    fn clone(&self) -> Self {
+        Context {
+            state: self.state.clone(),
+            session: self.session.clone(),
+            node: self.node.clone(),
+            instance: self.instance.clone(),
+        }
+    }
+}
+
+/// Identity and settings of one running module instance.
+#[derive(Debug, Clone)]
+pub struct InstanceInfo {
+    /// Module type name.
+    pub module: Arc<str>,
+    /// Instance id (unique in the cluster, e.g. `Chat001`).
+    pub id: Arc<str>,
+    /// Settings from the config file, passed verbatim.
+    pub settings: Value,
+}
+
+impl<S> Context<S> {
+    /// The module's state.
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+
+    /// The caller's session snapshot, if the call carries one.
+    pub fn session(&self) -> Option<&Arc<Session>> {
+        self.session.as_ref()
+    }
+
+    /// The node's services.
+    pub fn node(&self) -> &NodeHandle {
+        &self.node
+    }
+
+    /// This instance's id and settings.
+    pub fn instance(&self) -> &InstanceInfo {
+        &self.instance
+    }
+
+    /// Call a handler of another module (or of this one) and wait for its reply, with the default
+    /// deadline (10 s).
+    pub async fn call(
+        &self,
+        module: &str,
+        handler: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Bytes, CallError> {
+        self.node
+            .call(module, handler, self.session.clone(), body.into(), None)
+            .await
+    }
+
+    /// [`Context::call`] with a JSON body and a JSON reply.
+    pub async fn call_json<T: DeserializeOwned>(
+        &self,
+        module: &str,
+        handler: &str,
+        body: &impl Serialize,
+    ) -> Result<T, CallError> {
+        let body = serde_json::to_vec(body).map_err(|e| CallError::BadRequest(e.to_string()))?;
+        let reply = self.call(module, handler, body).await?;
+        serde_json::from_slice(&reply).map_err(|e| CallError::BadRequest(e.to_string()))
+    }
+
+    /// Call a handler without waiting for a result (mqant `CallNR`). Resolves once the call is
+    /// handed to the target.
+    pub async fn call_nr(
+        &self,
+        module: &str,
+        handler: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<(), CallError> {
+        self.node
+            .call_nr(module, handler, self.session.clone(), body.into())
+            .await
+    }
+
+    /// Push a message to the caller's own session. Pushes made during a handler reach the client
+    /// before that handler's reply.
+    pub async fn push(&self, topic: &str, body: impl Into<Bytes>) -> Result<(), CallError> {
+        let s = self.session.as_ref().ok_or(CallError::NoSession)?;
+        self.node.sessions().send(s, topic, body.into()).await
+    }
+}
+
+/// Decoding a request body into a handler argument.
+pub trait FromBody: Sized + Send {
+    /// Decode; the error goes back to the caller.
+    fn from_body(body: Bytes) -> Result<Self, CallError>;
+}
+
+impl FromBody for Bytes {
+    fn from_body(body: Bytes) -> Result<Self, CallError> {
+        Ok(body)
+    }
+}
+
+impl FromBody for () {
+    fn from_body(_: Bytes) -> Result<Self, CallError> {
+        Ok(())
+    }
+}
+
+impl FromBody for Value {
+    fn from_body(body: Bytes) -> Result<Self, CallError> {
+        serde_json::from_slice(&body).map_err(|_| CallError::BodyNotJson)
+    }
+}
+
+/// A JSON body or reply, decoded or encoded with serde.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromBody for Json<T> {
+    fn from_body(body: Bytes) -> Result<Self, CallError> {
+        serde_json::from_slice(&body)
+            .map(Json)
+            .map_err(|e| CallError::BadRequest(format!("invalid request body: {e}")))
+    }
+}
+
+/// Turning a handler's result into reply bytes (JSON by convention).
+pub trait IntoReply {
+    /// Encode.
+    fn into_reply(self) -> Result<Bytes, CallError>;
+}
+
+impl IntoReply for Bytes {
+    fn into_reply(self) -> Result<Bytes, CallError> {
+        Ok(self)
+    }
+}
+
+impl IntoReply for () {
+    fn into_reply(self) -> Result<Bytes, CallError> {
+        Ok(Bytes::from_static(b"null"))
+    }
+}
+
+impl IntoReply for Value {
+    fn into_reply(self) -> Result<Bytes, CallError> {
+        json_bytes(&self)
+    }
+}
+
+impl IntoReply for String {
+    fn into_reply(self) -> Result<Bytes, CallError> {
+        json_bytes(&self)
+    }
+}
+
+impl IntoReply for bool {
+    fn into_reply(self) -> Result<Bytes, CallError> {
+        Ok(Bytes::from_static(if self { b"true" } else { b"false" }))
+    }
+}
+
+impl IntoReply for &'static str {
+    fn into_reply(self) -> Result<Bytes, CallError> {
+        json_bytes(&self)
+    }
+}
+
+impl<T: Serialize> IntoReply for Json<T> {
+    fn into_reply(self) -> Result<Bytes, CallError> {
+        json_bytes(&self.0)
+    }
+}
+
+fn json_bytes(v: &impl Serialize) -> Result<Bytes, CallError> {
+    serde_json::to_vec(v)
+        .map(Bytes::from)
+        .map_err(|e| CallError::App(format!("reply encoding failed: {e}")))
+}
+
+/// A handler: an async fn of (`Context<S>`, body) returning a result or an error.
+pub trait Handler<S, B>: Send + Sync + 'static {
+    /// Run the handler on a raw body.
+    fn call(&self, cx: Context<S>, body: Bytes) -> BoxFuture<'static, Result<Bytes, CallError>>;
+}
+
+impl<S, F, Fut, B, R, E> Handler<S, B> for F
+where
+    S: Send + Sync + 'static,
+    F: Fn(Context<S>, B) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, E>> + Send + 'static,
+    B: FromBody + 'static,
+    R: IntoReply,
+    E: Into<CallError>,
+{
+    fn call(&self, cx: Context<S>, body: Bytes) -> BoxFuture<'static, Result<Bytes, CallError>> {
+        match B::from_body(body) {
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+            Ok(b) => {
+                let fut = self(cx, b);
+                Box::pin(async move { fut.await.map_err(Into::into)?.into_reply() })
+            }
+        }
+    }
+}
+
+type ErasedHandler = Arc<
+    dyn Fn(Env, Option<Arc<Session>>, Bytes) -> BoxFuture<'static, Result<Bytes, CallError>>
+        + Send
+        + Sync,
+>;
+type Hook = Arc<dyn Fn(Env) -> BoxFuture<'static, Result<(), CallError>> + Send + Sync>;
+type RunHook = Arc<dyn Fn(Env, CancellationToken) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// What a running instance needs to build a [`Context`].
+#[derive(Clone)]
+pub(crate) struct Env {
+    pub(crate) node: NodeHandle,
+    pub(crate) instance: Arc<InstanceInfo>,
+}
+
+#[derive(Clone)]
+struct HandlerEntry {
+    f: ErasedHandler,
+    client_visible: bool,
+    /// Callable by a client whose session has no uid yet (see [`ModuleBuilder::login_handler`]).
+    before_login: bool,
+}
+
+/// Reserved handler name a module receives when a session it has seen closes (see
+/// [`ModuleBuilder::on_session_closed`]).
+pub const SESSION_CLOSED: &str = "$session_closed";
+
+/// A module definition, ready to be instantiated by a node.
+#[derive(Clone)]
+pub struct Module {
+    def: Arc<ModuleDef>,
+}
+
+#[derive(Clone)]
+struct ModuleDef {
+    name: Arc<str>,
+    execution: Execution,
+    handlers: HashMap<Box<str>, HandlerEntry, foldhash::fast::RandomState>,
+    on_init: Option<Hook>,
+    on_run: Option<RunHook>,
+    on_destroy: Option<Hook>,
+}
+
+impl std::fmt::Debug for Module {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Module")
+            .field("name", &self.def.name)
+            .field("execution", &self.def.execution)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Module`]: name, state, handlers, execution mode, lifecycle hooks.
+pub struct ModuleBuilder<S> {
+    state: Arc<S>,
+    def: ModuleDef,
+}
+
+impl Module {
+    /// Start declaring a module of type `name` whose handlers share `state`.
+    pub fn builder<S: Send + Sync + 'static>(name: &str, state: S) -> ModuleBuilder<S> {
+        ModuleBuilder {
+            state: Arc::new(state),
+            def: ModuleDef {
+                name: name.into(),
+                execution: Execution::default(),
+                handlers: HashMap::default(),
+                on_init: None,
+                on_run: None,
+                on_destroy: None,
+            },
+        }
+    }
+
+    /// Module type name.
+    pub fn name(&self) -> &str {
+        &self.def.name
+    }
+
+    /// Execution mode.
+    pub fn execution(&self) -> Execution {
+        self.def.execution
+    }
+
+    /// Whether the module has a handler of this name.
+    pub fn has_handler(&self, name: &str) -> bool {
+        self.def.handlers.contains_key(name)
+    }
+
+    /// Names of the handlers registered as client-visible.
+    pub fn client_handlers(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .def
+            .handlers
+            .iter()
+            .filter(|(_, h)| h.client_visible)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Names of the handlers registered with [`ModuleBuilder::login_handler`]: the only ones a
+    /// client may call before its session is bound to a uid.
+    pub fn login_handlers(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .def
+            .handlers
+            .iter()
+            .filter(|(_, h)| h.before_login)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The same module with another execution mode (a config override).
+    pub fn with_execution(self, execution: Execution) -> Module {
+        let mut def = ModuleDef::clone(&self.def);
+        def.execution = execution;
+        Module { def: Arc::new(def) }
+    }
+
+    /// Whether the module wants session-closed notifications.
+    pub fn wants_session_closed(&self) -> bool {
+        self.def.handlers.contains_key(SESSION_CLOSED)
+    }
+}
+
+impl<S: Send + Sync + 'static> ModuleBuilder<S> {
+    /// Run handlers sequentially or concurrently (default concurrent).
+    pub fn execution(mut self, execution: Execution) -> Self {
+        self.def.execution = execution;
+        self
+    }
+
+    fn add<B: 'static>(
+        mut self,
+        name: &str,
+        h: impl Handler<S, B>,
+        client_visible: bool,
+        before_login: bool,
+    ) -> Self {
+        let state = self.state.clone();
+        let h = Arc::new(h);
+        let f: ErasedHandler = Arc::new(move |env: Env, session, body| {
+            let cx = Context {
+                state: state.clone(),
+                session,
+                node: env.node,
+                instance: env.instance,
+            };
+            h.call(cx, body)
+        });
+        self.def.handlers.insert(
+            name.into(),
+            HandlerEntry {
+                f,
+                client_visible,
+                before_login,
+            },
+        );
+        self
+    }
+
+    /// Register an RPC handler: callable by other modules; callable by clients only in mqant mode
+    /// when its name starts with a client-visible prefix (`HD_`, `Handler_`).
+    pub fn handler<B: 'static>(self, name: &str, h: impl Handler<S, B>) -> Self {
+        self.add(name, h, false, false)
+    }
+
+    /// Register a handler that clients may call in every mode, once their session is bound to a
+    /// uid (by authentication at connect, or by a login handler): calls from a session without
+    /// one are refused with [`CallError::LoginRequired`].
+    pub fn client_handler<B: 'static>(self, name: &str, h: impl Handler<S, B>) -> Self {
+        self.add(name, h, true, false)
+    }
+
+    /// Register a client handler that may be called *before* login: the handler that logs a
+    /// client in (and binds its uid), or a public one such as an echo. Every other client call
+    /// from a session without a uid is refused, on every protocol.
+    pub fn login_handler<B: 'static>(self, name: &str, h: impl Handler<S, B>) -> Self {
+        self.add(name, h, true, true)
+    }
+
+    /// Run `h` when a session that has called this module closes (for presence: "user left").
+    /// It receives that session's last snapshot and an empty body, in order after the session's
+    /// own requests.
+    pub fn on_session_closed<B: 'static>(self, h: impl Handler<S, B>) -> Self {
+        self.add(SESSION_CLOSED, h, false, false)
+    }
+
+    /// Run once before the node starts serving; an error stops the node from starting.
+    pub fn on_init<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(Context<S>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), CallError>> + Send + 'static,
+    {
+        let state = self.state.clone();
+        self.def.on_init = Some(Arc::new(move |env: Env| {
+            Box::pin(f(Context {
+                state: state.clone(),
+                session: None,
+                node: env.node,
+                instance: env.instance,
+            }))
+        }));
+        self
+    }
+
+    /// A background task that runs while the node runs; it should return when the token fires.
+    pub fn on_run<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(Context<S>, CancellationToken) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let state = self.state.clone();
+        self.def.on_run = Some(Arc::new(move |env: Env, tok| {
+            Box::pin(f(
+                Context {
+                    state: state.clone(),
+                    session: None,
+                    node: env.node,
+                    instance: env.instance,
+                },
+                tok,
+            ))
+        }));
+        self
+    }
+
+    /// Run once at shutdown, after the gate has drained.
+    pub fn on_destroy<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(Context<S>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), CallError>> + Send + 'static,
+    {
+        let state = self.state.clone();
+        self.def.on_destroy = Some(Arc::new(move |env: Env| {
+            Box::pin(f(Context {
+                state: state.clone(),
+                session: None,
+                node: env.node,
+                instance: env.instance,
+            }))
+        }));
+        self
+    }
+
+    /// Finish the definition.
+    pub fn build(self) -> Module {
+        Module {
+            def: Arc::new(self.def),
+        }
+    }
+}
+
+/// The default deadline of a call between modules (mqant `RpcExpired`, v1.0).
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
