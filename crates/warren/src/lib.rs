@@ -32,7 +32,7 @@ pub mod router;
 pub mod session;
 
 pub use error::{CallError, CallErrorKind};
-pub use module::{Context, Execution, Json, Module, ModuleBuilder};
+pub use module::{Context, Execution, Json, Module, ModuleBuilder, Services};
 pub use node::{Node, NodeBuilder};
 pub use route::Route;
 pub use session::{Session, SessionId};

@@ -36,7 +36,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::Pending;
 use crate::error::CallError;
-use crate::node::NodeHandle;
 use crate::session::{Session, SessionId};
 
 pub use crate::config::Execution;
@@ -52,8 +51,46 @@ pub use runtime::LocalBus;
 pub struct Context<S = ()> {
     state: Arc<S>,
     session: Option<Arc<Session>>,
-    node: NodeHandle,
+    services: Arc<dyn Services>,
     instance: Arc<InstanceInfo>,
+}
+
+/// What a handler asks of the node it runs in: calls to other modules, pushes to its caller.
+/// The node implements it (`NodeHandle`); the module layer knows only this trait, so modules
+/// sit below the router, the gate and the node, and a test or a plugin host can stand in for
+/// a node. Everything else a node offers (sessions, groups, subscriptions) is reached through
+/// `Context::node`.
+pub trait Services: Send + Sync + 'static {
+    /// Call `module`'s `handler` and wait for the reply (`timeout`: the node's call timeout
+    /// when `None`).
+    fn call<'a>(
+        &'a self,
+        module: &'a str,
+        handler: &'a str,
+        session: Option<Arc<Session>>,
+        body: Bytes,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Bytes, CallError>>;
+
+    /// Hand a call to `module`'s `handler` without waiting for a result.
+    fn call_nr<'a>(
+        &'a self,
+        module: &'a str,
+        handler: &'a str,
+        session: Option<Arc<Session>>,
+        body: Bytes,
+    ) -> BoxFuture<'a, Result<(), CallError>>;
+
+    /// Push `body` on `topic` to `session`, wherever its gate is.
+    fn push<'a>(
+        &'a self,
+        session: &'a Session,
+        topic: &'a str,
+        body: Bytes,
+    ) -> BoxFuture<'a, Result<(), CallError>>;
+
+    /// The implementation itself, for the node's own accessors (`Context::node`).
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 impl<S> Clone for Context<S> {
@@ -61,7 +98,7 @@ impl<S> Clone for Context<S> {
         Context {
             state: self.state.clone(),
             session: self.session.clone(),
-            node: self.node.clone(),
+            services: self.services.clone(),
             instance: self.instance.clone(),
         }
     }
@@ -89,9 +126,9 @@ impl<S> Context<S> {
         self.session.as_ref()
     }
 
-    /// The node's services.
-    pub fn node(&self) -> &NodeHandle {
-        &self.node
+    /// What this handler may ask of its node (see [`Services`]).
+    pub fn services(&self) -> &Arc<dyn Services> {
+        &self.services
     }
 
     /// This instance's id and settings.
@@ -107,7 +144,7 @@ impl<S> Context<S> {
         handler: &str,
         body: impl Into<Bytes>,
     ) -> Result<Bytes, CallError> {
-        self.node
+        self.services
             .call(module, handler, self.session.clone(), body.into(), None)
             .await
     }
@@ -132,7 +169,7 @@ impl<S> Context<S> {
         handler: &str,
         body: impl Into<Bytes>,
     ) -> Result<(), CallError> {
-        self.node
+        self.services
             .call_nr(module, handler, self.session.clone(), body.into())
             .await
     }
@@ -141,7 +178,7 @@ impl<S> Context<S> {
     /// before that handler's reply.
     pub async fn push(&self, topic: &str, body: impl Into<Bytes>) -> Result<(), CallError> {
         let s = self.session.as_ref().ok_or(CallError::NoSession)?;
-        self.node.sessions().send(s, topic, body.into()).await
+        self.services.push(s, topic, body.into()).await
     }
 }
 
@@ -272,7 +309,7 @@ type RunHook = Arc<dyn Fn(Env, CancellationToken) -> BoxFuture<'static, ()> + Se
 /// What a running instance needs to build a [`Context`].
 #[derive(Clone)]
 pub(crate) struct Env {
-    pub(crate) node: NodeHandle,
+    pub(crate) services: Arc<dyn Services>,
     pub(crate) instance: Arc<InstanceInfo>,
 }
 
@@ -410,7 +447,7 @@ impl<S: Send + Sync + 'static> ModuleBuilder<S> {
             let cx = Context {
                 state: state.clone(),
                 session,
-                node: env.node,
+                services: env.services,
                 instance: env.instance,
             };
             h.call(cx, body)
@@ -464,7 +501,7 @@ impl<S: Send + Sync + 'static> ModuleBuilder<S> {
             Box::pin(f(Context {
                 state: state.clone(),
                 session: None,
-                node: env.node,
+                services: env.services,
                 instance: env.instance,
             }))
         }));
@@ -483,7 +520,7 @@ impl<S: Send + Sync + 'static> ModuleBuilder<S> {
                 Context {
                     state: state.clone(),
                     session: None,
-                    node: env.node,
+                    services: env.services,
                     instance: env.instance,
                 },
                 tok,
@@ -503,7 +540,7 @@ impl<S: Send + Sync + 'static> ModuleBuilder<S> {
             Box::pin(f(Context {
                 state: state.clone(),
                 session: None,
-                node: env.node,
+                services: env.services,
                 instance: env.instance,
             }))
         }));

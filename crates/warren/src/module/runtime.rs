@@ -48,12 +48,12 @@ impl Instance {
     pub(crate) fn start(
         module: Module,
         info: Arc<InstanceInfo>,
-        node: NodeHandle,
+        services: Arc<dyn Services>,
         mailbox_size: usize,
         tracker: &tokio_util::task::TaskTracker,
     ) -> Arc<Instance> {
         let env = Env {
-            node,
+            services,
             instance: info.clone(),
         };
         let mailbox = match module.def.execution {
@@ -94,34 +94,34 @@ impl Instance {
         }
     }
 
-    pub(crate) fn env(&self, node: NodeHandle) -> Env {
+    pub(crate) fn env(&self, services: Arc<dyn Services>) -> Env {
         Env {
-            node,
+            services,
             instance: self.info.clone(),
         }
     }
 
-    pub(crate) async fn init(&self, node: NodeHandle) -> Result<(), CallError> {
+    pub(crate) async fn init(&self, services: Arc<dyn Services>) -> Result<(), CallError> {
         match &self.module.def.on_init {
-            Some(h) => h(self.env(node)).await,
+            Some(h) => h(self.env(services)).await,
             None => Ok(()),
         }
     }
 
     pub(crate) fn run(
         &self,
-        node: NodeHandle,
+        services: Arc<dyn Services>,
         token: CancellationToken,
         tracker: &tokio_util::task::TaskTracker,
     ) {
         if let Some(h) = &self.module.def.on_run {
-            tracker.spawn(h(self.env(node), token));
+            tracker.spawn(h(self.env(services), token));
         }
     }
 
-    pub(crate) async fn destroy(&self, node: NodeHandle) {
+    pub(crate) async fn destroy(&self, services: Arc<dyn Services>) {
         if let Some(h) = &self.module.def.on_destroy
-            && let Err(e) = h(self.env(node)).await
+            && let Err(e) = h(self.env(services)).await
         {
             tracing::warn!(module = %self.info.module, error = %e, "module destroy failed");
         }

@@ -156,11 +156,11 @@ impl NodeBuilder {
             let inst = Instance::start(
                 module.clone(),
                 info.clone(),
-                handle.clone(),
+                handle.services(),
                 cfg.node.mailbox,
                 &module_tasks,
             );
-            inst.init(handle.clone())
+            inst.init(handle.services())
                 .await
                 .map_err(|error| NodeError::Init {
                     module: info.id.to_string(),
@@ -264,7 +264,7 @@ impl NodeBuilder {
             });
         }
         for inst in &instances {
-            inst.run(handle.clone(), stop_modules.child_token(), &module_tasks);
+            inst.run(handle.services(), stop_modules.child_token(), &module_tasks);
         }
 
         let gate = Arc::new(Gate::new(

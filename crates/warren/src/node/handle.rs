@@ -3,6 +3,8 @@
 
 #[allow(unused_imports)]
 use super::*;
+use crate::module::{Context, Services};
+use futures_util::future::BoxFuture;
 
 /// Services shared by everything in one node.
 pub(crate) struct NodeShared {
@@ -339,5 +341,61 @@ impl NodeHandle {
                 tracing::debug!(module = %t.module, error = %e, "session-closed notification not delivered");
             }
         }
+    }
+}
+
+impl NodeHandle {
+    /// This node as the [`Services`] its modules' handlers see.
+    pub fn services(&self) -> Arc<dyn Services> {
+        Arc::new(self.clone())
+    }
+}
+
+impl Services for NodeHandle {
+    fn call<'a>(
+        &'a self,
+        module: &'a str,
+        handler: &'a str,
+        session: Option<Arc<Session>>,
+        body: Bytes,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Bytes, CallError>> {
+        Box::pin(NodeHandle::call(
+            self, module, handler, session, body, timeout,
+        ))
+    }
+
+    fn call_nr<'a>(
+        &'a self,
+        module: &'a str,
+        handler: &'a str,
+        session: Option<Arc<Session>>,
+        body: Bytes,
+    ) -> BoxFuture<'a, Result<(), CallError>> {
+        Box::pin(NodeHandle::call_nr(self, module, handler, session, body))
+    }
+
+    fn push<'a>(
+        &'a self,
+        session: &'a Session,
+        topic: &'a str,
+        body: Bytes,
+    ) -> BoxFuture<'a, Result<(), CallError>> {
+        Box::pin(async move { self.sessions().send(session, topic, body).await })
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl<S> Context<S> {
+    /// The node's services beyond calls and pushes: session operations, groups, subscriptions,
+    /// the router. (Defined by the node, so that the module layer does not depend on it.)
+    pub fn node(&self) -> &NodeHandle {
+        self.services()
+            .as_any()
+            .downcast_ref::<NodeHandle>()
+            .expect("a handler's services are the node that runs it")
     }
 }

@@ -167,7 +167,7 @@ impl Node {
         }
         self.stop_modules.cancel();
         for inst in &self.instances {
-            inst.destroy(self.handle.clone()).await;
+            inst.destroy(self.handle.services()).await;
         }
         if let Err(e) = self
             .handle
