@@ -30,8 +30,8 @@ use super::tls::TlsState;
 use super::transport::{self, Prefixed, Reader, Writer, WsFraming};
 use super::{Gate, json, line, mqtt, pomelo, pomelo_rpc, proxy};
 use crate::config::{ListenerConfig, ListenerProtocol};
-use crate::node::BoundListener;
 use crate::refusal::{deny, refuse};
+use crate::session::Transport;
 
 /// MQTT CONNACK, return code 3 (server unavailable): the answer of a full MQTT listener.
 pub(crate) const CONNACK_UNAVAILABLE: [u8; 4] = warren_proto::mqtt::connack_bytes(false, 3);
@@ -586,4 +586,24 @@ async fn upgrade(
             drop(slot);
             drop(token);
         })
+}
+
+/// A listener that is accepting clients.
+#[derive(Debug, Clone)]
+pub struct BoundListener {
+    /// Its configuration.
+    pub config: Arc<ListenerConfig>,
+    /// The address it actually bound (port 0 resolved).
+    pub local_addr: SocketAddr,
+}
+
+impl BoundListener {
+    /// `mqtt+mqant tcp://127.0.0.1:3563`-style description for the startup banner.
+    pub fn describe(&self) -> String {
+        let t = match Transport::from(self.config.transport()) {
+            Transport::Tcp => "tcp",
+            Transport::Ws => "ws",
+        };
+        format!("{} {t}://{}", self.config.scheme(), self.local_addr)
+    }
 }

@@ -29,9 +29,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, LimitsConfig};
-use crate::node::NodeHandle;
+use crate::fanout::{Groups, Subscriptions};
+use crate::router::Router;
 use crate::session::SessionHandle;
+use crate::session::{Session, SessionTable};
+use futures_util::future::BoxFuture;
 
+pub use listener::BoundListener;
 pub(crate) use listener::listen;
 
 pub use crate::auth::{AuthHook, AuthRefusal, Credentials, Identity};
@@ -53,9 +57,27 @@ pub(crate) fn auth_refusal_reason(creds: &Credentials, r: AuthRefusal) -> String
     )
 }
 
+/// What the gate needs from the node it serves: the router its requests go through, the
+/// session table, groups and subscriptions its connections join, and who to tell when a session
+/// closes. The node implements it; the gate does not depend on the node.
+pub(crate) trait Host: crate::module::Services {
+    /// The node's id.
+    fn id(&self) -> &str;
+    /// Where calls go.
+    fn router(&self) -> &Router;
+    /// The live sessions of this gate.
+    fn session_table(&self) -> &Arc<SessionTable>;
+    /// Named groups of sessions (rooms).
+    fn groups(&self) -> &Groups;
+    /// Default-mode MQTT subscriptions.
+    fn subscriptions(&self) -> &Subscriptions;
+    /// A session ended: forget it where it was remembered, tell the modules that asked.
+    fn session_closed(&self, session: Arc<Session>) -> BoxFuture<'_, ()>;
+}
+
 /// Shared state of every listener of a node.
 pub(crate) struct Gate {
-    pub(crate) node: NodeHandle,
+    pub(crate) node: Arc<dyn Host>,
     /// Stop accepting and reading; finish in-flight requests.
     pub(crate) draining: CancellationToken,
     /// Close every connection now.
@@ -85,7 +107,7 @@ pub(crate) struct Gate {
 
 impl Gate {
     pub(crate) fn new(
-        node: NodeHandle,
+        node: Arc<dyn Host>,
         config: &Config,
         auth: Arc<Authenticator>,
         channel_handler: Option<Arc<dyn ChannelHandler>>,

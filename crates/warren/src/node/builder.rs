@@ -268,7 +268,7 @@ impl NodeBuilder {
         }
 
         let gate = Arc::new(Gate::new(
-            handle.clone(),
+            Arc::new(handle.clone()),
             &cfg,
             authenticator,
             self.channel_handler,

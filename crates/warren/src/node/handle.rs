@@ -399,3 +399,29 @@ impl<S> Context<S> {
             .expect("a handler's services are the node that runs it")
     }
 }
+
+impl crate::gate::Host for NodeHandle {
+    fn id(&self) -> &str {
+        NodeHandle::id(self)
+    }
+
+    fn router(&self) -> &Router {
+        NodeHandle::router(self)
+    }
+
+    fn session_table(&self) -> &Arc<SessionTable> {
+        NodeHandle::session_table(self)
+    }
+
+    fn groups(&self) -> &Groups {
+        NodeHandle::groups(self)
+    }
+
+    fn subscriptions(&self) -> &Subscriptions {
+        NodeHandle::subscriptions(self)
+    }
+
+    fn session_closed(&self, session: Arc<Session>) -> BoxFuture<'_, ()> {
+        Box::pin(NodeHandle::session_closed(self, session))
+    }
+}

@@ -7,28 +7,26 @@
 //! finish up to `drain_timeout_s`, close clients, stop modules.
 //!
 //! Files, by what they hold: `handle.rs` (the call facade handlers use), `sessions.rs` (session
-//! operations), `gate_module.rs` (the gate's RPC module), `listeners.rs` (bound listeners),
-//! `cluster.rs` (cluster diffs for hooks), `builder.rs` (starting a node), and here the running
+//! operations), `gate_module.rs` (the gate's RPC module), `cluster.rs` (cluster diffs for hooks), `builder.rs` (starting a node), and here the running
 //! [`Node`] and why it may not start.
 
 mod builder;
 mod cluster;
 mod gate_module;
 mod handle;
-mod listeners;
 mod sessions;
 
+pub use crate::gate::BoundListener;
 pub use builder::NodeBuilder;
 pub(crate) use cluster::cluster_events;
 pub use cluster::{ClusterEvent, ClusterHook};
 pub(crate) use gate_module::{GATE, gate_module};
 pub use handle::NodeHandle;
 pub(crate) use handle::NodeShared;
-pub use listeners::BoundListener;
 pub use sessions::SessionOps;
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -40,7 +38,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthHook, Authenticator};
 use crate::bus::Bus;
-use crate::config::{Config, ListenerConfig, ModuleConfig};
+use crate::config::{Config, ModuleConfig};
 use crate::error::CallError;
 use crate::fanout::{Groups, Subscriptions};
 use crate::gate::{self, ChannelHandler, Gate};

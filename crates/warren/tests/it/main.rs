@@ -6,4 +6,5 @@
 
 mod cluster;
 mod gate;
+mod layering;
 mod modules;
