@@ -4,18 +4,17 @@
 
 use std::fmt;
 
-/// Why a call did not produce a result. Callers branch on [`CallError::kind`]; the `Display` form is
-/// the wire text.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a call did not produce a result. Callers branch on [`CallError::kind`] (and read
+/// [`CallError::detail`]); protocols put [`CallError::wire_text`] on the wire; `Display` is for
+/// people and logs (today the same words). Nothing parses either text except
+/// [`CallError::from_wire_text`], for peers whose protocol carries only text.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallError {
     /// The request body had to be a JSON object (mqant mode) and was not.
-    #[error("body must be JSON format")]
     BodyNotJson,
     /// No live instance of the module type exists.
-    #[error("Service(type:{0}) not found")]
     ServiceNotFound(String),
     /// A client tried to call a handler that is not client-visible.
-    #[error("Method({handler}) must begin with '{prefix}'")]
     NotClientVisible {
         /// Handler name the client asked for.
         handler: String,
@@ -23,48 +22,34 @@ pub enum CallError {
         prefix: String,
     },
     /// The module has no handler of that name.
-    #[error("Remote function({0}) not found")]
     HandlerNotFound(String),
     /// The call's deadline passed before a result arrived.
-    #[error("timeout: This is Call")]
     Timeout,
     /// The session id is unknown to its gate (the misspelling is the upstream wire text).
-    #[error("No Sesssion found")]
     NoSession,
     /// The session's connection has already closed.
-    #[error("connection is closed")]
     ConnectionClosed,
     /// The gate instance owning a session is gone.
-    #[error("Service not found id({0})")]
     GateNotFound(String),
     /// The target module is shutting down or its mailbox is gone.
-    #[error("client closed")]
     Closed,
     /// The handler panicked; the text is the panic message.
-    #[error("{0}")]
     Panicked(String),
     /// The request body could not be decoded into the handler's argument type.
-    #[error("{0}")]
     BadRequest(String),
     /// An error the handler itself returned; the text goes to the caller unchanged.
-    #[error("{0}")]
     App(String),
     /// The bus could not carry the call (broker down, not connected); the call was not sent.
     /// The text starts with mqant's wording (docs/cluster.md, "Compatibility bridges").
-    #[error("rpc service connection failed: {0}")]
     Unavailable(String),
     /// The node running the target instance left the cluster before replying.
-    #[error("node {0} left the cluster")]
     NodeLost(String),
     /// A client without a bound uid called a handler that is not a login handler (the login
     /// rule). The wire text is the mqant demo's, so its clients see the words they expect.
-    #[error("Not Logined")]
     LoginRequired,
     /// Binding a uid that a live session on the gate holds, under `uid_conflict = "reject"`.
-    #[error("user {0} is already logged in")]
     UidInUse(String),
     /// The call is larger than the bus carries; it was refused before sending.
-    #[error("call of {size} bytes exceeds the bus limit of {max} bytes")]
     TooLarge {
         /// Encoded size of the call.
         size: usize,
@@ -72,6 +57,74 @@ pub enum CallError {
         max: usize,
     },
 }
+
+impl CallError {
+    /// The exact text a protocol puts on the wire for this error (mqant's `Error`, pomelo's
+    /// `msg`, JSON-WS `error`, pomelo-rpc's error message): the words the original systems'
+    /// clients expect (docs/protocols/mqtt.md, docs/cluster.md).
+    pub fn wire_text(&self) -> String {
+        match self {
+            CallError::BodyNotJson => "body must be JSON format".to_owned(),
+            CallError::ServiceNotFound(x) => format!("Service(type:{x}) not found"),
+            CallError::NotClientVisible { handler, prefix } => {
+                format!("Method({handler}) must begin with '{prefix}'")
+            }
+            CallError::HandlerNotFound(x) => format!("Remote function({x}) not found"),
+            CallError::Timeout => "timeout: This is Call".to_owned(),
+            CallError::NoSession => "No Sesssion found".to_owned(),
+            CallError::ConnectionClosed => "connection is closed".to_owned(),
+            CallError::GateNotFound(x) => format!("Service not found id({x})"),
+            CallError::Closed => "client closed".to_owned(),
+            CallError::Panicked(x) | CallError::BadRequest(x) | CallError::App(x) => x.clone(),
+            CallError::Unavailable(x) => format!("rpc service connection failed: {x}"),
+            CallError::NodeLost(x) => format!("node {x} left the cluster"),
+            CallError::LoginRequired => "Not Logined".to_owned(),
+            CallError::UidInUse(x) => format!("user {x} is already logged in"),
+            CallError::TooLarge { size, max } => {
+                format!("call of {size} bytes exceeds the bus limit of {max} bytes")
+            }
+        }
+    }
+
+    /// The error a peer meant by `text`, for protocols that carry only an error's text (mqant
+    /// over RabbitMQ): the fixed texts of [`CallError::wire_text`] map back to their kinds,
+    /// anything else is the handler's own error ([`CallError::App`]).
+    pub fn from_wire_text(text: &str) -> CallError {
+        for fixed in [
+            CallError::BodyNotJson,
+            CallError::Timeout,
+            CallError::NoSession,
+            CallError::ConnectionClosed,
+            CallError::Closed,
+            CallError::LoginRequired,
+        ] {
+            if text == fixed.wire_text() {
+                return fixed;
+            }
+        }
+        if let Some(f) = text
+            .strip_prefix("Remote function(")
+            .and_then(|s| s.strip_suffix(") not found"))
+        {
+            return CallError::HandlerNotFound(f.to_owned());
+        }
+        if let Some(m) = text
+            .strip_prefix("Service(type:")
+            .and_then(|s| s.strip_suffix(") not found"))
+        {
+            return CallError::ServiceNotFound(m.to_owned());
+        }
+        CallError::App(text.to_owned())
+    }
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.wire_text())
+    }
+}
+
+impl std::error::Error for CallError {}
 
 /// The kind of a [`CallError`], for metrics labels and for callers that branch on the cause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -292,6 +345,22 @@ mod tests {
             "Method(getRand) must begin with 'HD_'"
         );
         assert_eq!(CallError::Timeout.to_string(), "timeout: This is Call");
+        // the texts peers send back map to the same kinds; anything else is the handler's own
+        for e in [
+            CallError::Timeout,
+            CallError::Closed,
+            CallError::NoSession,
+            CallError::LoginRequired,
+            CallError::BodyNotJson,
+            CallError::HandlerNotFound("HD_X".into()),
+            CallError::ServiceNotFound("Chat".into()),
+        ] {
+            assert_eq!(CallError::from_wire_text(&e.wire_text()), e);
+        }
+        assert_eq!(
+            CallError::from_wire_text("No room"),
+            CallError::App("No room".into())
+        );
         assert_eq!(CallError::NoSession.to_string(), "No Sesssion found");
         assert_eq!(
             CallError::HandlerNotFound("x".into()).to_string(),

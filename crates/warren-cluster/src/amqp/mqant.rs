@@ -133,21 +133,10 @@ fn split_args(mut args: Vec<Value>) -> (Option<Arc<Session>>, Bytes) {
 }
 
 /// The error of a peer's `ResultInfo` as a typed error (the texts are listed in docs/cluster.md,
-/// "Compatibility bridges").
+/// "Compatibility bridges"; the mapping is `CallError::from_wire_text`).
+#[cfg(test)]
 fn error_from_text(text: String) -> CallError {
-    if text == CallError::Timeout.to_string() {
-        return CallError::Timeout;
-    }
-    if text == CallError::Closed.to_string() {
-        return CallError::Closed;
-    }
-    if let Some(f) = text
-        .strip_prefix("Remote function(")
-        .and_then(|s| s.strip_suffix(") not found"))
-    {
-        return CallError::HandlerNotFound(f.to_owned());
-    }
-    CallError::App(text)
+    CallError::from_wire_text(&text)
 }
 
 /// The reply queue a request names: the `reply_to` header (mqant), else the property.
@@ -256,7 +245,7 @@ async fn answer(link: &Link, to: &str, cid: &str, r: Result<Bytes, CallError>) {
     let encode = |r: &Result<Bytes, CallError>| {
         let (error, result) = match r {
             Ok(b) => (String::new(), json_or_string(b)),
-            Err(e) => (e.to_string(), Value::Null),
+            Err(e) => (e.wire_text(), Value::Null),
         };
         serde_json::to_vec(&ResultOut {
             cid,
@@ -429,7 +418,7 @@ impl Subscriber for Replies {
                 return true;
             };
             let out = match r.error.filter(|e| !e.is_empty()) {
-                Some(e) => Err(error_from_text(e)),
+                Some(e) => Err(CallError::from_wire_text(&e)),
                 None => Ok(Bytes::from(r.result.to_string())),
             };
             let _ = tx.send(out);

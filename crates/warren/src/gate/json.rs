@@ -115,7 +115,7 @@ impl conn::Protocol for JsonSession {
             }
             Err(_) if self.silent => return None,
             Err(e) => frame_out(&Frame {
-                error: Some(e.to_string()),
+                error: Some(e.wire_text()),
                 ..json_ws::reply(&cb, Vec::new())
             }),
         };

@@ -814,7 +814,7 @@ pub fn envelope(result: Result<Bytes, CallError>) -> Bytes {
             out.put_u8(b'}');
         }
         Err(e) => {
-            let text = serde_json::to_string(&e.to_string()).unwrap_or_else(|_| "\"error\"".into());
+            let text = serde_json::to_string(&e.wire_text()).unwrap_or_else(|_| "\"error\"".into());
             out.put_slice(b"{\"Error\":");
             out.put_slice(text.as_bytes());
             out.put_slice(b",\"Result\":null}");

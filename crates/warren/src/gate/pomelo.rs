@@ -94,7 +94,7 @@ fn response(id: u32, body: &[u8]) -> Outbound {
 }
 
 fn error_body(e: &CallError) -> Vec<u8> {
-    json!({"code": 500, "msg": e.to_string()})
+    json!({"code": 500, "msg": e.wire_text()})
         .to_string()
         .into_bytes()
 }

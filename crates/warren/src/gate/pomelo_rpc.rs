@@ -198,13 +198,13 @@ impl RpcSession {
                 });
                 match admitted {
                     Err(CallError::HandlerNotFound(m)) => Some(format!("no such method:{m}")),
-                    Err(e) => Some(e.to_string()),
+                    Err(e) => Some(e.wire_text()),
                     Ok(target) => match conn
                         .call(&target, &msg.method, body, Some(tag.clone()))
                         .await
                     {
                         Ok(()) => return Ok(()),
-                        Err((_, e)) => Some(e.to_string()),
+                        Err((_, e)) => Some(e.wire_text()),
                     },
                 }
             }
@@ -317,7 +317,7 @@ impl conn::Protocol for RpcSession {
             Err(CallError::HandlerNotFound(m)) => {
                 vec![pomelo_rpc::error_value(&format!("no such method:{m}"))]
             }
-            Err(e) => vec![pomelo_rpc::error_value(&e.to_string())],
+            Err(e) => vec![pomelo_rpc::error_value(&e.wire_text())],
         };
         self.response(tag, &resp)
     }
