@@ -27,6 +27,33 @@ pub struct Call {
     pub deadline: Instant,
 }
 
+impl Call {
+    /// A call of `handler` on instance `instance`, which its caller stops waiting for at
+    /// `deadline`; no session and an empty body until [`Call::session`] and [`Call::body`] say
+    /// otherwise. (The router makes one for a resolved target: `Target::call`.)
+    pub fn new(instance: Arc<str>, handler: &str, deadline: Instant) -> Call {
+        Call {
+            instance,
+            handler: handler.into(),
+            session: None,
+            body: Bytes::new(),
+            deadline,
+        }
+    }
+
+    /// The caller's session snapshot, which the handler sees.
+    pub fn session(mut self, session: Option<Arc<Session>>) -> Call {
+        self.session = session;
+        self
+    }
+
+    /// The request body.
+    pub fn body(mut self, body: impl Into<Bytes>) -> Call {
+        self.body = body.into();
+        self
+    }
+}
+
 /// A reply that will arrive: resolves to the handler's result, a typed error, or
 /// [`CallError::Timeout`] at the deadline. A call to an instance in this process waits on a
 /// oneshot channel directly; a remote bus supplies its own future.

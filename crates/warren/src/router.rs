@@ -14,7 +14,7 @@ use std::sync::Arc;
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
+
 use tokio::time::Instant;
 
 use crate::bus::{Bus, Call, Pending};
@@ -56,6 +56,12 @@ impl std::fmt::Debug for dyn Bus {
 }
 
 impl Target {
+    /// A call of `handler` on this target's instance, due by `deadline` (add a session and a
+    /// body with [`Call::session`] and [`Call::body`], then [`Router::call`] it).
+    pub fn call(&self, handler: &str, deadline: Instant) -> Call {
+        Call::new(self.instance.clone(), handler, deadline)
+    }
+
     /// Whether the module registered `handler` as client-visible.
     pub fn is_client_handler(&self, handler: &str) -> bool {
         self.client_handlers.iter().any(|h| h == handler)
@@ -397,24 +403,26 @@ impl Router {
             .ok_or_else(not_found)
     }
 
-    /// Send a call to a resolved target. Resolves once accepted; with `reply` it yields the
-    /// pending result.
-    pub async fn send(
+    /// Hand `call` to `target`'s instance and get its reply to come. Resolves once the call is
+    /// accepted (a caller that awaits its calls in turn keeps their order); the [`Pending`]
+    /// resolves to the result, a typed error, or a timeout at the call's deadline.
+    pub async fn call(&self, target: &Target, call: Call) -> Result<Pending, CallError> {
+        self.dispatch(target, call, true)
+            .await?
+            .ok_or(CallError::Closed)
+    }
+
+    /// Hand `call` to `target`'s instance without waiting for a result (mqant `CallNR`).
+    pub async fn call_nr(&self, target: &Target, call: Call) -> Result<(), CallError> {
+        self.dispatch(target, call, false).await.map(|_| ())
+    }
+
+    async fn dispatch(
         &self,
         target: &Target,
-        handler: &str,
-        session: Option<Arc<Session>>,
-        body: Bytes,
-        deadline: Instant,
+        call: Call,
         reply: bool,
     ) -> Result<Option<Pending>, CallError> {
-        let call = Call {
-            instance: target.instance.clone(),
-            handler: handler.into(),
-            session,
-            body,
-            deadline,
-        };
         if let Some(via) = &target.via {
             return via.send(&target.node, call, reply).await;
         }

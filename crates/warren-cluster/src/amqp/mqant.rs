@@ -208,9 +208,12 @@ impl Server {
             &body,
         ) {
             Ok(t) => {
-                router
-                    .send(&t, &info.func, session, body, deadline, info.reply)
-                    .await
+                let call = t.call(&info.func, deadline).session(session).body(body);
+                if info.reply {
+                    router.call(&t, call).await.map(Some)
+                } else {
+                    router.call_nr(&t, call).await.map(|()| None)
+                }
             }
             Err(e) => Err(e),
         };

@@ -822,11 +822,13 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
                     .call_here(handler, session, body, now, deadline, true)
                     .await
             }
-            None => {
-                router
-                    .send(target, handler, session, body, deadline, true)
-                    .await
-            }
+            None => router
+                .call(
+                    target,
+                    target.call(handler, deadline).session(session).body(body),
+                )
+                .await
+                .map(Some),
         };
         match sent {
             Ok(Some(pending)) => {

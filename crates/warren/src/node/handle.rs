@@ -109,13 +109,9 @@ impl NodeHandle {
             if let Err(e) = self
                 .inner
                 .router
-                .send(
+                .call_nr(
                     &gate,
-                    "GroupBroadcast",
-                    None,
-                    Bytes::from(args.to_string()),
-                    deadline,
-                    false,
+                    gate.call("GroupBroadcast", deadline).body(args.to_string()),
                 )
                 .await
             {
@@ -174,16 +170,8 @@ impl NodeHandle {
         let pending = self
             .inner
             .router
-            .send(
-                &target,
-                op,
-                None,
-                Bytes::from(args.to_string()),
-                deadline,
-                true,
-            )
-            .await?
-            .ok_or(CallError::Closed)?;
+            .call(&target, target.call(op, deadline).body(args.to_string()))
+            .await?;
         let bytes = match tokio::time::timeout_at(deadline, pending).await {
             Ok(r) => r?,
             Err(_) => return Err(CallError::Timeout),
@@ -257,9 +245,11 @@ impl NodeHandle {
         let pending = self
             .inner
             .router
-            .send(target, handler, session, body, deadline, true)
-            .await?
-            .ok_or(CallError::Closed)?;
+            .call(
+                target,
+                target.call(handler, deadline).session(session).body(body),
+            )
+            .await?;
         match tokio::time::timeout_at(deadline, pending).await {
             Ok(r) => r,
             Err(_) => Err(CallError::Timeout),
@@ -293,9 +283,11 @@ impl NodeHandle {
         let deadline = Instant::now() + self.inner.call_timeout;
         self.inner
             .router
-            .send(&target, handler, session, body, deadline, false)
+            .call_nr(
+                &target,
+                target.call(handler, deadline).session(session).body(body),
+            )
             .await
-            .map(|_| ())
     }
 
     /// Run `handler` on every live instance of `module`, on every node, without waiting for
@@ -308,7 +300,7 @@ impl NodeHandle {
             match self
                 .inner
                 .router
-                .send(&t, handler, None, body.clone(), deadline, false)
+                .call_nr(&t, t.call(handler, deadline).body(body.clone()))
                 .await
             {
                 Ok(_) => n += 1,
@@ -328,13 +320,10 @@ impl NodeHandle {
             let r = self
                 .inner
                 .router
-                .send(
+                .call_nr(
                     &t,
-                    SESSION_CLOSED,
-                    Some(session.clone()),
-                    Bytes::new(),
-                    deadline,
-                    false,
+                    t.call(SESSION_CLOSED, deadline)
+                        .session(Some(session.clone())),
                 )
                 .await;
             if let Err(e) = r {

@@ -66,11 +66,11 @@ async fn fire(
             let target = router.resolve(module, None, &s.id).unwrap();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             let body = Bytes::from(json!({ "n": i }).to_string());
-            let p = router
-                .send(&target, "Record", Some(s.clone()), body, deadline, true)
-                .await
-                .unwrap()
-                .unwrap();
+            let call = target
+                .call("Record", deadline)
+                .session(Some(s.clone()))
+                .body(body);
+            let p = router.call(&target, call).await.unwrap();
             pending.push(p);
         }
     }
