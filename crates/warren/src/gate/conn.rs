@@ -1,14 +1,16 @@
 //! What every connection task shares, whatever protocol it speaks.
 //!
-//! A protocol module (`mqtt.rs`, …) implements [`Protocol`]: how to handle the complete frames in
+//! A protocol module (`mqtt.rs`, …) implements [`Dialect`]: how to handle the complete frames in
 //! the read buffer, how to turn a handler's result into a reply, and how to frame outbound items
 //! ([`Framer`]). [`SessionConn`] owns the session, its outbound queue, the pending replies and the
-//! writer task; [`run`] is the one read loop (close, drain, replies, keepalive, socket) they all
-//! use, and [`SessionConn::finish`] the one way a connection ends.
+//! socket's writing side; [`run`] is the one loop (close, drain, writes, replies, queued items,
+//! deadlines, reads) they all use, on the connection's one task, and [`SessionConn::finish`] the
+//! one way a connection ends. (The trait is a *dialect* of that loop; `session::Protocol` names
+//! which protocol a session speaks.)
 //!
 //! The limits every protocol gets from here: the outbound queue is bounded in items
 //! (`write_queue`) and bytes (`write_queue_bytes`, and the node's `max_queued_bytes`), a push
-//! that does not fit closes the session as a slow consumer, a reply waits for room; the
+//! that does not fit closes the session as a slow consumer, a reply waits for the socket; the
 //! connection's rates (`msg_rate`, `byte_rate`) pause reading; the first meaningful message is
 //! due within `connect_timeout_s`, then silence ends at the protocol's read timeout; a WebSocket
 //! always closes with a code that says why ([`close_code`]).
@@ -198,7 +200,7 @@ impl<T: Unpin> Future for ReplyFuture<T> {
 }
 
 /// One protocol's connection logic, driven by [`run`].
-pub(crate) trait Protocol: Send + Sized + 'static {
+pub(crate) trait Dialect: Send + Sized + 'static {
     /// What identifies a reply (topic, request id, callback name).
     type Tag: Send + Unpin + 'static;
 
@@ -225,12 +227,12 @@ pub(crate) trait Protocol: Send + Sized + 'static {
         None
     }
 
-    /// A period at which [`Protocol::on_tick`] runs (buffered flushes), if any.
+    /// A period at which [`Dialect::on_tick`] runs (buffered flushes), if any.
     fn tick(&self) -> Option<Duration> {
         None
     }
 
-    /// Runs every [`Protocol::tick`].
+    /// Runs every [`Dialect::tick`].
     fn on_tick(
         &mut self,
         _conn: &mut SessionConn<Self::Tag>,
@@ -946,7 +948,7 @@ mod boxed {
 
     type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-    pub(super) fn handle_buffered<'a, P: Protocol>(
+    pub(super) fn handle_buffered<'a, P: Dialect>(
         proto: &'a mut P,
         conn: &'a mut SessionConn<P::Tag>,
         buf: &'a mut BytesMut,
@@ -961,14 +963,14 @@ mod boxed {
         Box::pin(conn.send(o))
     }
 
-    pub(super) fn on_tick<'a, P: Protocol>(
+    pub(super) fn on_tick<'a, P: Dialect>(
         proto: &'a mut P,
         conn: &'a mut SessionConn<P::Tag>,
     ) -> Boxed<'a, Result<(), End>> {
         Box::pin(proto.on_tick(conn))
     }
 
-    pub(super) fn on_drain<'a, P: Protocol>(
+    pub(super) fn on_drain<'a, P: Dialect>(
         proto: &'a mut P,
         conn: &'a mut SessionConn<P::Tag>,
     ) -> Boxed<'a, ()> {
@@ -1020,7 +1022,7 @@ fn poll_write(
 /// (An `async move` block rather than an `async fn`: an async fn keeps a second copy of its
 /// arguments in its state, and this state lives as long as the connection.)
 #[allow(clippy::manual_async_fn)] // deliberate: see above
-pub(crate) fn serve_session<P: Protocol>(
+pub(crate) fn serve_session<P: Dialect>(
     mut proto: P,
     mut conn: SessionConn<P::Tag>,
     mut reader: Reader,
@@ -1039,10 +1041,10 @@ pub(crate) fn serve_session<P: Protocol>(
 /// The read loop every protocol uses: server close, drain, replies, keepalive, rate pauses,
 /// socket — in that order of priority. Returns why the connection ends.
 ///
-/// Until the protocol is established ([`Protocol::awaiting`]) the read deadline is
-/// `connect_timeout_s` from the start; then it is the protocol's [`Protocol::read_timeout`],
+/// Until the protocol is established ([`Dialect::awaiting`]) the read deadline is
+/// `connect_timeout_s` from the start; then it is the protocol's [`Dialect::read_timeout`],
 /// re-armed by every frame handled.
-pub(crate) async fn run<P: Protocol>(
+pub(crate) async fn run<P: Dialect>(
     proto: &mut P,
     conn: &mut SessionConn<P::Tag>,
     reader: &mut Reader,

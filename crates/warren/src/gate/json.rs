@@ -78,7 +78,7 @@ fn take_message(buf: &mut BytesMut) -> Option<Bytes> {
     Some(buf.split_to(len).freeze())
 }
 
-impl conn::Protocol for JsonSession {
+impl conn::Dialect for JsonSession {
     type Tag = String;
 
     async fn handle_buffered(&mut self, conn: &mut Conn, buf: &mut BytesMut) -> Result<bool, End> {
@@ -267,7 +267,7 @@ impl JsonSession {
             metrics::counter!("warren_requests_refused_total", "reason" => e.kind().as_str())
                 .increment(1);
             if let Some(cb) = tag {
-                return match conn::Protocol::reply(self, cb, Err(e)) {
+                return match conn::Dialect::reply(self, cb, Err(e)) {
                     Some(o) => conn.send(o).await,
                     None => Ok(()),
                 };

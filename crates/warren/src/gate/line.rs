@@ -314,7 +314,7 @@ impl LineSession {
         if let Err((tag, e)) = outcome {
             crate::refusal::deny(&conn.peer, e.kind().as_str(), format_args!("{route}: {e}"));
             if let Some(topic) = tag {
-                return match conn::Protocol::reply(self, topic, Err(e)) {
+                return match conn::Dialect::reply(self, topic, Err(e)) {
                     Some(o) => conn.send(o).await,
                     None => Ok(()),
                 };
@@ -324,7 +324,7 @@ impl LineSession {
     }
 }
 
-impl conn::Protocol for LineSession {
+impl conn::Dialect for LineSession {
     type Tag = Bytes;
 
     async fn handle_buffered(&mut self, conn: &mut Conn, buf: &mut BytesMut) -> Result<bool, End> {

@@ -347,7 +347,7 @@ struct MqttSession {
 
 type Conn = SessionConn<Bytes>;
 
-impl conn::Protocol for MqttSession {
+impl conn::Dialect for MqttSession {
     type Tag = Bytes;
 
     async fn handle_buffered(&mut self, conn: &mut Conn, buf: &mut BytesMut) -> Result<bool, End> {

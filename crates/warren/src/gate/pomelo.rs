@@ -99,7 +99,7 @@ fn error_body(e: &CallError) -> Vec<u8> {
         .into_bytes()
 }
 
-impl conn::Protocol for PomeloSession {
+impl conn::Dialect for PomeloSession {
     type Tag = u32;
 
     async fn handle_buffered(&mut self, conn: &mut Conn, buf: &mut BytesMut) -> Result<bool, End> {

@@ -216,7 +216,7 @@ impl RpcSession {
     }
 }
 
-impl conn::Protocol for RpcSession {
+impl conn::Dialect for RpcSession {
     type Tag = Tag;
 
     async fn handle_buffered(&mut self, conn: &mut Conn, buf: &mut BytesMut) -> Result<bool, End> {
