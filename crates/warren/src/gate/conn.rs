@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Gate;
-use super::transport::{Reader, Writer};
+use super::io::{Reader, Writer};
 use crate::bus::Pending;
 use crate::config::ListenerConfig;
 use crate::error::CallError;
@@ -125,7 +125,7 @@ pub(crate) fn read_error(e: &std::io::Error) -> End {
         return End::PeerClosed;
     }
     let inner = e.get_ref();
-    if inner.is_some_and(|i| i.is::<super::transport::TextOnBinary>()) {
+    if inner.is_some_and(|i| i.is::<super::io::TextOnBinary>()) {
         return End::Limit("ws_data_type", close_code::UNSUPPORTED_DATA, e.to_string());
     }
     // the WebSocket library's error, inside axum's, inside the io::Error the reader returns
@@ -1337,7 +1337,7 @@ mod tests {
         assert!(matches!(read_error(&reset), End::PeerClosed));
         let text = std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            super::super::transport::TextOnBinary,
+            super::super::io::TextOnBinary,
         );
         assert_eq!(read_error(&text).close_code(), 1003);
         // an error message that merely looks like one is not taken for it

@@ -16,7 +16,7 @@ use warren_proto::json_ws::{self, Frame};
 
 use super::args::{args_from_result, body_from_args};
 use super::conn::{self, End, Framer, Out, SessionConn};
-use super::transport::{Reader, Writer};
+use super::io::{Reader, Writer};
 use super::{Credentials, Gate};
 use crate::config::ListenerConfig;
 use crate::error::CallError;

@@ -20,7 +20,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use warren_proto::line::{self, LineDecoder, LineEvent};
 
 use super::conn::{self, End, Framer, Out, SessionConn};
-use super::transport::{Reader, Writer};
+use super::io::{Reader, Writer};
 use super::{Credentials, Gate};
 use crate::config::ListenerConfig;
 use crate::error::CallError;

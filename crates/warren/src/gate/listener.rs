@@ -26,8 +26,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::access::{IpSlot, ListenerAccess};
+use super::io::{self, Prefixed, Reader, Writer, WsFraming};
 use super::tls::TlsState;
-use super::transport::{self, Prefixed, Reader, Writer, WsFraming};
 use super::{Gate, json, line, mqtt, pomelo, pomelo_rpc, proxy};
 use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::refusal::{deny, refuse};
@@ -232,7 +232,7 @@ impl Listener {
             // nothing comes before the protocol: its task is the connection's, no larger
             let (gate, cfg) = (self.gate.clone(), self.cfg.clone());
             self.gate.tracker.spawn(async move {
-                let (r, w) = transport::tcp(stream);
+                let (r, w) = io::tcp(stream);
                 serve(gate, cfg, r, w, peer).await;
                 drop(slot);
             });
@@ -377,7 +377,7 @@ impl Listener {
         let deadline = self.deadline(started);
         let mut io = Prefixed::new(Bytes::new(), tls_stream);
         match self.kind {
-            Kind::Stream => self.raw(transport::tls(io), peer, slot).await,
+            Kind::Stream => self.raw(io::tls(io), peer, slot).await,
             Kind::WebSocket => Box::pin(self.http(io, peer, slot, deadline)).await,
             Kind::Sniff => {
                 let mut first = [0u8; 1];
@@ -389,7 +389,7 @@ impl Listener {
                 match self.sniffed(&peer, read, first[0]) {
                     Some(Kind::Stream) => {
                         let io = Prefixed::new(Bytes::copy_from_slice(&first), io.into_inner());
-                        self.raw(transport::tls(io), peer, slot).await
+                        self.raw(io::tls(io), peer, slot).await
                     }
                     Some(_) => {
                         let io = Prefixed::new(Bytes::copy_from_slice(&first), io.into_inner());
@@ -410,7 +410,7 @@ impl Listener {
         started: Instant,
     ) {
         match self.kind {
-            Kind::Stream => self.raw(transport::tcp(stream), peer, slot).await,
+            Kind::Stream => self.raw(io::tcp(stream), peer, slot).await,
             Kind::WebSocket => {
                 let deadline = self.deadline(started);
                 Box::pin(self.http(stream, peer, slot, deadline)).await
@@ -424,7 +424,7 @@ impl Listener {
                     r = tokio::time::timeout_at(sniff, stream.peek(&mut first)) => r,
                 };
                 match self.sniffed(&peer, peeked, first[0]) {
-                    Some(Kind::Stream) => self.raw(transport::tcp(stream), peer, slot).await,
+                    Some(Kind::Stream) => self.raw(io::tcp(stream), peer, slot).await,
                     Some(_) => {
                         let deadline = self.deadline(started);
                         Box::pin(self.http(stream, peer, slot, deadline)).await
@@ -581,7 +581,7 @@ async fn upgrade(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            let (r, w) = transport::ws(socket, framing);
+            let (r, w) = io::ws(socket, framing);
             serve(gate, cfg, r, w, peer).await;
             drop(slot);
             drop(token);

@@ -1,6 +1,6 @@
 //! The gate: listeners that accept clients and the connection tasks that serve them.
 //!
-//! `listener.rs` accepts TCP and WebSocket connections under a connection cap, `transport.rs`
+//! `listener.rs` accepts TCP and WebSocket connections under a connection cap, `io.rs`
 //! turns either into a byte stream, and `mqtt.rs` runs one MQTT connection: decode, session,
 //! route, reply, push. [`Gate`] holds what connections share: the node, the drain and kill
 //! signals, the task tracker, and the client-id table for MQTT takeover.
@@ -16,8 +16,8 @@ mod pomelo;
 mod pomelo_rpc;
 pub mod proxy;
 
+mod io;
 mod tls;
-mod transport;
 
 pub use line::{Channel, ChannelHandler, Channels, EchoHandler};
 

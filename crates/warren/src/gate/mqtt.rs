@@ -18,7 +18,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use warren_proto::mqtt::{self, Ack, Packet, Publish, QoS};
 
 use super::conn::{self, End, Framer, Out, SessionConn};
-use super::transport::{Reader, Writer};
+use super::io::{Reader, Writer};
 use super::{Credentials, Gate, Identity};
 use crate::acl::{Acl, ClientAcl};
 use crate::config::{LimitsConfig, ListenerConfig, Mode};

@@ -19,7 +19,7 @@ use warren_proto::pomelo::{
 
 use super::args::{is_json, split_dotted};
 use super::conn::{self, End, Framer, Out, SessionConn};
-use super::transport::{Reader, Writer};
+use super::io::{Reader, Writer};
 use super::{Credentials, Gate};
 use crate::config::ListenerConfig;
 use crate::error::CallError;

@@ -21,7 +21,7 @@ use warren_proto::stream_pkg;
 
 use super::args::body_from_args;
 use super::conn::{self, End, Framer, Out, SessionConn};
-use super::transport::{Reader, Writer};
+use super::io::{Reader, Writer};
 use super::{Credentials, Gate};
 use crate::config::{ListenerConfig, TransportName};
 use crate::error::CallError;
