@@ -71,6 +71,7 @@ INVENTORY: dict[tuple[str, str], str] = {
     ("docs/protocols/pomelo-rpc.md", "warren serve --listen 'pomelo-rpc://127.0.0.1:3333?allow=127.0.0.1' --module Echo"): "test_pomelo_rpc_try_it",
     ("examples/chat/client/README.md", "python3 -m pip install"): "test_terminal_client_readme",
     ("examples/chat/client/README.md", "python3 chat_client.py --user alice"): "test_terminal_client_readme",
+    ("examples/my-game/README.md", "cargo build --release"): "test_my_game.py (built with the real cargo, not the stand-in)",
     ("fuzz/README.md", "cargo fuzz run mqtt_decode"): "not run here: scripts/test fuzzes every target this way",
 }
 
