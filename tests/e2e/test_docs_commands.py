@@ -10,7 +10,7 @@ fuzz/README.md and the test that runs it; `test_every_shell_block_is_accounted_f
 block is added, changed at its first line or removed without the inventory following. The
 blocks not run here, and why:
 
-- docs/benchmarks.md, `bench/compare …` (both blocks): measurement runs of several minutes each
+- docs/benchmarks.md, `bench/compare …` (all three blocks): measurement runs of several minutes each
   on a quiet machine (every scenario against every installed broker, 3 runs); the first rewrites
   docs/benchmarks.md itself. They are how the published figures were made, not a check.
 - docs/cluster.md, the RabbitMQ line of "The same example on another broker": it needs a
@@ -58,6 +58,7 @@ INVENTORY: dict[tuple[str, str], str] = {
     ("docs/benchmarks.md", "cargo build --release -p warren-cli"): "test_warren_bench_as_documented",
     ("docs/benchmarks.md", "bench/compare                      # every scenario"): "not run: a measurement run of minutes that rewrites docs/benchmarks.md",
     ("docs/benchmarks.md", "bench/compare --only fanout100,1to1,request,idle"): "not run: a measurement run of minutes",
+    ("docs/benchmarks.md", "git worktree add --detach /tmp/warren-before"): "not run: a release build and measurement runs of minutes (the issue 12 baseline)",
     ("docs/cluster.md", "nats-server -js"): "test_cluster_walk_with_target_release_warren",
     ("docs/cluster.md", "# terminal 1: the gate"): "test_cluster_walk_with_target_release_warren",
     ("docs/cluster.md", "warren serve --config examples/cluster/gate.toml --bus redis://"): "test_cluster_on_redis (the RabbitMQ line is not run)",
