@@ -73,6 +73,22 @@ def test_fanout_over_websocket(warren_ws: Warren):
     assert r["delivered"] == 5 * r["published"], r
 
 
+def test_requests_over_websocket_over_tls(tmp_path):
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+        check=True, capture_output=True,
+    )
+    listen = Warren.url("wss", tls_cert=tmp_path / "cert.pem", tls_key=tmp_path / "key.pem")
+    with Warren("--module", "Echo", listen=[listen], http=False) as w:
+        w.wait_ready()
+        # the generator does not check the certificate without --ca
+        r = bench("request", "--target", f"wss://127.0.0.1:{w.ports['wss']}/mqtt", "--clients", "2", "--inflight", "8")
+        clean(r)
+        assert r["requests_per_s"] > 0, r
+
+
 def test_a_plain_mqtt_listener_refuses_the_upgrade():
     with Warren(listen=["mqtt://127.0.0.1:{port}"], http=False) as w:
         w.wait_ready()

@@ -24,9 +24,9 @@ pub enum Scenario {
     /// C clients each keeping K requests in flight to a route with a msgid (warren's Echo
     /// module: run warren with --module Echo); reports requests/s and latency.
     Request(RequestArgs),
-    /// The pomelo request/reply path: C raw-TCP pomelo clients each keeping K requests in
-    /// flight to a route (warren with a pomelo:// listener and --module Echo); reports
-    /// requests/s and latency like `request`.
+    /// The pomelo request/reply path: C pomelo clients (raw TCP, or WebSocket on a ws://
+    /// target) each keeping K requests in flight to a route (warren with a pomelo:// listener
+    /// and --module Echo); reports requests/s and latency like `request`.
     PomeloRequest(PomeloRequestArgs),
     /// Open N connections, hold them idle with keepalive; reports the connect rate, failures
     /// and, with --pid, the server's memory per idle connection.
@@ -228,8 +228,9 @@ pub struct RequestArgs {
 /// Options of the `pomelo-request` scenario.
 #[derive(Debug, Clone, Args)]
 pub struct PomeloRequestArgs {
-    /// Target (HOST:PORT of a pomelo listener), duration and the other common options
-    /// (`--keepalive` does not apply: heartbeats follow the server's handshake).
+    /// Target (HOST:PORT of a pomelo listener, or ws://HOST:PORT[/PATH] for its WebSocket
+    /// side), duration and the other common options (`--keepalive` does not apply: heartbeats
+    /// follow the server's handshake).
     #[command(flatten)]
     pub common: CommonArgs,
     /// Client connections.
