@@ -36,8 +36,9 @@ pub(crate) enum Reader {
     Tcp(OwnedReadHalf, usize),
     /// A TLS connection and how much room the next read gets (as for TCP).
     Tls(ReadHalf<TlsIo>, usize),
-    /// A WebSocket (over TCP or TLS).
-    Ws(SplitStream<WebSocket>, WsFraming),
+    /// A WebSocket (over TCP or TLS), and how a read that already took messages in ended, to
+    /// report on the next read (the peer's close, an error).
+    Ws(SplitStream<WebSocket>, WsFraming, Option<io::Result<()>>),
 }
 
 /// The writing side.
@@ -74,7 +75,10 @@ pub(crate) fn tls(s: TlsIo) -> (Reader, Writer) {
 
 pub(crate) fn ws(s: WebSocket, framing: WsFraming) -> (Reader, Writer) {
     let (w, r) = s.split();
-    (Reader::Ws(r, framing), Writer::Ws(Box::new(w), framing))
+    (
+        Reader::Ws(r, framing, None),
+        Writer::Ws(Box::new(w), framing),
+    )
 }
 
 /// Smallest room a read gets; small, so connections that send little stay cheap.
@@ -145,38 +149,65 @@ impl Reader {
                 }
                 Poll::Ready(Ok(n))
             }
-            Reader::Ws(r, framing) => loop {
-                let data: Bytes = match std::task::ready!(r.poll_next_unpin(cx)) {
-                    None => return Poll::Ready(Ok(0)),
-                    Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
-                    Some(Ok(WsMessage::Binary(b))) => b,
-                    Some(Ok(WsMessage::Text(t))) if *framing == WsFraming::TextMessages => {
-                        Bytes::from(t)
-                    }
-                    Some(Ok(WsMessage::Text(_))) => {
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            TextOnBinary,
-                        )));
-                    }
-                    Some(Ok(WsMessage::Close(_))) => return Poll::Ready(Ok(0)),
-                    Some(Ok(_)) => continue,
-                };
-                match framing {
-                    WsFraming::Stream => {
-                        if data.is_empty() {
-                            continue;
-                        }
-                        buf.extend_from_slice(&data);
-                    }
-                    WsFraming::TextMessages => {
-                        buf.reserve(4 + data.len());
-                        buf.put_u32(data.len() as u32);
-                        buf.extend_from_slice(&data);
-                    }
+            Reader::Ws(r, framing, ended) => {
+                if let Some(end) = ended.take() {
+                    return Poll::Ready(end.map(|()| 0));
                 }
-                return Poll::Ready(Ok(data.len().max(1)));
-            },
+                // every message already buffered, not one per read: each read is one pass of
+                // the protocol's decoding, and a batch of frames costs one
+                let mut taken = 0;
+                while taken < MAX_READ {
+                    let data: Bytes = match r.poll_next_unpin(cx) {
+                        Poll::Pending if taken > 0 => break,
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(None) | Poll::Ready(Some(Ok(WsMessage::Close(_)))) => {
+                            if taken > 0 {
+                                *ended = Some(Ok(()));
+                                break;
+                            }
+                            return Poll::Ready(Ok(0));
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            let e = io::Error::other(e);
+                            if taken > 0 {
+                                *ended = Some(Err(e));
+                                break;
+                            }
+                            return Poll::Ready(Err(e));
+                        }
+                        Poll::Ready(Some(Ok(WsMessage::Binary(b)))) => b,
+                        Poll::Ready(Some(Ok(WsMessage::Text(t))))
+                            if *framing == WsFraming::TextMessages =>
+                        {
+                            Bytes::from(t)
+                        }
+                        Poll::Ready(Some(Ok(WsMessage::Text(_)))) => {
+                            let e = io::Error::new(io::ErrorKind::InvalidData, TextOnBinary);
+                            if taken > 0 {
+                                *ended = Some(Err(e));
+                                break;
+                            }
+                            return Poll::Ready(Err(e));
+                        }
+                        Poll::Ready(Some(Ok(_))) => continue,
+                    };
+                    match framing {
+                        WsFraming::Stream => {
+                            if data.is_empty() {
+                                continue;
+                            }
+                            buf.extend_from_slice(&data);
+                        }
+                        WsFraming::TextMessages => {
+                            buf.reserve(4 + data.len());
+                            buf.put_u32(data.len() as u32);
+                            buf.extend_from_slice(&data);
+                        }
+                    }
+                    taken += data.len().max(1);
+                }
+                Poll::Ready(Ok(taken))
+            }
         }
     }
 }

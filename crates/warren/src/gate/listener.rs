@@ -578,6 +578,10 @@ async fn upgrade(
     // track the connection from now, so a drain waits for it
     let token = gate.tracker.token();
     ws.protocols(protocols.iter().copied())
+        // tungstenite reads in chunks of this size into a buffer it allocates up front, for the
+        // connection's whole life: its default (128 KiB) made an idle WebSocket connection cost
+        // 141 KB (docs/benchmarks.md)
+        .read_buffer_size(WS_READ_CHUNK)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
@@ -587,6 +591,10 @@ async fn upgrade(
             drop(token);
         })
 }
+
+/// The WebSocket layer's read chunk: what each WebSocket connection holds while idle, and the
+/// most one socket read takes in.
+const WS_READ_CHUNK: usize = 8 * 1024;
 
 /// A listener that is accepting clients.
 #[derive(Debug, Clone)]
