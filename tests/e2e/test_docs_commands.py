@@ -59,6 +59,7 @@ INVENTORY: dict[tuple[str, str], str] = {
     ("docs/benchmarks.md", "bench/compare                      # every scenario"): "not run: a measurement run of minutes that rewrites docs/benchmarks.md",
     ("docs/benchmarks.md", "bench/compare --only fanout100,1to1,request,idle"): "not run: a measurement run of minutes",
     ("docs/benchmarks.md", "git worktree add --detach /tmp/warren-before"): "not run: a release build and measurement runs of minutes (the issue 12 baseline)",
+    ("docs/benchmarks.md", "bench/compare --wait-quiet --only request,request16"): "not run: measurement runs of minutes (issue 12, after the rework)",
     ("docs/cluster.md", "nats-server -js"): "test_cluster_walk_with_target_release_warren",
     ("docs/cluster.md", "# terminal 1: the gate"): "test_cluster_walk_with_target_release_warren",
     ("docs/cluster.md", "warren serve --config examples/cluster/gate.toml --bus redis://"): "test_cluster_on_redis (the RabbitMQ line is not run)",
