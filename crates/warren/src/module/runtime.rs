@@ -2,7 +2,6 @@
 //! call is executed (on the caller's task when it can, else on an instance's or a lane's task).
 //! What a module author sees is in the parent module; nothing here is part of that API.
 
-#[allow(unused_imports)]
 use super::*;
 use crate::bus::{Bus, Call};
 use parking_lot::RwLock;

@@ -1,6 +1,5 @@
 //! [`NodeBuilder`]: from a validated config and module definitions to a running [`Node`].
 
-#[allow(unused_imports)]
 use super::*;
 
 /// Assembles a node from its config and module definitions.

@@ -1,7 +1,6 @@
 //! Cluster changes as hooks see them: nodes and instances that came and went between two
 //! registry views.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// A change in the cluster, as hooks see it.

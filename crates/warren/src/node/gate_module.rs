@@ -1,7 +1,6 @@
 //! The gate's own RPC module (`Gate`): how another node edits, pushes to or closes a session
 //! this node's gate holds.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// Module type of the gate's session operations.

@@ -1,7 +1,6 @@
 //! [`NodeHandle`]: the cheap clone handlers and connections use to reach the node's services
 //! (calls, the router, sessions, groups, subscriptions).
 
-#[allow(unused_imports)]
 use super::*;
 use crate::module::{Context, Services};
 use futures_util::future::BoxFuture;

@@ -1,6 +1,5 @@
 //! [`SessionOps`]: session operations addressed by the session's gate, local or remote.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// Session operations, addressed by the session's gate (mqant `Serverid`): local sessions are
