@@ -159,7 +159,7 @@ pub(crate) fn read_error(e: &std::io::Error) -> End {
     }
 }
 
-/// Frames outbound items in one protocol's bytes. Runs on the writer task.
+/// Frames outbound items in one protocol's bytes, on the connection's task.
 pub(crate) trait Framer: Send + 'static {
     /// Append `item`'s bytes to `out`. `Outbound::Close` never reaches the framer.
     fn frame(&mut self, item: Outbound, out: &mut Out);

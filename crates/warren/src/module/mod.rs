@@ -2,9 +2,10 @@
 //!
 //! A module is declared once with [`Module::builder`]: its type name, its state, its handlers
 //! (plain async fns taking a [`Context`] and a body), whether they run **sequentially** (one task,
-//! mailbox order — mqant `Register`) or **concurrently** (a task per message — `RegisterGO`), and its
-//! lifecycle hooks. Either way one session's messages reach the module in the order sent: in
-//! concurrent mode each session has a lane that runs its messages one after another.
+//! mailbox order — mqant `Register`) or **concurrently** (mqant `RegisterGO`: a handler that does
+//! not wait runs on the caller's task, one that waits on a task of its own), and its lifecycle
+//! hooks. Either way one session's messages reach the module in the order sent: in concurrent mode
+//! each session has a lane that runs its messages one after another.
 //!
 //! ```
 //! use warren::{Context, Json, Module, CallError};
