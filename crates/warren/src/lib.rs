@@ -7,9 +7,12 @@
 //! gate through a [`Bus`](bus::Bus) and find one another through a [`Registry`](registry::Registry);
 //! this crate ships the in-memory implementations, so one process needs no other server.
 //!
-//! The request path, with the file that owns each step:
-//! bytes → `gate/mqtt.rs` (decode, session) → `router.rs` (route → instance) → `bus.rs` (deliver)
-//! → `module.rs` (run the handler under its deadline) → reply back through `gate/mqtt.rs`.
+//! The request path, with the file that owns each step, all on the connection's one task when the
+//! module runs in this process: bytes → `gate/mqtt.rs` (decode, session) → `gate/conn.rs` (the
+//! connection's route cache, else `router.rs`: route → instance) → `module/runtime.rs` (run the
+//! handler; one that waits moves to a task of its own; another node's instance goes over
+//! `bus.rs`) → the reply framed by `gate/mqtt.rs` and written by `gate/conn.rs`. The layers are
+//! drawn in docs/architecture.md.
 
 #![forbid(unsafe_code)]
 

@@ -7,8 +7,8 @@
 //! finish up to `drain_timeout_s`, close clients, stop modules.
 //!
 //! Files, by what they hold: `handle.rs` (the call facade handlers use), `sessions.rs` (session
-//! operations), `gate_module.rs` (the gate's RPC module), `cluster.rs` (cluster diffs for hooks), `builder.rs` (starting a node), and here the running
-//! [`Node`] and why it may not start.
+//! operations), `gate_module.rs` (the gate's RPC module), `cluster.rs` (cluster diffs for hooks),
+//! `builder.rs` (starting a node), and here the running [`Node`] and why it may not start.
 
 mod builder;
 mod cluster;
