@@ -18,6 +18,21 @@ const BUF: usize = 64 * 1024;
 
 /// Serves until `stop` is cancelled; prints `listening ADDR` on stdout once bound.
 pub async fn run(a: &EchoServerArgs, stop: CancellationToken) -> Result<(), BenchError> {
+    accept_loop(a, stop, echo).await
+}
+
+/// The references' one accept loop: bind `a.listen`, print `listening ADDR` on stdout, and run
+/// `conn` on a task of its own for every connection until `stop` is cancelled (then wait up to
+/// a second for them).
+pub(crate) async fn accept_loop<F, Fut>(
+    a: &EchoServerArgs,
+    stop: CancellationToken,
+    mut conn: F,
+) -> Result<(), BenchError>
+where
+    F: FnMut(TcpStream, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let addr = resolve(&a.listen).await?;
     let listener = TcpListener::bind(addr)
         .await
@@ -35,7 +50,7 @@ pub async fn run(a: &EchoServerArgs, stop: CancellationToken) -> Result<(), Benc
             _ = stop.cancelled() => break,
             r = listener.accept() => match r {
                 Ok((sock, _)) => {
-                    tracker.spawn(echo(sock, stop.clone()));
+                    tracker.spawn(conn(sock, stop.clone()));
                 }
                 // Out of file descriptors or similar: keep serving the others.
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,

@@ -14,20 +14,19 @@
 //! shape). A subscriber whose queue is full holds the publisher back, so memory stays bounded
 //! and the generator's closed loop measures the relay's throughput.
 
-use std::io::{IoSlice, Write as _};
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Buf, Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use crate::BenchError;
 use crate::args::EchoServerArgs;
-use crate::{BenchError, resolve};
 
 /// Read room per connection.
 const READ_CHUNK: usize = 64 * 1024;
@@ -77,34 +76,11 @@ impl Subscribers {
 
 /// Serves until `stop` is cancelled; prints `listening ADDR` on stdout once bound.
 pub async fn run(a: &EchoServerArgs, stop: CancellationToken) -> Result<(), BenchError> {
-    let addr = resolve(&a.listen).await?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| BenchError::Connect { addr, source })?;
-    let local = listener.local_addr()?;
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening {local}");
-        let _ = out.flush();
-    }
     let subs = Arc::new(Subscribers::default());
-    let tracker = TaskTracker::new();
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok((sock, _)) => {
-                    tracker.spawn(connection(sock, subs.clone(), stop.clone()));
-                }
-                // Out of file descriptors or similar: keep serving the others.
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            },
-        }
-    }
-    tracker.close();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tracker.wait()).await;
-    Ok(())
+    crate::echo::accept_loop(a, stop, move |sock, stop| {
+        connection(sock, subs.clone(), stop)
+    })
+    .await
 }
 
 /// What a connection's read held, cut at packet boundaries.

@@ -8,10 +8,8 @@
 //! each echoed request as its reply, so a round trip costs the server one read, the frames'
 //! parsing and unmasking, and one write of unmasked frames, and nothing else.
 
-use std::io::Write as _;
-
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{
@@ -19,43 +17,16 @@ use tokio_tungstenite::tungstenite::handshake::server::{
 };
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use crate::BenchError;
 use crate::args::EchoServerArgs;
-use crate::{BenchError, resolve};
 
 /// Most messages echoed in one write.
 const BATCH: usize = 1024;
 
 /// Serves until `stop` is cancelled; prints `listening ADDR` on stdout once bound.
 pub async fn run(a: &EchoServerArgs, stop: CancellationToken) -> Result<(), BenchError> {
-    let addr = resolve(&a.listen).await?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| BenchError::Connect { addr, source })?;
-    let local = listener.local_addr()?;
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening {local}");
-        let _ = out.flush();
-    }
-    let tracker = TaskTracker::new();
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok((sock, _)) => {
-                    tracker.spawn(serve(sock, stop.clone()));
-                }
-                // Out of file descriptors or similar: keep serving the others.
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            },
-        }
-    }
-    tracker.close();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tracker.wait()).await;
-    Ok(())
+    crate::echo::accept_loop(a, stop, serve).await
 }
 
 /// Accepts the `mqtt` subprotocol when the client offers it (MQTT clients want it confirmed).
