@@ -114,7 +114,17 @@ struct Slot {
 /// session) so every line it logs says whose it is. The span is at debug level: with the default
 /// filter it is off and costs a connection nothing (lines that matter name their peer
 /// themselves); `RUST_LOG=warren=debug` turns it on.
-async fn serve(gate: Arc<Gate>, cfg: Arc<ListenerConfig>, r: Reader, w: Writer, peer: SocketAddr) {
+/// A plain function, not an `async fn`: the connection's task then holds only the span and the
+/// boxed protocol future, not a second copy of the arguments.
+fn serve(
+    gate: Arc<Gate>,
+    cfg: Arc<ListenerConfig>,
+    r: Reader,
+    w: Writer,
+    peer: SocketAddr,
+) -> tracing::instrument::Instrumented<
+    std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+> {
     let span = tracing::debug_span!(
         "conn",
         node = %gate.node.id(),
@@ -123,7 +133,7 @@ async fn serve(gate: Arc<Gate>, cfg: Arc<ListenerConfig>, r: Reader, w: Writer, 
         session = tracing::field::Empty
     );
     metrics::counter!("warren_connections_total", "protocol" => cfg.scheme()).increment(1);
-    dispatch(gate, cfg, r, w, peer).instrument(span).await;
+    dispatch(gate, cfg, r, w, peer).instrument(span)
 }
 
 /// The connection's protocol future, boxed: each protocol's state lives in its own allocation,
@@ -230,10 +240,10 @@ impl Listener {
         };
         if self.kind == Kind::Stream && !self.cfg.proxy_protocol && self.access.tls.is_none() {
             // nothing comes before the protocol: its task is the connection's, no larger
-            let (gate, cfg) = (self.gate.clone(), self.cfg.clone());
+            let (r, w) = io::tcp(stream);
+            let conn = serve(self.gate.clone(), self.cfg.clone(), r, w, peer);
             self.gate.tracker.spawn(async move {
-                let (r, w) = io::tcp(stream);
-                serve(gate, cfg, r, w, peer).await;
+                conn.await;
                 drop(slot);
             });
             return;
