@@ -568,28 +568,20 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     /// (backpressure on this client only): room in bytes (`write_queue_bytes`, counted with the
     /// session's queue; an empty queue always takes one item). A client that never reads cannot
     /// hold this forever: after `write_timeout_s` without progress the connection is closed.
-    pub(crate) async fn send(&mut self, o: Outbound) -> Result<(), End> {
-        if self.closing.is_some() {
-            return Ok(());
-        }
-        // what was queued before this item goes out before it (a push made by a handler
-        // reaches the client before the handler's reply)
-        self.take_queued(usize::MAX);
-        let n = o.queued_size();
-        let bytes = self.queue.bytes.clone();
-        while !bytes.try_reserve_reply(n) {
-            // over the cap: write until what is in `out` is given back
-            if self.out.buf.is_empty() && !self.out.unflushed {
-                break;
+    pub(crate) async fn send(&mut self, mut o: Outbound) -> Result<(), End> {
+        loop {
+            match self.send_now(o) {
+                Ok(()) => return Ok(()),
+                Err(back) => o = back,
             }
-            self.write_some().await?;
+            if self.has_output() {
+                // over the cap: write until what `out` holds is given back
+                self.write_some().await?;
+            } else {
+                // what holds the cap was queued by others just now: take it on the next try
+                tokio::task::yield_now().await;
+            }
         }
-        self.out_counted += n;
-        self.frame(o);
-        if self.out.buf.len() >= OUT_HIGH {
-            self.write_now()?;
-        }
-        Ok(())
     }
 
     /// Frame an item if there is room now, without waiting (the reply path): the item comes
@@ -614,17 +606,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
 
     /// Frame an item only if there is room now (a goodbye while draining); whether it was.
     pub(crate) fn try_send(&mut self, o: Outbound) -> bool {
-        if self.closing.is_some() {
-            return false;
-        }
-        self.take_queued(usize::MAX);
-        let n = o.queued_size();
-        if !self.queue.bytes.try_reserve_reply(n) {
-            return false;
-        }
-        self.out_counted += n;
-        self.frame(o);
-        true
+        self.closing.is_none() && self.send_now(o).is_ok()
     }
 
     /// Frame one item into `out` (a close marks the end: nothing after it is written).
