@@ -223,53 +223,9 @@ impl Writer {
         out: &mut Out,
     ) -> Poll<io::Result<usize>> {
         match self {
-            Writer::Tcp(StreamWriter::Plain(w)) => {
-                let mut taken = 0;
-                while !out.buf.is_empty() {
-                    match Pin::new(&mut *w).poll_write(cx, &out.buf) {
-                        Poll::Ready(Ok(0)) => {
-                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                        }
-                        Poll::Ready(Ok(n)) => {
-                            out.buf.advance(n);
-                            taken += n;
-                        }
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending if taken > 0 => break,
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
-                out.ends.clear();
-                Poll::Ready(Ok(taken))
-            }
-            Writer::Tcp(StreamWriter::Tls(w)) => {
-                let mut taken = 0;
-                while !out.buf.is_empty() {
-                    match Pin::new(&mut *w).poll_write(cx, &out.buf) {
-                        Poll::Ready(Ok(0)) => {
-                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                        }
-                        Poll::Ready(Ok(n)) => {
-                            out.buf.advance(n);
-                            out.unflushed = true;
-                            taken += n;
-                        }
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending if taken > 0 => return Poll::Ready(Ok(taken)),
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
-                out.ends.clear();
-                if out.unflushed {
-                    match Pin::new(&mut *w).poll_flush(cx) {
-                        Poll::Ready(Ok(())) => out.unflushed = false,
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending if taken > 0 => {}
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
-                Poll::Ready(Ok(taken))
-            }
+            Writer::Tcp(StreamWriter::Plain(w)) => poll_write_stream(w, cx, out, false),
+            // rustls holds what it encrypted until flushed
+            Writer::Tcp(StreamWriter::Tls(w)) => poll_write_stream(w, cx, out, true),
             Writer::Ws(w, WsFraming::Stream) => {
                 let mut taken = 0;
                 if !out.buf.is_empty() {
@@ -400,6 +356,41 @@ impl std::fmt::Display for TextOnBinary {
 }
 
 impl std::error::Error for TextOnBinary {}
+
+/// [`Writer::poll_write_out`] for a byte stream (TCP, TLS): write what the socket takes, then
+/// flush when `flush` (TLS). `Ready(taken)` once something was taken or flushed, `Pending` with
+/// no progress.
+fn poll_write_stream<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    cx: &mut Context<'_>,
+    out: &mut Out,
+    flush: bool,
+) -> Poll<io::Result<usize>> {
+    let mut taken = 0;
+    while !out.buf.is_empty() {
+        match Pin::new(&mut *w).poll_write(cx, &out.buf) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                out.buf.advance(n);
+                out.unflushed = flush;
+                taken += n;
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending if taken > 0 => return Poll::Ready(Ok(taken)),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    out.ends.clear();
+    if out.unflushed {
+        match Pin::new(&mut *w).poll_flush(cx) {
+            Poll::Ready(Ok(())) => out.unflushed = false,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending if taken > 0 => {}
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    Poll::Ready(Ok(taken))
+}
 
 /// Flush a WebSocket sink after `taken` bytes went to it: `Ready(taken)` once flushed, or with
 /// progress made; `Pending` with none.

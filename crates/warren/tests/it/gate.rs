@@ -64,6 +64,14 @@ async fn connect(node: &Node, id: &str) -> (AsyncClient, EventLoop) {
     (client, events)
 }
 
+/// Publish a request (QoS 0) on `topic`.
+async fn ask(client: &AsyncClient, topic: impl Into<String>, body: impl Into<Vec<u8>>) {
+    client
+        .publish(topic, QoS::AtMostOnce, false, body)
+        .await
+        .unwrap();
+}
+
 /// The next `n` PUBLISHes the client receives: (topic, JSON body).
 async fn next_publishes(events: &mut EventLoop, n: usize) -> Vec<(String, Value)> {
     let mut got = Vec::new();
@@ -85,39 +93,20 @@ async fn requests_are_answered_in_order_with_pushes_first_and_panics_as_errors()
     let (client, mut events) = connect(&node, "c1").await;
 
     // a handler that completes at once
-    client
-        .publish(
-            "Test/HD_Hello/1",
-            QoS::AtMostOnce,
-            false,
-            json!({"n": 1}).to_string(),
-        )
-        .await
-        .unwrap();
+    ask(&client, "Test/HD_Hello/1", json!({"n": 1}).to_string()).await;
     let got = next_publishes(&mut events, 1).await;
     assert_eq!(got[0].0, "Test/HD_Hello/1");
     assert_eq!(got[0].1, json!({"Error": "", "Result": {"n": 1}}));
 
     // one session's requests keep their order: the waiting one first, then those behind it
-    client
-        .publish(
-            "Test/HD_Slow/2",
-            QoS::AtMostOnce,
-            false,
-            json!({"n": 2}).to_string(),
-        )
-        .await
-        .unwrap();
+    ask(&client, "Test/HD_Slow/2", json!({"n": 2}).to_string()).await;
     for n in 3..6 {
-        client
-            .publish(
-                format!("Test/HD_Hello/{n}"),
-                QoS::AtMostOnce,
-                false,
-                json!({"n": n}).to_string(),
-            )
-            .await
-            .unwrap();
+        ask(
+            &client,
+            format!("Test/HD_Hello/{n}"),
+            json!({"n": n}).to_string(),
+        )
+        .await;
     }
     let got = next_publishes(&mut events, 4).await;
     let order: Vec<_> = got.iter().map(|(t, _)| t.as_str()).collect();
@@ -132,33 +121,14 @@ async fn requests_are_answered_in_order_with_pushes_first_and_panics_as_errors()
     );
 
     // a push made by a handler reaches the client before the handler's reply
-    client
-        .publish(
-            "Test/HD_Push/6",
-            QoS::AtMostOnce,
-            false,
-            json!({"n": 6}).to_string(),
-        )
-        .await
-        .unwrap();
+    ask(&client, "Test/HD_Push/6", json!({"n": 6}).to_string()).await;
     let got = next_publishes(&mut events, 2).await;
     assert_eq!(got[0].0, "Test/OnPush");
     assert_eq!(got[1].0, "Test/HD_Push/6");
 
     // a panic is the caller's typed error; the connection goes on
-    client
-        .publish("Test/HD_Boom/7", QoS::AtMostOnce, false, "{}")
-        .await
-        .unwrap();
-    client
-        .publish(
-            "Test/HD_Hello/8",
-            QoS::AtMostOnce,
-            false,
-            json!({"n": 8}).to_string(),
-        )
-        .await
-        .unwrap();
+    ask(&client, "Test/HD_Boom/7", "{}").await;
+    ask(&client, "Test/HD_Hello/8", json!({"n": 8}).to_string()).await;
     let got = next_publishes(&mut events, 2).await;
     assert_eq!(got[0].0, "Test/HD_Boom/7");
     assert!(
@@ -177,22 +147,13 @@ async fn two_connections_interleave_and_each_gets_its_own_replies() {
     let (a, mut ea) = connect(&node, "a").await;
     let (b, mut eb) = connect(&node, "b").await;
     for n in 0..50 {
-        a.publish(
+        ask(
+            &a,
             format!("Test/HD_Hello/{n}"),
-            QoS::AtMostOnce,
-            false,
             json!({"n": n}).to_string(),
         )
-        .await
-        .unwrap();
-        b.publish(
-            format!("Test/HD_Slow/{n}"),
-            QoS::AtMostOnce,
-            false,
-            json!({"n": n}).to_string(),
-        )
-        .await
-        .unwrap();
+        .await;
+        ask(&b, format!("Test/HD_Slow/{n}"), json!({"n": n}).to_string()).await;
     }
     let (ga, gb) = tokio::join!(next_publishes(&mut ea, 50), async {
         // drive b's event loop too (its requests were queued while a was read)
