@@ -22,15 +22,20 @@ use crate::error::CallError;
 /// A session id: a random UUIDv4, lowercase with dashes, shared cheaply.
 pub type SessionId = Arc<str>;
 
-/// The transport a client connected over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// The network a client connected over (mqant's session `Network`). "Transport" names only what
+/// carries the bus between nodes ([`crate::remote::Transport`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Transport {
+pub enum Network {
     /// Plain TCP.
+    #[default]
     Tcp,
     /// WebSocket.
     Ws,
 }
+
+/// The former name of [`Network`], kept while the remaining callers move to the new one.
+pub type Transport = Network;
 
 /// The client protocol a session speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -60,8 +65,8 @@ pub struct Session {
     pub settings: Map<String, Value>,
     /// Remote address of the connection.
     pub remote: SocketAddr,
-    /// Transport of the connection.
-    pub transport: Transport,
+    /// Network of the connection (tcp or ws).
+    pub transport: Network,
     /// Client protocol of the connection.
     pub protocol: Protocol,
     /// Id of the gate instance that owns the connection (mqant `Serverid`).
@@ -87,7 +92,7 @@ impl Session {
     }
 
     /// Read a session back from an export map (the form session operations return).
-    pub fn from_export_map(v: &Value, transport: Transport) -> Option<Session> {
+    pub fn from_export_map(v: &Value, transport: Network) -> Option<Session> {
         let o = v.as_object()?;
         let s = |k: &str| o.get(k).and_then(Value::as_str);
         Some(Session {
@@ -383,12 +388,12 @@ impl QueueBytes {
     }
 }
 
-impl From<crate::config::TransportName> for Transport {
+impl From<crate::config::TransportName> for Network {
     fn from(t: crate::config::TransportName) -> Self {
         use crate::config::TransportName;
         match t {
-            TransportName::Tcp | TransportName::Mqtt => Transport::Tcp,
-            TransportName::Ws => Transport::Ws,
+            TransportName::Tcp | TransportName::Mqtt => Network::Tcp,
+            TransportName::Ws => Network::Ws,
         }
     }
 }
@@ -940,7 +945,7 @@ mod tests {
             uid: None,
             settings: Map::new(),
             remote: "127.0.0.1:53422".parse().unwrap(),
-            transport: Transport::Tcp,
+            transport: Network::Tcp,
             protocol: Protocol::Mqtt,
             gate: "Gate001".into(),
         }
@@ -953,7 +958,7 @@ mod tests {
             serde_json::to_string(&s.export_map()).unwrap(),
             r#"{"IP":"127.0.0.1:53422","Network":"tcp","Serverid":"Gate001","Sessionid":"8f3c0b6e-1d2a-4c3b-9e8f-0a1b2c3d4e5f","Settings":{}}"#
         );
-        let back = Session::from_export_map(&s.export_map(), Transport::Tcp).unwrap();
+        let back = Session::from_export_map(&s.export_map(), Network::Tcp).unwrap();
         assert_eq!(back, s);
     }
 
