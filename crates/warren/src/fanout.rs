@@ -625,7 +625,6 @@ pub fn valid_filter(f: &str) -> bool {
 mod tests {
     use super::*;
     use crate::session::{Outbound, OutboxRx, Protocol, Session, Transport, outbox};
-    use tokio_util::sync::CancellationToken;
 
     fn handle(id: &str) -> (Arc<SessionHandle>, OutboxRx) {
         let (tx, rx) = outbox(8);
@@ -638,7 +637,7 @@ mod tests {
             protocol: Protocol::Mqtt,
             gate: "g".into(),
         };
-        (SessionHandle::new(s, tx, CancellationToken::new()), rx)
+        (SessionHandle::new(s, tx), rx)
     }
 
     fn got(rx: &mut OutboxRx) -> Vec<(String, Option<u8>)> {

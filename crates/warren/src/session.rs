@@ -15,7 +15,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::error::CallError;
 
@@ -411,6 +410,19 @@ struct Outbox {
     /// How many items `state` holds (written under its lock): the receiver looks here first,
     /// so an empty queue costs no lock.
     len: std::sync::atomic::AtomicUsize,
+    /// [`Signal`]s raised for the connection (close now, drain), outside the queue: they are
+    /// seen even when the queue is full, and they cost an idle connection no waiter of its own.
+    signals: std::sync::atomic::AtomicU8,
+}
+
+/// What a connection is told outside its queue's order (see [`OutboxTx::signal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Signal {
+    /// Close now, without flushing what is queued (a slow consumer, the gate shutting down).
+    Close = 1,
+    /// The node is draining: say goodbye the protocol's way and stop reading.
+    Drain = 2,
 }
 
 #[derive(Debug, Default)]
@@ -426,6 +438,7 @@ pub fn outbox(cap: usize) -> (OutboxTx, OutboxRx) {
         waker: futures_util::task::AtomicWaker::new(),
         cap: cap.max(1),
         len: Default::default(),
+        signals: Default::default(),
     });
     (OutboxTx(q.clone()), OutboxRx(q))
 }
@@ -463,6 +476,19 @@ impl OutboxTx {
     pub fn is_closed(&self) -> bool {
         self.0.state.lock().closed
     }
+
+    /// Raise a signal for the connection and wake it.
+    pub fn signal(&self, signal: Signal) {
+        self.0
+            .signals
+            .fetch_or(signal as u8, std::sync::atomic::Ordering::AcqRel);
+        self.0.waker.wake();
+    }
+
+    /// Whether `signal` was raised.
+    pub fn signaled(&self, signal: Signal) -> bool {
+        self.0.signals.load(std::sync::atomic::Ordering::Acquire) & signal as u8 != 0
+    }
 }
 
 impl OutboxRx {
@@ -485,24 +511,41 @@ impl OutboxRx {
 
     /// Wait for the next item; `None` once the queue is closed and empty. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Outbound> {
-        std::future::poll_fn(|cx| {
-            if let Some(item) = self.try_recv() {
-                return std::task::Poll::Ready(Some(item));
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// The next item, or the task's waker registered for it; `None` once the queue is closed
+    /// and empty.
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Outbound>> {
+        if let Some(item) = self.try_recv() {
+            return std::task::Poll::Ready(Some(item));
+        }
+        self.0.waker.register(cx.waker());
+        let mut st = self.0.state.lock();
+        match st.items.pop_front() {
+            Some(item) => {
+                self.0
+                    .len
+                    .store(st.items.len(), std::sync::atomic::Ordering::Release);
+                std::task::Poll::Ready(Some(item))
             }
-            self.0.waker.register(cx.waker());
-            let mut st = self.0.state.lock();
-            match st.items.pop_front() {
-                Some(item) => {
-                    self.0
-                        .len
-                        .store(st.items.len(), std::sync::atomic::Ordering::Release);
-                    std::task::Poll::Ready(Some(item))
-                }
-                None if st.closed => std::task::Poll::Ready(None),
-                None => std::task::Poll::Pending,
-            }
-        })
-        .await
+            None if st.closed => std::task::Poll::Ready(None),
+            None => std::task::Poll::Pending,
+        }
+    }
+
+    /// The signals raised so far (a bit per [`Signal`]), with the task's waker registered for
+    /// later ones.
+    pub fn poll_signals(&mut self, cx: &mut std::task::Context<'_>) -> u8 {
+        let now = self.0.signals.load(std::sync::atomic::Ordering::Acquire);
+        if now != 0 {
+            return now;
+        }
+        self.0.waker.register(cx.waker());
+        self.0.signals.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Refuse further items (what is queued can still be taken).
@@ -526,8 +569,8 @@ pub const DEFAULT_QUEUE_BYTES: usize = 4 << 20;
 /// is therefore short by less than this per session.
 pub const NODE_GRANULE: usize = 4096;
 
-/// What the gate holds for one live session: its current snapshot, its outbound queue and the
-/// token that closes it.
+/// What the gate holds for one live session: its current snapshot and its outbound queue (which
+/// also carries the signals that close or drain it).
 #[derive(Debug)]
 pub struct SessionHandle {
     id: SessionId,
@@ -535,7 +578,6 @@ pub struct SessionHandle {
     outbound: OutboxTx,
     /// The bytes waiting in `outbound` (and in the writer).
     bytes: Arc<QueueBytes>,
-    close: CancellationToken,
     /// Subscriptions and groups this session is in, so closing it can clean up.
     memberships: parking_lot::Mutex<Vec<Arc<str>>>,
 }
@@ -543,29 +585,22 @@ pub struct SessionHandle {
 impl SessionHandle {
     /// A handle for a new connection, its queue capped at [`DEFAULT_QUEUE_BYTES`] and outside
     /// any node budget.
-    pub fn new(session: Session, outbound: OutboxTx, close: CancellationToken) -> Arc<Self> {
+    pub fn new(session: Session, outbound: OutboxTx) -> Arc<Self> {
         Self::bounded(
             session,
             outbound,
-            close,
             QueueBytes::new(DEFAULT_QUEUE_BYTES, None),
         )
     }
 
     /// A handle whose queue is bounded in bytes by `bytes` (the listener's `write_queue_bytes`
     /// and the node's budget). Whoever reads `outbound` must release what it takes from it.
-    pub fn bounded(
-        session: Session,
-        outbound: OutboxTx,
-        close: CancellationToken,
-        bytes: Arc<QueueBytes>,
-    ) -> Arc<Self> {
+    pub fn bounded(session: Session, outbound: OutboxTx, bytes: Arc<QueueBytes>) -> Arc<Self> {
         Arc::new(SessionHandle {
             id: session.id.clone(),
             snapshot: ArcSwap::from_pointee(session),
             outbound,
             bytes,
-            close,
             memberships: parking_lot::Mutex::new(Vec::new()),
         })
     }
@@ -620,7 +655,7 @@ impl SessionHandle {
 
     /// Close a session that cannot keep up: one rate-limited log line, one metric, once.
     fn slow_consumer(&self, over: Overflow) {
-        if self.close.is_cancelled() {
+        if self.outbound.signaled(Signal::Close) {
             return;
         }
         let s = self.snapshot.load();
@@ -639,19 +674,34 @@ impl SessionHandle {
         crate::refusal::refuse(&s.remote, "slow_consumer", why);
         metrics::counter!("warren_slow_consumer_disconnects_total", "reason" => over.reason())
             .increment(1);
-        self.close.cancel();
+        self.outbound.signal(Signal::Close);
     }
 
     /// Ask the connection to flush and close.
     pub fn close(&self) {
         if self.outbound.try_send(Outbound::Close).is_err() {
-            self.close.cancel();
+            self.outbound.signal(Signal::Close);
         }
+    }
+
+    /// Close the connection now, without flushing what is queued (the gate shutting down).
+    pub fn shut(&self) {
+        self.outbound.signal(Signal::Close);
+    }
+
+    /// Tell the connection that the node is draining.
+    pub fn drain(&self) {
+        self.outbound.signal(Signal::Drain);
+    }
+
+    /// Whether the connection was told to close now ([`SessionHandle::shut`], a slow consumer).
+    pub fn shut_down(&self) -> bool {
+        self.outbound.signaled(Signal::Close)
     }
 
     /// Whether the connection is gone or closing.
     pub fn is_closed(&self) -> bool {
-        self.close.is_cancelled() || self.outbound.is_closed()
+        self.outbound.signaled(Signal::Close) || self.outbound.is_closed()
     }
 
     /// Record that this session joins a group: `Ok(false)` when it is in it already, an error
@@ -1010,8 +1060,7 @@ mod tests {
         let node = OutputBudget::new(1 << 30);
         let bytes = QueueBytes::new(64 * 1024, Some(node.clone()));
         let (tx, mut rx) = outbox(1024);
-        let close = CancellationToken::new();
-        let h = SessionHandle::bounded(session("s1"), tx, close.clone(), bytes.clone());
+        let h = SessionHandle::bounded(session("s1"), tx, bytes.clone());
         let mut delivered = 0;
         while h.deliver(msg(10_000), None).is_ok() {
             delivered += 1;
@@ -1021,7 +1070,7 @@ mod tests {
         assert_eq!(delivered, 6);
         assert!(bytes.queued() <= 64 * 1024);
         assert_eq!(node.queued(), bytes.queued() / NODE_GRANULE * NODE_GRANULE);
-        assert!(close.is_cancelled(), "the slow consumer is closed");
+        assert!(h.is_closed(), "the slow consumer is closed");
         assert_eq!(drain(&mut rx, &bytes), 6);
         assert_eq!(bytes.queued(), 0);
         assert_eq!(node.queued(), 0);
@@ -1031,7 +1080,7 @@ mod tests {
     async fn an_empty_queue_takes_one_item_larger_than_the_cap() {
         let bytes = QueueBytes::new(1024, None);
         let (tx, mut rx) = outbox(16);
-        let h = SessionHandle::bounded(session("s1"), tx, CancellationToken::new(), bytes.clone());
+        let h = SessionHandle::bounded(session("s1"), tx, bytes.clone());
         assert!(h.deliver(msg(5000), None).is_ok());
         assert!(h.deliver(msg(10), None).is_err());
         drain(&mut rx, &bytes);
@@ -1043,13 +1092,11 @@ mod tests {
         let node = OutputBudget::new(20_000);
         let (tx_a, mut rx_a) = outbox(1024);
         let (tx_b, _rx_b) = outbox(1024);
-        let (close_a, close_b) = (CancellationToken::new(), CancellationToken::new());
         let bytes_a = QueueBytes::new(1 << 20, Some(node.clone()));
-        let a = SessionHandle::bounded(session("a"), tx_a, close_a.clone(), bytes_a.clone());
+        let a = SessionHandle::bounded(session("a"), tx_a, bytes_a.clone());
         let b = SessionHandle::bounded(
             session("b"),
             tx_b,
-            close_b.clone(),
             QueueBytes::new(1 << 20, Some(node.clone())),
         );
         for _ in 0..4 {
@@ -1061,8 +1108,8 @@ mod tests {
             b.deliver(msg(5000), None).unwrap_err(),
             CallError::ConnectionClosed
         );
-        assert!(close_b.is_cancelled());
-        assert!(!close_a.is_cancelled());
+        assert!(b.is_closed());
+        assert!(!a.is_closed());
         assert_eq!(node.queued(), 4 * NODE_GRANULE);
         // once a's writer catches up, the node takes work again
         drain(&mut rx_a, &bytes_a);
@@ -1075,12 +1122,11 @@ mod tests {
         let node = OutputBudget::new(1 << 30);
         let bytes = QueueBytes::new(1 << 20, Some(node.clone()));
         let (tx, _rx) = outbox(2);
-        let close = CancellationToken::new();
-        let h = SessionHandle::bounded(session("s1"), tx, close.clone(), bytes.clone());
+        let h = SessionHandle::bounded(session("s1"), tx, bytes.clone());
         h.deliver(msg(1), None).unwrap();
         h.deliver(msg(1), None).unwrap();
         assert!(h.deliver(msg(1), None).is_err());
-        assert!(close.is_cancelled());
+        assert!(h.is_closed());
         assert_eq!(bytes.queued(), 2 * 18);
         assert_eq!(node.queued(), 0, "less than a granule");
     }
@@ -1126,26 +1172,14 @@ mod tests {
             t.set_uid_conflict(policy);
             let (tx1, mut rx1) = outbox(4);
             let (tx2, _rx2) = outbox(4);
-            t.insert(SessionHandle::new(
-                session("s1"),
-                tx1,
-                CancellationToken::new(),
-            ));
-            t.insert(SessionHandle::new(
-                session("s2"),
-                tx2,
-                CancellationToken::new(),
-            ));
+            t.insert(SessionHandle::new(session("s1"), tx1));
+            t.insert(SessionHandle::new(session("s2"), tx2));
             t.bind("s1", "alice").unwrap();
             // binding the uid a session already has changes nothing
             t.bind("s1", "alice").unwrap();
             // a verified bind (credentials at connect) shares the uid whatever the policy
             let (tx3, _rx3) = outbox(4);
-            t.insert(SessionHandle::new(
-                session("s3"),
-                tx3,
-                CancellationToken::new(),
-            ));
+            t.insert(SessionHandle::new(session("s3"), tx3));
             t.bind_verified("s3", "alice").unwrap();
             assert_eq!(t.by_uid("alice").len(), 2);
             t.unbind("s3").unwrap();
@@ -1174,11 +1208,7 @@ mod tests {
     async fn operations_edit_the_live_session_and_the_uid_index() {
         let t = SessionTable::new("Gate001".into());
         let (tx, mut rx) = outbox(4);
-        t.insert(SessionHandle::new(
-            session("s1"),
-            tx,
-            CancellationToken::new(),
-        ));
+        t.insert(SessionHandle::new(session("s1"), tx));
         assert_eq!(t.bind("s1", "alice").unwrap().uid.as_deref(), Some("alice"));
         assert_eq!(t.by_uid("alice").len(), 1);
         t.set("s1", "login", Value::Bool(true)).unwrap();

@@ -30,7 +30,6 @@ use futures_util::stream::FuturesUnordered;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::Gate;
 use super::io::{Reader, Writer};
@@ -41,7 +40,7 @@ use crate::refusal;
 use crate::route::Route;
 use crate::router::Target;
 use crate::session::{
-    Outbound, Protocol as SessionProtocol, QueueBytes, Session, SessionHandle, Transport,
+    Outbound, Protocol as SessionProtocol, QueueBytes, Session, SessionHandle, Signal, Transport,
 };
 
 /// WebSocket close codes (RFC 6455 §7.4.1) a connection says goodbye with. On TCP there is no
@@ -249,6 +248,10 @@ pub(crate) trait Dialect: Send + Sized + 'static {
     fn on_close(&mut self, _conn: &SessionConn<Self::Tag>) {}
 }
 
+/// A finished call: the protocol's tag for its reply (`None`: the client wants none) and the
+/// result.
+type Reply<T> = (Option<T>, Result<Bytes, CallError>);
+
 /// The replies a connection waits for: results already known (handlers that ran to their end
 /// on this task), in the order they came, and replies still on their way. Both are created with
 /// the first request, so a connection that never calls anything does not pay for them.
@@ -294,15 +297,18 @@ impl<T: Unpin> PendingSet<T> {
         r
     }
 
-    /// The next reply to complete; pending forever while the set is empty (callers guard on
-    /// `is_empty`). Cancel-safe.
-    async fn next(&mut self) -> Option<(Option<T>, Result<Bytes, CallError>)> {
+    /// The next reply to complete; pending while the set is empty. Registers the task's waker
+    /// for the replies still on their way.
+    fn poll_next(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Reply<T>>> {
         if let Some(r) = self.pop_ready() {
-            return Some(r);
+            return Poll::Ready(Some(r));
         }
         match &mut self.inner {
-            Some(f) => f.next().await,
-            None => std::future::pending().await,
+            Some(f) if !f.is_empty() => f.poll_next_unpin(cx),
+            _ => Poll::Pending,
         }
     }
 }
@@ -328,7 +334,6 @@ pub(crate) struct SessionConn<T> {
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A close was framed: flush, then say goodbye with this code; nothing after it is written.
     closing: Option<u16>,
-    pub(crate) close: CancellationToken,
     pub(crate) peer: SocketAddr,
     pub(crate) pending: PendingSet<T>,
     /// Client messages taken in so far (see [`SessionConn::admit_message`]).
@@ -459,7 +464,6 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         framer: impl Framer,
     ) -> Self {
         let (tx, rx) = crate::session::outbox(cfg.write_queue);
-        let close = gate.killing.child_token();
         let node = gate.node.clone();
         let session = Session {
             id: uuid::Uuid::new_v4().to_string().into(),
@@ -475,7 +479,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         };
         tracing::Span::current().record("session", tracing::field::display(&session.id));
         let bytes = QueueBytes::new(cfg.write_queue_bytes, Some(gate.output.clone()));
-        let handle = SessionHandle::bounded(session, tx, close.clone(), bytes.clone());
+        let handle = SessionHandle::bounded(session, tx, bytes.clone());
         node.session_table().insert(handle.clone());
         let rates = Rates::new(&cfg);
         SessionConn {
@@ -489,7 +493,6 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             out_counted: 0,
             stall: None,
             closing: None,
-            close,
             peer,
             pending: PendingSet::default(),
             messages_in: 0,
@@ -871,7 +874,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             // nothing more to say to a client that left, or that does not read
             End::PeerClosed | End::Disconnect | End::Stalled(_) => false,
             // killed (slow consumer elsewhere, shutdown): no waiting on this client
-            _ if self.close.is_cancelled() && self.closing.is_none() => false,
+            _ if self.handle.shut_down() && self.closing.is_none() => false,
             _ => true,
         };
         let code = self.closing.unwrap_or(end.close_code());
@@ -893,7 +896,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
                 tracing::debug!("goodbye not flushed within write_timeout_s");
             }
         }
-        self.close.cancel();
+        self.handle.shut();
         let counted = std::mem::take(&mut self.out_counted);
         self.queue.bytes.release(counted);
         let SessionConn {
@@ -1047,14 +1050,15 @@ pub(crate) async fn run<P: Dialect>(
     let timer = tokio::time::sleep_until(idle_at);
     tokio::pin!(timer);
     let mut draining = false;
-    // the close and drain signals are waited on from here for the life of the connection:
-    // registered once, not once per loop
-    let close = conn.close.clone();
-    let closed = close.cancelled();
-    tokio::pin!(closed);
-    let drain = conn.gate.draining.clone();
-    let drained = drain.cancelled();
-    tokio::pin!(drained);
+    // the close and drain signals come through the session's queue (raised by the session, or
+    // by the gate for every session): an idle connection keeps no waiter of its own for them.
+    // A connection that opens while the gate drains or shuts down sees it here.
+    if conn.gate.killing.is_cancelled() {
+        return End::ServerClosed;
+    }
+    if conn.gate.draining.is_cancelled() {
+        conn.handle.drain();
+    }
     let tick_every = proto.tick();
     let mut ticker = tick_every.map(|every| {
         let mut t = tokio::time::interval(every);
@@ -1105,29 +1109,71 @@ pub(crate) async fn run<P: Dialect>(
         if wake < timer.deadline() {
             timer.as_mut().reset(wake);
         }
-        tokio::select! {
-            biased;
-            _ = &mut closed => return End::ServerClosed,
-            _ = &mut drained, if !draining => {
+        // one hand-written poll instead of `select!`: the wait holds a few references, not a
+        // future per branch, in the state an idle connection keeps for its whole life
+        let has_output = !conn.out.buf.is_empty() || conn.out.unflushed;
+        let take_queue = conn.out.buf.len() < OUT_HIGH;
+        let watch_timer = resume.is_some() || !draining;
+        let event = std::future::poll_fn(|cx| {
+            let signals = conn.queue.rx.poll_signals(cx);
+            if signals & Signal::Close as u8 != 0 {
+                return Poll::Ready(Event::Closed);
+            }
+            if !draining && signals & Signal::Drain as u8 != 0 {
+                return Poll::Ready(Event::Drain);
+            }
+            if let Some(t) = ticker.as_mut()
+                && t.poll_tick(cx).is_ready()
+            {
+                return Poll::Ready(Event::Tick);
+            }
+            if has_output
+                && let Poll::Ready(r) = poll_write(
+                    &mut conn.writer,
+                    &mut conn.out,
+                    &mut conn.stall,
+                    write_timeout,
+                    cx,
+                )
+            {
+                return Poll::Ready(Event::Written(r));
+            }
+            if let Poll::Ready(Some((tag, result))) = conn.pending.poll_next(cx) {
+                return Poll::Ready(Event::Reply(tag, result));
+            }
+            if take_queue && let Poll::Ready(item) = conn.queue.rx.poll_recv(cx) {
+                return Poll::Ready(Event::Queued(item));
+            }
+            if watch_timer && timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timer);
+            }
+            if !draining
+                && room
+                && let Poll::Ready(r) = reader.poll_read(cx, buf)
+            {
+                return Poll::Ready(Event::Read(r));
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Closed => return End::ServerClosed,
+            Event::Drain => {
                 draining = true;
                 boxed::on_drain(proto, conn).await;
             }
-            _ = async { ticker.as_mut()?.tick().await; Some(()) }, if ticker.is_some() => {
+            Event::Tick => {
                 if let Err(end) = boxed::on_tick(proto, conn).await {
                     return end;
                 }
             }
-            written = std::future::poll_fn(|cx| {
-                poll_write(&mut conn.writer, &mut conn.out, &mut conn.stall, write_timeout, cx)
-            }), if !conn.out.buf.is_empty() || conn.out.unflushed => {
-                match written {
-                    Ok(n) => conn.wrote(n),
-                    Err(end) => return end,
-                }
-            }
-            Some(first) = conn.pending.next(), if !conn.pending.is_empty() => {
+            Event::Written(written) => match written {
+                Ok(n) => conn.wrote(n),
+                Err(end) => return end,
+            },
+            Event::Reply(tag, result) => {
                 // this reply, and every other already known, in one go
-                let mut next = Some(first);
+                let mut next = Some((tag, result));
                 while let Some((tag, result)) = next {
                     match tag {
                         Some(tag) => {
@@ -1147,18 +1193,16 @@ pub(crate) async fn run<P: Dialect>(
                     next = conn.pending.pop_ready();
                 }
             }
-            item = conn.queue.rx.recv(), if conn.out.buf.len() < OUT_HIGH => {
-                match item {
-                    Some(item) => {
-                        conn.out_counted += item.queued_size();
-                        conn.frame(item);
-                        conn.take_queued(QUEUE_BATCH);
-                    }
-                    // every sender is gone: the session was dropped
-                    None => return End::ServerClosed,
+            Event::Queued(item) => match item {
+                Some(item) => {
+                    conn.out_counted += item.queued_size();
+                    conn.frame(item);
+                    conn.take_queued(QUEUE_BATCH);
                 }
-            }
-            _ = &mut timer, if resume.is_some() || !draining => {
+                // every sender is gone: the session was dropped
+                None => return End::ServerClosed,
+            },
+            Event::Timer => {
                 let now = Instant::now();
                 timer.as_mut().reset(far);
                 if let Some(r) = resume
@@ -1166,7 +1210,9 @@ pub(crate) async fn run<P: Dialect>(
                 {
                     conn.settle_rates();
                     // the client was sending, not idle: its idle deadline starts again
-                    if awaiting.is_none() && let Some(d) = read_timeout {
+                    if awaiting.is_none()
+                        && let Some(d) = read_timeout
+                    {
                         idle_at = now + d;
                     }
                     continue;
@@ -1179,7 +1225,10 @@ pub(crate) async fn run<P: Dialect>(
                     Some(what) => End::Limit(
                         "connect_timeout",
                         close_code::POLICY,
-                        format!("no {what} within connect_timeout_s = {}", connect_timeout.as_secs()),
+                        format!(
+                            "no {what} within connect_timeout_s = {}",
+                            connect_timeout.as_secs()
+                        ),
                     ),
                     None => End::Limit(
                         "idle_timeout",
@@ -1191,15 +1240,26 @@ pub(crate) async fn run<P: Dialect>(
                     ),
                 };
             }
-            r = std::future::poll_fn(|cx| reader.poll_read(cx, buf)), if !draining && room => {
-                match r {
-                    Ok(0) => return End::PeerClosed,
-                    Ok(n) => conn.admit_bytes(n),
-                    Err(e) => return read_error(&e),
-                }
-            }
+            Event::Read(r) => match r {
+                Ok(0) => return End::PeerClosed,
+                Ok(n) => conn.admit_bytes(n),
+                Err(e) => return read_error(&e),
+            },
         }
     }
+}
+
+/// What woke the connection loop, in the order [`run`] looks: a server close, a drain, the
+/// protocol's tick, socket writes, replies, queued items, the deadline timer, socket reads.
+enum Event<T> {
+    Closed,
+    Drain,
+    Tick,
+    Written(Result<usize, End>),
+    Reply(Option<T>, Result<Bytes, CallError>),
+    Queued(Option<Outbound>),
+    Timer,
+    Read(std::io::Result<usize>),
 }
 
 /// The writer's end of a session's queue. Every item taken from it gives its bytes back to the
@@ -1242,7 +1302,6 @@ mod tests {
                 gate: "g".into(),
             },
             tx,
-            CancellationToken::new(),
             bytes.clone(),
         );
         for _ in 0..3 {

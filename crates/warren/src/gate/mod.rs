@@ -132,11 +132,19 @@ impl Gate {
     pub(crate) fn drain(&self) {
         self.draining.cancel();
         self.tracker.close();
+        // each connection hears it through its session's queue (a connection that opens after
+        // this sees `draining` when its loop starts)
+        for h in self.node.session_table().all() {
+            h.drain();
+        }
     }
 
     /// Close everything now.
     pub(crate) fn kill(&self) {
         self.killing.cancel();
+        for h in self.node.session_table().all() {
+            h.shut();
+        }
     }
 
     /// Wait for every connection (and accept loop) to end.
