@@ -23,15 +23,17 @@ pub enum ConnectError {
         /// Why it is refused.
         why: String,
     },
-    /// The server could not be reached or refused us.
-    #[error("{what} {url}: {why}")]
+    /// The server could not be reached or refused us. The part's own error is the source, so
+    /// the chain goes down to the broker client's error.
+    #[error("{what} {url}")]
     Connect {
         /// `bus`, `registry`, `redis_rpc` or `amqp`.
         what: &'static str,
         /// The URL.
         url: String,
         /// The cause.
-        why: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
 }
 
@@ -47,7 +49,7 @@ pub async fn transport(cfg: &BusConfig) -> Result<Option<Arc<dyn Transport>>, Co
     let err = |e: warren::remote::TransportError| ConnectError::Connect {
         what: "bus",
         url: cfg.url.clone(),
-        why: e.to_string(),
+        source: e.into(),
     };
     let t: Arc<dyn Transport> = match scheme(&cfg.url) {
         "nats" => crate::nats::NatsTransport::connect(&cfg.url, &cfg.prefix)
@@ -81,7 +83,7 @@ pub async fn registry(
     let err = |e: warren::registry::RegistryError| ConnectError::Connect {
         what: "registry",
         url: url.clone(),
-        why: e.to_string(),
+        source: e.into(),
     };
     let ttl = Duration::from_secs(cfg.ttl_s.max(1));
     let r: Arc<dyn Registry> = match scheme(&url) {
@@ -150,7 +152,7 @@ pub async fn bridges(
             .map_err(|e| ConnectError::Connect {
                 what: "redis_rpc",
                 url: r.url.clone(),
-                why: e.to_string(),
+                source: e.into(),
             })?;
         redis_rpc.push(b);
     }
@@ -174,7 +176,7 @@ pub async fn bridges(
                 .map_err(|e| ConnectError::Connect {
                     what: "amqp",
                     url,
-                    why: e.to_string(),
+                    source: e.into(),
                 })?,
         )
     };

@@ -120,7 +120,7 @@ pub trait Bus: Send + Sync + 'static {
             "the {} bus has no queue groups (module {module})",
             self.kind()
         );
-        Box::pin(std::future::ready(Err(CallError::Unavailable(why))))
+        Box::pin(std::future::ready(Err(CallError::Unavailable(why.into()))))
     }
 
     /// Whether [`Bus::send_to_group`] works on this bus.

@@ -1,13 +1,132 @@
-//! Typed call errors. Every call ends in a reply, one of these, or a deadline error; each variant
-//! renders to the exact string the compatible protocols expect on the wire (docs/protocols/mqtt.md,
-//! docs/cluster.md), so a client of the original systems sees the same text.
+//! Typed call errors, in the manner of async-nats: a kind callers can match, a detail, and the
+//! lower-level error that caused it. Every call ends in a reply, one of these, or a deadline
+//! error; each variant renders to the exact string the compatible protocols expect on the wire
+//! (docs/protocols/mqtt.md, docs/cluster.md), so a client of the original systems sees the same
+//! text, while programs on this side branch on the kind and walk the source chain instead of
+//! reading text.
 
+use std::error::Error as StdError;
 use std::fmt;
+use std::sync::Arc;
 
-/// Why a call did not produce a result. Callers branch on [`CallError::kind`] (and read
-/// [`CallError::detail`]); protocols put [`CallError::wire_text`] on the wire; `Display` is for
-/// people and logs (today the same words). Nothing parses either text except
-/// [`CallError::from_wire_text`], for peers whose protocol carries only text.
+/// The lower-level error behind a [`Detail`] (a broker client's error, a `serde_json` error, an
+/// I/O error), shared so the errors that hold it stay `Clone`.
+pub type Source = Arc<dyn StdError + Send + Sync + 'static>;
+
+/// What went wrong, in words, and the lower-level error that caused it when there is one.
+///
+/// The words are for whoever reads the error (a client on the wire, a log); the source is for
+/// programs: the `source()` of the error holding this returns it, so a caller can walk the chain
+/// or downcast it without parsing text. `Display` shows the message followed by the source's own
+/// words (`cannot connect to NATS at nats://h:4222: IO error: …`), the text such an error always
+/// had; equality compares that text and ignores the source object, so an error rebuilt from a
+/// peer's text equals the one the peer had.
+#[derive(Clone, Debug)]
+pub struct Detail {
+    message: String,
+    source: Option<Source>,
+}
+
+impl Detail {
+    /// A detail of words only.
+    pub fn new(message: impl Into<String>) -> Detail {
+        Detail {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A detail whose cause is `source`: `message` says what was being done, `source` why it
+    /// failed (its words follow the message in `Display`).
+    pub fn caused(
+        message: impl Into<String>,
+        source: impl Into<Box<dyn StdError + Send + Sync + 'static>>,
+    ) -> Detail {
+        Detail {
+            message: message.into(),
+            source: Some(Arc::from(source.into())),
+        }
+    }
+
+    /// A detail that is `source` itself: its words are the source's words.
+    pub fn from_error(source: impl Into<Box<dyn StdError + Send + Sync + 'static>>) -> Detail {
+        Detail::caused(String::new(), source)
+    }
+
+    /// This side's own words, without the source's (empty for [`Detail::from_error`]). An error
+    /// that returns the source from `source()` and owes no wire text shows these, so a printed
+    /// chain names each cause once.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The lower-level error, if one caused this.
+    pub fn source(&self) -> Option<&(dyn StdError + Send + Sync + 'static)> {
+        self.source.as_deref()
+    }
+
+    /// The message, or the source's words when there is no message of its own: what an error
+    /// type that returns the source from `source()` puts in its own `Display`.
+    pub fn summary(&self) -> Summary<'_> {
+        Summary(self)
+    }
+}
+
+/// [`Detail::summary`]: a detail's own words for a `Display` that leaves its cause to the chain.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary<'a>(&'a Detail);
+
+impl fmt::Display for Summary<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.0.message.is_empty(), &self.0.source) {
+            (true, Some(s)) => write!(f, "{s}"),
+            _ => f.write_str(&self.0.message),
+        }
+    }
+}
+
+impl fmt::Display for Detail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.source, self.message.is_empty()) {
+            (None, _) => f.write_str(&self.message),
+            (Some(s), true) => write!(f, "{s}"),
+            (Some(s), false) => write!(f, "{}: {s}", self.message),
+        }
+    }
+}
+
+impl PartialEq for Detail {
+    fn eq(&self, other: &Detail) -> bool {
+        match (&self.source, &other.source) {
+            (None, None) => self.message == other.message,
+            _ => self.to_string() == other.to_string(),
+        }
+    }
+}
+
+impl Eq for Detail {}
+
+impl From<String> for Detail {
+    fn from(message: String) -> Detail {
+        Detail::new(message)
+    }
+}
+
+impl From<&str> for Detail {
+    fn from(message: &str) -> Detail {
+        Detail::new(message)
+    }
+}
+
+/// Why a call did not produce a result.
+///
+/// Callers branch on the variant or on [`CallError::kind`] (and read [`CallError::detail`]);
+/// protocols put [`CallError::wire_text`] on the wire; `Display` is for people and logs (today
+/// the same words, which include a source's words); [`std::error::Error::source`] returns the
+/// lower-level error when one caused this (a `serde_json` error for a body that does not decode,
+/// the broker client's error for a bus that cannot carry the call). Nothing parses either text
+/// except [`CallError::from_wire_text`], for peers whose protocol carries only text. Equality
+/// compares kind and detail and ignores the source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallError {
     /// The request body had to be a JSON object (mqant mode) and was not.
@@ -35,13 +154,15 @@ pub enum CallError {
     Closed,
     /// The handler panicked; the text is the panic message.
     Panicked(String),
-    /// The request body could not be decoded into the handler's argument type.
+    /// The request could not be used as sent: its body does not decode into the handler's
+    /// argument type (the source is the decoder's error), or it breaks a rule of the gate.
     BadRequest(String),
     /// An error the handler itself returned; the text goes to the caller unchanged.
     App(String),
     /// The bus could not carry the call (broker down, not connected); the call was not sent.
-    /// The text starts with mqant's wording (docs/cluster.md, "Compatibility bridges").
-    Unavailable(String),
+    /// The wire text starts with mqant's wording (docs/cluster.md, "Compatibility bridges");
+    /// the source is the broker client's error when it gave one.
+    Unavailable(Detail),
     /// The node running the target instance left the cluster before replying.
     NodeLost(String),
     /// A client without a bound uid called a handler that is not a login handler (the login
@@ -124,7 +245,14 @@ impl fmt::Display for CallError {
     }
 }
 
-impl std::error::Error for CallError {}
+impl StdError for CallError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            CallError::Unavailable(d) => d.source().map(|s| s as &(dyn StdError + 'static)),
+            _ => None,
+        }
+    }
+}
 
 /// The kind of a [`CallError`], for metrics labels and for callers that branch on the cause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -193,6 +321,17 @@ impl CallError {
     pub fn app(text: impl fmt::Display) -> Self {
         CallError::App(text.to_string())
     }
+
+    /// A [`CallError::BadRequest`]: pass words, or a [`Detail::caused`] to keep the cause.
+    pub fn bad_request(detail: impl Into<Detail>) -> Self {
+        CallError::BadRequest(detail.into().to_string())
+    }
+
+    /// A [`CallError::Unavailable`]: pass words, or a [`Detail::caused`] to keep the broker
+    /// client's error.
+    pub fn unavailable(detail: impl Into<Detail>) -> Self {
+        CallError::Unavailable(detail.into())
+    }
 }
 
 impl CallErrorKind {
@@ -255,9 +394,9 @@ impl CallError {
             | CallError::Panicked(s)
             | CallError::BadRequest(s)
             | CallError::App(s)
-            | CallError::Unavailable(s)
             | CallError::NodeLost(s)
             | CallError::UidInUse(s) => s.clone(),
+            CallError::Unavailable(d) => d.to_string(),
             CallError::NotClientVisible { handler, prefix } => format!("{handler}\n{prefix}"),
             CallError::TooLarge { size, max } => format!("{size}\n{max}"),
             CallError::BodyNotJson
@@ -295,7 +434,7 @@ impl CallError {
             CallErrorKind::Panicked => CallError::Panicked(detail),
             CallErrorKind::BadRequest => CallError::BadRequest(detail),
             CallErrorKind::App => CallError::App(detail),
-            CallErrorKind::Unavailable => CallError::Unavailable(detail),
+            CallErrorKind::Unavailable => CallError::Unavailable(detail.into()),
             CallErrorKind::NodeLost => CallError::NodeLost(detail),
             CallErrorKind::LoginRequired => CallError::LoginRequired,
             CallErrorKind::UidInUse => CallError::UidInUse(detail),
@@ -366,5 +505,74 @@ mod tests {
             CallError::HandlerNotFound("x".into()).to_string(),
             "Remote function(x) not found"
         );
+        assert_eq!(
+            CallError::unavailable("not connected to NATS (reconnecting)").wire_text(),
+            "rpc service connection failed: not connected to NATS (reconnecting)"
+        );
+        assert_eq!(
+            CallError::BadRequest("invalid route \"x\"".into()).wire_text(),
+            "invalid route \"x\""
+        );
+    }
+
+    fn refused() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused")
+    }
+
+    #[test]
+    fn a_bus_failure_keeps_its_cause() {
+        let e =
+            CallError::unavailable(Detail::caused("cannot connect to nats://h:4222", refused()));
+        assert_eq!(e.kind(), CallErrorKind::Unavailable);
+        // programs walk the chain down to the lower-level error
+        let cause = e.source().expect("a source");
+        let io = cause
+            .downcast_ref::<std::io::Error>()
+            .expect("the I/O error");
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+        // the wire text is the words such an error always had: message, then the cause's words
+        assert_eq!(
+            e.wire_text(),
+            "rpc service connection failed: cannot connect to nats://h:4222: connection refused"
+        );
+        assert_eq!(e.to_string(), e.wire_text());
+        // errors of kinds that never have a cause have no source
+        assert!(CallError::Timeout.source().is_none());
+        assert!(CallError::unavailable("no queue group").source().is_none());
+    }
+
+    #[test]
+    fn equality_ignores_the_source() {
+        let e = CallError::unavailable(Detail::caused("cannot connect", refused()));
+        // a peer rebuilds it from kind label and detail: no source, the same error
+        let back = CallError::rebuild(e.kind().as_str(), e.detail());
+        assert!(back.source().is_none());
+        assert_eq!(back, e);
+        assert_eq!(
+            e,
+            CallError::unavailable("cannot connect: connection refused")
+        );
+        assert_ne!(e, CallError::unavailable("cannot connect"));
+        assert_ne!(e, CallError::app("cannot connect: connection refused"));
+    }
+
+    #[test]
+    fn details_show_message_and_cause() {
+        assert_eq!(Detail::new("no answer").to_string(), "no answer");
+        assert_eq!(
+            Detail::from_error(refused()).to_string(),
+            "connection refused"
+        );
+        let d = Detail::caused("subscribe a.b", refused());
+        assert_eq!(d.to_string(), "subscribe a.b: connection refused");
+        // its own words, for an error whose chain shows the cause
+        assert_eq!(d.message(), "subscribe a.b");
+        assert_eq!(d.summary().to_string(), "subscribe a.b");
+        assert_eq!(
+            Detail::from_error(refused()).summary().to_string(),
+            "connection refused"
+        );
+        assert!(Detail::new("x").source().is_none());
+        assert!(d.source().is_some_and(|s| s.is::<std::io::Error>()));
     }
 }

@@ -31,18 +31,20 @@ use tokio_util::sync::CancellationToken;
 use warren_proto::node_frame::{self, CallRef, NodeFrame, SessionRef, WireSession};
 
 use crate::bus::{Bus, Call, Pending};
-use crate::error::CallError;
+use crate::error::{CallError, Detail};
 use crate::module::LocalBus;
 use crate::session::{Protocol, Session, Transport as Net};
 
 /// Why a transport could not carry a frame.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+///
+/// The detail keeps the broker client's error as the source ([`std::error::Error::source`]), so
+/// `Display` shows only this side's words and a printed chain names each cause once; turned into
+/// a [`CallError`], the detail's full text (words and cause) is what a peer sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransportError {
     /// The broker is unreachable or the connection is down (the frame was not sent).
-    #[error("broker unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Detail),
     /// The frame is larger than the broker accepts (checked before sending).
-    #[error("frame of {size} bytes exceeds the broker limit of {max} bytes")]
     TooLarge {
         /// Frame size.
         size: usize,
@@ -50,15 +52,56 @@ pub enum TransportError {
         max: usize,
     },
     /// The broker refused or failed the operation.
-    #[error("broker error: {0}")]
-    Broker(String),
+    Broker(Detail),
+}
+
+impl TransportError {
+    /// A [`TransportError::Unavailable`] whose cause is the broker client's `source`.
+    pub fn unavailable(
+        message: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> TransportError {
+        TransportError::Unavailable(Detail::caused(message, source))
+    }
+
+    /// A [`TransportError::Broker`] whose cause is the broker client's `source`.
+    pub fn broker(
+        message: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> TransportError {
+        TransportError::Broker(Detail::caused(message, source))
+    }
+}
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TransportError::Unavailable(d) => write!(f, "broker unavailable: {}", d.summary()),
+            TransportError::TooLarge { size, max } => write!(
+                f,
+                "frame of {size} bytes exceeds the broker limit of {max} bytes"
+            ),
+            TransportError::Broker(d) => write!(f, "broker error: {}", d.summary()),
+        }
+    }
+}
+
+impl std::error::Error for TransportError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TransportError::Unavailable(d) | TransportError::Broker(d) => {
+                d.source().map(|s| s as &(dyn std::error::Error + 'static))
+            }
+            TransportError::TooLarge { .. } => None,
+        }
+    }
 }
 
 impl From<TransportError> for CallError {
     fn from(e: TransportError) -> Self {
         match e {
             TransportError::TooLarge { size, max } => CallError::TooLarge { size, max },
-            TransportError::Unavailable(s) | TransportError::Broker(s) => CallError::Unavailable(s),
+            TransportError::Unavailable(d) | TransportError::Broker(d) => CallError::Unavailable(d),
         }
     }
 }
@@ -117,7 +160,9 @@ pub trait Transport: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<(), TransportError>> {
         let _ = frames;
         let why = format!("the {} bus has no queue groups ({group})", self.kind());
-        Box::pin(std::future::ready(Err(TransportError::Unavailable(why))))
+        Box::pin(std::future::ready(Err(TransportError::Unavailable(
+            why.into(),
+        ))))
     }
 
     /// Join queue group `group`: the frames the broker hands this member, as
@@ -129,7 +174,9 @@ pub trait Transport: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<InboxFrames, TransportError>> {
         let _ = stop;
         let why = format!("the {} bus has no queue groups ({group})", self.kind());
-        Box::pin(std::future::ready(Err(TransportError::Unavailable(why))))
+        Box::pin(std::future::ready(Err(TransportError::Unavailable(
+            why.into(),
+        ))))
     }
 
     /// Largest frame the broker carries.
@@ -297,7 +344,7 @@ async fn write_frames(
                 metrics::counter!("warren_bus_send_errors_total", "transport" => transport.kind())
                     .increment(n as u64);
                 if reports.iter().any(|x| matches!(x, Report::Log)) {
-                    tracing::warn!(to = %dest, frames = n, error = %e, "could not send replies");
+                    tracing::warn!(to = %dest, frames = n, error = e as &dyn std::error::Error, "could not send replies");
                 }
             }
             for report in reports {
@@ -643,7 +690,7 @@ impl RemoteBus {
             .enqueue(Dest::Node(to.into()), bytes, Report::Log)
             .await
         {
-            tracing::warn!(%to, error = %e, "could not send a reply");
+            tracing::warn!(%to, error = &e as &dyn std::error::Error, "could not send a reply");
         }
     }
 
@@ -674,7 +721,7 @@ impl RemoteBus {
             sent_ms: now_ms(),
             reply,
         })
-        .map_err(|e| CallError::BadRequest(format!("cannot encode call: {e}")))?;
+        .map_err(|e| CallError::bad_request(Detail::caused("cannot encode call", e)))?;
         let max = self.transport.max_frame();
         if bytes.len() > max {
             return Err(CallError::TooLarge {
@@ -790,6 +837,30 @@ mod tests {
                 NodeFrame::Reply { .. } => panic!("wrong frame"),
             }
         }
+    }
+
+    #[test]
+    fn a_transport_failure_keeps_the_broker_error() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = TransportError::unavailable("cannot connect to redis://h:6379", refused);
+        // Display has this side's words; the chain has the broker client's, once
+        assert_eq!(
+            e.to_string(),
+            "broker unavailable: cannot connect to redis://h:6379"
+        );
+        let cause = std::error::Error::source(&e).expect("the broker error");
+        assert!(cause.is::<std::io::Error>());
+        // a call that fails on it keeps the chain, and its wire text has the words of both
+        let c = CallError::from(e);
+        assert_eq!(c.kind(), crate::error::CallErrorKind::Unavailable);
+        let cause = std::error::Error::source(&c).expect("the same broker error");
+        assert!(cause.is::<std::io::Error>());
+        assert_eq!(
+            c.wire_text(),
+            "rpc service connection failed: cannot connect to redis://h:6379: refused"
+        );
+        let large = CallError::from(TransportError::TooLarge { size: 9, max: 4 });
+        assert_eq!(large, CallError::TooLarge { size: 9, max: 4 });
     }
 
     #[test]

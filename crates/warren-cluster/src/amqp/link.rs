@@ -22,6 +22,7 @@ use lapin::{
 };
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use warren::error::Detail;
 
 use super::redact;
 
@@ -57,8 +58,14 @@ pub(crate) fn exchange_kind(s: &str) -> ExchangeKind {
 }
 
 /// An AMQP short string (names, routing keys: at most 255 bytes), refused rather than panicking.
-pub(crate) fn short(s: &str) -> Result<ShortString, String> {
-    ShortString::try_new(s).map_err(|e| format!("{s:.40}…: {e}"))
+pub(crate) fn short(s: &str) -> Result<ShortString, Detail> {
+    ShortString::try_new(s).map_err(|e| Detail::caused(format!("{s:.40}…"), e))
+}
+
+/// A lapin failure while doing `what`, keeping lapin's error as the source.
+pub(crate) fn failed(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> Detail {
+    let what = what.into();
+    move |e| Detail::caused(what, e)
 }
 
 /// One established connection; replaced by a new one (with a higher `generation`) after a
@@ -72,15 +79,15 @@ pub(crate) struct Live {
     pub publish: Channel,
 }
 
-/// Why a publish failed.
+/// Why a publish failed (the detail keeps lapin's error as the source).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum PublishError {
     /// Not connected, or the connection broke during the publish: nothing was delivered.
-    Down(String),
+    Down(Detail),
     /// `mandatory` was set and no queue is bound for the routing key: the broker returned it.
     Unroutable,
     /// The broker refused the message, or its names were unusable.
-    Refused(String),
+    Refused(Detail),
 }
 
 /// A broker connection with reconnection, shared by the publishers and consumers of one
@@ -103,7 +110,7 @@ impl Link {
         label: &'static str,
         exchanges: Vec<ExchangeSpec>,
         stop: CancellationToken,
-    ) -> Result<Arc<Link>, String> {
+    ) -> Result<Arc<Link>, Detail> {
         let link = Arc::new(Link {
             url: url.to_owned(),
             label,
@@ -210,7 +217,7 @@ impl Link {
                 Ok(c) => confirms.push(c),
                 Err(e) => {
                     self.kick();
-                    return Err(PublishError::Down(e.to_string()));
+                    return Err(PublishError::Down(Detail::from_error(e)));
                 }
             }
         }
@@ -241,7 +248,7 @@ impl Link {
             }
             Ok(Err(e)) => {
                 self.kick();
-                Err(PublishError::Down(e.to_string()))
+                Err(PublishError::Down(Detail::from_error(e)))
             }
             Ok(Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)))) => {
                 Err(PublishError::Unroutable)
@@ -253,19 +260,19 @@ impl Link {
         }
     }
 
-    async fn connect(&self, generation: u64) -> Result<Live, String> {
+    async fn connect(&self, generation: u64) -> Result<Live, Detail> {
         let props = ConnectionProperties::default()
             .with_connection_name(format!("warren {}", self.label).into());
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.url, props))
             .await
-            .map_err(|_| "the broker did not complete the handshake in time".to_owned())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| Detail::new("the broker did not complete the handshake in time"))?
+            .map_err(Detail::from_error)?;
         let ready = async {
-            let publish = conn.create_channel().await.map_err(|e| e.to_string())?;
+            let publish = conn.create_channel().await.map_err(Detail::from_error)?;
             publish
                 .confirm_select(ConfirmSelectOptions::default())
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(Detail::from_error)?;
             for ex in &self.exchanges {
                 let opts = ExchangeDeclareOptions {
                     durable: true,
@@ -281,9 +288,9 @@ impl Link {
                         FieldTable::default(),
                     )
                     .await
-                    .map_err(|e| format!("exchange {}: {e}", ex.name))?;
+                    .map_err(failed(format!("exchange {}", ex.name)))?;
             }
-            Ok::<_, String>(publish)
+            Ok::<_, Detail>(publish)
         };
         match ready.await {
             Ok(publish) => Ok(Live {
@@ -363,7 +370,7 @@ pub(crate) trait Subscriber: Send + Sync + 'static {
     fn subscribe<'a>(
         &'a self,
         live: &'a Live,
-    ) -> BoxFuture<'a, Result<(Channel, Consumer), String>>;
+    ) -> BoxFuture<'a, Result<(Channel, Consumer), Detail>>;
 
     /// Handle one delivery (acknowledging it is the subscriber's business). `false` ends the
     /// subscription for good (its receiver is gone).
@@ -383,10 +390,10 @@ pub(crate) trait Subscriber: Send + Sync + 'static {
 pub(crate) async fn subscribe_now<S: Subscriber>(
     link: &Link,
     sub: &S,
-) -> Result<(u64, Channel, Consumer), String> {
+) -> Result<(u64, Channel, Consumer), Detail> {
     let live = link
         .current()
-        .ok_or_else(|| "not connected to the broker".to_owned())?;
+        .ok_or_else(|| Detail::new("not connected to the broker"))?;
     let (ch, consumer) = sub.subscribe(&live).await?;
     Ok((live.generation, ch, consumer))
 }

@@ -15,6 +15,8 @@ mod transport;
 pub use mqant::{MqantBridge, MqantClient};
 pub use transport::AmqpTransport;
 
+use warren::error::Detail;
+
 /// Largest message warren publishes on RabbitMQ, in bytes.
 ///
 /// The broker's limit is `max_message_size`: 128 MiB by default up to RabbitMQ 3.13, lowered
@@ -23,33 +25,56 @@ pub use transport::AmqpTransport;
 /// before sending with [`TransportError::TooLarge`](warren::remote::TransportError::TooLarge).
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
-/// Why the mqant bridge could not start.
-#[derive(Debug, thiserror::Error)]
+/// Why the mqant bridge could not start. The detail keeps lapin's error as the source.
+#[derive(Debug)]
 pub enum AmqpError {
     /// A module entry is not an mqant AMQP instance or has unusable settings.
-    #[error("module instance {instance}: {why}")]
     Config {
         /// Instance id of the entry.
         instance: String,
         /// What is wrong with it.
-        why: String,
+        why: Detail,
     },
     /// The broker could not be reached or refused the connection.
-    #[error("cannot connect to {url}: {why}")]
     Connect {
         /// Broker URL, without credentials.
         url: String,
         /// The cause.
-        why: String,
+        why: Detail,
     },
     /// The broker refused a declaration or a subscription.
-    #[error("{what}: {why}")]
     Broker {
         /// What was being set up.
         what: String,
         /// The broker's answer.
-        why: String,
+        why: Detail,
     },
+}
+
+impl std::fmt::Display for AmqpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AmqpError::Config { instance, why } => {
+                write!(f, "module instance {instance}: {}", why.summary())
+            }
+            AmqpError::Connect { url, why } => {
+                write!(f, "cannot connect to {url}: {}", why.summary())
+            }
+            AmqpError::Broker { what, why } => write!(f, "{what}: {}", why.summary()),
+        }
+    }
+}
+
+impl std::error::Error for AmqpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AmqpError::Config { why, .. }
+            | AmqpError::Connect { why, .. }
+            | AmqpError::Broker { why, .. } => why
+                .source()
+                .map(|s| s as &(dyn std::error::Error + 'static)),
+        }
+    }
 }
 
 /// A broker URL fit for logs and errors: the password is replaced.

@@ -32,14 +32,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use warren::bus::{Bus, Call, Pending};
 use warren::config::{ModuleBusConfig, ModuleConfig};
-use warren::error::CallError;
+use warren::error::{CallError, Detail};
 use warren::node::NodeHandle;
 use warren::registry::{InstanceRecord, NodeRecord};
 use warren::session::{Session, Transport as Net};
 
 use super::link::{
-    ExchangeSpec, Link, Live, PublishError, Subscriber, exchange_kind, run_subscription, short,
-    subscribe_now,
+    ExchangeSpec, Link, Live, PublishError, Subscriber, exchange_kind, failed, run_subscription,
+    short, subscribe_now,
 };
 use super::{AmqpError, MAX_MESSAGE, now_ms, redact};
 
@@ -285,10 +285,10 @@ impl Subscriber for Server {
     fn subscribe<'a>(
         &'a self,
         live: &'a Live,
-    ) -> BoxFuture<'a, Result<(Channel, Consumer), String>> {
+    ) -> BoxFuture<'a, Result<(Channel, Consumer), Detail>> {
         Box::pin(async move {
             let b = &self.bus;
-            let err = |what: &'static str| move |e: lapin::Error| format!("{what}: {e}");
+            let err = failed;
             let ch = live.conn.create_channel().await.map_err(err("channel"))?;
             ch.basic_qos(PREFETCH, BasicQosOptions::default())
                 .await
@@ -366,9 +366,9 @@ impl Subscriber for Replies {
     fn subscribe<'a>(
         &'a self,
         live: &'a Live,
-    ) -> BoxFuture<'a, Result<(Channel, Consumer), String>> {
+    ) -> BoxFuture<'a, Result<(Channel, Consumer), Detail>> {
         Box::pin(async move {
-            let err = |what: &'static str| move |e: lapin::Error| format!("{what}: {e}");
+            let err = failed;
             let ch = live.conn.create_channel().await.map_err(err("channel"))?;
             ch.basic_qos(PREFETCH, BasicQosOptions::default())
                 .await
@@ -505,7 +505,7 @@ impl MqantClient {
             reply,
             result: zero,
         })
-        .map_err(|e| CallError::BadRequest(format!("cannot encode CallInfo: {e}")))?;
+        .map_err(|e| CallError::bad_request(Detail::caused("cannot encode CallInfo", e)))?;
         if payload.len() > MAX_MESSAGE {
             return Err(CallError::TooLarge {
                 size: payload.len(),
@@ -514,12 +514,12 @@ impl MqantClient {
         }
         let mut headers = FieldTable::default();
         headers.insert(
-            short("reply_to").map_err(CallError::BadRequest)?,
+            short("reply_to").map_err(CallError::bad_request)?,
             AMQPValue::LongString(queue.as_str().into()),
         );
         let props = text_props()
             .with_headers(headers)
-            .with_reply_to(short(&queue).map_err(CallError::BadRequest)?);
+            .with_reply_to(short(&queue).map_err(CallError::bad_request)?);
         let wait = if reply {
             let (tx, rx) = oneshot::channel();
             self.replies.waiting().insert(cid.clone(), tx);
@@ -539,10 +539,13 @@ impl MqantClient {
             metrics::counter!("warren_mqant_send_errors_total").increment(1);
             return Err(match e {
                 PublishError::Down(why) | PublishError::Refused(why) => CallError::Unavailable(why),
-                PublishError::Unroutable => CallError::Unavailable(format!(
-                    "no queue bound to {} on exchange {} (is the mqant peer of {} running?)",
-                    self.binding_key, self.exchange, self.instance
-                )),
+                PublishError::Unroutable => CallError::Unavailable(
+                    format!(
+                        "no queue bound to {} on exchange {} (is the mqant peer of {} running?)",
+                        self.binding_key, self.exchange, self.instance
+                    )
+                    .into(),
+                ),
             });
         }
         let Some((rx, forget)) = wait else {
@@ -596,7 +599,7 @@ impl std::fmt::Debug for MqantBridge {
 
 /// A module entry's mqant bus settings, checked.
 fn mqant_bus(m: &ModuleConfig, serving: bool) -> Result<ModuleBusConfig, AmqpError> {
-    let bad = |why: String| AmqpError::Config {
+    let bad = |why: Detail| AmqpError::Config {
         instance: m.instance_id(),
         why,
     };
@@ -608,7 +611,8 @@ fn mqant_bus(m: &ModuleConfig, serving: bool) -> Result<ModuleBusConfig, AmqpErr
         return Err(bad(format!(
             "bus kind {:?} mode {:?} is not the mqant AMQP bus",
             b.kind, b.mode
-        )));
+        )
+        .into()));
     }
     if b.exchange.is_empty() {
         return Err(bad("exchange is empty".into()));
@@ -680,7 +684,8 @@ impl MqantBridge {
                             why: format!(
                                 "exchange {} is declared both {t} and {}",
                                 b.exchange, b.exchange_type
-                            ),
+                            )
+                            .into(),
                         });
                     }
                     _ => {

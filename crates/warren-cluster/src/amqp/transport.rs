@@ -18,12 +18,13 @@ use lapin::types::FieldTable;
 use lapin::{Acker, BasicProperties, Channel, Consumer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use warren::error::Detail;
 use warren::remote::{InboxFrames, Transport, TransportError, inbox_channel};
 
 use super::MAX_MESSAGE;
 use super::link::{
-    ExchangeSpec, Link, Live, PublishError, Subscriber, exchange_kind, run_subscription, short,
-    subscribe_now,
+    ExchangeSpec, Link, Live, PublishError, Subscriber, exchange_kind, failed, run_subscription,
+    short, subscribe_now,
 };
 
 /// Frames received but not yet taken by the bus; a full queue pauses the receiving loop.
@@ -101,10 +102,13 @@ impl AmqpTransport {
         {
             Ok(()) => Ok(()),
             Err(PublishError::Down(why)) => Err(TransportError::Unavailable(why)),
-            Err(PublishError::Unroutable) => Err(TransportError::Broker(format!(
-                "no inbox for node {node} (no queue bound on exchange {})",
-                self.prefix
-            ))),
+            Err(PublishError::Unroutable) => Err(TransportError::Broker(
+                format!(
+                    "no inbox for node {node} (no queue bound on exchange {})",
+                    self.prefix
+                )
+                .into(),
+            )),
             Err(PublishError::Refused(why)) => Err(TransportError::Broker(why)),
         }
     }
@@ -200,12 +204,9 @@ impl Subscriber for Inbox {
     fn subscribe<'a>(
         &'a self,
         live: &'a Live,
-    ) -> BoxFuture<'a, Result<(Channel, Consumer), String>> {
+    ) -> BoxFuture<'a, Result<(Channel, Consumer), Detail>> {
         Box::pin(async move {
-            let err = |what: &str| {
-                let what = what.to_owned();
-                move |e: lapin::Error| format!("{what} {}: {e}", self.queue)
-            };
+            let err = |what: &str| failed(format!("{what} {}", self.queue));
             let ch = live
                 .conn
                 .create_channel()

@@ -491,7 +491,7 @@ impl KvRegistry {
         let ttl = ttl.max(Duration::from_secs(1));
         let (client, disconnects) = connect_client(url, "registry")
             .await
-            .map_err(RegistryError::Unavailable)?;
+            .map_err(|d| RegistryError::Unavailable(d.to_string()))?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(OP_TIMEOUT);
         let bucket = bucket_name(bucket);

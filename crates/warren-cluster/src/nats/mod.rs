@@ -17,6 +17,8 @@ use std::time::Duration;
 pub use kv::KvRegistry;
 pub use transport::NatsTransport;
 
+use warren::error::Detail;
+
 /// Longest pause between two reconnect attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
 
@@ -26,11 +28,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connect a client for `role` (`bus` or `registry`, for logs): no retry on the first attempt,
 /// reconnects forever with a backoff capped at [`MAX_RECONNECT_DELAY`]. Each disconnection is
 /// counted in the returned counter, so a user of the client can tell that the server may have
-/// lost state even when the reconnect was too quick to be seen in `connection_state()`.
+/// lost state even when the reconnect was too quick to be seen in `connection_state()`. A failure
+/// keeps the client's `ConnectError` as its source.
 async fn connect_client(
     url: &str,
     role: &'static str,
-) -> Result<(async_nats::Client, Arc<AtomicU64>), String> {
+) -> Result<(async_nats::Client, Arc<AtomicU64>), Detail> {
     let disconnects = Arc::new(AtomicU64::new(0));
     let counter = disconnects.clone();
     let server = url.to_owned();
@@ -68,7 +71,7 @@ async fn connect_client(
         })
         .connect(url)
         .await
-        .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))?;
+        .map_err(|e| Detail::caused(format!("cannot connect to NATS at {url}"), e))?;
     Ok((client, disconnects))
 }
 

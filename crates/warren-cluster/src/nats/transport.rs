@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
+use warren::error::Detail;
 use warren::remote::{InboxFrames, Transport, TransportError};
 
 use super::{connect_client, is_connected};
@@ -95,7 +96,7 @@ impl NatsTransport {
             None => self.client.subscribe(subject.clone()).await,
             Some(q) => self.client.queue_subscribe(subject.clone(), q).await,
         }
-        .map_err(|e| TransportError::Broker(format!("subscribe {subject}: {e}")))?;
+        .map_err(|e| TransportError::broker(format!("subscribe {subject}"), e))?;
         // The server handles one connection's operations in order: once a message published on
         // a probe subject comes back, the SUB before it is in place too. (A flush only empties
         // the client's write buffer; frames another connection sends meanwhile would be lost.)
@@ -112,14 +113,18 @@ impl NatsTransport {
         match tokio::time::timeout(SUBSCRIBE_TIMEOUT, confirmed).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                return Err(TransportError::Unavailable(format!(
-                    "subscribe {subject}: {e}"
-                )));
+                return Err(TransportError::unavailable(
+                    format!("subscribe {subject}"),
+                    e,
+                ));
             }
             Err(_) => {
-                return Err(TransportError::Unavailable(format!(
-                    "subscribe {subject}: no confirmation from the server within {SUBSCRIBE_TIMEOUT:?}"
-                )));
+                return Err(TransportError::Unavailable(
+                    format!(
+                        "subscribe {subject}: no confirmation from the server within {SUBSCRIBE_TIMEOUT:?}"
+                    )
+                    .into(),
+                ));
             }
         }
         tracing::debug!(%subject, "serving a NATS subscription");
@@ -180,7 +185,7 @@ impl NatsTransport {
                 async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
                     TransportError::TooLarge { size, max }
                 }
-                _ => TransportError::Broker(e.to_string()),
+                _ => TransportError::Broker(Detail::from_error(e)),
             })
     }
 

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError};
+use warren::error::Detail;
 
 /// Deadline of one command (a push, a publish, a script): past it the broker counts as down.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
@@ -34,10 +35,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const BLOCK_S: f64 = 1.0;
 
 /// Open a client for `url`, on database `db` when given (it wins over the URL's path).
-fn client(url: &str, db: Option<i64>) -> Result<Client, String> {
+fn client(url: &str, db: Option<i64>) -> Result<Client, Detail> {
     let info = url
         .into_connection_info()
-        .map_err(|e| format!("invalid redis URL {url:?}: {e}"))?;
+        .map_err(|e| Detail::caused(format!("invalid redis URL {url:?}"), e))?;
     let info = match db {
         Some(db) => {
             let settings = info.redis_settings().clone().set_db(db);
@@ -45,12 +46,12 @@ fn client(url: &str, db: Option<i64>) -> Result<Client, String> {
         }
         None => info,
     };
-    Client::open(info).map_err(|e| format!("invalid redis URL {url:?}: {e}"))
+    Client::open(info).map_err(|e| Detail::caused(format!("invalid redis URL {url:?}"), e))
 }
 
 /// A command connection that reconnects by itself. Its own retries are few and short: callers
 /// bound each command with [`COMMAND_TIMEOUT`] anyway, and a later command starts a new attempt.
-async fn manager(client: &Client) -> Result<ConnectionManager, String> {
+async fn manager(client: &Client) -> Result<ConnectionManager, Detail> {
     let cfg = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(Duration::from_secs(2)))
@@ -66,7 +67,7 @@ async fn manager(client: &Client) -> Result<ConnectionManager, String> {
 
 /// A connection for blocking commands only: no response timeout (a `BLPOP` is an answer that
 /// takes its time), a bounded connect.
-async fn blocking_connection(client: &Client) -> Result<MultiplexedConnection, String> {
+async fn blocking_connection(client: &Client) -> Result<MultiplexedConnection, Detail> {
     let cfg = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(None);
@@ -77,15 +78,18 @@ async fn blocking_connection(client: &Client) -> Result<MultiplexedConnection, S
     .await
 }
 
-/// Run a Redis future with a deadline; errors and the deadline both become a message.
+/// Run a Redis future with a deadline: a failure keeps the `RedisError` as its source, a missed
+/// deadline says so.
 async fn bounded<T>(
     within: Duration,
     fut: impl Future<Output = Result<T, RedisError>>,
-) -> Result<T, String> {
+) -> Result<T, Detail> {
     match tokio::time::timeout(within, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer from redis within {within:?}")),
+        Ok(Err(e)) => Err(Detail::from_error(e)),
+        Err(_) => Err(Detail::new(format!(
+            "no answer from redis within {within:?}"
+        ))),
     }
 }
 

@@ -288,6 +288,12 @@ fn warren_member(node: &NodeRecord) -> Result<String, RegistryError> {
     .encode())
 }
 
+/// A connection failure as [`RegistryError`] holds it: words only (the registry's errors carry
+/// no source).
+fn text(d: warren::error::Detail) -> RegistryError {
+    RegistryError::Unavailable(d.to_string())
+}
+
 /// The checker lock's value: `<local ip>:<pid>:<8 random chars>`, as gobase makes it.
 fn lock_uuid() -> String {
     let ip = std::net::UdpSocket::bind("0.0.0.0:0")
@@ -364,8 +370,8 @@ impl GobaseRegistry {
                 "the gobase registry needs a non-empty key".into(),
             ));
         }
-        let client = client(url, None).map_err(RegistryError::Unavailable)?;
-        let conn = manager(&client).await.map_err(RegistryError::Unavailable)?;
+        let client = client(url, None).map_err(text)?;
+        let conn = manager(&client).await.map_err(text)?;
         let inner = Arc::new(Inner {
             client,
             conn,
@@ -473,7 +479,7 @@ impl GobaseRegistry {
         bounded(COMMAND_TIMEOUT, inv.invoke_async::<i64>(&mut conn))
             .await
             .map(|_| ())
-            .map_err(RegistryError::Unavailable)
+            .map_err(text)
     }
 }
 
@@ -505,6 +511,7 @@ impl Inner {
         bounded(COMMAND_TIMEOUT, inv.invoke_async::<i64>(&mut conn))
             .await
             .map(|_| ())
+            .map_err(|d| d.to_string())
     }
 
     async fn live(&self, now_ms: Option<f64>) -> Result<Vec<String>, String> {
@@ -513,7 +520,9 @@ impl Inner {
         inv.key(&self.keys.zset)
             .arg(LIVE_MS)
             .arg(now_ms.map(|n| format!("{n:.3}")).unwrap_or_default());
-        bounded(COMMAND_TIMEOUT, inv.invoke_async::<Vec<String>>(&mut conn)).await
+        bounded(COMMAND_TIMEOUT, inv.invoke_async::<Vec<String>>(&mut conn))
+            .await
+            .map_err(|d| d.to_string())
     }
 
     /// The live members and the records of the live warren nodes, both sorted.
@@ -546,8 +555,9 @@ impl Inner {
             let mut conn = self.conn.clone();
             let mut cmd = redis::cmd("HMGET");
             cmd.arg(&self.keys.nodes).arg(&ids);
-            let records: Vec<Option<String>> =
-                bounded(COMMAND_TIMEOUT, cmd.query_async(&mut conn)).await?;
+            let records: Vec<Option<String>> = bounded(COMMAND_TIMEOUT, cmd.query_async(&mut conn))
+                .await
+                .map_err(|d| d.to_string())?;
             for (id, json) in ids.iter().zip(records) {
                 let Some(json) = json else {
                     // deregistered between the two reads, or written by something else
@@ -622,8 +632,12 @@ impl Inner {
 
     /// A subscriber connection to the registry channel, confirmed.
     async fn subscribe(&self) -> Result<PubSubStream, String> {
-        let mut ps = bounded(CONNECT_TIMEOUT, self.client.get_async_pubsub()).await?;
-        bounded(CONNECT_TIMEOUT, ps.subscribe(&self.keys.channel)).await?;
+        let mut ps = bounded(CONNECT_TIMEOUT, self.client.get_async_pubsub())
+            .await
+            .map_err(|d| d.to_string())?;
+        bounded(CONNECT_TIMEOUT, ps.subscribe(&self.keys.channel))
+            .await
+            .map_err(|d| d.to_string())?;
         Ok(ps.into_on_message())
     }
 }

@@ -30,6 +30,7 @@ use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use warren::CallError;
 use warren::config::RedisRpcConfig;
+use warren::error::Detail;
 use warren::node::NodeHandle;
 
 use super::{
@@ -46,15 +47,32 @@ const CB_PREFIX: &str = "warren.cb.";
 /// a flood stays in Redis rather than in memory.
 const MAX_RUNNING: usize = 256;
 
-/// Why a [`RedisRpc`] did not start.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a [`RedisRpc`] did not start. The detail keeps the Redis client's error as the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RedisRpcError {
     /// The configuration is unusable (URL, reply mode, empty topic or module).
-    #[error("redis rpc config: {0}")]
-    Config(String),
+    Config(Detail),
     /// Redis could not be reached, or the list or subscription could not be set up.
-    #[error("redis rpc: {0}")]
-    Unavailable(String),
+    Unavailable(Detail),
+}
+
+impl std::fmt::Display for RedisRpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisRpcError::Config(d) => write!(f, "redis rpc config: {}", d.summary()),
+            RedisRpcError::Unavailable(d) => write!(f, "redis rpc: {}", d.summary()),
+        }
+    }
+}
+
+impl std::error::Error for RedisRpcError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RedisRpcError::Config(d) | RedisRpcError::Unavailable(d) => {
+                d.source().map(|s| s as &(dyn std::error::Error + 'static))
+            }
+        }
+    }
 }
 
 /// `RPUSH` call payload.
@@ -193,9 +211,9 @@ impl RedisRpc {
             "publish" => false,
             "list" => true,
             other => {
-                return Err(RedisRpcError::Config(format!(
-                    "reply = {other:?} (expected \"publish\" or \"list\")"
-                )));
+                return Err(RedisRpcError::Config(
+                    format!("reply = {other:?} (expected \"publish\" or \"list\")").into(),
+                ));
             }
         };
         if cfg.topic.is_empty() || cfg.module.is_empty() {
@@ -351,7 +369,7 @@ impl RedisRpc {
 
     async fn send(&self, op: &str, target: &str, msg: &impl Serialize) -> Result<(), CallError> {
         let json = serde_json::to_vec(msg)
-            .map_err(|e| CallError::BadRequest(format!("cannot encode rpc message: {e}")))?;
+            .map_err(|e| CallError::bad_request(Detail::caused("cannot encode rpc message", e)))?;
         let mut cmd = redis::cmd(op);
         cmd.arg(target).arg(json);
         let mut conn = self.conn.clone();
@@ -453,7 +471,7 @@ impl RedisRpc {
 }
 
 /// A confirmed subscription to `topic`.
-async fn subscribe(client: &Client, topic: &str) -> Result<PubSubStream, String> {
+async fn subscribe(client: &Client, topic: &str) -> Result<PubSubStream, Detail> {
     let mut ps = bounded(CONNECT_TIMEOUT, client.get_async_pubsub()).await?;
     bounded(CONNECT_TIMEOUT, ps.subscribe(topic)).await?;
     Ok(ps.into_on_message())

@@ -11,7 +11,7 @@ use futures_util::StreamExt as _;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use warren::bus::{Bus, Call};
-use warren::error::CallError;
+use warren::error::{CallError, CallErrorKind};
 use warren::module::LocalBus;
 use warren::registry::{NodeRecord, Registry};
 use warren::remote::{InboxFrames, RemoteBus, Transport, TransportError};
@@ -201,10 +201,22 @@ async fn first_connect_fails_clearly_when_the_server_is_down() {
     let e = NatsTransport::connect(&format!("nats://127.0.0.1:{port}"), "warren")
         .await
         .expect_err("nothing listens there");
-    assert!(
-        matches!(&e, TransportError::Unavailable(m) if m.contains("cannot connect")),
-        "{e}"
+    // the kind says what happened; the chain keeps the client's own error, for programs
+    let TransportError::Unavailable(detail) = &e else {
+        panic!("not Unavailable: {e:?}");
+    };
+    let cause = std::error::Error::source(&e).expect("the client's error");
+    assert!(cause.is::<async_nats::ConnectError>(), "{cause:?}");
+    // as a call error it keeps kind and chain, and its wire text carries the client's words
+    let c = CallError::from(e.clone());
+    assert_eq!(c.kind(), CallErrorKind::Unavailable);
+    let cause = std::error::Error::source(&c).expect("the same chain");
+    assert!(cause.is::<async_nats::ConnectError>(), "{cause:?}");
+    assert_eq!(
+        c.wire_text(),
+        format!("rpc service connection failed: {}", c.detail())
     );
+    assert_eq!(c.detail(), format!("{}: {cause}", detail.message()));
     let e = KvRegistry::connect(
         &format!("nats://127.0.0.1:{port}"),
         "warren",

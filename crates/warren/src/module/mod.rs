@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Pending;
-use crate::error::CallError;
+use crate::error::{CallError, Detail};
 use crate::session::{Session, SessionId};
 
 pub use crate::config::Execution;
@@ -157,9 +157,10 @@ impl<S> Context<S> {
         handler: &str,
         body: &impl Serialize,
     ) -> Result<T, CallError> {
-        let body = serde_json::to_vec(body).map_err(|e| CallError::BadRequest(e.to_string()))?;
+        let body =
+            serde_json::to_vec(body).map_err(|e| CallError::bad_request(Detail::from_error(e)))?;
         let reply = self.call(module, handler, body).await?;
-        serde_json::from_slice(&reply).map_err(|e| CallError::BadRequest(e.to_string()))
+        serde_json::from_slice(&reply).map_err(|e| CallError::bad_request(Detail::from_error(e)))
     }
 
     /// Call a handler without waiting for a result (mqant `CallNR`). Resolves once the call is
@@ -215,7 +216,7 @@ impl<T: DeserializeOwned + Send> FromBody for Json<T> {
     fn from_body(body: Bytes) -> Result<Self, CallError> {
         serde_json::from_slice(&body)
             .map(Json)
-            .map_err(|e| CallError::BadRequest(format!("invalid request body: {e}")))
+            .map_err(|e| CallError::bad_request(Detail::caused("invalid request body", e)))
     }
 }
 
