@@ -299,10 +299,7 @@ impl<T: Unpin> PendingSet<T> {
 
     /// The next reply to complete; pending while the set is empty. Registers the task's waker
     /// for the replies still on their way.
-    fn poll_next(
-        &mut self,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Reply<T>>> {
+    fn poll_next(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<Reply<T>>> {
         if let Some(r) = self.pop_ready() {
             return Poll::Ready(Some(r));
         }
@@ -1036,11 +1033,10 @@ pub(crate) async fn run<P: Dialect>(
     buf: &mut BytesMut,
 ) -> End {
     let read_timeout = proto.read_timeout();
-    let connect_timeout = Duration::from_secs(conn.cfg.connect_timeout_s.max(1));
     let far = Instant::now() + Duration::from_secs(86400 * 365);
     let mut awaiting = proto.awaiting(conn);
     let first = match awaiting {
-        Some(_) => Some(connect_timeout),
+        Some(_) => Some(Duration::from_secs(conn.cfg.connect_timeout_s.max(1))),
         None => read_timeout,
     };
     // when the connection ends for silence (the connect deadline until established, then the
@@ -1063,9 +1059,8 @@ pub(crate) async fn run<P: Dialect>(
     let mut ticker = tick_every.map(|every| {
         let mut t = tokio::time::interval(every);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        t
+        Box::new(t)
     });
-    let write_timeout = Duration::from_secs(conn.cfg.write_timeout_s);
     loop {
         if conn.closing.is_some() {
             // a close was framed: finish flushes what came before it
@@ -1111,51 +1106,26 @@ pub(crate) async fn run<P: Dialect>(
         }
         // one hand-written poll instead of `select!`: the wait holds a few references, not a
         // future per branch, in the state an idle connection keeps for its whole life
-        let has_output = !conn.out.buf.is_empty() || conn.out.unflushed;
-        let take_queue = conn.out.buf.len() < OUT_HIGH;
-        let watch_timer = resume.is_some() || !draining;
-        let event = std::future::poll_fn(|cx| {
-            let signals = conn.queue.rx.poll_signals(cx);
-            if signals & Signal::Close as u8 != 0 {
-                return Poll::Ready(Event::Closed);
-            }
-            if !draining && signals & Signal::Drain as u8 != 0 {
-                return Poll::Ready(Event::Drain);
-            }
-            if let Some(t) = ticker.as_mut()
-                && t.poll_tick(cx).is_ready()
-            {
-                return Poll::Ready(Event::Tick);
-            }
-            if has_output
-                && let Poll::Ready(r) = poll_write(
-                    &mut conn.writer,
-                    &mut conn.out,
-                    &mut conn.stall,
-                    write_timeout,
-                    cx,
-                )
-            {
-                return Poll::Ready(Event::Written(r));
-            }
-            if let Poll::Ready(Some((tag, result))) = conn.pending.poll_next(cx) {
-                return Poll::Ready(Event::Reply(tag, result));
-            }
-            if take_queue && let Poll::Ready(item) = conn.queue.rx.poll_recv(cx) {
-                return Poll::Ready(Event::Queued(item));
-            }
-            if watch_timer && timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Timer);
-            }
-            if !draining
-                && room
-                && let Poll::Ready(r) = reader.poll_read(cx, buf)
-            {
-                return Poll::Ready(Event::Read(r));
-            }
-            Poll::Pending
-        })
-        .await;
+        let wants = Wants {
+            output: !conn.out.buf.is_empty() || conn.out.unflushed,
+            queue: conn.out.buf.len() < OUT_HIGH,
+            timer: resume.is_some() || !draining,
+            drain: !draining,
+            read: !draining && room,
+        };
+        let event = {
+            // a `move` closure over a handful of references: captured field by field, the
+            // borrows alone would take more room than the rest of the wait
+            let (c, r, b, t, k) = (
+                &mut *conn,
+                &mut *reader,
+                &mut *buf,
+                timer.as_mut(),
+                &mut ticker,
+            );
+            let mut t = t;
+            std::future::poll_fn(move |cx| poll_event(cx, wants, c, r, b, t.as_mut(), k)).await
+        };
         match event {
             Event::Closed => return End::ServerClosed,
             Event::Drain => {
@@ -1227,7 +1197,7 @@ pub(crate) async fn run<P: Dialect>(
                         close_code::POLICY,
                         format!(
                             "no {what} within connect_timeout_s = {}",
-                            connect_timeout.as_secs()
+                            conn.cfg.connect_timeout_s.max(1)
                         ),
                     ),
                     None => End::Limit(
@@ -1247,6 +1217,68 @@ pub(crate) async fn run<P: Dialect>(
             },
         }
     }
+}
+
+/// Which of the connection loop's sources it listens to on this turn.
+#[derive(Clone, Copy)]
+struct Wants {
+    output: bool,
+    queue: bool,
+    timer: bool,
+    drain: bool,
+    read: bool,
+}
+
+/// The connection loop's wait: the first source ready, in [`Event`]'s order.
+fn poll_event<T: Unpin>(
+    cx: &mut TaskContext<'_>,
+    wants: Wants,
+    conn: &mut SessionConn<T>,
+    reader: &mut Reader,
+    buf: &mut BytesMut,
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    ticker: &mut Option<Box<tokio::time::Interval>>,
+) -> Poll<Event<T>> {
+    let signals = conn.queue.rx.poll_signals(cx);
+    if signals & Signal::Close as u8 != 0 {
+        return Poll::Ready(Event::Closed);
+    }
+    if wants.drain && signals & Signal::Drain as u8 != 0 {
+        return Poll::Ready(Event::Drain);
+    }
+    if let Some(t) = ticker.as_mut()
+        && t.poll_tick(cx).is_ready()
+    {
+        return Poll::Ready(Event::Tick);
+    }
+    if wants.output
+        && let Poll::Ready(r) = poll_write(
+            &mut conn.writer,
+            &mut conn.out,
+            &mut conn.stall,
+            Duration::from_secs(conn.cfg.write_timeout_s),
+            cx,
+        )
+    {
+        return Poll::Ready(Event::Written(r));
+    }
+    if let Poll::Ready(Some((tag, result))) = conn.pending.poll_next(cx) {
+        return Poll::Ready(Event::Reply(tag, result));
+    }
+    if wants.queue
+        && let Poll::Ready(item) = conn.queue.rx.poll_recv(cx)
+    {
+        return Poll::Ready(Event::Queued(item));
+    }
+    if wants.timer && timer.as_mut().poll(cx).is_ready() {
+        return Poll::Ready(Event::Timer);
+    }
+    if wants.read
+        && let Poll::Ready(r) = reader.poll_read(cx, buf)
+    {
+        return Poll::Ready(Event::Read(r));
+    }
+    Poll::Pending
 }
 
 /// What woke the connection loop, in the order [`run`] looks: a server close, a drain, the
