@@ -59,10 +59,10 @@ pub(crate) struct ServeArgs {
     pub config: Option<PathBuf>,
     /// Add a listener (repeatable). Schemes: mqtt, mqtt+mqant, ws, ws+mqant (MQTT over TCP or
     /// WebSocket, plain or mqant mode); pomelo (TCP and WebSocket on one port); json+ws; line;
-    /// pomelo-rpc (MQTT transport), pomelo-rpc+tcp (stream-pkg). TLS forms: mqtts, mqtts+mqant,
+    /// pomelo-rpc (MQTT framing), pomelo-rpc+tcp (stream-pkg). TLS forms: mqtts, mqtts+mqant,
     /// wss, wss+mqant, pomelo+tls, json+wss, line+tls, pomelo-rpc+tls, pomelo-rpc+tcp+tls, with
-    /// ?tls_cert=FILE&tls_key=FILE. Any listener setting is a query parameter
-    /// (mqtt://127.0.0.1:1883?max_packet=4096&rpc_expired_s=5); lists are comma-separated
+    /// ?tls_cert=FILE&tls_key=FILE. Any other setting of the scheme's protocol is a query
+    /// parameter (mqtt://127.0.0.1:1883?max_packet=4096&rpc_expired_s=5); lists are comma-separated
     /// (allow=10.0.0.0/8,192.0.2.7), maps NAME:VALUE pairs (service_map=service:Echo,chat:Chat).
     #[arg(long, value_name = "URL")]
     pub listen: Vec<String>,

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use warren::config::{ListenerProtocol, Mode, TransportName};
+use warren::config::{Mode, Network};
 use warren::node::BoundListener;
 use warren_app::axum::extract::{Path, State};
 use warren_app::axum::http::{HeaderMap, StatusCode, header};
@@ -22,10 +22,10 @@ struct Page {
 pub fn router(listeners: &[BoundListener]) -> Router {
     let ws = listeners
         .iter()
-        .filter(|l| {
-            l.config.protocol == ListenerProtocol::Mqtt && l.config.transport() == TransportName::Ws
-        })
-        .max_by_key(|l| l.config.mode == Mode::Mqant)
+        .filter_map(|l| Some((l, l.config.protocol.mqtt()?)))
+        .filter(|(_, o)| o.network == Network::Ws)
+        .max_by_key(|(_, o)| o.mode == Mode::Mqant)
+        .map(|(l, _)| l)
         .map(|l| l.local_addr);
     Router::new()
         .route("/", get(index))

@@ -9,7 +9,8 @@
 use serde_json::{Map, Value};
 
 use crate::config::{
-    Config, ConfigError, ListenerConfig, Mode, ModuleBusConfig, ModuleConfig, TransportName,
+    Config, ConfigError, ListenerConfig, Mode, ModuleBusConfig, ModuleConfig, MqttOptions, Network,
+    ProtocolOptions,
 };
 
 /// Whether text is mqant's JSON shape: its first character outside whitespace and `//` lines is `{`.
@@ -183,20 +184,19 @@ fn gate_listeners(
     } else {
         None
     };
-    for (key, transport) in [
-        ("TCPAddr", TransportName::Tcp),
-        ("WSAddr", TransportName::Ws),
-    ] {
+    for (key, network) in [("TCPAddr", Network::Tcp), ("WSAddr", Network::Ws)] {
         let Some(addr) = string(s, key).filter(|a| !a.is_empty()) else {
             continue;
         };
-        let mut l = ListenerConfig {
-            mode: Mode::Mqant,
-            transport: Some(transport),
-            addr: addr.to_owned(),
-            ..Default::default()
-        };
-        l.max_packet = max_packet.map(|v| v as usize);
+        let mut l = ListenerConfig::new(
+            addr,
+            ProtocolOptions::Mqtt(MqttOptions {
+                mode: Mode::Mqant,
+                network,
+                max_packet: max_packet.map(|v| v as usize),
+                ..MqttOptions::default()
+            }),
+        );
         if let Some((cert, key)) = &tls {
             l.tls_cert = Some(cert.clone());
             l.tls_key = Some(key.clone());
@@ -249,15 +249,13 @@ mod tests {
         assert_eq!(c.node.gate_id, "Gate001");
         assert_eq!(c.listeners.len(), 2);
         let tcp = &c.listeners[0];
-        assert_eq!(
-            (tcp.mode, tcp.transport(), tcp.addr.as_str()),
-            (Mode::Mqant, TransportName::Tcp, ":3563")
-        );
+        assert_eq!((tcp.scheme(), tcp.addr.as_str()), ("mqtt+mqant", ":3563"));
         assert_eq!(tcp.socket_addr().unwrap().to_string(), "0.0.0.0:3563");
         let ws = &c.listeners[1];
+        let o = ws.protocol.mqtt().expect("an MQTT listener");
         assert_eq!(
-            (ws.transport(), ws.max_packet),
-            (TransportName::Ws, Some(4096))
+            (o.network, o.mode, o.max_packet),
+            (Network::Ws, Mode::Mqant, Some(4096))
         );
         assert_eq!(
             (ws.idle_timeout_s, ws.write_timeout_s, ws.write_queue),

@@ -21,37 +21,12 @@ use crate::error::CallError;
 /// A session id: a random UUIDv4, lowercase with dashes, shared cheaply.
 pub type SessionId = Arc<str>;
 
-/// The network a client connected over (mqant's session `Network`). "Transport" names only what
-/// carries the bus between nodes ([`crate::remote::Transport`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Network {
-    /// Plain TCP.
-    #[default]
-    Tcp,
-    /// WebSocket.
-    Ws,
-}
+/// How a client connected (tcp, ws) and which protocol it speaks: named once, with the
+/// listener configuration that decides them (config/listener.rs).
+pub use crate::config::{Network, Protocol};
 
 /// The former name of [`Network`], kept while the remaining callers move to the new one.
 pub type Transport = Network;
-
-/// The client protocol a session speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// MQTT 3.1 / 3.1.1.
-    Mqtt,
-    /// The pomelo client protocol.
-    Pomelo,
-    /// JSON over WebSocket.
-    Json,
-    /// The line protocol.
-    Line,
-    /// A pomelo-rpc peer (a server calling modules).
-    #[serde(rename = "pomelo-rpc")]
-    PomeloRpc,
-}
 
 /// A snapshot of one session, as handlers see it.
 #[derive(Debug, Clone, PartialEq)]
@@ -384,16 +359,6 @@ impl QueueBytes {
     /// the queue is empty (a reply to a client that reads is never refused by others' backlog).
     pub(crate) fn try_reserve_reply(&self, n: usize) -> bool {
         self.reserve(n, true).is_ok()
-    }
-}
-
-impl From<crate::config::TransportName> for Network {
-    fn from(t: crate::config::TransportName) -> Self {
-        use crate::config::TransportName;
-        match t {
-            TransportName::Tcp | TransportName::Mqtt => Network::Tcp,
-            TransportName::Ws => Network::Ws,
-        }
     }
 }
 

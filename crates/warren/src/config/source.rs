@@ -6,7 +6,11 @@
 //! rest fits the schema: one error per wrong key, none hidden behind another. Paths and positions
 //! always come from the original document, so indexes into `[[listener]]` arrays stay those of
 //! the file.
+//!
+//! The working copy also presents each listener table to serde tagged by its protocol,
+//! `{ pomelo = { … } }` (config/listener.rs says why), keeping every span of the file.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use serde::de::DeserializeOwned;
@@ -22,6 +26,15 @@ const MAX_ERRORS: usize = 100;
 pub(super) struct Source<'a> {
     text: &'a str,
     root: Spanned<DeTable<'a>>,
+}
+
+/// What a document holds: a whole config, or one listener (a `--listen` URL's settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Shape {
+    /// A config file: listeners are the `[[listener]]` tables.
+    Config,
+    /// One listener table at the root.
+    Listener,
 }
 
 /// One step of a key path: a table key or an array index.
@@ -69,8 +82,11 @@ impl<'a> Source<'a> {
     /// Deserialize the whole document as `T`, reporting every entry that does not fit (unknown
     /// keys with the closest known one, wrong types, missing fields), each with its path and
     /// position.
-    pub(super) fn deserialize_all<T: DeserializeOwned>(&self) -> Result<T, Vec<ConfigError>> {
-        let mut work = self.root.clone();
+    pub(super) fn deserialize_all<T: DeserializeOwned>(
+        &self,
+        shape: Shape,
+    ) -> Result<T, Vec<ConfigError>> {
+        let (mut work, tags) = self.tagged(shape);
         let mut errors = Vec::new();
         while errors.len() < MAX_ERRORS {
             let e = match T::deserialize(toml::de::Deserializer::from(work.clone())) {
@@ -88,62 +104,95 @@ impl<'a> Source<'a> {
             };
             let path = path_at(self.root.get_ref(), &span);
             let (line, column) = line_col(self.text, span.start);
+            let listener = self.listener_protocol(&path, shape);
             errors.push(ConfigError::Invalid {
                 key: if path.is_empty() {
                     "(top level)".into()
                 } else {
                     path_string(&path)
                 },
-                why: explain(e.message().trim()),
+                why: explain(e.message().trim(), listener),
                 line: Some(line),
                 column: Some(column),
             });
-            if !prune(work.get_mut(), &span) {
+            // a protocol that does not exist: nothing else of its listener can be judged
+            let pruned = if tags.contains(&span) {
+                shape == Shape::Config && drop_listener(work.get_mut(), &span)
+            } else {
+                prune(work.get_mut(), &span)
+            };
+            if !pruned {
                 return Err(errors);
             }
         }
         Err(errors)
     }
 
-    /// Every listener key set in the file that its listener's protocol does not take: in each
-    /// `[[listener]]` table, or in the root table when the document is one listener (a
-    /// `--listen` URL's settings). Each error is placed at its key.
-    pub(super) fn foreign_listener_keys(&self, root_is_listener: bool) -> Vec<ConfigError> {
-        let root = self.root.get_ref();
-        let tables: Vec<(String, &DeTable<'a>)> = if root_is_listener {
-            vec![(String::new(), root)]
-        } else {
-            match root.get("listener").map(|v| v.get_ref()) {
-                Some(DeValue::Array(a)) => a
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, el)| match el.get_ref() {
-                        DeValue::Table(t) => Some((format!("listener[{i}]."), t)),
-                        _ => None,
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            }
+    /// A working copy of the document in which each listener table `T` is `{ <protocol> = T }`,
+    /// the protocol being `T`'s `protocol` value (`mqtt` when absent), so serde picks the table
+    /// type by an externally tagged enum and every key keeps its span. Also the spans of the
+    /// tags taken from a `protocol` value: an error there names a protocol that does not exist.
+    fn tagged(&self, shape: Shape) -> (Spanned<DeTable<'a>>, Vec<Range<usize>>) {
+        let mut work = self.root.clone();
+        let mut tags = Vec::new();
+        let mut tag = |table: &mut DeTable<'a>, span: Range<usize>| {
+            let inner = std::mem::take(table);
+            let (name, tag_span) = match inner.get("protocol") {
+                Some(v) if v.get_ref().is_str() => {
+                    tags.push(v.span());
+                    (
+                        v.get_ref().as_str().unwrap_or_default().to_owned(),
+                        v.span(),
+                    )
+                }
+                // no protocol, or not a string (the table type then says what is wrong with it)
+                _ => ("mqtt".to_owned(), span.clone()),
+            };
+            table.insert(
+                Spanned::new(tag_span, Cow::Owned(name)),
+                Spanned::new(span, DeValue::Table(inner)),
+            );
         };
-        let mut errors = Vec::new();
-        for (prefix, table) in tables {
-            let protocol = table.get("protocol").and_then(|v| v.get_ref().as_str());
-            let keys = table.iter().map(|(k, _)| k.get_ref().as_ref());
-            for (key, why) in super::foreign_keys(protocol, keys) {
-                let (line, column) = table
-                    .iter()
-                    .find(|(k, _)| k.get_ref() == key)
-                    .map(|(k, _)| line_col(self.text, k.span().start))
-                    .map_or((None, None), |(l, c)| (Some(l), Some(c)));
-                errors.push(ConfigError::Invalid {
-                    key: format!("{prefix}{key}"),
-                    why,
-                    line,
-                    column,
-                });
+        match shape {
+            Shape::Listener => {
+                let span = work.span();
+                tag(work.get_mut(), span);
+            }
+            Shape::Config => {
+                if let Some(v) = work.get_mut().get_mut("listener")
+                    && let DeValue::Array(a) = v.get_mut()
+                {
+                    for el in a.iter_mut() {
+                        let span = el.span();
+                        if let DeValue::Table(t) = el.get_mut() {
+                            tag(t, span);
+                        }
+                    }
+                }
             }
         }
-        errors
+        (work, tags)
+    }
+
+    /// The protocol of the listener table that holds the key at `path`, when it is one.
+    fn listener_protocol(&self, path: &[Step], shape: Shape) -> Option<&str> {
+        let table = match (shape, path) {
+            (Shape::Listener, [Step::Key(_)]) => self.root.get_ref(),
+            (Shape::Config, [Step::Key(l), Step::Index(i), Step::Key(_)]) if l == "listener" => {
+                match self.root.get_ref().get("listener")?.get_ref() {
+                    DeValue::Array(a) => match a.get(*i)?.get_ref() {
+                        DeValue::Table(t) => t,
+                        _ => return None,
+                    },
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        };
+        match table.get("protocol") {
+            Some(v) => v.get_ref().as_str(),
+            None => Some("mqtt"),
+        }
     }
 
     /// Fill in the position of an error whose key is a dotted path (`listener[1].addr`): the
@@ -313,6 +362,28 @@ fn prune_value(v: &mut Spanned<DeValue<'_>>, span: &Range<usize>) -> bool {
     }
 }
 
+/// Remove from a config document's `[[listener]]` array the table tagged at `tag` (see
+/// [`Source::tagged`]); false when none is.
+fn drop_listener(root: &mut DeTable<'_>, tag: &Range<usize>) -> bool {
+    let Some(v) = root.get_mut("listener") else {
+        return false;
+    };
+    let DeValue::Array(a) = v.get_mut() else {
+        return false;
+    };
+    let before = a.len();
+    let kept: Vec<_> = std::mem::replace(a, std::iter::empty().collect())
+        .into_iter()
+        .filter(|el| match el.get_ref() {
+            DeValue::Table(t) => !t.iter().any(|(k, _)| &k.span() == tag),
+            _ => true,
+        })
+        .collect();
+    let dropped = kept.len() < before;
+    *a = kept.into_iter().collect();
+    dropped
+}
+
 fn path_string(path: &[Step]) -> String {
     let mut s = String::new();
     for step in path {
@@ -350,8 +421,9 @@ fn parse_path(key: &str) -> Option<Vec<Step>> {
 }
 
 /// serde's error text, made to say what to do: an unknown key names the closest known one
-/// instead of listing them all.
-fn explain(message: &str) -> String {
+/// instead of listing them all, and, in a listener table (of protocol `listener`), the
+/// protocols that take it when others do.
+fn explain(message: &str, listener: Option<&str>) -> String {
     let Some(rest) = message.strip_prefix("unknown field `") else {
         return message.to_owned();
     };
@@ -367,7 +439,16 @@ fn explain(message: &str) -> String {
         .map(|k| k.trim().trim_matches('`'))
         .filter(|k| !k.is_empty() && !k.contains(' '))
         .collect();
-    unknown_key(field, &known)
+    let others = listener.and_then(|p| Some((p, super::listener::taken_by_others(field, p)?)));
+    match (others, closest(field, &known)) {
+        (Some((p, owners)), Some(k)) => format!(
+            "unknown key `{field}`, did you mean `{k}`? (`{field}` applies to {owners} listeners, not {p})"
+        ),
+        (Some((p, owners)), None) => {
+            format!("unknown key `{field}`: it applies to {owners} listeners, not {p}")
+        }
+        (None, _) => unknown_key(field, &known),
+    }
 }
 
 /// "unknown key `adr`, did you mean `addr`?", or, with nothing close, a pointer to the list.
@@ -460,18 +541,31 @@ mod tests {
     #[test]
     fn explain_rewrites_unknown_fields() {
         assert_eq!(
-            explain("unknown field `adr`, expected one of `addr`, `max_conn`"),
+            explain(
+                "unknown field `adr`, expected one of `addr`, `max_conn`",
+                None
+            ),
             "unknown key `adr`, did you mean `addr`?"
         );
         assert_eq!(
-            explain("unknown field `x`, expected `type`"),
+            explain("unknown field `x`, expected `type`", None),
             "unknown key `x` (known: `type`)"
         );
         assert_eq!(
-            explain("unknown field `x`, there are no fields"),
+            explain("unknown field `x`, there are no fields", None),
             "unknown key `x`: this table takes no keys"
         );
-        assert_eq!(explain("invalid type: integer"), "invalid type: integer");
+        assert_eq!(
+            explain("invalid type: integer", None),
+            "invalid type: integer"
+        );
+        assert_eq!(
+            explain(
+                "unknown field `heartbeat_s`, expected one of `addr`, `mode`",
+                Some("mqtt")
+            ),
+            "unknown key `heartbeat_s`: it applies to pomelo listeners, not mqtt"
+        );
     }
 
     #[test]

@@ -24,11 +24,6 @@ use crate::refusal;
 use crate::route::Route;
 use crate::session::{FrameKind, Outbound, Protocol};
 
-/// Largest message a JSON listener accepts (the `max_packet` key; default 64 KiB).
-pub(crate) fn max_message(cfg: &ListenerConfig) -> usize {
-    cfg.max_packet.unwrap_or(64 * 1024)
-}
-
 /// Serve one connection until it closes.
 pub(crate) async fn serve(
     gate: Arc<Gate>,
@@ -37,17 +32,18 @@ pub(crate) async fn serve(
     writer: Writer,
     peer: SocketAddr,
 ) {
-    let conn = SessionConn::open(gate, cfg.clone(), peer, Protocol::Json, writer, JsonFramer);
+    let Some(opts) = cfg.protocol.json() else {
+        // gate/listener.rs sends only JSON listeners' connections here
+        return;
+    };
     let proto = JsonSession {
-        logged_in: !cfg.require_login.unwrap_or(true),
-        max: max_message(&cfg),
-        fallback: cfg
-            .fallback_module
-            .clone()
-            .unwrap_or_else(|| "global".into()),
-        silent: cfg.silent_errors.unwrap_or(false),
+        logged_in: !opts.require_login,
+        max: opts.max_packet,
+        fallback: opts.fallback_module.clone(),
+        silent: opts.silent_errors,
         idle: cfg.idle_timeout(),
     };
+    let conn = SessionConn::open(gate, cfg.clone(), peer, Protocol::Json, writer, JsonFramer);
     conn::serve_session(proto, conn, reader, BytesMut::new()).await;
 }
 
@@ -163,7 +159,12 @@ impl JsonSession {
                 return refuse_login(conn, r.kind(), why).await;
             }
         };
-        if let Some(route) = conn.cfg.login_handler.clone() {
+        let login_handler = conn
+            .cfg
+            .protocol
+            .json()
+            .and_then(|o| o.login_handler.clone());
+        if let Some(route) = login_handler {
             let accepted = self.check_login(conn, &route, &frame.args).await;
             if !accepted {
                 conn.send(frame_out(&json_ws::loginback(1))).await?;

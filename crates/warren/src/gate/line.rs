@@ -22,7 +22,7 @@ use warren_proto::line::{self, LineDecoder, LineEvent};
 use super::conn::{self, End, Framer, Out, SessionConn};
 use super::io::{Reader, Writer};
 use super::{Credentials, Gate};
-use crate::config::ListenerConfig;
+use crate::config::{LineHandler, ListenerConfig};
 use crate::error::CallError;
 use crate::refusal;
 use crate::route::Route;
@@ -152,7 +152,11 @@ pub(crate) async fn serve(
     writer: Writer,
     peer: SocketAddr,
 ) {
-    let space = cfg.space_before_crlf.unwrap_or(true);
+    let Some(opts) = cfg.protocol.line() else {
+        // gate/listener.rs sends only line listeners' connections here
+        return;
+    };
+    let space = opts.space_before_crlf;
     let conn = SessionConn::open(
         gate.clone(),
         cfg.clone(),
@@ -161,7 +165,7 @@ pub(crate) async fn serve(
         writer,
         LineFramer { space },
     );
-    let router = cfg.handler.as_deref() == Some("router");
+    let router = opts.handler == LineHandler::Router;
     let channel = Channel {
         inner: Arc::new(ChannelInner {
             id: NEXT_CHANNEL.fetch_add(1, Ordering::Relaxed),
@@ -171,21 +175,18 @@ pub(crate) async fn serve(
             data: Mutex::new(None),
         }),
     };
-    let lazy = cfg.lazy_channels.unwrap_or(false);
+    let lazy = opts.lazy_channels;
     let handler: Option<Arc<dyn ChannelHandler>> = (!router).then(|| gate.channel_handler.clone());
     let mut proto = LineSession {
-        decoder: LineDecoder::new(
-            cfg.max_head.unwrap_or(64),
-            cfg.max_body.unwrap_or(64 * 1024),
-        ),
+        decoder: LineDecoder::new(opts.max_head, opts.max_body),
         space,
         bad_heads: 0,
-        max_bad_heads: cfg.max_bad_heads.unwrap_or(8),
+        max_bad_heads: opts.max_bad_heads,
         handler,
         channel,
         announced: false,
         idle: cfg.idle_timeout(),
-        awaiting_auth: cfg.auth && cfg.auth_first_line.unwrap_or(false),
+        awaiting_auth: cfg.auth && opts.auth_first_line,
         lazy,
     };
     if !lazy && !proto.awaiting_auth {

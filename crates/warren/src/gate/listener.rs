@@ -29,9 +29,9 @@ use super::access::{IpSlot, ListenerAccess};
 use super::io::{self, Prefixed, Reader, Writer, WsFraming};
 use super::tls::TlsState;
 use super::{Gate, json, line, mqtt, pomelo, pomelo_rpc, proxy};
-use crate::config::{ListenerConfig, ListenerProtocol};
+use crate::config::{ListenerConfig, ProtocolOptions};
 use crate::refusal::{deny, refuse};
-use crate::session::Transport;
+use crate::session::Network;
 
 /// MQTT CONNACK, return code 3 (server unavailable): the answer of a full MQTT listener.
 pub(crate) const CONNACK_UNAVAILABLE: [u8; 4] = warren_proto::mqtt::connack_bytes(false, 3);
@@ -57,7 +57,7 @@ pub(crate) async fn listen(
     let socket = TcpListener::bind(addr).await?;
     let local_addr = socket.local_addr()?;
     let access = gate.admission.add_listener(&cfg, tls);
-    let kind = if cfg.protocol == ListenerProtocol::Pomelo {
+    let kind = if matches!(cfg.protocol, ProtocolOptions::Pomelo(_)) {
         Kind::Sniff
     } else if cfg.serves_websocket() {
         Kind::WebSocket
@@ -147,11 +147,11 @@ fn dispatch(
     peer: SocketAddr,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     match cfg.protocol {
-        ListenerProtocol::Mqtt => Box::pin(mqtt::serve(gate, cfg, r, w, peer)),
-        ListenerProtocol::Pomelo => Box::pin(pomelo::serve(gate, cfg, r, w, peer)),
-        ListenerProtocol::Json => Box::pin(json::serve(gate, cfg, r, w, peer)),
-        ListenerProtocol::Line => Box::pin(line::serve(gate, cfg, r, w, peer)),
-        ListenerProtocol::PomeloRpc => Box::pin(pomelo_rpc::serve(gate, cfg, r, w, peer)),
+        ProtocolOptions::Mqtt(_) => Box::pin(mqtt::serve(gate, cfg, r, w, peer)),
+        ProtocolOptions::Pomelo(_) => Box::pin(pomelo::serve(gate, cfg, r, w, peer)),
+        ProtocolOptions::Json(_) => Box::pin(json::serve(gate, cfg, r, w, peer)),
+        ProtocolOptions::Line(_) => Box::pin(line::serve(gate, cfg, r, w, peer)),
+        ProtocolOptions::PomeloRpc(_) => Box::pin(pomelo_rpc::serve(gate, cfg, r, w, peer)),
     }
 }
 
@@ -259,7 +259,7 @@ impl Listener {
     fn refuse_full(&self, stream: TcpStream, peer: SocketAddr) {
         let answer: &[u8] = match (self.kind, self.access.tls.is_some()) {
             (_, true) => &[],
-            (Kind::Stream, false) if self.cfg.protocol == ListenerProtocol::Mqtt => {
+            (Kind::Stream, false) if matches!(self.cfg.protocol, ProtocolOptions::Mqtt(_)) => {
                 &CONNACK_UNAVAILABLE
             }
             (Kind::WebSocket, false) => HTTP_UNAVAILABLE,
@@ -574,14 +574,14 @@ async fn upgrade(
     let Some(slot) = ctx.slot.lock().take() else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
-    let (max, framing, protocols): (usize, WsFraming, &[&'static str]) = match st.cfg.protocol {
-        ListenerProtocol::Mqtt => (
-            st.cfg.max_packet(),
-            WsFraming::Stream,
-            &["mqtt", "mqttv3.1"],
-        ),
-        ListenerProtocol::Pomelo => (pomelo::max_package(&st.cfg) + 4, WsFraming::Stream, &[]),
-        _ => (json::max_message(&st.cfg), WsFraming::TextMessages, &[]),
+    let (max, framing, protocols): (usize, WsFraming, &[&'static str]) = match &st.cfg.protocol {
+        ProtocolOptions::Mqtt(o) => (o.max_packet(), WsFraming::Stream, &["mqtt", "mqttv3.1"]),
+        ProtocolOptions::Pomelo(o) => (o.max_package + 4, WsFraming::Stream, &[]),
+        ProtocolOptions::Json(o) => (o.max_packet, WsFraming::TextMessages, &[]),
+        // neither takes WebSocket upgrades (`serves_websocket`)
+        ProtocolOptions::Line(_) | ProtocolOptions::PomeloRpc(_) => {
+            return StatusCode::NOT_FOUND.into_response();
+        }
     };
     let gate = st.gate.clone();
     let cfg = st.cfg.clone();
@@ -618,9 +618,9 @@ pub struct BoundListener {
 impl BoundListener {
     /// `mqtt+mqant tcp://127.0.0.1:3563`-style description for the startup banner.
     pub fn describe(&self) -> String {
-        let t = match Transport::from(self.config.transport()) {
-            Transport::Tcp => "tcp",
-            Transport::Ws => "ws",
+        let t = match self.config.network() {
+            Network::Tcp => "tcp",
+            Network::Ws => "ws",
         };
         format!("{} {t}://{}", self.config.scheme(), self.local_addr)
     }

@@ -21,7 +21,7 @@ use super::conn::{self, End, Framer, Out, SessionConn};
 use super::io::{Reader, Writer};
 use super::{Credentials, Gate, Identity};
 use crate::acl::{Acl, ClientAcl};
-use crate::config::{LimitsConfig, ListenerConfig, Mode};
+use crate::config::{LimitsConfig, ListenerConfig, Mode, MqttOptions};
 use crate::error::CallError;
 use crate::refusal;
 use crate::route::Route;
@@ -106,8 +106,21 @@ async fn handshake(
     mut writer: Writer,
     peer: SocketAddr,
 ) -> Option<Established> {
-    let mqant = cfg.mode == Mode::Mqant;
-    let max_packet = cfg.max_packet();
+    let Some(
+        opts @ &MqttOptions {
+            mode,
+            push_qos,
+            pingresp_d2,
+            pubsub,
+            ..
+        },
+    ) = cfg.protocol.mqtt()
+    else {
+        // gate/listener.rs sends only MQTT listeners' connections here
+        return None;
+    };
+    let mqant = mode == Mode::Mqant;
+    let max_packet = opts.max_packet();
     let mut buf = BytesMut::new();
 
     // 1. The first packet must be CONNECT, within the connect deadline.
@@ -198,10 +211,7 @@ async fn handshake(
     };
 
     // 3. The session.
-    let framer = MqttFramer {
-        push_qos: cfg.push_qos,
-        pkid: 0,
-    };
+    let framer = MqttFramer { push_qos, pkid: 0 };
     let mut conn = SessionConn::open(
         gate.clone(),
         cfg.clone(),
@@ -279,6 +289,8 @@ async fn handshake(
     drop(connect);
     let proto = MqttSession {
         mqant,
+        pingresp_d2,
+        pubsub,
         max_packet,
         read_timeout,
         client_id,
@@ -329,6 +341,10 @@ async fn read_packet(
 /// The MQTT state of one connection.
 struct MqttSession {
     mqant: bool,
+    /// Answer PINGREQ with mqant's `d2 00` (the listener's `pingresp_d2`).
+    pingresp_d2: bool,
+    /// Default mode: publishes to topics naming no module go to subscribers (`pubsub`).
+    pubsub: bool,
     max_packet: usize,
     read_timeout: Option<Duration>,
     client_id: String,
@@ -448,7 +464,7 @@ impl MqttSession {
                 ack(conn, mqtt::ack_bytes(Ack::UnsubAck, u.pkid)).await
             }
             Packet::PingReq => {
-                let bytes = mqtt::pingresp_bytes(conn.cfg.pingresp_d2);
+                let bytes = mqtt::pingresp_bytes(self.pingresp_d2);
                 conn.send(Outbound::Inline(InlineFrame::new(bytes))).await
             }
             Packet::Disconnect => Err(End::Disconnect),
@@ -586,7 +602,7 @@ impl MqttSession {
         let module = Route::module_of(topic);
         let is_module = conn.names_cached_module(module) || node.router().has_module(module);
         if !self.mqant && !is_module {
-            if conn.cfg.pubsub {
+            if self.pubsub {
                 self.refresh_acl(&conn.gate);
                 if let Some((kind, why)) = self.publish_denied(topic) {
                     refusal::deny(&conn.peer, kind, why);
@@ -716,7 +732,11 @@ impl MqttSession {
         }
         let session = conn.handle.snapshot();
         let target = conn.resolve_as(route, body, &session)?;
-        let prefixes = &conn.cfg.handler_prefixes;
+        let prefixes = conn
+            .cfg
+            .protocol
+            .mqtt()
+            .map_or(&[][..], |o| &o.handler_prefixes[..]);
         let by_prefix = self.mqant
             && prefixes
                 .iter()
@@ -849,6 +869,8 @@ mod tests {
         let user = "ann";
         MqttSession {
             mqant: false,
+            pingresp_d2: false,
+            pubsub: true,
             max_packet: 1024,
             read_timeout: None,
             client_id: "c1".into(),

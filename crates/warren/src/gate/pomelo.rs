@@ -26,11 +26,6 @@ use crate::error::CallError;
 use crate::route::Route;
 use crate::session::{FrameKind, Outbound, Protocol};
 
-/// Largest package body a listener accepts.
-pub(crate) fn max_package(cfg: &ListenerConfig) -> usize {
-    cfg.max_package.unwrap_or(pomelo::DEFAULT_MAX_PACKAGE)
-}
-
 /// Serve one connection until it closes.
 pub(crate) async fn serve(
     gate: Arc<Gate>,
@@ -39,27 +34,29 @@ pub(crate) async fn serve(
     writer: Writer,
     peer: SocketAddr,
 ) {
-    let dict = cfg.route_dict.clone().unwrap_or_default();
+    let Some(opts) = cfg.protocol.pomelo() else {
+        // gate/listener.rs sends only pomelo listeners' connections here
+        return;
+    };
+    let dict = opts.route_dict.clone();
     let framer = PomeloFramer {
         dict: Arc::new(dict.clone()),
     };
-    let conn = SessionConn::open(gate, cfg.clone(), peer, Protocol::Pomelo, writer, framer);
-    let heartbeat = cfg.heartbeat();
-    let hb_timeout = cfg
-        .heartbeat_timeout_s
-        .map(Duration::from_secs)
-        .or(heartbeat.map(|h| h * 2));
-    let idle = Duration::from_secs(cfg.idle_timeout_s.unwrap_or(90));
-    let read_timeout = Some(hb_timeout.map_or(idle, |h| h.min(idle)));
+    let heartbeat = opts.heartbeat();
+    let read_timeout = match (opts.heartbeat_timeout(), cfg.idle_timeout()) {
+        (Some(h), Some(idle)) => Some(h.min(idle)),
+        (h, idle) => h.or(idle),
+    };
     let codes: HashMap<u16, String> = dict.iter().map(|(r, c)| (*c, r.clone())).collect();
     let proto = PomeloSession {
         state: State::Inited,
-        max_package: max_package(&cfg),
+        max_package: opts.max_package,
         heartbeat,
         read_timeout,
         dict,
         codes,
     };
+    let conn = SessionConn::open(gate, cfg.clone(), peer, Protocol::Pomelo, writer, framer);
     conn::serve_session(proto, conn, reader, BytesMut::new()).await;
 }
 

@@ -23,7 +23,7 @@ use super::args::body_from_args;
 use super::conn::{self, End, Framer, Out, SessionConn};
 use super::io::{Reader, Writer};
 use super::{Credentials, Gate};
-use crate::config::{ListenerConfig, TransportName};
+use crate::config::{ListenerConfig, RpcFraming};
 use crate::error::CallError;
 use crate::refusal;
 use crate::route::Route;
@@ -40,7 +40,11 @@ pub(crate) async fn serve(
     writer: Writer,
     peer: SocketAddr,
 ) {
-    let over_mqtt = cfg.transport() != TransportName::Tcp;
+    let Some(opts) = cfg.protocol.pomelo_rpc() else {
+        // gate/listener.rs sends only pomelo-rpc listeners' connections here
+        return;
+    };
+    let over_mqtt = opts.framing == RpcFraming::Mqtt;
     // the listener decides who connects: every peer that got here is a trusted server
     let restricted = !cfg.allow.is_empty() || cfg.tls_client_ca.is_some();
     if !over_mqtt && !restricted && cfg.auth && !gate.auth.load().allows_anonymous() {
@@ -65,16 +69,13 @@ pub(crate) async fn serve(
         over_mqtt,
         connected: !over_mqtt,
         trusted: restricted,
-        send_connack: cfg.send_connack.unwrap_or(true),
-        buffered: cfg.buffer_msg.unwrap_or(false).then(Vec::new),
-        interval: Duration::from_millis(cfg.interval_ms.unwrap_or(50).max(1)),
-        trace: cfg.trace.unwrap_or(false),
-        max: cfg.pkg_size.unwrap_or(1024 * 1024),
-        namespaces: cfg
-            .namespaces
-            .clone()
-            .unwrap_or_else(|| vec!["sys".into(), "user".into()]),
-        idle: Some(Duration::from_secs(cfg.idle_timeout_s.unwrap_or(60))),
+        send_connack: opts.send_connack,
+        buffered: opts.buffer_msg.then(Vec::new),
+        interval: Duration::from_millis(opts.interval_ms.max(1)),
+        trace: opts.trace,
+        max: opts.pkg_size,
+        namespaces: opts.namespaces.clone(),
+        idle: cfg.idle_timeout(),
     };
     conn::serve_session(proto, conn, reader, BytesMut::new()).await;
 }
@@ -172,9 +173,9 @@ impl RpcSession {
         } else {
             let module = conn
                 .cfg
-                .service_map
-                .as_ref()
-                .and_then(|m| m.get(&msg.service))
+                .protocol
+                .pomelo_rpc()
+                .and_then(|o| o.service_map.get(&msg.service))
                 .cloned()
                 .unwrap_or_else(|| msg.service.clone());
             if !conn.gate.node.router().has_module(&module) {

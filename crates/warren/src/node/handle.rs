@@ -147,7 +147,7 @@ impl NodeHandle {
             {
                 Ok(Value::Array(list)) => out.extend(
                     list.iter()
-                        .filter_map(|v| Session::from_export_map(v, Transport::Tcp))
+                        .filter_map(|v| Session::from_export_map(v, Network::Tcp))
                         .map(Arc::new),
                 ),
                 Ok(_) => {}

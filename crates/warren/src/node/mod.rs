@@ -47,7 +47,7 @@ use crate::module::{Instance, InstanceInfo, Json, Module, SESSION_CLOSED};
 use crate::registry::{InstanceRecord, MemoryRegistry, NodeRecord, Registry};
 use crate::remote::{RemoteBus, Transport as BusTransport, TransportError};
 use crate::router::{RouteKeyFn, Router, Target};
-use crate::session::{Session, SessionTable, Transport};
+use crate::session::{Network, Session, SessionTable};
 
 /// Why a node did not start.
 #[derive(Debug, thiserror::Error)]

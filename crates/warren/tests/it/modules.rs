@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use warren::config::{Config, ModuleConfig};
-use warren::session::{Protocol, Session, Transport};
+use warren::session::{Network, Protocol, Session};
 use warren::{CallError, CallErrorKind, Context, Execution, Json, Module, Node};
 
 #[derive(Default)]
@@ -37,7 +37,7 @@ fn session(id: &str) -> Arc<Session> {
         uid: None,
         settings: Default::default(),
         remote: "127.0.0.1:1".parse().unwrap(),
-        transport: Transport::Tcp,
+        transport: Network::Tcp,
         protocol: Protocol::Mqtt,
         gate: "Gate001".into(),
     })
