@@ -23,7 +23,7 @@ blocks not run here, and why:
 - README.md's blocks run in test_readme.py, docs/security.md's in test_docs_security.py.
 
 Two conventions of the blocks: alternatives shown one per line (line.md's echo and router
-listeners, pomelo-rpc.md's two transports) each start the demo's listeners too, so they run one
+listeners, pomelo-rpc.md's two framings) each start the demo's listeners too, so they run one
 after the other, each stopped with Ctrl-C before the next; examples/chat/client/README.md's
 "Scripting example" names `chat_client.py` as seen from its own directory, and runs there, with
 the server of its "Install and run" block still up.
