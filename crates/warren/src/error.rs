@@ -156,7 +156,7 @@ pub enum CallError {
     Panicked(String),
     /// The request could not be used as sent: its body does not decode into the handler's
     /// argument type (the source is the decoder's error), or it breaks a rule of the gate.
-    BadRequest(String),
+    BadRequest(Detail),
     /// An error the handler itself returned; the text goes to the caller unchanged.
     App(String),
     /// The bus could not carry the call (broker down, not connected); the call was not sent.
@@ -196,7 +196,8 @@ impl CallError {
             CallError::ConnectionClosed => "connection is closed".to_owned(),
             CallError::GateNotFound(x) => format!("Service not found id({x})"),
             CallError::Closed => "client closed".to_owned(),
-            CallError::Panicked(x) | CallError::BadRequest(x) | CallError::App(x) => x.clone(),
+            CallError::Panicked(x) | CallError::App(x) => x.clone(),
+            CallError::BadRequest(x) => x.to_string(),
             CallError::Unavailable(x) => format!("rpc service connection failed: {x}"),
             CallError::NodeLost(x) => format!("node {x} left the cluster"),
             CallError::LoginRequired => "Not Logined".to_owned(),
@@ -248,7 +249,9 @@ impl fmt::Display for CallError {
 impl StdError for CallError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {
-            CallError::Unavailable(d) => d.source().map(|s| s as &(dyn StdError + 'static)),
+            CallError::BadRequest(d) | CallError::Unavailable(d) => {
+                d.source().map(|s| s as &(dyn StdError + 'static))
+            }
             _ => None,
         }
     }
@@ -324,7 +327,7 @@ impl CallError {
 
     /// A [`CallError::BadRequest`]: pass words, or a [`Detail::caused`] to keep the cause.
     pub fn bad_request(detail: impl Into<Detail>) -> Self {
-        CallError::BadRequest(detail.into().to_string())
+        CallError::BadRequest(detail.into())
     }
 
     /// A [`CallError::Unavailable`]: pass words, or a [`Detail::caused`] to keep the broker
@@ -392,11 +395,10 @@ impl CallError {
             | CallError::HandlerNotFound(s)
             | CallError::GateNotFound(s)
             | CallError::Panicked(s)
-            | CallError::BadRequest(s)
             | CallError::App(s)
             | CallError::NodeLost(s)
             | CallError::UidInUse(s) => s.clone(),
-            CallError::Unavailable(d) => d.to_string(),
+            CallError::BadRequest(d) | CallError::Unavailable(d) => d.to_string(),
             CallError::NotClientVisible { handler, prefix } => format!("{handler}\n{prefix}"),
             CallError::TooLarge { size, max } => format!("{size}\n{max}"),
             CallError::BodyNotJson
@@ -432,7 +434,7 @@ impl CallError {
             CallErrorKind::GateNotFound => CallError::GateNotFound(detail),
             CallErrorKind::Closed => CallError::Closed,
             CallErrorKind::Panicked => CallError::Panicked(detail),
-            CallErrorKind::BadRequest => CallError::BadRequest(detail),
+            CallErrorKind::BadRequest => CallError::BadRequest(detail.into()),
             CallErrorKind::App => CallError::App(detail),
             CallErrorKind::Unavailable => CallError::Unavailable(detail.into()),
             CallErrorKind::NodeLost => CallError::NodeLost(detail),
@@ -542,6 +544,23 @@ mod tests {
     }
 
     #[test]
+    fn a_decode_failure_keeps_the_decoder_error() {
+        let json = serde_json::from_slice::<u32>(b"\"x\"").expect_err("not a number");
+        let words = json.to_string();
+        let e = CallError::bad_request(Detail::caused("invalid request body", json));
+        let cause = e.source().expect("a source");
+        assert!(
+            cause
+                .downcast_ref::<serde_json::Error>()
+                .is_some_and(|j| j.is_data())
+        );
+        assert_eq!(e.wire_text(), format!("invalid request body: {words}"));
+        assert_eq!(e.detail(), e.wire_text());
+        // words without a cause, as the gate refuses a route
+        assert!(CallError::bad_request("invalid route").source().is_none());
+    }
+
+    #[test]
     fn equality_ignores_the_source() {
         let e = CallError::unavailable(Detail::caused("cannot connect", refused()));
         // a peer rebuilds it from kind label and detail: no source, the same error
@@ -554,6 +573,9 @@ mod tests {
         );
         assert_ne!(e, CallError::unavailable("cannot connect"));
         assert_ne!(e, CallError::app("cannot connect: connection refused"));
+        let json = serde_json::from_slice::<u32>(b"{").expect_err("not JSON");
+        let e = CallError::bad_request(Detail::caused("invalid request body", json));
+        assert_eq!(CallError::rebuild("bad_request", e.detail()), e);
     }
 
     #[test]

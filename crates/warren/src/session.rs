@@ -677,7 +677,7 @@ impl SessionHandle {
             return Ok(false);
         }
         if m.len() >= max {
-            return Err(CallError::BadRequest(format!(
+            return Err(CallError::bad_request(format!(
                 "session is in {} groups already ([limits] max_groups_per_session)",
                 m.len()
             )));

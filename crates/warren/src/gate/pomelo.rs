@@ -242,7 +242,7 @@ impl PomeloSession {
             MessageRoute::None => None,
         };
         let checked = match route.as_deref().and_then(split_dotted) {
-            None => Err(CallError::BadRequest(format!(
+            None => Err(CallError::bad_request(format!(
                 "invalid route {:?}",
                 route.unwrap_or_default()
             ))),

@@ -559,3 +559,31 @@ impl<S: Send + Sync + 'static> ModuleBuilder<S> {
 
 /// The default deadline of a call between modules (mqant `RpcExpired`, v1.0).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Say {
+        #[allow(dead_code)]
+        room: String,
+    }
+
+    #[test]
+    fn a_body_that_does_not_decode_keeps_the_decoder_error() {
+        let e = Json::<Say>::from_body(Bytes::from_static(b"{\"room\": 7}"))
+            .expect_err("room is not a string");
+        assert_eq!(e.kind(), crate::error::CallErrorKind::BadRequest);
+        // the chain ends at serde_json's own error, with its line and column
+        let cause = e.source().expect("the decoder's error");
+        let json = cause
+            .downcast_ref::<serde_json::Error>()
+            .expect("a serde_json error");
+        assert!(json.is_data());
+        assert_eq!((json.line(), json.column()), (1, 10));
+        // the caller still reads the words the wire has always carried
+        assert_eq!(e.wire_text(), format!("invalid request body: {json}"));
+    }
+}
