@@ -1,0 +1,676 @@
+//! Lua modules: a pool of states, each running the script once, each running one call at a time.
+//! A handler is a global function `(session, msg)`; `session` is a userdata with the session
+//! operations; the global table `warren` reaches the node. Calls that wait on the node
+//! (`warren.call`, `session:bind`, …) are async functions: the handler's coroutine yields and
+//! its task waits, no thread is held.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use mlua::{Function, Lua, UserData, UserDataFields, UserDataMethods, UserDataRef};
+use parking_lot::Mutex;
+use serde_json::Value;
+use warren::error::Detail;
+use warren::{CallError, Services, Session};
+
+use super::{Budget, Tripped};
+use crate::module::{
+    CallCx, ModuleVersion, decode_reply, is_handler_name, json_body, json_reply, node_of,
+};
+use crate::{ModulePluginOptions, MsgType, PluginError};
+
+/// One Lua state of the pool, with what its calls need.
+struct State {
+    lua: Lua,
+    budget: Arc<Budget>,
+    /// The call this state runs (for `warren.call` and the rooms), or the hook.
+    current: Arc<Mutex<Option<CallCx>>>,
+    functions: HashMap<String, Function>,
+}
+
+/// One loaded version of a Lua module.
+pub(crate) struct LuaModule {
+    path: PathBuf,
+    chunk: String,
+    module: String,
+    msg_type: MsgType,
+    handlers: Vec<String>,
+    hooks: Vec<&'static str>,
+    idle: Mutex<Vec<State>>,
+    permits: tokio::sync::Semaphore,
+}
+
+/// Load version `version` of the module: one state per worker, each running the file.
+pub(crate) fn load(
+    module: &str,
+    path: &Path,
+    options: &ModulePluginOptions,
+    version: u64,
+) -> Result<Arc<dyn ModuleVersion>, PluginError> {
+    let n = crate::module::workers(options);
+    let mut states = Vec::with_capacity(n);
+    let mut handlers: Option<Vec<String>> = None;
+    let mut hooks = Vec::new();
+    for _ in 0..n {
+        let (state, names) = load_state(module, path, options, version)?;
+        if handlers.is_none() {
+            hooks = crate::module::HOOKS
+                .iter()
+                .copied()
+                .filter(|h| state.functions.contains_key(*h))
+                .collect();
+        }
+        handlers.get_or_insert(names);
+        states.push(state);
+    }
+    Ok(Arc::new(LuaModule {
+        path: path.to_owned(),
+        chunk: super::chunk_name(path),
+        module: module.to_owned(),
+        msg_type: options.msg_type,
+        handlers: handlers.unwrap_or_default(),
+        hooks,
+        idle: Mutex::new(states),
+        permits: tokio::sync::Semaphore::new(n),
+    }))
+}
+
+/// A state with the `warren` table, after running the file: the functions the file defined
+/// (handlers and hooks), and the handler names.
+fn load_state(
+    module: &str,
+    path: &Path,
+    options: &ModulePluginOptions,
+    version: u64,
+) -> Result<(State, Vec<String>), PluginError> {
+    let budget = Budget::new(options.max_instructions, options.time_limit);
+    let lua = super::new_state(path, &budget)?;
+    let current = Arc::new(Mutex::new(None));
+    install_warren_table(&lua, module, version, &current)
+        .map_err(|e| super::load_error(path, &e))?;
+    let before: std::collections::HashSet<String> = lua
+        .globals()
+        .pairs::<String, mlua::Value>()
+        .filter_map(Result::ok)
+        .map(|(k, _)| k)
+        .collect();
+    super::exec_file(&lua, path, &budget)?;
+    let mut functions = HashMap::new();
+    for (name, v) in lua
+        .globals()
+        .pairs::<String, mlua::Value>()
+        .filter_map(Result::ok)
+    {
+        if let mlua::Value::Function(f) = v
+            && !before.contains(&name)
+        {
+            functions.insert(name, f);
+        }
+    }
+    let mut names: Vec<String> = functions
+        .keys()
+        .filter(|n| is_handler_name(n))
+        .cloned()
+        .collect();
+    names.sort();
+    Ok((
+        State {
+            lua,
+            budget,
+            current,
+            functions,
+        },
+        names,
+    ))
+}
+
+/// The global `warren` table: calls to other modules, rooms, logging; `settings` and `instance`
+/// are filled in at `on_init`.
+fn install_warren_table(
+    lua: &Lua,
+    module: &str,
+    version: u64,
+    current: &Arc<Mutex<Option<CallCx>>>,
+) -> mlua::Result<()> {
+    let t = lua.create_table()?;
+    t.set("module", module)?;
+    t.set("version", version)?;
+
+    let cur = current.clone();
+    t.set(
+        "call",
+        lua.create_async_function(
+            move |lua, (target, handler, body, timeout): (String, String, mlua::Value, Option<f64>)| {
+                let cx = running(&cur);
+                async move {
+                    let cx = cx?;
+                    let body = body_bytes(&lua, body)?;
+                    let timeout = timeout.and_then(|s| Duration::try_from_secs_f64(s).ok());
+                    let reply = cx
+                        .services
+                        .call(&target, &handler, cx.session.clone(), body, timeout)
+                        .await
+                        .map_err(mlua::Error::external)?;
+                    super::from_json(&lua, &decode_reply(&reply))
+                }
+            },
+        )?,
+    )?;
+
+    let cur = current.clone();
+    t.set(
+        "call_nr",
+        lua.create_async_function(
+            move |lua, (target, handler, body): (String, String, mlua::Value)| {
+                let cx = running(&cur);
+                async move {
+                    let cx = cx?;
+                    let body = body_bytes(&lua, body)?;
+                    cx.services
+                        .call_nr(&target, &handler, cx.session.clone(), body)
+                        .await
+                        .map_err(mlua::Error::external)?;
+                    Ok(true)
+                }
+            },
+        )?,
+    )?;
+
+    let cur = current.clone();
+    t.set(
+        "room_add",
+        lua.create_async_function(
+            move |_, (room, session): (String, Option<UserDataRef<LuaSession>>)| {
+                let target = room_target(&cur, session);
+                async move {
+                    let (cx, s) = target?;
+                    let node = cx.node().map_err(mlua::Error::external)?;
+                    node.group_add(&room, &s)
+                        .await
+                        .map_err(mlua::Error::external)?;
+                    Ok(true)
+                }
+            },
+        )?,
+    )?;
+
+    let cur = current.clone();
+    t.set(
+        "room_remove",
+        lua.create_async_function(
+            move |_, (room, session): (String, Option<UserDataRef<LuaSession>>)| {
+                let target = room_target(&cur, session);
+                async move {
+                    let (cx, s) = target?;
+                    let node = cx.node().map_err(mlua::Error::external)?;
+                    node.group_remove(&room, &s)
+                        .await
+                        .map_err(mlua::Error::external)?;
+                    Ok(true)
+                }
+            },
+        )?,
+    )?;
+
+    let cur = current.clone();
+    t.set(
+        "room_broadcast",
+        lua.create_async_function(
+            move |lua,
+                  (room, topic, body, except): (
+                String,
+                String,
+                mlua::Value,
+                Option<UserDataRef<LuaSession>>,
+            )| {
+                let cx = running(&cur);
+                let except = except.map(|s| s.snapshot().id.to_string());
+                async move {
+                    let cx = cx?;
+                    let body = body_bytes(&lua, body)?;
+                    let node = cx.node().map_err(mlua::Error::external)?;
+                    Ok(node
+                        .group_broadcast(&room, &topic, body, except.as_deref())
+                        .await)
+                }
+            },
+        )?,
+    )?;
+
+    let name = module.to_owned();
+    t.set(
+        "log",
+        lua.create_function(
+            move |_, (level, parts): (String, mlua::Variadic<mlua::Value>)| {
+                let text: Vec<String> = parts
+                    .iter()
+                    .map(|v| v.to_string().unwrap_or_else(|_| format!("{v:?}")))
+                    .collect();
+                crate::module::log(&name, &level, &text.join(" "));
+                Ok(())
+            },
+        )?,
+    )?;
+    lua.globals().set("warren", t)
+}
+
+/// The call running on this state, for the `warren` functions.
+fn running(current: &Arc<Mutex<Option<CallCx>>>) -> mlua::Result<CallCx> {
+    current.lock().clone().ok_or_else(|| {
+        mlua::Error::runtime(
+            "warren is not available while the plugin loads: use it in on_init or a handler",
+        )
+    })
+}
+
+/// The call and the session a room operation is about: the one given, or the caller's.
+fn room_target(
+    current: &Arc<Mutex<Option<CallCx>>>,
+    session: Option<UserDataRef<LuaSession>>,
+) -> mlua::Result<(CallCx, Arc<Session>)> {
+    let cx = running(current)?;
+    let s = match session {
+        Some(s) => s.snapshot(),
+        None => cx
+            .session
+            .clone()
+            .ok_or_else(|| mlua::Error::external(CallError::NoSession))?,
+    };
+    Ok((cx, s))
+}
+
+/// A body for the node from a script value: strings as their bytes, `nil` empty, anything else
+/// as JSON.
+fn body_bytes(lua: &Lua, v: mlua::Value) -> mlua::Result<Bytes> {
+    match v {
+        mlua::Value::Nil => Ok(Bytes::new()),
+        mlua::Value::String(s) => Ok(Bytes::copy_from_slice(&s.as_bytes())),
+        other => {
+            let json = super::to_json(lua, other)?;
+            serde_json::to_vec(&json)
+                .map(Bytes::from)
+                .map_err(mlua::Error::external)
+        }
+    }
+}
+
+/// The `session` argument of a handler: the caller's session and its operations.
+pub(crate) struct LuaSession {
+    services: Arc<dyn Services>,
+    session: Mutex<Arc<Session>>,
+}
+
+impl LuaSession {
+    fn new(services: Arc<dyn Services>, session: Arc<Session>) -> Self {
+        LuaSession {
+            services,
+            session: Mutex::new(session),
+        }
+    }
+
+    fn snapshot(&self) -> Arc<Session> {
+        self.session.lock().clone()
+    }
+
+    fn refresh(&self, s: Arc<Session>) {
+        *self.session.lock() = s;
+    }
+}
+
+fn external(e: CallError) -> mlua::Error {
+    mlua::Error::external(e)
+}
+
+impl UserData for LuaSession {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("id", |_, this| Ok(this.snapshot().id.to_string()));
+        fields.add_field_method_get("uid", |_, this| Ok(this.snapshot().uid.clone()));
+        fields.add_field_method_get("ip", |_, this| Ok(this.snapshot().remote.to_string()));
+        fields.add_field_method_get("gate", |_, this| Ok(this.snapshot().gate.to_string()));
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("get", |lua, this, key: String| {
+            match this.snapshot().settings.get(&key) {
+                Some(v) => super::from_json(lua, v),
+                None => Ok(mlua::Value::Nil),
+            }
+        });
+        methods.add_method("settings", |lua, this, ()| {
+            super::from_json(lua, &Value::Object(this.snapshot().settings.clone()))
+        });
+        methods.add_method("export", |lua, this, ()| {
+            super::from_json(lua, &this.snapshot().export_map())
+        });
+        methods.add_async_method(
+            "set",
+            |lua, this, (key, value): (String, mlua::Value)| async move {
+                let value = super::to_json(&lua, value)?;
+                let s = this.snapshot();
+                let node = node_of(&this.services).map_err(external)?;
+                let s = node
+                    .sessions()
+                    .set(&s, &key, value)
+                    .await
+                    .map_err(external)?;
+                this.refresh(s);
+                Ok(true)
+            },
+        );
+        methods.add_async_method("remove", |_, this, key: String| async move {
+            let s = this.snapshot();
+            let node = node_of(&this.services).map_err(external)?;
+            let s = node.sessions().remove(&s, &key).await.map_err(external)?;
+            this.refresh(s);
+            Ok(true)
+        });
+        methods.add_async_method("bind", |_, this, uid: String| async move {
+            let s = this.snapshot();
+            let node = node_of(&this.services).map_err(external)?;
+            let s = node.sessions().bind(&s, &uid).await.map_err(external)?;
+            this.refresh(s);
+            Ok(true)
+        });
+        methods.add_async_method("unbind", |_, this, ()| async move {
+            let s = this.snapshot();
+            let node = node_of(&this.services).map_err(external)?;
+            let s = node.sessions().unbind(&s).await.map_err(external)?;
+            this.refresh(s);
+            Ok(true)
+        });
+        methods.add_async_method("update", |_, this, ()| async move {
+            let s = this.snapshot();
+            let node = node_of(&this.services).map_err(external)?;
+            let s = node.sessions().update(&s).await.map_err(external)?;
+            this.refresh(s);
+            Ok(true)
+        });
+        for name in ["push", "send"] {
+            methods.add_async_method(
+                name,
+                |lua, this, (topic, body): (String, mlua::Value)| async move {
+                    let body = body_bytes(&lua, body)?;
+                    let s = this.snapshot();
+                    this.services
+                        .push(&s, &topic, body)
+                        .await
+                        .map_err(external)?;
+                    Ok(true)
+                },
+            );
+        }
+        methods.add_async_method("close", |_, this, ()| async move {
+            let s = this.snapshot();
+            let node = node_of(&this.services).map_err(external)?;
+            node.sessions().close(&s).await.map_err(external)?;
+            Ok(true)
+        });
+    }
+}
+
+/// A state taken from the pool for one call; back in the pool when dropped, even when the call
+/// is cancelled at its deadline.
+struct Checkout<'a> {
+    module: &'a LuaModule,
+    state: Option<State>,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Checkout<'_> {
+    fn state(&self) -> &State {
+        self.state
+            .as_ref()
+            .expect("a checkout holds its state until it is dropped")
+    }
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        if let Some(state) = self.state.take() {
+            state.budget.disarm();
+            *state.current.lock() = None;
+            self.module.idle.lock().push(state);
+        }
+    }
+}
+
+impl LuaModule {
+    async fn checkout(&self) -> Result<Checkout<'_>, CallError> {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| CallError::Closed)?;
+        let state = self.idle.lock().pop().ok_or(CallError::Closed)?;
+        Ok(Checkout {
+            module: self,
+            state: Some(state),
+            _permit: permit,
+        })
+    }
+
+    /// The message argument, as the options say.
+    fn msg(&self, lua: &Lua, body: &Bytes) -> Result<mlua::Value, CallError> {
+        match self.msg_type {
+            MsgType::Text | MsgType::Bytes => lua
+                .create_string(body)
+                .map(mlua::Value::String)
+                .map_err(|e| CallError::App(e.to_string())),
+            MsgType::Json => {
+                let v = json_body(body)?;
+                super::from_json(lua, &v).map_err(|e| {
+                    CallError::bad_request(Detail::caused("the body does not fit a Lua value", e))
+                })
+            }
+        }
+    }
+
+    /// Run `f` on `state` within the budget, for `what` (a handler or a hook).
+    async fn run(
+        &self,
+        state: &State,
+        what: &str,
+        f: &Function,
+        args: impl mlua::IntoLuaMulti,
+    ) -> Result<mlua::Value, CallError> {
+        state.budget.arm();
+        let r = f.call_async::<mlua::Value>(args).await;
+        let tripped = state.budget.disarm();
+        match (r, tripped) {
+            (Ok(v), _) => Ok(v),
+            (Err(_), Some(why)) => {
+                let reason = state.budget.describe(why);
+                metrics::counter!("warren_plugin_runaway_total").increment(1);
+                tracing::warn!(module = %self.module, plugin = %self.path.display(), handler = what, %reason, "runaway Lua call stopped");
+                Err(match why {
+                    Tripped::Instructions | Tripped::Time => CallError::Timeout,
+                })
+            }
+            (Err(e), None) => {
+                let error = super::call_error(&e, &self.chunk);
+                if matches!(error, CallError::App(_)) {
+                    tracing::warn!(module = %self.module, plugin = %self.path.display(), handler = what, error = %e, "Lua handler failed");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Encode a handler's return value as its reply.
+    fn reply(lua: &Lua, v: mlua::Value) -> Result<Bytes, CallError> {
+        let json = match v {
+            mlua::Value::Nil => Value::Null,
+            mlua::Value::String(s) => {
+                Value::String(String::from_utf8_lossy(&s.as_bytes()).into_owned())
+            }
+            other => super::to_json(lua, other)
+                .map_err(|e| CallError::App(format!("reply encoding failed: {e}")))?,
+        };
+        json_reply(&json)
+    }
+
+    /// Run a hook on every state of the pool (each state has its own globals), with `cx` as the
+    /// running call.
+    async fn on_every_state(
+        &self,
+        hook: &str,
+        cx: Option<CallCx>,
+        args: impl Fn(&Lua) -> mlua::Result<mlua::MultiValue>,
+    ) -> Result<(), PluginError> {
+        let n = self.permits.available_permits();
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            held.push(
+                self.checkout()
+                    .await
+                    .map_err(|e| PluginError::script(&self.path, None, e.to_string()))?,
+            );
+        }
+        for c in &held {
+            let st = c.state();
+            if let Some(cx) = &cx {
+                st.lua
+                    .globals()
+                    .get::<mlua::Table>("warren")
+                    .and_then(|w| {
+                        w.set(
+                            "settings",
+                            super::from_json(&st.lua, &cx.instance.settings)?,
+                        )?;
+                        w.set("instance", &*cx.instance.id)
+                    })
+                    .map_err(|e| super::load_error(&self.path, &e))?;
+            }
+            *st.current.lock() = cx.clone();
+            let Some(f) = st.functions.get(hook) else {
+                continue;
+            };
+            let a = args(&st.lua).map_err(|e| super::load_error(&self.path, &e))?;
+            st.budget.arm();
+            let r = f.call_async::<mlua::Value>(a).await;
+            let tripped = st.budget.disarm();
+            if let Some(why) = tripped {
+                return Err(PluginError::script(
+                    &self.path,
+                    None,
+                    format!("{hook}: {}", st.budget.describe(why)),
+                ));
+            }
+            r.map_err(|e| super::load_error(&self.path, &e))?;
+        }
+        Ok(())
+    }
+}
+
+impl ModuleVersion for LuaModule {
+    fn handlers(&self) -> &[String] {
+        &self.handlers
+    }
+
+    fn has_hook(&self, hook: &str) -> bool {
+        self.hooks.contains(&hook)
+    }
+
+    fn call(
+        self: Arc<Self>,
+        handler: Arc<str>,
+        cx: CallCx,
+        body: Bytes,
+    ) -> BoxFuture<'static, Result<Bytes, CallError>> {
+        Box::pin(async move {
+            let c = self.checkout().await?;
+            let st = c.state();
+            let f = st
+                .functions
+                .get(&*handler)
+                .ok_or_else(|| CallError::HandlerNotFound(handler.to_string()))?;
+            let session = match &cx.session {
+                Some(s) => mlua::Value::UserData(
+                    st.lua
+                        .create_userdata(LuaSession::new(cx.services.clone(), s.clone()))
+                        .map_err(|e| CallError::App(e.to_string()))?,
+                ),
+                None => mlua::Value::Nil,
+            };
+            let msg = self.msg(&st.lua, &body)?;
+            *st.current.lock() = Some(cx);
+            let v = self.run(st, &handler, f, (session, msg)).await?;
+            LuaModule::reply(&st.lua, v)
+        })
+    }
+
+    fn init(self: Arc<Self>, cx: CallCx) -> BoxFuture<'static, Result<(), PluginError>> {
+        Box::pin(async move {
+            let settings = cx.instance.settings.clone();
+            self.on_every_state("on_init", Some(cx), move |lua| {
+                let v = super::from_json(lua, &settings)?;
+                Ok(mlua::MultiValue::from_iter([v]))
+            })
+            .await
+        })
+    }
+
+    fn destroy(self: Arc<Self>, cx: CallCx) -> BoxFuture<'static, Result<(), PluginError>> {
+        Box::pin(async move {
+            self.on_every_state("on_destroy", Some(cx), |_| Ok(mlua::MultiValue::new()))
+                .await
+        })
+    }
+
+    fn session_closed(self: Arc<Self>, cx: CallCx) -> BoxFuture<'static, Result<(), CallError>> {
+        Box::pin(async move {
+            let c = self.checkout().await?;
+            let st = c.state();
+            let Some(f) = st.functions.get("on_session_closed") else {
+                return Ok(());
+            };
+            let session = match &cx.session {
+                Some(s) => mlua::Value::UserData(
+                    st.lua
+                        .create_userdata(LuaSession::new(cx.services.clone(), s.clone()))
+                        .map_err(|e| CallError::App(e.to_string()))?,
+                ),
+                None => mlua::Value::Nil,
+            };
+            *st.current.lock() = Some(cx);
+            self.run(st, "on_session_closed", f, session)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn export_state(self: Arc<Self>) -> BoxFuture<'static, Result<Option<Value>, PluginError>> {
+        Box::pin(async move {
+            let c = self
+                .checkout()
+                .await
+                .map_err(|e| PluginError::script(&self.path, None, e.to_string()))?;
+            let st = c.state();
+            let Some(f) = st.functions.get("export_state") else {
+                return Ok(None);
+            };
+            let v = self
+                .run(st, "export_state", f, ())
+                .await
+                .map_err(|e| PluginError::script(&self.path, None, format!("export_state: {e}")))?;
+            super::to_json(&st.lua, v)
+                .map(Some)
+                .map_err(|e| PluginError::script(&self.path, None, format!("export_state: {e}")))
+        })
+    }
+
+    fn import_state(self: Arc<Self>, state: Value) -> BoxFuture<'static, Result<(), PluginError>> {
+        Box::pin(async move {
+            self.on_every_state("import_state", None, move |lua| {
+                Ok(mlua::MultiValue::from_iter([super::from_json(
+                    lua, &state,
+                )?]))
+            })
+            .await
+        })
+    }
+}

@@ -1,0 +1,387 @@
+//! The Python host (CPython 3 through pyo3): what channel handlers and modules share — the
+//! threads Python runs on (never an async worker), loading a file as a module with the host's
+//! modules (`channel`, `warren`) in place, errors with the file's line and the traceback, and
+//! values to and from JSON.
+//!
+//! One interpreter serves the process. A plugin's code runs on threads of its own that take the
+//! GIL for each call and let go of it whenever the call waits on the node (`warren.call`,
+//! `session.push`, …): the node's future runs on the async runtime meanwhile, and the thread
+//! blocks without the GIL until it is done.
+
+// pyo3's #[pyclass] and #[pymethods] expand to unsafe glue around the C API: this module allows
+// what those macros generate and writes no unsafe code of its own.
+#![allow(unsafe_code)]
+
+pub(crate) mod channel;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyModule, PyString, PyTuple};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use warren::CallError;
+
+use crate::PluginError;
+
+/// Python helpers the host calls: loading a file as a module, reading an exception, JSON.
+const HELPER: &std::ffi::CStr = c"
+import importlib.util, inspect, json, os, sys, traceback
+
+
+class CallError(Exception):
+    '''A call through warren failed; `kind` is warren's error kind, the text its message.'''
+
+    def __init__(self, kind, text):
+        super().__init__(text)
+        self.kind = kind
+        self.text = text
+
+
+def load(path, name, injected):
+    directory = os.path.dirname(os.path.abspath(path))
+    if directory not in sys.path:
+        sys.path.append(directory)
+    previous = {k: sys.modules.get(k) for k in list(injected) + [name]}
+    sys.modules.update(injected)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    module.__dict__.update(injected)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        for k, v in previous.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+        raise
+    return module
+
+
+def error_info(exc, tb, path):
+    if tb is not None and exc.__traceback__ is None:
+        exc = exc.with_traceback(tb)
+    text = ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    target = os.path.abspath(path)
+    line = None
+    if isinstance(exc, SyntaxError) and exc.filename and os.path.abspath(exc.filename) == target:
+        line = exc.lineno
+        where = '%s: %s' % (type(exc).__name__, exc.msg)
+    else:
+        for frame in traceback.extract_tb(exc.__traceback__):
+            if os.path.abspath(frame.filename) == target:
+                line = frame.lineno
+        where = '%s: %s' % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+    reply = str(exc) or type(exc).__name__
+    kind = exc.kind if isinstance(exc, CallError) else None
+    return line, where, reply, kind, text
+
+
+def handlers(module, reserved):
+    return sorted(
+        k for k, v in vars(module).items()
+        if inspect.isfunction(v) and v.__module__ == module.__name__
+        and not k.startswith('_') and k not in reserved
+    )
+
+
+def dumps(value):
+    return json.dumps(value, ensure_ascii=False, separators=(',', ':'))
+
+
+loads = json.loads
+";
+
+static HELPER_MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+
+/// Serializes loads: a file is executed with `sys.modules['channel']` (or `warren`) set to its
+/// own host module, so that its `import channel` binds the right one.
+static LOADING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+fn helper(py: Python<'_>) -> PyResult<&Bound<'_, PyModule>> {
+    HELPER_MODULE
+        .get_or_try_init(py, || {
+            PyModule::from_code(py, HELPER, c"warren_host.py", c"_warren_host").map(Bound::unbind)
+        })
+        .map(|m| m.bind(py))
+}
+
+/// What Python said about an exception.
+pub(crate) struct PyFailure {
+    /// The line in the plugin file the exception comes from, when it does.
+    pub(crate) line: Option<u32>,
+    /// `Type: message`, for load errors and logs.
+    pub(crate) described: String,
+    /// The exception's own message, for an error reply.
+    pub(crate) reply: String,
+    /// The traceback, for the log.
+    pub(crate) traceback: String,
+    /// For `warren.CallError`: the error the script let through, rebuilt from its text.
+    pub(crate) call_error: Option<CallError>,
+}
+
+impl PyFailure {
+    pub(crate) fn of(py: Python<'_>, e: &PyErr, path: &Path) -> PyFailure {
+        let read = || -> PyResult<PyFailure> {
+            let info =
+                helper(py)?
+                    .getattr("error_info")?
+                    .call1((e.value(py), e.traceback(py), path))?;
+            let (line, described, reply, kind, traceback): (
+                Option<u32>,
+                String,
+                String,
+                Option<String>,
+                String,
+            ) = info.extract()?;
+            let call_error = kind.map(|_| CallError::from_wire_text(&reply));
+            Ok(PyFailure {
+                line,
+                described,
+                reply,
+                traceback,
+                call_error,
+            })
+        };
+        read().unwrap_or_else(|_| PyFailure {
+            line: None,
+            described: e.to_string(),
+            reply: e.to_string(),
+            traceback: e.to_string(),
+            call_error: None,
+        })
+    }
+
+    pub(crate) fn load_error(self, path: &Path) -> PluginError {
+        PluginError::script(path, self.line, self.described)
+    }
+
+    /// The error a caller gets: a `warren.CallError` keeps its kind, any other exception is the
+    /// script's own error with its message.
+    pub(crate) fn call_error(self) -> CallError {
+        self.call_error.unwrap_or(CallError::App(self.reply))
+    }
+}
+
+/// Load the file at `path` as Python module `name`, with the host modules `injected` installed
+/// in `sys.modules` and in the module's namespace. Takes the GIL itself (call it without).
+pub(crate) fn load_file(
+    path: &Path,
+    name: &str,
+    injected: impl FnOnce(Python<'_>) -> PyResult<Vec<(&'static str, Bound<'_, PyAny>)>>,
+) -> Result<Py<PyModule>, PluginError> {
+    if !path.is_file() {
+        return Err(PluginError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    let _one_at_a_time = LOADING.lock();
+    Python::attach(|py| {
+        let injected = injected(py).map_err(|e| PyFailure::of(py, &e, path).load_error(path))?;
+        let run = || -> PyResult<Py<PyModule>> {
+            let dict = PyDict::new(py);
+            for (k, v) in injected {
+                dict.set_item(k, v)?;
+            }
+            let m = helper(py)?.getattr("load")?.call1((path, name, dict))?;
+            Ok(m.cast_into::<PyModule>()?.unbind())
+        };
+        run().map_err(|e| PyFailure::of(py, &e, path).load_error(path))
+    })
+}
+
+/// A module-level function, when the module defines one by that name.
+pub(crate) fn function(module: &Bound<'_, PyModule>, name: &str) -> Option<Py<PyAny>> {
+    module
+        .getattr(name)
+        .ok()
+        .filter(|f| f.is_callable())
+        .map(Bound::unbind)
+}
+
+/// `warren.CallError`, for the `warren` module.
+pub(crate) fn call_error_class(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    helper(py)?.getattr("CallError")
+}
+
+/// A Python exception for a failed node operation: `warren.CallError(kind, text)`.
+pub(crate) fn raise(py: Python<'_>, e: CallError) -> PyErr {
+    match call_error_class(py).and_then(|c| c.call1((e.kind().as_str(), e.wire_text()))) {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(other) => other,
+    }
+}
+
+/// Bytes as a `str` (UTF-8 with `surrogateescape`, so that every byte round-trips), or as
+/// `bytes`.
+pub(crate) fn text_or_bytes<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    as_bytes: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    if as_bytes {
+        return Ok(PyBytes::new(py, data).into_any());
+    }
+    match std::str::from_utf8(data) {
+        Ok(s) => Ok(PyString::new(py, s).into_any()),
+        Err(_) => PyBytes::new(py, data).call_method1("decode", ("utf-8", "surrogateescape")),
+    }
+}
+
+/// A `str` (encoded as [`text_or_bytes`] decodes), `bytes` or `bytearray` as bytes; `None` when
+/// the value is none of those.
+pub(crate) fn raw_bytes(v: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u8>>> {
+    if let Ok(s) = v.cast::<PyString>() {
+        if let Ok(text) = s.to_str() {
+            return Ok(Some(text.as_bytes().to_vec()));
+        }
+        let b = s.call_method1("encode", ("utf-8", "surrogateescape"))?;
+        return Ok(Some(b.extract()?));
+    }
+    if v.is_instance_of::<PyBytes>() || v.is_instance_of::<pyo3::types::PyByteArray>() {
+        return Ok(Some(v.extract()?));
+    }
+    Ok(None)
+}
+
+/// A Python value as JSON.
+pub(crate) fn to_json(v: &Bound<'_, PyAny>) -> PyResult<Value> {
+    let text: String = helper(v.py())?.getattr("dumps")?.call1((v,))?.extract()?;
+    serde_json::from_str(&text).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))
+}
+
+/// JSON as a Python value.
+pub(crate) fn from_json<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
+    match v {
+        Value::Null => Ok(py.None().into_bound(py)),
+        Value::String(s) => Ok(PyString::new(py, s).into_any()),
+        other => helper(py)?.getattr("loads")?.call1((other.to_string(),)),
+    }
+}
+
+/// A body for the node from a Python value: `str` and `bytes` as they are, `None` empty,
+/// anything else as JSON.
+pub(crate) fn body_bytes(v: &Bound<'_, PyAny>) -> PyResult<bytes::Bytes> {
+    if v.is_none() {
+        return Ok(bytes::Bytes::new());
+    }
+    if let Some(raw) = raw_bytes(v)? {
+        return Ok(raw.into());
+    }
+    let json = to_json(v)?;
+    Ok(serde_json::to_vec(&json)
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?
+        .into())
+}
+
+/// Run a node operation from a Python thread: the GIL is released, the future runs on the
+/// runtime, the thread waits for its result.
+pub(crate) fn wait<T: Send + 'static>(
+    py: Python<'_>,
+    rt: &tokio::runtime::Handle,
+    fut: impl Future<Output = Result<T, CallError>> + Send + 'static,
+) -> PyResult<T> {
+    let rt = rt.clone();
+    let r = py.detach(move || {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().unwrap_or(Err(CallError::Closed))
+    });
+    r.map_err(|e| raise(py, e))
+}
+
+/// Arguments of a closure given to Python: the `i`th positional one.
+pub(crate) fn arg<'py>(args: &Bound<'py, PyTuple>, i: usize) -> PyResult<Bound<'py, PyAny>> {
+    args.get_item(i)
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The threads a plugin's Python code runs on. Jobs wait in a bounded queue; each takes the GIL
+/// for as long as it runs Python.
+pub(crate) struct Pool {
+    path: PathBuf,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Pool {
+    /// Start `threads` threads for the plugin at `path`, with room for `queue` waiting jobs.
+    pub(crate) fn start(
+        path: &Path,
+        threads: usize,
+        queue: usize,
+    ) -> Result<Arc<Pool>, PluginError> {
+        let (jobs, rx) = mpsc::channel::<Job>(queue.max(1));
+        let rx = Arc::new(parking_lot::Mutex::new(rx));
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("py-{stem}-{i}"))
+                .spawn(move || {
+                    loop {
+                        // one thread waits for the next job at a time; the others wait for it
+                        let job = rx.lock().blocking_recv();
+                        let Some(job) = job else { break };
+                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                            tracing::error!("a Python plugin job panicked");
+                        }
+                    }
+                })
+                .map_err(|source| PluginError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?;
+        }
+        Ok(Arc::new(Pool {
+            path: path.to_owned(),
+            jobs,
+        }))
+    }
+
+    /// Run `f` on one of the threads and wait for its result, without blocking the caller's
+    /// thread.
+    pub(crate) async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, CallError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .await
+            .map_err(|_| CallError::Closed)?;
+        rx.await.map_err(|_| CallError::Closed)
+    }
+
+    /// Run `f` on one of the threads and block until it is done: for loading, outside any hot
+    /// path.
+    pub(crate) fn run_blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, PluginError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.jobs
+            .try_send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| PluginError::Stopped {
+                path: self.path.clone(),
+            })?;
+        rx.recv().map_err(|_| PluginError::Stopped {
+            path: self.path.clone(),
+        })
+    }
+}
