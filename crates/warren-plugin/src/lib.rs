@@ -2,11 +2,15 @@
 //! native shared library — loaded from a file and reloaded while clients stay connected
 //! (docs/plugins.md).
 //!
-//! A **channel handler** for a line listener (docs/protocols/line.md): [`load_channel_handler`]
-//! (or [`ChannelPlugin::load`], which keeps the reload handle) gives an `Arc<dyn ChannelHandler>`
-//! for `NodeBuilder::channel_handler`. The contract is ffown's: `handle_connect(channel)`
-//! (optional), `handle_msg(channel, msg)`, `handle_broken(channel)`, and `channel.send(id, msg)`
-//! returning 0 or −1. Every kind, native included.
+//! Two things can be a plugin:
+//! - a **channel handler** for a line listener (docs/protocols/line.md): [`load_channel_handler`]
+//!   (or [`ChannelPlugin::load`], which keeps the reload handle) gives an
+//!   `Arc<dyn ChannelHandler>` for `NodeBuilder::channel_handler`. The contract is ffown's:
+//!   `handle_connect(channel)` (optional), `handle_msg(channel, msg)`, `handle_broken(channel)`,
+//!   and `channel.send(id, msg)` returning 0 or −1. Every kind, native included.
+//! - a **module** (Lua and Python): [`load_module`] (or [`ModulePlugin::load`]) gives a
+//!   [`warren::Module`] that a node runs, routes, hashes and calls like a Rust one. Its handlers
+//!   are the script's functions `(session, msg)`.
 //!
 //! Each load is a **version** in a slot. [`Plugin::reload`] loads the file again beside the
 //! running version: new calls go to the new one, calls in flight finish on the old, channels
@@ -27,6 +31,7 @@
 
 mod channel;
 mod error;
+mod module;
 mod slot;
 
 #[cfg(feature = "lua")]
@@ -41,10 +46,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use warren::Execution;
 use warren::gate::line::ChannelHandler;
 
 pub use channel::ChannelPlugin;
 pub use error::{PluginError, PluginErrorKind};
+pub use module::ModulePlugin;
 #[cfg(feature = "native")]
 pub use native::ABI_VERSION;
 
@@ -162,6 +169,47 @@ impl Default for ChannelPluginOptions {
     }
 }
 
+/// Settings of a module plugin (a `[[module]]` with `plugin = …`).
+#[derive(Debug, Clone)]
+pub struct ModulePluginOptions {
+    /// Handlers clients may call in every mode, once logged in (Rust's `client_handler`). When
+    /// `None`, clients reach a handler only by name prefix in mqant mode (`HD_`, `Handler_`),
+    /// as for a Rust module's plain `handler`.
+    pub handlers: Option<Vec<String>>,
+    /// Handlers clients may call before their session is bound to a uid (Rust's
+    /// `login_handler`): the login itself, or a public one.
+    pub login_handlers: Vec<String>,
+    /// What a handler's `msg` is (default: text).
+    pub msg_type: MsgType,
+    /// Sequential (one call at a time, in order) or concurrent (default).
+    pub execution: Execution,
+    /// A concurrent module's workers: Lua states in the pool (each loads the script and keeps its
+    /// own globals), or Python threads. A sequential module has one.
+    pub workers: usize,
+    /// Lua: instructions one call may run before it is stopped.
+    pub max_instructions: u64,
+    /// Lua: wall time one call may run before it is stopped (a Lua loop that never yields is
+    /// beyond the reach of the caller's deadline, so it has one of its own).
+    pub time_limit: Duration,
+    /// Python: calls that may wait for a free thread before callers wait to hand theirs over.
+    pub queue: usize,
+}
+
+impl Default for ModulePluginOptions {
+    fn default() -> Self {
+        ModulePluginOptions {
+            handlers: None,
+            login_handlers: Vec::new(),
+            msg_type: MsgType::Text,
+            execution: Execution::Concurrent,
+            workers: 4,
+            max_instructions: DEFAULT_MAX_INSTRUCTIONS,
+            time_limit: warren::module::DEFAULT_CALL_TIMEOUT,
+            queue: 1024,
+        }
+    }
+}
+
 /// Instructions a Lua call may run by default: a few tenths of a second of pure Lua, far beyond
 /// what a handler needs, soon enough to stop a loop that never ends.
 pub const DEFAULT_MAX_INSTRUCTIONS: u64 = 100_000_000;
@@ -190,6 +238,16 @@ pub fn load_channel_handler(
 ) -> Result<Arc<dyn ChannelHandler>, PluginError> {
     let plugin: Arc<dyn ChannelHandler> = ChannelPlugin::load(path, options)?;
     Ok(plugin)
+}
+
+/// Load a module plugin (Lua or Python) as module type `type_name`. Keep the [`ModulePlugin`]
+/// from [`ModulePlugin::load`] instead to reload it later.
+pub fn load_module(
+    type_name: &str,
+    path: impl AsRef<Path>,
+    options: &ModulePluginOptions,
+) -> Result<warren::Module, PluginError> {
+    Ok(ModulePlugin::load(type_name, path, options)?.module())
 }
 
 #[cfg(test)]

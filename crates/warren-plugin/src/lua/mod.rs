@@ -3,6 +3,7 @@
 //! the file with errors that name its line, and values to and from JSON.
 
 pub(crate) mod channel;
+pub(crate) mod module;
 
 use std::path::Path;
 use std::sync::Arc;

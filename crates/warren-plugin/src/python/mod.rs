@@ -13,6 +13,7 @@
 #![allow(unsafe_code)]
 
 pub(crate) mod channel;
+pub(crate) mod module;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -194,6 +195,14 @@ pub(crate) fn load_file(
         };
         run().map_err(|e| PyFailure::of(py, &e, path).load_error(path))
     })
+}
+
+/// The functions of `module` that are handlers (defined in the file, public, not hooks).
+pub(crate) fn handler_names(module: &Bound<'_, PyModule>) -> PyResult<Vec<String>> {
+    helper(module.py())?
+        .getattr("handlers")?
+        .call1((module, crate::module::HOOKS.to_vec()))?
+        .extract()
 }
 
 /// A module-level function, when the module defines one by that name.

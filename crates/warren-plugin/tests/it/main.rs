@@ -6,3 +6,5 @@
 
 mod channels;
 mod kit;
+mod modules;
+mod reload;
