@@ -1,9 +1,9 @@
 //! [`ChannelPlugin`]: a line listener's channel handler written as a plugin (docs/plugins.md,
 //! "Channel handlers"; the contract of docs/protocols/line.md).
 //!
-//! The connection tasks never run plugin code: they register the channel and queue the event
-//! (connect, message, disconnect) for the plugin's own thread, which calls the script or the
-//! library one event at a time. That thread is what serializes the calls into a plugin (as
+//! The connection tasks never run plugin code: they queue each event (connect, message,
+//! disconnect) for the plugin's own thread, which calls the script or the library one event at a
+//! time. That thread is what serializes the calls into a plugin (as
 //! ffown's single IO thread did), keeps Python's GIL off the async workers, and keeps a native
 //! plugin's blocking off them too. Reloads run on the same thread, between two events.
 
@@ -91,7 +91,6 @@ enum Event {
 pub struct ChannelPlugin {
     name: String,
     kind: PluginKind,
-    shared: Arc<ChannelShared>,
     slot: Arc<PluginSlot<dyn ChannelVersion>>,
     events: mpsc::Sender<Event>,
 }
@@ -170,7 +169,7 @@ impl ChannelPlugin {
         };
         let (events, rx) = mpsc::channel(options.queue.max(1));
         let (loaded_tx, loaded_rx) = std::sync::mpsc::sync_channel(1);
-        let thread_shared = shared.clone();
+        let thread_shared = shared;
         std::thread::Builder::new()
             .name(format!("plugin-{name}"))
             .spawn(move || {
@@ -204,7 +203,6 @@ impl ChannelPlugin {
         Ok(Arc::new(ChannelPlugin {
             name,
             kind,
-            shared,
             slot,
             events,
         }))
@@ -230,21 +228,10 @@ impl ChannelPlugin {
 
 impl ChannelHandler for ChannelPlugin {
     fn on_connect(&self, channel: &Channel) {
-        self.shared
-            .channels
-            .write()
-            .insert(channel.id(), channel.clone());
         self.enqueue(channel, Event::Connect(channel.clone()));
     }
 
     fn handle_msg(&self, channel: &Channel, msg: Bytes) {
-        // lazy channels come into existence with their first message
-        if !self.shared.channels.read().contains_key(&channel.id()) {
-            self.shared
-                .channels
-                .write()
-                .insert(channel.id(), channel.clone());
-        }
         self.enqueue(channel, Event::Msg(channel.clone(), msg));
     }
 
@@ -265,9 +252,7 @@ impl ChannelHandler for ChannelPlugin {
                     }
                 }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.shared.channels.write().remove(&channel.id());
-            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 }
@@ -319,6 +304,7 @@ impl Worker {
         while let Some(event) = rx.blocking_recv() {
             match event {
                 Event::Connect(ch) => {
+                    self.seen(&ch);
                     let v = self.slot.current();
                     let r = v.value.connect(&ch);
                     self.report(&v, &ch, "handle_connect", r);
@@ -326,10 +312,13 @@ impl Worker {
                 }
                 Event::Msg(ch, msg) => {
                     let v = self.slot.current();
-                    if let Some(old) = self.on.get(&ch.id())
-                        && old.version != v.version
-                    {
-                        tracing::debug!(plugin = %self.slot.path().display(), channel = ch.id(), from = old.version, to = v.version, "channel moves to the new version");
+                    match self.on.get(&ch.id()) {
+                        // lazy channels come into existence with their first message
+                        None => self.seen(&ch),
+                        Some(old) if old.version != v.version => {
+                            tracing::debug!(plugin = %self.slot.path().display(), channel = ch.id(), from = old.version, to = v.version, "channel moves to the new version");
+                        }
+                        Some(_) => {}
                     }
                     self.on.insert(ch.id(), v.clone());
                     let r = v.value.msg(&ch, msg);
@@ -350,6 +339,11 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// A channel's first event: from now on `channel.send(id, …)` finds it.
+    fn seen(&self, ch: &Channel) {
+        self.shared.channels.write().insert(ch.id(), ch.clone());
     }
 
     fn report(

@@ -250,6 +250,12 @@ pub fn load_module(
     Ok(ModulePlugin::load(type_name, path, options)?.module())
 }
 
+/// The plugin guide (docs/plugins.md), compiled and run as a doctest so that its Rust example
+/// stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/plugins.md")]
+pub struct PluginsGuide;
+
 #[cfg(test)]
 mod tests {
     use super::*;
