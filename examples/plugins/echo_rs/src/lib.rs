@@ -68,7 +68,11 @@ pub unsafe extern "C" fn warren_plugin_init(host: *const WarrenHost) -> i32 {
 /// # Safety
 /// `data` points at `len` readable bytes for the length of the call (the ABI).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn warren_handle_msg(ch: *mut WarrenChannel, data: *const u8, len: usize) -> i32 {
+pub unsafe extern "C" fn warren_handle_msg(
+    ch: *mut WarrenChannel,
+    data: *const u8,
+    len: usize,
+) -> i32 {
     match HOST.get() {
         // the host copies the bytes before it returns, so they need to live no longer
         Some(Host(host)) => (host.send)(ch, data, len),
