@@ -270,3 +270,44 @@ async fn api_session(handler: Arc<dyn warren::gate::line::ChannelHandler>) {
     assert_eq!(b.text().await, "left -1");
     node.shutdown().await;
 }
+
+/// With `lazy_channels` a channel is born with its first message: no `handle_connect`, and a
+/// connection that closes before sending anything is never reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_channels_start_at_the_first_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = kit::write(
+        dir.path(),
+        "lazy.lua",
+        r#"
+local seen = {}
+function handle_connect(id) channel.send(id, "connected") end
+function handle_msg(id, msg)
+  seen[id] = true
+  local n = 0
+  for _ in pairs(seen) do n = n + 1 end
+  channel.send(id, msg .. " " .. n)
+end
+function handle_broken(id) seen[id] = nil end
+"#,
+    );
+    let plugin = load_channel_handler(&path, &Default::default()).unwrap();
+    let node = kit::line_node_with(plugin, "line://127.0.0.1:0?lazy_channels=true").await;
+    let silent = LineClient::connect(&node).await;
+    drop(silent);
+    let mut a = LineClient::connect(&node).await;
+    a.send(b"1\r\na").await;
+    assert_eq!(a.text().await, "a 1");
+    let mut b = LineClient::connect(&node).await;
+    b.send(b"1\r\nb").await;
+    assert_eq!(b.text().await, "b 2");
+    drop(b);
+    // b's disconnect is reported before the next event of the plugin's thread
+    let mut c = LineClient::connect(&node).await;
+    a.send(b"1\r\nx").await;
+    let after = a.text().await;
+    assert!(after == "x 1" || after == "x 2", "{after}");
+    c.send(b"1\r\nc").await;
+    assert!(c.text().await.starts_with("c "));
+    node.shutdown().await;
+}

@@ -222,7 +222,10 @@ impl LineSession {
         self.announced = true;
         if let Some(h) = &self.handler {
             gate.channels.insert(&self.channel);
-            h.on_connect(&self.channel);
+            // lazy_channels: the channel is born with its first message, without a connect event
+            if !self.lazy {
+                h.on_connect(&self.channel);
+            }
         }
     }
 
