@@ -225,6 +225,13 @@ def HD_Sum(session, msg):
     total = warren.call("Math", "Add", {"a": 2, "b": 3})
     length = warren.call("Lobby", "Count", msg)
     return {"sum": total, "length": length, "module": warren.module}
+
+def HD_Py(session, msg):
+    session.set("level", 4)
+    warren.room_add("py")
+    reached = warren.room_broadcast("py", "Echo/OnPy", {"uid": session.uid})
+    return {"uid": session.uid, "level": session.get("level"), "reached": reached,
+            "settings": session.settings}
 "#;
 
 async fn add(
@@ -261,7 +268,7 @@ async fn scripts_use_sessions_rooms_and_calls() {
         "Echo",
         &echo_path,
         &ModulePluginOptions {
-            handlers: Some(vec!["HD_Sum".into()]),
+            handlers: Some(vec!["HD_Sum".into(), "HD_Py".into()]),
             ..Default::default()
         },
     )
@@ -333,6 +340,15 @@ async fn scripts_use_sessions_rooms_and_calls() {
     assert_eq!(
         envelope(&got[0].1),
         json!({"Error": "", "Result": {"sum": 5, "length": 4, "module": "Echo"}})
+    );
+
+    // Python's session object and rooms
+    ask(&client, "Echo/HD_Py/8", "").await;
+    let got = next_publishes(&mut events, 2).await;
+    assert_eq!(got[0], ("Echo/OnPy".into(), r#"{"uid":"ann"}"#.into()));
+    assert_eq!(
+        envelope(&got[1].1),
+        json!({"Error": "", "Result": {"uid": "ann", "level": 4, "reached": 1, "settings": {"level": 4}}})
     );
     node.shutdown().await;
 }
