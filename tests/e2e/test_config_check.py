@@ -99,6 +99,39 @@ def test_every_value_mistake_is_reported_one_line_each(tmp_path: Path):
     assert lines[3].startswith(f"{path}:14:7: bus.url:"), lines
 
 
+def test_a_key_of_another_protocol_is_an_unknown_key_at_its_place(tmp_path: Path):
+    text = "\n".join(
+        [
+            "[[listener]]",
+            f'addr = "127.0.0.1:{free_port()}"',
+            "heartbeat_s = 5",  # 3: pomelo's, on an MQTT listener
+            "max_package = 4096",  # 4: pomelo's, close to MQTT's max_packet
+            "",
+            "[[listener]]",
+            'protocol = "pomelo"',
+            f'addr = "127.0.0.1:{free_port()}"',
+            "push_qos = 0",  # 9: MQTT's
+            "transport = \"ws\"",  # 10: pomelo serves TCP and WebSocket on one port
+            "",
+        ]
+    )
+    res, path = check(tmp_path, text)
+    assert res.returncode == 1, res
+    assert res.stderr.strip().splitlines() == [
+        f"{path}:3:1: listener[0].heartbeat_s: unknown key `heartbeat_s`: it applies to pomelo listeners, not mqtt",
+        f"{path}:4:1: listener[0].max_package: unknown key `max_package`, did you mean `max_packet`? "
+        "(`max_package` applies to pomelo listeners, not mqtt)",
+        f"{path}:9:1: listener[1].push_qos: unknown key `push_qos`: it applies to mqtt listeners, not pomelo",
+        f"{path}:10:1: listener[1].transport: unknown key `transport`: it applies to mqtt and pomelo-rpc listeners, not pomelo",
+    ], res.stderr
+    # the same key in a --listen URL, the same words
+    res = run("serve", "--no-demo-listeners", "--no-http", "--listen", "mqtt://127.0.0.1:1?heartbeat_s=5", timeout=15)
+    assert res.returncode == 1
+    assert res.stderr.strip() == (
+        "error: --listen.heartbeat_s: unknown key `heartbeat_s`: it applies to pomelo listeners, not mqtt"
+    )
+
+
 def test_a_key_with_nothing_close_does_not_list_every_key(tmp_path: Path):
     res, path = check(tmp_path, '[[listener]]\naddr = "127.0.0.1:1"\nno_such_setting = 1\n')
     assert res.returncode == 1
@@ -196,7 +229,7 @@ def test_a_listen_flag_on_the_page_address_is_refused():
 def test_listen_errors_have_one_prefix():
     res = run("serve", "--no-demo-listeners", "--no-http", "--listen", "line://127.0.0.1:1?handler=nope", timeout=15)
     assert res.returncode == 1
-    assert res.stderr.strip() == 'error: --listen.handler: unknown line handler "nope" (expected "echo" or "router")'
+    assert res.stderr.strip() == "error: --listen.handler: unknown variant `nope`, expected `echo` or `router`"
     res = run("serve", "--no-demo-listeners", "--no-http", "--listen", "mqtt://127.0.0.1:1?max_con=3", timeout=15)
     assert res.stderr.strip() == "error: --listen.max_con: unknown key `max_con`, did you mean `max_conn`?"
 
