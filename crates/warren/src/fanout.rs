@@ -624,7 +624,7 @@ pub fn valid_filter(f: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::{Outbound, OutboxRx, Protocol, Session, Transport, outbox};
+    use crate::session::{Network, Outbound, OutboxRx, Protocol, Session, outbox};
 
     fn handle(id: &str) -> (Arc<SessionHandle>, OutboxRx) {
         let (tx, rx) = outbox(8);
@@ -633,7 +633,7 @@ mod tests {
             uid: None,
             settings: Default::default(),
             remote: "127.0.0.1:1".parse().unwrap(),
-            transport: Transport::Tcp,
+            network: Network::Tcp,
             protocol: Protocol::Mqtt,
             gate: "g".into(),
         };

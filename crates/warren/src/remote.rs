@@ -33,7 +33,7 @@ use warren_proto::node_frame::{self, CallRef, NodeFrame, SessionRef, WireSession
 use crate::bus::{Bus, Call, Pending};
 use crate::error::{CallError, Detail};
 use crate::module::LocalBus;
-use crate::session::{Protocol, Session, Transport as Net};
+use crate::session::{Network as Net, Protocol, Session};
 
 /// Why a transport could not carry a frame.
 ///
@@ -206,7 +206,7 @@ fn session_ref(s: &Session) -> SessionRef<'_> {
         uid: s.uid.as_deref(),
         settings: &s.settings,
         remote: s.remote,
-        ws: s.transport == Net::Ws,
+        ws: s.network == Net::Ws,
         protocol: protocol_name(s.protocol),
         gate: &s.gate,
     }
@@ -241,7 +241,7 @@ fn into_session(w: WireSession) -> Option<Session> {
         uid: w.uid,
         settings: w.settings,
         remote: w.remote,
-        transport: if w.ws { Net::Ws } else { Net::Tcp },
+        network: if w.ws { Net::Ws } else { Net::Tcp },
         gate: w.gate.into(),
     })
 }
@@ -794,7 +794,7 @@ mod tests {
 
     #[test]
     fn sessions_cross_the_bus_unchanged() {
-        for (protocol, transport) in [
+        for (protocol, network) in [
             (Protocol::Pomelo, Net::Ws),
             (Protocol::PomeloRpc, Net::Tcp),
             (Protocol::Mqtt, Net::Tcp),
@@ -808,7 +808,7 @@ mod tests {
                 uid: Some("alice".into()),
                 settings,
                 remote: "127.0.0.1:5".parse().expect("addr"),
-                transport,
+                network,
                 protocol,
                 gate: "Gate001".into(),
             };

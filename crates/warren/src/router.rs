@@ -509,7 +509,7 @@ mod tests {
             uid: Some(uid.into()),
             settings: Default::default(),
             remote: "127.0.0.1:1".parse().unwrap(),
-            transport: crate::session::Transport::Tcp,
+            network: crate::session::Network::Tcp,
             protocol: crate::session::Protocol::Mqtt,
             gate: "g".into(),
         }

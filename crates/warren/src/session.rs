@@ -25,9 +25,6 @@ pub type SessionId = Arc<str>;
 /// listener configuration that decides them (config/listener.rs).
 pub use crate::config::{Network, Protocol};
 
-/// The former name of [`Network`], kept while the remaining callers move to the new one.
-pub type Transport = Network;
-
 /// A snapshot of one session, as handlers see it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Session {
@@ -40,7 +37,7 @@ pub struct Session {
     /// Remote address of the connection.
     pub remote: SocketAddr,
     /// Network of the connection (tcp or ws).
-    pub transport: Network,
+    pub network: Network,
     /// Client protocol of the connection.
     pub protocol: Protocol,
     /// Id of the gate instance that owns the connection (mqant `Serverid`).
@@ -66,7 +63,7 @@ impl Session {
     }
 
     /// Read a session back from an export map (the form session operations return).
-    pub fn from_export_map(v: &Value, transport: Network) -> Option<Session> {
+    pub fn from_export_map(v: &Value, network: Network) -> Option<Session> {
         let o = v.as_object()?;
         let s = |k: &str| o.get(k).and_then(Value::as_str);
         Some(Session {
@@ -78,7 +75,7 @@ impl Session {
                 .cloned()
                 .unwrap_or_default(),
             remote: s("IP")?.parse().ok()?,
-            transport,
+            network,
             protocol: Protocol::Mqtt,
             gate: s("Serverid")?.into(),
         })
@@ -960,7 +957,7 @@ mod tests {
             uid: None,
             settings: Map::new(),
             remote: "127.0.0.1:53422".parse().unwrap(),
-            transport: Network::Tcp,
+            network: Network::Tcp,
             protocol: Protocol::Mqtt,
             gate: "Gate001".into(),
         }

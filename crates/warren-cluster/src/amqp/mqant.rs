@@ -35,7 +35,7 @@ use warren::config::{ModuleBusConfig, ModuleConfig};
 use warren::error::{CallError, Detail};
 use warren::node::NodeHandle;
 use warren::registry::{InstanceRecord, NodeRecord};
-use warren::session::{Session, Transport as Net};
+use warren::session::{Network as Net, Session};
 
 use super::link::{
     ExchangeSpec, Link, Live, PublishError, Subscriber, exchange_kind, failed, run_subscription,

@@ -388,7 +388,7 @@ fn session() -> Arc<Session> {
                 "Sessionid": "8f3c0b6e-1d2a-4c3b-9e8f-0a1b2c3d4e5f", "Settings": {"room": "mqant"},
                 "Userid": "bob"
             }),
-            warren::session::Transport::Tcp,
+            warren::session::Network::Tcp,
         )
         .expect("session"),
     )

@@ -40,7 +40,7 @@ use crate::refusal;
 use crate::route::Route;
 use crate::router::Target;
 use crate::session::{
-    Outbound, Protocol as SessionProtocol, QueueBytes, Session, SessionHandle, Signal, Transport,
+    Network, Outbound, Protocol as SessionProtocol, QueueBytes, Session, SessionHandle, Signal,
 };
 
 /// WebSocket close codes (RFC 6455 §7.4.1) a connection says goodbye with. On TCP there is no
@@ -467,9 +467,9 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             uid: None,
             settings: Default::default(),
             remote: peer,
-            transport: match &writer {
-                Writer::Tcp(_) => Transport::Tcp,
-                Writer::Ws(..) => Transport::Ws,
+            network: match &writer {
+                Writer::Tcp(_) => Network::Tcp,
+                Writer::Ws(..) => Network::Ws,
             },
             protocol,
             gate: node.session_table().gate_id().clone(),
@@ -1329,7 +1329,7 @@ mod tests {
                 uid: None,
                 settings: Default::default(),
                 remote: "127.0.0.1:1".parse().unwrap(),
-                transport: Transport::Tcp,
+                network: Network::Tcp,
                 protocol: SessionProtocol::Mqtt,
                 gate: "g".into(),
             },

@@ -34,7 +34,7 @@ impl SessionOps<'_> {
     ) -> Result<Arc<Session>, CallError> {
         let reply = self.remote(s, op, args).await?;
         let v: Value = serde_json::from_slice(&reply).map_err(|_| CallError::BodyNotJson)?;
-        Session::from_export_map(&v, s.transport)
+        Session::from_export_map(&v, s.network)
             .map(Arc::new)
             .ok_or_else(|| CallError::App("malformed session from gate".into()))
     }

@@ -37,7 +37,7 @@ fn session(id: &str) -> Arc<Session> {
         uid: None,
         settings: Default::default(),
         remote: "127.0.0.1:1".parse().unwrap(),
-        transport: Network::Tcp,
+        network: Network::Tcp,
         protocol: Protocol::Mqtt,
         gate: "Gate001".into(),
     })
