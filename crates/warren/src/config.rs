@@ -54,6 +54,8 @@ pub struct Config {
     pub access: AccessConfig,
     /// Who may connect (`[auth]`).
     pub auth: AuthConfig,
+    /// The admin HTTP API (`[admin]`): off unless `addr` is set.
+    pub admin: AdminConfig,
 }
 
 /// `[node]`.
@@ -183,6 +185,58 @@ impl Default for HttpConfig {
         HttpConfig {
             enabled: true,
             addr: "127.0.0.1:8080".into(),
+        }
+    }
+}
+
+/// `[admin]`: the admin HTTP API, through which an operator lists and reloads plugins and
+/// replaces a handler at run time (docs/configuration.md). It is never reachable through a
+/// client listener, and it is off unless `addr` is set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where the admin API listens; unset: nowhere. A port alone (`9090` or `:9090`) binds
+    /// 127.0.0.1, so an address reachable from elsewhere is always written out in full.
+    pub addr: Option<String>,
+    /// The bearer token every admin request must carry (`Authorization: Bearer <token>`).
+    /// Required when `addr` is not a loopback address.
+    pub token: Option<String>,
+}
+
+impl AdminConfig {
+    /// The address to bind: `None` when the admin API is off, an error when `addr` is not an
+    /// address. A port alone means 127.0.0.1 (not every interface, unlike a listener's `:3563`).
+    pub fn socket_addr(&self) -> Option<Result<SocketAddr, String>> {
+        let addr = self.addr.as_deref()?;
+        let port_only = addr.strip_prefix(':').unwrap_or(addr);
+        if !port_only.is_empty() && port_only.bytes().all(|b| b.is_ascii_digit()) {
+            return Some(
+                port_only
+                    .parse::<u16>()
+                    .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+                    .map_err(|_| format!("{addr:?}: the port must be at most 65535")),
+            );
+        }
+        Some(addr.parse::<SocketAddr>().map_err(|_| {
+            format!("{addr:?} is not an address like 127.0.0.1:9090 (or a port alone: 9090)")
+        }))
+    }
+
+    fn check(&self, p: &mut Problems) {
+        if let Some(Ok(a)) = self.socket_addr()
+            && !a.ip().to_canonical().is_loopback()
+            && self.token.as_deref().is_none_or(str::is_empty)
+        {
+            p.add(
+                "admin.token",
+                format!(
+                    "the admin API on {a} is reachable from other hosts: set a token (or bind \
+                     127.0.0.1)"
+                ),
+            );
+        }
+        if self.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            p.add("admin.token", "must not be empty");
         }
     }
 }
@@ -470,6 +524,7 @@ impl Config {
         self.limits.check(p);
         self.access.check(p);
         self.auth.check(p);
+        self.admin.check(p);
         // every address this node binds, to refuse two that the OS would not both grant
         let mut bound: Vec<(String, SocketAddr)> = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {
@@ -488,10 +543,15 @@ impl Config {
                 ),
             }
         }
+        match self.admin.socket_addr() {
+            Some(Ok(a)) => bound.push(("admin.addr".into(), a)),
+            Some(Err(why)) => p.add("admin.addr", why),
+            None => {}
+        }
         for (j, later) in bound.iter().enumerate() {
             if let Some(earlier) = bound[..j].iter().find(|(_, b)| binds_overlap(later.1, *b)) {
-                // the page comes last and is often left at its default, not in the file: name
-                // the listener, which is
+                // the page comes after the listeners and is often left at its default, not in
+                // the file: name the listener (or the admin API), which is
                 let ((key, a), (other, b)) = if later.0 == "http.addr" {
                     (earlier, later)
                 } else {
@@ -815,6 +875,44 @@ mod tests {
             e[0],
             "2:8: listener[0].addr: 0.0.0.0:8080 and http.addr (127.0.0.1:8080) cannot both be \
              bound: an unspecified address (0.0.0.0, ::) takes its port on every address"
+        );
+    }
+
+    #[test]
+    fn the_admin_api_binds_localhost_unless_told_and_needs_a_token_beyond_it() {
+        let admin = |text: &str| Config::load(text, &[]).map(|c| c.admin);
+        let off = admin("").unwrap();
+        assert!(off.socket_addr().is_none());
+        for port_only in ["[admin]\naddr = \"9090\"\n", "[admin]\naddr = \":9090\"\n"] {
+            let a = admin(port_only).unwrap();
+            assert_eq!(a.socket_addr(), Some(Ok("127.0.0.1:9090".parse().unwrap())));
+        }
+        assert!(admin("[admin]\naddr = \"[::1]:9090\"\n").is_ok());
+        let e = all_errors("[admin]\naddr = \"0.0.0.0:9090\"\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("1:1: admin.token: the admin API on 0.0.0.0:9090"),
+            "{e:?}"
+        );
+        let a = admin("[admin]\naddr = \"0.0.0.0:9090\"\ntoken = \"s3cret\"\n").unwrap();
+        assert_eq!(a.token.as_deref(), Some("s3cret"));
+        let e = all_errors("[admin]\naddr = \"nope\"\n");
+        assert!(
+            e[0].starts_with("2:8: admin.addr: \"nope\" is not an address"),
+            "{e:?}"
+        );
+        let e = all_errors("[admin]\naddr = \"99999\"\n");
+        assert!(e[0].contains("at most 65535"), "{e:?}");
+        let e = all_errors("[admin]\naddr = \"127.0.0.1:9090\"\ntoken = \" \"\n");
+        assert!(
+            e[0].starts_with("3:9: admin.token: must not be empty"),
+            "{e:?}"
+        );
+        // it binds like the others
+        let e = all_errors("[admin]\naddr = \"8080\"\n");
+        assert!(
+            e[0].starts_with("2:8: admin.addr: 127.0.0.1:8080 is also http.addr"),
+            "{e:?}"
         );
     }
 
