@@ -18,6 +18,7 @@ pub mod proxy;
 
 mod io;
 mod tls;
+mod upgrade;
 
 pub use line::{Channel, ChannelHandler, Channels, EchoHandler};
 
