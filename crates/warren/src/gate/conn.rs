@@ -127,11 +127,8 @@ pub(crate) fn read_error(e: &std::io::Error) -> End {
     if inner.is_some_and(|i| i.is::<super::io::TextOnBinary>()) {
         return End::Limit("ws_data_type", close_code::UNSUPPORTED_DATA, e.to_string());
     }
-    // the WebSocket library's error, inside axum's, inside the io::Error the reader returns
-    let ws = inner
-        .and_then(|i| i.downcast_ref::<axum::Error>())
-        .and_then(std::error::Error::source)
-        .and_then(|s| s.downcast_ref::<WsError>());
+    // the WebSocket library's error, inside the io::Error the reader returns
+    let ws = inner.and_then(|i| i.downcast_ref::<WsError>());
     match ws {
         Some(
             WsError::ConnectionClosed
@@ -1393,8 +1390,8 @@ mod tests {
         assert_eq!(End::Refused("x".into()).close_code(), 1002);
         assert_eq!(End::PeerClosed.close_code(), 1000);
         use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
-        // what the WebSocket reader returns: tungstenite's error inside axum's, inside io::Error
-        let ws = |e: WsError| std::io::Error::other(axum::Error::new(e));
+        // what the WebSocket reader returns: tungstenite's error inside io::Error
+        let ws = |e: WsError| std::io::Error::other(e);
         let utf8 = ws(WsError::Utf8("invalid utf-8 sequence".into()));
         assert_eq!(read_error(&utf8).close_code(), 1007);
         let big = ws(WsError::Capacity(CapacityError::MessageTooLong {

@@ -11,13 +11,17 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{Sink, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::Message as WsMessage;
+use tungstenite::Utf8Bytes;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
 
 use super::conn::Out;
 
@@ -28,6 +32,76 @@ pub(crate) enum WsFraming {
     Stream,
     /// One message per frame, sent as text (JSON).
     TextMessages,
+}
+
+/// A WebSocket connection: the socket the upgrade came on, plain or TLS.
+pub(crate) type WebSocket = WebSocketStream<WsIo>;
+
+/// The socket under a WebSocket: plain TCP or TLS (boxed: the TLS state is large, and most
+/// WebSocket connections are plain behind a proxy that ends TLS).
+pub(crate) enum WsIo {
+    /// Plain TCP.
+    Tcp(TcpStream),
+    /// TLS over TCP.
+    Tls(Box<TlsIo>),
+}
+
+impl AsyncRead for WsIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WsIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            WsIo::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WsIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WsIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            WsIo::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WsIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            WsIo::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WsIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            WsIo::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WsIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            WsIo::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            WsIo::Tcp(s) => s.is_write_vectored(),
+            WsIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
 }
 
 /// The reading side.
@@ -325,8 +399,8 @@ impl Writer {
                 let _ = w.shutdown().await;
             }
             Writer::Ws(w, _) => {
-                let frame = code.map(|code| axum::extract::ws::CloseFrame {
-                    code,
+                let frame = code.map(|code| CloseFrame {
+                    code: CloseCode::from(code),
                     reason: Utf8Bytes::from_static(""),
                 });
                 let _ = w.send(WsMessage::Close(frame)).await;

@@ -10,25 +10,20 @@
 //! others with a close. Each refusal is one rate-limited log line and a count
 //! (`crate::refusal`).
 
-use parking_lot::Mutex;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::http::{Method, StatusCode};
-use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::access::{IpSlot, ListenerAccess};
-use super::io::{self, Prefixed, Reader, Writer, WsFraming};
+use super::io::{self, Prefixed, Reader, Writer, WsFraming, WsIo};
 use super::tls::TlsState;
-use super::{Gate, json, line, mqtt, pomelo, pomelo_rpc, proxy};
+use super::{Gate, json, line, mqtt, pomelo, pomelo_rpc, proxy, upgrade};
 use crate::config::{ListenerConfig, ProtocolOptions};
 use crate::refusal::{deny, refuse};
 use crate::session::Network;
@@ -99,9 +94,6 @@ struct Listener {
     access: Arc<ListenerAccess>,
     kind: Kind,
 }
-
-/// Largest WebSocket upgrade request (headers included) read; a larger one gets 431.
-const MAX_UPGRADE_REQUEST: usize = 32 * 1024;
 
 /// What one connection holds from accept to close: a place under the listener's `max_conn` and,
 /// when per-IP limits are on, under its address's `max_conn_per_ip`.
@@ -388,7 +380,9 @@ impl Listener {
         let mut io = Prefixed::new(Bytes::new(), tls_stream);
         match self.kind {
             Kind::Stream => self.raw(io::tls(io), peer, slot).await,
-            Kind::WebSocket => Box::pin(self.http(io, peer, slot, deadline)).await,
+            Kind::WebSocket => {
+                Box::pin(self.websocket(WsIo::Tls(Box::new(io)), peer, slot, deadline)).await
+            }
             Kind::Sniff => {
                 let mut first = [0u8; 1];
                 let sniff = self.sniff_deadline(started);
@@ -403,7 +397,8 @@ impl Listener {
                     }
                     Some(_) => {
                         let io = Prefixed::new(Bytes::copy_from_slice(&first), io.into_inner());
-                        Box::pin(self.http(io, peer, slot, deadline)).await
+                        Box::pin(self.websocket(WsIo::Tls(Box::new(io)), peer, slot, deadline))
+                            .await
                     }
                     None => {}
                 }
@@ -423,7 +418,7 @@ impl Listener {
             Kind::Stream => self.raw(io::tcp(stream), peer, slot).await,
             Kind::WebSocket => {
                 let deadline = self.deadline(started);
-                Box::pin(self.http(stream, peer, slot, deadline)).await
+                Box::pin(self.websocket(WsIo::Tcp(stream), peer, slot, deadline)).await
             }
             Kind::Sniff => {
                 // peek, so the raw path keeps the plain TCP reader
@@ -437,7 +432,7 @@ impl Listener {
                     Some(Kind::Stream) => self.raw(io::tcp(stream), peer, slot).await,
                     Some(_) => {
                         let deadline = self.deadline(started);
-                        Box::pin(self.http(stream, peer, slot, deadline)).await
+                        Box::pin(self.websocket(WsIo::Tcp(stream), peer, slot, deadline)).await
                     }
                     None => {}
                 }
@@ -491,115 +486,94 @@ impl Listener {
         drop(slot);
     }
 
-    /// Serve the HTTP exchange that upgrades to WebSocket, within the handshake deadline. The
-    /// upgraded connection takes the slot with it; without an upgrade the slot is given back
-    /// when the exchange ends.
-    async fn http<IO>(&self, io: IO, peer: SocketAddr, slot: Slot, deadline: tokio::time::Instant)
-    where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let ctx = ConnCtx {
-            peer,
-            slot: Arc::new(Mutex::new(Some(slot))),
+    /// Answer the HTTP request that opens a WebSocket (gate/upgrade.rs), within the handshake
+    /// deadline, then serve the protocol over it. A refused request gets its status and the
+    /// connection closes; the slot is held until then.
+    async fn websocket(
+        &self,
+        mut io: WsIo,
+        peer: SocketAddr,
+        slot: Slot,
+        deadline: tokio::time::Instant,
+    ) {
+        let read = self
+            .within(
+                &peer,
+                deadline,
+                "WebSocket upgrade",
+                Box::pin(upgrade::read(&mut io)),
+            )
+            .await;
+        let (request, rest) = match read {
+            None | Some(Ok(None)) => return,
+            Some(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "upgrade request not read");
+                return;
+            }
+            Some(Ok(Some(r))) => r,
         };
-        let app = axum::Router::new()
-            .fallback(upgrade)
-            .with_state(WsState {
-                gate: self.gate.clone(),
-                cfg: self.cfg.clone(),
-            })
-            .layer(axum::Extension(ctx));
-        let service = hyper_util::service::TowerToHyperService::new(app);
-        // the handshake deadline below is what ends a slow upgrade (and logs it); hyper's own
-        // header timer only backs it up, a little later, so the two never race
-        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now())
-            + Duration::from_secs(1);
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(remaining)
-            // an upgrade request is a few hundred bytes: hyper's default ~400 KB per connection
-            // would let slow clients make the node hold that much each until the deadline
-            .max_buf_size(MAX_UPGRADE_REQUEST)
-            .keep_alive(false)
-            .serve_connection(hyper_util::rt::TokioIo::new(io), service)
-            .with_upgrades();
-        if let Some(Err(e)) = self
-            .within(&peer, deadline, "WebSocket upgrade", conn)
-            .await
+        let (max, framing, protocols): (usize, WsFraming, &[&'static str]) = match &self
+            .cfg
+            .protocol
         {
-            tracing::debug!(%peer, error = %e, "http connection ended");
+            ProtocolOptions::Mqtt(o) => (o.max_packet(), WsFraming::Stream, &["mqtt", "mqttv3.1"]),
+            ProtocolOptions::Pomelo(o) => (o.max_package + 4, WsFraming::Stream, &[]),
+            ProtocolOptions::Json(o) => (o.max_packet, WsFraming::TextMessages, &[]),
+            // neither takes WebSocket upgrades (`serves_websocket`)
+            ProtocolOptions::Line(_) | ProtocolOptions::PomeloRpc(_) => return,
+        };
+        let request = request.and_then(|r| match self.gate.draining.is_cancelled() {
+            true => Err(upgrade::Refused {
+                status: 503,
+                why: "the node is draining".to_owned(),
+            }),
+            false => Ok(r),
+        });
+        let request = match request {
+            Ok(r) => r,
+            Err(refused) => {
+                if refused.status != 503 {
+                    deny(&peer, "ws_upgrade", &refused.why);
+                }
+                let _ = tokio::time::timeout_at(deadline, async {
+                    let _ = io.write_all(&refused.response()).await;
+                    let _ = io.shutdown().await;
+                })
+                .await;
+                return;
+            }
+        };
+        let answer = request.accepted(request.choose(protocols));
+        let written = tokio::time::timeout_at(deadline, async {
+            io.write_all(&answer).await?;
+            io.flush().await
+        })
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::debug!(%peer, "upgrade answer not written");
+            return;
         }
-    }
-}
-
-/// What the upgrade handler needs of its connection: the client's address (from the PROXY
-/// header when there is one) and the connection's slot, which the upgraded WebSocket keeps.
-#[derive(Clone)]
-struct ConnCtx {
-    peer: SocketAddr,
-    slot: Arc<Mutex<Option<Slot>>>,
-}
-
-#[derive(Clone)]
-struct WsState {
-    gate: Arc<Gate>,
-    cfg: Arc<ListenerConfig>,
-}
-
-async fn upgrade(
-    State(st): State<WsState>,
-    axum::Extension(ctx): axum::Extension<ConnCtx>,
-    method: Method,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
-) -> Response {
-    let peer = ctx.peer;
-    if method != Method::GET {
-        deny(
-            &peer,
-            "ws_upgrade",
-            format_args!("{method} on a WebSocket listener"),
-        );
-        return StatusCode::METHOD_NOT_ALLOWED.into_response();
-    }
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(e) => {
-            deny(&peer, "ws_upgrade", &e);
-            return e.into_response();
-        }
-    };
-    if st.gate.draining.is_cancelled() {
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
-    }
-    let Some(slot) = ctx.slot.lock().take() else {
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
-    };
-    let (max, framing, protocols): (usize, WsFraming, &[&'static str]) = match &st.cfg.protocol {
-        ProtocolOptions::Mqtt(o) => (o.max_packet(), WsFraming::Stream, &["mqtt", "mqttv3.1"]),
-        ProtocolOptions::Pomelo(o) => (o.max_package + 4, WsFraming::Stream, &[]),
-        ProtocolOptions::Json(o) => (o.max_packet, WsFraming::TextMessages, &[]),
-        // neither takes WebSocket upgrades (`serves_websocket`)
-        ProtocolOptions::Line(_) | ProtocolOptions::PomeloRpc(_) => {
-            return StatusCode::NOT_FOUND.into_response();
-        }
-    };
-    let gate = st.gate.clone();
-    let cfg = st.cfg.clone();
-    // track the connection from now, so a drain waits for it
-    let token = gate.tracker.token();
-    ws.protocols(protocols.iter().copied())
         // tungstenite reads in chunks of this size into a buffer it allocates up front, for the
         // connection's whole life: its default (128 KiB) made an idle WebSocket connection cost
         // 141 KB (docs/benchmarks.md)
-        .read_buffer_size(WS_READ_CHUNK)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            let (r, w) = io::ws(socket, framing);
-            serve(gate, cfg, r, w, peer).await;
-            drop(slot);
-            drop(token);
-        })
+        let config = tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(WS_READ_CHUNK)
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
+        let socket = tokio_tungstenite::WebSocketStream::from_partially_read(
+            io,
+            rest.to_vec(),
+            tungstenite::protocol::Role::Server,
+            Some(config),
+        )
+        .await;
+        // track the connection from now, so a drain waits for it
+        let token = self.gate.tracker.token();
+        let (r, w) = io::ws(socket, framing);
+        serve(self.gate.clone(), self.cfg.clone(), r, w, peer).await;
+        drop(slot);
+        drop(token);
+    }
 }
 
 /// The WebSocket layer's read chunk: what each WebSocket connection holds while idle, and the
