@@ -21,8 +21,8 @@ mod source;
 pub use listen_url::LISTENER_SCHEMES;
 pub use listener::{
     COMMON_KEYS, JsonOptions, LineHandler, LineOptions, ListenerConfig, Mode, MqttOptions, Network,
-    PROTOCOLS, PomeloOptions, PomeloRpcOptions, Protocol, ProtocolOptions, RpcFraming,
-    protocol_name,
+    PROTOCOLS, PomeloOptions, PomeloRpcOptions, Protocol, ProtocolOptions, PythonMsgType,
+    RpcFraming, protocol_name,
 };
 pub use security::{
     AccessConfig, AuthConfig, HttpAuthConfig, JwtConfig, LimitsConfig, UidConflict, parse_network,
@@ -56,6 +56,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The admin HTTP API (`[admin]`): off unless `addr` is set.
     pub admin: AdminConfig,
+    /// Plugin files: watching and reloading (`[plugins]`).
+    pub plugins: PluginsConfig,
 }
 
 /// `[node]`.
@@ -139,6 +141,69 @@ pub struct ModuleConfig {
     /// Settings passed verbatim to the module.
     #[serde(default)]
     pub settings: toml::Table,
+    /// The module is a plugin: a `.lua` or `.py` file whose functions are its handlers
+    /// (docs/plugins.md); `type` is then any name. A relative path is relative to the config
+    /// file's directory (to the working directory for `--module TYPE=PATH`).
+    #[serde(default)]
+    pub plugin: Option<String>,
+    /// Plugin modules: handlers clients may call on every protocol once logged in (a Rust
+    /// module's `client_handler`). Unset: clients reach a handler only through an mqant
+    /// listener's name prefixes (`HD_`).
+    #[serde(default)]
+    pub handlers: Option<Vec<String>>,
+    /// Plugin modules: handlers clients may call before logging in (a Rust module's
+    /// `login_handler`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub login_handlers: Vec<String>,
+    /// Plugin modules: what a handler's `msg` is: `text` (default), `bytes` or `json`.
+    #[serde(default)]
+    pub msg_type: Option<PluginMsgType>,
+    /// Plugin modules: Lua states or Python threads of a concurrent module (default 4).
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Lua plugin modules: instructions one call may run before it is stopped (default 100
+    /// million).
+    #[serde(default)]
+    pub max_instructions: Option<u64>,
+    /// Lua plugin modules: milliseconds one call may run before it is stopped (default: the
+    /// node's call timeout).
+    #[serde(default)]
+    pub time_limit_ms: Option<u64>,
+}
+
+/// What a plugin module's handlers receive as `msg` (docs/plugins.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginMsgType {
+    /// A string (Python: `str`, decoded with `surrogateescape`).
+    #[default]
+    Text,
+    /// Python: `bytes`; Lua: a string, as for `text`.
+    Bytes,
+    /// The body decoded as JSON (a table or dict for an object); a body that is not JSON is
+    /// refused before the handler runs.
+    Json,
+}
+
+/// `[plugins]`: what the node does with the plugin files it loaded (docs/plugins.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Watch every loaded plugin file and reload it when it changes (turn it off in
+    /// production, where changes go through the admin API or a restart).
+    pub watch: bool,
+    /// How long a file must stay unchanged before it is reloaded, so an editor's several
+    /// writes make one reload.
+    pub debounce_ms: u64,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            watch: true,
+            debounce_ms: 200,
+        }
+    }
 }
 
 impl ModuleConfig {
@@ -154,6 +219,21 @@ impl ModuleConfig {
             queue_group: false,
             bus: None,
             settings: toml::Table::new(),
+            plugin: None,
+            handlers: None,
+            login_handlers: Vec::new(),
+            msg_type: None,
+            workers: None,
+            max_instructions: None,
+            time_limit_ms: None,
+        }
+    }
+
+    /// A plugin module: type `kind`, its handlers in the file at `path` (`--module TYPE=PATH`).
+    pub fn plugin(kind: &str, path: &str) -> Self {
+        ModuleConfig {
+            plugin: Some(path.into()),
+            ..ModuleConfig::new(kind)
         }
     }
 
@@ -162,6 +242,52 @@ impl ModuleConfig {
         self.id
             .clone()
             .unwrap_or_else(|| format!("{}001", self.kind))
+    }
+
+    /// Record the problems of the plugin keys, under `key` (`module[0]`): a plugin needs a type
+    /// that can be a route's module, and the plugin options need a plugin.
+    fn check_plugin(&self, key: &str, p: &mut Problems) {
+        match self.plugin.as_deref() {
+            Some(path) => {
+                if path.trim().is_empty() {
+                    p.add(format!("{key}.plugin"), "must name a file");
+                }
+                if self.kind.is_empty() || self.kind.contains(['/', '@', ' ', '.']) {
+                    p.add(
+                        format!("{key}.type"),
+                        format!(
+                            "{:?} cannot name a module in a route (no `/`, `@`, `.` or spaces)",
+                            self.kind
+                        ),
+                    );
+                }
+                if self.workers == Some(0) {
+                    p.add(format!("{key}.workers"), "must be at least 1");
+                }
+                if self.max_instructions == Some(0) {
+                    p.add(format!("{key}.max_instructions"), "must be at least 1");
+                }
+                if self.time_limit_ms == Some(0) {
+                    p.add(format!("{key}.time_limit_ms"), "must be at least 1");
+                }
+            }
+            None => {
+                let set = [
+                    ("handlers", self.handlers.is_some()),
+                    ("login_handlers", !self.login_handlers.is_empty()),
+                    ("msg_type", self.msg_type.is_some()),
+                    ("workers", self.workers.is_some()),
+                    ("max_instructions", self.max_instructions.is_some()),
+                    ("time_limit_ms", self.time_limit_ms.is_some()),
+                ];
+                for (k, _) in set.into_iter().filter(|(_, on)| *on) {
+                    p.add(
+                        format!("{key}.{k}"),
+                        "applies to plugin modules: set plugin too",
+                    );
+                }
+            }
+        }
     }
 
     /// Settings as JSON, as modules receive them.
@@ -568,9 +694,16 @@ impl Config {
                 p.add(key.clone(), why);
             }
         }
+        if self.plugins.debounce_ms == 0 {
+            p.add("plugins.debounce_ms", "must be at least 1");
+        }
         let mut ids: Vec<String> = Vec::new();
         for (i, m) in self.modules.iter().enumerate() {
-            if !known_modules.is_empty() && !known_modules.contains(&m.kind.as_str()) {
+            m.check_plugin(&format!("module[{i}]"), p);
+            if m.plugin.is_none()
+                && !known_modules.is_empty()
+                && !known_modules.contains(&m.kind.as_str())
+            {
                 let why = match source::closest(&m.kind, known_modules) {
                     Some(k) => format!("unknown module type {:?}, did you mean {k:?}?", m.kind),
                     None => format!(
@@ -914,6 +1047,50 @@ mod tests {
             e[0].starts_with("2:8: admin.addr: 127.0.0.1:8080 is also http.addr"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn plugins_are_modules_of_any_type_and_line_handlers() {
+        let text = "[[listener]]\nprotocol = \"line\"\naddr = \"127.0.0.1:1\"\nplugin = \"echo.py\"\npython_msg_type = \"bytes\"\n\n[[module]]\ntype = \"Greeter\"\nplugin = \"greeter.lua\"\nlogin_handlers = [\"HD_Hello\"]\nmsg_type = \"json\"\nworkers = 2\n";
+        let c = Config::load(text, &["Login"]).unwrap();
+        let line = c.listeners[0].protocol.line().expect("a line listener");
+        assert_eq!(line.plugin.as_deref(), Some("echo.py"));
+        assert_eq!(line.python_msg_type, Some(PythonMsgType::Bytes));
+        let m = &c.modules[0];
+        assert_eq!(m.plugin.as_deref(), Some("greeter.lua"));
+        assert_eq!(m.login_handlers, ["HD_Hello"]);
+        assert_eq!(
+            (m.msg_type, m.workers),
+            (Some(PluginMsgType::Json), Some(2))
+        );
+        assert!(c.plugins.watch, "watching is on by default");
+        // written back, read back
+        let back = Config::load(&toml::to_string(&c).unwrap(), &["Login"]).unwrap();
+        assert_eq!(back, c);
+        // the plugin options need a plugin; a plugin needs a type that routes can name
+        let e = all_errors(
+            "[[module]]\ntype = \"Chat\"\nlogin_handlers = [\"HD_X\"]\n\n[[module]]\ntype = \"a/b\"\nplugin = \"x.lua\"\nworkers = 0\n\n[[listener]]\nprotocol = \"line\"\naddr = \"127.0.0.1:1\"\nhandler = \"router\"\nplugin = \"x.lua\"\n\n[[listener]]\nprotocol = \"line\"\naddr = \"127.0.0.1:2\"\npython_msg_type = \"str\"\n\n[plugins]\nwatch = false\ndebounce_ms = 0\n",
+        );
+        assert_eq!(
+            e,
+            [
+                "3:18: module[0].login_handlers: applies to plugin modules: set plugin too",
+                "6:8: module[1].type: \"a/b\" cannot name a module in a route (no `/`, `@`, `.` or spaces)",
+                "8:11: module[1].workers: must be at least 1",
+                "14:10: listener[0].plugin: a plugin answers the messages itself: it excludes handler = \"router\"",
+                "19:19: listener[1].python_msg_type: applies to a listener's plugin: set plugin too",
+                "23:15: plugins.debounce_ms: must be at least 1",
+            ],
+            "{e:#?}"
+        );
+        let l = ListenerConfig::from_url(
+            "line://127.0.0.1:1?plugin=/srv/echo.lua&python_msg_type=bytes",
+        )
+        .unwrap();
+        let o = l.protocol.line().expect("a line listener");
+        assert_eq!(o.plugin.as_deref(), Some("/srv/echo.lua"));
+        let e = ListenerConfig::from_url("mqtt://127.0.0.1:1?plugin=x.lua").unwrap_err();
+        assert!(e.to_string().contains("applies to line listeners"), "{e}");
     }
 
     #[test]

@@ -130,7 +130,9 @@ fn url_value(key: &str, raw: &str) -> Result<toml::Value, String> {
                 .collect(),
         ),
         "fallback_module" | "login_handler" | "handler" | "tls_cert" | "tls_key"
-        | "tls_client_ca" => toml::Value::String(percent_decode(raw)),
+        | "tls_client_ca" | "plugin" | "python_msg_type" => {
+            toml::Value::String(percent_decode(raw))
+        }
         _ => guess(percent_decode(raw)),
     })
 }

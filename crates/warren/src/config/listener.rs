@@ -79,11 +79,25 @@ pub enum RpcFraming {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LineHandler {
-    /// The node's channel handler (by default an echo; a plugin can replace it).
+    /// The listener's channel handler: its `plugin` when it has one, else the node's (by
+    /// default an echo).
     #[default]
     Echo,
     /// Bodies are `Module/Handler[/msgid] <json>`, routed to modules like any request.
     Router,
+}
+
+/// What a Python channel-handler plugin receives as `msg` (docs/plugins.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PythonMsgType {
+    /// A `str`, decoded as UTF-8 with `surrogateescape` so that every byte round-trips (what
+    /// ffown passed). `text` is read as the same.
+    #[default]
+    #[serde(alias = "text")]
+    Str,
+    /// `bytes`.
+    Bytes,
 }
 
 /// Calls `$callback!` with its own arguments and the list of common listener keys, so that list
@@ -328,9 +342,15 @@ with_common_keys!(protocol_options! {
         space_before_crlf: bool = true,
         /// Create channels on first message and report only those (upstream behaviour).
         lazy_channels: bool = false,
-        /// `echo` (the node's channel handler) or `router` (bodies are
+        /// `echo` (the listener's channel handler) or `router` (bodies are
         /// `Module/Handler[/msgid] <json>`).
         handler: LineHandler = LineHandler::Echo,
+        /// A channel-handler plugin answering this listener's messages: a `.lua`, `.py` or
+        /// `.so` file (docs/plugins.md). A relative path is relative to the config file's
+        /// directory (to the working directory on the command line).
+        plugin: Option<String> = None,
+        /// What a Python plugin's `msg` is: `str` (the default) or `bytes`.
+        python_msg_type: Option<PythonMsgType> = None,
         /// The first message carries credentials (`user password` or a token), checked by
         /// `[auth]` before anything else is read.
         auth_first_line: bool = false,
@@ -758,9 +778,26 @@ impl ListenerConfig {
                     );
                 }
             }
-            ProtocolOptions::Pomelo(_)
-            | ProtocolOptions::Line(_)
-            | ProtocolOptions::PomeloRpc(_) => {}
+            ProtocolOptions::Line(o) => {
+                match o.plugin.as_deref() {
+                    Some(path) if path.trim().is_empty() => {
+                        bad("plugin", "must name a file".into());
+                    }
+                    Some(_) if o.handler == LineHandler::Router => bad(
+                        "plugin",
+                        "a plugin answers the messages itself: it excludes handler = \"router\""
+                            .into(),
+                    ),
+                    _ => {}
+                }
+                if o.python_msg_type.is_some() && o.plugin.is_none() {
+                    bad(
+                        "python_msg_type",
+                        "applies to a listener's plugin: set plugin too".into(),
+                    );
+                }
+            }
+            ProtocolOptions::Pomelo(_) | ProtocolOptions::PomeloRpc(_) => {}
         }
     }
 }
