@@ -85,6 +85,27 @@ pub enum PluginError {
         /// The file.
         path: PathBuf,
     },
+    /// A handler patch names a handler the running version does not define.
+    #[error("{}: the module has no handler {handler:?}", path.display())]
+    NoHandler {
+        /// The file.
+        path: PathBuf,
+        /// The handler asked for.
+        handler: String,
+    },
+    /// A handler patch that does not compile, raises while it is evaluated, or defines no
+    /// function; the running handler stays.
+    #[error("{}: patch of {handler}{}: {message}", path.display(), line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    Patch {
+        /// The module's file.
+        path: PathBuf,
+        /// The handler the patch was for.
+        handler: String,
+        /// The line of the patch's body the error points at, when the runtime reports one.
+        line: Option<u32>,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// What kind of failure a [`PluginError`] is, for callers that branch on it (an admin API
@@ -109,6 +130,10 @@ pub enum PluginErrorKind {
     Options,
     /// See [`PluginError::Stopped`].
     Stopped,
+    /// See [`PluginError::NoHandler`].
+    NoHandler,
+    /// See [`PluginError::Patch`].
+    Patch,
 }
 
 impl PluginError {
@@ -124,6 +149,8 @@ impl PluginError {
             PluginError::Native { .. } => PluginErrorKind::Native,
             PluginError::Options { .. } => PluginErrorKind::Options,
             PluginError::Stopped { .. } => PluginErrorKind::Stopped,
+            PluginError::NoHandler { .. } => PluginErrorKind::NoHandler,
+            PluginError::Patch { .. } => PluginErrorKind::Patch,
         }
     }
 
@@ -138,15 +165,32 @@ impl PluginError {
             | PluginError::AbiVersion { path, .. }
             | PluginError::Native { path, .. }
             | PluginError::Options { path, .. }
-            | PluginError::Stopped { path } => path,
+            | PluginError::Stopped { path }
+            | PluginError::NoHandler { path, .. }
+            | PluginError::Patch { path, .. } => path,
         }
     }
 
-    /// The line of the file the error points at, for script errors that report one.
+    /// The line the error points at, for script errors that report one: of the file, or of
+    /// the body of a [`PluginError::Patch`].
     pub fn line(&self) -> Option<u32> {
         match self {
-            PluginError::Script { line, .. } => *line,
+            PluginError::Script { line, .. } | PluginError::Patch { line, .. } => *line,
             _ => None,
+        }
+    }
+
+    pub(crate) fn patch(
+        path: &Path,
+        handler: &str,
+        line: Option<u32>,
+        message: impl Into<String>,
+    ) -> Self {
+        PluginError::Patch {
+            path: path.to_owned(),
+            handler: handler.to_owned(),
+            line,
+            message: message.into(),
         }
     }
 

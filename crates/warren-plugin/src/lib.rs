@@ -46,8 +46,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use warren::Execution;
 use warren::gate::line::ChannelHandler;
+use warren::{CallError, Execution};
 
 pub use channel::ChannelPlugin;
 pub use error::{PluginError, PluginErrorKind};
@@ -228,6 +228,29 @@ pub trait Plugin: Send + Sync {
     /// Load the file again beside the running version and switch to it. On error the running
     /// version stays and the error says why (with file and line for a script error).
     fn reload(&self) -> BoxFuture<'_, Result<u64, PluginError>>;
+}
+
+/// How a module plugin's `warren.rpc_call(topic, func, args)` reaches TianQinS Redis-RPC peers
+/// (docs/cluster.md, "Compatibility bridges"): the node's `[[redis_rpc]]` endpoint, handed to
+/// the plugin with [`ModulePlugin::set_redis_rpc`] once it runs. This crate does not depend on
+/// the cluster crate; the binary implements this over its `RedisRpc`.
+pub trait RedisRpcCaller: Send + Sync {
+    /// Call `func` on the process serving `topic` and wait up to `timeout` for its callback;
+    /// the callback's `args` (a warren or Go peer's one return value is `[v]`).
+    fn call(
+        &self,
+        topic: String,
+        func: String,
+        args: Vec<serde_json::Value>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<Vec<serde_json::Value>, CallError>>;
+    /// Run `func` on the process serving `topic` without waiting for a reply.
+    fn notify(
+        &self,
+        topic: String,
+        func: String,
+        args: Vec<serde_json::Value>,
+    ) -> BoxFuture<'static, Result<(), CallError>>;
 }
 
 /// Load a channel-handler plugin for a line listener: the kind comes from the suffix. Keep the

@@ -11,17 +11,18 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde_json::Value;
 use warren::module::InstanceInfo;
 use warren::node::NodeHandle;
 use warren::{CallError, Context, Execution, Module, Services, Session};
 
 use crate::slot::PluginSlot;
-use crate::{ModulePluginOptions, Plugin, PluginError, PluginKind};
+use crate::{ModulePluginOptions, Plugin, PluginError, PluginKind, RedisRpcCaller};
 
 /// Names a script may define that are lifecycle hooks, not handlers.
 pub(crate) const HOOKS: &[&str] = &[
@@ -39,21 +40,37 @@ pub(crate) fn is_handler_name(name: &str) -> bool {
     !name.starts_with('_') && !HOOKS.contains(&name)
 }
 
-/// What a script call runs with: the node's services, the caller's session, the instance.
+/// What a script call runs with: the node's services, the caller's session, the instance, and
+/// the Redis-RPC peers (`warren.rpc_call`) once the node has them.
 #[derive(Clone)]
 pub(crate) struct CallCx {
     pub(crate) services: Arc<dyn Services>,
     pub(crate) session: Option<Arc<Session>>,
     pub(crate) instance: Arc<InstanceInfo>,
+    pub(crate) redis_rpc: Arc<RedisRpcSlot>,
 }
 
+/// Where a module plugin's `warren.rpc_call` goes: empty until the node's `[[redis_rpc]]`
+/// endpoint runs ([`ModulePlugin::set_redis_rpc`]), read at each call.
+pub(crate) type RedisRpcSlot = RwLock<Option<Arc<dyn RedisRpcCaller>>>;
+
 impl CallCx {
-    fn of<S>(cx: &Context<S>) -> CallCx {
+    fn of(cx: &Context<Arc<ModulePlugin>>) -> CallCx {
         CallCx {
             services: cx.services().clone(),
             session: cx.session().cloned(),
             instance: Arc::new(cx.instance().clone()),
+            redis_rpc: cx.state().redis_rpc.clone(),
         }
+    }
+
+    /// The Redis-RPC peers, or the error a script gets when the node has none.
+    pub(crate) fn redis_rpc(&self) -> Result<Arc<dyn RedisRpcCaller>, CallError> {
+        self.redis_rpc.read().clone().ok_or_else(|| {
+            CallError::Unavailable(
+                "no Redis RPC endpoint: rpc_call needs a [[redis_rpc]] entry in the config".into(),
+            )
+        })
     }
 
     /// The node behind the services, for session operations and rooms.
@@ -71,6 +88,24 @@ impl CallCx {
             ..self.clone()
         }
     }
+}
+
+/// A script's Redis-RPC arguments as the message's `args`: a list is the arguments, `nil` (or
+/// an empty table, which Lua cannot tell from an empty list) none, anything else one argument.
+pub(crate) fn rpc_args(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) => a,
+        Value::Null => Vec::new(),
+        Value::Object(o) if o.is_empty() => Vec::new(),
+        other => vec![other],
+    }
+}
+
+/// How long `rpc_call` waits without a timeout of its own: the node's call timeout.
+pub(crate) fn rpc_timeout(cx: &CallCx) -> Duration {
+    cx.node()
+        .map(|n| n.call_timeout())
+        .unwrap_or(warren::module::DEFAULT_CALL_TIMEOUT)
 }
 
 /// The node of a set of services, for session operations from a script's session object.
@@ -104,6 +139,17 @@ pub(crate) trait ModuleVersion: Send + Sync {
     fn export_state(self: Arc<Self>) -> BoxFuture<'static, Result<Option<Value>, PluginError>>;
     /// `import_state(state)`: take over the previous version's state.
     fn import_state(self: Arc<Self>, state: Value) -> BoxFuture<'static, Result<(), PluginError>>;
+    /// Replace handler `handler` (one of [`ModuleVersion::handlers`]) with the function
+    /// `source` defines: calls that start afterwards run it, calls in flight finish on the
+    /// function they started with. A source that does not compile (or defines no function)
+    /// changes nothing.
+    fn patch(
+        self: Arc<Self>,
+        handler: Arc<str>,
+        source: Arc<str>,
+    ) -> BoxFuture<'static, Result<(), PluginError>>;
+    /// The handlers patched on this version, sorted.
+    fn patched(&self) -> Vec<String>;
 }
 
 /// The per-language host of one module plugin, shared by its versions (the Python host owns
@@ -217,7 +263,11 @@ pub struct ModulePlugin {
     routed: Vec<String>,
     /// The instance's context from `on_init`, to initialize reloaded versions the same way.
     init: Mutex<Option<CallCx>>,
+    /// Serializes reloads and handler patches: a patch applies to the version it was checked
+    /// against.
     reloading: tokio::sync::Mutex<()>,
+    /// The Redis-RPC peers scripts reach through `warren.rpc_call`.
+    redis_rpc: Arc<RedisRpcSlot>,
 }
 
 impl std::fmt::Debug for ModulePlugin {
@@ -270,6 +320,7 @@ impl ModulePlugin {
             routed,
             init: Mutex::new(None),
             reloading: tokio::sync::Mutex::new(()),
+            redis_rpc: Arc::new(RwLock::new(None)),
         }))
     }
 
@@ -332,6 +383,63 @@ impl ModulePlugin {
             return Err(CallError::HandlerNotFound(handler.to_string()));
         }
         v.value.clone().call(handler, CallCx::of(cx), body).await
+    }
+
+    /// Replace one handler of the running version with a script body: the hotfix of the admin
+    /// API (`PUT /admin/modules/{type}/handlers/{handler}`), what TianQinS did with `exec`.
+    ///
+    /// Lua: `source` is a function expression, `function(session, msg) return "fixed" end`.
+    /// Python: it defines one function, `def handler(session, msg): return "fixed"` (any name;
+    /// the code runs in the module's namespace). Either way the function sees the module's
+    /// globals and replaces the global of the handler's name, so the script's own calls to it
+    /// get the new one too. Calls that start after this returns run the new function; calls in
+    /// flight finish on the old one. The patch lasts until the next reload, which runs the file
+    /// again: put the fix in the file as well.
+    ///
+    /// Refused, the running handler kept, for a handler the running version does not define
+    /// ([`PluginError::NoHandler`]) or a body that does not compile, raises, or defines no
+    /// function ([`PluginError::Patch`], with the line in the body).
+    pub async fn replace_handler(&self, handler: &str, source: &str) -> Result<(), PluginError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let running = self.slot.current();
+        if !running.value.handlers().iter().any(|h| h == handler) {
+            return Err(PluginError::NoHandler {
+                path: self.source.path.clone(),
+                handler: handler.to_owned(),
+            });
+        }
+        let r = running
+            .value
+            .clone()
+            .patch(handler.into(), source.into())
+            .await;
+        match &r {
+            Ok(()) => {
+                tracing::info!(module = %self.source.name, plugin = %self.source.path.display(), version = running.version, handler, "handler replaced")
+            }
+            Err(e) => {
+                tracing::warn!(module = %self.source.name, plugin = %self.source.path.display(), version = running.version, handler, error = %e, "handler not replaced; the running one stays")
+            }
+        }
+        r
+    }
+
+    /// The handlers replaced by [`ModulePlugin::replace_handler`] on the running version
+    /// (a reload starts afresh from the file), sorted.
+    pub fn patched_handlers(&self) -> Vec<String> {
+        self.slot.current().value.patched()
+    }
+
+    /// The handlers of the running version, sorted.
+    pub fn handlers(&self) -> Vec<String> {
+        self.slot.current().value.handlers().to_vec()
+    }
+
+    /// Give the module's scripts the node's TianQinS Redis-RPC peers, for `warren.rpc_call`
+    /// and `warren.rpc_notify` (the endpoint starts after the node, so it is handed over
+    /// then; until it is, those raise an `unavailable` error).
+    pub fn set_redis_rpc(&self, peers: Arc<dyn RedisRpcCaller>) {
+        *self.redis_rpc.write() = Some(peers);
     }
 
     async fn reload_now(&self) -> Result<u64, PluginError> {

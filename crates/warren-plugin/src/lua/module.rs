@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,7 +20,8 @@ use warren::{CallError, Services, Session};
 
 use super::{Budget, Tripped};
 use crate::module::{
-    CallCx, ModuleVersion, decode_reply, is_handler_name, json_body, json_reply, node_of,
+    CallCx, ModuleVersion, decode_reply, is_handler_name, json_body, json_reply, node_of, rpc_args,
+    rpc_timeout,
 };
 use crate::{ModulePluginOptions, MsgType, PluginError};
 
@@ -30,6 +32,17 @@ struct State {
     /// The call this state runs (for `warren.call` and the rooms), or the hook.
     current: Arc<Mutex<Option<CallCx>>>,
     functions: HashMap<String, Function>,
+    /// The serial of the last handler patch applied to this state.
+    patched: u64,
+}
+
+/// A handler replaced at run time ([`ModuleVersion::patch`]), applied to each state of the pool
+/// when it is next taken for a call, so a call in flight keeps the function it started with.
+struct Patch {
+    handler: String,
+    source: Arc<str>,
+    /// Increasing per version: a state applies the patches newer than its own `patched`.
+    serial: u64,
 }
 
 /// One loaded version of a Lua module.
@@ -42,6 +55,13 @@ pub(crate) struct LuaModule {
     hooks: Vec<&'static str>,
     idle: Mutex<Vec<State>>,
     permits: tokio::sync::Semaphore,
+    /// The budget a patch is checked with.
+    max_instructions: u64,
+    time_limit: Duration,
+    /// The latest patch of each patched handler.
+    patches: Mutex<Vec<Patch>>,
+    /// The serial of the newest patch (0: none).
+    patch_serial: AtomicU64,
 }
 
 /// Load version `version` of the module: one state per worker, each running the file.
@@ -76,6 +96,10 @@ pub(crate) fn load(
         hooks,
         idle: Mutex::new(states),
         permits: tokio::sync::Semaphore::new(n),
+        max_instructions: options.max_instructions,
+        time_limit: options.time_limit,
+        patches: Mutex::new(Vec::new()),
+        patch_serial: AtomicU64::new(0),
     }))
 }
 
@@ -123,9 +147,63 @@ fn load_state(
             budget,
             current,
             functions,
+            patched: 0,
         },
         names,
     ))
+}
+
+/// The chunk name a patch of `handler` is compiled under (what its error positions start
+/// with).
+fn patch_chunk(handler: &str) -> String {
+    format!("{handler} patch")
+}
+
+/// Evaluate a patch's source, a function expression, on `lua` within `budget`: the function.
+fn eval_patch(
+    lua: &Lua,
+    budget: &Budget,
+    path: &Path,
+    handler: &str,
+    source: &str,
+) -> Result<Function, PluginError> {
+    let chunk = patch_chunk(handler);
+    let failed = |e: &mlua::Error| {
+        let text = match e {
+            mlua::Error::SyntaxError { message, .. } => message.clone(),
+            other => super::message_of(other),
+        };
+        let (line, message) = super::split_position(&text, &chunk);
+        PluginError::patch(path, handler, line, message)
+    };
+    // `return` and the body on one line: the body's line numbers are the chunk's
+    let f = lua
+        .load(format!("return {source}"))
+        .set_name(format!("={chunk}"))
+        .into_function()
+        .map_err(|e| failed(&e))?;
+    budget.arm();
+    let r = f.call::<mlua::Value>(());
+    let tripped = budget.disarm();
+    match (r, tripped) {
+        (Ok(mlua::Value::Function(f)), _) => Ok(f),
+        (Ok(other), _) => Err(PluginError::patch(
+            path,
+            handler,
+            None,
+            format!(
+                "the body is a {}, not a function: write `function(session, msg) ... end`",
+                other.type_name()
+            ),
+        )),
+        (Err(_), Some(why)) => Err(PluginError::patch(
+            path,
+            handler,
+            None,
+            budget.describe(why),
+        )),
+        (Err(e), None) => Err(failed(&e)),
+    }
 }
 
 /// The global `warren` table: calls to other modules, rooms, logging; `settings` and `instance`
@@ -174,6 +252,46 @@ fn install_warren_table(
                         .call_nr(&target, &handler, cx.session.clone(), body)
                         .await
                         .map_err(mlua::Error::external)?;
+                    Ok(true)
+                }
+            },
+        )?,
+    )?;
+
+    let cur = current.clone();
+    t.set(
+        "rpc_call",
+        lua.create_async_function(
+            move |lua, (topic, func, args, timeout): (String, String, mlua::Value, Option<f64>)| {
+                let cx = running(&cur);
+                async move {
+                    let cx = cx?;
+                    let peers = cx.redis_rpc().map_err(external)?;
+                    let args = rpc_args(super::to_json(&lua, args)?);
+                    let timeout = timeout
+                        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                        .unwrap_or_else(|| rpc_timeout(&cx));
+                    let reply = peers
+                        .call(topic, func, args, timeout)
+                        .await
+                        .map_err(external)?;
+                    super::from_json(&lua, &Value::Array(reply))
+                }
+            },
+        )?,
+    )?;
+
+    let cur = current.clone();
+    t.set(
+        "rpc_notify",
+        lua.create_async_function(
+            move |lua, (topic, func, args): (String, String, mlua::Value)| {
+                let cx = running(&cur);
+                async move {
+                    let cx = cx?;
+                    let peers = cx.redis_rpc().map_err(external)?;
+                    let args = rpc_args(super::to_json(&lua, args)?);
+                    peers.notify(topic, func, args).await.map_err(external)?;
                     Ok(true)
                 }
             },
@@ -445,12 +563,42 @@ impl LuaModule {
             .acquire()
             .await
             .map_err(|_| CallError::Closed)?;
-        let state = self.idle.lock().pop().ok_or(CallError::Closed)?;
+        let mut state = self.idle.lock().pop().ok_or(CallError::Closed)?;
+        if state.patched < self.patch_serial.load(Ordering::Acquire) {
+            self.apply_patches(&mut state);
+        }
         Ok(Checkout {
             module: self,
             state: Some(state),
             _permit: permit,
         })
+    }
+
+    /// Bring a state up to the newest patches: each replaces the handler's function and global.
+    fn apply_patches(&self, state: &mut State) {
+        let pending: Vec<(String, Arc<str>, u64)> = self
+            .patches
+            .lock()
+            .iter()
+            .filter(|p| p.serial > state.patched)
+            .map(|p| (p.handler.clone(), p.source.clone(), p.serial))
+            .collect();
+        for (handler, source, serial) in pending {
+            match eval_patch(&state.lua, &state.budget, &self.path, &handler, &source) {
+                Ok(f) => {
+                    if let Err(e) = state.lua.globals().set(handler.as_str(), f.clone()) {
+                        tracing::warn!(module = %self.module, handler = %handler, error = %e, "patched handler not set as a global");
+                    }
+                    state.functions.insert(handler, f);
+                }
+                // checked on a fresh state before it was accepted; a state of the pool can
+                // still differ (its globals): it keeps its function, and says so
+                Err(e) => {
+                    tracing::warn!(module = %self.module, handler = %handler, error = %e, "patch not applied to one Lua state; it keeps the handler it had")
+                }
+            }
+            state.patched = state.patched.max(serial);
+        }
     }
 
     /// The message argument, as the options say.
@@ -491,7 +639,13 @@ impl LuaModule {
                 })
             }
             (Err(e), None) => {
-                let error = super::call_error(&e, &self.chunk);
+                let error = match super::call_error(&e, &self.chunk) {
+                    // a patched handler's own error: without the patch's position either
+                    CallError::App(m) => {
+                        CallError::App(super::split_position(&m, &patch_chunk(what)).1)
+                    }
+                    other => other,
+                };
                 if matches!(error, CallError::App(_)) {
                     tracing::warn!(module = %self.module, plugin = %self.path.display(), handler = what, error = %e, "Lua handler failed");
                 }
@@ -661,6 +815,41 @@ impl ModuleVersion for LuaModule {
                 .map(Some)
                 .map_err(|e| PluginError::script(&self.path, None, format!("export_state: {e}")))
         })
+    }
+
+    fn patch(
+        self: Arc<Self>,
+        handler: Arc<str>,
+        source: Arc<str>,
+    ) -> BoxFuture<'static, Result<(), PluginError>> {
+        Box::pin(async move {
+            // checked on a fresh state, so that a body that does not compile or is not a
+            // function changes nothing
+            let budget = Budget::new(self.max_instructions, self.time_limit);
+            let scratch = super::new_state(&self.path, &budget)?;
+            eval_patch(&scratch, &budget, &self.path, &handler, &source)?;
+            let mut patches = self.patches.lock();
+            let serial = self.patch_serial.load(Ordering::Acquire) + 1;
+            patches.retain(|p| *p.handler != *handler);
+            patches.push(Patch {
+                handler: handler.to_string(),
+                source,
+                serial,
+            });
+            self.patch_serial.store(serial, Ordering::Release);
+            Ok(())
+        })
+    }
+
+    fn patched(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .patches
+            .lock()
+            .iter()
+            .map(|p| p.handler.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     fn import_state(self: Arc<Self>, state: Value) -> BoxFuture<'static, Result<(), PluginError>> {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
@@ -17,7 +18,9 @@ use serde_json::Value;
 use warren::{CallError, Services, Session};
 
 use super::{Pool, PyFailure, arg};
-use crate::module::{CallCx, ModuleVersion, decode_reply, json_body, json_reply, node_of};
+use crate::module::{
+    CallCx, ModuleVersion, decode_reply, json_body, json_reply, node_of, rpc_args, rpc_timeout,
+};
 use crate::{ModulePluginOptions, MsgType, PluginError};
 
 /// The call a plugin thread is running, for the `warren` functions (a thread runs one call at a
@@ -68,10 +71,43 @@ pub(crate) struct PyModuleVersion {
     msg_type: MsgType,
     pool: Arc<Pool>,
     handlers: Vec<String>,
-    /// In `Arc`s, so that a call takes its function without taking the GIL.
-    functions: HashMap<String, Arc<Py<PyAny>>>,
+    /// In `Arc`s, so that a call takes its function without taking the GIL; swapped whole
+    /// when a handler is patched, so a call in flight keeps the function it started with.
+    functions: ArcSwap<HashMap<String, Arc<Py<PyAny>>>>,
     hooks: Vec<&'static str>,
     warren: Arc<Py<PyModule>>,
+    /// The loaded file's module, the namespace a patch runs in.
+    namespace: Arc<Py<PyModule>>,
+    /// Handlers replaced by patches, sorted.
+    patched: Mutex<Vec<String>>,
+}
+
+/// Python side of a handler patch: run the source in the module's namespace (its globals) with
+/// names defined into a dict of their own, take the one function it defines, and make it the
+/// module's global of the handler's name.
+const PATCH_HELPER: &std::ffi::CStr = c"
+import inspect
+
+
+def patch(module, handler, source, filename):
+    code = compile(source, filename, 'exec')
+    defined = {}
+    exec(code, module.__dict__, defined)
+    functions = [v for v in defined.values() if inspect.isfunction(v)]
+    if len(functions) != 1:
+        raise ValueError(
+            'the body must define exactly one function (def handler(session, msg): ...); it defines %d'
+            % len(functions))
+    f = functions[0]
+    setattr(module, handler, f)
+    return f
+";
+
+static PATCH_MODULE: pyo3::sync::PyOnceLock<Py<PyModule>> = pyo3::sync::PyOnceLock::new();
+
+/// The file name a patch of `handler` is compiled under (its tracebacks name it).
+fn patch_file(handler: &str) -> String {
+    format!("<patch of {handler}>")
 }
 
 /// Load from a plugin thread, blocking the caller (the first load, before the node runs).
@@ -162,9 +198,11 @@ fn load_here(
             msg_type: options.msg_type,
             pool,
             handlers,
-            functions,
+            functions: ArcSwap::from_pointee(functions),
             hooks,
             warren,
+            namespace: Arc::new(loaded.clone_ref(py)),
+            patched: Mutex::new(Vec::new()),
         }) as Arc<dyn ModuleVersion>)
     })
 }
@@ -262,6 +300,57 @@ fn warren_module<'py>(
                     cx.services
                         .call_nr(&target, &handler, cx.session.clone(), body)
                         .await
+                })?;
+                Ok(true)
+            },
+        )?,
+    )?;
+    w.setattr(
+        "rpc_call",
+        func(
+            py,
+            c"rpc_call",
+            c"rpc_call(topic, func, args=None, timeout=None) -> the callback's args (a list): call a TianQinS Redis-RPC peer",
+            |args| {
+                let py = args.py();
+                let (cx, rt) = running()?;
+                let topic: String = arg(args, 0)?.extract()?;
+                let func: String = arg(args, 1)?.extract()?;
+                let rpc = match args.get_item(2).ok().filter(|a| !a.is_none()) {
+                    Some(a) => rpc_args(super::to_json(&a)?),
+                    None => Vec::new(),
+                };
+                let timeout = args
+                    .get_item(3)
+                    .ok()
+                    .filter(|t| !t.is_none())
+                    .map(|t| t.extract::<f64>())
+                    .transpose()?
+                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                    .unwrap_or_else(|| rpc_timeout(&cx));
+                let reply = super::wait(py, &rt, async move {
+                    cx.redis_rpc()?.call(topic, func, rpc, timeout).await
+                })?;
+                super::from_json(py, &Value::Array(reply)).map(Bound::unbind)
+            },
+        )?,
+    )?;
+    w.setattr(
+        "rpc_notify",
+        func(
+            py,
+            c"rpc_notify",
+            c"rpc_notify(topic, func, args=None): run a function of a TianQinS Redis-RPC peer without waiting for a reply",
+            |args| {
+                let (cx, rt) = running()?;
+                let topic: String = arg(args, 0)?.extract()?;
+                let func: String = arg(args, 1)?.extract()?;
+                let rpc = match args.get_item(2).ok().filter(|a| !a.is_none()) {
+                    Some(a) => rpc_args(super::to_json(&a)?),
+                    None => Vec::new(),
+                };
+                super::wait(args.py(), &rt, async move {
+                    cx.redis_rpc()?.notify(topic, func, rpc).await
                 })?;
                 Ok(true)
             },
@@ -534,7 +623,7 @@ impl PyModuleVersion {
         cx: Option<CallCx>,
         args: impl for<'py> FnOnce(Python<'py>) -> PyResult<Bound<'py, PyTuple>> + Send + 'static,
     ) -> Result<(), PluginError> {
-        let Some(f) = self.functions.get(hook).cloned() else {
+        let Some(f) = self.functions.load().get(hook).cloned() else {
             return Ok(());
         };
         let path = self.path.clone();
@@ -580,6 +669,7 @@ impl ModuleVersion for PyModuleVersion {
         Box::pin(async move {
             let f = self
                 .functions
+                .load()
                 .get(&*handler)
                 .cloned()
                 .ok_or_else(|| CallError::HandlerNotFound(handler.to_string()))?;
@@ -665,7 +755,7 @@ impl ModuleVersion for PyModuleVersion {
 
     fn export_state(self: Arc<Self>) -> BoxFuture<'static, Result<Option<Value>, PluginError>> {
         Box::pin(async move {
-            let Some(f) = self.functions.get("export_state").cloned() else {
+            let Some(f) = self.functions.load().get("export_state").cloned() else {
                 return Ok(None);
             };
             let path = self.path.clone();
@@ -686,6 +776,67 @@ impl ModuleVersion for PyModuleVersion {
                     path: self.path.clone(),
                 })?
         })
+    }
+
+    fn patch(
+        self: Arc<Self>,
+        handler: Arc<str>,
+        source: Arc<str>,
+    ) -> BoxFuture<'static, Result<(), PluginError>> {
+        Box::pin(async move {
+            let namespace = self.namespace.clone();
+            let path = self.path.clone();
+            let name = handler.clone();
+            let compiled = self
+                .pool
+                .run(move || {
+                    Python::attach(|py| {
+                        let file = patch_file(&name);
+                        let run = || -> PyResult<Py<PyAny>> {
+                            let helper = PATCH_MODULE.get_or_try_init(py, || {
+                                PyModule::from_code(
+                                    py,
+                                    PATCH_HELPER,
+                                    c"warren_patch.py",
+                                    c"_warren_patch",
+                                )
+                                .map(Bound::unbind)
+                            })?;
+                            let f = helper.bind(py).getattr("patch")?.call1((
+                                namespace.bind(py),
+                                &*name,
+                                &*source,
+                                &file,
+                            ))?;
+                            Ok(f.unbind())
+                        };
+                        run().map_err(|e| {
+                            let failure = PyFailure::of(py, &e, Path::new(&file));
+                            PluginError::patch(&path, &name, failure.line, failure.described)
+                        })
+                    })
+                })
+                .await
+                .map_err(|_| PluginError::Stopped {
+                    path: self.path.clone(),
+                })??;
+            let f = Arc::new(compiled);
+            self.functions.rcu(|functions| {
+                let mut next = HashMap::clone(functions);
+                next.insert(handler.to_string(), f.clone());
+                next
+            });
+            let mut patched = self.patched.lock();
+            if !patched.iter().any(|h| **h == *handler) {
+                patched.push(handler.to_string());
+                patched.sort();
+            }
+            Ok(())
+        })
+    }
+
+    fn patched(&self) -> Vec<String> {
+        self.patched.lock().clone()
     }
 
     fn import_state(self: Arc<Self>, state: Value) -> BoxFuture<'static, Result<(), PluginError>> {

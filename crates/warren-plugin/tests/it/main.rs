@@ -7,4 +7,5 @@
 mod channels;
 mod kit;
 mod modules;
+mod patch;
 mod reload;
