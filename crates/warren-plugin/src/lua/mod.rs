@@ -211,9 +211,25 @@ pub(crate) fn call_error(e: &mlua::Error, chunk: &str) -> CallError {
     CallError::App(message)
 }
 
-/// A Lua value as JSON (strings must be UTF-8; functions and userdata cannot be encoded).
+/// A Lua value as JSON (strings must be UTF-8; functions and userdata cannot be encoded). A
+/// table's keys come out in sorted order: a Lua table has no order of its own, and a reply or
+/// push must read the same every time (mqant's Go maps were sorted the same way).
 pub(crate) fn to_json(lua: &Lua, v: mlua::Value) -> mlua::Result<serde_json::Value> {
-    lua.from_value(v)
+    let mut json = lua.from_value(v)?;
+    sort_keys(&mut json);
+    Ok(json)
+}
+
+/// Sort the keys of every object in `v`.
+fn sort_keys(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            map.sort_keys();
+            map.values_mut().for_each(sort_keys);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(sort_keys),
+        _ => {}
+    }
 }
 
 /// JSON as a Lua value (`null` is `nil`).
@@ -227,6 +243,20 @@ pub(crate) fn from_json(lua: &Lua, v: &serde_json::Value) -> mlua::Result<mlua::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_become_json_objects_with_sorted_keys() {
+        let lua = Lua::new();
+        let v: mlua::Value = lua
+            .load("return { target = '*', from = 'a', msg = { z = 1, a = { 2, 3 } }, roomName = 'r' }")
+            .eval()
+            .expect("a table");
+        let json = to_json(&lua, v).expect("JSON");
+        assert_eq!(
+            serde_json::to_string(&json).expect("text"),
+            r#"{"from":"a","msg":{"a":[2,3],"z":1},"roomName":"r","target":"*"}"#
+        );
+    }
 
     #[test]
     fn positions_in_the_plugin_file_are_split_off() {
