@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -71,6 +72,7 @@ INVENTORY: dict[tuple[str, str], str] = {
     ("docs/protocols/pomelo.md", "warren serve --listen pomelo://127.0.0.1:3010"): "test_pomelo_try_it",
     ("docs/protocols/pomelo-rpc.md", "warren serve --module Echo --listen 'pomelo-rpc://127.0.0.1:3333?allow"): "test_pomelo_rpc_listeners",
     ("docs/protocols/pomelo-rpc.md", "warren serve --listen 'pomelo-rpc://127.0.0.1:3333?allow=127.0.0.1' --module Echo"): "test_pomelo_rpc_try_it",
+    ("docs/plugins.md", "warren serve --config examples/chat-lua/chat.toml"): "test_admin_hotfix_walkthrough",
     ("examples/chat/client/README.md", "python3 -m pip install"): "test_terminal_client_readme",
     ("examples/chat/client/README.md", "python3 chat_client.py --user alice"): "test_terminal_client_readme",
     ("examples/my-game/README.md", "cargo build --release"): "test_my_game.py (built with the real cargo, not the stand-in)",
@@ -296,6 +298,35 @@ def test_pomelo_rpc_try_it(tmp_path: Path):
         serving(sh, started[b.first])
         out = node_sample(sh, "rpc.mjs", "\n".join(sample.lines) + "\n")
         assert out.splitlines()[-1:] == want, out
+
+
+# ---- docs/plugins.md: the admin API -------------------------------------------------------------
+
+# The test's own client: a login to the Lua chat demo over MQTT, printing the reply envelope.
+LOGIN_AS = (
+    "python3 -c 'import json, sys; sys.path.insert(0, \"tests/e2e\"); from chat import ChatClient; "
+    "c = ChatClient(3563); print(json.dumps(c.login(sys.argv[1]), separators=(\",\", \":\"))); c.close()' "
+)
+
+
+def test_admin_hotfix_walkthrough(tmp_path: Path):
+    steps = commands(find_block(DOCS / "plugins.md", "warren serve --config examples/chat-lua/chat.toml").lines)
+    assert len(steps) == 4, steps
+    with Shell(tmp_path, "admin") as sh:
+
+        def login(user: str) -> str:
+            r = sh.run(LOGIN_AS + shlex.quote(user))
+            assert r.returncode == 0, r.stdout
+            return r.stdout.strip()
+
+        # the demo, its plugin list, and the patch
+        sh.walk(steps[:3])
+        # "a client logging in as "" gets …": the patched handler answers
+        assert login("") == '{"Error":"userName cannot be empty","Result":null}'
+        assert login("alice") == '{"Error":"","Result":"login success alice"}'
+        # the reload runs login.lua again: the patch is gone
+        sh.walk(steps[3:])
+        assert login("") != '{"Error":"userName cannot be empty","Result":null}'
 
 
 # ---- examples/chat/client/README.md ------------------------------------------------------------
