@@ -491,11 +491,35 @@ impl Listener {
     /// connection closes; the slot is held until then.
     async fn websocket(
         &self,
-        mut io: WsIo,
+        io: WsIo,
         peer: SocketAddr,
         slot: Slot,
         deadline: tokio::time::Instant,
     ) {
+        // boxed, and over before the connection is served: the request, its buffer and the
+        // answer are gone by then, so an open WebSocket holds only its socket's state
+        let Some((socket, framing)) = Box::pin(self.open_websocket(io, peer, deadline)).await
+        else {
+            return;
+        };
+        // the connection gets a task of its own (tracked, so a drain waits for it), holding
+        // only what serving needs; this one, sized for every kind of handshake, ends here
+        let (r, w) = io::ws(socket, framing);
+        let conn = serve(self.gate.clone(), self.cfg.clone(), r, w, peer);
+        self.gate.tracker.spawn(async move {
+            conn.await;
+            drop(slot);
+        });
+    }
+
+    /// Read the upgrade request and answer it: the WebSocket and how it carries the protocol,
+    /// or `None` when it was refused (with its status) or did not come in time.
+    async fn open_websocket(
+        &self,
+        mut io: WsIo,
+        peer: SocketAddr,
+        deadline: tokio::time::Instant,
+    ) -> Option<(io::WebSocket, WsFraming)> {
         let read = self
             .within(
                 &peer,
@@ -505,10 +529,10 @@ impl Listener {
             )
             .await;
         let (request, rest) = match read {
-            None | Some(Ok(None)) => return,
+            None | Some(Ok(None)) => return None,
             Some(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "upgrade request not read");
-                return;
+                return None;
             }
             Some(Ok(Some(r))) => r,
         };
@@ -520,7 +544,7 @@ impl Listener {
             ProtocolOptions::Pomelo(o) => (o.max_package + 4, WsFraming::Stream, &[]),
             ProtocolOptions::Json(o) => (o.max_packet, WsFraming::TextMessages, &[]),
             // neither takes WebSocket upgrades (`serves_websocket`)
-            ProtocolOptions::Line(_) | ProtocolOptions::PomeloRpc(_) => return,
+            ProtocolOptions::Line(_) | ProtocolOptions::PomeloRpc(_) => return None,
         };
         let request = request.and_then(|r| match self.gate.draining.is_cancelled() {
             true => Err(upgrade::Refused {
@@ -540,7 +564,7 @@ impl Listener {
                     let _ = io.shutdown().await;
                 })
                 .await;
-                return;
+                return None;
             }
         };
         let answer = request.accepted(request.choose(protocols));
@@ -551,7 +575,7 @@ impl Listener {
         .await;
         if !matches!(written, Ok(Ok(()))) {
             tracing::debug!(%peer, "upgrade answer not written");
-            return;
+            return None;
         }
         // tungstenite reads in chunks of this size into a buffer it allocates up front, for the
         // connection's whole life: its default (128 KiB) made an idle WebSocket connection cost
@@ -567,12 +591,7 @@ impl Listener {
             Some(config),
         )
         .await;
-        // track the connection from now, so a drain waits for it
-        let token = self.gate.tracker.token();
-        let (r, w) = io::ws(socket, framing);
-        serve(self.gate.clone(), self.cfg.clone(), r, w, peer).await;
-        drop(slot);
-        drop(token);
+        Some((socket, framing))
     }
 }
 
