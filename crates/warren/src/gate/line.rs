@@ -4,7 +4,8 @@
 //! A line listener is bound to a [`ChannelHandler`]: an object told about every connection
 //! (`on_connect`), every message (`handle_msg`) and every disconnect (`handle_broken`), which
 //! answers through the [`Channel`] API. warren ships [`EchoHandler`]; plugins (Lua, Python,
-//! native) implement the same trait. With `handler = "router"` the listener instead routes each
+//! native) implement the same trait. Each line listener may have a handler of its own (its
+//! `plugin`, `NodeBuilder::listener_channel_handler`); the others share the node's. With `handler = "router"` the listener instead routes each
 //! message, written `Module/Handler[/msgid] <json body>`, to a module like any other client.
 //! Either way every connection is a session: pushes and rooms reach line clients too.
 
@@ -176,7 +177,8 @@ pub(crate) async fn serve(
         }),
     };
     let lazy = opts.lazy_channels;
-    let handler: Option<Arc<dyn ChannelHandler>> = (!router).then(|| gate.channel_handler.clone());
+    let handler: Option<Arc<dyn ChannelHandler>> =
+        (!router).then(|| gate.channel_handler_for(&cfg));
     let mut proto = LineSession {
         decoder: LineDecoder::new(opts.max_head, opts.max_body),
         space,

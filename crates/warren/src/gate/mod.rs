@@ -97,8 +97,11 @@ pub(crate) struct Gate {
     /// Topic ACLs of default-mode MQTT (`[auth] acl_file`), parsed at start; `None`: no
     /// ACL file, everything allowed. Swapped as a whole when the file is reloaded.
     pub(crate) acl: arc_swap::ArcSwapOption<crate::acl::Acl>,
-    /// What line listeners bound to a channel handler talk to.
+    /// What line listeners without a handler of their own talk to.
     pub(crate) channel_handler: Arc<dyn ChannelHandler>,
+    /// Line listeners with a handler of their own (a plugin), by the config the listener was
+    /// bound with: every connection of a listener carries that same `Arc`.
+    line_handlers: Vec<(Arc<ListenerConfig>, Arc<dyn ChannelHandler>)>,
     /// Live line channels by id.
     pub(crate) channels: Channels,
     /// Default-mode MQTT client ids → the session using it and its verified uid (takeover is
@@ -112,6 +115,7 @@ impl Gate {
         config: &Config,
         auth: Arc<Authenticator>,
         channel_handler: Option<Arc<dyn ChannelHandler>>,
+        line_handlers: Vec<(Arc<ListenerConfig>, Arc<dyn ChannelHandler>)>,
     ) -> Self {
         Gate {
             node,
@@ -124,9 +128,18 @@ impl Gate {
             admission: access::Admission::new(&config.limits, &config.access),
             acl: arc_swap::ArcSwapOption::empty(),
             channel_handler: channel_handler.unwrap_or_else(|| Arc::new(EchoHandler)),
+            line_handlers,
             channels: Channels::default(),
             client_ids: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The channel handler of the line listener bound with `cfg`: its own, else the node's.
+    pub(crate) fn channel_handler_for(&self, cfg: &Arc<ListenerConfig>) -> Arc<dyn ChannelHandler> {
+        self.line_handlers
+            .iter()
+            .find(|(c, _)| Arc::ptr_eq(c, cfg))
+            .map_or_else(|| self.channel_handler.clone(), |(_, h)| h.clone())
     }
 
     /// Begin a drain.

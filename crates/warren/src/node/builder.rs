@@ -1,6 +1,14 @@
 //! [`NodeBuilder`]: from a validated config and module definitions to a running [`Node`].
 
 use super::*;
+use crate::config::{ConfigError, LineHandler, ListenerConfig};
+
+/// The listeners' configs as the gate binds them, and the line listeners among them that have a
+/// channel handler of their own.
+type LineHandlers = (
+    Vec<Arc<ListenerConfig>>,
+    Vec<(Arc<ListenerConfig>, Arc<dyn ChannelHandler>)>,
+);
 
 /// Assembles a node from its config and module definitions.
 pub struct NodeBuilder {
@@ -8,6 +16,8 @@ pub struct NodeBuilder {
     pub(super) modules: Vec<(Module, ModuleConfig)>,
     pub(super) auth: Option<Arc<dyn AuthHook>>,
     pub(super) channel_handler: Option<Arc<dyn ChannelHandler>>,
+    /// Handlers of particular line listeners, by their index in `config.listeners`.
+    pub(super) line_handlers: Vec<(usize, Arc<dyn ChannelHandler>)>,
     pub(super) transport: Option<Arc<dyn BusTransport>>,
     pub(super) registry: Option<Arc<dyn Registry>>,
     pub(super) hooks: Vec<ClusterHook>,
@@ -22,6 +32,7 @@ impl NodeBuilder {
             modules: Vec::new(),
             auth: None,
             channel_handler: None,
+            line_handlers: Vec::new(),
             transport: None,
             registry: None,
             hooks: Vec::new(),
@@ -72,15 +83,76 @@ impl NodeBuilder {
     }
 
     /// Bind line listeners (without `handler = "router"`) to this channel handler instead of the
-    /// built-in echo.
+    /// built-in echo; a listener given its own with [`NodeBuilder::listener_channel_handler`]
+    /// keeps that one.
     pub fn channel_handler(mut self, handler: Arc<dyn ChannelHandler>) -> Self {
         self.channel_handler = Some(handler);
         self
     }
 
+    /// Bind the line listener `config.listeners[index]` to this channel handler: what a
+    /// listener's `plugin` key asks for (the plugin loaded by crate `warren-plugin`). Each line
+    /// listener may have its own; [`NodeBuilder::start`] refuses an index that is not a line
+    /// listener answering through a channel handler, and a listener whose `plugin` was given
+    /// no handler.
+    pub fn listener_channel_handler(
+        mut self,
+        index: usize,
+        handler: Arc<dyn ChannelHandler>,
+    ) -> Self {
+        self.line_handlers.retain(|(i, _)| *i != index);
+        self.line_handlers.push((index, handler));
+        self
+    }
+
+    /// The listeners as the gate binds them, each with the channel handler it was given; an
+    /// error when a handler was given to a listener that cannot use one, or a plugin was given
+    /// no handler.
+    fn bind_line_handlers(
+        cfg: &Config,
+        given: Vec<(usize, Arc<dyn ChannelHandler>)>,
+    ) -> Result<LineHandlers, NodeError> {
+        let listeners: Vec<Arc<ListenerConfig>> =
+            cfg.listeners.iter().map(|l| Arc::new(l.clone())).collect();
+        let mut bound = Vec::new();
+        for (index, handler) in given {
+            let takes_one = listeners
+                .get(index)
+                .and_then(|l| l.protocol.line())
+                .is_some_and(|o| o.handler == LineHandler::Echo);
+            if !takes_one {
+                return Err(ConfigError::invalid(
+                    format!("listener[{index}]"),
+                    "a channel handler was given for it, but it is not a line listener answering through one",
+                )
+                .into());
+            }
+            bound.push((listeners[index].clone(), handler));
+        }
+        for (i, l) in listeners.iter().enumerate() {
+            let plugin = l.protocol.line().and_then(|o| o.plugin.as_deref());
+            if let Some(path) = plugin
+                && !bound.iter().any(|(b, _)| Arc::ptr_eq(b, l))
+            {
+                return Err(ConfigError::invalid(
+                    format!("listener[{i}].plugin"),
+                    format!(
+                        "{path}: nothing loaded this plugin (the warren binary does; a program of \
+                         its own loads it with warren-plugin and gives it to \
+                         NodeBuilder::listener_channel_handler)"
+                    ),
+                )
+                .into());
+            }
+        }
+        Ok((listeners, bound))
+    }
+
     /// Start modules, register, bind listeners.
     pub async fn start(self) -> Result<Node, NodeError> {
         let cfg = self.config;
+        let (listener_configs, line_handlers) =
+            NodeBuilder::bind_line_handlers(&cfg, self.line_handlers)?;
         let authenticator = Arc::new(Authenticator::from_config(&cfg.auth, self.auth)?);
         let acl = match &cfg.auth.acl_file {
             Some(path) => Some(Arc::new(crate::acl::Acl::load(path)?)),
@@ -271,11 +343,11 @@ impl NodeBuilder {
             &cfg,
             authenticator,
             self.channel_handler,
+            line_handlers,
         ));
         gate.acl.store(acl);
         let mut listeners = Vec::new();
-        for l in &cfg.listeners {
-            let l = Arc::new(l.clone());
+        for l in listener_configs {
             let bound = gate::listen(gate.clone(), l.clone())
                 .await
                 .map_err(|source| NodeError::Bind {
@@ -300,5 +372,107 @@ impl NodeBuilder {
             stop_bus,
             drain_timeout: Duration::from_secs(cfg.node.drain_timeout_s),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gate::{Channel, EchoHandler};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Answers every message with a prefix, to tell which handler a listener reached.
+    struct Prefixed(&'static str);
+
+    impl ChannelHandler for Prefixed {
+        fn handle_msg(&self, channel: &Channel, msg: Bytes) {
+            let mut out = self.0.as_bytes().to_vec();
+            out.extend_from_slice(&msg);
+            channel.send(out);
+        }
+    }
+
+    fn config(urls: &[&str]) -> Config {
+        let mut c = Config::default();
+        c.http.enabled = false;
+        c.listeners = urls
+            .iter()
+            .map(|u| ListenerConfig::from_url(u).expect("a listener URL"))
+            .collect();
+        c
+    }
+
+    async fn line_round_trip(addr: std::net::SocketAddr, msg: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connects");
+        s.write_all(format!("{}\r\n{msg}", msg.len()).as_bytes())
+            .await
+            .expect("writes");
+        // one reply: `<len> \r\n` and len bytes
+        let complete = |got: &[u8]| {
+            let text = String::from_utf8_lossy(got);
+            text.split_once(" \r\n")
+                .is_some_and(|(len, body)| len.parse::<usize>().is_ok_and(|n| body.len() >= n))
+        };
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !complete(&got) {
+            let n = s.read(&mut buf).await.expect("reads");
+            assert!(n > 0, "closed after {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[tokio::test]
+    async fn each_line_listener_may_have_its_own_channel_handler() {
+        let c = config(&[
+            "line://127.0.0.1:0",
+            "line://127.0.0.1:0",
+            "line://127.0.0.1:0?plugin=two.lua",
+        ]);
+        let node = NodeBuilder::new(c)
+            .channel_handler(Arc::new(Prefixed("node:")))
+            .listener_channel_handler(2, Arc::new(Prefixed("two:")))
+            .listener_channel_handler(1, Arc::new(EchoHandler))
+            .start()
+            .await
+            .expect("starts");
+        let addr = |i: usize| node.listeners()[i].local_addr;
+        assert_eq!(line_round_trip(addr(0), "hi").await, "7 \r\nnode:hi");
+        assert_eq!(line_round_trip(addr(1), "hi").await, "2 \r\nhi");
+        assert_eq!(line_round_trip(addr(2), "hi").await, "6 \r\ntwo:hi");
+        node.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_plugin_without_a_handler_and_a_handler_without_a_line_listener_are_refused() {
+        let e = NodeBuilder::new(config(&["line://127.0.0.1:0?plugin=echo.lua"]))
+            .start()
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            e.to_string()
+                .starts_with("listener[0].plugin: echo.lua: nothing loaded"),
+            "{e}"
+        );
+        for index in [0, 1, 7] {
+            let e = NodeBuilder::new(config(&[
+                "mqtt://127.0.0.1:0",
+                "line://127.0.0.1:0?handler=router",
+            ]))
+            .listener_channel_handler(index, Arc::new(EchoHandler))
+            .start()
+            .await
+            .err()
+            .expect("refused");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("listener[{index}]: a channel handler")),
+                "{e}"
+            );
+        }
     }
 }
