@@ -24,6 +24,7 @@
 //! The module also holds the *login rule* ([`admit_call`]): a client call from a session without
 //! a bound uid may reach only handlers registered as login handlers.
 
+#[cfg(feature = "http-auth")]
 pub mod http;
 pub mod jwt;
 pub mod password;
@@ -231,8 +232,15 @@ impl Authenticator {
         if let Some(j) = &cfg.jwt {
             methods.push(("jwt", Arc::new(jwt::JwtAuth::new(j)?)));
         }
+        #[cfg(feature = "http-auth")]
         if let Some(h) = &cfg.http {
             methods.push(("http", Arc::new(http::HttpAuth::new(h)?)));
+        }
+        #[cfg(not(feature = "http-auth"))]
+        if cfg.http.is_some() {
+            return Err(AuthError::Http(
+                "this build has no HTTP callback (warren's feature `http-auth`)".to_owned(),
+            ));
         }
         let anonymous = cfg.anonymous.unwrap_or(methods.is_empty());
         Ok(Authenticator {
