@@ -15,7 +15,8 @@
 //! Each load is a **version** in a slot. [`Plugin::reload`] loads the file again beside the
 //! running version: new calls go to the new one, calls in flight finish on the old, channels
 //! move at their next message; a reload that fails keeps the running version and returns the
-//! error with file and line. A file watcher or an admin endpoint only has to call `reload`.
+//! error with file and line. [`PluginWatcher`] calls `reload` when a plugin's file changes; an
+//! admin endpoint only has to call it too.
 //!
 //! Where code runs: Lua runs on the caller's task (a module handler waiting on `warren.call`
 //! yields, it does not hold a thread) with an instruction budget and a time limit per call;
@@ -33,6 +34,7 @@ mod channel;
 mod error;
 mod module;
 mod slot;
+mod watch;
 
 #[cfg(feature = "lua")]
 mod lua;
@@ -54,6 +56,7 @@ pub use error::{PluginError, PluginErrorKind};
 pub use module::ModulePlugin;
 #[cfg(feature = "native")]
 pub use native::ABI_VERSION;
+pub use watch::{PluginWatcher, WatchError};
 
 /// The language a plugin is written in, decided by the file's suffix (never by a substring:
 /// `echo.solver.py` is Python).

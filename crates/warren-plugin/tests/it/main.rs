@@ -9,3 +9,4 @@ mod kit;
 mod modules;
 mod patch;
 mod reload;
+mod watch;
