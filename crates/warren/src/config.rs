@@ -244,6 +244,67 @@ impl ModuleConfig {
             .unwrap_or_else(|| format!("{}001", self.kind))
     }
 
+    /// A plugin module from the command line: `--module TYPE=PATH`, with the entry's other keys
+    /// as a query (`Greeter=greeter.lua?login_handlers=HD_Hello&msg_type=json`): lists
+    /// (`handlers`, `login_handlers`, `tags`) comma-separated, `%2C` a literal comma. Read and
+    /// checked like a `[[module]]` table; errors name the key as `--module.KEY`.
+    pub fn from_arg(kind: &str, spec: &str) -> Result<ModuleConfig, ConfigError> {
+        let (path, query) = spec.split_once('?').unwrap_or((spec, ""));
+        let mut t = toml::Table::new();
+        t.insert("type".into(), kind.into());
+        t.insert("plugin".into(), listen_url::percent_decode(path).into());
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, "true"));
+            let k = listen_url::percent_decode(k);
+            if k == "type" || k == "plugin" {
+                return Err(ConfigError::invalid(
+                    format!("--module.{k}"),
+                    "set by the argument itself (TYPE=PATH), not a query parameter",
+                ));
+            }
+            let value = match k.as_str() {
+                "handlers" | "login_handlers" | "tags" => toml::Value::Array(
+                    v.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(|s| listen_url::percent_decode(s).into())
+                        .collect(),
+                ),
+                _ => {
+                    let v = listen_url::percent_decode(v);
+                    if let Ok(i) = v.parse::<i64>() {
+                        toml::Value::Integer(i)
+                    } else if let Ok(b) = v.parse::<bool>() {
+                        toml::Value::Boolean(b)
+                    } else {
+                        toml::Value::String(v)
+                    }
+                }
+            };
+            t.insert(k, value);
+        }
+        let mut root = toml::Table::new();
+        root.insert("module".into(), toml::Value::Array(vec![t.into()]));
+        let on_flag = |e: ConfigError| match e {
+            ConfigError::Invalid { key, why, .. } => {
+                ConfigError::invalid(key.replacen("module[0]", "--module", 1), why)
+            }
+            other => other,
+        };
+        let text = toml::to_string(&root)
+            .map_err(|e| ConfigError::invalid("--module", format!("{kind}={spec}: {e}")))?;
+        let config = Config::from_toml_all(&text).map_err(|e| on_flag(first(e)))?;
+        let m =
+            config.modules.into_iter().next().ok_or_else(|| {
+                ConfigError::invalid("--module", format!("{kind}={spec}: no module"))
+            })?;
+        let mut p = Problems::default();
+        m.check_plugin("--module", &mut p);
+        match p.0.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(m),
+        }
+    }
+
     /// Record the problems of the plugin keys, under `key` (`module[0]`): a plugin needs a type
     /// that can be a route's module, and the plugin options need a plugin.
     fn check_plugin(&self, key: &str, p: &mut Problems) {
@@ -1091,6 +1152,51 @@ mod tests {
         assert_eq!(o.plugin.as_deref(), Some("/srv/echo.lua"));
         let e = ListenerConfig::from_url("mqtt://127.0.0.1:1?plugin=x.lua").unwrap_err();
         assert!(e.to_string().contains("applies to line listeners"), "{e}");
+    }
+
+    #[test]
+    fn a_plugin_module_on_the_command_line() {
+        let m = ModuleConfig::from_arg("Greeter", "plugins/greeter.lua").unwrap();
+        assert_eq!(m, ModuleConfig::plugin("Greeter", "plugins/greeter.lua"));
+        let m = ModuleConfig::from_arg(
+            "Greeter",
+            "g.py?login_handlers=HD_Hello,HD_Bye&msg_type=json&workers=2&execution=sequential&id=G7",
+        )
+        .unwrap();
+        assert_eq!(m.login_handlers, ["HD_Hello", "HD_Bye"]);
+        assert_eq!(m.msg_type, Some(PluginMsgType::Json));
+        assert_eq!(
+            (m.workers, m.execution),
+            (Some(2), Some(Execution::Sequential))
+        );
+        assert_eq!(m.instance_id(), "G7");
+        let e = |spec: &str| {
+            ModuleConfig::from_arg("Greeter", spec)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            e("g.lua?worker=2")
+                .starts_with("--module.worker: unknown key `worker`, did you mean `workers`?"),
+            "{}",
+            e("g.lua?worker=2")
+        );
+        assert!(
+            e("g.lua?workers=0").starts_with("--module.workers: must be at least 1"),
+            "{}",
+            e("g.lua?workers=0")
+        );
+        assert!(
+            e("g.lua?msg_type=xml").starts_with("--module.msg_type: unknown variant `xml`"),
+            "{}",
+            e("g.lua?msg_type=xml")
+        );
+        assert!(e("g.lua?plugin=x.lua").starts_with("--module.plugin: set by the argument"));
+        assert!(
+            e("").starts_with("--module.plugin: must name a file"),
+            "{}",
+            e("")
+        );
     }
 
     #[test]

@@ -217,7 +217,7 @@ impl ListenerConfig {
 }
 
 /// Decode `%XX` escapes (and `+` as a space) in a URL query value.
-fn percent_decode(s: &str) -> String {
+pub(super) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
