@@ -18,7 +18,7 @@ pub mod proxy;
 
 mod io;
 mod tls;
-mod upgrade;
+pub mod upgrade;
 
 pub use line::{Channel, ChannelHandler, Channels, EchoHandler};
 

@@ -14,28 +14,28 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Largest request head (request line and headers) read; a larger one gets 431.
-pub(crate) const MAX_REQUEST: usize = 32 * 1024;
+pub const MAX_REQUEST: usize = 32 * 1024;
 
 /// Most headers one request may have; more get 431.
-pub(crate) const MAX_HEADERS: usize = 64;
+pub const MAX_HEADERS: usize = 64;
 
 /// A valid WebSocket opening request: what the answer needs.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Request {
+pub struct Request {
     /// `Sec-WebSocket-Accept` for the client's key.
-    pub(crate) accept: String,
+    pub accept: String,
     /// The subprotocols the client offered, in its order.
-    pub(crate) protocols: Vec<String>,
+    pub protocols: Vec<String>,
 }
 
 /// Why a request does not open a WebSocket: the status to answer with, and the reason for the
 /// log line.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Refused {
+pub struct Refused {
     /// HTTP status code.
-    pub(crate) status: u16,
+    pub status: u16,
     /// What was wrong, in words.
-    pub(crate) why: String,
+    pub why: String,
 }
 
 impl Refused {
@@ -47,7 +47,7 @@ impl Refused {
     }
 
     /// The complete HTTP response: the status line, a short text body, and `connection: close`.
-    pub(crate) fn response(&self) -> Vec<u8> {
+    pub fn response(&self) -> Vec<u8> {
         let body = format!("{}\n", self.why);
         format!(
             "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -60,7 +60,7 @@ impl Refused {
 }
 
 /// The reason phrase of the statuses the gate answers with.
-pub(crate) fn reason(status: u16) -> &'static str {
+pub fn reason(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
         400 => "Bad Request",
@@ -74,7 +74,7 @@ pub(crate) fn reason(status: u16) -> &'static str {
 /// Read one request head from `io`. `Ok(None)` when the client closed first; otherwise the
 /// parsed request (or why it is refused) and the bytes that came after the head (the client's
 /// first frames, if it did not wait for the answer).
-pub(crate) async fn read<IO: AsyncRead + Unpin>(
+pub async fn read<IO: AsyncRead + Unpin>(
     io: &mut IO,
 ) -> std::io::Result<Option<(Result<Request, Refused>, BytesMut)>> {
     // room grows with what arrives, up to the cap: a slow client holds only what it sent
@@ -117,7 +117,7 @@ pub(crate) async fn read<IO: AsyncRead + Unpin>(
 
 /// Parse a request head: `Ok(None)` while it is incomplete, else the request and the bytes the
 /// head took, or why it is refused.
-pub(crate) fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, Refused> {
+pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, Refused> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let used = match req.parse(buf) {
@@ -198,14 +198,14 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, Refused> {
 impl Request {
     /// The subprotocol to answer with: the first of `ours` (in the server's order of
     /// preference) that the client offered.
-    pub(crate) fn choose(&self, ours: &[&'static str]) -> Option<&'static str> {
+    pub fn choose(&self, ours: &[&'static str]) -> Option<&'static str> {
         ours.iter()
             .copied()
             .find(|p| self.protocols.iter().any(|c| c == p))
     }
 
     /// The `101 Switching Protocols` answer, with `protocol` if one was chosen.
-    pub(crate) fn accepted(&self, protocol: Option<&str>) -> Vec<u8> {
+    pub fn accepted(&self, protocol: Option<&str>) -> Vec<u8> {
         let mut r = format!(
             "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-accept: {}\r\n",
             self.accept
