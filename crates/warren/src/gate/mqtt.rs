@@ -156,8 +156,8 @@ async fn handshake(
         }
         Ok(Err(ReadError::Decode(e))) => {
             refuse(&peer, &format!("malformed packet: {e}"), e.kind());
-            let code = match e.kind() {
-                "too_large" => conn::close_code::TOO_BIG,
+            let code = match e {
+                mqtt::DecodeError::PacketTooLarge { .. } => conn::close_code::TOO_BIG,
                 _ => conn::close_code::PROTOCOL_ERROR,
             };
             close_with(&mut writer, &cfg, code).await;
@@ -379,7 +379,7 @@ impl conn::Dialect for MqttSession {
                 Err(e) => {
                     metrics::counter!("warren_decode_errors_total", "kind" => e.kind())
                         .increment(1);
-                    if e.kind() == "too_large" {
+                    if matches!(e, mqtt::DecodeError::PacketTooLarge { .. }) {
                         let code = conn::close_code::TOO_BIG;
                         return Err(End::Limit("too_big", code, format!("{e}")));
                     }

@@ -108,7 +108,7 @@ impl conn::Dialect for PomeloSession {
                 Err(e) => {
                     metrics::counter!("warren_decode_errors_total", "kind" => e.kind())
                         .increment(1);
-                    if e.kind() == "too_large" {
+                    if matches!(e, pomelo::PomeloError::PackageTooLarge { .. }) {
                         let code = conn::close_code::TOO_BIG;
                         return Err(End::Limit("too_big", code, format!("{e}")));
                     }
