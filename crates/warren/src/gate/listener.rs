@@ -106,17 +106,15 @@ struct Slot {
 /// session) so every line it logs says whose it is. The span is at debug level: with the default
 /// filter it is off and costs a connection nothing (lines that matter name their peer
 /// themselves); `RUST_LOG=warren=debug` turns it on.
-/// A plain function, not an `async fn`: the connection's task then holds only the span and the
-/// boxed protocol future, not a second copy of the arguments.
+/// A plain function, not an `async fn`: the connection's task then holds only the boxed
+/// protocol future (and the span, when it is on), not a second copy of the arguments.
 fn serve(
     gate: Arc<Gate>,
     cfg: Arc<ListenerConfig>,
     r: Reader,
     w: Writer,
     peer: SocketAddr,
-) -> tracing::instrument::Instrumented<
-    std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-> {
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     let span = tracing::debug_span!(
         "conn",
         node = %gate.node.id(),
@@ -125,7 +123,13 @@ fn serve(
         session = tracing::field::Empty
     );
     metrics::counter!("warren_connections_total", "protocol" => cfg.scheme()).increment(1);
-    dispatch(gate, cfg, r, w, peer).instrument(span)
+    let conn = dispatch(gate, cfg, r, w, peer);
+    if span.is_disabled() {
+        // the span is off (the default filter): the task need not carry it
+        conn
+    } else {
+        Box::pin(conn.instrument(span))
+    }
 }
 
 /// The connection's protocol future, boxed: each protocol's state lives in its own allocation,
