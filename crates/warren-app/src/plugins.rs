@@ -1,0 +1,292 @@
+//! [`Plugins`]: the plugins this node loaded — module plugins and line listeners' channel
+//! handlers — with what an operator asks about them: which file, which version runs since when,
+//! and why the last reload failed. The file watcher and the admin API reload through it, so the
+//! record stays true whoever reloads.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use warren::CallError;
+use warren_cluster::redis::RedisRpc;
+use warren_plugin::{ChannelPlugin, ModulePlugin, Plugin, PluginError, PluginKind, RedisRpcCaller};
+
+/// A boxed future, as the plugin traits return them.
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// What a plugin is to the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginRole {
+    /// The module plugin of this module type.
+    Module(String),
+    /// The channel handler of the line listener at this address (as configured).
+    Listener(String),
+}
+
+impl PluginRole {
+    /// `module` or `listener`, for listings.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PluginRole::Module(_) => "module",
+            PluginRole::Listener(_) => "listener",
+        }
+    }
+}
+
+/// Why the last reload of a plugin failed (cleared by the next one that succeeds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadFailure {
+    /// When it failed.
+    pub at: SystemTime,
+    /// The error, `file:line: message` for a script error.
+    pub message: String,
+    /// The line of the file, when the error names one.
+    pub line: Option<u32>,
+}
+
+/// What changes over a plugin's life, under one lock.
+#[derive(Debug)]
+struct Status {
+    /// When the running version was loaded.
+    loaded_at: SystemTime,
+    last_error: Option<ReloadFailure>,
+}
+
+/// One loaded plugin: its handle, its role, and its reload record. It is itself a [`Plugin`]
+/// whose `reload` keeps the record, so a watcher given it needs nothing else.
+pub struct PluginEntry {
+    name: String,
+    role: PluginRole,
+    plugin: Arc<dyn Plugin>,
+    module: Option<Arc<ModulePlugin>>,
+    status: Mutex<Status>,
+}
+
+impl std::fmt::Debug for PluginEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginEntry")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("path", &self.plugin.path())
+            .field("version", &self.plugin.version())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginEntry {
+    fn status(&self) -> MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The module type or the listener it serves.
+    pub fn role(&self) -> &PluginRole {
+        &self.role
+    }
+
+    /// The module plugin, for a module (to patch its handlers).
+    pub fn module(&self) -> Option<&Arc<ModulePlugin>> {
+        self.module.as_ref()
+    }
+
+    /// When the running version was loaded.
+    pub fn loaded_at(&self) -> SystemTime {
+        self.status().loaded_at
+    }
+
+    /// Why the last reload failed, unless one succeeded since.
+    pub fn last_error(&self) -> Option<ReloadFailure> {
+        self.status().last_error.clone()
+    }
+
+    /// Handlers replaced at run time on the running version (modules only).
+    pub fn patched(&self) -> Vec<String> {
+        self.module
+            .as_ref()
+            .map(|m| m.patched_handlers())
+            .unwrap_or_default()
+    }
+
+    async fn reload_recorded(&self) -> Result<u64, PluginError> {
+        let r = self.plugin.reload().await;
+        let mut status = self.status();
+        match &r {
+            Ok(_) => {
+                status.loaded_at = SystemTime::now();
+                status.last_error = None;
+            }
+            Err(e) => {
+                status.last_error = Some(ReloadFailure {
+                    at: SystemTime::now(),
+                    message: e.to_string(),
+                    line: e.line(),
+                });
+            }
+        }
+        r
+    }
+}
+
+impl Plugin for PluginEntry {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn path(&self) -> &Path {
+        self.plugin.path()
+    }
+
+    fn kind(&self) -> PluginKind {
+        self.plugin.kind()
+    }
+
+    fn version(&self) -> u64 {
+        self.plugin.version()
+    }
+
+    /// Reload the plugin, recording when the new version loaded or why it did not.
+    fn reload(&self) -> BoxFuture<'_, Result<u64, PluginError>> {
+        Box::pin(self.reload_recorded())
+    }
+}
+
+/// The plugins of this node, in the order they were loaded. Cheap to share (`Arc`); built as
+/// the node loads its plugins, read by the admin API and the file watcher.
+#[derive(Debug, Default)]
+pub struct Plugins {
+    entries: Mutex<Vec<Arc<PluginEntry>>>,
+}
+
+impl Plugins {
+    /// An empty list.
+    pub fn new() -> Plugins {
+        Plugins::default()
+    }
+
+    fn entries(&self) -> MutexGuard<'_, Vec<Arc<PluginEntry>>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Add an entry under `name`, or under `name@<n>` when the name is taken (two instances of
+    /// one plugin module type).
+    fn add(
+        &self,
+        name: &str,
+        role: PluginRole,
+        plugin: Arc<dyn Plugin>,
+        module: Option<Arc<ModulePlugin>>,
+    ) -> Arc<PluginEntry> {
+        let mut entries = self.entries();
+        let taken = |n: &str| entries.iter().any(|e| e.name == n);
+        let mut unique = name.to_owned();
+        let mut n = 2;
+        while taken(&unique) {
+            unique = format!("{name}@{n}");
+            n += 1;
+        }
+        let entry = Arc::new(PluginEntry {
+            name: unique,
+            role,
+            plugin,
+            module,
+            status: Mutex::new(Status {
+                loaded_at: SystemTime::now(),
+                last_error: None,
+            }),
+        });
+        entries.push(entry.clone());
+        entry
+    }
+
+    /// Record a module plugin the node runs; its name is the module type.
+    pub fn add_module(&self, plugin: Arc<ModulePlugin>) -> Arc<PluginEntry> {
+        let kind = plugin.name().to_owned();
+        self.add(
+            &kind,
+            PluginRole::Module(kind.clone()),
+            plugin.clone(),
+            Some(plugin),
+        )
+    }
+
+    /// Record the channel-handler plugin of the line listener at `addr` (as configured); its
+    /// name is `line@<addr>`.
+    pub fn add_listener(&self, addr: &str, plugin: Arc<ChannelPlugin>) -> Arc<PluginEntry> {
+        self.add(
+            &format!("line@{addr}"),
+            PluginRole::Listener(addr.to_owned()),
+            plugin,
+            None,
+        )
+    }
+
+    /// Every plugin, in load order.
+    pub fn list(&self) -> Vec<Arc<PluginEntry>> {
+        self.entries().clone()
+    }
+
+    /// The plugin called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<PluginEntry>> {
+        self.entries().iter().find(|e| e.name == name).cloned()
+    }
+
+    /// The plugins of module type `kind` (one per instance on this node).
+    pub fn modules_of(&self, kind: &str) -> Vec<Arc<PluginEntry>> {
+        self.entries()
+            .iter()
+            .filter(|e| matches!(&e.role, PluginRole::Module(k) if k == kind))
+            .cloned()
+            .collect()
+    }
+
+    /// Every plugin as a [`Plugin`] whose reloads keep this record: what a file watcher is
+    /// given.
+    pub fn watched(&self) -> Vec<Arc<dyn Plugin>> {
+        self.entries()
+            .iter()
+            .map(|e| e.clone() as Arc<dyn Plugin>)
+            .collect()
+    }
+
+    /// Give every module plugin the node's TianQinS Redis-RPC endpoint, for the scripts'
+    /// `warren.rpc_call` and `warren.rpc_notify` (the endpoint starts after the node).
+    pub fn connect_redis_rpc(&self, rpc: &Arc<RedisRpc>) {
+        let caller: Arc<dyn RedisRpcCaller> = Arc::new(RedisPeers(rpc.clone()));
+        for e in self.entries().iter() {
+            if let Some(m) = &e.module {
+                m.set_redis_rpc(caller.clone());
+            }
+        }
+    }
+
+    /// Whether no plugin is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.entries().is_empty()
+    }
+}
+
+/// The node's Redis-RPC endpoint as the plugins call it.
+struct RedisPeers(Arc<RedisRpc>);
+
+impl RedisRpcCaller for RedisPeers {
+    fn call(
+        &self,
+        topic: String,
+        func: String,
+        args: Vec<Value>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<Vec<Value>, CallError>> {
+        let rpc = self.0.clone();
+        Box::pin(async move { rpc.call(&topic, &func, args, timeout).await })
+    }
+
+    fn notify(
+        &self,
+        topic: String,
+        func: String,
+        args: Vec<Value>,
+    ) -> BoxFuture<'static, Result<(), CallError>> {
+        let rpc = self.0.clone();
+        Box::pin(async move { rpc.notify(&topic, &func, args).await })
+    }
+}
