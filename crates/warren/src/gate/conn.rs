@@ -250,25 +250,28 @@ pub(crate) trait Dialect: Send + Sized + 'static {
 type Reply<T> = (Option<T>, Result<Bytes, CallError>);
 
 /// The replies a connection waits for: results already known (handlers that ran to their end
-/// on this task), in the order they came, and replies still on their way. Both are created with
-/// the first request, so a connection that never calls anything does not pay for them.
+/// on this task), in the order they came, and replies still on their way. Created with the first
+/// request, in one allocation, so a connection that never calls anything holds one pointer.
 pub(crate) struct PendingSet<T> {
-    ready: VecDeque<(Option<T>, Result<Bytes, CallError>)>,
-    inner: Option<FuturesUnordered<ReplyFuture<T>>>,
+    sets: Option<Box<Sets<T>>>,
+}
+
+struct Sets<T> {
+    ready: VecDeque<Reply<T>>,
+    waiting: Option<FuturesUnordered<ReplyFuture<T>>>,
 }
 
 impl<T> Default for PendingSet<T> {
     fn default() -> Self {
-        PendingSet {
-            ready: VecDeque::new(),
-            inner: None,
-        }
+        PendingSet { sets: None }
     }
 }
 
 impl<T: Unpin> PendingSet<T> {
     pub(crate) fn len(&self) -> usize {
-        self.ready.len() + self.inner.as_ref().map_or(0, FuturesUnordered::len)
+        self.sets.as_ref().map_or(0, |s| {
+            s.ready.len() + s.waiting.as_ref().map_or(0, FuturesUnordered::len)
+        })
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -276,20 +279,29 @@ impl<T: Unpin> PendingSet<T> {
     }
 
     fn push(&mut self, mut f: ReplyFuture<T>) {
+        let sets = self.sets.get_or_insert_with(|| {
+            Box::new(Sets {
+                ready: VecDeque::new(),
+                waiting: None,
+            })
+        });
         if let Pending::Ready(r) = &mut f.pending {
             let r = r.take().unwrap_or(Err(CallError::Closed));
-            self.ready.push_back((f.tag, r));
+            sets.ready.push_back((f.tag, r));
             return;
         }
-        self.inner.get_or_insert_with(FuturesUnordered::new).push(f);
+        sets.waiting
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(f);
     }
 
     /// A result already known, if any (no waiting).
-    fn pop_ready(&mut self) -> Option<(Option<T>, Result<Bytes, CallError>)> {
-        let r = self.ready.pop_front();
-        if self.ready.is_empty() && self.ready.capacity() > 64 {
+    fn pop_ready(&mut self) -> Option<Reply<T>> {
+        let sets = self.sets.as_mut()?;
+        let r = sets.ready.pop_front();
+        if sets.ready.is_empty() && sets.ready.capacity() > 64 {
             // a burst is over: do not keep its slots
-            self.ready = VecDeque::new();
+            sets.ready = VecDeque::new();
         }
         r
     }
@@ -300,7 +312,7 @@ impl<T: Unpin> PendingSet<T> {
         if let Some(r) = self.pop_ready() {
             return Poll::Ready(Some(r));
         }
-        match &mut self.inner {
+        match self.sets.as_mut().and_then(|s| s.waiting.as_mut()) {
             Some(f) if !f.is_empty() => f.poll_next_unpin(cx),
             _ => Poll::Pending,
         }
