@@ -1,0 +1,432 @@
+//! The admin HTTP API (`[admin]`; docs/plugins.md, "Hotfix over the admin API"): what an
+//! operator asks of a running node, on an address of its own — never through a client listener
+//! or a broker topic, so no client and no peer on the bus can reach it. Today it holds the
+//! plugins: list them, reload one, replace one handler of a Lua or Python module. Further
+//! resources (nodes, sessions, rooms, the log filter) go under the same `/admin/` prefix and
+//! share its authorization, its error shape and its change log.
+//!
+//! - **Who may call**: with `[admin] token` set, every request carries
+//!   `Authorization: Bearer <token>` (401 otherwise). Without a token the API listens only on a
+//!   loopback address: the config refuses anything else, and so does [`serve`].
+//! - **Errors** are `{"error":{"code":"…","message":"…"}}` with the status that fits: 400 a body
+//!   that is not script text, 401 no or a wrong token, 404 nothing by that name, 409 a module
+//!   that is not a plugin (Rust), 413 a body over 64 KiB, 422 a plugin file or a handler body
+//!   that does not load (the message names the file and line; what ran before keeps running),
+//!   503 a plugin host that has stopped.
+//! - **Every change** (a reload, a replaced handler, good or bad) is logged at info — warn when
+//!   it failed — with who asked (the peer's address and whether a token was used) and what.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use warren::config::AdminConfig;
+use warren::node::NodeHandle;
+use warren_plugin::{Plugin, PluginError, PluginErrorKind};
+
+use crate::plugins::{PluginEntry, PluginRole, Plugins};
+
+/// The largest request body: a handler's source is a few lines.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What the handlers share.
+#[derive(Clone)]
+struct AdminState {
+    plugins: Arc<Plugins>,
+    node: NodeHandle,
+    /// The bearer token requests must carry, when one is configured.
+    token: Option<Arc<str>>,
+}
+
+/// Who made a request, for the change log: set by [`authorize`].
+#[derive(Debug, Clone, Copy)]
+struct Caller {
+    peer: SocketAddr,
+    /// Whether the request carried the (right) token; false on a token-less loopback API.
+    token: bool,
+}
+
+/// Start the admin API when `[admin] addr` is set: bind it and serve until `stop`. Returns the
+/// bound address and the server task, or `None` when the API is off.
+pub(crate) async fn serve(
+    cfg: &AdminConfig,
+    plugins: Arc<Plugins>,
+    node: NodeHandle,
+    stop: CancellationToken,
+) -> anyhow::Result<Option<(SocketAddr, JoinHandle<()>)>> {
+    let Some(addr) = cfg.socket_addr() else {
+        return Ok(None);
+    };
+    let addr = addr.map_err(|why| anyhow::anyhow!("admin.addr: {why}"))?;
+    let token: Option<Arc<str>> = cfg
+        .token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .map(Arc::from);
+    if token.is_none() && !addr.ip().to_canonical().is_loopback() {
+        anyhow::bail!(
+            "admin.addr: the admin API on {addr} would be reachable from other hosts without a \
+             token: set [admin] token (or bind 127.0.0.1)"
+        );
+    }
+    let socket = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot serve the admin API on {addr}"))?;
+    let local = socket.local_addr()?;
+    let has_token = token.is_some();
+    let app = router(AdminState {
+        plugins,
+        node,
+        token,
+    });
+    let task = tokio::spawn(async move {
+        let r = axum::serve(
+            socket,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "admin API failed");
+        }
+    });
+    tracing::info!(addr = %local, token = has_token, "admin API listening");
+    Ok(Some((local, task)))
+}
+
+/// The API's routes, behind the token check.
+fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/admin/plugins", get(list_plugins))
+        .route("/admin/plugins/{name}/reload", post(reload_plugin))
+        .route(
+            "/admin/modules/{module}/handlers/{handler}",
+            put(replace_handler),
+        )
+        .fallback(|| async { AdminError::new(StatusCode::NOT_FOUND, "not_found", "no such path") })
+        .method_not_allowed_fallback(|| async {
+            AdminError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this path does not take that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+/// Refuse a request without the configured token (before anything else, unknown paths
+/// included), and note who asked.
+async fn authorize(State(s): State<AdminState>, mut req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer);
+    let token = match (&s.token, presented) {
+        (None, _) => false,
+        (Some(want), Some(got)) if same(want.as_bytes(), got.as_bytes()) => true,
+        (Some(_), got) => {
+            let why = if got.is_some() {
+                "the token is not this node's"
+            } else {
+                "this admin API needs `Authorization: Bearer <token>`"
+            };
+            tracing::warn!(peer = %peer, method = %req.method(), path = %req.uri().path(), reason = why, "admin: request refused");
+            return AdminError::new(StatusCode::UNAUTHORIZED, "unauthorized", why).into_response();
+        }
+    };
+    req.extensions_mut().insert(Caller { peer, token });
+    next.run(req).await
+}
+
+/// The token of an `Authorization: Bearer <token>` header value.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Compare two tokens in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `GET /admin/plugins`: every plugin this node loaded.
+async fn list_plugins(State(s): State<AdminState>) -> Json<Value> {
+    let plugins: Vec<Value> = s.plugins.list().iter().map(|e| describe(e)).collect();
+    Json(json!({ "plugins": plugins }))
+}
+
+/// A plugin as the API shows it.
+fn describe(e: &PluginEntry) -> Value {
+    let (module, listener) = match e.role() {
+        PluginRole::Module(m) => (Some(m.as_str()), None),
+        PluginRole::Listener(a) => (None, Some(a.as_str())),
+    };
+    json!({
+        "name": e.name(),
+        "role": e.role().as_str(),
+        "module": module,
+        "listener": listener,
+        "kind": e.kind().as_str(),
+        "path": e.path().display().to_string(),
+        "version": e.version(),
+        "loaded_at": rfc3339(e.loaded_at()),
+        "patched": e.patched(),
+        "last_error": e.last_error().map(|f| json!({
+            "message": f.message,
+            "line": f.line,
+            "at": rfc3339(f.at),
+        })),
+    })
+}
+
+/// `POST /admin/plugins/{name}/reload`: load the file again; on error the running version
+/// stays and the reply says why.
+async fn reload_plugin(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, AdminError> {
+    let entry = s.plugins.get(&name).ok_or_else(|| {
+        AdminError::new(
+            StatusCode::NOT_FOUND,
+            "no_such_plugin",
+            format!("no plugin {name:?} (GET /admin/plugins lists them)"),
+        )
+    })?;
+    let before = entry.version();
+    match entry.reload().await {
+        Ok(version) => {
+            tracing::info!(peer = %caller.peer, token = caller.token, plugin = %name, path = %entry.path().display(), from = before, version, "admin: plugin reloaded");
+            Ok(Json(
+                json!({ "name": name, "version": version, "previous": before }),
+            ))
+        }
+        Err(e) => {
+            tracing::warn!(peer = %caller.peer, token = caller.token, plugin = %name, path = %entry.path().display(), version = before, error = %e, "admin: plugin reload failed; the running version stays");
+            Err(AdminError::plugin("reload_failed", &e).running(before))
+        }
+    }
+}
+
+/// `PUT /admin/modules/{module}/handlers/{handler}`: replace one handler of a Lua or Python
+/// module, on every instance of it this node runs, with the request body (the function's
+/// source).
+async fn replace_handler(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path((module, handler)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, AdminError> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            AdminError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("a handler's source is at most {MAX_BODY} bytes"),
+            )
+        } else {
+            AdminError::new(StatusCode::BAD_REQUEST, "bad_request", r.body_text())
+        }
+    })?;
+    let source = std::str::from_utf8(&body)
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| {
+            AdminError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the body is the handler's source: UTF-8 text, not empty",
+            )
+        })?;
+    let entries = s.plugins.modules_of(&module);
+    if entries.is_empty() {
+        return Err(if s.node.router().has_module(&module) {
+            AdminError::new(
+                StatusCode::CONFLICT,
+                "not_a_plugin",
+                format!(
+                    "module {module} is not a plugin module of this node (a Rust module, or one \
+                     that runs elsewhere): only Lua and Python modules can have a handler replaced"
+                ),
+            )
+        } else {
+            AdminError::new(
+                StatusCode::NOT_FOUND,
+                "no_such_module",
+                format!("no module {module:?}"),
+            )
+        });
+    }
+    let mut instances = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let Some(plugin) = entry.module() else {
+            continue;
+        };
+        if let Err(e) = plugin.replace_handler(&handler, source).await {
+            tracing::warn!(peer = %caller.peer, token = caller.token, module = %module, plugin = %entry.name(), handler = %handler, bytes = source.len(), error = %e, "admin: handler not replaced; the running one stays");
+            let code = if e.kind() == PluginErrorKind::NoHandler {
+                "no_such_handler"
+            } else {
+                "patch_failed"
+            };
+            return Err(AdminError::plugin(code, &e));
+        }
+        tracing::info!(peer = %caller.peer, token = caller.token, module = %module, plugin = %entry.name(), path = %entry.path().display(), version = entry.version(), handler = %handler, bytes = source.len(), "admin: handler replaced");
+        instances.push(json!({
+            "name": entry.name(),
+            "version": entry.version(),
+            "patched": entry.patched(),
+        }));
+    }
+    Ok(Json(
+        json!({ "module": module, "handler": handler, "instances": instances }),
+    ))
+}
+
+/// An error reply: `{"error":{"code":…,"message":…}}` and its status; a failed reload also says
+/// which version still runs.
+#[derive(Debug)]
+struct AdminError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    /// The line of the file (or of a handler's body) the error points at.
+    line: Option<u32>,
+    /// The version that keeps running after a failed reload.
+    running: Option<u64>,
+}
+
+impl AdminError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> AdminError {
+        AdminError {
+            status,
+            code,
+            message: message.into(),
+            line: None,
+            running: None,
+        }
+    }
+
+    /// A plugin's refusal: 404 for a handler it lacks, 503 when its host has stopped, 422 for
+    /// everything the file or the body is to blame for.
+    fn plugin(code: &'static str, e: &PluginError) -> AdminError {
+        let (status, code) = match e.kind() {
+            PluginErrorKind::NoHandler => (StatusCode::NOT_FOUND, code),
+            PluginErrorKind::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "stopped"),
+            _ => (StatusCode::UNPROCESSABLE_ENTITY, code),
+        };
+        AdminError {
+            line: e.line(),
+            ..AdminError::new(status, code, e.to_string())
+        }
+    }
+
+    fn running(self, version: u64) -> AdminError {
+        AdminError {
+            running: Some(version),
+            ..self
+        }
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if let Some(line) = self.line {
+            error["line"] = json!(line);
+        }
+        let mut body = json!({ "error": error });
+        if let Some(v) = self.running {
+            body["version"] = json!(v);
+        }
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"warren admin\""),
+            );
+        }
+        response
+    }
+}
+
+/// A time as RFC 3339 in UTC, to the millisecond (`2026-01-02T03:04:05.678Z`).
+fn rfc3339(t: SystemTime) -> String {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_millis()
+    )
+}
+
+/// The calendar date `days` after 1970-01-01 (Howard Hinnant's `civil_from_days`, for dates
+/// after the epoch).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn times_are_rfc3339_in_utc() {
+        let at = |s: u64, ms: u64| {
+            rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(s) + Duration::from_millis(ms))
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(at(1_767_323_045, 678), "2026-01-02T03:04:05.678Z");
+    }
+
+    #[test]
+    fn the_bearer_token_is_read_and_compared_whole() {
+        assert_eq!(bearer("Bearer s3cret"), Some("s3cret"));
+        assert_eq!(bearer("bearer  s3cret "), Some("s3cret"));
+        assert_eq!(bearer("Basic czNjcmV0"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert!(same(b"s3cret", b"s3cret"));
+        assert!(!same(b"s3cret", b"s3cre"));
+        assert!(!same(b"s3cret", b"s3creT"));
+    }
+}
