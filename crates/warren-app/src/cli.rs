@@ -79,8 +79,10 @@ pub(crate) struct ServeArgs {
     /// or a node running only the modules given with --module).
     #[arg(long)]
     pub no_demo_modules: bool,
-    /// Also run a module of this type (repeatable).
-    #[arg(long, value_name = "TYPE")]
+    /// Also run a module of this type (repeatable); TYPE=PATH runs the plugin at PATH (a .lua
+    /// or .py file) as module type TYPE, with the keys of a `[[module]]` as a query
+    /// (Greeter=greeter.lua?login_handlers=HD_Hello&msg_type=json).
+    #[arg(long, value_name = "TYPE[=PATH]")]
     pub module: Vec<String>,
     /// Node id (default: the config's, or `<host>-<pid>` when the bus is not local).
     #[arg(long)]
@@ -97,6 +99,10 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
 }
+
+/// How `--module` names a plugin, in its help.
+const PLUGIN_MODULE_HELP: &str = "TYPE=PATH runs the plugin at PATH (.lua or .py) as module type \
+     TYPE, with a [[module]]'s keys as a query: Greeter=greeter.lua?login_handlers=HD_Hello";
 
 /// Parse `args` for `app` and run the command.
 pub(crate) fn main<I, T>(app: &App, args: I) -> ExitCode
@@ -132,7 +138,7 @@ where
                 ExitCode::FAILURE
             }
         },
-        Command::CheckConfig { file } => match load::load_config(app, &file) {
+        Command::CheckConfig { file } => match load::load_config(app, &file, load::Checks::All) {
             Ok(_) => {
                 println!("ok: {}", file.display());
                 ExitCode::SUCCESS
@@ -156,9 +162,11 @@ fn command(app: &App) -> clap::Command {
         .unwrap_or_else(|| format!("{}: a warren server", app.name));
     let types = app.kinds().join(", ");
     let module_help = if types.is_empty() {
-        "Also run a module of this type (repeatable); this binary has no module types".to_owned()
+        format!(
+            "Also run a module of this type (repeatable); this binary has no module types of its own. {PLUGIN_MODULE_HELP}"
+        )
     } else {
-        format!("Also run a module of this type (repeatable): {types}")
+        format!("Also run a module of this type (repeatable): {types}. {PLUGIN_MODULE_HELP}")
     };
     let serving = describe(app, Role::Serve);
     let node_runs = describe(app, Role::Node);

@@ -40,9 +40,12 @@
 
 #![forbid(unsafe_code)]
 
+mod admin;
 mod cli;
 mod load;
 mod passwd;
+mod plugin_host;
+mod plugins;
 mod serve;
 mod web;
 

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use warren::config::{Config, ConfigError, ListenerConfig, ModuleConfig};
 
 use crate::cli::ServeArgs;
-use crate::{App, Role};
+use crate::{App, Role, plugin_host};
 
 /// Everything wrong with a config file, one `FILE:LINE:COL: key: why` line each.
 #[derive(Debug)]
@@ -44,10 +44,35 @@ fn read_text(file: &Path) -> anyhow::Result<String> {
     })
 }
 
+/// How far [`load_config`] checks a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Checks {
+    /// The config and what the node reads at start, plugins included: each plugin is loaded
+    /// once and dropped (`check-config`).
+    All,
+    /// The same without loading the plugins, which the node is about to load itself (`serve`
+    /// and `node`: their errors stop it then).
+    ButPlugins,
+}
+
 /// Read, parse and validate a config file, including each module's own settings and the files
-/// the node reads at start; every mistake is reported, each at its line and column.
-pub(crate) fn load_config(app: &App, file: &Path) -> anyhow::Result<Loaded> {
+/// the node reads at start; every mistake is reported, each at its line and column. Relative
+/// plugin paths are taken from the file's directory.
+pub(crate) fn load_config(app: &App, file: &Path, checks: Checks) -> anyhow::Result<Loaded> {
     let text = read_text(file)?;
+    let base = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let start_checks = |c: &Config| {
+        let mut c = c.clone();
+        plugin_host::resolve_paths(&mut c, base);
+        let mut errors = start_checks(app, &c);
+        if checks == Checks::All {
+            errors.extend(plugin_host::check(&c));
+        }
+        errors
+    };
     let name = file.display();
     let at = |e: &ConfigError| match e.to_string() {
         // errors without a line get a space after the file name: `file: key: why`
@@ -63,7 +88,7 @@ pub(crate) fn load_config(app: &App, file: &Path) -> anyhow::Result<Loaded> {
             eprintln!("{name}: warning: {w}");
         }
         let mut errors = config.problems(&kinds);
-        errors.extend(start_checks(app, &config));
+        errors.extend(start_checks(&config));
         if !errors.is_empty() {
             return Err(report(errors).into());
         }
@@ -72,7 +97,8 @@ pub(crate) fn load_config(app: &App, file: &Path) -> anyhow::Result<Loaded> {
             has_http: false,
         });
     }
-    let config = Config::load_all_with(&text, &kinds, |c| start_checks(app, c)).map_err(report)?;
+    let mut config = Config::load_all_with(&text, &kinds, start_checks).map_err(report)?;
+    plugin_host::resolve_paths(&mut config, base);
     let has_http = toml::from_str::<toml::Table>(&text).is_ok_and(|t| t.contains_key("http"));
     Ok(Loaded { config, has_http })
 }
@@ -82,8 +108,8 @@ pub(crate) fn load_config(app: &App, file: &Path) -> anyhow::Result<Loaded> {
 fn start_checks(app: &App, config: &Config) -> Vec<ConfigError> {
     let mut errors = no_types(app, config);
     for (i, m) in config.modules.iter().enumerate() {
-        if app.factory(&m.kind).is_none() {
-            continue; // an unknown type is the config's own error
+        if m.plugin.is_some() || app.factory(&m.kind).is_none() {
+            continue; // a plugin is checked on its own; an unknown type is the config's error
         }
         if let Err(why) = app.build_module(m) {
             errors.push(ConfigError::invalid(format!("module[{i}]"), why));
@@ -97,8 +123,8 @@ fn start_checks(app: &App, config: &Config) -> Vec<ConfigError> {
     errors
 }
 
-/// An app with no module types at all: every `[[module]]` is unknown (the config's own check
-/// takes an empty list of known types as "any").
+/// An app with no module types at all: every `[[module]]` but a plugin is unknown (the
+/// config's own check takes an empty list of known types as "any").
 fn no_types(app: &App, config: &Config) -> Vec<ConfigError> {
     if !app.modules.is_empty() {
         return Vec::new();
@@ -107,6 +133,7 @@ fn no_types(app: &App, config: &Config) -> Vec<ConfigError> {
         .modules
         .iter()
         .enumerate()
+        .filter(|(_, m)| m.plugin.is_none())
         .map(|(i, m)| {
             ConfigError::invalid(
                 format!("module[{i}].type"),
@@ -162,7 +189,7 @@ pub(crate) fn resolve_config(app: &App, role: Role, args: &ServeArgs) -> anyhow:
             let Loaded {
                 mut config,
                 has_http,
-            } = load_config(app, file)?;
+            } = load_config(app, file, Checks::ButPlugins)?;
             // a module node serves no page unless its file asks for one: the page's default
             // address is the gate's
             if role == Role::Node && !has_http {
@@ -196,8 +223,21 @@ pub(crate) fn resolve_config(app: &App, role: Role, args: &ServeArgs) -> anyhow:
             .push(ListenerConfig::from_url(url).map_err(|e| anyhow::anyhow!("{e}"))?);
     }
     for m in &args.module {
-        if !config.modules.iter().any(|x| &x.kind == m) {
-            config.modules.push(ModuleConfig::new(m));
+        match m.split_once('=') {
+            // a plugin module: the command line's file replaces a file's for the same type
+            Some((kind, spec)) => {
+                let entry =
+                    ModuleConfig::from_arg(kind, spec).map_err(|e| anyhow::anyhow!("{e}"))?;
+                match config.modules.iter_mut().find(|x| x.kind == kind) {
+                    Some(x) => *x = entry,
+                    None => config.modules.push(entry),
+                }
+            }
+            None => {
+                if !config.modules.iter().any(|x| &x.kind == m) {
+                    config.modules.push(ModuleConfig::new(m));
+                }
+            }
         }
     }
     if let Some(addr) = &args.http {
@@ -325,7 +365,10 @@ mod tests {
         assert!(e.to_string().contains("Xyzzy"), "{e}");
         assert!(e.to_string().contains("this binary has: Greeter"), "{e}");
         let f = file("[[module]]\ntype = \"Xyzzy\"\n");
-        let e = load_config(&app, &f.0).err().expect("refused").to_string();
+        let e = load_config(&app, &f.0, Checks::All)
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(e.contains(":2:"), "at the line of the type: {e}");
         assert!(e.contains("this binary has: Greeter"), "{e}");
     }
@@ -342,9 +385,9 @@ mod tests {
     fn check_config_reports_a_factory_error_at_its_entry() {
         let app = App::new("t").module("Picky", picky);
         let ok = file("[[module]]\ntype = \"Picky\"\n[module.settings]\ncolour = \"red\"\n");
-        assert!(load_config(&app, &ok.0).is_ok());
+        assert!(load_config(&app, &ok.0, Checks::All).is_ok());
         let bad = file("[[module]]\ntype = \"Picky\"\n[module.settings]\ncolour = \"blue\"\n");
-        let e = load_config(&app, &bad.0)
+        let e = load_config(&app, &bad.0, Checks::All)
             .err()
             .expect("refused")
             .to_string();
@@ -377,11 +420,102 @@ mod tests {
     }
 
     #[test]
+    fn plugin_paths_are_relative_to_the_config_file_and_checked_by_loading_them() {
+        let dir = std::env::temp_dir().join(format!("warren-app-plugins-{}", std::process::id()));
+        let plugins = dir.join("plugins");
+        std::fs::create_dir_all(&plugins).expect("a temporary directory");
+        std::fs::write(
+            plugins.join("greeter.lua"),
+            "function HD_Hello(session, msg) return 'hello ' .. msg end\n",
+        )
+        .expect("write");
+        std::fs::write(
+            plugins.join("echo.lua"),
+            "function handle_msg(id, msg) channel.send(id, msg) end\n",
+        )
+        .expect("write");
+        std::fs::write(
+            plugins.join("broken.lua"),
+            "function handle_msg(id, msg)\n  x = \nend\n",
+        )
+        .expect("write");
+        let config = dir.join("warren.toml");
+        let write = |text: &str| std::fs::write(&config, text).expect("write the config");
+        // an app without module types runs plugin modules all the same
+        let app = App::new("t");
+
+        write(
+            "[[listener]]\nprotocol = \"line\"\naddr = \"127.0.0.1:0\"\nplugin = \"plugins/echo.lua\"\n\n[[module]]\ntype = \"Greeter\"\nplugin = \"plugins/greeter.lua\"\nlogin_handlers = [\"HD_Hello\"]\n",
+        );
+        let loaded = load_config(&app, &config, Checks::All).expect("loads");
+        let line = loaded.config.listeners[0].protocol.line().expect("line");
+        assert_eq!(
+            line.plugin.as_deref(),
+            Some(&*plugins.join("echo.lua").display().to_string())
+        );
+        assert_eq!(
+            loaded.config.modules[0].plugin.as_deref(),
+            Some(&*plugins.join("greeter.lua").display().to_string())
+        );
+
+        write(
+            "[[listener]]\nprotocol = \"line\"\naddr = \"127.0.0.1:0\"\nplugin = \"plugins/broken.lua\"\n\n[[module]]\ntype = \"Greeter\"\nplugin = \"plugins/nope.lua\"\n\n[[module]]\ntype = \"Other\"\nplugin = \"plugins/greeter.txt\"\n\n[[module]]\ntype = \"Third\"\nplugin = \"plugins/greeter.lua\"\nhandlers = [\"HD_Missing\"]\n",
+        );
+        let e = load_config(&app, &config, Checks::All)
+            .err()
+            .expect("refused")
+            .to_string();
+        let (c, p) = (config.display(), plugins.display());
+        assert_eq!(
+            e.lines().collect::<Vec<_>>(),
+            [
+                format!(
+                    "{c}:4:10: listener[0].plugin: {p}/broken.lua:3: unexpected symbol near 'end'"
+                ),
+                format!("{c}:8:10: module[0].plugin: {p}/nope.lua: no such file"),
+                format!(
+                    "{c}:12:10: module[1].plugin: {p}/greeter.txt: unknown plugin kind (the file name must end in .lua, .py, .so, .dylib or .dll)"
+                ),
+                format!(
+                    "{c}:16:10: module[2].plugin: {p}/greeter.lua: handler \"HD_Missing\" is listed but the plugin does not define it"
+                ),
+            ],
+        );
+        // serve and node load the plugins themselves: the file's own checks only
+        assert!(load_config(&app, &config, Checks::ButPlugins).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_plugin_module_on_the_command_line_needs_no_registered_type() {
+        let app = App::new("t");
+        let c = resolve_config(
+            &app,
+            Role::Serve,
+            &args(&["--module", "Greeter=greeter.lua?login_handlers=HD_Hello"]),
+        )
+        .expect("resolves");
+        assert_eq!(c.modules[0].kind, "Greeter");
+        assert_eq!(c.modules[0].plugin.as_deref(), Some("greeter.lua"));
+        assert_eq!(c.modules[0].login_handlers, ["HD_Hello"]);
+        let e = resolve_config(
+            &app,
+            Role::Serve,
+            &args(&["--module", "Greeter=g.lua?bogus=1"]),
+        )
+        .expect_err("refused");
+        assert!(
+            e.to_string().starts_with("--module.bogus: unknown key"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn the_generated_default_config_passes_the_check() {
         let app = App::new("t").module("Greeter", greeter);
         let text = default_config_text(&app).expect("prints");
         let f = file(&text);
-        let loaded = load_config(&app, &f.0).expect("the printed default loads");
+        let loaded = load_config(&app, &f.0, Checks::All).expect("the printed default loads");
         assert_eq!(loaded.config.modules.len(), 1);
     }
 }

@@ -2,6 +2,7 @@
 //! signals (SIGINT/SIGTERM drain and stop, SIGHUP reloads).
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
@@ -10,7 +11,8 @@ use warren::config::{Config, ModuleConfig};
 
 use crate::cli::ServeArgs;
 use crate::load::resolve_config;
-use crate::{App, Role, web};
+use crate::plugins::Plugins;
+use crate::{App, Role, admin, plugin_host, web};
 
 /// Run `serve` or `node` with these arguments until a signal stops the node.
 pub(crate) fn run(app: &App, role: Role, args: ServeArgs) -> ExitCode {
@@ -134,16 +136,32 @@ async fn serve(
     if let Some(r) = registry {
         builder = builder.registry(r);
     }
+    let plugins = Arc::new(Plugins::new());
+    builder = plugin_host::listeners(&config, builder, &plugins)?;
     for m in config.modules.iter().filter(|m| runs_here(m)) {
-        let module = app
-            .build_module(m)
-            .map_err(|e| anyhow::anyhow!("module {}: {e}", m.kind))?;
+        let module = match plugin_host::module(m, &config, &plugins)? {
+            Some(plugin) => plugin,
+            None => app
+                .build_module(m)
+                .map_err(|e| anyhow::anyhow!("module {}: {e}", m.kind))?,
+        };
         builder = builder.module(module, m.clone());
     }
     let node = builder.start().await?;
-    let bridges = warren_cluster::connect::bridges(&config, node.handle(), &runs_here).await?;
-
+    let watcher = plugin_host::watch(&config, &plugins);
     let stop_http = CancellationToken::new();
+    let bridges = warren_cluster::connect::bridges(&config, node.handle(), &runs_here).await?;
+    if let Some(rpc) = bridges.redis_rpc.first() {
+        plugins.connect_redis_rpc(rpc);
+    }
+    let admin = admin::serve(
+        &config.admin,
+        plugins.clone(),
+        node.handle().clone(),
+        stop_http.clone(),
+    )
+    .await?;
+
     let http = match &app.web_page {
         Some(page) if config.http.enabled => {
             let router = page(node.listeners());
@@ -173,6 +191,9 @@ async fn serve(
     if let Some((addr, _)) = &http {
         println!("web page http://{addr}/");
     }
+    if let Some((addr, _)) = &admin {
+        println!("admin http://{addr}/");
+    }
 
     wait_for_signal(|| match reload() {
         Ok(new) => {
@@ -195,10 +216,14 @@ async fn serve(
     })
     .await;
     tracing::info!("shutdown requested");
+    drop(watcher);
     stop_http.cancel();
     bridges.stop();
     node.shutdown().await;
     if let Some((_, task)) = http {
+        let _ = task.await;
+    }
+    if let Some((_, task)) = admin {
         let _ = task.await;
     }
     Ok(())
