@@ -1,0 +1,257 @@
+"""The admin HTTP API (docs/plugins.md, "Hotfix over the admin API") against the real binary.
+
+A node runs two plugin modules (Lua `Greeter`, Python `PyGreeter`) and the Rust `Echo`, with
+`[admin]` on a free port and file watching off, so that only the API reloads. Covered: the
+plugin list; a reload that works and one that does not (the old version keeps answering MQTT
+clients); a handler replaced over HTTP, then seen by an MQTT client; what is refused (a body
+that does not compile, a handler or module that does not exist, a Rust module); the bearer
+token; who did what in the log; and no admin listener at all without `[admin]`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from chat import ChatClient
+from conftest import Warren, free_port, wait_until
+
+GREETER_LUA = 'function HD_Hello(session, msg) return "hello " .. msg end\n'
+GREETER_PY = 'def HD_Hello(session, msg):\n    return "hi " + msg\n'
+
+
+class Node:
+    """A warren with the two plugin modules, its MQTT port and (maybe) its admin API."""
+
+    def __init__(self, tmp_path: Path, admin: bool = True, token: str | None = None, extra: str = "") -> None:
+        self.dir = tmp_path
+        (tmp_path / "greeter.lua").write_text(GREETER_LUA)
+        (tmp_path / "greeter.py").write_text(GREETER_PY)
+        self.mqtt = free_port()
+        self.admin = free_port() if admin else None
+        self.token = token
+        config = (
+            "[[listener]]\n"
+            'protocol = "mqtt"\n'
+            'mode = "default"\n'
+            f'addr = "127.0.0.1:{self.mqtt}"\n\n'
+            "[[module]]\n"
+            'type = "Greeter"\n'
+            'plugin = "greeter.lua"\n'
+            'login_handlers = ["HD_Hello"]\n\n'
+            "[[module]]\n"
+            'type = "PyGreeter"\n'
+            'plugin = "greeter.py"\n'
+            'login_handlers = ["HD_Hello"]\n\n'
+            "[[module]]\n"
+            'type = "Echo"\n\n'
+            "[plugins]\n"
+            "watch = false\n"
+        )
+        if admin:
+            config += f'\n[admin]\naddr = "127.0.0.1:{self.admin}"\n'
+            if token is not None:
+                config += f'token = "{token}"\n'
+        config += extra
+        (tmp_path / "node.toml").write_text(config)
+        self.w = Warren("--config", str(tmp_path / "node.toml"), http=False)
+        self.w.listeners = [("mqtt", self.mqtt)] + ([("admin", self.admin)] if admin else [])
+        self.w.ports.update({"mqtt": self.mqtt})
+        self.w.wait_ready()
+
+    def api(self, method: str, path: str, body: str | None = None, token: str | None = "default") -> tuple[int, dict]:
+        """One request to the admin API: (status, JSON body). The node's token by default."""
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.admin}{path}",
+            method=method,
+            data=body.encode() if body is not None else None,
+        )
+        token = self.token if token == "default" else token
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def hello(self, module: str = "Greeter", name: str = "ann") -> dict:
+        """`<module>/HD_Hello` over MQTT: the reply envelope."""
+        c = ChatClient(self.mqtt)
+        try:
+            return c.request(f"{module}/HD_Hello", name)
+        finally:
+            c.close()
+
+
+def ok(result) -> dict:
+    return {"Error": "", "Result": result}
+
+
+@pytest.fixture
+def node(tmp_path):
+    return Node(tmp_path)
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (its socket inodes matched in /proc/net/tcp*)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    inodes = set()
+    for fd in fd_dir.iterdir():
+        try:
+            target = fd.readlink()
+        except OSError:
+            continue
+        m = re.fullmatch(r"socket:\[(\d+)\]", str(target))
+        if m:
+            inodes.add(m.group(1))
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
+                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_the_plugins_are_listed(node):
+    status, body = node.api("GET", "/admin/plugins")
+    assert status == 200, body
+    plugins = {p["name"]: p for p in body["plugins"]}
+    assert set(plugins) == {"Greeter", "PyGreeter"}, body  # Echo is Rust: not a plugin
+    lua, py = plugins["Greeter"], plugins["PyGreeter"]
+    assert (lua["kind"], lua["role"], lua["module"], lua["version"]) == ("lua", "module", "Greeter", 1)
+    assert (py["kind"], py["role"], py["module"], py["version"]) == ("python", "module", "PyGreeter", 1)
+    assert lua["path"] == str(node.dir / "greeter.lua")
+    assert py["path"] == str(node.dir / "greeter.py")
+    for p in (lua, py):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", p["loaded_at"]), p
+        assert p["last_error"] is None and p["patched"] == [] and p["listener"] is None
+    assert f"admin http://127.0.0.1:{node.admin}/" in node.w.stdout()
+
+
+def test_a_reload_loads_the_new_version(node):
+    assert node.hello() == ok("hello ann")
+    (node.dir / "greeter.lua").write_text('function HD_Hello(session, msg) return "bonjour " .. msg end\n')
+    status, body = node.api("POST", "/admin/plugins/Greeter/reload")
+    assert (status, body) == (200, {"name": "Greeter", "version": 2, "previous": 1})
+    assert node.hello() == ok("bonjour ann")
+    _, listing = node.api("GET", "/admin/plugins")
+    lua = next(p for p in listing["plugins"] if p["name"] == "Greeter")
+    assert lua["version"] == 2 and lua["last_error"] is None
+    assert re.search(r"admin: plugin reloaded peer=127\.0\.0\.1:\d+ token=false plugin=Greeter .*version=2", node.w.log())
+
+
+def test_a_broken_reload_keeps_the_old_version(node):
+    (node.dir / "greeter.py").write_text('def HD_Hello(session, msg):\n    return "oops " + \n')
+    status, body = node.api("POST", "/admin/plugins/PyGreeter/reload")
+    assert status == 422, body
+    assert body["error"]["code"] == "reload_failed"
+    assert body["error"]["message"].startswith(f"{node.dir / 'greeter.py'}:2: SyntaxError"), body
+    assert body["error"]["line"] == 2 and body["version"] == 1
+    # the old version keeps answering
+    assert node.hello("PyGreeter") == ok("hi ann")
+    _, listing = node.api("GET", "/admin/plugins")
+    py = next(p for p in listing["plugins"] if p["name"] == "PyGreeter")
+    assert py["version"] == 1
+    assert py["last_error"]["line"] == 2 and "greeter.py:2" in py["last_error"]["message"], py
+    assert "admin: plugin reload failed; the running version stays" in node.w.log()
+
+    status, body = node.api("POST", "/admin/plugins/Nope/reload")
+    assert (status, body["error"]["code"]) == (404, "no_such_plugin")
+
+
+@pytest.mark.parametrize(
+    "module, source",
+    [
+        ("Greeter", 'function(session, msg) return "patched " .. msg end'),
+        ("PyGreeter", 'def handler(session, msg):\n    return "patched " + msg\n'),
+    ],
+)
+def test_a_handler_replaced_over_http_answers_mqtt_clients(node, module, source):
+    status, body = node.api("PUT", f"/admin/modules/{module}/handlers/HD_Hello", source)
+    assert status == 200, body
+    assert body == {"module": module, "handler": "HD_Hello", "instances": [{"name": module, "version": 1, "patched": ["HD_Hello"]}]}
+    assert node.hello(module) == ok("patched ann")
+    log = node.w.log()
+    assert re.search(rf"admin: handler replaced peer=127\.0\.0\.1:\d+ token=false module={module} .*handler=HD_Hello", log), log
+    _, listing = node.api("GET", "/admin/plugins")
+    assert next(p for p in listing["plugins"] if p["name"] == module)["patched"] == ["HD_Hello"]
+
+
+def test_what_cannot_be_patched_is_refused(node):
+    # a body that does not compile: 422 with the line in the body; the handler is unchanged
+    status, body = node.api("PUT", "/admin/modules/Greeter/handlers/HD_Hello", "function(session, msg)\n  return 'x' ..\nend")
+    assert status == 422, body
+    assert body["error"]["code"] == "patch_failed" and body["error"]["line"] == 3, body
+    status, body = node.api("PUT", "/admin/modules/PyGreeter/handlers/HD_Hello", "x = 1\n")
+    assert (status, body["error"]["code"]) == (422, "patch_failed"), body
+    assert node.hello() == ok("hello ann")
+    assert node.hello("PyGreeter") == ok("hi ann")
+    # no such handler, no such module, a Rust module
+    status, body = node.api("PUT", "/admin/modules/Greeter/handlers/HD_Nope", "function(s, m) end")
+    assert (status, body["error"]["code"]) == (404, "no_such_handler"), body
+    status, body = node.api("PUT", "/admin/modules/Nope/handlers/HD_Hello", "function(s, m) end")
+    assert (status, body["error"]["code"]) == (404, "no_such_module"), body
+    status, body = node.api("PUT", "/admin/modules/Echo/handlers/HD_Echo", "function(s, m) end")
+    assert (status, body["error"]["code"]) == (409, "not_a_plugin"), body
+    # not script text
+    status, body = node.api("PUT", "/admin/modules/Greeter/handlers/HD_Hello", "")
+    assert (status, body["error"]["code"]) == (400, "bad_request"), body
+    status, body = node.api("PUT", "/admin/modules/Greeter/handlers/HD_Hello", "x" * (65 * 1024))
+    assert (status, body["error"]["code"]) == (413, "too_large"), body
+    # unknown paths and methods answer in the same shape
+    status, body = node.api("GET", "/admin/nope")
+    assert (status, body["error"]["code"]) == (404, "not_found"), body
+    status, body = node.api("DELETE", "/admin/plugins")
+    assert (status, body["error"]["code"]) == (405, "method_not_allowed"), body
+    assert "admin: handler not replaced; the running one stays" in node.w.log()
+
+
+def test_a_token_is_required_when_set(tmp_path):
+    n = Node(tmp_path, token="s3cret")
+    status, body = n.api("GET", "/admin/plugins", token=None)
+    assert (status, body["error"]["code"]) == (401, "unauthorized"), body
+    status, body = n.api("GET", "/admin/plugins", token="wrong")
+    assert (status, body["error"]["code"]) == (401, "unauthorized"), body
+    # nothing is revealed without it, not even which paths exist
+    status, body = n.api("GET", "/admin/nope", token=None)
+    assert status == 401, body
+    status, body = n.api("PUT", "/admin/modules/Greeter/handlers/HD_Hello", 'function(s, m) return "x" end', token=None)
+    assert status == 401, body
+    assert n.hello() == ok("hello ann")
+
+    status, body = n.api("GET", "/admin/plugins")
+    assert status == 200 and len(body["plugins"]) == 2, body
+    status, body = n.api("PUT", "/admin/modules/Greeter/handlers/HD_Hello", 'function(s, m) return "with token " .. m end')
+    assert status == 200, body
+    assert n.hello() == ok("with token ann")
+    log = n.w.log()
+    assert re.search(r"admin: handler replaced peer=127\.0\.0\.1:\d+ token=true module=Greeter", log), log
+    assert "admin: request refused" in log
+
+
+def test_no_admin_listener_without_admin(tmp_path):
+    n = Node(tmp_path, admin=False)
+    assert n.hello() == ok("hello ann")
+    # the node listens on its MQTT port and its web page, nothing else
+    assert listening_ports(n.w.proc.pid) == {n.mqtt, n.w.http}
+    assert "admin API listening" not in n.w.log()
+    assert "admin http" not in n.w.stdout()
+
+
+def test_with_admin_the_node_listens_on_it(node):
+    assert listening_ports(node.w.proc.pid) == {node.mqtt, node.w.http, node.admin}
+    assert wait_until(lambda: "admin API listening" in node.w.log())
+
+
+def test_a_reachable_admin_api_needs_a_token(tmp_path):
+    (tmp_path / "open.toml").write_text(f'[admin]\naddr = "0.0.0.0:{free_port()}"\n')
+    w = Warren("--config", str(tmp_path / "open.toml"), http=False)
+    assert w.proc.wait(timeout=20) != 0
+    assert "admin.token" in w.log() + w.stdout(), w.tail()
