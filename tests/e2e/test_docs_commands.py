@@ -72,6 +72,7 @@ INVENTORY: dict[tuple[str, str], str] = {
     ("docs/protocols/pomelo.md", "warren serve --listen pomelo://127.0.0.1:3010"): "test_pomelo_try_it",
     ("docs/protocols/pomelo-rpc.md", "warren serve --module Echo --listen 'pomelo-rpc://127.0.0.1:3333?allow"): "test_pomelo_rpc_listeners",
     ("docs/protocols/pomelo-rpc.md", "warren serve --listen 'pomelo-rpc://127.0.0.1:3333?allow=127.0.0.1' --module Echo"): "test_pomelo_rpc_try_it",
+    ("docs/plugins.md", "mkdir -p plugins"): "test_plugins_try_it",
     ("docs/plugins.md", "warren serve --config examples/chat-lua/chat.toml"): "test_admin_hotfix_walkthrough",
     ("examples/chat/client/README.md", "python3 -m pip install"): "test_terminal_client_readme",
     ("examples/chat/client/README.md", "python3 chat_client.py --user alice"): "test_terminal_client_readme",
@@ -298,6 +299,23 @@ def test_pomelo_rpc_try_it(tmp_path: Path):
         serving(sh, started[b.first])
         out = node_sample(sh, "rpc.mjs", "\n".join(sample.lines) + "\n")
         assert out.splitlines()[-1:] == want, out
+
+
+# ---- docs/plugins.md: running plugins with warren ----------------------------------------------
+
+
+def test_plugins_try_it(tmp_path: Path):
+    steps = commands(find_block(DOCS / "plugins.md", "mkdir -p plugins").lines)
+    assert [s.cmd.split()[0] for s in steps] == ["mkdir", "cat", "cat", "cat", "warren", "warren", "python3", "cat", "python3", "sed", "python3"], steps
+    with Shell(tmp_path, "plugins") as sh:
+        # every `# →` of the block is checked as it runs: the check, the line plugin's answer, the
+        # module's reply, the reload in the server's log, the reply of the new version
+        started = sh.walk(steps)
+        (server,) = started.values()
+        assert "module plugin loaded" in server.output() and "channel plugin loaded" in server.output(), server.output()
+        # the push came before the reply
+        said = sh.outputs["python3 hello.py"]
+        assert said.index("Greeter/OnHello") < said.index("Greeter/HD_Hello/1"), said
 
 
 # ---- docs/plugins.md: the admin API -------------------------------------------------------------
