@@ -298,4 +298,22 @@ mod tests {
         assert_eq!(kind("echo.so.1"), Err(PluginErrorKind::UnknownKind));
         assert_eq!(kind("echo"), Err(PluginErrorKind::UnknownKind));
     }
+
+    #[test]
+    fn a_kind_left_out_of_the_build_is_refused_naming_its_feature() {
+        let e = PluginKind::Python.not_built(Path::new("greeter.py"));
+        assert_eq!(e.kind(), PluginErrorKind::NotBuilt);
+        assert_eq!(
+            e.to_string(),
+            "greeter.py: Python plugins are not built into this binary (cargo feature `python`)"
+        );
+        let path = Path::new("x");
+        for (kind, built) in [
+            (PluginKind::Lua, cfg!(feature = "lua")),
+            (PluginKind::Python, cfg!(feature = "python")),
+            (PluginKind::Native, cfg!(feature = "native")),
+        ] {
+            assert_eq!(kind.require_built(path).is_ok(), built, "{kind}");
+        }
+    }
 }
