@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,16 +24,20 @@ from conftest import Warren, free_port, wait_until
 
 GREETER_LUA = 'function HD_Hello(session, msg) return "hello " .. msg end\n'
 GREETER_PY = 'def HD_Hello(session, msg):\n    return "hi " + msg\n'
+ECHO_LUA = "function handle_msg(id, msg) channel.send(id, msg) end\n"
 
 
 class Node:
-    """A warren with the two plugin modules, its MQTT port and (maybe) its admin API."""
+    """A warren with the two plugin modules, a line listener's Lua channel handler, and (maybe)
+    its admin API."""
 
     def __init__(self, tmp_path: Path, admin: bool = True, token: str | None = None, extra: str = "") -> None:
         self.dir = tmp_path
         (tmp_path / "greeter.lua").write_text(GREETER_LUA)
         (tmp_path / "greeter.py").write_text(GREETER_PY)
+        (tmp_path / "echo.lua").write_text(ECHO_LUA)
         self.mqtt = free_port()
+        self.line = free_port()
         self.admin = free_port() if admin else None
         self.token = token
         config = (
@@ -40,6 +45,10 @@ class Node:
             'protocol = "mqtt"\n'
             'mode = "default"\n'
             f'addr = "127.0.0.1:{self.mqtt}"\n\n'
+            "[[listener]]\n"
+            'protocol = "line"\n'
+            f'addr = "127.0.0.1:{self.line}"\n'
+            'plugin = "echo.lua"\n\n'
             "[[module]]\n"
             'type = "Greeter"\n'
             'plugin = "greeter.lua"\n'
@@ -60,7 +69,7 @@ class Node:
         config += extra
         (tmp_path / "node.toml").write_text(config)
         self.w = Warren("--config", str(tmp_path / "node.toml"), http=False)
-        self.w.listeners = [("mqtt", self.mqtt)] + ([("admin", self.admin)] if admin else [])
+        self.w.listeners = [("mqtt", self.mqtt), ("line", self.line)] + ([("admin", self.admin)] if admin else [])
         self.w.ports.update({"mqtt": self.mqtt})
         self.w.wait_ready()
 
@@ -123,15 +132,26 @@ def test_the_plugins_are_listed(node):
     status, body = node.api("GET", "/admin/plugins")
     assert status == 200, body
     plugins = {p["name"]: p for p in body["plugins"]}
-    assert set(plugins) == {"Greeter", "PyGreeter"}, body  # Echo is Rust: not a plugin
+    line = f"line@127.0.0.1:{node.line}"
+    assert set(plugins) == {"Greeter", "PyGreeter", line}, body  # Echo is Rust: not a plugin
     lua, py = plugins["Greeter"], plugins["PyGreeter"]
+    echo = plugins[line]
+    assert (echo["kind"], echo["role"], echo["module"], echo["listener"], echo["version"]) == (
+        "lua",
+        "listener",
+        None,
+        f"127.0.0.1:{node.line}",
+        1,
+    ), echo
+    assert echo["path"] == str(node.dir / "echo.lua") and echo["patched"] == []
     assert (lua["kind"], lua["role"], lua["module"], lua["version"]) == ("lua", "module", "Greeter", 1)
     assert (py["kind"], py["role"], py["module"], py["version"]) == ("python", "module", "PyGreeter", 1)
     assert lua["path"] == str(node.dir / "greeter.lua")
     assert py["path"] == str(node.dir / "greeter.py")
-    for p in (lua, py):
+    for p in (lua, py, echo):
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", p["loaded_at"]), p
-        assert p["last_error"] is None and p["patched"] == [] and p["listener"] is None
+        assert p["last_error"] is None and p["patched"] == []
+    assert lua["listener"] is None and py["listener"] is None
     assert f"admin http://127.0.0.1:{node.admin}/" in node.w.stdout()
 
 
@@ -145,6 +165,18 @@ def test_a_reload_loads_the_new_version(node):
     lua = next(p for p in listing["plugins"] if p["name"] == "Greeter")
     assert lua["version"] == 2 and lua["last_error"] is None
     assert re.search(r"admin: plugin reloaded peer=127\.0\.0\.1:\d+ token=false plugin=Greeter .*version=2", node.w.log())
+    # a line listener's channel handler reloads the same way, under its listener's name
+    (node.dir / "echo.lua").write_text('function handle_msg(id, msg) channel.send(id, "v2 " .. msg) end\n')
+    status, body = node.api("POST", f"/admin/plugins/line@127.0.0.1:{node.line}/reload")
+    assert (status, body["version"]) == (200, 2), body
+    with socket.create_connection(("127.0.0.1", node.line), timeout=5) as s:
+        s.sendall(b"2\r\nhi")
+        got = b""
+        while not got.endswith(b"v2 hi"):
+            chunk = s.recv(64)
+            assert chunk, got
+            got += chunk
+    assert got == b"5 \r\nv2 hi"
 
 
 def test_a_broken_reload_keeps_the_old_version(node):
@@ -227,7 +259,7 @@ def test_a_token_is_required_when_set(tmp_path):
     assert n.hello() == ok("hello ann")
 
     status, body = n.api("GET", "/admin/plugins")
-    assert status == 200 and len(body["plugins"]) == 2, body
+    assert status == 200 and len(body["plugins"]) == 3, body
     status, body = n.api("PUT", "/admin/modules/Greeter/handlers/HD_Hello", 'function(s, m) return "with token " .. m end')
     assert status == 200, body
     assert n.hello() == ok("with token ann")
@@ -239,14 +271,14 @@ def test_a_token_is_required_when_set(tmp_path):
 def test_no_admin_listener_without_admin(tmp_path):
     n = Node(tmp_path, admin=False)
     assert n.hello() == ok("hello ann")
-    # the node listens on its MQTT port and its web page, nothing else
-    assert listening_ports(n.w.proc.pid) == {n.mqtt, n.w.http}
+    # the node listens on its MQTT and line ports and its web page, nothing else
+    assert listening_ports(n.w.proc.pid) == {n.mqtt, n.line, n.w.http}
     assert "admin API listening" not in n.w.log()
     assert "admin http" not in n.w.stdout()
 
 
 def test_with_admin_the_node_listens_on_it(node):
-    assert listening_ports(node.w.proc.pid) == {node.mqtt, node.w.http, node.admin}
+    assert listening_ports(node.w.proc.pid) == {node.mqtt, node.line, node.w.http, node.admin}
     assert wait_until(lambda: "admin API listening" in node.w.log())
 
 
