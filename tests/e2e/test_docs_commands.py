@@ -396,5 +396,5 @@ def test_terminal_client_readme(tmp_path: Path):
 
 def test_no_sample_needs_a_tool_the_suite_lacks():
     # the tools the blocks above call, beyond warren and Python: scripts/test installs them
-    for tool in ("unshare", "nsenter", "ip", "telnet", "pgrep", "mosquitto_sub", "nats-server", "redis-server", "node"):
+    for tool in ("unshare", "nsenter", "ip", "telnet", "pgrep", "mosquitto_sub", "nats-server", "redis-server", "node", "curl"):
         assert shutil.which(tool), f"{tool} is not installed (scripts/test installs it)"
