@@ -13,6 +13,9 @@ blocks not run here, and why:
 - docs/benchmarks.md, `bench/compare …` (all three blocks): measurement runs of several minutes each
   on a quiet machine (every scenario against every installed broker, 3 runs); the first rewrites
   docs/benchmarks.md itself. They are how the published figures were made, not a check.
+- docs/benchmarks.md, the plugin benchmark (`taskset -c 0 target/release/warren serve …`): a
+  measurement run of a minute on a quiet machine; tests/e2e/test_plugins.py serves the same kind of
+  plugin modules and drives `warren bench request` at them.
 - docs/cluster.md, the RabbitMQ line of "The same example on another broker": it needs a
   RabbitMQ on its default port, and Debian's `rabbitmq-server` started as it is shares
   /var/lib/rabbitmq with any broker the machine already runs; the AMQP bus is tested against a
@@ -61,6 +64,7 @@ INVENTORY: dict[tuple[str, str], str] = {
     ("docs/benchmarks.md", "bench/compare --only fanout100,1to1,request,idle"): "not run: a measurement run of minutes",
     ("docs/benchmarks.md", "git worktree add --detach /tmp/warren-before"): "not run: a release build and measurement runs of minutes (the issue 12 baseline)",
     ("docs/benchmarks.md", "bench/compare --wait-quiet --only request,request16"): "not run: measurement runs of minutes (issue 12, after the rework)",
+    ("docs/benchmarks.md", "taskset -c 0 target/release/warren serve --no-http"): "not run: a measurement run of a minute (plugins, issue 13)",
     ("docs/cluster.md", "nats-server -js"): "test_cluster_walk_with_target_release_warren",
     ("docs/cluster.md", "# terminal 1: the gate"): "test_cluster_walk_with_target_release_warren",
     ("docs/cluster.md", "warren serve --config examples/cluster/gate.toml --bus redis://"): "test_cluster_on_redis (the RabbitMQ line is not run)",

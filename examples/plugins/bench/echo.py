@@ -1,0 +1,4 @@
+# The Python side of the plugin benchmark (docs/benchmarks.md, "Plugins"): the body back, as the
+# Rust Echo module does.
+def HD_Echo(session, msg):
+    return msg
