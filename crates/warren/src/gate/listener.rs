@@ -236,12 +236,7 @@ impl Listener {
         };
         if self.kind == Kind::Stream && !self.cfg.proxy_protocol && self.access.tls.is_none() {
             // nothing comes before the protocol: its task is the connection's, no larger
-            let (r, w) = io::tcp(stream);
-            let conn = serve(self.gate.clone(), self.cfg.clone(), r, w, peer);
-            self.gate.tracker.spawn(async move {
-                conn.await;
-                drop(slot);
-            });
+            self.spawn_serving(io::tcp(stream), peer, slot);
             return;
         }
         let l = self.clone();
@@ -506,9 +501,14 @@ impl Listener {
         else {
             return;
         };
-        // the connection gets a task of its own (tracked, so a drain waits for it), holding
-        // only what serving needs; this one, sized for every kind of handshake, ends here
-        let (r, w) = io::ws(socket, framing);
+        // the connection gets a task of its own, holding only what serving needs; this one,
+        // sized for every kind of handshake, ends here
+        self.spawn_serving(io::ws(socket, framing), peer, slot);
+    }
+
+    /// Serve a connection on a task of its own (tracked, so a drain waits for it) that holds
+    /// only the boxed protocol future and the slot, given back when it ends.
+    fn spawn_serving(&self, (r, w): (Reader, Writer), peer: SocketAddr, slot: Slot) {
         let conn = serve(self.gate.clone(), self.cfg.clone(), r, w, peer);
         self.gate.tracker.spawn(async move {
             conn.await;
