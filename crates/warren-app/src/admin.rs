@@ -1,7 +1,10 @@
 //! The admin HTTP API (`[admin]`; docs/plugins.md, "Hotfix over the admin API"): what an
 //! operator asks of a running node, on an address of its own — never through a client listener
 //! or a broker topic, so no client and no peer on the bus can reach it. Today it holds the
-//! plugins: list them, reload one, replace one handler of a Lua or Python module. Further
+//! plugins: list them, reload one, replace one handler of a Lua or Python module. Each of these
+//! acts on this node only, and every answer names the node (`"node"`); a replaced handler's
+//! answer also lists the instances of the module type on other nodes, which were not patched
+//! (`"elsewhere"`), so an operator knows which nodes' APIs to call next. Further
 //! resources (nodes, sessions, rooms, the log filter) go under the same `/admin/` prefix and
 //! share its authorization, its error shape and its change log.
 //!
@@ -10,7 +13,7 @@
 //!   loopback address: the config refuses anything else, and so does [`serve`].
 //! - **Errors** are `{"error":{"code":"…","message":"…"}}` with the status that fits: 400 a body
 //!   that is not script text, 401 no or a wrong token, 404 nothing by that name, 409 a module
-//!   that is not a plugin (Rust), 413 a body over 64 KiB, 422 a plugin file or a handler body
+//!   that is not a plugin (Rust) or runs only on other nodes, 413 a body over 64 KiB, 422 a plugin file or a handler body
 //!   that does not load (the message names the file and line; what ran before keeps running),
 //!   503 a plugin host that has stopped.
 //! - **Every change** (a reload, a replaced handler, good or bad) is logged at info — warn when
@@ -176,7 +179,25 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// `GET /admin/plugins`: every plugin this node loaded.
 async fn list_plugins(State(s): State<AdminState>) -> Json<Value> {
     let plugins: Vec<Value> = s.plugins.list().iter().map(|e| describe(e)).collect();
-    Json(json!({ "plugins": plugins }))
+    Json(json!({ "node": s.node.id(), "plugins": plugins }))
+}
+
+/// Where the instances of module type `module` run, as the registry last reported the cluster:
+/// whether one runs on this node, and `{"node","instance"}` for each on another node.
+fn placement(node: &NodeHandle, module: &str) -> (bool, Vec<Value>) {
+    let me = node.id();
+    let mut here = false;
+    let mut elsewhere = Vec::new();
+    for record in node.nodes().iter() {
+        for i in record.instances.iter().filter(|i| i.module == module) {
+            if record.id == me {
+                here = true;
+            } else {
+                elsewhere.push(json!({ "node": record.id, "instance": i.id }));
+            }
+        }
+    }
+    (here, elsewhere)
 }
 
 /// A plugin as the API shows it.
@@ -222,7 +243,7 @@ async fn reload_plugin(
         Ok(version) => {
             tracing::info!(peer = %caller.peer, token = caller.token, plugin = %name, path = %entry.path().display(), from = before, version, "admin: plugin reloaded");
             Ok(Json(
-                json!({ "name": name, "version": version, "previous": before }),
+                json!({ "name": name, "version": version, "previous": before, "node": s.node.id() }),
             ))
         }
         Err(e) => {
@@ -234,7 +255,8 @@ async fn reload_plugin(
 
 /// `PUT /admin/modules/{module}/handlers/{handler}`: replace one handler of a Lua or Python
 /// module, on every instance of it this node runs, with the request body (the function's
-/// source).
+/// source). This node only: the answer names it and lists the instances on other nodes, which
+/// keep their handler (an admin API never acts for another node: no bus topic may run code).
 async fn replace_handler(
     State(s): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -263,14 +285,30 @@ async fn replace_handler(
             )
         })?;
     let entries = s.plugins.modules_of(&module);
+    let (here, elsewhere) = placement(&s.node, &module);
     if entries.is_empty() {
-        return Err(if s.node.router().has_module(&module) {
+        return Err(if !here && !elsewhere.is_empty() {
+            let nodes: Vec<&str> = elsewhere
+                .iter()
+                .filter_map(|e| e["node"].as_str())
+                .collect();
+            AdminError::new(
+                StatusCode::CONFLICT,
+                "not_on_this_node",
+                format!(
+                    "module {module} does not run on this node ({}) but on {}: send the patch to \
+                     the admin API of each node that runs it",
+                    s.node.id(),
+                    nodes.join(", ")
+                ),
+            )
+        } else if s.node.router().has_module(&module) {
             AdminError::new(
                 StatusCode::CONFLICT,
                 "not_a_plugin",
                 format!(
-                    "module {module} is not a plugin module of this node (a Rust module, or one \
-                     that runs elsewhere): only Lua and Python modules can have a handler replaced"
+                    "module {module} is not a plugin module of this node (a Rust module): only Lua \
+                     and Python modules can have a handler replaced"
                 ),
             )
         } else {
@@ -302,9 +340,13 @@ async fn replace_handler(
             "patched": entry.patched(),
         }));
     }
-    Ok(Json(
-        json!({ "module": module, "handler": handler, "instances": instances }),
-    ))
+    Ok(Json(json!({
+        "module": module,
+        "handler": handler,
+        "instances": instances,
+        "node": s.node.id(),
+        "elsewhere": elsewhere,
+    })))
 }
 
 /// An error reply: `{"error":{"code":…,"message":…}}` and its status; a failed reload also says

@@ -263,6 +263,37 @@ impl Plugins {
     pub fn is_empty(&self) -> bool {
         self.entries().is_empty()
     }
+
+    /// Reload every plugin, one after another, as the file watcher and the admin API reload one:
+    /// what SIGHUP does for plugins, so an operator with watching off can pick up every edited
+    /// file at once. Each result is logged with `cause` (what asked): the version that now runs,
+    /// or why the file does not load while the running version goes on serving.
+    pub async fn reload_all(&self, cause: &str) -> ReloadAll {
+        let mut done = ReloadAll::default();
+        for entry in self.list() {
+            let before = entry.version();
+            match entry.reload().await {
+                Ok(version) => {
+                    done.reloaded += 1;
+                    tracing::info!(plugin = entry.name(), path = %entry.path().display(), from = before, version, "{cause}: plugin reloaded: version {version} runs");
+                }
+                Err(error) => {
+                    done.failed += 1;
+                    tracing::warn!(plugin = entry.name(), path = %entry.path().display(), running = before, %error, "{cause}: plugin does not load: version {before} keeps running");
+                }
+            }
+        }
+        done
+    }
+}
+
+/// What [`Plugins::reload_all`] came to, for its summary line and for tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadAll {
+    /// Plugins now running a new version.
+    pub reloaded: usize,
+    /// Plugins whose file did not load: their running version goes on serving.
+    pub failed: usize,
 }
 
 /// The node's Redis-RPC endpoint as the plugins call it.
@@ -288,5 +319,56 @@ impl RedisRpcCaller for RedisPeers {
     ) -> BoxFuture<'static, Result<(), CallError>> {
         let rpc = self.0.clone();
         Box::pin(async move { rpc.notify(&topic, &func, args).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_plugin::ModulePluginOptions;
+
+    /// A directory under the temporary one, removed when dropped.
+    struct Dir(std::path::PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn reload_all_reloads_every_plugin_and_keeps_one_that_does_not_load() {
+        let dir =
+            Dir(std::env::temp_dir().join(format!("warren-app-reload-all-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).expect("temp dir");
+        let (a, b) = (dir.0.join("a.lua"), dir.0.join("b.lua"));
+        std::fs::write(&a, "function HD_Hello(s, m) return 'a1' end\n").expect("write");
+        std::fs::write(&b, "function HD_Hello(s, m) return 'b1' end\n").expect("write");
+        let plugins = Plugins::new();
+        let options = ModulePluginOptions::default();
+        for (kind, path) in [("A", &a), ("B", &b)] {
+            plugins.add_module(ModulePlugin::load(kind, path, &options).expect("loads"));
+        }
+        assert_eq!(
+            plugins.reload_all("test").await,
+            ReloadAll {
+                reloaded: 2,
+                failed: 0
+            }
+        );
+        std::fs::write(&b, "function HD_Hello(s, m) return 'b3' \n").expect("write");
+        assert_eq!(
+            plugins.reload_all("test").await,
+            ReloadAll {
+                reloaded: 1,
+                failed: 1
+            }
+        );
+        let (ea, eb) = (plugins.get("A").expect("A"), plugins.get("B").expect("B"));
+        assert_eq!((ea.version(), eb.version()), (3, 2));
+        assert!(ea.last_error().is_none());
+        let failure = eb.last_error().expect("B's failure is recorded");
+        assert!(failure.message.contains("b.lua:"), "{}", failure.message);
+        assert!(failure.line.is_some(), "{failure:?}");
     }
 }

@@ -1,10 +1,12 @@
 //! `serve` and `node`: the runtime, the node with the app's modules, the web page, and the
-//! signals (SIGINT/SIGTERM drain and stop, SIGHUP reloads).
+//! signals (SIGINT/SIGTERM drain and stop, SIGHUP reloads the config's reloadable settings and
+//! every plugin).
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use warren::Node;
 use warren::config::{Config, ModuleConfig};
@@ -107,7 +109,8 @@ fn raise_nofile(config: &Config) {
 }
 
 /// Run the node `config` describes until SIGINT/SIGTERM; on SIGHUP, `reload` reads the config
-/// again and the node takes its IP lists and TLS certificates.
+/// again and the node takes its IP lists, TLS certificates, topic ACL and `[auth]` checks, and
+/// every plugin is reloaded from its file.
 async fn serve(
     app: &App,
     config: Config,
@@ -149,6 +152,9 @@ async fn serve(
     }
     let node = builder.start().await?;
     let watcher = plugin_host::watch(&config, &plugins);
+    let hangups = Arc::new(Notify::new());
+    let plugin_reloader = (!plugins.is_empty())
+        .then(|| tokio::spawn(reload_plugins(plugins.clone(), hangups.clone())));
     let stop_http = CancellationToken::new();
     let bridges = warren_cluster::connect::bridges(&config, node.handle(), &runs_here).await?;
     if let Some(rpc) = bridges.redis_rpc.first() {
@@ -195,7 +201,52 @@ async fn serve(
         println!("admin http://{addr}/");
     }
 
-    wait_for_signal(|| match reload() {
+    wait_for_signal(|| {
+        // the plugins first: their files are theirs, whatever the config file says now
+        hangups.notify_one();
+        reload_config(&node, &reload);
+    })
+    .await;
+    tracing::info!("shutdown requested");
+    if let Some(task) = plugin_reloader {
+        task.abort();
+    }
+    drop(watcher);
+    stop_http.cancel();
+    bridges.stop();
+    node.shutdown().await;
+    if let Some((_, task)) = http {
+        let _ = task.await;
+    }
+    if let Some((_, task)) = admin {
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+/// SIGHUP's plugin half: reload every plugin each time `hangups` is notified, logging each
+/// result (a plugin whose file does not load keeps its running version). One task does it, so
+/// reloads never overlap; SIGHUPs that arrive during a round make one more round, not one each.
+async fn reload_plugins(plugins: Arc<Plugins>, hangups: Arc<Notify>) {
+    loop {
+        hangups.notified().await;
+        let done = plugins.reload_all("SIGHUP").await;
+        if done.failed == 0 {
+            tracing::info!(reloaded = done.reloaded, "SIGHUP: reloaded every plugin");
+        } else {
+            tracing::warn!(
+                reloaded = done.reloaded,
+                failed = done.failed,
+                "SIGHUP: {} plugin(s) did not load and keep their running version",
+                done.failed
+            );
+        }
+    }
+}
+
+/// SIGHUP's config half: read the config again and hand the node what it reloads.
+fn reload_config(node: &Node, reload: &impl Fn() -> anyhow::Result<Config>) {
+    match reload() {
         Ok(new) => {
             let errors = node.reload(&new);
             if errors.is_empty() {
@@ -210,23 +261,11 @@ async fn serve(
         Err(e) => {
             tracing::error!(
                 error = format!("{e:#}"),
-                "SIGHUP: the config does not load; nothing reloaded"
+                "SIGHUP: the config does not load; its IP lists, TLS certificates, topic ACL and \
+                 [auth] checks stay as they were"
             );
         }
-    })
-    .await;
-    tracing::info!("shutdown requested");
-    drop(watcher);
-    stop_http.cancel();
-    bridges.stop();
-    node.shutdown().await;
-    if let Some((_, task)) = http {
-        let _ = task.await;
     }
-    if let Some((_, task)) = admin {
-        let _ = task.await;
-    }
-    Ok(())
 }
 
 /// Wait for SIGINT or SIGTERM, calling `on_hangup` for each SIGHUP meanwhile.
