@@ -12,6 +12,7 @@ use bytes::Bytes;
 use warren_proto::mqtt::topic;
 
 use crate::error::CallError;
+use crate::mqtt_session::{MqttState, Store};
 use crate::session::{Message, SessionHandle, SessionId};
 
 fn read<T>(l: &RwLock<T>) -> parking_lot::RwLockReadGuard<'_, T> {
@@ -140,6 +141,9 @@ impl Groups {
 #[derive(Debug, Default)]
 pub struct Subscriptions {
     root: RwLock<Level>,
+    /// The persistent MQTT sessions whose subscriptions are in the trie (`clean_session = 0`),
+    /// by client id: they own subscriptions while no connection is attached.
+    sessions: Store,
     /// (filter, session) pairs in the trie; changed only under the write lock.
     count: AtomicUsize,
     /// Levels (nodes) of the trie below the root; changed only under the write lock.
@@ -287,9 +291,58 @@ struct Level {
 
 #[derive(Debug, Clone)]
 struct Sub {
-    session: Arc<SessionHandle>,
+    to: Subscriber,
     id: SessionId,
     qos: u8,
+}
+
+/// Who a subscription delivers to: a connection's session (a clean MQTT session: QoS 0 takes
+/// the shared encoded frame, nothing per recipient), or a persistent MQTT session's state, which
+/// forwards to its connection while one is attached and queues QoS ≥ 1 messages while none is.
+#[derive(Debug, Clone)]
+pub enum Subscriber {
+    /// A live connection's session.
+    Conn(Arc<SessionHandle>),
+    /// A persistent session (docs/protocols/mqtt.md, "Sessions and QoS").
+    Stored(Arc<MqttState>),
+}
+
+impl Subscriber {
+    /// The id the trie holds it under.
+    pub fn id(&self) -> &SessionId {
+        match self {
+            Subscriber::Conn(h) => h.id(),
+            Subscriber::Stored(s) => s.id(),
+        }
+    }
+
+    /// Identity, to deliver once to a subscriber several filters matched.
+    fn key(&self) -> usize {
+        match self {
+            Subscriber::Conn(h) => Arc::as_ptr(h) as usize,
+            Subscriber::Stored(s) => Arc::as_ptr(s) as usize,
+        }
+    }
+
+    /// Hand over one message; whether it was taken.
+    fn deliver(&self, msg: &Arc<Message>, qos: u8) -> bool {
+        match self {
+            Subscriber::Conn(h) => h.deliver(msg.clone(), Some(qos)).is_ok(),
+            Subscriber::Stored(s) => s.deliver(msg, qos),
+        }
+    }
+}
+
+impl From<&Arc<SessionHandle>> for Subscriber {
+    fn from(h: &Arc<SessionHandle>) -> Self {
+        Subscriber::Conn(h.clone())
+    }
+}
+
+impl From<&Arc<MqttState>> for Subscriber {
+    fn from(s: &Arc<MqttState>) -> Self {
+        Subscriber::Stored(s.clone())
+    }
 }
 
 impl Level {
@@ -377,7 +430,7 @@ impl Subscriptions {
     /// Returns whether the subscription is new. Not capped: see [`Self::subscribe_within`].
     pub fn subscribe(&self, filter: &str, session: &Arc<SessionHandle>, qos: u8) -> bool {
         let mut root = write(&self.root);
-        self.insert(&mut root, filter, session, qos)
+        self.insert(&mut root, filter, session.into(), qos)
     }
 
     /// As [`Self::subscribe`], refusing a new subscription when the node already holds
@@ -386,11 +439,12 @@ impl Subscriptions {
     pub fn subscribe_within(
         &self,
         filter: &str,
-        session: &Arc<SessionHandle>,
+        session: impl Into<Subscriber>,
         qos: u8,
         max_subscriptions: usize,
         max_levels: usize,
     ) -> Result<bool, SubscriptionsFull> {
+        let session: Subscriber = session.into();
         let mut root = write(&self.root);
         if self.count.load(Ordering::Relaxed) >= max_subscriptions
             && !holds(&root, filter, session.id())
@@ -414,16 +468,10 @@ impl Subscriptions {
         Ok(self.insert(&mut root, filter, session, qos))
     }
 
-    fn insert(
-        &self,
-        root: &mut Level,
-        filter: &str,
-        session: &Arc<SessionHandle>,
-        qos: u8,
-    ) -> bool {
+    fn insert(&self, root: &mut Level, filter: &str, to: Subscriber, qos: u8) -> bool {
         let sub = Sub {
-            session: session.clone(),
-            id: session.id().clone(),
+            id: to.id().clone(),
+            to,
             qos,
         };
         let (levels, hash) = edges(filter);
@@ -518,10 +566,31 @@ impl Subscriptions {
         self.len() == 0
     }
 
+    /// The node's persistent MQTT sessions.
+    pub fn sessions(&self) -> &Store {
+        &self.sessions
+    }
+
+    /// Discard a persistent session taken out of the store: it takes nothing more, and its
+    /// subscriptions leave the trie.
+    pub fn discard_session(&self, session: &MqttState) {
+        for f in session.discard() {
+            self.unsubscribe(&f, session.id());
+        }
+    }
+
+    /// Discard the stored sessions whose expiry passed (checked at most once per `every`).
+    pub fn expire_sessions(&self, now: std::time::Instant, every: std::time::Duration) {
+        for s in self.sessions.sweep(now, every) {
+            tracing::debug!(client_id = s.client_id(), "persistent session expired");
+            self.discard_session(&s);
+        }
+    }
+
     /// Deliver a message to every session with a matching filter, at most once per session, with
     /// QoS = min(publish QoS, highest granted QoS among its matching filters). Returns the count.
     pub fn publish(&self, topic_name: &str, qos: u8, topic: Bytes, body: Bytes) -> usize {
-        let mut hits: Vec<(Arc<SessionHandle>, u8)> = Vec::new();
+        let mut hits: Vec<(Subscriber, u8)> = Vec::new();
         let sources = {
             let root = read(&self.root);
             collect(&root, topic_name, &mut hits)
@@ -532,17 +601,13 @@ impl Subscriptions {
         // each subscriber list holds a session once, so duplicates exist only when several
         // filters matched: only then sort (by handle address, not by id) and keep the best QoS
         if sources > 1 {
-            hits.sort_unstable_by(|a, b| {
-                (Arc::as_ptr(&a.0) as usize)
-                    .cmp(&(Arc::as_ptr(&b.0) as usize))
-                    .then(b.1.cmp(&a.1))
-            });
-            hits.dedup_by(|a, b| Arc::ptr_eq(&a.0, &b.0));
+            hits.sort_unstable_by(|a, b| a.0.key().cmp(&b.0.key()).then(b.1.cmp(&a.1)));
+            hits.dedup_by(|a, b| a.0.key() == b.0.key());
         }
         let msg = Message::new(topic, body);
         let mut n = 0;
         for (s, granted) in hits {
-            if s.deliver(msg.clone(), Some(qos.min(granted))).is_ok() {
+            if s.deliver(&msg, qos.min(granted)) {
                 n += 1;
             }
         }
@@ -581,9 +646,9 @@ fn holds(root: &Level, filter: &str, session: &str) -> bool {
 ///
 /// The walk follows the topic's literal level in a loop and keeps only the `+` branches it has
 /// yet to visit on a stack, so a topic that meets no `+` subscription allocates nothing here.
-fn collect(root: &Level, topic: &str, out: &mut Vec<(Arc<SessionHandle>, u8)>) -> usize {
-    fn take(subs: &[Sub], out: &mut Vec<(Arc<SessionHandle>, u8)>) -> usize {
-        out.extend(subs.iter().map(|s| (s.session.clone(), s.qos)));
+fn collect(root: &Level, topic: &str, out: &mut Vec<(Subscriber, u8)>) -> usize {
+    fn take(subs: &[Sub], out: &mut Vec<(Subscriber, u8)>) -> usize {
+        out.extend(subs.iter().map(|s| (s.to.clone(), s.qos)));
         usize::from(!subs.is_empty())
     }
     let dollar = topic.starts_with('$');

@@ -24,6 +24,7 @@ pub mod error;
 pub mod fanout;
 pub mod gate;
 pub mod module;
+pub mod mqtt_session;
 pub mod mqant_conf;
 pub mod node;
 pub(crate) mod refusal;

@@ -38,6 +38,17 @@ pub struct LimitsConfig {
     pub conn_rate_per_ip: u32,
     /// New connections one IP address may open at once above its rate.
     pub conn_burst_per_ip: u32,
+    /// Outbound MQTT QoS 1 / 2 messages one session may have sent and not yet had
+    /// acknowledged; later ones wait in order in its queue (at most 65535).
+    pub max_inflight_messages: usize,
+    /// Most QoS 1 / 2 messages one MQTT session queues (waiting for its window, or for its
+    /// client while a persistent session is offline); past it the newest are dropped.
+    pub max_queued_messages: usize,
+    /// Most topic + payload bytes of those queued messages, per session.
+    pub max_session_queued_bytes: usize,
+    /// Seconds a persistent MQTT session (`clean_session = 0`) is kept with no connection;
+    /// 0 keeps it for ever.
+    pub session_expiry_s: u64,
 }
 
 impl Default for LimitsConfig {
@@ -54,6 +65,10 @@ impl Default for LimitsConfig {
             max_conn_per_ip: 1000,
             conn_rate_per_ip: 200,
             conn_burst_per_ip: 1000,
+            max_inflight_messages: 32,
+            max_queued_messages: 1000,
+            max_session_queued_bytes: 16 << 20,
+            session_expiry_s: 7200,
         }
     }
 }
@@ -81,6 +96,24 @@ impl LimitsConfig {
                 format!(
                     "MQTT topics are at most 65535 bytes, got {}",
                     self.max_topic_len
+                ),
+            );
+        }
+        for (key, v) in [
+            ("max_inflight_messages", self.max_inflight_messages),
+            ("max_queued_messages", self.max_queued_messages),
+            ("max_session_queued_bytes", self.max_session_queued_bytes),
+        ] {
+            if v == 0 {
+                p.add(format!("limits.{key}"), "must be at least 1");
+            }
+        }
+        if self.max_inflight_messages > 65535 {
+            p.add(
+                "limits.max_inflight_messages",
+                format!(
+                    "MQTT has 65535 packet ids, got {}",
+                    self.max_inflight_messages
                 ),
             );
         }

@@ -243,6 +243,11 @@ pub(crate) trait Dialect: Send + Sized + 'static {
 
     /// Clean up protocol state (subscriptions, client ids) when the connection ends.
     fn on_close(&mut self, _conn: &SessionConn<Self::Tag>) {}
+
+    /// Runs first when the connection ends, before [`Dialect::on_close`], with the connection
+    /// still mutable: a protocol that keeps state beyond the connection (MQTT persistent
+    /// sessions) takes back what its queue still holds ([`SessionConn::take_unsent`]).
+    fn on_end(&mut self, _conn: &mut SessionConn<Self::Tag>) {}
 }
 
 /// A finished call: the protocol's tag for its reply (`None`: the client wants none) and the
@@ -611,6 +616,27 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             let _ = self.write_now();
         }
         Ok(())
+    }
+
+    /// Append bytes the protocol framed itself (MQTT resends and window refills) after
+    /// everything framed so far, without taking queued items first: what the protocol framed
+    /// under its own lock keeps its place before anything queued after it. Bounded by the
+    /// protocol (an inflight window), not counted in the session's queue bytes.
+    pub(crate) fn push_framed(&mut self, bytes: &[u8]) {
+        if self.closing.is_none() && !bytes.is_empty() {
+            self.out.buf.extend_from_slice(bytes);
+        }
+    }
+
+    /// Close the session's queue (later deliveries are refused) and hand each item it still
+    /// holds to `keep`, giving its bytes back: a protocol whose session outlives the
+    /// connection keeps what was not sent.
+    pub(crate) fn take_unsent(&mut self, mut keep: impl FnMut(Outbound)) {
+        self.queue.rx.close();
+        while let Some(item) = self.queue.rx.try_recv() {
+            self.queue.bytes.release(item.queued_size());
+            keep(item);
+        }
     }
 
     /// Frame an item only if there is room now (a goodbye while draining); whether it was.
@@ -1023,6 +1049,7 @@ pub(crate) fn serve_session<P: Dialect>(
         let end = run(&mut proto, &mut conn, &mut reader, &mut buf).await;
         drop(reader);
         drop(buf);
+        proto.on_end(&mut conn);
         proto.on_close(&conn);
         drop(proto);
         boxed::finish(conn, end).await;

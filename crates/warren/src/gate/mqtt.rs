@@ -9,7 +9,6 @@
 //! The same code serves both modes: `default` (MQTT 3.1.1 as specified, client-id takeover,
 //! plain publish/subscribe between clients) and `mqant` (the mqant gate's behaviour).
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,12 +22,11 @@ use super::{Credentials, Gate, Identity};
 use crate::acl::{Acl, ClientAcl};
 use crate::config::{LimitsConfig, ListenerConfig, Mode, MqttOptions};
 use crate::error::CallError;
+use crate::fanout::Subscriber;
+use crate::mqtt_session::{MAX_AWAITING_REL, MqttState, SessionLimits};
 use crate::refusal;
 use crate::route::Route;
 use crate::session::{InlineFrame, Message, Outbound, Protocol};
-
-/// Most QoS 2 publishes a client may leave unreleased (PUBREL not yet sent).
-const MAX_AWAITING_REL: usize = 1024;
 
 /// Serve one connection until it closes. (An `async move` block: an `async fn` would keep a
 /// second copy of its arguments for the connection's whole life.)
@@ -210,8 +208,32 @@ async fn handshake(
         connect.client_id.clone()
     };
 
-    // 3. The session.
-    let framer = MqttFramer { push_qos, pkid: 0 };
+    // 3. The MQTT session state (docs/protocols/mqtt.md, "Sessions and QoS"): clean_session = 1
+    //    discards a stored one, clean_session = 0 resumes it (session present) or stores a new one.
+    let uid = identity.as_ref().map(|i| i.uid.as_str());
+    let limits = SessionLimits::from_config(&gate.limits);
+    let (state, present) = if mqant {
+        (MqttState::new(&client_id, uid, false, limits), false)
+    } else {
+        match resolve_state(&gate, &client_id, uid, connect.clean_session, limits) {
+            Ok(r) => r,
+            Err(e) => {
+                connack_and_close(&mut writer, &cfg, 5).await;
+                refusal::refuse(&peer, "takeover", format_args!("{e}; refused"));
+                metrics::counter!("warren_connections_refused_total", "reason" => "takeover")
+                    .increment(1);
+                return None;
+            }
+        }
+    };
+    let epoch = state.next_epoch();
+
+    // 4. The session.
+    let framer = MqttFramer {
+        push_qos,
+        pkid: 0,
+        state: (!mqant).then(|| (state.clone(), epoch)),
+    };
     let mut conn = SessionConn::open(
         gate.clone(),
         cfg.clone(),
@@ -220,7 +242,6 @@ async fn handshake(
         writer,
         framer,
     );
-    let uid = identity.as_ref().map(|i| i.uid.as_str());
     if !mqant {
         match gate.claim_client_id(&client_id, &conn.handle, uid) {
             Ok(Some(old)) => {
@@ -253,9 +274,16 @@ async fn handshake(
         refuse_session(conn, 5).await;
         return None;
     }
+    if !mqant && state.is_attached() {
+        // a takeover: the older connection hands its unsent messages back first
+        let wait = Duration::from_secs(cfg.write_timeout_s + 1);
+        if !state.wait_detached(wait).await {
+            tracing::debug!(client_id = %client_id, "older connection still attached; attaching anyway");
+        }
+    }
     if conn
         .send(Outbound::Inline(InlineFrame::new(&mqtt::connack_bytes(
-            false, 0,
+            present, 0,
         ))))
         .await
         .is_err()
@@ -263,7 +291,13 @@ async fn handshake(
         conn.finish(End::ServerClosed).await;
         return None;
     }
-    tracing::debug!(client_id = %client_id, keep_alive = connect.keep_alive, level = connect.protocol_level, "connected");
+    if !mqant {
+        // deliveries reach this connection from now on, after the resends framed here
+        let mut resend = BytesMut::new();
+        state.attach(epoch, &conn.handle, limits, &mut resend);
+        conn.push_framed(&resend);
+    }
+    tracing::debug!(client_id = %client_id, keep_alive = connect.keep_alive, level = connect.protocol_level, present, "connected");
 
     // Keepalive: mqant re-arms floor(1.5 × keepalive) + 1 s before each read; MQTT 3.1.1 allows
     // 1.5 × keepalive. Keepalive 0 falls back to the listener's idle timeout.
@@ -294,13 +328,42 @@ async fn handshake(
         max_packet,
         read_timeout,
         client_id,
-        awaiting_rel: HashSet::new(),
-        filters: HashSet::new(),
+        state,
+        epoch,
         user,
         acl: None,
         token_acl,
     };
     Some((proto, conn, reader, buf))
+}
+
+/// The session state of a default-mode connection and whether a stored one is resumed:
+/// `clean_session = 1` discards a stored session of the client id, `clean_session = 0` resumes
+/// it (unless it expired) or stores a new one. Refused when a stored one belongs to another user.
+fn resolve_state(
+    gate: &Gate,
+    client_id: &str,
+    uid: Option<&str>,
+    clean: bool,
+    limits: SessionLimits,
+) -> Result<(Arc<MqttState>, bool), crate::mqtt_session::StoreError> {
+    let subs = gate.node.subscriptions();
+    let now = std::time::Instant::now();
+    if let Some(e) = limits.expiry {
+        subs.expire_sessions(now, (e / 8).max(Duration::from_secs(1)));
+    }
+    if clean {
+        if let Some(old) = subs.sessions().take(client_id, uid)? {
+            tracing::debug!(client_id, "clean session: the stored session is discarded");
+            subs.discard_session(&old);
+        }
+        return Ok((MqttState::new(client_id, uid, false, limits), false));
+    }
+    let (state, present, expired) = subs.sessions().resume(client_id, uid, limits, now)?;
+    if let Some(old) = expired {
+        subs.discard_session(&old);
+    }
+    Ok((state, present))
 }
 
 /// Answer CONNACK `code` on an opened session and close it (its uid was never bound).
@@ -348,9 +411,11 @@ struct MqttSession {
     max_packet: usize,
     read_timeout: Option<Duration>,
     client_id: String,
-    awaiting_rel: HashSet<u16>,
-    /// The filters this session holds (O(1) membership: a SUBSCRIBE of n filters costs O(n)).
-    filters: HashSet<Box<str>>,
+    /// Subscriptions, the outbound window, inbound QoS 2 ids awaiting PUBREL: kept beyond the
+    /// connection for a persistent session (crate::mqtt_session).
+    state: Arc<MqttState>,
+    /// This connection's epoch in `state`.
+    epoch: u64,
     /// The user name topic ACLs apply to; authentication may replace it with the verified one.
     user: Option<Arc<str>>,
     /// The node's ACL as resolved for this client, with the ACL it was resolved from (resolved
@@ -365,6 +430,33 @@ type Conn = SessionConn<Bytes>;
 
 impl conn::Dialect for MqttSession {
     type Tag = Bytes;
+
+    /// A persistent session keeps its subscriptions and takes back its unsent QoS ≥ 1
+    /// messages; a clean one leaves its subscriptions.
+    fn on_end(&mut self, conn: &mut Conn) {
+        if self.mqant {
+            return;
+        }
+        if self.state.is_persistent() {
+            let state = self.state.clone();
+            state.detach(self.epoch, || {
+                let mut kept = Vec::new();
+                conn.take_unsent(|item| {
+                    if let Outbound::Message { msg, qos: Some(q) } = item
+                        && q > 0
+                    {
+                        kept.push((msg, q));
+                    }
+                });
+                kept
+            });
+        } else {
+            let subs = conn.gate.node.subscriptions();
+            for (f, _) in self.state.subscriptions() {
+                subs.unsubscribe(&f, conn.handle.id());
+            }
+        }
+    }
 
     async fn handle_buffered(&mut self, conn: &mut Conn, buf: &mut BytesMut) -> Result<bool, End> {
         let mut handled = false;
@@ -401,10 +493,6 @@ impl conn::Dialect for MqttSession {
     /// Leave the subscriptions and the client id (the session table and groups are handled by
     /// `SessionConn::finish`).
     fn on_close(&mut self, conn: &Conn) {
-        let node = &conn.gate.node;
-        for f in &self.filters {
-            node.subscriptions().unsubscribe(f, conn.handle.id());
-        }
         if !self.mqant {
             conn.gate.release_client_id(&self.client_id, &conn.handle);
         }
@@ -433,14 +521,28 @@ impl MqttSession {
         match p {
             Packet::Publish(p) => self.publish(conn, p).await,
             Packet::PubRel(id) => {
-                self.awaiting_rel.remove(&id);
+                self.state.release(id);
                 ack(conn, mqtt::ack_bytes(Ack::PubComp, id)).await
             }
-            Packet::PubAck(_) | Packet::PubComp(_) => {
+            Packet::PubAck(id) | Packet::PubComp(id) => {
                 metrics::counter!("warren_push_acks_total").increment(1);
+                let mut next = BytesMut::new();
+                let known = match p {
+                    Packet::PubAck(_) => self.state.puback(self.epoch, id, &mut next),
+                    _ => self.state.pubcomp(self.epoch, id, &mut next),
+                };
+                if !known && !self.mqant {
+                    tracing::debug!(pkid = id, "acknowledgement for no message in flight");
+                }
+                conn.push_framed(&next);
                 Ok(())
             }
-            Packet::PubRec(id) => ack(conn, mqtt::ack_bytes(Ack::PubRel, id)).await,
+            Packet::PubRec(id) => {
+                if !self.state.pubrec(id) && !self.mqant {
+                    tracing::debug!(pkid = id, "PUBREC for no QoS 2 message in flight");
+                }
+                ack(conn, mqtt::ack_bytes(Ack::PubRel, id)).await
+            }
             Packet::Subscribe(s) => self.subscribe(conn, s).await,
             Packet::Unsubscribe(u) => {
                 let max = conn.gate.limits.max_filters_per_subscribe;
@@ -452,13 +554,11 @@ impl MqttSession {
                     refusal::refuse(&conn.peer, "filters_per_subscribe", why);
                     return Err(End::ServerClosed);
                 }
+                let id = self.subscriber(conn).id().clone();
                 for f in &u.filters {
                     // only what this session holds is in the trie: nothing else to walk
-                    if self.filters.remove(f.as_str()) && !self.mqant {
-                        conn.gate
-                            .node
-                            .subscriptions()
-                            .unsubscribe(f, conn.handle.id());
+                    if self.state.unsubscribe(f.as_str()) && !self.mqant {
+                        conn.gate.node.subscriptions().unsubscribe(f, &id);
                     }
                 }
                 ack(conn, mqtt::ack_bytes(Ack::UnsubAck, u.pkid)).await
@@ -496,6 +596,7 @@ impl MqttSession {
             self.refresh_acl(&gate);
         }
         let subscriptions = gate.node.subscriptions();
+        let subscriber = self.subscriber(conn);
         let mut codes = Vec::with_capacity(s.filters.len());
         for f in s.filters {
             let filter = f.filter;
@@ -518,33 +619,42 @@ impl MqttSession {
                 codes.push(0x80);
                 continue;
             }
-            let new = !self.filters.contains(filter.as_str());
-            if new && self.filters.len() >= limits.max_filters_per_session {
+            let (held, holds) = self.state.filters(&filter);
+            if !holds && held >= limits.max_filters_per_session {
                 let why = format!(
-                    "session holds {} filters, limits.max_filters_per_session is {}",
-                    self.filters.len(),
+                    "session holds {held} filters, limits.max_filters_per_session is {}",
                     limits.max_filters_per_session
                 );
                 refusal::refuse(&peer, "filters_per_session", why);
                 codes.push(0x80);
                 continue;
             }
-            let granted = f.qos.as_u8().min(1);
-            if !self.mqant
-                && let Err(full) = subscriptions.subscribe_within(
+            // default mode grants up to QoS 2; mqant mode, as upstream, up to 1
+            let granted = f.qos.as_u8().min(if self.mqant { 1 } else { 2 });
+            // the trie and the session's record change together (a discard cannot miss one)
+            let added = self.state.subscribe(&filter, granted, || {
+                if self.mqant {
+                    return Ok(true);
+                }
+                subscriptions.subscribe_within(
                     &filter,
-                    &conn.handle,
+                    subscriber.clone(),
                     granted,
                     limits.max_subscriptions,
                     limits.max_subscription_levels,
                 )
-            {
-                refusal::refuse(&peer, full.kind(), full);
-                codes.push(0x80);
-                continue;
-            }
-            if new {
-                self.filters.insert(filter.into_boxed_str());
+            });
+            match added {
+                Some(Ok(_)) => {}
+                Some(Err(full)) => {
+                    refusal::refuse(&peer, full.kind(), full);
+                    codes.push(0x80);
+                    continue;
+                }
+                None => {
+                    codes.push(0x80);
+                    continue;
+                }
             }
             codes.push(granted);
         }
@@ -564,15 +674,16 @@ impl MqttSession {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => ack(conn, mqtt::ack_bytes(Ack::PubAck, p.pkid)).await?,
             QoS::ExactlyOnce => {
-                let resend = self.awaiting_rel.contains(&p.pkid);
-                if !resend {
-                    if self.awaiting_rel.len() >= MAX_AWAITING_REL {
+                // the ids awaiting PUBREL are the session's: a resend after a reconnect is
+                // recognised too
+                let resend = match self.state.receive_qos2(p.pkid) {
+                    Ok(first) => !first,
+                    Err(()) => {
                         return Err(End::Refused(format!(
                             "more than {MAX_AWAITING_REL} QoS 2 publishes awaiting PUBREL"
                         )));
                     }
-                    self.awaiting_rel.insert(p.pkid);
-                }
+                };
                 ack(conn, mqtt::ack_bytes(Ack::PubRec, p.pkid)).await?;
                 if resend {
                     return Ok(());
@@ -651,6 +762,16 @@ impl MqttSession {
                     None => Ok(()),
                 }
             }
+        }
+    }
+
+    /// What this session's subscriptions deliver to in the trie: the persistent state, or the
+    /// connection for a clean session.
+    fn subscriber(&self, conn: &Conn) -> Subscriber {
+        if self.state.is_persistent() {
+            Subscriber::Stored(self.state.clone())
+        } else {
+            Subscriber::Conn(conn.handle.clone())
         }
     }
 
@@ -789,6 +910,10 @@ fn preview(t: &str) -> &str {
 pub(crate) struct MqttFramer {
     push_qos: u8,
     pkid: u16,
+    /// Default mode: the session state and this connection's epoch in it; QoS ≥ 1 messages
+    /// take a packet id and a slot of its inflight window there (mqant mode: none, a fresh id
+    /// per message, QoS 1).
+    state: Option<(Arc<MqttState>, u64)>,
 }
 
 impl Framer for MqttFramer {
@@ -798,6 +923,8 @@ impl Framer for MqttFramer {
                 let q = qos.unwrap_or(self.push_qos);
                 if q == 0 {
                     out.buf.extend_from_slice(msg.mqtt_qos0());
+                } else if let Some((state, epoch)) = &self.state {
+                    state.frame(*epoch, msg, q.min(2), &mut out.buf);
                 } else {
                     self.pkid = if self.pkid == u16::MAX {
                         1
@@ -874,8 +1001,8 @@ mod tests {
             max_packet: 1024,
             read_timeout: None,
             client_id: "c1".into(),
-            awaiting_rel: HashSet::new(),
-            filters: HashSet::new(),
+            state: MqttState::new("c1", None, false, SessionLimits::default()),
+            epoch: 1,
             user: Some(Arc::from(user)),
             acl: file.map(|text| {
                 let acl = Arc::new(Acl::parse(text, "acl").expect("acl"));

@@ -11,6 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["error", "route", "ring", "registry", "acl", "refusal"],
     &["config"],
     &["session", "mqant_conf"],
+    &["mqtt_session"],
     &["fanout", "bus"],
     &["module"],
     &["router", "remote"],

@@ -1,0 +1,844 @@
+//! Default-mode MQTT session state (docs/protocols/mqtt.md, "Sessions and QoS"): what MQTT 3.1.1
+//! §4.1 says a server keeps for a client, in memory.
+//!
+//! Every default-mode connection has an [`MqttState`]: its subscriptions (filter → granted QoS),
+//! the outbound QoS 1 / 2 inflight window (packet id → message, awaiting PUBACK, PUBREC or
+//! PUBCOMP), the messages waiting for a slot in that window, and the inbound QoS 2 packet ids
+//! awaiting PUBREL. A `clean_session = 0` state is *persistent*: it is kept in the node's
+//! [`Store`] by client id when its connection ends, the subscription trie keeps pointing at it
+//! (`fanout::Subscriber::Stored`), and QoS ≥ 1 messages published while no connection is
+//! attached wait in its queue (bounded in count and bytes by `[limits]`; when full the newest
+//! is dropped, counted and logged once per episode). The next connection with that client id
+//! attaches to it: unacknowledged PUBLISHes are resent with DUP = 1 (PUBREL for those already
+//! PUBREC'd), in their order, then the queue.
+//!
+//! The QoS 0 path does not come here: a clean session's subscriptions point at its
+//! `SessionHandle` and get the shared, encoded-once QoS 0 frame as before; a persistent one
+//! costs one pointer load per QoS 0 delivery. Per-recipient work (a lock, a packet id, an
+//! encode) is only for QoS ≥ 1.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use bytes::BytesMut;
+use parking_lot::Mutex;
+use warren_proto::mqtt::{self, Ack, QoS};
+
+use crate::config::LimitsConfig;
+use crate::session::{Message, SessionHandle, SessionId};
+
+/// The bounds of one session's state, from `[limits]` (taken when a connection attaches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Outbound QoS 1 / 2 messages sent and not yet acknowledged (`max_inflight_messages`).
+    pub max_inflight: usize,
+    /// Messages waiting for the window or for a connection (`max_queued_messages`).
+    pub max_queued: usize,
+    /// Topic + payload bytes of those messages (`max_session_queued_bytes`).
+    pub max_queued_bytes: usize,
+    /// How long a persistent session is kept with no connection (`session_expiry_s`; `None`:
+    /// for ever).
+    pub expiry: Option<Duration>,
+}
+
+impl SessionLimits {
+    /// The bounds `[limits]` sets.
+    pub fn from_config(l: &LimitsConfig) -> Self {
+        SessionLimits {
+            max_inflight: l.max_inflight_messages.clamp(1, 65535),
+            max_queued: l.max_queued_messages,
+            max_queued_bytes: l.max_session_queued_bytes,
+            expiry: (l.session_expiry_s > 0).then(|| Duration::from_secs(l.session_expiry_s)),
+        }
+    }
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits::from_config(&LimitsConfig::default())
+    }
+}
+
+/// Why a stored session was not resumed or discarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The stored session belongs to another verified user (as a takeover would be refused).
+    #[error("client id {0:?} has a stored session of another user")]
+    NotOwner(String),
+}
+
+/// A message waiting for the window or for a connection.
+#[derive(Debug)]
+struct Queued {
+    msg: Arc<Message>,
+    qos: u8,
+}
+
+impl Queued {
+    fn size(&self) -> usize {
+        self.msg.topic.len() + self.msg.body.len()
+    }
+}
+
+/// An outbound QoS 1 / 2 message sent and not yet acknowledged.
+#[derive(Debug)]
+struct Inflight {
+    pkid: u16,
+    msg: Arc<Message>,
+    qos: u8,
+    /// QoS 2: PUBREC received, PUBREL sent, PUBCOMP awaited.
+    released: bool,
+}
+
+/// The state of one MQTT session (see the module documentation).
+pub struct MqttState {
+    /// The id the subscription trie knows a persistent session by (stable across connections).
+    id: SessionId,
+    client_id: Box<str>,
+    /// The verified user that owns it (`None`: anonymous).
+    owner: Option<Box<str>>,
+    persistent: bool,
+    /// The attached connection's handle (persistent sessions; what fan-out delivers to).
+    online: ArcSwapOption<SessionHandle>,
+    inner: Mutex<Inner>,
+    /// Woken when a connection detaches (a takeover waits for the older one).
+    detached: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for MqttState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttState")
+            .field("id", &self.id)
+            .field("client_id", &self.client_id)
+            .field("persistent", &self.persistent)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    limits: SessionLimits,
+    /// The last epoch handed to a connection; `current` is the attached one's.
+    epochs: u64,
+    current: Option<u64>,
+    /// Discarded (clean session, expiry): takes no subscription and no message any more.
+    discarded: bool,
+    last_pkid: u16,
+    inflight: VecDeque<Inflight>,
+    queue: VecDeque<Queued>,
+    /// Deliveries the attached connection's queue refused (it is closing): they go after what
+    /// that queue still holds when it detaches.
+    refused: VecDeque<Queued>,
+    /// Bytes of `queue` and `refused`.
+    queued_bytes: usize,
+    /// Messages are being dropped for a full queue (logged once per episode).
+    overflowing: bool,
+    awaiting_rel: HashSet<u16>,
+    filters: HashMap<Box<str>, u8>,
+    detached_at: Option<Instant>,
+}
+
+/// Most inbound QoS 2 publishes a client may leave unreleased (PUBREL not yet sent).
+pub const MAX_AWAITING_REL: usize = 1024;
+
+impl MqttState {
+    /// A new, empty session state.
+    pub fn new(
+        client_id: &str,
+        owner: Option<&str>,
+        persistent: bool,
+        limits: SessionLimits,
+    ) -> Arc<Self> {
+        Arc::new(MqttState {
+            id: format!("mqtt-session-{}", uuid::Uuid::new_v4()).into(),
+            client_id: client_id.into(),
+            owner: owner.map(Into::into),
+            persistent,
+            online: ArcSwapOption::empty(),
+            inner: Mutex::new(Inner {
+                limits,
+                epochs: 0,
+                current: None,
+                discarded: false,
+                last_pkid: 0,
+                inflight: VecDeque::new(),
+                queue: VecDeque::new(),
+                refused: VecDeque::new(),
+                queued_bytes: 0,
+                overflowing: false,
+                awaiting_rel: HashSet::new(),
+                filters: HashMap::new(),
+                detached_at: None,
+            }),
+            detached: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The id subscriptions of a persistent session are held under.
+    pub fn id(&self) -> &SessionId {
+        &self.id
+    }
+
+    /// The client id.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// Whether it outlives its connection (`clean_session = 0`).
+    pub fn is_persistent(&self) -> bool {
+        self.persistent
+    }
+
+    /// An epoch for a connection about to attach: what it frames and acknowledges counts only
+    /// while it is the attached one.
+    pub fn next_epoch(&self) -> u64 {
+        let mut st = self.inner.lock();
+        st.epochs += 1;
+        st.epochs
+    }
+
+    /// Whether a connection is attached.
+    pub fn is_attached(&self) -> bool {
+        self.inner.lock().current.is_some()
+    }
+
+    /// Wait (at most `timeout`) until no connection is attached: a takeover lets the older
+    /// connection hand its unsent messages back first. Returns whether it is detached.
+    pub async fn wait_detached(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.detached.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.is_attached() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return !self.is_attached();
+            }
+        }
+    }
+
+    /// Attach the connection `handle` with `epoch`: from now on deliveries go to it. The
+    /// resends (unacknowledged PUBLISHes with DUP = 1, PUBREL for PUBREC'd ones, in their
+    /// order) and the first window of queued messages are framed into `out`, which the
+    /// connection writes before anything queued for it after this call.
+    pub fn attach(
+        &self,
+        epoch: u64,
+        handle: &Arc<SessionHandle>,
+        limits: SessionLimits,
+        out: &mut BytesMut,
+    ) {
+        let mut st = self.inner.lock();
+        st.limits = limits;
+        st.current = Some(epoch);
+        st.detached_at = None;
+        let refused = std::mem::take(&mut st.refused);
+        st.queue.extend(refused);
+        for i in &st.inflight {
+            if i.released {
+                out.extend_from_slice(&mqtt::ack_bytes(Ack::PubRel, i.pkid));
+            } else {
+                encode(out, &i.msg, i.qos, true, i.pkid);
+            }
+        }
+        if !st.inflight.is_empty() {
+            metrics::counter!("warren_mqtt_resent_total").increment(st.inflight.len() as u64);
+        }
+        st.fill_window(out);
+        if self.persistent {
+            self.online.store(Some(handle.clone()));
+        }
+    }
+
+    /// The connection of `epoch` ends: unless another one attached meanwhile, deliveries queue
+    /// from now on. `unsent` closes that connection's outbound queue and hands back what it
+    /// still held (called under the state's lock, so nothing delivered later overtakes it).
+    pub fn detach(&self, epoch: u64, unsent: impl FnOnce() -> Vec<(Arc<Message>, u8)>) {
+        let mut st = self.inner.lock();
+        let mine = st.current == Some(epoch);
+        if mine {
+            self.online.store(None);
+        }
+        for (msg, qos) in unsent() {
+            if qos > 0 {
+                st.enqueue(&self.client_id, Queued { msg, qos });
+            }
+        }
+        let refused = std::mem::take(&mut st.refused);
+        st.queue.extend(refused);
+        if mine {
+            st.current = None;
+            st.detached_at = Some(Instant::now());
+        }
+        drop(st);
+        self.detached.notify_waiters();
+    }
+
+    /// Fan-out to a persistent session: to the attached connection, else (QoS ≥ 1) into the
+    /// queue. Whether the message was taken.
+    pub fn deliver(&self, msg: &Arc<Message>, qos: u8) -> bool {
+        if let Some(h) = &*self.online.load()
+            && h.deliver(msg.clone(), Some(qos)).is_ok()
+        {
+            return true;
+        }
+        if qos == 0 {
+            return false;
+        }
+        let mut st = self.inner.lock();
+        if st.discarded {
+            return false;
+        }
+        let q = Queued {
+            msg: msg.clone(),
+            qos,
+        };
+        if st.current.is_some() {
+            // attached after the load above, or its queue refused: try it, else keep the
+            // message for after what that connection hands back when it detaches
+            if let Some(h) = &*self.online.load()
+                && h.deliver(msg.clone(), Some(qos)).is_ok()
+            {
+                return true;
+            }
+            if st.over_bounds(&q) {
+                st.overflow(&self.client_id);
+                return false;
+            }
+            st.queued_bytes += q.size();
+            st.refused.push_back(q);
+            return true;
+        }
+        st.enqueue(&self.client_id, q)
+    }
+
+    /// Frame an outbound QoS ≥ 1 message for the connection of `epoch` (its framer): into the
+    /// window with a packet id if it has a slot and nothing waits before it, else into the
+    /// queue (bounded).
+    pub fn frame(&self, epoch: u64, msg: Arc<Message>, qos: u8, out: &mut BytesMut) {
+        let mut st = self.inner.lock();
+        st.enqueue(&self.client_id, Queued { msg, qos });
+        if st.current == Some(epoch) {
+            st.fill_window(out);
+        }
+    }
+
+    /// PUBACK from the connection of `epoch`: frees the slot (and frames the next queued
+    /// message into `out`). Whether the packet id was awaiting a PUBACK.
+    pub fn puback(&self, epoch: u64, pkid: u16, out: &mut BytesMut) -> bool {
+        self.complete(epoch, pkid, out, |i| i.qos == 1)
+    }
+
+    /// PUBREC: the QoS 2 message is received; PUBCOMP is awaited now (and PUBREL resent on a
+    /// reconnect). Whether the packet id was awaiting a PUBREC (or had one already).
+    pub fn pubrec(&self, pkid: u16) -> bool {
+        let mut st = self.inner.lock();
+        match st
+            .inflight
+            .iter_mut()
+            .find(|i| i.pkid == pkid && i.qos == 2)
+        {
+            Some(i) => {
+                i.released = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// PUBCOMP: the QoS 2 exchange is over; as [`Self::puback`].
+    pub fn pubcomp(&self, epoch: u64, pkid: u16, out: &mut BytesMut) -> bool {
+        self.complete(epoch, pkid, out, |i| i.qos == 2 && i.released)
+    }
+
+    fn complete(
+        &self,
+        epoch: u64,
+        pkid: u16,
+        out: &mut BytesMut,
+        awaiting: impl Fn(&Inflight) -> bool,
+    ) -> bool {
+        let mut st = self.inner.lock();
+        let Some(pos) = st
+            .inflight
+            .iter()
+            .position(|i| i.pkid == pkid && awaiting(i))
+        else {
+            return false;
+        };
+        st.inflight.remove(pos);
+        if st.current == Some(epoch) {
+            st.fill_window(out);
+        }
+        true
+    }
+
+    /// An inbound QoS 2 PUBLISH with `pkid`: `Ok(true)` the first time (route it), `Ok(false)`
+    /// for a resend before PUBREL (answer PUBREC only), `Err(())` past [`MAX_AWAITING_REL`].
+    #[allow(clippy::result_unit_err)]
+    pub fn receive_qos2(&self, pkid: u16) -> Result<bool, ()> {
+        let mut st = self.inner.lock();
+        if st.awaiting_rel.contains(&pkid) {
+            return Ok(false);
+        }
+        if st.awaiting_rel.len() >= MAX_AWAITING_REL {
+            return Err(());
+        }
+        st.awaiting_rel.insert(pkid);
+        Ok(true)
+    }
+
+    /// PUBREL for an inbound QoS 2 packet id: forget it.
+    pub fn release(&self, pkid: u16) {
+        self.inner.lock().awaiting_rel.remove(&pkid);
+    }
+
+    /// How many filters the session holds, and whether it holds `filter`.
+    pub fn filters(&self, filter: &str) -> (usize, bool) {
+        let st = self.inner.lock();
+        (st.filters.len(), st.filters.contains_key(filter))
+    }
+
+    /// Record a subscription, running `insert` (the trie) under the state's lock so that a
+    /// discard cannot miss it. `None` when the session was discarded meanwhile.
+    pub fn subscribe<T, E>(
+        &self,
+        filter: &str,
+        qos: u8,
+        insert: impl FnOnce() -> Result<T, E>,
+    ) -> Option<Result<T, E>> {
+        let mut st = self.inner.lock();
+        if st.discarded {
+            return None;
+        }
+        let r = insert();
+        if r.is_ok() {
+            st.filters.insert(filter.into(), qos);
+        }
+        Some(r)
+    }
+
+    /// Forget a subscription; whether it was held.
+    pub fn unsubscribe(&self, filter: &str) -> bool {
+        self.inner.lock().filters.remove(filter).is_some()
+    }
+
+    /// The filters held, with their granted QoS.
+    pub fn subscriptions(&self) -> Vec<(Box<str>, u8)> {
+        let st = self.inner.lock();
+        st.filters.iter().map(|(f, q)| (f.clone(), *q)).collect()
+    }
+
+    /// Discard the session (clean session, expiry): it takes nothing more; returns its filters
+    /// so the trie can drop them.
+    pub fn discard(&self) -> Vec<Box<str>> {
+        let mut st = self.inner.lock();
+        st.discarded = true;
+        st.queue.clear();
+        st.refused.clear();
+        st.inflight.clear();
+        st.queued_bytes = 0;
+        st.filters.drain().map(|(f, _)| f).collect()
+    }
+
+    /// Whether the session has had no connection for longer than its expiry at `now`.
+    pub fn expired(&self, now: Instant) -> bool {
+        let st = self.inner.lock();
+        match (st.detached_at, st.limits.expiry) {
+            (Some(at), Some(e)) => st.current.is_none() && now.duration_since(at) >= e,
+            _ => false,
+        }
+    }
+
+    /// Messages waiting (queued, not in the window) and messages in the window.
+    pub fn counts(&self) -> (usize, usize) {
+        let st = self.inner.lock();
+        (st.queue.len() + st.refused.len(), st.inflight.len())
+    }
+}
+
+impl Inner {
+    fn over_bounds(&self, q: &Queued) -> bool {
+        self.queue.len() + self.refused.len() >= self.limits.max_queued
+            || self.queued_bytes + q.size() > self.limits.max_queued_bytes
+    }
+
+    /// Drop the newest message for a full queue: counted, and logged once per episode.
+    fn overflow(&mut self, client_id: &str) {
+        metrics::counter!("warren_mqtt_queue_dropped_total").increment(1);
+        if !self.overflowing {
+            self.overflowing = true;
+            tracing::warn!(
+                client_id,
+                queued = self.queue.len() + self.refused.len(),
+                bytes = self.queued_bytes,
+                max_queued_messages = self.limits.max_queued,
+                max_session_queued_bytes = self.limits.max_queued_bytes,
+                "session queue full: dropping the newest QoS 1/2 messages until it drains"
+            );
+        }
+    }
+
+    /// Queue a message at the end (bounded: the newest is dropped). Whether it was kept.
+    fn enqueue(&mut self, client_id: &str, q: Queued) -> bool {
+        if self.discarded {
+            return false;
+        }
+        if self.over_bounds(&q) {
+            self.overflow(client_id);
+            return false;
+        }
+        self.queued_bytes += q.size();
+        self.queue.push_back(q);
+        true
+    }
+
+    /// Move queued messages into free window slots, framing each into `out`.
+    fn fill_window(&mut self, out: &mut BytesMut) {
+        while self.inflight.len() < self.limits.max_inflight {
+            let Some(q) = self.queue.pop_front() else {
+                break;
+            };
+            self.queued_bytes -= q.size();
+            let pkid = self.next_pkid();
+            encode(out, &q.msg, q.qos, false, pkid);
+            self.inflight.push_back(Inflight {
+                pkid,
+                msg: q.msg,
+                qos: q.qos,
+                released: false,
+            });
+        }
+        if self.queue.is_empty() {
+            self.overflowing = false;
+        }
+    }
+
+    /// The next packet id not in the window (the window is smaller than the id space).
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.checked_add(1).unwrap_or(1);
+            let id = self.last_pkid;
+            if !self.inflight.iter().any(|i| i.pkid == id) {
+                return id;
+            }
+        }
+    }
+}
+
+fn encode(out: &mut BytesMut, msg: &Message, qos: u8, dup: bool, pkid: u16) {
+    let qos = if qos >= 2 {
+        QoS::ExactlyOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    mqtt::encode_publish(out, &msg.topic, qos, false, dup, pkid, &msg.body);
+}
+
+/// The node's persistent sessions, by client id.
+#[derive(Debug, Default)]
+pub struct Store {
+    sessions: Mutex<HashMap<Box<str>, Arc<MqttState>>>,
+    next_sweep: Mutex<Option<Instant>>,
+}
+
+impl Store {
+    /// The stored session of `client_id` for a `clean_session = 0` connection of `owner`: the
+    /// stored one (session present) unless it expired, else a new one, stored. Refused when it
+    /// belongs to another user. The second value is an expired session to discard.
+    pub fn resume(
+        &self,
+        client_id: &str,
+        owner: Option<&str>,
+        limits: SessionLimits,
+        now: Instant,
+    ) -> Result<(Arc<MqttState>, bool, Option<Arc<MqttState>>), StoreError> {
+        let mut m = self.sessions.lock();
+        let mut expired = None;
+        if let Some(s) = m.get(client_id) {
+            if s.owner.as_deref() != owner {
+                return Err(StoreError::NotOwner(client_id.to_owned()));
+            }
+            if !s.expired(now) {
+                return Ok((s.clone(), true, None));
+            }
+            expired = m.remove(client_id);
+        }
+        let s = MqttState::new(client_id, owner, true, limits);
+        m.insert(client_id.into(), s.clone());
+        metrics::gauge!("warren_mqtt_sessions_stored").set(m.len() as f64);
+        Ok((s, false, expired))
+    }
+
+    /// Take the stored session of `client_id` out (a `clean_session = 1` connection discards
+    /// it). Refused when it belongs to another user.
+    pub fn take(
+        &self,
+        client_id: &str,
+        owner: Option<&str>,
+    ) -> Result<Option<Arc<MqttState>>, StoreError> {
+        let mut m = self.sessions.lock();
+        match m.get(client_id) {
+            None => Ok(None),
+            Some(s) if s.owner.as_deref() != owner => {
+                Err(StoreError::NotOwner(client_id.to_owned()))
+            }
+            Some(_) => {
+                let s = m.remove(client_id);
+                metrics::gauge!("warren_mqtt_sessions_stored").set(m.len() as f64);
+                Ok(s)
+            }
+        }
+    }
+
+    /// Take out the sessions whose expiry passed, at most once per `every` (memory stays
+    /// bounded: offline sessions are made only by connections, which call this).
+    pub fn sweep(&self, now: Instant, every: Duration) -> Vec<Arc<MqttState>> {
+        {
+            let mut next = self.next_sweep.lock();
+            if next.is_some_and(|n| now < n) {
+                return Vec::new();
+            }
+            *next = Some(now + every);
+        }
+        let mut m = self.sessions.lock();
+        let gone: Vec<Box<str>> = m
+            .iter()
+            .filter(|(_, s)| s.expired(now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let out: Vec<_> = gone.iter().filter_map(|k| m.remove(k)).collect();
+        if !out.is_empty() {
+            metrics::counter!("warren_mqtt_sessions_expired_total").increment(out.len() as u64);
+            metrics::gauge!("warren_mqtt_sessions_stored").set(m.len() as f64);
+        }
+        out
+    }
+
+    /// Stored sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
+    /// Whether none is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{Network, Outbound, OutboxRx, Protocol, Session, outbox};
+
+    fn limits(inflight: usize, queued: usize) -> SessionLimits {
+        SessionLimits {
+            max_inflight: inflight,
+            max_queued: queued,
+            max_queued_bytes: 1 << 20,
+            expiry: Some(Duration::from_secs(60)),
+        }
+    }
+
+    fn handle(id: &str) -> (Arc<SessionHandle>, OutboxRx) {
+        let (tx, rx) = outbox(64);
+        let s = Session {
+            id: id.into(),
+            uid: None,
+            settings: Default::default(),
+            remote: "127.0.0.1:1".parse().unwrap(),
+            network: Network::Tcp,
+            protocol: Protocol::Mqtt,
+            gate: "g".into(),
+        };
+        (SessionHandle::new(s, tx), rx)
+    }
+
+    fn msg(body: &str) -> Arc<Message> {
+        Message::new(bytes::Bytes::from_static(b"t"), body.to_owned())
+    }
+
+    /// The (packet type nibble, dup, pkid, body) of each packet in `buf`.
+    fn packets(buf: &mut BytesMut) -> Vec<(u8, bool, u16, String)> {
+        let mut v = vec![];
+        while let Ok(Some(p)) = mqtt::decode(buf, 1 << 20) {
+            match p {
+                mqtt::Packet::Publish(p) => v.push((
+                    3,
+                    p.dup,
+                    p.pkid,
+                    String::from_utf8_lossy(&p.payload).into_owned(),
+                )),
+                mqtt::Packet::PubRel(id) => v.push((6, false, id, String::new())),
+                other => panic!("unexpected {}", other.name()),
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn the_window_holds_max_inflight_and_acks_free_slots_in_order() {
+        let s = MqttState::new("c", None, false, limits(2, 10));
+        let (h, _rx) = handle("h");
+        let e = s.next_epoch();
+        let mut out = BytesMut::new();
+        s.attach(e, &h, limits(2, 10), &mut out);
+        for b in ["a", "b", "c", "d"] {
+            s.frame(e, msg(b), 1, &mut out);
+        }
+        let got = packets(&mut out);
+        assert_eq!(
+            got.iter().map(|p| (p.2, p.3.as_str())).collect::<Vec<_>>(),
+            vec![(1, "a"), (2, "b")]
+        );
+        assert_eq!(s.counts(), (2, 2));
+        assert!(!s.puback(e, 7, &mut out), "unknown id");
+        assert!(s.puback(e, 2, &mut out));
+        assert!(!s.puback(e, 2, &mut out), "acked twice");
+        let got = packets(&mut out);
+        assert_eq!(got, vec![(3, false, 3, "c".into())]);
+        // a PUBACK does not complete a QoS 2 message, nor PUBCOMP a QoS 1 one
+        s.frame(e, msg("q2"), 2, &mut out);
+        assert!(s.puback(e, 1, &mut out));
+        assert_eq!(packets(&mut out), vec![(3, false, 4, "d".into())]);
+        assert!(s.puback(e, 3, &mut out));
+        assert_eq!(packets(&mut out), vec![(3, false, 5, "q2".into())]);
+        assert!(!s.puback(e, 5, &mut out));
+        assert!(!s.pubcomp(e, 5, &mut out), "PUBCOMP before PUBREC");
+        assert!(s.pubrec(5));
+        assert!(s.pubcomp(e, 5, &mut out));
+        assert_eq!(s.counts(), (0, 1));
+    }
+
+    #[test]
+    fn a_reconnect_resends_in_order_with_dup_then_pubrel_then_the_queue() {
+        let s = MqttState::new("c", None, true, limits(3, 10));
+        let (h1, _rx1) = handle("h1");
+        let e1 = s.next_epoch();
+        let mut out = BytesMut::new();
+        s.attach(e1, &h1, limits(3, 10), &mut out);
+        s.frame(e1, msg("one"), 1, &mut out);
+        s.frame(e1, msg("two"), 2, &mut out);
+        s.frame(e1, msg("three"), 1, &mut out);
+        assert!(s.pubrec(2));
+        assert!(s.puback(e1, 1, &mut out));
+        packets(&mut out);
+        // the connection ends with one message still in its outbound queue
+        s.detach(e1, || vec![(msg("four"), 1), (msg("qos0"), 0)]);
+        assert!(!s.is_attached());
+        // offline: QoS 1 is queued, QoS 0 is not
+        assert!(s.deliver(&msg("five"), 1));
+        assert!(!s.deliver(&msg("six"), 0));
+        // an old connection's late framing or acks do nothing to the window
+        s.frame(e1, msg("late"), 1, &mut out);
+        assert!(out.is_empty());
+        let (h2, _rx2) = handle("h2");
+        let e2 = s.next_epoch();
+        s.attach(e2, &h2, limits(3, 10), &mut out);
+        assert_eq!(
+            packets(&mut out),
+            vec![
+                (6, false, 2, String::new()),
+                (3, true, 3, "three".into()),
+                (3, false, 4, "four".into()),
+            ]
+        );
+        assert!(s.pubcomp(e2, 2, &mut out));
+        assert_eq!(packets(&mut out), vec![(3, false, 5, "five".into())]);
+        assert!(s.puback(e2, 3, &mut out));
+        assert_eq!(packets(&mut out), vec![(3, false, 6, "late".into())]);
+    }
+
+    #[test]
+    fn the_queue_drops_the_newest_past_its_bounds() {
+        let s = MqttState::new("c", None, true, limits(1, 3));
+        for i in 0..5 {
+            let kept = s.deliver(&msg(&i.to_string()), 1);
+            assert_eq!(kept, i < 3, "{i}");
+        }
+        assert_eq!(s.counts(), (3, 0));
+        let (h, _rx) = handle("h");
+        let e = s.next_epoch();
+        let mut out = BytesMut::new();
+        s.attach(e, &h, limits(1, 3), &mut out);
+        assert_eq!(packets(&mut out), vec![(3, false, 1, "0".into())]);
+        // bytes bound too
+        let small = SessionLimits {
+            max_queued_bytes: 10,
+            ..limits(1, 100)
+        };
+        let s = MqttState::new("c", None, true, small);
+        assert!(s.deliver(&msg("12345678"), 1));
+        assert!(!s.deliver(&msg("12"), 1));
+    }
+
+    #[tokio::test]
+    async fn online_deliveries_go_to_the_connection_and_refused_ones_after_its_queue() {
+        let s = MqttState::new("c", None, true, limits(8, 10));
+        let (h, mut rx) = handle("h");
+        let e = s.next_epoch();
+        let mut out = BytesMut::new();
+        s.attach(e, &h, limits(8, 10), &mut out);
+        assert!(s.deliver(&msg("a"), 0));
+        assert!(s.deliver(&msg("b"), 1));
+        let mut unsent = vec![];
+        while let Some(Outbound::Message { msg, qos }) = rx.try_recv() {
+            unsent.push((msg, qos.unwrap_or(0)));
+        }
+        assert_eq!(unsent.len(), 2);
+        // the connection closes; a delivery now is refused by its queue and kept for later
+        rx.close();
+        assert!(s.deliver(&msg("c"), 1));
+        s.detach(e, || unsent);
+        let (h2, _rx2) = handle("h2");
+        let e2 = s.next_epoch();
+        s.attach(e2, &h2, limits(8, 10), &mut out);
+        let bodies: Vec<String> = packets(&mut out).into_iter().map(|p| p.3).collect();
+        assert_eq!(bodies, vec!["b", "c"]);
+    }
+
+    #[test]
+    fn inbound_qos2_ids_are_remembered_until_pubrel() {
+        let s = MqttState::new("c", None, true, limits(8, 10));
+        assert_eq!(s.receive_qos2(9), Ok(true));
+        assert_eq!(s.receive_qos2(9), Ok(false));
+        s.release(9);
+        assert_eq!(s.receive_qos2(9), Ok(true));
+    }
+
+    #[test]
+    fn the_store_resumes_discards_and_expires() {
+        let store = Store::default();
+        let now = Instant::now();
+        let l = SessionLimits {
+            expiry: Some(Duration::from_secs(10)),
+            ..limits(8, 10)
+        };
+        let (a, present, _) = store.resume("c1", Some("ann"), l, now).unwrap();
+        assert!(!present);
+        let (b, present, _) = store.resume("c1", Some("ann"), l, now).unwrap();
+        assert!(present && Arc::ptr_eq(&a, &b));
+        assert_eq!(
+            store.resume("c1", Some("bob"), l, now).unwrap_err(),
+            StoreError::NotOwner("c1".into())
+        );
+        assert!(store.take("c1", None).is_err());
+        // detached for longer than the expiry: not resumed, swept
+        let (h, _rx) = handle("h");
+        let e = a.next_epoch();
+        a.attach(e, &h, l, &mut BytesMut::new());
+        a.detach(e, Vec::new);
+        let later = Instant::now() + Duration::from_secs(11);
+        assert!(a.expired(later));
+        assert_eq!(store.sweep(later, Duration::from_secs(1)).len(), 1);
+        assert!(store.is_empty());
+        let (c, present, _) = store.resume("c1", Some("ann"), l, later).unwrap();
+        assert!(!present && !Arc::ptr_eq(&a, &c));
+        assert!(store.take("c1", Some("ann")).unwrap().is_some());
+        assert!(store.is_empty());
+    }
+}
