@@ -290,12 +290,15 @@ pub(crate) fn body_bytes(v: &Bound<'_, PyAny>) -> PyResult<bytes::Bytes> {
 }
 
 /// Run a node operation from a Python thread: the GIL is released, the future runs on the
-/// runtime, the thread waits for its result.
+/// runtime, the thread waits for its result. Before it waits, the thread delivers the results
+/// of the calls it has finished and hands the rest of its batch to the other threads
+/// ([`Pool`]), so that one waiting handler holds up no other call.
 pub(crate) fn wait<T: Send + 'static>(
     py: Python<'_>,
     rt: &tokio::runtime::Handle,
     fut: impl Future<Output = Result<T, CallError>> + Send + 'static,
 ) -> PyResult<T> {
+    worker::before_blocking();
     let rt = rt.clone();
     let r = py.detach(move || {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -314,11 +317,36 @@ pub(crate) fn arg<'py>(args: &Bound<'py, PyTuple>, i: usize) -> PyResult<Bound<'
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// The threads a plugin's Python code runs on. Jobs wait in a bounded queue; each takes the GIL
-/// for as long as it runs Python.
+/// Most calls one thread takes from the queue at a time and runs under one hold of the GIL.
+const MAX_BATCH: usize = 32;
+
+/// The threads a plugin's Python code runs on. Jobs wait in a bounded queue.
+///
+/// Each crossing between an async worker and a Python thread costs a wake-up, and on a busy
+/// machine a context switch; a call per crossing made Python handlers a tenth as fast as Rust
+/// ones (docs/benchmarks.md, "Plugins"). So the crossings are shared by many calls:
+/// - a thread takes up to [`MAX_BATCH`] queued calls at once and runs them under one hold of
+///   the GIL (the other threads stay parked rather than contend for it);
+/// - it delivers their results together, with one task on the runtime;
+/// - its scheduling class is `SCHED_BATCH` (Linux): a call queued for it does not preempt the
+///   async worker that queued it, which goes on reading the other connections' requests, so
+///   the thread finds a batch when it runs.
+///
+/// A call never waits on another: a handler that waits on the node ([`wait`]) first delivers
+/// the results it holds and hands the rest of its batch back for the other threads, and a long
+/// handler delivers what came before it after a millisecond.
 pub(crate) struct Pool {
     path: PathBuf,
     jobs: mpsc::Sender<Job>,
+}
+
+/// What a pool's threads share: the queue, and the jobs a thread handed back.
+struct Shared {
+    rx: parking_lot::Mutex<mpsc::Receiver<Job>>,
+    returned: parking_lot::Mutex<std::collections::VecDeque<Job>>,
+    /// To wake a parked thread for handed-back jobs (weak: the pool's end closes the queue).
+    wake: mpsc::WeakSender<Job>,
+    threads: usize,
 }
 
 impl Pool {
@@ -329,25 +357,22 @@ impl Pool {
         queue: usize,
     ) -> Result<Arc<Pool>, PluginError> {
         let (jobs, rx) = mpsc::channel::<Job>(queue.max(1));
-        let rx = Arc::new(parking_lot::Mutex::new(rx));
+        let threads = threads.max(1);
+        let shared = Arc::new(Shared {
+            rx: parking_lot::Mutex::new(rx),
+            returned: parking_lot::Mutex::new(std::collections::VecDeque::new()),
+            wake: jobs.downgrade(),
+            threads,
+        });
         let stem = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        for i in 0..threads.max(1) {
-            let rx = rx.clone();
+        for i in 0..threads {
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("py-{stem}-{i}"))
-                .spawn(move || {
-                    loop {
-                        // one thread waits for the next job at a time; the others wait for it
-                        let job = rx.lock().blocking_recv();
-                        let Some(job) = job else { break };
-                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-                            tracing::error!("a Python plugin job panicked");
-                        }
-                    }
-                })
+                .spawn(move || worker::run(shared))
                 .map_err(|source| PluginError::Io {
                     path: path.to_owned(),
                     source,
@@ -366,9 +391,13 @@ impl Pool {
         f: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, CallError> {
         let (tx, rx) = oneshot::channel();
+        let rt = tokio::runtime::Handle::try_current().ok();
         self.jobs
             .send(Box::new(move || {
-                let _ = tx.send(f());
+                let r = f();
+                worker::deliver(rt, Box::new(move || {
+                    let _ = tx.send(r);
+                }));
             }))
             .await
             .map_err(|_| CallError::Closed)?;
@@ -392,5 +421,210 @@ impl Pool {
         rx.recv().map_err(|_| PluginError::Stopped {
             path: self.path.clone(),
         })
+    }
+}
+
+/// A plugin thread's loop and the state of the batch it runs.
+mod worker {
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use pyo3::Python;
+
+    use super::{Job, MAX_BATCH, Shared};
+
+    /// A finished call's result on its way to the caller.
+    pub(super) type Delivery = Box<dyn FnOnce() + Send>;
+
+    /// How long results may wait for the rest of their batch.
+    const HOLD: Duration = Duration::from_millis(1);
+
+    struct State {
+        shared: Arc<Shared>,
+        batch: VecDeque<Job>,
+        done: Vec<Delivery>,
+        rt: Option<tokio::runtime::Handle>,
+        since: Instant,
+    }
+
+    thread_local! {
+        static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
+    }
+
+    /// The thread's loop: take a batch, run it under one hold of the GIL, deliver its results.
+    pub(super) fn run(shared: Arc<Shared>) {
+        batch_scheduling();
+        STATE.with_borrow_mut(|s| {
+            *s = Some(State {
+                shared: shared.clone(),
+                batch: VecDeque::with_capacity(MAX_BATCH),
+                done: Vec::with_capacity(MAX_BATCH),
+                rt: None,
+                since: Instant::now(),
+            })
+        });
+        loop {
+            let mut batch: VecDeque<Job> = {
+                let mut returned = shared.returned.lock();
+                let n = returned.len().min(MAX_BATCH);
+                returned.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                // one thread waits for the next job at a time; the others wait for it
+                let mut rx = shared.rx.lock();
+                let Some(first) = rx.blocking_recv() else {
+                    break;
+                };
+                batch.push_back(first);
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(job) => batch.push_back(job),
+                        Err(_) => break,
+                    }
+                }
+            }
+            STATE.with_borrow_mut(|s| {
+                if let Some(s) = s {
+                    s.batch = batch;
+                    s.since = Instant::now();
+                }
+            });
+            Python::attach(|_py| {
+                while let Some(job) = next() {
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                        tracing::error!("a Python plugin job panicked");
+                    }
+                }
+            });
+            flush();
+        }
+        flush();
+        STATE.with_borrow_mut(|s| *s = None);
+    }
+
+    /// The batch's next job; first the results of the ones before, if they waited long enough.
+    fn next() -> Option<Job> {
+        let late = STATE.with_borrow(|s| s.as_ref().is_some_and(|s| s.since.elapsed() > HOLD));
+        if late {
+            flush();
+        }
+        STATE.with_borrow_mut(|s| s.as_mut().and_then(|s| s.batch.pop_front()))
+    }
+
+    /// Hand a finished call's result over: kept for the end of the batch on a plugin thread,
+    /// delivered at once elsewhere.
+    pub(super) fn deliver(rt: Option<tokio::runtime::Handle>, d: Delivery) {
+        let d = STATE.with_borrow_mut(|s| match s {
+            Some(s) => {
+                if s.rt.is_none() {
+                    s.rt = rt;
+                }
+                s.done.push(d);
+                None
+            }
+            None => Some(d),
+        });
+        if let Some(d) = d {
+            d();
+        }
+    }
+
+    /// Deliver the results held: with one task on the runtime for the lot, so that the async
+    /// side wakes once.
+    fn flush() {
+        let (done, rt) = STATE.with_borrow_mut(|s| match s {
+            Some(s) => {
+                s.since = Instant::now();
+                (std::mem::take(&mut s.done), s.rt.clone())
+            }
+            None => (Vec::new(), None),
+        });
+        match (done.len(), rt) {
+            (0, _) => {}
+            (1, _) | (_, None) => done.into_iter().for_each(|d| d()),
+            (_, Some(rt)) => {
+                rt.spawn(async move { done.into_iter().for_each(|d| d()) });
+            }
+        }
+    }
+
+    /// Before a job blocks on the node: deliver what is done, and hand the rest of the batch to
+    /// the other threads (when there are any).
+    pub(super) fn before_blocking() {
+        flush();
+        let rest = STATE.with_borrow_mut(|s| match s {
+            Some(s) if s.shared.threads > 1 && !s.batch.is_empty() => {
+                Some((std::mem::take(&mut s.batch), s.shared.clone()))
+            }
+            _ => None,
+        });
+        if let Some((rest, shared)) = rest {
+            shared.returned.lock().extend(rest);
+            // wake a parked thread: it finds the handed-back jobs before the queue's next one
+            if let Some(tx) = shared.wake.upgrade() {
+                let _ = tx.try_send(Box::new(|| {}));
+            }
+        }
+    }
+
+    /// Ask the kernel not to preempt the async worker that wakes this thread (`SCHED_BATCH`:
+    /// CPU-bound work, preempted only by the tick).
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn batch_scheduling() {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler on the calling thread (0) with a valid, initialised
+        // sched_param; it touches no memory of ours besides reading `param`.
+        let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+        if r != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "SCHED_BATCH not set for a Python plugin thread");
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn batch_scheduling() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Two calls in one batch, the first waiting on the node for something only the second
+    /// does: the first hands the second back, another thread runs it, neither waits forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_call_hands_the_rest_of_its_batch_to_another_thread() {
+        let pool = Pool::start(Path::new("handback.py"), 2, 64).expect("pool");
+        for _ in 0..20 {
+            let (tx, rx) = oneshot::channel::<()>();
+            let rt = tokio::runtime::Handle::current();
+            let waits = pool.run(move || {
+                Python::attach(|py| {
+                    wait(py, &rt, async move { rx.await.map_err(|_| CallError::Closed) })
+                        .is_ok()
+                })
+            });
+            let frees = pool.run(move || tx.send(()).is_ok());
+            let both = tokio::time::timeout(Duration::from_secs(10), async {
+                tokio::join!(waits, frees)
+            })
+            .await
+            .expect("a call waited on a call queued behind it");
+            assert!(matches!(both, (Ok(true), Ok(true))));
+        }
+    }
+
+    /// Results come back to every caller of a burst, whichever batch ran it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_call_of_a_burst_gets_its_result() {
+        let pool = Pool::start(Path::new("burst.py"), 1, 1024).expect("pool");
+        let calls: Vec<_> = (0..500).map(|i| pool.run(move || i * 2)).collect();
+        let results = futures_util::future::join_all(calls).await;
+        for (i, r) in results.into_iter().enumerate() {
+            assert_eq!(r.expect("result"), i * 2);
+        }
     }
 }
