@@ -58,6 +58,42 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Plugin files: watching and reloading (`[plugins]`).
     pub plugins: PluginsConfig,
+    /// Node-wide settings of default-mode MQTT (`[mqtt]`).
+    pub mqtt: MqttConfig,
+}
+
+/// `[mqtt]`: what every default-mode MQTT listener of a node shares (docs/protocols/mqtt.md):
+/// one broker per node, whatever the number of listeners, so these keys are not per listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Seconds between two updates of the retained `$SYS/broker/...` statistics topics, as
+    /// mosquitto's `sys_interval`; 0 publishes none.
+    pub sys_interval: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig { sys_interval: 10 }
+    }
+}
+
+impl MqttConfig {
+    /// Longest `sys_interval`: a day (longer is certainly a typo, and keeps the timer sane).
+    pub const MAX_SYS_INTERVAL: u64 = 86_400;
+
+    fn check(&self, p: &mut Problems) {
+        if self.sys_interval > Self::MAX_SYS_INTERVAL {
+            p.add(
+                "mqtt.sys_interval",
+                format!(
+                    "at most {} seconds (0 turns $SYS off), got {}",
+                    Self::MAX_SYS_INTERVAL,
+                    self.sys_interval
+                ),
+            );
+        }
+    }
 }
 
 /// `[node]`.
@@ -712,6 +748,7 @@ impl Config {
         self.access.check(p);
         self.auth.check(p);
         self.admin.check(p);
+        self.mqtt.check(p);
         // every address this node binds, to refuse two that the OS would not both grant
         let mut bound: Vec<(String, SocketAddr)> = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {

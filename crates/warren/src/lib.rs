@@ -31,6 +31,7 @@ pub(crate) mod refusal;
 pub mod registry;
 pub mod remote;
 pub mod ring;
+pub mod retained;
 pub mod route;
 pub mod router;
 pub mod session;

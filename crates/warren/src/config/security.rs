@@ -29,6 +29,14 @@ pub struct LimitsConfig {
     pub max_subscription_levels: usize,
     /// Most groups (rooms) one session may be in: group names often come from clients.
     pub max_groups_per_session: usize,
+    /// Most retained MQTT messages (topics with a retained message) on this node: any client
+    /// may retain one on every topic it may publish to. Past it, a new retained topic is refused
+    /// (the message is still delivered, not kept); replacing or deleting one is always allowed.
+    pub max_retained_messages: usize,
+    /// Most bytes all retained MQTT messages of this node hold together (each counts its topic,
+    /// its payload and 64 bytes per topic level). Past it, a retained message is refused as
+    /// above.
+    pub max_retained_bytes: usize,
     /// Bytes of output queued for all connections of the node together; past it, new
     /// deliveries are refused (slow consumers are closed) before the machine runs out.
     pub max_queued_bytes: usize,
@@ -61,6 +69,8 @@ impl Default for LimitsConfig {
             max_subscriptions: 1_000_000,
             max_subscription_levels: 4_000_000,
             max_groups_per_session: 256,
+            max_retained_messages: 100_000,
+            max_retained_bytes: 64 << 20,
             max_queued_bytes: 1 << 30,
             max_conn_per_ip: 1000,
             conn_rate_per_ip: 200,
@@ -83,6 +93,8 @@ impl LimitsConfig {
             ("max_subscriptions", self.max_subscriptions),
             ("max_subscription_levels", self.max_subscription_levels),
             ("max_groups_per_session", self.max_groups_per_session),
+            ("max_retained_messages", self.max_retained_messages),
+            ("max_retained_bytes", self.max_retained_bytes),
             ("max_queued_bytes", self.max_queued_bytes),
         ];
         for (key, v) in at_least_one {

@@ -12,6 +12,8 @@ mod json;
 pub mod line;
 mod listener;
 pub mod mqtt;
+mod mqtt_broker;
+mod mqtt_will;
 mod pomelo;
 mod pomelo_rpc;
 pub mod proxy;
@@ -107,6 +109,8 @@ pub(crate) struct Gate {
     /// Default-mode MQTT client ids → the session using it and its verified uid (takeover is
     /// allowed only to the same user).
     client_ids: Mutex<HashMap<String, ClientIdOwner>>,
+    /// Default-mode MQTT's node-wide state: retained messages, traffic counters, `$SYS`.
+    pub(crate) broker: Arc<mqtt_broker::Broker>,
 }
 
 impl Gate {
@@ -131,6 +135,7 @@ impl Gate {
             line_handlers,
             channels: Channels::default(),
             client_ids: Mutex::new(HashMap::new()),
+            broker: Arc::new(mqtt_broker::Broker::new(config)),
         }
     }
 

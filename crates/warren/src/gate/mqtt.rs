@@ -18,7 +18,7 @@ use warren_proto::mqtt::{self, Ack, Packet, Publish, QoS};
 
 use super::conn::{self, End, Framer, Out, SessionConn};
 use super::io::{Reader, Writer};
-use super::{Credentials, Gate, Identity};
+use super::{Credentials, Gate, Identity, mqtt_broker, mqtt_will};
 use crate::acl::{Acl, ClientAcl};
 use crate::config::{LimitsConfig, ListenerConfig, Mode, MqttOptions};
 use crate::error::CallError;
@@ -207,6 +207,21 @@ async fn handshake(
     } else {
         connect.client_id.clone()
     };
+    // default mode: the will is checked now, as a publish to its topic (CONNACK 5 if refused)
+    let will = match connect.will.clone().filter(|_| !mqant) {
+        None => None,
+        Some(w) => {
+            let user = connect.username.as_deref();
+            match mqtt_will::accept(&gate, w, identity.as_ref(), user, &client_id) {
+                Ok(w) => Some(w),
+                Err((kind, why)) => {
+                    refusal::refuse(&peer, kind, why);
+                    connack_and_close(&mut writer, &cfg, 5).await;
+                    return None;
+                }
+            }
+        }
+    };
 
     // 3. The MQTT session state (docs/protocols/mqtt.md, "Sessions and QoS"): clean_session = 1
     //    discards a stored one, clean_session = 0 resumes it (session present) or stores a new one.
@@ -233,6 +248,7 @@ async fn handshake(
         push_qos,
         pkid: 0,
         state: (!mqant).then(|| (state.clone(), epoch)),
+        broker: gate.broker.clone(),
     };
     let mut conn = SessionConn::open(
         gate.clone(),
@@ -298,6 +314,9 @@ async fn handshake(
         conn.push_framed(&resend);
     }
     tracing::debug!(client_id = %client_id, keep_alive = connect.keep_alive, level = connect.protocol_level, present, "connected");
+    if !mqant {
+        gate.broker.client_connected(&gate);
+    }
 
     // Keepalive: mqant re-arms floor(1.5 × keepalive) + 1 s before each read; MQTT 3.1.1 allows
     // 1.5 × keepalive. Keepalive 0 falls back to the listener's idle timeout.
@@ -333,6 +352,7 @@ async fn handshake(
         user,
         acl: None,
         token_acl,
+        will,
     };
     Some((proto, conn, reader, buf))
 }
@@ -424,6 +444,8 @@ struct MqttSession {
     /// The topics the verified credentials limit this client to (JWT claim `topics`), read and
     /// write; applied on top of `acl`, both having to allow. `None` when they name none.
     token_acl: Option<Box<ClientAcl>>,
+    /// Default mode: the will, published if the connection ends without DISCONNECT.
+    will: Option<Box<mqtt_will::Will>>,
 }
 
 type Conn = SessionConn<Bytes>;
@@ -461,10 +483,14 @@ impl conn::Dialect for MqttSession {
     async fn handle_buffered(&mut self, conn: &mut Conn, buf: &mut BytesMut) -> Result<bool, End> {
         let mut handled = false;
         while conn.has_room() {
+            let before = buf.len();
             match mqtt::decode(buf, self.max_packet) {
                 Ok(None) => break,
                 Ok(Some(p)) => {
                     handled = true;
+                    let publish = u64::from(matches!(p, Packet::Publish(_)));
+                    let read = (before - buf.len()) as u64;
+                    conn.gate.broker.received.add(1, read, publish);
                     conn.admit_message();
                     self.handle(conn, p).await?;
                 }
@@ -495,6 +521,13 @@ impl conn::Dialect for MqttSession {
     fn on_close(&mut self, conn: &Conn) {
         if !self.mqant {
             conn.gate.release_client_id(&self.client_id, &conn.handle);
+            conn.gate.broker.client_left();
+        }
+        // not after DISCONNECT, which took it
+        if let Some(will) = self.will.take()
+            && self.pubsub
+        {
+            will.publish(&conn.gate, &conn.peer);
         }
     }
 }
@@ -567,7 +600,11 @@ impl MqttSession {
                 let bytes = mqtt::pingresp_bytes(self.pingresp_d2);
                 conn.send(Outbound::Inline(InlineFrame::new(bytes))).await
             }
-            Packet::Disconnect => Err(End::Disconnect),
+            Packet::Disconnect => {
+                // a clean goodbye: the will is discarded (MQTT 3.1.1 section 3.14.4)
+                self.will = None;
+                Err(End::Disconnect)
+            }
             Packet::Connect(_) => Err(End::Refused("second CONNECT on one connection".into())),
             other => Err(End::Refused(format!(
                 "unexpected {} from a client",
@@ -598,6 +635,8 @@ impl MqttSession {
         let subscriptions = gate.node.subscriptions();
         let subscriber = self.subscriber(conn);
         let mut codes = Vec::with_capacity(s.filters.len());
+        // default mode: the granted filters, whose retained messages follow the SUBACK
+        let mut granted_filters: Vec<(String, u8)> = Vec::new();
         for f in s.filters {
             let filter = f.filter;
             if let Some((kind, why)) = topic_over_limits(limits, &filter, "filter") {
@@ -656,6 +695,9 @@ impl MqttSession {
                     continue;
                 }
             }
+            if !self.mqant && !gate.broker.retained.is_empty() {
+                granted_filters.push((filter.clone(), granted));
+            }
             codes.push(granted);
         }
         let mut out = BytesMut::with_capacity(4 + codes.len());
@@ -666,7 +708,8 @@ impl MqttSession {
             }),
             &mut out,
         );
-        conn.send(Outbound::Bytes(Box::new(out.freeze()))).await
+        conn.send(Outbound::Bytes(Box::new(out.freeze()))).await?;
+        mqtt_broker::send_retained(&gate.broker, conn, &granted_filters).await
     }
 
     async fn publish(&mut self, conn: &mut Conn, p: Publish) -> Result<(), End> {
@@ -703,6 +746,7 @@ impl MqttSession {
             topic: topic_bytes,
             payload,
             qos,
+            retain,
             ..
         } = p;
         let topic = std::str::from_utf8(&topic_bytes).unwrap_or("");
@@ -719,8 +763,25 @@ impl MqttSession {
                     refusal::deny(&conn.peer, kind, why);
                     return Ok(());
                 }
-                node.subscriptions()
-                    .publish(topic, qos.as_u8(), topic_bytes.clone(), payload);
+                if mqtt_broker::is_sys(topic) {
+                    let why = format!(
+                        "publish to {:?} dropped: $SYS is the node's",
+                        preview(topic)
+                    );
+                    refusal::deny(&conn.peer, "sys_topic", why);
+                    return Ok(());
+                }
+                let broker = &conn.gate.broker;
+                let (peer, q) = (conn.peer, qos.as_u8());
+                broker.publish(
+                    &*node,
+                    &peer,
+                    topic,
+                    topic_bytes.clone(),
+                    q,
+                    payload,
+                    retain,
+                );
             } else {
                 tracing::debug!(
                     topic,
@@ -914,13 +975,18 @@ pub(crate) struct MqttFramer {
     /// take a packet id and a slot of its inflight window there (mqant mode: none, a fresh id
     /// per message, QoS 1).
     state: Option<(Arc<MqttState>, u64)>,
+    /// Counts what is framed, for `$SYS`.
+    broker: Arc<mqtt_broker::Broker>,
 }
 
 impl Framer for MqttFramer {
     fn frame(&mut self, item: Outbound, out: &mut Out) {
+        let before = out.buf.len();
+        // a retained copy sent after a SUBACK: its PUBLISH gets the retain flag
+        let retained = mqtt_broker::retained_copy(&item);
         match item {
             Outbound::Message { msg, qos } => {
-                let q = qos.unwrap_or(self.push_qos);
+                let q = qos.unwrap_or(self.push_qos) & !mqtt_broker::RETAINED_COPY;
                 if q == 0 {
                     out.buf.extend_from_slice(msg.mqtt_qos0());
                 } else if let Some((state, epoch)) = &self.state {
@@ -945,6 +1011,14 @@ impl Framer for MqttFramer {
             Outbound::Inline(f) => out.buf.extend_from_slice(f.as_bytes()),
             Outbound::Bytes(b) => out.buf.extend_from_slice(&b),
             Outbound::Close | Outbound::CloseCode(_) => {}
+        }
+        if let Some(copy) = retained {
+            copy.mark(&mut out.buf, before);
+        }
+        let framed = (out.buf.len() - before) as u64;
+        if framed > 0 {
+            let publish = u64::from(out.buf[before] >> 4 == 3);
+            self.broker.sent.add(1, framed, publish);
         }
     }
 }
@@ -1010,6 +1084,7 @@ mod tests {
                 Box::new((acl, resolved))
             }),
             token_acl: topics.map(|t| Box::new(ClientAcl::only(t))),
+            will: None,
         }
     }
 

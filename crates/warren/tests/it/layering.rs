@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     &["session", "mqant_conf"],
     &["mqtt_session"],
-    &["fanout", "bus"],
+    &["fanout", "bus", "retained"],
     &["module"],
     &["router", "remote"],
     &["auth"],

@@ -1,0 +1,399 @@
+//! What every default-mode MQTT connection of a node shares beyond subscriptions
+//! (docs/protocols/mqtt.md, "MQTT 3.1.1 conformance"): the retained messages, the traffic
+//! counters, and the `$SYS/broker/...` topics published from them every `[mqtt] sys_interval`.
+//!
+//! A client's PUBLISH, a will and the `$SYS` updates all reach subscribers through
+//! [`Broker::publish`]: retained first when asked (under the `[limits]` caps), then one shared
+//! message to every matching subscription, with the retain flag clear. Retained copies sent on
+//! SUBSCRIBE ([`send_retained`]) carry the retain flag, set by the framer as it frames them.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::conn::{End, SessionConn};
+use super::{Gate, Host};
+use crate::config::Config;
+use crate::refusal;
+use crate::retained::{Retain, RetainedStore};
+use crate::session::{Message, Outbound};
+
+/// Counter shards: each thread adds to its own cache line, so counting every packet framed for
+/// a large fan-out costs no contended atomic.
+const SHARDS: usize = 16;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard {
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    publishes: AtomicU64,
+}
+
+/// Packets, bytes and PUBLISH packets in one direction, summed over shards when read.
+#[derive(Debug, Default)]
+pub(crate) struct Traffic {
+    shards: [Shard; SHARDS],
+}
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+}
+
+impl Traffic {
+    /// Count `packets` packets of `bytes` bytes, `publishes` of them PUBLISH.
+    pub(crate) fn add(&self, packets: u64, bytes: u64, publishes: u64) {
+        let s = &self.shards[SHARD.with(|s| *s)];
+        s.packets.fetch_add(packets, Ordering::Relaxed);
+        s.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if publishes > 0 {
+            s.publishes.fetch_add(publishes, Ordering::Relaxed);
+        }
+    }
+
+    /// (packets, bytes, publishes) so far.
+    pub(crate) fn totals(&self) -> (u64, u64, u64) {
+        self.shards.iter().fold((0, 0, 0), |(p, b, m), s| {
+            (
+                p + s.packets.load(Ordering::Relaxed),
+                b + s.bytes.load(Ordering::Relaxed),
+                m + s.publishes.load(Ordering::Relaxed),
+            )
+        })
+    }
+}
+
+/// The node's MQTT broker state (one per gate, shared by every MQTT listener).
+#[derive(Debug)]
+pub(crate) struct Broker {
+    /// Retained messages (`[limits] max_retained_messages`, `max_retained_bytes`).
+    pub(crate) retained: RetainedStore,
+    /// MQTT packets read from clients.
+    pub(crate) received: Traffic,
+    /// MQTT packets framed for clients.
+    pub(crate) sent: Traffic,
+    /// Default-mode MQTT connections open now.
+    clients: AtomicUsize,
+    started: Instant,
+    /// `[mqtt] sys_interval` in seconds; 0: no `$SYS`.
+    sys_interval: u64,
+    sys_started: AtomicBool,
+}
+
+impl Broker {
+    pub(crate) fn new(config: &Config) -> Self {
+        Broker {
+            retained: RetainedStore::new(
+                config.limits.max_retained_messages,
+                config.limits.max_retained_bytes,
+            ),
+            received: Traffic::default(),
+            sent: Traffic::default(),
+            clients: AtomicUsize::new(0),
+            started: Instant::now(),
+            sys_interval: config.mqtt.sys_interval,
+            sys_started: AtomicBool::new(false),
+        }
+    }
+
+    /// Publish to subscribers as a client's PUBLISH does: kept first when `retain` is set (an
+    /// empty payload deletes), then one shared message to every matching subscription. A
+    /// retained message over a cap is refused (logged, counted) and still delivered.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn publish(
+        &self,
+        node: &dyn Host,
+        peer: &SocketAddr,
+        topic: &str,
+        topic_bytes: Bytes,
+        qos: u8,
+        payload: Bytes,
+        retain: bool,
+    ) -> usize {
+        if retain {
+            self.retain(peer, topic, qos, payload.clone());
+        }
+        node.subscriptions()
+            .publish(topic, qos, topic_bytes, payload)
+    }
+
+    /// Keep (or, with an empty payload, delete) the retained message of `topic`.
+    fn retain(&self, peer: &SocketAddr, topic: &str, qos: u8, payload: Bytes) {
+        match self.retained.set(topic, qos, payload) {
+            Ok(Retain::Added | Retain::Deleted) => {
+                metrics::gauge!("warren_retained_messages").set(self.retained.len() as f64);
+            }
+            Ok(Retain::Replaced | Retain::Nothing) => {}
+            Err(full) => {
+                let why = format!("retained message on {:?} not kept: {full}", preview(topic));
+                refusal::refuse(peer, full.kind(), why);
+            }
+        }
+    }
+
+    /// A default-mode client connected: counted, and the `$SYS` updates start with the first.
+    pub(crate) fn client_connected(&self, gate: &Arc<Gate>) {
+        self.clients.fetch_add(1, Ordering::Relaxed);
+        if self.sys_interval > 0 && !self.sys_started.swap(true, Ordering::AcqRel) {
+            // the first values are there before this client's CONNACK
+            self.publish_sys(&*gate.node, true);
+            let weak = Arc::downgrade(gate);
+            let every = Duration::from_secs(self.sys_interval);
+            gate.tracker.spawn(sys_loop(
+                weak,
+                gate.draining.clone(),
+                gate.killing.clone(),
+                every,
+            ));
+        }
+    }
+
+    /// A default-mode client's connection ended.
+    pub(crate) fn client_left(&self) {
+        self.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Publish the `$SYS/broker/...` topics, retained (outside the caps, not written to a
+    /// backend), to their subscribers.
+    fn publish_sys(&self, node: &dyn Host, first: bool) {
+        let (rx_packets, rx_bytes, rx_publishes) = self.received.totals();
+        let (tx_packets, tx_bytes, tx_publishes) = self.sent.totals();
+        let mut values: Vec<(&str, String)> = vec![
+            (
+                "$SYS/broker/uptime",
+                format!("{} seconds", self.started.elapsed().as_secs()),
+            ),
+            (
+                "$SYS/broker/clients/connected",
+                self.clients.load(Ordering::Relaxed).to_string(),
+            ),
+            ("$SYS/broker/messages/received", rx_packets.to_string()),
+            ("$SYS/broker/messages/sent", tx_packets.to_string()),
+            (
+                "$SYS/broker/publish/messages/received",
+                rx_publishes.to_string(),
+            ),
+            (
+                "$SYS/broker/publish/messages/sent",
+                tx_publishes.to_string(),
+            ),
+            ("$SYS/broker/bytes/received", rx_bytes.to_string()),
+            ("$SYS/broker/bytes/sent", tx_bytes.to_string()),
+            (
+                "$SYS/broker/subscriptions/count",
+                node.subscriptions().len().to_string(),
+            ),
+        ];
+        if first {
+            values.push((
+                "$SYS/broker/version",
+                format!("warren version {}", env!("CARGO_PKG_VERSION")),
+            ));
+        }
+        for (topic, value) in values {
+            self.sys_topic(node, topic, value);
+        }
+        // as mosquitto, the count includes the $SYS topics themselves
+        let count = self.retained.len() + usize::from(first);
+        self.sys_topic(
+            node,
+            "$SYS/broker/retained messages/count",
+            count.to_string(),
+        );
+    }
+
+    fn sys_topic(&self, node: &dyn Host, topic: &str, value: String) {
+        let payload = Bytes::from(value);
+        self.retained.set_local(topic, 0, payload.clone());
+        let topic_bytes = Bytes::copy_from_slice(topic.as_bytes());
+        node.subscriptions().publish(topic, 0, topic_bytes, payload);
+    }
+}
+
+/// Publish the `$SYS` topics every `every` until the gate drains, is killed or is gone.
+async fn sys_loop(
+    gate: Weak<Gate>,
+    draining: tokio_util::sync::CancellationToken,
+    killing: tokio_util::sync::CancellationToken,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = draining.cancelled() => break,
+            _ = killing.cancelled() => break,
+            _ = tick.tick() => {
+                let Some(gate) = gate.upgrade() else { break };
+                gate.broker.publish_sys(&*gate.node, false);
+            }
+        }
+    }
+}
+
+/// The start of a client-chosen topic for a log line (at most 64 bytes).
+pub(crate) fn preview(t: &str) -> &str {
+    let mut end = t.len().min(64);
+    while !t.is_char_boundary(end) {
+        end -= 1;
+    }
+    &t[..end]
+}
+
+/// Whether `topic` is one of the node's own: clients may not publish under `$SYS`.
+pub(crate) fn is_sys(topic: &str) -> bool {
+    topic == "$SYS" || topic.starts_with("$SYS/")
+}
+
+/// Added to an [`Outbound::Message`]'s QoS to say it is a retained copy sent after a SUBACK:
+/// the MQTT framer strips it and sets the retain flag of the PUBLISH it frames for it. Only
+/// [`send_retained`] sets it, on items it hands straight to its own connection.
+pub(crate) const RETAINED_COPY: u8 = 0x80;
+
+/// After a SUBACK: send every retained message matching each granted `(filter, QoS)`, with the
+/// retain flag set, at the lower of its QoS and the granted one, through the connection's framer
+/// (so that a copy at QoS 1 or 2 takes a packet id and a slot of the inflight window like any
+/// other message).
+pub(crate) async fn send_retained<T: Send + Unpin + 'static>(
+    broker: &Broker,
+    conn: &mut SessionConn<T>,
+    granted: &[(String, u8)],
+) -> Result<(), End> {
+    let mut found = Vec::new();
+    for (filter, qos) in granted {
+        found.clear();
+        if broker.retained.matching(filter, &mut found) == 0 {
+            continue;
+        }
+        for m in &found {
+            metrics::counter!("warren_retained_deliveries_total").increment(1);
+            let msg = Message::new(m.topic.clone(), m.payload.clone());
+            let qos = Some(m.qos.min(*qos) | RETAINED_COPY);
+            conn.send(Outbound::Message { msg, qos }).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A retained copy being framed: the PUBLISH it should become, to find it in the output.
+pub(crate) struct RetainedCopy {
+    topic: Bytes,
+    len: usize,
+}
+
+/// Whether `item` is a retained copy (see [`RETAINED_COPY`]), and what its PUBLISH looks like.
+pub(crate) fn retained_copy(item: &Outbound) -> Option<RetainedCopy> {
+    match item {
+        Outbound::Message { msg, qos: Some(q) } if q & RETAINED_COPY != 0 => {
+            let pkid = if q & 3 == 0 { 0 } else { 2 };
+            let remaining = 2 + msg.topic.len() + pkid + msg.body.len();
+            let varint = match remaining {
+                0..=127 => 1,
+                128..=16_383 => 2,
+                16_384..=2_097_151 => 3,
+                _ => 4,
+            };
+            Some(RetainedCopy {
+                topic: msg.topic.clone(),
+                len: 1 + varint + remaining,
+            })
+        }
+        _ => None,
+    }
+}
+
+impl RetainedCopy {
+    /// Set the retain flag of the PUBLISH framed at `at` in `buf` if it is this copy's: exactly
+    /// one packet of its length on its topic (a full inflight window may have queued it, or
+    /// framed an older message first: that one is left alone, and the copy goes out later
+    /// without the flag).
+    pub(crate) fn mark(&self, buf: &mut BytesMut, at: usize) {
+        let written = &buf[at..];
+        if written.len() != self.len || written[0] >> 4 != 3 {
+            return;
+        }
+        let mut i = 1;
+        while written.get(i).is_some_and(|b| b & 0x80 != 0) {
+            i += 1;
+        }
+        let start = i + 3;
+        if written.get(start..start + self.topic.len()) == Some(&self.topic[..]) {
+            buf[at] |= 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_proto::mqtt::{self, QoS};
+
+    #[test]
+    fn a_retained_copy_is_marked_only_where_it_was_framed() {
+        for (q, body) in [(0u8, vec![7u8; 3]), (1, vec![1; 300]), (2, vec![2; 20_000])] {
+            let msg = Message::new(Bytes::from_static(b"a/b"), Bytes::from(body.clone()));
+            let item = Outbound::Message {
+                msg: msg.clone(),
+                qos: Some(q | RETAINED_COPY),
+            };
+            let copy = retained_copy(&item).expect("a retained copy");
+            let qos = QoS::try_from(q).expect("qos");
+            let mut buf = BytesMut::from(&b"before"[..]);
+            mqtt::encode_publish(&mut buf, b"a/b", qos, false, false, 9, &body);
+            copy.mark(&mut buf, 6);
+            let mut rest = buf.split_off(6);
+            match mqtt::decode(&mut rest, 1 << 20) {
+                Ok(Some(mqtt::Packet::Publish(p))) => {
+                    assert_eq!((p.retain, p.qos, &p.payload[..]), (true, qos, &body[..]));
+                }
+                other => panic!("{other:?}"),
+            }
+            // another packet (an older message framed first) is left alone
+            let mut other = BytesMut::new();
+            mqtt::encode_publish(&mut other, b"x/y", qos, false, false, 9, &body);
+            copy.mark(&mut other, 0);
+            assert_eq!(other[0] & 1, 0);
+            // nothing framed: nothing marked
+            let mut empty = BytesMut::new();
+            copy.mark(&mut empty, 0);
+        }
+        let plain = Outbound::Message {
+            msg: Message::new("t", "b"),
+            qos: Some(1),
+        };
+        assert!(retained_copy(&plain).is_none());
+    }
+
+    #[test]
+    fn traffic_sums_its_shards() {
+        let t = Arc::new(Traffic::default());
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        t.add(1, 10, 1);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("thread");
+        }
+        t.add(1, 2, 0);
+        assert_eq!(t.totals(), (4001, 40002, 4000));
+    }
+
+    #[test]
+    fn sys_topics() {
+        assert!(is_sys("$SYS/broker/uptime"));
+        assert!(is_sys("$SYS"));
+        assert!(!is_sys("$SYSTEM/x"));
+        assert!(!is_sys("a/$SYS"));
+    }
+}
