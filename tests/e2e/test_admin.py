@@ -5,13 +5,15 @@ A node runs two plugin modules (Lua `Greeter`, Python `PyGreeter`) and the Rust 
 plugin list; a reload that works and one that does not (the old version keeps answering MQTT
 clients); a handler replaced over HTTP, then seen by an MQTT client; what is refused (a body
 that does not compile, a handler or module that does not exist, a Rust module); the bearer
-token; who did what in the log; and no admin listener at all without `[admin]`.
+token; who did what in the log; every answer naming the node; SIGHUP reloading every plugin,
+channel handler included, as the API would; and no admin listener at all without `[admin]`.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import urllib.error
 import urllib.request
@@ -131,6 +133,7 @@ def listening_ports(pid: int) -> set[int]:
 def test_the_plugins_are_listed(node):
     status, body = node.api("GET", "/admin/plugins")
     assert status == 200, body
+    assert body["node"] == "warren"  # the node's id (the default: this node has no cluster)
     plugins = {p["name"]: p for p in body["plugins"]}
     line = f"line@127.0.0.1:{node.line}"
     assert set(plugins) == {"Greeter", "PyGreeter", line}, body  # Echo is Rust: not a plugin
@@ -159,7 +162,7 @@ def test_a_reload_loads_the_new_version(node):
     assert node.hello() == ok("hello ann")
     (node.dir / "greeter.lua").write_text('function HD_Hello(session, msg) return "bonjour " .. msg end\n')
     status, body = node.api("POST", "/admin/plugins/Greeter/reload")
-    assert (status, body) == (200, {"name": "Greeter", "version": 2, "previous": 1})
+    assert (status, body) == (200, {"name": "Greeter", "version": 2, "previous": 1, "node": "warren"})
     assert node.hello() == ok("bonjour ann")
     _, listing = node.api("GET", "/admin/plugins")
     lua = next(p for p in listing["plugins"] if p["name"] == "Greeter")
@@ -177,6 +180,33 @@ def test_a_reload_loads_the_new_version(node):
             assert chunk, got
             got += chunk
     assert got == b"5 \r\nv2 hi"
+
+
+def test_sighup_reloads_every_plugin_as_the_api_does(node):
+    # watching is off: edits change nothing until the signal
+    (node.dir / "greeter.lua").write_text('function HD_Hello(session, msg) return "hup " .. msg end\n')
+    (node.dir / "echo.lua").write_text('function handle_msg(id, msg) channel.send(id, "hup " .. msg) end\n')
+    assert node.hello() == ok("hello ann")
+    node.w.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP: reloaded every plugin" in node.w.log(), msg=node.w.tail())
+    assert node.hello() == ok("hup ann")
+    assert node.hello("PyGreeter") == ok("hi ann")  # its file did not change: the same text, anew
+    with socket.create_connection(("127.0.0.1", node.line), timeout=5) as s:
+        s.sendall(b"2\r\nhi")
+        got = b""
+        while not got.endswith(b"hup hi"):
+            chunk = s.recv(64)
+            assert chunk, got
+            got += chunk
+    assert got == b"6 \r\nhup hi"
+    # the record is the same as after the API's reloads
+    _, listing = node.api("GET", "/admin/plugins")
+    assert {p["name"]: p["version"] for p in listing["plugins"]} == {
+        "Greeter": 2,
+        "PyGreeter": 2,
+        f"line@127.0.0.1:{node.line}": 2,
+    }, listing
+    assert node.w.running()
 
 
 def test_a_broken_reload_keeps_the_old_version(node):
@@ -208,7 +238,14 @@ def test_a_broken_reload_keeps_the_old_version(node):
 def test_a_handler_replaced_over_http_answers_mqtt_clients(node, module, source):
     status, body = node.api("PUT", f"/admin/modules/{module}/handlers/HD_Hello", source)
     assert status == 200, body
-    assert body == {"module": module, "handler": "HD_Hello", "instances": [{"name": module, "version": 1, "patched": ["HD_Hello"]}]}
+    # one node, which the answer names; no instance elsewhere (test_plugin_cluster.py has a cluster)
+    assert body == {
+        "module": module,
+        "handler": "HD_Hello",
+        "instances": [{"name": module, "version": 1, "patched": ["HD_Hello"]}],
+        "node": "warren",
+        "elsewhere": [],
+    }
     assert node.hello(module) == ok("patched ann")
     log = node.w.log()
     assert re.search(rf"admin: handler replaced peer=127\.0\.0\.1:\d+ token=false module={module} .*handler=HD_Hello", log), log
