@@ -23,7 +23,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyModule, PyString, PyTuple};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use warren::CallError;
 
 use crate::PluginError;
@@ -320,33 +320,117 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Most calls one thread takes from the queue at a time and runs under one hold of the GIL.
 const MAX_BATCH: usize = 32;
 
-/// The threads a plugin's Python code runs on. Jobs wait in a bounded queue.
+/// The threads a plugin's Python code runs on, and the bounded queue of calls waiting for them.
 ///
-/// Each crossing between an async worker and a Python thread costs a wake-up, and on a busy
-/// machine a context switch; a call per crossing made Python handlers a tenth as fast as Rust
-/// ones (docs/benchmarks.md, "Plugins"). So the crossings are shared by many calls:
-/// - a thread takes up to [`MAX_BATCH`] queued calls at once and runs them under one hold of
-///   the GIL (the other threads stay parked rather than contend for it);
-/// - it delivers their results together, with one task on the runtime;
-/// - its scheduling class is `SCHED_BATCH` (Linux): a call queued for it does not preempt the
-///   async worker that queued it, which goes on reading the other connections' requests, so
-///   the thread finds a batch when it runs.
+/// Each crossing between an async worker and a Python thread costs a wake-up, and where both
+/// share a core, two context switches; a crossing per call made Python handlers a tenth as
+/// fast as Rust ones (docs/benchmarks.md, "Plugins"). So many calls share each crossing:
+/// - a call queued from the runtime does not wake a thread at once: the wake-up is a task
+///   that yields once, so it runs after the async worker has read what its connections have
+///   ready, and the thread finds all of it queued (a full batch wakes a thread at once);
+/// - a thread takes up to [`MAX_BATCH`] calls and runs them under one hold of the GIL (the
+///   other threads stay parked rather than contend for it);
+/// - it delivers their results together, with one task on the runtime.
 ///
 /// A call never waits on another: a handler that waits on the node ([`wait`]) first delivers
-/// the results it holds and hands the rest of its batch back for the other threads, and a long
-/// handler delivers what came before it after a millisecond.
+/// the results it holds and puts the rest of its batch back at the head of the queue for the
+/// other threads, and a long handler delivers what came before it after a millisecond.
 pub(crate) struct Pool {
     path: PathBuf,
-    jobs: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
 }
 
-/// What a pool's threads share: the queue, and the jobs a thread handed back.
+/// What the callers and the threads of a pool share.
 struct Shared {
-    rx: parking_lot::Mutex<mpsc::Receiver<Job>>,
-    returned: parking_lot::Mutex<std::collections::VecDeque<Job>>,
-    /// To wake a parked thread for handed-back jobs (weak: the pool's end closes the queue).
-    wake: mpsc::WeakSender<Job>,
+    queue: parking_lot::Mutex<Queue>,
+    /// Signalled when jobs are queued for a parked thread, or when the pool ends.
+    ready: parking_lot::Condvar,
+    /// Room in the queue: a caller takes a permit per job, a thread gives them back.
+    room: tokio::sync::Semaphore,
     threads: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: std::collections::VecDeque<Job>,
+    /// Threads waiting on `ready`.
+    parked: usize,
+    /// A wake-up is on its way (a deferred task, or a signal not yet taken).
+    waking: bool,
+    closed: bool,
+}
+
+impl Shared {
+    /// Queue `job`; `defer` lets the wake-up of a parked thread wait for the runtime's next
+    /// turn (see [`Pool`]).
+    fn push(self: &Arc<Self>, job: Job, defer: bool) {
+        let mut q = self.queue.lock();
+        q.jobs.push_back(job);
+        if q.parked == 0 || q.waking {
+            return;
+        }
+        q.waking = true;
+        let full = q.jobs.len() >= MAX_BATCH;
+        drop(q);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if defer && !full => {
+                let shared = self.clone();
+                rt.spawn(async move {
+                    tokio::task::yield_now().await;
+                    shared.ready.notify_one();
+                });
+            }
+            _ => {
+                self.ready.notify_one();
+            }
+        }
+    }
+
+    /// The next batch for a thread; `None` once the pool has ended and nothing is left.
+    fn take(&self) -> Option<Vec<Job>> {
+        let mut q = self.queue.lock();
+        loop {
+            if !q.jobs.is_empty() {
+                break;
+            }
+            if q.closed {
+                return None;
+            }
+            q.parked += 1;
+            self.ready.wait(&mut q);
+            q.parked -= 1;
+            q.waking = false;
+        }
+        let n = q.jobs.len().min(MAX_BATCH);
+        let batch: Vec<Job> = q.jobs.drain(..n).collect();
+        // more than one batch waiting: pass the wake-up on
+        if !q.jobs.is_empty() && q.parked > 0 && !q.waking {
+            q.waking = true;
+            self.ready.notify_one();
+        }
+        drop(q);
+        self.room.add_permits(n);
+        Some(batch)
+    }
+
+    /// Put jobs a thread had taken back at the head of the queue, for another thread.
+    fn hand_back(&self, jobs: std::collections::VecDeque<Job>) {
+        let n = jobs.len();
+        if n == 0 {
+            return;
+        }
+        // they had their room; take it again without waiting (the queue may go over its bound
+        // by these few, which were in it a moment ago)
+        let _ = self.room.try_acquire_many(n as u32).map(|p| p.forget());
+        let mut q = self.queue.lock();
+        for job in jobs.into_iter().rev() {
+            q.jobs.push_front(job);
+        }
+        if q.parked > 0 && !q.waking {
+            q.waking = true;
+            self.ready.notify_one();
+        }
+    }
 }
 
 impl Pool {
@@ -356,12 +440,11 @@ impl Pool {
         threads: usize,
         queue: usize,
     ) -> Result<Arc<Pool>, PluginError> {
-        let (jobs, rx) = mpsc::channel::<Job>(queue.max(1));
         let threads = threads.max(1);
         let shared = Arc::new(Shared {
-            rx: parking_lot::Mutex::new(rx),
-            returned: parking_lot::Mutex::new(std::collections::VecDeque::new()),
-            wake: jobs.downgrade(),
+            queue: parking_lot::Mutex::new(Queue::default()),
+            ready: parking_lot::Condvar::new(),
+            room: tokio::sync::Semaphore::new(queue.clamp(1, tokio::sync::Semaphore::MAX_PERMITS)),
             threads,
         });
         let stem = path
@@ -380,7 +463,7 @@ impl Pool {
         }
         Ok(Arc::new(Pool {
             path: path.to_owned(),
-            jobs,
+            shared,
         }))
     }
 
@@ -390,17 +473,26 @@ impl Pool {
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, CallError> {
+        self.shared
+            .room
+            .acquire()
+            .await
+            .map_err(|_| CallError::Closed)?
+            .forget();
         let (tx, rx) = oneshot::channel();
         let rt = tokio::runtime::Handle::try_current().ok();
-        self.jobs
-            .send(Box::new(move || {
+        self.shared.push(
+            Box::new(move || {
                 let r = f();
-                worker::deliver(rt, Box::new(move || {
-                    let _ = tx.send(r);
-                }));
-            }))
-            .await
-            .map_err(|_| CallError::Closed)?;
+                worker::deliver(
+                    rt,
+                    Box::new(move || {
+                        let _ = tx.send(r);
+                    }),
+                );
+            }),
+            true,
+        );
         rx.await.map_err(|_| CallError::Closed)
     }
 
@@ -410,17 +502,31 @@ impl Pool {
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, PluginError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.jobs
-            .try_send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| PluginError::Stopped {
-                path: self.path.clone(),
-            })?;
-        rx.recv().map_err(|_| PluginError::Stopped {
+        let stopped = || PluginError::Stopped {
             path: self.path.clone(),
-        })
+        };
+        self.shared
+            .room
+            .try_acquire()
+            .map_err(|_| stopped())?
+            .forget();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.shared.push(
+            Box::new(move || {
+                let _ = tx.send(f());
+            }),
+            false,
+        );
+        rx.recv().map_err(|_| stopped())
+    }
+}
+
+impl Drop for Pool {
+    /// The threads finish what is queued, then end.
+    fn drop(&mut self) {
+        self.shared.queue.lock().closed = true;
+        self.shared.room.close();
+        self.shared.ready.notify_all();
     }
 }
 
@@ -455,7 +561,6 @@ mod worker {
 
     /// The thread's loop: take a batch, run it under one hold of the GIL, deliver its results.
     pub(super) fn run(shared: Arc<Shared>) {
-        batch_scheduling();
         STATE.with_borrow_mut(|s| {
             *s = Some(State {
                 shared: shared.clone(),
@@ -465,29 +570,10 @@ mod worker {
                 since: Instant::now(),
             })
         });
-        loop {
-            let mut batch: VecDeque<Job> = {
-                let mut returned = shared.returned.lock();
-                let n = returned.len().min(MAX_BATCH);
-                returned.drain(..n).collect()
-            };
-            if batch.is_empty() {
-                // one thread waits for the next job at a time; the others wait for it
-                let mut rx = shared.rx.lock();
-                let Some(first) = rx.blocking_recv() else {
-                    break;
-                };
-                batch.push_back(first);
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(job) => batch.push_back(job),
-                        Err(_) => break,
-                    }
-                }
-            }
+        while let Some(batch) = shared.take() {
             STATE.with_borrow_mut(|s| {
                 if let Some(s) = s {
-                    s.batch = batch;
+                    s.batch.extend(batch);
                     s.since = Instant::now();
                 }
             });
@@ -500,7 +586,6 @@ mod worker {
             });
             flush();
         }
-        flush();
         STATE.with_borrow_mut(|s| *s = None);
     }
 
@@ -550,8 +635,8 @@ mod worker {
         }
     }
 
-    /// Before a job blocks on the node: deliver what is done, and hand the rest of the batch to
-    /// the other threads (when there are any).
+    /// Before a job blocks on the node: deliver what is done, and put the rest of the batch
+    /// back at the head of the queue for the other threads (when there are any).
     pub(super) fn before_blocking() {
         flush();
         let rest = STATE.with_borrow_mut(|s| match s {
@@ -561,30 +646,9 @@ mod worker {
             _ => None,
         });
         if let Some((rest, shared)) = rest {
-            shared.returned.lock().extend(rest);
-            // wake a parked thread: it finds the handed-back jobs before the queue's next one
-            if let Some(tx) = shared.wake.upgrade() {
-                let _ = tx.try_send(Box::new(|| {}));
-            }
+            shared.hand_back(rest);
         }
     }
-
-    /// Ask the kernel not to preempt the async worker that wakes this thread (`SCHED_BATCH`:
-    /// CPU-bound work, preempted only by the tick).
-    #[cfg(target_os = "linux")]
-    #[allow(unsafe_code)]
-    fn batch_scheduling() {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: sched_setscheduler on the calling thread (0) with a valid, initialised
-        // sched_param; it touches no memory of ours besides reading `param`.
-        let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
-        if r != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "SCHED_BATCH not set for a Python plugin thread");
-        }
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    fn batch_scheduling() {}
 }
 
 #[cfg(test)]
