@@ -70,11 +70,19 @@ pub struct MqttConfig {
     /// Seconds between two updates of the retained `$SYS/broker/...` statistics topics, as
     /// mosquitto's `sys_interval`; 0 publishes none.
     pub sys_interval: u64,
+    /// The file of the durable store (docs/configuration.md, "Durability"): retained messages,
+    /// persistent sessions and their queued QoS 1/2 messages kept across restarts, in redb
+    /// (crate feature `mqtt-store`). Relative to the working directory. Unset: all of it lives
+    /// in memory and a restart forgets it.
+    pub store: Option<std::path::PathBuf>,
 }
 
 impl Default for MqttConfig {
     fn default() -> Self {
-        MqttConfig { sys_interval: 10 }
+        MqttConfig {
+            sys_interval: 10,
+            store: None,
+        }
     }
 }
 
@@ -92,6 +100,16 @@ impl MqttConfig {
                     self.sys_interval
                 ),
             );
+        }
+        if let Some(path) = &self.store {
+            if path.as_os_str().is_empty() {
+                p.add("mqtt.store", "must name a file");
+            } else if !cfg!(feature = "mqtt-store") {
+                p.add(
+                    "mqtt.store",
+                    "this build has no MQTT store (the warren crate's cargo feature `mqtt-store`)",
+                );
+            }
         }
     }
 }
@@ -953,6 +971,43 @@ mod tests {
         assert_eq!(c.listeners.len(), 2);
         let schemes: Vec<_> = c.listeners.iter().map(ListenerConfig::scheme).collect();
         assert_eq!(schemes, ["mqtt+mqant", "ws+mqant"]);
+    }
+
+    #[test]
+    fn the_mqtt_store_key_names_a_file() {
+        let c = Config::load("[mqtt]\nstore = \"data/mqtt.redb\"\n", &[]);
+        if cfg!(feature = "mqtt-store") {
+            let c = c.unwrap();
+            assert_eq!(
+                c.mqtt.store.as_deref(),
+                Some(std::path::Path::new("data/mqtt.redb"))
+            );
+        } else {
+            let e = c.unwrap_err().to_string();
+            assert!(
+                e.starts_with("2:9: mqtt.store:") && e.contains("mqtt-store"),
+                "{e}"
+            );
+        }
+        let e = Config::load("[mqtt]\nstore = \"\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "2:9: mqtt.store: must name a file");
+        assert_eq!(Config::default().mqtt.store, None);
+    }
+
+    #[test]
+    fn the_sys_interval_is_bounded() {
+        let e = Config::load("[mqtt]\nsys_interval = 100000\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("2:") && e.contains("mqtt.sys_interval"),
+            "{e}"
+        );
+        let c = Config::load("[mqtt]\nsys_interval = 0\n", &[]).unwrap();
+        assert_eq!(c.mqtt.sys_interval, 0);
+        assert_eq!(Config::default().mqtt.sys_interval, 10);
     }
 
     #[test]

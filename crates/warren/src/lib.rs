@@ -26,6 +26,10 @@ pub mod gate;
 pub mod module;
 pub mod mqtt_session;
 pub mod mqant_conf;
+/// The durable MQTT store (`[mqtt] store`): retained messages and persistent sessions in a redb
+/// file (feature `mqtt-store`).
+#[cfg(feature = "mqtt-store")]
+pub mod mqtt_store;
 pub mod node;
 pub(crate) mod refusal;
 pub mod registry;

@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::config::{ConfigError, LineHandler, ListenerConfig};
+#[cfg(feature = "mqtt-store")]
+use crate::mqtt_store::{MqttStore, StoreError, StoreOptions};
 
 /// The listeners' configs as the gate binds them, and the line listeners among them that have a
 /// channel handler of their own.
@@ -148,11 +150,46 @@ impl NodeBuilder {
         Ok((listeners, bound))
     }
 
+    /// Open the MQTT store of `[mqtt] store`, if set, on a blocking thread (the open checks
+    /// the whole file). Its records may be as large as the largest packet an MQTT listener
+    /// takes.
+    #[cfg(feature = "mqtt-store")]
+    async fn open_mqtt_store(cfg: &Config) -> Result<Option<MqttStore>, NodeError> {
+        let Some(path) = cfg.mqtt.store.clone() else {
+            return Ok(None);
+        };
+        let mut options = StoreOptions::default();
+        let largest = cfg
+            .listeners
+            .iter()
+            .filter_map(|l| l.protocol.mqtt())
+            .map(|o| o.max_packet())
+            .max()
+            .unwrap_or(0);
+        // a PUBLISH of `max_packet` bytes, plus the client id and the record's own fields
+        options.max_value = options.max_value.max(largest.saturating_add(64 << 10));
+        let opened = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || MqttStore::open(path, options)).await
+        };
+        match opened {
+            Ok(store) => Ok(Some(store?)),
+            Err(e) => Err(StoreError::Open {
+                path,
+                reason: format!("the opening thread failed: {e}"),
+            }
+            .into()),
+        }
+    }
+
     /// Start modules, register, bind listeners.
     pub async fn start(self) -> Result<Node, NodeError> {
         let cfg = self.config;
         let (listener_configs, line_handlers) =
             NodeBuilder::bind_line_handlers(&cfg, self.line_handlers)?;
+        // before anything starts: a store that does not open stops the node here
+        #[cfg(feature = "mqtt-store")]
+        let mqtt_store = NodeBuilder::open_mqtt_store(&cfg).await?;
         let authenticator = Arc::new(Authenticator::from_config(&cfg.auth, self.auth)?);
         let acl = match &cfg.auth.acl_file {
             Some(path) => Some(Arc::new(crate::acl::Acl::load(path)?)),
@@ -371,7 +408,21 @@ impl NodeBuilder {
             stop_modules,
             stop_bus,
             drain_timeout: Duration::from_secs(cfg.node.drain_timeout_s),
+            #[cfg(feature = "mqtt-store")]
+            mqtt_store,
         })
+    }
+}
+
+#[cfg(feature = "mqtt-store")]
+impl Node {
+    /// The durable MQTT store (`[mqtt] store`), opened at start; `None` when the key is unset.
+    /// This is what retained messages, persistent sessions and their QoS 1/2 queues are kept
+    /// in across restarts (see [`crate::mqtt_store`] for which write goes with which MQTT
+    /// event); the default-mode MQTT state takes a clone of the handle. It is closed, with
+    /// every queued write committed, when the node and every clone are dropped.
+    pub fn mqtt_store(&self) -> Option<&MqttStore> {
+        self.mqtt_store.as_ref()
     }
 }
 
@@ -444,6 +495,52 @@ mod tests {
         assert_eq!(line_round_trip(addr(1), "hi").await, "2 \r\nhi");
         assert_eq!(line_round_trip(addr(2), "hi").await, "6 \r\ntwo:hi");
         node.shutdown().await;
+    }
+
+    #[cfg(feature = "mqtt-store")]
+    #[tokio::test]
+    async fn the_mqtt_store_is_opened_at_start_and_a_bad_file_stops_the_node() {
+        let dir = std::env::temp_dir().join(format!(
+            "warren-node-store-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).expect("a temp dir");
+        let mut c = config(&["mqtt://127.0.0.1:0?max_packet=4194304"]);
+        let node = NodeBuilder::new(c.clone()).start().await.expect("starts");
+        assert!(node.mqtt_store().is_none());
+        node.shutdown().await;
+
+        c.mqtt.store = Some(dir.join("mqtt.redb"));
+        let node = NodeBuilder::new(c.clone()).start().await.expect("starts");
+        let store = node.mqtt_store().expect("a store").clone();
+        // records as large as the listener's packets fit
+        assert!(store.options().max_value > 4 << 20);
+        store
+            .put_retained("a/b", 1, Bytes::from_static(b"kept"))
+            .await
+            .expect("queued")
+            .await
+            .expect("durable");
+        node.shutdown().await;
+        drop(store);
+        let node = NodeBuilder::new(c.clone()).start().await.expect("starts");
+        let kept = node
+            .mqtt_store()
+            .expect("a store")
+            .retained()
+            .expect("reads");
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].payload, Bytes::from_static(b"kept"));
+        node.shutdown().await;
+
+        let bad = dir.join("not-a-store");
+        std::fs::write(&bad, vec![0x42u8; 8192]).expect("writes");
+        c.mqtt.store = Some(bad.clone());
+        let e = NodeBuilder::new(c).start().await.err().expect("refused");
+        assert!(matches!(e, NodeError::Store(_)), "{e}");
+        assert!(e.to_string().contains(&bad.display().to_string()), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -93,6 +93,10 @@ pub enum NodeError {
         /// The node running it.
         node: String,
     },
+    /// The MQTT store (`[mqtt] store`) could not be opened.
+    #[cfg(feature = "mqtt-store")]
+    #[error(transparent)]
+    Store(#[from] crate::mqtt_store::StoreError),
 }
 
 /// A running node.
@@ -105,6 +109,9 @@ pub struct Node {
     pub(super) stop_modules: CancellationToken,
     pub(super) stop_bus: CancellationToken,
     pub(super) drain_timeout: Duration,
+    /// The durable MQTT store, when `[mqtt] store` is set ([`Node::mqtt_store`]).
+    #[cfg(feature = "mqtt-store")]
+    pub(super) mqtt_store: Option<crate::mqtt_store::MqttStore>,
 }
 
 impl Node {

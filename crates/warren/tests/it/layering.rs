@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     &["session", "mqant_conf"],
     &["mqtt_session"],
-    &["fanout", "bus", "retained"],
+    &["fanout", "bus", "retained", "mqtt_store"],
     &["module"],
     &["router", "remote"],
     &["auth"],
