@@ -965,6 +965,36 @@ mod tests {
     }
 
     #[test]
+    fn a_persistent_session_queues_qos1_while_offline_and_is_discarded_with_its_filters() {
+        use crate::mqtt_session::SessionLimits;
+        let subs = Subscriptions::default();
+        let st = MqttState::new("c", None, true, SessionLimits::default());
+        let (a, mut ra) = handle("a");
+        for (f, q) in [("a/#", 1), ("a/+", 2)] {
+            let added = st.subscribe(f, q, || subs.subscribe_within(f, &st, q, 100, 100));
+            assert_eq!(added, Some(Ok(true)));
+        }
+        subs.subscribe("a/b", &a, 0);
+        // overlapping filters: one copy each, the persistent one queued (no connection)
+        assert_eq!(
+            subs.publish("a/b", 2, Bytes::from_static(b"a/b"), Bytes::new()),
+            2
+        );
+        assert_eq!(st.counts(), (1, 0));
+        assert_eq!(got(&mut ra), vec![("a/b".into(), Some(0))]);
+        // QoS 0 is not queued for an offline session
+        assert_eq!(
+            subs.publish("a/b", 0, Bytes::from_static(b"a/b"), Bytes::new()),
+            1
+        );
+        assert_eq!(st.counts(), (1, 0));
+        subs.discard_session(&st);
+        assert_eq!(st.counts(), (0, 0));
+        assert_eq!(subs.len(), 1, "only the clean session's filter is left");
+        assert_eq!(st.subscribe("x", 0, || Ok::<_, ()>(())), None, "discarded");
+    }
+
+    #[test]
     fn groups_broadcast_once_to_each_member() {
         let g = Groups::default();
         let (a, mut ra) = handle("a");

@@ -327,6 +327,12 @@ impl MqttState {
         }
     }
 
+    /// A packet id for a QoS 1 push or reply that is not tracked (acknowledgement counted, not
+    /// required): one not in the window, so it cannot be mistaken for a tracked message's.
+    pub fn spare_pkid(&self) -> u16 {
+        self.inner.lock().next_pkid()
+    }
+
     /// PUBACK from the connection of `epoch`: frees the slot (and frames the next queued
     /// message into `out`). Whether the packet id was awaiting a PUBACK.
     pub fn puback(&self, epoch: u64, pkid: u16, out: &mut BytesMut) -> bool {
@@ -536,7 +542,18 @@ fn encode(out: &mut BytesMut, msg: &Message, qos: u8, dup: bool, pkid: u16) {
     } else {
         QoS::AtLeastOnce
     };
-    mqtt::encode_publish(out, &msg.topic, qos, false, dup, pkid, &msg.body);
+    mqtt::encode_publish(out, &msg.topic, qos, msg.retain, dup, pkid, &msg.body);
+}
+
+/// What [`Store::resume`] found.
+#[derive(Debug)]
+pub struct Resumed {
+    /// The session the connection attaches to.
+    pub state: Arc<MqttState>,
+    /// Whether it was stored before (CONNACK session present).
+    pub present: bool,
+    /// A stored session of the client id that had expired: to discard.
+    pub expired: Option<Arc<MqttState>>,
 }
 
 /// The node's persistent sessions, by client id.
@@ -549,14 +566,14 @@ pub struct Store {
 impl Store {
     /// The stored session of `client_id` for a `clean_session = 0` connection of `owner`: the
     /// stored one (session present) unless it expired, else a new one, stored. Refused when it
-    /// belongs to another user. The second value is an expired session to discard.
+    /// belongs to another user.
     pub fn resume(
         &self,
         client_id: &str,
         owner: Option<&str>,
         limits: SessionLimits,
         now: Instant,
-    ) -> Result<(Arc<MqttState>, bool, Option<Arc<MqttState>>), StoreError> {
+    ) -> Result<Resumed, StoreError> {
         let mut m = self.sessions.lock();
         let mut expired = None;
         if let Some(s) = m.get(client_id) {
@@ -564,14 +581,22 @@ impl Store {
                 return Err(StoreError::NotOwner(client_id.to_owned()));
             }
             if !s.expired(now) {
-                return Ok((s.clone(), true, None));
+                return Ok(Resumed {
+                    state: s.clone(),
+                    present: true,
+                    expired: None,
+                });
             }
             expired = m.remove(client_id);
         }
         let s = MqttState::new(client_id, owner, true, limits);
         m.insert(client_id.into(), s.clone());
         metrics::gauge!("warren_mqtt_sessions_stored").set(m.len() as f64);
-        Ok((s, false, expired))
+        Ok(Resumed {
+            state: s,
+            present: false,
+            expired,
+        })
     }
 
     /// Take the stored session of `client_id` out (a `clean_session = 1` connection discards
@@ -818,12 +843,16 @@ mod tests {
             expiry: Some(Duration::from_secs(10)),
             ..limits(8, 10)
         };
-        let (a, present, _) = store.resume("c1", Some("ann"), l, now).unwrap();
-        assert!(!present);
-        let (b, present, _) = store.resume("c1", Some("ann"), l, now).unwrap();
-        assert!(present && Arc::ptr_eq(&a, &b));
+        let r = store.resume("c1", Some("ann"), l, now).unwrap();
+        let a = r.state;
+        assert!(!r.present);
+        let r = store.resume("c1", Some("ann"), l, now).unwrap();
+        assert!(r.present && Arc::ptr_eq(&a, &r.state));
         assert_eq!(
-            store.resume("c1", Some("bob"), l, now).unwrap_err(),
+            store
+                .resume("c1", Some("bob"), l, now)
+                .map(|_| ())
+                .unwrap_err(),
             StoreError::NotOwner("c1".into())
         );
         assert!(store.take("c1", None).is_err());
@@ -836,8 +865,8 @@ mod tests {
         assert!(a.expired(later));
         assert_eq!(store.sweep(later, Duration::from_secs(1)).len(), 1);
         assert!(store.is_empty());
-        let (c, present, _) = store.resume("c1", Some("ann"), l, later).unwrap();
-        assert!(!present && !Arc::ptr_eq(&a, &c));
+        let r = store.resume("c1", Some("ann"), l, later).unwrap();
+        assert!(!r.present && !Arc::ptr_eq(&a, &r.state));
         assert!(store.take("c1", Some("ann")).unwrap().is_some());
         assert!(store.is_empty());
     }

@@ -97,6 +97,9 @@ pub struct Message {
     pub topic: Bytes,
     /// Body bytes, unchanged.
     pub body: Bytes,
+    /// MQTT: sent with the retain flag set (a retained message's copy on SUBSCRIBE); every
+    /// other delivery has it clear.
+    pub retain: bool,
     frames: [OnceLock<Bytes>; FrameKind::COUNT],
 }
 
@@ -123,6 +126,18 @@ impl Message {
         Arc::new(Message {
             topic: topic.into(),
             body: body.into(),
+            retain: false,
+            frames: Default::default(),
+        })
+    }
+
+    /// A retained message's copy for one MQTT subscriber: framed with the retain flag set, and
+    /// at QoS ≥ 1 sent through the session's inflight window like any other message.
+    pub fn retained(topic: impl Into<Bytes>, body: impl Into<Bytes>) -> Arc<Message> {
+        Arc::new(Message {
+            topic: topic.into(),
+            body: body.into(),
+            retain: true,
             frames: Default::default(),
         })
     }
@@ -140,7 +155,7 @@ impl Message {
                 &mut b,
                 &m.topic,
                 warren_proto::mqtt::QoS::AtMostOnce,
-                false,
+                m.retain,
                 false,
                 0,
                 &m.body,

@@ -379,11 +379,11 @@ fn resolve_state(
         }
         return Ok((MqttState::new(client_id, uid, false, limits), false));
     }
-    let (state, present, expired) = subs.sessions().resume(client_id, uid, limits, now)?;
-    if let Some(old) = expired {
+    let r = subs.sessions().resume(client_id, uid, limits, now)?;
+    if let Some(old) = r.expired {
         subs.discard_session(&old);
     }
-    Ok((state, present))
+    Ok((r.state, r.present))
 }
 
 /// Answer CONNACK `code` on an opened session and close it (its uid was never bound).
@@ -989,13 +989,15 @@ impl Framer for MqttFramer {
                 let q = qos.unwrap_or(self.push_qos) & !mqtt_broker::RETAINED_COPY;
                 if q == 0 {
                     out.buf.extend_from_slice(msg.mqtt_qos0());
-                } else if let Some((state, epoch)) = &self.state {
+                } else if let (Some(_), Some((state, epoch))) = (qos, &self.state) {
+                    // a subscription's delivery: through the session's inflight window
                     state.frame(*epoch, msg, q.min(2), &mut out.buf);
                 } else {
-                    self.pkid = if self.pkid == u16::MAX {
-                        1
-                    } else {
-                        self.pkid + 1
+                    // a push or reply (push_qos): QoS 1, acknowledgement not required
+                    self.pkid = match &self.state {
+                        Some((state, _)) => state.spare_pkid(),
+                        None if self.pkid == u16::MAX => 1,
+                        None => self.pkid + 1,
                     };
                     mqtt::encode_publish(
                         &mut out.buf,
