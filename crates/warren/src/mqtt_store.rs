@@ -32,9 +32,12 @@
 //! is refused the same way. The store is closed when its last handle is dropped: every write
 //! already queued is committed first.
 //!
-//! Wiring (who calls what, once the MQTT semantics use it): the node opens the store at start
-//! when the key is set (node/builder.rs, [`crate::node::Node::mqtt_store`]); retained messages
-//! are loaded with [`MqttStore::retained`] and kept with `put_retained`/`delete_retained`;
+//! Wiring (who calls what, once the MQTT semantics use it): the module is a leaf of the crate's
+//! layers (it uses nothing else of it), so `retained.rs` and `mqtt_session.rs` may both hold a
+//! handle. The node opens the store at start when the key is set (node/builder.rs,
+//! [`crate::node::Node::mqtt_store`]); retained messages are loaded with
+//! [`MqttStore::retained`] and kept with `put_retained`/`delete_retained` (from a synchronous
+//! hook such as `retained::RetainedBackend`, through [`MqttStore::try_write`]);
 //! persistent sessions are loaded with [`MqttStore::sessions`], and each one's subscriptions are
 //! written with `put_session` on SUBSCRIBE/UNSUBSCRIBE; a QoS ≥ 1 message for a persistent
 //! session is `enqueue`d (the session's sequence number, increasing) before it is sent or while
