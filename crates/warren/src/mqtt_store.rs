@@ -1301,6 +1301,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn dropping_the_last_handle_commits_what_is_queued() {
+        let f = TempFile::new("drop");
+        {
+            let s = MqttStore::open(&f.0, StoreOptions::default()).unwrap();
+            let other = s.clone();
+            for seq in 0..500 {
+                drop(s.enqueue("c", seq, msg("t", 1, "x")).await.unwrap());
+            }
+            drop(s);
+            // the clone keeps the writer; its own write goes after the others
+            drop(other.ack("c", 0).await.unwrap());
+        }
+        let s = MqttStore::open(&f.0, StoreOptions::default()).unwrap();
+        let q = s.queued("c").unwrap();
+        assert_eq!(q.len(), 499);
+        assert_eq!(q[0].seq, 1);
+        assert_eq!(s.stats(), StoreStats::default());
+    }
+
+    #[tokio::test]
     async fn oversized_and_invalid_writes_are_refused_with_typed_errors() {
         let f = TempFile::new("limits");
         let s = MqttStore::open(
