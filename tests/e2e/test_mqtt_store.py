@@ -13,7 +13,20 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from conftest import Warren, wait_until, warren_bin
+
+
+@pytest.fixture(autouse=True)
+def binary_has_the_store(tmp_path: Path):
+    """A binary built without the cargo feature `mqtt-store` refuses the key, naming the
+    feature: nothing here applies to it."""
+    cfg = tmp_path / "probe.toml"
+    cfg.write_text('[mqtt]\nstore = "probe.redb"\n')
+    check = subprocess.run([str(warren_bin()), "check-config", str(cfg)], capture_output=True, text=True)
+    if check.returncode != 0 and "mqtt-store" in check.stdout + check.stderr:
+        pytest.skip("this warren binary was built without the MQTT store (cargo feature mqtt-store)")
 
 
 def config(d: Path, store: Path) -> Path:
