@@ -111,9 +111,15 @@ impl Budget {
 }
 
 /// A fresh state for the plugin at `path`: the standard libraries, `<dir>/?.lua` appended to
-/// `package.path` (ffown did the same), and the budget's hook on every coroutine.
+/// `package.path` (ffown did the same), the budget's hook on every coroutine, and the
+/// generational collector: a handler's garbage (its `session` object, the body, the result)
+/// dies young, and the incremental collector's steps were the largest single cost of a call
+/// (docs/benchmarks.md, "Plugins").
 pub(crate) fn new_state(path: &Path, budget: &Arc<Budget>) -> Result<Lua, PluginError> {
     let lua = Lua::new();
+    lua.gc_set_mode(mlua::prelude::LuaGcMode::Generational(
+        mlua::prelude::LuaGcGenParams::default(),
+    ));
     let hook_budget = budget.clone();
     lua.set_global_hook(
         HookTriggers::new().every_nth_instruction(HOOK_EVERY),
