@@ -501,7 +501,10 @@ impl MqttStore {
     /// Blocking: it checks the whole file; from async code call it on a blocking thread
     /// (`tokio::task::spawn_blocking`).
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<MqttStore, StoreError> {
-        let path = path.as_ref().to_path_buf();
+        MqttStore::open_inner(path.as_ref().to_path_buf(), options).inspect_err(failed)
+    }
+
+    fn open_inner(path: PathBuf, options: StoreOptions) -> Result<MqttStore, StoreError> {
         let open_err = |reason: String| StoreError::Open {
             path: path.clone(),
             reason,
@@ -526,16 +529,8 @@ impl MqttStore {
         }));
         let db = match created {
             Ok(Ok(db)) => db,
-            Ok(Err(e)) => {
-                let e = open_err(describe_open_error(e));
-                failed(&e);
-                return Err(e);
-            }
-            Err(_) => {
-                let e = open_err("the file is not a readable store".into());
-                failed(&e);
-                return Err(e);
-            }
+            Ok(Err(e)) => return Err(open_err(describe_open_error(e))),
+            Err(_) => return Err(open_err("the file is not a readable store".into())),
         };
         // every table exists from the start, so reads never meet a missing one
         let setup = || -> Result<(), redb::Error> {
@@ -563,11 +558,7 @@ impl MqttStore {
             txn.commit()?;
             Ok(())
         };
-        if let Err(e) = setup() {
-            let e = open_err(e.to_string());
-            failed(&e);
-            return Err(e);
-        }
+        setup().map_err(|e| open_err(e.to_string()))?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(options.max_pending);
         let counters = Arc::new(Counters::default());
