@@ -448,7 +448,8 @@ def test_sys_topics(w):
     # not with '#' or '+/...'
     assert retained_after_subscribe(w, [("#", 0), ("+/broker/#", 0)], "sys2") == []
 
-    # the values follow the node: two clients stay connected, publish, hold subscriptions
+    # the values follow the node: two clients stay connected, publish, hold subscriptions (the
+    # client reading the values is connected only between two updates)
     a = client(w, "stay-a")
     b = client(w, "stay-b")
     assert subscribe(a, [("x/1", 0), ("x/2", 0)]) == [0, 0]
@@ -457,8 +458,8 @@ def test_sys_topics(w):
     def grown():
         v = sys_values(w, f"sys{time.monotonic_ns()}")
         ok = (
-            int(v["$SYS/broker/clients/connected"]) >= 3
-            and int(v["$SYS/broker/subscriptions/count"]) >= 3
+            int(v["$SYS/broker/clients/connected"]) >= 2
+            and int(v["$SYS/broker/subscriptions/count"]) >= 2
             and int(v["$SYS/broker/publish/messages/received"]) > int(values["$SYS/broker/publish/messages/received"])
             and int(v["$SYS/broker/bytes/sent"]) > int(values["$SYS/broker/bytes/sent"])
             and int(v["$SYS/broker/retained messages/count"]) >= 12

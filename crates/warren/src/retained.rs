@@ -181,17 +181,7 @@ impl RetainedStore {
     /// empty payload deletes it. Refused when a new topic or a bigger message would pass a cap.
     /// Accepted changes are written through to the backend.
     pub fn set(&self, topic: &str, qos: u8, payload: Bytes) -> Result<Retain, RetainedFull> {
-        self.apply(topic, qos, payload, true, self.backend.as_deref())
-    }
-
-    /// As [`Self::set`], outside the caps and without the backend: the node's own `$SYS` topics,
-    /// a few, rewritten on every interval and meaningless after a restart.
-    pub fn set_local(&self, topic: &str, qos: u8, payload: Bytes) -> Retain {
-        match self.apply(topic, qos, payload, false, None) {
-            Ok(r) => r,
-            // unreachable: the caps are not checked
-            Err(_) => Retain::Nothing,
-        }
+        self.apply(topic, qos, payload, self.backend.as_deref())
     }
 
     /// Fill the store from a backend's copy at start (not written back to it). Entries past a
@@ -199,7 +189,7 @@ impl RetainedStore {
     pub fn load(&self, entries: impl IntoIterator<Item = (String, u8, Bytes)>) -> usize {
         let mut kept = 0;
         for (topic, qos, payload) in entries {
-            if !payload.is_empty() && self.apply(&topic, qos, payload, true, None).is_ok() {
+            if !payload.is_empty() && self.apply(&topic, qos, payload, None).is_ok() {
                 kept += 1;
             }
         }
@@ -211,7 +201,6 @@ impl RetainedStore {
         topic: &str,
         qos: u8,
         payload: Bytes,
-        bounded: bool,
         backend: Option<&dyn RetainedBackend>,
     ) -> Result<Retain, RetainedFull> {
         let mut inner = self.inner.write();
@@ -228,20 +217,18 @@ impl RetainedStore {
         }
         let needed = cost(topic, payload.len());
         let old = find(&inner.root, topic).map(|m| cost(topic, m.payload.len()));
-        if bounded {
-            if old.is_none() && inner.count >= self.max_messages {
-                return Err(RetainedFull::Messages {
-                    max: self.max_messages,
-                });
-            }
-            let held = inner.bytes - old.unwrap_or(0);
-            if held + needed > self.max_bytes {
-                return Err(RetainedFull::Bytes {
-                    needed,
-                    held,
-                    max: self.max_bytes,
-                });
-            }
+        if old.is_none() && inner.count >= self.max_messages {
+            return Err(RetainedFull::Messages {
+                max: self.max_messages,
+            });
+        }
+        let held = inner.bytes - old.unwrap_or(0);
+        if held + needed > self.max_bytes {
+            return Err(RetainedFull::Bytes {
+                needed,
+                held,
+                max: self.max_bytes,
+            });
         }
         if let Some(b) = backend {
             b.put_retained(topic, qos, &payload);
@@ -544,8 +531,6 @@ mod tests {
         assert_eq!(e.kind(), "max_retained_bytes");
         assert_eq!(s.set("t", 0, b("short")), Ok(Retain::Replaced));
         assert_eq!(s.bytes(), cost("t", 5));
-        // the node's own topics are outside the caps
-        assert_eq!(s.set_local("$SYS/x", 0, b("big payload")), Retain::Added);
     }
 
     #[derive(Default)]
@@ -570,7 +555,6 @@ mod tests {
         s.set("a", 0, b("y")).unwrap();
         s.set("a", 0, Bytes::new()).unwrap();
         s.set("a", 0, Bytes::new()).unwrap();
-        s.set_local("$SYS/uptime", 0, b("1"));
         assert_eq!(*log.0.lock(), ["put a 1 x", "put a 0 y", "del a"]);
         // loading fills the store without writing back
         let fresh = RetainedStore::new(1, 1 << 20).with_backend(log.clone());

@@ -695,7 +695,7 @@ impl MqttSession {
                     continue;
                 }
             }
-            if !self.mqant && !gate.broker.retained.is_empty() {
+            if !self.mqant && gate.broker.has_retained() {
                 granted_filters.push((filter.clone(), granted));
             }
             codes.push(granted);

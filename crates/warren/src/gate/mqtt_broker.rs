@@ -73,6 +73,9 @@ impl Traffic {
 pub(crate) struct Broker {
     /// Retained messages (`[limits] max_retained_messages`, `max_retained_bytes`).
     pub(crate) retained: RetainedStore,
+    /// The node's own `$SYS` topics, retained apart: outside the caps (a dozen topics rewritten
+    /// in place) and never written to a backend (meaningless after a restart).
+    sys: RetainedStore,
     /// MQTT packets read from clients.
     pub(crate) received: Traffic,
     /// MQTT packets framed for clients.
@@ -92,6 +95,7 @@ impl Broker {
                 config.limits.max_retained_messages,
                 config.limits.max_retained_bytes,
             ),
+            sys: RetainedStore::new(usize::MAX, usize::MAX),
             received: Traffic::default(),
             sent: Traffic::default(),
             clients: AtomicUsize::new(0),
@@ -158,8 +162,12 @@ impl Broker {
         self.clients.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Publish the `$SYS/broker/...` topics, retained (outside the caps, not written to a
-    /// backend), to their subscribers.
+    /// Whether any topic retains a message (the node's own `$SYS` topics included).
+    pub(crate) fn has_retained(&self) -> bool {
+        !self.retained.is_empty() || !self.sys.is_empty()
+    }
+
+    /// Publish the `$SYS/broker/...` topics, retained (in `sys`), to their subscribers.
     fn publish_sys(&self, node: &dyn Host, first: bool) {
         let (rx_packets, rx_bytes, rx_publishes) = self.received.totals();
         let (tx_packets, tx_bytes, tx_publishes) = self.sent.totals();
@@ -199,7 +207,7 @@ impl Broker {
             self.sys_topic(node, topic, value);
         }
         // as mosquitto, the count includes the $SYS topics themselves
-        let count = self.retained.len() + usize::from(first);
+        let count = self.retained.len() + self.sys.len() + usize::from(first);
         self.sys_topic(
             node,
             "$SYS/broker/retained messages/count",
@@ -209,7 +217,7 @@ impl Broker {
 
     fn sys_topic(&self, node: &dyn Host, topic: &str, value: String) {
         let payload = Bytes::from(value);
-        self.retained.set_local(topic, 0, payload.clone());
+        let _ = self.sys.set(topic, 0, payload.clone());
         let topic_bytes = Bytes::copy_from_slice(topic.as_bytes());
         node.subscriptions().publish(topic, 0, topic_bytes, payload);
     }
@@ -267,8 +275,10 @@ pub(crate) async fn send_retained<T: Send + Unpin + 'static>(
     let mut found = Vec::new();
     for (filter, qos) in granted {
         found.clear();
-        if broker.retained.matching(filter, &mut found) == 0 {
-            continue;
+        broker.retained.matching(filter, &mut found);
+        // only a filter starting with '$' matches a '$' topic
+        if filter.starts_with('$') {
+            broker.sys.matching(filter, &mut found);
         }
         for m in &found {
             metrics::counter!("warren_retained_deliveries_total").increment(1);
