@@ -1,9 +1,10 @@
 //! Will messages of default-mode MQTT (MQTT 3.1.1 sections 3.1.2.5 to 3.1.2.7;
 //! docs/protocols/mqtt.md, "MQTT 3.1.1 conformance").
 //!
-//! The CONNECT's will is checked when the client connects, as mosquitto does: a topic the
-//! client may not publish to (the ACL file, its token's topics, `$SYS`, the `[limits]` on
-//! topics) refuses the connection with CONNACK 5. The accepted will stays in the connection's
+//! The CONNECT's will is checked when the client connects: a topic the client may not publish
+//! to (the ACL file, its token's topics, `$SYS`, the `[limits]` on topics) refuses the
+//! connection with CONNACK 5, so the client learns at once that its will would never be
+//! published (mosquitto 2.0.11 accepts it and drops the will silently at the end). The accepted will stays in the connection's
 //! MQTT state and is published, through the same path as a client's PUBLISH (subscribers,
 //! retained when its retain flag is set), when the connection ends for any reason but a
 //! DISCONNECT: keepalive timeout, socket error or EOF, protocol error, a close by the server,
