@@ -23,10 +23,11 @@ def received(c: ChatClient, topic: str | None = None):
     return [m for m in c.history() if topic is None or m.topic == topic]
 
 
-def test_suback_grants_min_of_requested_and_1(warren_demo):
+def test_suback_grants_min_of_requested_and_2(warren_demo):
     c = plain(warren_demo)
-    assert c.subscribe([("a/b", 0), ("c/+", 1), ("d/#", 2)]) == [0, 1, 1]
-    assert c.subscribe([("e", 2)]) == [1]
+    # default mode delivers QoS 2 (docs/protocols/mqtt.md, "Sessions and QoS")
+    assert c.subscribe([("a/b", 0), ("c/+", 1), ("d/#", 2)]) == [0, 1, 2]
+    assert c.subscribe([("e", 2)]) == [2]
     c.close()
 
 

@@ -982,11 +982,9 @@ pub(crate) struct MqttFramer {
 impl Framer for MqttFramer {
     fn frame(&mut self, item: Outbound, out: &mut Out) {
         let before = out.buf.len();
-        // a retained copy sent after a SUBACK: its PUBLISH gets the retain flag
-        let retained = mqtt_broker::retained_copy(&item);
         match item {
             Outbound::Message { msg, qos } => {
-                let q = qos.unwrap_or(self.push_qos) & !mqtt_broker::RETAINED_COPY;
+                let q = qos.unwrap_or(self.push_qos);
                 if q == 0 {
                     out.buf.extend_from_slice(msg.mqtt_qos0());
                 } else if let (Some(_), Some((state, epoch))) = (qos, &self.state) {
@@ -1013,9 +1011,6 @@ impl Framer for MqttFramer {
             Outbound::Inline(f) => out.buf.extend_from_slice(f.as_bytes()),
             Outbound::Bytes(b) => out.buf.extend_from_slice(&b),
             Outbound::Close | Outbound::CloseCode(_) => {}
-        }
-        if let Some(copy) = retained {
-            copy.mark(&mut out.buf, before);
         }
         let framed = (out.buf.len() - before) as u64;
         if framed > 0 {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::conn::{End, SessionConn};
 use super::{Gate, Host};
@@ -258,11 +258,6 @@ pub(crate) fn is_sys(topic: &str) -> bool {
     topic == "$SYS" || topic.starts_with("$SYS/")
 }
 
-/// Added to an [`Outbound::Message`]'s QoS to say it is a retained copy sent after a SUBACK:
-/// the MQTT framer strips it and sets the retain flag of the PUBLISH it frames for it. Only
-/// [`send_retained`] sets it, on items it hands straight to its own connection.
-pub(crate) const RETAINED_COPY: u8 = 0x80;
-
 /// After a SUBACK: send every retained message matching each granted `(filter, QoS)`, with the
 /// retain flag set, at the lower of its QoS and the granted one, through the connection's framer
 /// (so that a copy at QoS 1 or 2 takes a packet id and a slot of the inflight window like any
@@ -282,101 +277,34 @@ pub(crate) async fn send_retained<T: Send + Unpin + 'static>(
         }
         for m in &found {
             metrics::counter!("warren_retained_deliveries_total").increment(1);
-            let msg = Message::new(m.topic.clone(), m.payload.clone());
-            let qos = Some(m.qos.min(*qos) | RETAINED_COPY);
+            let msg = Message::retained(m.topic.clone(), m.payload.clone());
+            let qos = Some(m.qos.min(*qos));
             conn.send(Outbound::Message { msg, qos }).await?;
         }
     }
     Ok(())
 }
 
-/// A retained copy being framed: the PUBLISH it should become, to find it in the output.
-pub(crate) struct RetainedCopy {
-    topic: Bytes,
-    len: usize,
-}
-
-/// Whether `item` is a retained copy (see [`RETAINED_COPY`]), and what its PUBLISH looks like.
-pub(crate) fn retained_copy(item: &Outbound) -> Option<RetainedCopy> {
-    match item {
-        Outbound::Message { msg, qos: Some(q) } if q & RETAINED_COPY != 0 => {
-            let pkid = if q & 3 == 0 { 0 } else { 2 };
-            let remaining = 2 + msg.topic.len() + pkid + msg.body.len();
-            let varint = match remaining {
-                0..=127 => 1,
-                128..=16_383 => 2,
-                16_384..=2_097_151 => 3,
-                _ => 4,
-            };
-            Some(RetainedCopy {
-                topic: msg.topic.clone(),
-                len: 1 + varint + remaining,
-            })
-        }
-        _ => None,
-    }
-}
-
-impl RetainedCopy {
-    /// Set the retain flag of the PUBLISH framed at `at` in `buf` if it is this copy's: exactly
-    /// one packet of its length on its topic (a full inflight window may have queued it, or
-    /// framed an older message first: that one is left alone, and the copy goes out later
-    /// without the flag).
-    pub(crate) fn mark(&self, buf: &mut BytesMut, at: usize) {
-        let written = &buf[at..];
-        if written.len() != self.len || written[0] >> 4 != 3 {
-            return;
-        }
-        let mut i = 1;
-        while written.get(i).is_some_and(|b| b & 0x80 != 0) {
-            i += 1;
-        }
-        let start = i + 3;
-        if written.get(start..start + self.topic.len()) == Some(&self.topic[..]) {
-            buf[at] |= 1;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
     use warren_proto::mqtt::{self, QoS};
 
     #[test]
-    fn a_retained_copy_is_marked_only_where_it_was_framed() {
-        for (q, body) in [(0u8, vec![7u8; 3]), (1, vec![1; 300]), (2, vec![2; 20_000])] {
-            let msg = Message::new(Bytes::from_static(b"a/b"), Bytes::from(body.clone()));
-            let item = Outbound::Message {
-                msg: msg.clone(),
-                qos: Some(q | RETAINED_COPY),
-            };
-            let copy = retained_copy(&item).expect("a retained copy");
-            let qos = QoS::try_from(q).expect("qos");
-            let mut buf = BytesMut::from(&b"before"[..]);
-            mqtt::encode_publish(&mut buf, b"a/b", qos, false, false, 9, &body);
-            copy.mark(&mut buf, 6);
-            let mut rest = buf.split_off(6);
-            match mqtt::decode(&mut rest, 1 << 20) {
+    fn a_retained_copy_carries_the_retain_flag_and_a_forwarded_message_does_not() {
+        for (msg, retain) in [
+            (Message::retained("a/b", "kept"), true),
+            (Message::new("a/b", "live"), false),
+        ] {
+            let mut bytes = BytesMut::from(&msg.mqtt_qos0()[..]);
+            match mqtt::decode(&mut bytes, 1 << 20) {
                 Ok(Some(mqtt::Packet::Publish(p))) => {
-                    assert_eq!((p.retain, p.qos, &p.payload[..]), (true, qos, &body[..]));
+                    assert_eq!((p.retain, p.qos), (retain, QoS::AtMostOnce));
                 }
                 other => panic!("{other:?}"),
             }
-            // another packet (an older message framed first) is left alone
-            let mut other = BytesMut::new();
-            mqtt::encode_publish(&mut other, b"x/y", qos, false, false, 9, &body);
-            copy.mark(&mut other, 0);
-            assert_eq!(other[0] & 1, 0);
-            // nothing framed: nothing marked
-            let mut empty = BytesMut::new();
-            copy.mark(&mut empty, 0);
         }
-        let plain = Outbound::Message {
-            msg: Message::new("t", "b"),
-            qos: Some(1),
-        };
-        assert!(retained_copy(&plain).is_none());
     }
 
     #[test]
