@@ -34,6 +34,39 @@ struct State {
     functions: HashMap<String, Function>,
     /// The serial of the last handler patch applied to this state.
     patched: u64,
+    /// The `session` objects of recent calls, by session id: a session's next call on this
+    /// state gets the same object with the new snapshot, instead of a new object (an allocation
+    /// and garbage per call). Emptied when full; a closed session's entry is dropped.
+    sessions: Mutex<HashMap<warren::SessionId, mlua::AnyUserData>>,
+}
+
+/// Most `session` objects one Lua state keeps for reuse ([`State::sessions`]).
+const CACHED_SESSIONS: usize = 1024;
+
+impl State {
+    /// The `session` argument of a call for `session`.
+    fn session_object(
+        &self,
+        services: &Arc<dyn Services>,
+        session: &Arc<Session>,
+    ) -> Result<mlua::Value, CallError> {
+        let mut cached = self.sessions.lock();
+        if let Some(ud) = cached.get(&session.id)
+            && let Ok(obj) = ud.borrow::<LuaSession>()
+        {
+            *obj.session.lock() = session.clone();
+            return Ok(mlua::Value::UserData(ud.clone()));
+        }
+        let ud = self
+            .lua
+            .create_userdata(LuaSession::new(services.clone(), session.clone()))
+            .map_err(|e| CallError::App(e.to_string()))?;
+        if cached.len() >= CACHED_SESSIONS {
+            cached.clear();
+        }
+        cached.insert(session.id.clone(), ud.clone());
+        Ok(mlua::Value::UserData(ud))
+    }
 }
 
 /// A handler replaced at run time ([`ModuleVersion::patch`]), applied to each state of the pool
@@ -148,6 +181,7 @@ fn load_state(
             current,
             functions,
             patched: 0,
+            sessions: Mutex::new(HashMap::new()),
         },
         names,
     ))
@@ -743,11 +777,7 @@ impl ModuleVersion for LuaModule {
                 .get(&*handler)
                 .ok_or_else(|| CallError::HandlerNotFound(handler.to_string()))?;
             let session = match &cx.session {
-                Some(s) => mlua::Value::UserData(
-                    st.lua
-                        .create_userdata(LuaSession::new(cx.services.clone(), s.clone()))
-                        .map_err(|e| CallError::App(e.to_string()))?,
-                ),
+                Some(s) => st.session_object(&cx.services, s)?,
                 None => mlua::Value::Nil,
             };
             let msg = self.msg(&st.lua, &body)?;
@@ -783,11 +813,11 @@ impl ModuleVersion for LuaModule {
                 return Ok(());
             };
             let session = match &cx.session {
-                Some(s) => mlua::Value::UserData(
-                    st.lua
-                        .create_userdata(LuaSession::new(cx.services.clone(), s.clone()))
-                        .map_err(|e| CallError::App(e.to_string()))?,
-                ),
+                Some(s) => {
+                    let obj = st.session_object(&cx.services, s)?;
+                    st.sessions.lock().remove(&s.id);
+                    obj
+                }
                 None => mlua::Value::Nil,
             };
             *st.current.lock() = Some(cx);

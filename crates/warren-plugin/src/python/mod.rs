@@ -667,8 +667,12 @@ mod tests {
             let rt = tokio::runtime::Handle::current();
             let waits = pool.run(move || {
                 Python::attach(|py| {
-                    wait(py, &rt, async move { rx.await.map_err(|_| CallError::Closed) })
-                        .is_ok()
+                    wait(
+                        py,
+                        &rt,
+                        async move { rx.await.map_err(|_| CallError::Closed) },
+                    )
+                    .is_ok()
                 })
             });
             let frees = pool.run(move || tx.send(()).is_ok());
