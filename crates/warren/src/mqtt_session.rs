@@ -12,6 +12,20 @@
 //! attaches to it: unacknowledged PUBLISHes are resent with DUP = 1 (PUBREL for those already
 //! PUBREC'd), in their order, then the queue.
 //!
+//! **Durability** (`[mqtt] store`, docs/configuration.md "Durability"): with the node's
+//! [`crate::mqtt_store::MqttStore`] handed to the [`Store`] ([`Store::set_backend`]), a
+//! persistent session writes through to it: its subscriptions (`PutSession`, on every
+//! SUBSCRIBE / UNSUBSCRIBE), each QoS ≥ 1 message it takes (`Enqueue`, with the session's
+//! increasing sequence number, before the message reaches the connection or the queue), its
+//! delivery state (`SetState` when sent with a packet id or PUBREC'd), its end (`Ack` on
+//! PUBACK / PUBCOMP or when the queue drops it), and the inbound QoS 2 ids awaiting PUBREL
+//! (`AwaitRelease` / `Release`); discarding the session (clean start, expiry) deletes it. The
+//! writes are queued without waiting ([`crate::mqtt_store::MqttStore::write_through`]); a
+//! publisher that must know them durable (before its PUBACK) collects them
+//! ([`crate::mqtt_store::collecting`]). At start the node rebuilds the sessions from the file
+//! with [`Store::restore`]. A message handed to the attached connection's outbound queue is
+//! remembered with its sequence number until the framer takes it, so its later writes name it.
+//!
 //! The QoS 0 path does not come here: a clean session's subscriptions point at its
 //! `SessionHandle` and get the shared, encoded-once QoS 0 frame as before; a persistent one
 //! costs one pointer load per QoS 0 delivery. Per-recipient work (a lock, a packet id, an
@@ -74,6 +88,8 @@ pub enum StoreError {
 struct Queued {
     msg: Arc<Message>,
     qos: u8,
+    /// Its sequence number in the durable store, when it is kept there.
+    seq: Option<u64>,
 }
 
 impl Queued {
@@ -90,6 +106,97 @@ struct Inflight {
     qos: u8,
     /// QoS 2: PUBREC received, PUBREL sent, PUBCOMP awaited.
     released: bool,
+    /// Its sequence number in the durable store, when it is kept there.
+    seq: Option<u64>,
+}
+
+/// The durable store a persistent session writes through to (`[mqtt] store`).
+#[cfg(feature = "mqtt-store")]
+pub type Backend = crate::mqtt_store::MqttStore;
+
+/// Without the `mqtt-store` feature there is no durable store: a type nothing outside this
+/// module can make.
+#[cfg(not(feature = "mqtt-store"))]
+#[derive(Debug, Clone)]
+pub struct Backend(());
+
+/// A persistent session's link to the durable store.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "mqtt-store"), allow(dead_code))]
+struct Keeper {
+    store: Backend,
+    client_id: Box<str>,
+    owner: Option<Box<str>>,
+}
+
+/// A change of a persistent session, written through to the durable store.
+#[cfg_attr(not(feature = "mqtt-store"), allow(dead_code))]
+enum Change<'a> {
+    Enqueue { seq: u64, msg: &'a Message, qos: u8 },
+    Sent { seq: u64, pkid: u16 },
+    Released { seq: u64, pkid: u16 },
+    Ack { seq: u64 },
+    Session(&'a HashMap<Box<str>, u8>),
+    Delete,
+    AwaitRelease(u16),
+    Release(u16),
+}
+
+impl Keeper {
+    #[cfg(feature = "mqtt-store")]
+    fn keep(&self, change: Change<'_>) {
+        use crate::mqtt_store::{MessageState, StoredMessage, Write};
+        let client_id = self.client_id.to_string();
+        let w = match change {
+            Change::Enqueue { seq, msg, qos } => Write::Enqueue {
+                client_id,
+                seq,
+                message: StoredMessage {
+                    topic: String::from_utf8_lossy(&msg.topic).into_owned(),
+                    qos,
+                    retain: msg.retain,
+                    payload: msg.body.clone(),
+                },
+            },
+            Change::Sent { seq, pkid } => Write::SetState {
+                client_id,
+                seq,
+                state: MessageState::Sent { packet_id: pkid },
+            },
+            Change::Released { seq, pkid } => Write::SetState {
+                client_id,
+                seq,
+                state: MessageState::Released { packet_id: pkid },
+            },
+            Change::Ack { seq } => Write::Ack { client_id, seq },
+            Change::Session(filters) => Write::PutSession {
+                client_id,
+                owner: self.owner.as_deref().map(str::to_owned),
+                subscriptions: filters.iter().map(|(f, q)| (f.to_string(), *q)).collect(),
+            },
+            Change::Delete => Write::DeleteSession { client_id },
+            Change::AwaitRelease(packet_id) => Write::AwaitRelease {
+                client_id,
+                packet_id,
+            },
+            Change::Release(packet_id) => Write::Release {
+                client_id,
+                packet_id,
+            },
+        };
+        self.store.write_through(w);
+    }
+
+    #[cfg(not(feature = "mqtt-store"))]
+    fn keep(&self, _change: Change<'_>) {}
+}
+
+/// Where a new persistent session's sequence numbers start: the clock in microseconds, so a
+/// late write of a discarded session of the same client id cannot name a newer one's message.
+fn seq_base() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// The state of one MQTT session (see the module documentation).
@@ -105,6 +212,9 @@ pub struct MqttState {
     inner: Mutex<Inner>,
     /// Woken when a connection detaches (a takeover waits for the older one).
     detached: tokio::sync::Notify,
+    /// Whether it writes through to the durable store (its `Inner::keeper` is set): read
+    /// without the lock so that a QoS ≥ 1 delivery without a store takes none.
+    durable: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for MqttState {
@@ -138,6 +248,13 @@ struct Inner {
     awaiting_rel: HashSet<u16>,
     filters: HashMap<Box<str>, u8>,
     detached_at: Option<Instant>,
+    /// The durable store, for a persistent session when the node has one.
+    keeper: Option<Keeper>,
+    /// The next sequence number of a message kept in the store.
+    next_seq: u64,
+    /// Messages kept in the store and handed to the attached connection's outbound queue, not
+    /// framed yet, in order: the framer (or the detach) takes each back with its number.
+    handed: VecDeque<(Arc<Message>, u64, u8)>,
 }
 
 /// Most inbound QoS 2 publishes a client may leave unreleased (PUBREL not yet sent).
@@ -171,9 +288,36 @@ impl MqttState {
                 awaiting_rel: HashSet::new(),
                 filters: HashMap::new(),
                 detached_at: None,
+                keeper: None,
+                next_seq: 0,
+                handed: VecDeque::new(),
             }),
             detached: tokio::sync::Notify::new(),
+            durable: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Write through to `store` from now on (a persistent session of a node with a store).
+    fn keep_in(&self, store: Backend, next_seq: u64) {
+        let mut st = self.inner.lock();
+        st.keeper = Some(Keeper {
+            store,
+            client_id: self.client_id.clone(),
+            owner: self.owner.clone(),
+        });
+        st.next_seq = next_seq;
+        self.durable
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Delete the session from the durable store and stop writing to it (it is discarded).
+    fn forget(&self) {
+        let mut st = self.inner.lock();
+        if let Some(k) = st.keeper.take() {
+            k.keep(Change::Delete);
+        }
+        self.durable
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// The id subscriptions of a persistent session are held under.
@@ -265,7 +409,21 @@ impl MqttState {
         }
         for (msg, qos) in unsent() {
             if qos > 0 {
-                st.enqueue(&self.client_id, Queued { msg, qos });
+                let seq = st.take_handed(&msg);
+                st.enqueue(&self.client_id, Queued { msg, qos, seq });
+            }
+        }
+        if mine {
+            // kept messages the connection neither framed nor handed back (it was shut)
+            while let Some((msg, seq, qos)) = st.handed.pop_front() {
+                st.enqueue(
+                    &self.client_id,
+                    Queued {
+                        qos,
+                        msg,
+                        seq: Some(seq),
+                    },
+                );
             }
         }
         let refused = std::mem::take(&mut st.refused);
@@ -281,6 +439,9 @@ impl MqttState {
     /// Fan-out to a persistent session: to the attached connection, else (QoS ≥ 1) into the
     /// queue. Whether the message was taken.
     pub fn deliver(&self, msg: &Arc<Message>, qos: u8) -> bool {
+        if qos > 0 && self.durable.load(std::sync::atomic::Ordering::Acquire) {
+            return self.deliver_kept(msg, qos);
+        }
         if let Some(h) = &*self.online.load()
             && h.deliver(msg.clone(), Some(qos)).is_ok()
         {
@@ -296,6 +457,7 @@ impl MqttState {
         let q = Queued {
             msg: msg.clone(),
             qos,
+            seq: None,
         };
         if st.current.is_some() {
             // attached after the load above, or its queue refused: try it, else keep the
@@ -316,12 +478,65 @@ impl MqttState {
         st.enqueue(&self.client_id, q)
     }
 
+    /// [`Self::deliver`] of a QoS ≥ 1 message to a session kept in the durable store: the
+    /// message is written (`Enqueue`) before it reaches the connection or the queue, all under
+    /// the state's lock so that the store sees the session's messages in their order.
+    fn deliver_kept(&self, msg: &Arc<Message>, qos: u8) -> bool {
+        let mut st = self.inner.lock();
+        if st.discarded {
+            return false;
+        }
+        let mut q = Queued {
+            msg: msg.clone(),
+            qos,
+            seq: None,
+        };
+        let online = self.online.load_full();
+        if online.is_none() && st.over_bounds(&q) {
+            st.overflow(&self.client_id);
+            return false;
+        }
+        st.admit(&mut q);
+        if let Some(h) = online {
+            if let Some(seq) = q.seq {
+                st.handed.push_back((msg.clone(), seq, qos));
+            }
+            if h.deliver(msg.clone(), Some(qos)).is_ok() {
+                return true;
+            }
+            if q.seq.is_some() {
+                st.handed.pop_back();
+            }
+            // its queue refused (it is closing): after what it hands back when it detaches
+            if st.over_bounds(&q) {
+                st.overflow(&self.client_id);
+                st.dropped(&q);
+                return false;
+            }
+            st.queued_bytes += q.size();
+            if st.current.is_some() {
+                st.refused.push_back(q);
+            } else {
+                st.queue.push_back(q);
+            }
+            return true;
+        }
+        st.queued_bytes += q.size();
+        if st.current.is_some() {
+            st.refused.push_back(q);
+        } else {
+            st.queue.push_back(q);
+        }
+        true
+    }
+
     /// Frame an outbound QoS ≥ 1 message for the connection of `epoch` (its framer): into the
     /// window with a packet id if it has a slot and nothing waits before it, else into the
     /// queue (bounded).
     pub fn frame(&self, epoch: u64, msg: Arc<Message>, qos: u8, out: &mut BytesMut) {
         let mut st = self.inner.lock();
-        st.enqueue(&self.client_id, Queued { msg, qos });
+        let seq = st.take_handed(&msg);
+        st.enqueue(&self.client_id, Queued { msg, qos, seq });
         if st.current == Some(epoch) {
             st.fill_window(out);
         }
@@ -343,17 +558,18 @@ impl MqttState {
     /// reconnect). Whether the packet id was awaiting a PUBREC (or had one already).
     pub fn pubrec(&self, pkid: u16) -> bool {
         let mut st = self.inner.lock();
-        match st
+        let Some(i) = st
             .inflight
             .iter_mut()
             .find(|i| i.pkid == pkid && i.qos == 2)
-        {
-            Some(i) => {
-                i.released = true;
-                true
-            }
-            None => false,
+        else {
+            return false;
+        };
+        i.released = true;
+        if let (Some(seq), Some(k)) = (i.seq, &st.keeper) {
+            k.keep(Change::Released { seq, pkid });
         }
+        true
     }
 
     /// PUBCOMP: the QoS 2 exchange is over; as [`Self::puback`].
@@ -376,7 +592,11 @@ impl MqttState {
         else {
             return false;
         };
-        st.inflight.remove(pos);
+        if let Some(done) = st.inflight.remove(pos)
+            && let (Some(seq), Some(k)) = (done.seq, &st.keeper)
+        {
+            k.keep(Change::Ack { seq });
+        }
         if st.current == Some(epoch) {
             st.fill_window(out);
         }
@@ -395,12 +615,20 @@ impl MqttState {
             return Err(());
         }
         st.awaiting_rel.insert(pkid);
+        if let Some(k) = &st.keeper {
+            k.keep(Change::AwaitRelease(pkid));
+        }
         Ok(true)
     }
 
     /// PUBREL for an inbound QoS 2 packet id: forget it.
     pub fn release(&self, pkid: u16) {
-        self.inner.lock().awaiting_rel.remove(&pkid);
+        let mut st = self.inner.lock();
+        if st.awaiting_rel.remove(&pkid)
+            && let Some(k) = &st.keeper
+        {
+            k.keep(Change::Release(pkid));
+        }
     }
 
     /// How many filters the session holds, and whether it holds `filter`.
@@ -424,13 +652,21 @@ impl MqttState {
         let r = insert();
         if r.is_ok() {
             st.filters.insert(filter.into(), qos);
+            if let Some(k) = &st.keeper {
+                k.keep(Change::Session(&st.filters));
+            }
         }
         Some(r)
     }
 
     /// Forget a subscription; whether it was held.
     pub fn unsubscribe(&self, filter: &str) -> bool {
-        self.inner.lock().filters.remove(filter).is_some()
+        let mut st = self.inner.lock();
+        let held = st.filters.remove(filter).is_some();
+        if held && let Some(k) = &st.keeper {
+            k.keep(Change::Session(&st.filters));
+        }
+        held
     }
 
     /// The filters held, with their granted QoS.
@@ -444,6 +680,11 @@ impl MqttState {
     pub fn discard(&self) -> Vec<Box<str>> {
         let mut st = self.inner.lock();
         st.discarded = true;
+        // deleted from the durable store by whoever took it out of the node's store
+        st.keeper = None;
+        st.handed.clear();
+        self.durable
+            .store(false, std::sync::atomic::Ordering::Release);
         st.queue.clear();
         st.refused.clear();
         st.inflight.clear();
@@ -489,6 +730,39 @@ impl Inner {
         }
     }
 
+    /// Give a message taken for a kept session its sequence number and write it to the store.
+    fn admit(&mut self, q: &mut Queued) {
+        if let Some(k) = &self.keeper {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            k.keep(Change::Enqueue {
+                seq,
+                msg: &q.msg,
+                qos: q.qos,
+            });
+            q.seq = Some(seq);
+        }
+    }
+
+    /// A kept message was dropped (a full queue): it leaves the store too.
+    fn dropped(&self, q: &Queued) {
+        if let (Some(seq), Some(k)) = (q.seq, &self.keeper) {
+            k.keep(Change::Ack { seq });
+        }
+    }
+
+    /// The sequence number of a kept message handed to the connection, taken back.
+    fn take_handed(&mut self, msg: &Arc<Message>) -> Option<u64> {
+        if self.handed.is_empty() {
+            return None;
+        }
+        let at = self
+            .handed
+            .iter()
+            .position(|(m, _, _)| Arc::ptr_eq(m, msg))?;
+        self.handed.remove(at).map(|(_, seq, _)| seq)
+    }
+
     /// Queue a message at the end (bounded: the newest is dropped). Whether it was kept.
     fn enqueue(&mut self, client_id: &str, q: Queued) -> bool {
         if self.discarded {
@@ -496,6 +770,7 @@ impl Inner {
         }
         if self.over_bounds(&q) {
             self.overflow(client_id);
+            self.dropped(&q);
             return false;
         }
         self.queued_bytes += q.size();
@@ -512,11 +787,15 @@ impl Inner {
             self.queued_bytes -= q.size();
             let pkid = self.next_pkid();
             encode(out, &q.msg, q.qos, false, pkid);
+            if let (Some(seq), Some(k)) = (q.seq, &self.keeper) {
+                k.keep(Change::Sent { seq, pkid });
+            }
             self.inflight.push_back(Inflight {
                 pkid,
                 msg: q.msg,
                 qos: q.qos,
                 released: false,
+                seq: q.seq,
             });
         }
         if self.queue.is_empty() {
@@ -561,9 +840,103 @@ pub struct Resumed {
 pub struct Store {
     sessions: Mutex<HashMap<Box<str>, Arc<MqttState>>>,
     next_sweep: Mutex<Option<Instant>>,
+    /// The durable store new sessions write through to (`[mqtt] store`), set at start.
+    backend: std::sync::OnceLock<Backend>,
 }
 
 impl Store {
+    /// Keep the persistent sessions made from now on in `backend` (the node does this at start,
+    /// before any client connects, then restores the sessions it holds with
+    /// [`Store::restore`]). `false` when a backend was set already.
+    pub fn set_backend(&self, backend: Backend) -> bool {
+        self.backend.set(backend).is_ok()
+    }
+
+    /// Rebuild a persistent session read back from the durable store: its subscriptions (which
+    /// the caller puts back in the trie), its messages by sequence number (those sent or
+    /// PUBREC'd in the inflight window with their packet ids, resent on reconnect; the others
+    /// queued) and its inbound QoS 2 ids awaiting PUBREL. It expires as if its connection had
+    /// ended at `now`. Needs [`Store::set_backend`] first (else it is kept in memory only).
+    #[cfg(feature = "mqtt-store")]
+    pub fn restore(
+        &self,
+        stored: &crate::mqtt_store::StoredSession,
+        queued: Vec<crate::mqtt_store::Queued>,
+        awaiting: Vec<u16>,
+        limits: SessionLimits,
+        now: Instant,
+    ) -> Arc<MqttState> {
+        use crate::mqtt_store::MessageState;
+        let s = MqttState::new(&stored.client_id, stored.owner.as_deref(), true, limits);
+        let next = queued.last().map_or(0, |q| q.seq.saturating_add(1));
+        if let Some(b) = self.backend.get() {
+            s.keep_in(b.clone(), next.max(seq_base()));
+        }
+        {
+            let mut st = s.inner.lock();
+            st.detached_at = Some(now);
+            st.filters = stored
+                .subscriptions
+                .iter()
+                .map(|(f, q)| (Box::from(f.as_str()), *q))
+                .collect();
+            st.awaiting_rel = awaiting.into_iter().collect();
+            for q in queued {
+                let m = q.message;
+                let msg = if m.retain {
+                    Message::retained(m.topic, m.payload)
+                } else {
+                    Message::new(m.topic, m.payload)
+                };
+                let (qos, seq) = (m.qos, Some(q.seq));
+                match q.state {
+                    MessageState::Queued => {
+                        let q = Queued { msg, qos, seq };
+                        st.queued_bytes += q.size();
+                        st.queue.push_back(q);
+                    }
+                    MessageState::Sent { packet_id } | MessageState::Released { packet_id } => {
+                        let released = matches!(q.state, MessageState::Released { .. });
+                        st.last_pkid = st.last_pkid.max(packet_id);
+                        st.inflight.push_back(Inflight {
+                            pkid: packet_id,
+                            msg,
+                            qos,
+                            released: released && qos == 2,
+                            seq,
+                        });
+                    }
+                }
+            }
+        }
+        let mut m = self.sessions.lock();
+        m.insert(stored.client_id.as_str().into(), s.clone());
+        metrics::gauge!("warren_mqtt_sessions_stored").set(m.len() as f64);
+        s
+    }
+
+    /// The durable store of the node's persistent sessions (`[mqtt] store`), if any.
+    pub fn backend(&self) -> Option<&Backend> {
+        self.backend.get()
+    }
+
+    /// A new persistent session, written to the durable store when the node has one.
+    fn new_session(
+        &self,
+        client_id: &str,
+        owner: Option<&str>,
+        limits: SessionLimits,
+    ) -> Arc<MqttState> {
+        let s = MqttState::new(client_id, owner, true, limits);
+        if let Some(b) = self.backend.get() {
+            s.keep_in(b.clone(), seq_base());
+            let st = s.inner.lock();
+            if let Some(k) = &st.keeper {
+                k.keep(Change::Session(&st.filters));
+            }
+        }
+        s
+    }
     /// The stored session of `client_id` for a `clean_session = 0` connection of `owner`: the
     /// stored one (session present) unless it expired, else a new one, stored. Refused when it
     /// belongs to another user.
@@ -588,8 +961,12 @@ impl Store {
                 });
             }
             expired = m.remove(client_id);
+            if let Some(old) = &expired {
+                // out of the file before the new session goes in
+                old.forget();
+            }
         }
-        let s = MqttState::new(client_id, owner, true, limits);
+        let s = self.new_session(client_id, owner, limits);
         m.insert(client_id.into(), s.clone());
         metrics::gauge!("warren_mqtt_sessions_stored").set(m.len() as f64);
         Ok(Resumed {
@@ -614,6 +991,9 @@ impl Store {
             }
             Some(_) => {
                 let s = m.remove(client_id);
+                if let Some(s) = &s {
+                    s.forget();
+                }
                 metrics::gauge!("warren_mqtt_sessions_stored").set(m.len() as f64);
                 Ok(s)
             }
@@ -637,6 +1017,9 @@ impl Store {
             .map(|(k, _)| k.clone())
             .collect();
         let out: Vec<_> = gone.iter().filter_map(|k| m.remove(k)).collect();
+        for s in &out {
+            s.forget();
+        }
         if !out.is_empty() {
             metrics::counter!("warren_mqtt_sessions_expired_total").increment(out.len() as u64);
             metrics::gauge!("warren_mqtt_sessions_stored").set(m.len() as f64);
@@ -833,6 +1216,146 @@ mod tests {
         assert_eq!(s.receive_qos2(9), Ok(false));
         s.release(9);
         assert_eq!(s.receive_qos2(9), Ok(true));
+    }
+
+    /// A fresh store file in the temp dir, removed with the handle.
+    #[cfg(feature = "mqtt-store")]
+    fn durable_store(name: &str) -> (crate::mqtt_store::MqttStore, std::path::PathBuf) {
+        let p = std::env::temp_dir().join(format!(
+            "warren-session-{name}-{}-{}.redb",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let s = crate::mqtt_store::MqttStore::open(&p, Default::default()).unwrap();
+        (s, p)
+    }
+
+    #[cfg(feature = "mqtt-store")]
+    #[tokio::test]
+    async fn a_kept_session_writes_through_and_is_restored_as_it_was() {
+        use crate::mqtt_store::{MessageState, collecting};
+        let (db, path) = durable_store("kept");
+        let store = Store::default();
+        assert!(store.set_backend(db.clone()));
+        let now = Instant::now();
+        let l = limits(2, 10);
+        let s = store.resume("c", Some("ann"), l, now).unwrap().state;
+        assert!(s.subscribe("a/#", 1, || Ok::<_, ()>(())).unwrap().is_ok());
+        assert!(s.subscribe("b", 2, || Ok::<_, ()>(())).unwrap().is_ok());
+        assert!(s.unsubscribe("b"));
+        // offline: the publisher collects the Enqueue writes and waits for them
+        let (kept, writes) = collecting(|| {
+            ["one", "two", "three"]
+                .iter()
+                .all(|b| s.deliver(&msg(b), 1))
+        });
+        assert!(kept);
+        assert!(!writes.is_empty());
+        writes.settle(&db).await.unwrap();
+        assert_eq!(db.queued("c").unwrap().len(), 3);
+        // QoS 0 is never written
+        let (_, writes) = collecting(|| s.deliver(&msg("zero"), 0));
+        assert!(writes.is_empty());
+        // attach: two go in flight (Sent), one is acked
+        let (h, _rx) = handle("h");
+        let e = s.next_epoch();
+        let mut out = BytesMut::new();
+        s.attach(e, &h, l, &mut out);
+        let sent = packets(&mut out);
+        assert_eq!(sent.len(), 2);
+        assert!(s.puback(e, sent[0].2, &mut out));
+        assert_eq!(
+            packets(&mut out).len(),
+            1,
+            "the third moves into the window"
+        );
+        assert_eq!(s.receive_qos2(42), Ok(true));
+        db.flush().await.unwrap();
+        let q = db.queued("c").unwrap();
+        assert_eq!(q.len(), 2);
+        assert!(
+            q.iter()
+                .all(|m| matches!(m.state, MessageState::Sent { .. }))
+        );
+        assert_eq!(db.awaiting_release("c").unwrap(), vec![42]);
+        let stored = db.sessions().unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].subscriptions, vec![("a/#".to_owned(), 1)]);
+        assert_eq!(stored[0].owner.as_deref(), Some("ann"));
+
+        // a restart: rebuilt from the file, the two resent with DUP in order
+        let again = Store::default();
+        again.set_backend(db.clone());
+        let r = again.restore(
+            &stored[0],
+            db.queued("c").unwrap(),
+            db.awaiting_release("c").unwrap(),
+            l,
+            now,
+        );
+        assert_eq!(r.filters("a/#"), (1, true));
+        assert_eq!(r.receive_qos2(42), Ok(false), "still awaiting PUBREL");
+        assert!(
+            again.resume("c", Some("bob"), l, now).is_err(),
+            "the owner is kept"
+        );
+        let (h2, _rx2) = handle("h2");
+        let e2 = r.next_epoch();
+        r.attach(e2, &h2, l, &mut out);
+        let resent = packets(&mut out);
+        assert_eq!(
+            resent
+                .iter()
+                .map(|p| (p.1, p.3.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(true, "two"), (true, "three")]
+        );
+        // a clean start deletes it from the file
+        let gone = again.take("c", Some("ann")).unwrap().unwrap();
+        gone.discard();
+        db.flush().await.unwrap();
+        assert!(db.sessions().unwrap().is_empty());
+        assert!(db.queued("c").unwrap().is_empty());
+        drop((db, s, r, gone, store, again));
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[cfg(feature = "mqtt-store")]
+    #[tokio::test]
+    async fn an_online_kept_delivery_is_named_by_the_framer_and_handed_back_on_detach() {
+        use crate::mqtt_store::collecting;
+        let (db, path) = durable_store("online");
+        let store = Store::default();
+        store.set_backend(db.clone());
+        let l = limits(8, 10);
+        let s = store.resume("c", None, l, Instant::now()).unwrap().state;
+        let (h, mut rx) = handle("h");
+        let e = s.next_epoch();
+        let mut out = BytesMut::new();
+        s.attach(e, &h, l, &mut out);
+        let (_, w) = collecting(|| {
+            assert!(s.deliver(&msg("framed"), 1));
+            assert!(s.deliver(&msg("unsent"), 1));
+        });
+        w.settle(&db).await.unwrap();
+        let mut items = vec![];
+        while let Some(Outbound::Message { msg, qos }) = rx.try_recv() {
+            items.push((msg, qos.unwrap_or(0)));
+        }
+        assert_eq!(items.len(), 2);
+        // the framer takes the first; the second is handed back when the connection ends
+        let (m, q) = items.remove(0);
+        s.frame(e, m, q, &mut out);
+        let p = packets(&mut out);
+        assert_eq!(p.len(), 1);
+        assert!(s.puback(e, p[0].2, &mut out));
+        s.detach(e, || items);
+        db.flush().await.unwrap();
+        let q = db.queued("c").unwrap();
+        assert_eq!(q.len(), 1, "the acked one is gone: {q:?}");
+        assert_eq!(&q[0].message.payload[..], b"unsent");
+        drop((db, s, store));
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]

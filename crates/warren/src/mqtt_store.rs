@@ -237,6 +237,9 @@ pub enum Write {
     PutSession {
         /// The client id.
         client_id: String,
+        /// The verified user that owns the session (`None`: anonymous): after a restart only
+        /// that user resumes it, as before.
+        owner: Option<String>,
         /// Every subscription of the session.
         subscriptions: Vec<(String, u8)>,
     },
@@ -296,10 +299,12 @@ impl Write {
             Write::PutRetained { topic, payload, .. } => topic.len() + 1 + payload.len(),
             Write::PutSession {
                 client_id,
+                owner,
                 subscriptions,
             } => {
                 client_id.len()
                     + 4
+                    + owner.as_ref().map_or(0, |o| 5 + o.len())
                     + subscriptions
                         .iter()
                         .map(|(f, _)| 1 + 4 + f.len())
@@ -349,6 +354,7 @@ impl Write {
             Write::PutSession {
                 client_id,
                 subscriptions,
+                ..
             } => {
                 if client_id.is_empty() {
                     return Err(StoreError::Invalid("a session needs a client id"));
@@ -418,6 +424,8 @@ pub struct Retained {
 pub struct StoredSession {
     /// The client id.
     pub client_id: String,
+    /// The verified user that owns it (`None`: anonymous).
+    pub owner: Option<String>,
     /// Its subscriptions: filter and granted QoS.
     pub subscriptions: Vec<(String, u8)>,
 }
@@ -436,6 +444,75 @@ impl Future for Durable {
             .poll(cx)
             .map(|r| r.unwrap_or(Err(StoreError::Closed)))
     }
+}
+
+/// What the writes made while [`collecting`] ran are waiting on: the [`Durable`]s of the
+/// writes queued, and the writes that found the queue full (queued by [`Collected::settle`],
+/// waiting for room, after the others and in their order).
+///
+/// It exists because the MQTT state is changed in synchronous code (a fan-out on the
+/// publisher's task, a retained store's lock) that cannot wait, while the publisher's
+/// connection must wait for those writes before it acknowledges the PUBLISH.
+#[derive(Debug, Default)]
+pub struct Collected {
+    durables: Vec<Durable>,
+    deferred: Vec<Write>,
+}
+
+impl Collected {
+    /// Whether no write was made.
+    pub fn is_empty(&self) -> bool {
+        self.durables.is_empty() && self.deferred.is_empty()
+    }
+
+    /// Queue the deferred writes (waiting for room), then wait until every write is on disk.
+    /// The first error is returned; every write is still waited for.
+    pub async fn settle(self, store: &MqttStore) -> Result<(), StoreError> {
+        let mut result = Ok(());
+        let mut durables = self.durables;
+        for w in self.deferred {
+            match store.write(w).await {
+                Ok(d) => durables.push(d),
+                Err(e) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
+            }
+        }
+        for d in durables {
+            if let Err(e) = d.await
+                && result.is_ok()
+            {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    /// Queue the deferred writes without waiting for any to be durable (for a QoS 0 PUBLISH:
+    /// the writes happen, nobody is told when).
+    pub async fn queue(self, store: &MqttStore) {
+        for w in self.deferred {
+            if let Ok(d) = store.write(w).await {
+                drop(d);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The writes collected on this thread by [`collecting`], while it runs.
+    static COLLECTOR: std::cell::RefCell<Option<Collected>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f`, collecting what the [`MqttStore::write_through`] calls it makes are waiting on.
+/// `f` is synchronous: the collection is this thread's, for the length of the call.
+pub fn collecting<R>(f: impl FnOnce() -> R) -> (R, Collected) {
+    let outer = COLLECTOR.with(|c| c.replace(Some(Collected::default())));
+    let r = f();
+    let mine = COLLECTOR.with(|c| c.replace(outer)).unwrap_or_default();
+    (r, mine)
 }
 
 /// One queued write (or, with none, a barrier), with whom to tell and its share of the queue's
@@ -662,6 +739,61 @@ impl MqttStore {
         Ok(Durable(durable))
     }
 
+    /// Queue a write from synchronous code that cannot wait. Inside [`collecting`], its
+    /// [`Durable`] (or, when the queue is full, the write itself) goes to the collection, for
+    /// the caller to wait on; outside, the write goes without anyone waiting, and a full queue
+    /// drops it (counted in `warren_store_refused_total{reason="busy"}` and logged, as every
+    /// refused write is). An invalid or oversized write is refused (counted, logged) either way.
+    pub fn write_through(&self, write: Write) {
+        let collecting = COLLECTOR.with(|c| c.borrow().is_some());
+        if !collecting {
+            if let Ok(d) = self.try_write(write) {
+                drop(d);
+            }
+            return;
+        }
+        if let Err(e) = write.check(self.inner.options.max_value) {
+            refused(&e);
+            return;
+        }
+        let queued = self.try_queue(write);
+        COLLECTOR.with(|c| {
+            if let Some(col) = c.borrow_mut().as_mut() {
+                match queued {
+                    Ok(d) => col.durables.push(d),
+                    Err(Some(w)) => col.deferred.push(w),
+                    Err(None) => {}
+                }
+            }
+        });
+    }
+
+    /// [`MqttStore::try_write`] for a checked write, handing it back when the queue is full
+    /// (`Err(None)`: the store is closed).
+    fn try_queue(&self, write: Write) -> Result<Durable, Option<Write>> {
+        let Ok(tx) = self.sender() else {
+            return Err(None);
+        };
+        let Ok(permit) = self
+            .inner
+            .bytes
+            .clone()
+            .try_acquire_many_owned(write.size().max(1) as u32)
+        else {
+            return Err(Some(write));
+        };
+        let (done, durable) = oneshot::channel();
+        match tx.try_send(Request {
+            write: Some(write),
+            done,
+            _bytes: Some(permit),
+        }) {
+            Ok(()) => Ok(Durable(durable)),
+            Err(mpsc::error::TrySendError::Full(r)) => Err(r.write),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(None),
+        }
+    }
+
     /// Wait until every write queued before this call is on disk (or failed).
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (done, durable) = oneshot::channel();
@@ -724,6 +856,7 @@ impl MqttStore {
         }
         self.write(Write::PutSession {
             client_id: client_id.to_owned(),
+            owner: None,
             subscriptions: subscriptions
                 .iter()
                 .map(|(f, q)| (f.as_ref().to_owned(), *q))
@@ -848,10 +981,11 @@ impl MqttStore {
         for row in table.iter().map_err(|e| self.storage(e))? {
             let (k, v) = row.map_err(|e| self.storage(e))?;
             let client_id = k.value().to_owned();
-            let subscriptions = decode_subscriptions(v.value())
+            let (subscriptions, owner) = decode_subscriptions(v.value())
                 .ok_or_else(|| self.corrupt("sessions", format!("client id {client_id:?}")))?;
             out.push(StoredSession {
                 client_id,
+                owner,
                 subscriptions,
             });
         }
@@ -997,9 +1131,10 @@ fn apply(
             }
             Write::PutSession {
                 client_id,
+                owner,
                 subscriptions,
             } => {
-                encode_subscriptions(subscriptions, scratch);
+                encode_subscriptions(subscriptions, owner.as_deref(), scratch);
                 sessions.insert(client_id.as_str(), scratch.as_slice())?;
             }
             Write::DeleteSession { client_id } => {
@@ -1056,14 +1191,20 @@ fn apply(
     Ok(())
 }
 
-/// `[count u32]` then per subscription `[qos][len u32][filter]`, little-endian.
-fn encode_subscriptions(subs: &[(String, u8)], out: &mut Vec<u8>) {
+/// `[count u32]` then per subscription `[qos][len u32][filter]`, little-endian; then, for a
+/// session with a verified owner, `[1][len u32][owner]`.
+fn encode_subscriptions(subs: &[(String, u8)], owner: Option<&str>, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&(subs.len() as u32).to_le_bytes());
     for (filter, qos) in subs {
         out.push(*qos);
         out.extend_from_slice(&(filter.len() as u32).to_le_bytes());
         out.extend_from_slice(filter.as_bytes());
+    }
+    if let Some(o) = owner {
+        out.push(1);
+        out.extend_from_slice(&(o.len() as u32).to_le_bytes());
+        out.extend_from_slice(o.as_bytes());
     }
 }
 
@@ -1095,7 +1236,9 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn decode_subscriptions(v: &[u8]) -> Option<Vec<(String, u8)>> {
+type DecodedSession = (Vec<(String, u8)>, Option<String>);
+
+fn decode_subscriptions(v: &[u8]) -> Option<DecodedSession> {
     let mut f = Fields(v);
     let n = f.u32()?;
     // each subscription takes at least 5 bytes: a count beyond that is corrupt, not a huge
@@ -1108,7 +1251,12 @@ fn decode_subscriptions(v: &[u8]) -> Option<Vec<(String, u8)>> {
         let qos = f.u8().filter(|q| *q <= 2)?;
         out.push((f.str()?.to_owned(), qos));
     }
-    f.0.is_empty().then_some(out)
+    let owner = match f.u8() {
+        None => None,
+        Some(1) => Some(f.str()?.to_owned()),
+        Some(_) => return None,
+    };
+    f.0.is_empty().then_some((out, owner))
 }
 
 /// `[qos][flags: bit 0 retain][topic len u32][topic][payload]`.
@@ -1367,6 +1515,7 @@ mod tests {
         assert!(matches!(e, StoreError::Invalid(_)), "{e}");
         let e = s.try_write(Write::PutSession {
             client_id: String::new(),
+            owner: None,
             subscriptions: vec![],
         });
         assert!(matches!(e, Err(StoreError::Invalid(_))), "{e:?}");
@@ -1471,8 +1620,16 @@ mod tests {
         );
         assert_eq!(
             decode_subscriptions(&[1, 0, 0, 0, 1, 1, 0, 0, 0, b'a']),
-            Some(vec![("a".to_owned(), 1)])
+            Some((vec![("a".to_owned(), 1)], None))
         );
+        let mut v = Vec::new();
+        encode_subscriptions(&[("a/#".to_owned(), 2)], Some("ann"), &mut v);
+        assert_eq!(
+            decode_subscriptions(&v),
+            Some((vec![("a/#".to_owned(), 2)], Some("ann".to_owned())))
+        );
+        v.push(0);
+        assert_eq!(decode_subscriptions(&v), None, "bytes after the owner");
         assert_eq!(decode_message(&[0, 0, 0, 0, 0, 0]), None);
         assert_eq!(decode_message(&[1, 0, 5, 0, 0, 0, b'a']), None);
         let mut v = Vec::new();

@@ -124,7 +124,8 @@ pub struct RetainedStore {
     inner: RwLock<Inner>,
     max_messages: usize,
     max_bytes: usize,
-    backend: Option<Arc<dyn RetainedBackend>>,
+    /// Set once, at start (before any client connects) or when built.
+    backend: std::sync::OnceLock<Arc<dyn RetainedBackend>>,
 }
 
 impl std::fmt::Debug for RetainedStore {
@@ -134,7 +135,7 @@ impl std::fmt::Debug for RetainedStore {
             .field("bytes", &self.bytes())
             .field("max_messages", &self.max_messages)
             .field("max_bytes", &self.max_bytes)
-            .field("backend", &self.backend.is_some())
+            .field("backend", &self.backend.get().is_some())
             .finish()
     }
 }
@@ -152,14 +153,21 @@ impl RetainedStore {
             inner: RwLock::new(Inner::default()),
             max_messages,
             max_bytes,
-            backend: None,
+            backend: std::sync::OnceLock::new(),
         }
     }
 
     /// Write every accepted change through to `backend` from now on.
-    pub fn with_backend(mut self, backend: Arc<dyn RetainedBackend>) -> Self {
-        self.backend = Some(backend);
+    pub fn with_backend(self, backend: Arc<dyn RetainedBackend>) -> Self {
+        let _ = self.backend.set(backend);
         self
+    }
+
+    /// Write every accepted change through to `backend` from now on, for a store already
+    /// shared (the node sets its durable store at start). A store has one backend: `false`
+    /// when it has one already (then nothing changes).
+    pub fn set_backend(&self, backend: Arc<dyn RetainedBackend>) -> bool {
+        self.backend.set(backend).is_ok()
     }
 
     /// Retained messages held.
@@ -181,7 +189,7 @@ impl RetainedStore {
     /// empty payload deletes it. Refused when a new topic or a bigger message would pass a cap.
     /// Accepted changes are written through to the backend.
     pub fn set(&self, topic: &str, qos: u8, payload: Bytes) -> Result<Retain, RetainedFull> {
-        self.apply(topic, qos, payload, self.backend.as_deref())
+        self.apply(topic, qos, payload, self.backend.get().map(|b| &**b))
     }
 
     /// Fill the store from a backend's copy at start (not written back to it). Entries past a
@@ -319,6 +327,28 @@ impl RetainedStore {
             }
         }
         out.len() - before
+    }
+}
+
+/// The durable store keeps the retained messages of `[mqtt] store`: each change is queued to
+/// its writer without waiting (the store's lock is held). A publisher that must know the change
+/// is on disk runs the publish inside [`crate::mqtt_store::collecting`] and waits on what it
+/// collected; a full write queue is counted and logged, and the change is then kept in memory
+/// only (or, inside `collecting`, written once there is room).
+#[cfg(feature = "mqtt-store")]
+impl RetainedBackend for crate::mqtt_store::MqttStore {
+    fn put_retained(&self, topic: &str, qos: u8, payload: &Bytes) {
+        self.write_through(crate::mqtt_store::Write::PutRetained {
+            topic: topic.to_owned(),
+            qos,
+            payload: payload.clone(),
+        });
+    }
+
+    fn delete_retained(&self, topic: &str) {
+        self.write_through(crate::mqtt_store::Write::DeleteRetained {
+            topic: topic.to_owned(),
+        });
     }
 }
 

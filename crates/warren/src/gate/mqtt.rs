@@ -713,6 +713,13 @@ impl MqttSession {
     }
 
     async fn publish(&mut self, conn: &mut Conn, p: Publish) -> Result<(), End> {
+        #[cfg(feature = "mqtt-store")]
+        if !self.mqant
+            && let Some(store) = conn.gate.node.subscriptions().sessions().backend()
+        {
+            let store = store.clone();
+            return self.publish_kept(conn, p, store).await;
+        }
         match p.qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => ack(conn, mqtt::ack_bytes(Ack::PubAck, p.pkid)).await?,
@@ -773,15 +780,18 @@ impl MqttSession {
                 }
                 let broker = &conn.gate.broker;
                 let (peer, q) = (conn.peer, qos.as_u8());
-                broker.publish(
-                    &*node,
-                    &peer,
-                    topic,
-                    topic_bytes.clone(),
-                    q,
-                    payload,
-                    retain,
-                );
+                let kept = kept_writes(&*node, || {
+                    broker.publish(
+                        &*node,
+                        &peer,
+                        topic,
+                        topic_bytes.clone(),
+                        q,
+                        payload,
+                        retain,
+                    )
+                });
+                settle(kept, q, &peer).await?;
             } else {
                 tracing::debug!(
                     topic,
@@ -823,6 +833,43 @@ impl MqttSession {
                     None => Ok(()),
                 }
             }
+        }
+    }
+
+    /// [`Self::publish`] on a node with a durable store (`[mqtt] store`): the PUBACK (QoS 2:
+    /// PUBREC) goes only once what the PUBLISH changed is on disk: the messages queued for
+    /// persistent sessions, the retained message, the packet id awaiting PUBREL (docs/
+    /// protocols/mqtt.md, "Durability"). A store that fails closes the connection unacknowledged.
+    #[cfg(feature = "mqtt-store")]
+    async fn publish_kept(
+        &mut self,
+        conn: &mut Conn,
+        p: Publish,
+        store: crate::mqtt_store::MqttStore,
+    ) -> Result<(), End> {
+        let (qos, pkid) = (p.qos, p.pkid);
+        let mut awaiting = None;
+        if qos == QoS::ExactlyOnce {
+            let (first, kept) = crate::mqtt_store::collecting(|| self.state.receive_qos2(pkid));
+            match first {
+                Ok(true) => awaiting = Some(kept),
+                Ok(false) => return ack(conn, mqtt::ack_bytes(Ack::PubRec, pkid)).await,
+                Err(()) => {
+                    return Err(End::Refused(format!(
+                        "more than {MAX_AWAITING_REL} QoS 2 publishes awaiting PUBREL"
+                    )));
+                }
+            }
+        }
+        metrics::counter!("warren_publishes_received_total").increment(1);
+        self.route(conn, p).await?;
+        if let Some(kept) = awaiting {
+            settle(Some((store, kept)), 2, &conn.peer).await?;
+        }
+        match qos {
+            QoS::AtMostOnce => Ok(()),
+            QoS::AtLeastOnce => ack(conn, mqtt::ack_bytes(Ack::PubAck, pkid)).await,
+            QoS::ExactlyOnce => ack(conn, mqtt::ack_bytes(Ack::PubRec, pkid)).await,
         }
     }
 
@@ -965,6 +1012,45 @@ fn preview(t: &str) -> &str {
         end -= 1;
     }
     &t[..end]
+}
+
+/// The store writes `f` makes (a publish's fan-out and retained message) and the store they go
+/// to, when the node has a durable store (`[mqtt] store`).
+#[cfg(feature = "mqtt-store")]
+type Kept = Option<(crate::mqtt_store::MqttStore, crate::mqtt_store::Collected)>;
+/// Without the store feature nothing is kept.
+#[cfg(not(feature = "mqtt-store"))]
+type Kept = Option<std::convert::Infallible>;
+
+/// Run `f` (synchronous), collecting the durable store's writes it makes, if the node has one.
+fn kept_writes<R>(node: &dyn super::Host, f: impl FnOnce() -> R) -> Kept {
+    #[cfg(feature = "mqtt-store")]
+    if let Some(store) = node.subscriptions().sessions().backend() {
+        let (_, kept) = crate::mqtt_store::collecting(f);
+        return (!kept.is_empty()).then(|| (store.clone(), kept));
+    }
+    let _ = (node, f());
+    None
+}
+
+/// Wait for the writes of a QoS ≥ 1 publish to be durable (for QoS 0, only for room in the
+/// store's queue); a failed store ends the connection, unacknowledged.
+async fn settle(kept: Kept, qos: u8, peer: &SocketAddr) -> Result<(), End> {
+    #[cfg(feature = "mqtt-store")]
+    if let Some((store, kept)) = kept {
+        if qos == 0 {
+            kept.queue(&store).await;
+            return Ok(());
+        }
+        if let Err(e) = kept.settle(&store).await {
+            metrics::counter!("warren_store_unacknowledged_total").increment(1);
+            tracing::warn!(%peer, error = %e, "MQTT store failed: PUBLISH not acknowledged; closing");
+            return Err(End::ServerClosed);
+        }
+    }
+    #[cfg(not(feature = "mqtt-store"))]
+    let _ = (kept, qos, peer);
+    Ok(())
 }
 
 /// Frames pushes and replies as PUBLISH packets with this connection's QoS and packet ids.

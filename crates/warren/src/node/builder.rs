@@ -182,6 +182,68 @@ impl NodeBuilder {
         }
     }
 
+    /// Hand the durable store to the default-mode MQTT state and fill that state from it: the
+    /// retained messages (under the `[limits]` caps) and the persistent sessions with their
+    /// subscriptions (back in the trie, so messages published before their client reconnects
+    /// are queued for them), queued messages and QoS 2 ids awaiting PUBREL. Every change from
+    /// then on is written through (crate::mqtt_session, "Durability"). A store that cannot be
+    /// read stops the node.
+    #[cfg(feature = "mqtt-store")]
+    fn restore_mqtt(gate: &Gate, store: &MqttStore, cfg: &Config) -> Result<(), NodeError> {
+        use crate::fanout::Subscriber;
+        use crate::mqtt_session::SessionLimits;
+        let retained = store.retained()?;
+        let stored = retained.len();
+        let kept = gate
+            .broker
+            .retained
+            .load(retained.into_iter().map(|r| (r.topic, r.qos, r.payload)));
+        if kept < stored {
+            tracing::warn!(
+                stored,
+                kept,
+                "retained messages past [limits] max_retained_messages / max_retained_bytes \
+                 were not loaded"
+            );
+        }
+        metrics::gauge!("warren_retained_messages").set(kept as f64);
+        if !gate.broker.retained.set_backend(Arc::new(store.clone())) {
+            tracing::warn!(
+                "the retained messages already have a backend; the MQTT store does not keep them"
+            );
+        }
+        let subs = gate.node.subscriptions();
+        subs.sessions().set_backend(store.clone());
+        let limits = SessionLimits::from_config(&cfg.limits);
+        let now = std::time::Instant::now();
+        let (mut sessions, mut messages) = (0usize, 0usize);
+        for s in store.sessions()? {
+            let queued = store.queued(&s.client_id)?;
+            let awaiting = store.awaiting_release(&s.client_id)?;
+            messages += queued.len();
+            sessions += 1;
+            let state = subs.sessions().restore(&s, queued, awaiting, limits, now);
+            for (filter, qos) in &s.subscriptions {
+                // what the node held before it stopped, whatever the caps are now
+                let _ = subs.subscribe_within(
+                    filter,
+                    Subscriber::Stored(state.clone()),
+                    *qos,
+                    usize::MAX,
+                    usize::MAX,
+                );
+            }
+        }
+        tracing::info!(
+            path = %store.path().display(),
+            retained = kept,
+            sessions,
+            queued_messages = messages,
+            "MQTT state restored from the store"
+        );
+        Ok(())
+    }
+
     /// Start modules, register, bind listeners.
     pub async fn start(self) -> Result<Node, NodeError> {
         let cfg = self.config;
@@ -383,6 +445,11 @@ impl NodeBuilder {
             line_handlers,
         ));
         gate.acl.store(acl);
+        // before any client: the retained messages and persistent sessions of the last run
+        #[cfg(feature = "mqtt-store")]
+        if let Some(store) = &mqtt_store {
+            NodeBuilder::restore_mqtt(&gate, store, &cfg)?;
+        }
         let mut listeners = Vec::new();
         for l in listener_configs {
             let bound = gate::listen(gate.clone(), l.clone())
