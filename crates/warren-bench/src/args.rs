@@ -168,6 +168,12 @@ pub struct PubsubArgs {
     /// QoS of publishes and subscriptions: 0 or 1.
     #[arg(long, default_value_t = 0)]
     pub qos: u8,
+    /// Subscribers keep persistent sessions (clean_session = 0) under stable client ids
+    /// (`wb-persist-s<i>`): what a durable store (warren's `[mqtt] store`, mosquitto's
+    /// `persistence`) must keep. Each id's earlier session is discarded first (one
+    /// clean_session = 1 connect), so a run starts with nothing queued.
+    #[arg(long)]
+    pub persistent: bool,
     /// Closed loop: each publisher stays at most this many messages ahead of the slowest
     /// subscriber (and, at QoS 1, of its own PUBACKs). 0 picks 250 000 deliveries' worth,
     /// between 10 and 1000 messages (1000 up to 250 subscribers, 250 for 1000).

@@ -52,6 +52,8 @@ pub struct ConnectOptions {
     pub read_chunk: usize,
     /// TLS and credentials.
     pub login: Arc<Login>,
+    /// CONNECT's clean_session flag: `false` asks the server to keep the session.
+    pub clean_session: bool,
 }
 
 /// The read side: a socket half and the bytes read but not yet decoded.
@@ -277,6 +279,7 @@ impl Client {
         let (reader, writer) = connect_stream(o.target, o.source, &o.login, o.read_chunk).await?;
         let mut client = Client { reader, writer };
         let mut connect = Connect::new(o.client_id.clone(), o.keep_alive);
+        connect.clean_session = o.clean_session;
         connect.username = o.login.username.clone();
         connect.password = o.login.password.clone().map(bytes::Bytes::from);
         client.writer.queue(&Packet::Connect(connect));

@@ -119,6 +119,7 @@ pub async fn run(a: &ConnectionsArgs, stop: CancellationToken) -> Result<Report,
             timeout: connect_timeout,
             read_chunk: 64,
             login: login.clone(),
+            clean_session: true,
         };
         tracker.spawn(idle_connection(
             o,

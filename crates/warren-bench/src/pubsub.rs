@@ -128,6 +128,7 @@ pub async fn run(a: &PubsubArgs, stop: CancellationToken) -> Result<Report, Benc
     report.param("subscribers", a.subscribers as u64);
     report.param("payload", a.payload as u64);
     report.param("qos", a.qos);
+    report.param("persistent", a.persistent);
     report.param(
         "mode",
         if a.rate.is_some() {
@@ -147,6 +148,7 @@ pub async fn run(a: &PubsubArgs, stop: CancellationToken) -> Result<Report, Benc
     // everyone listens.
     let base = crate::connections::random_base();
     let subscribers_n = a.subscribers;
+    let persistent = a.persistent;
     let options = move |kind: &str, i: usize| ConnectOptions {
         target,
         // subscribers first, then publishers, spread over loopback source addresses
@@ -156,11 +158,16 @@ pub async fn run(a: &PubsubArgs, stop: CancellationToken) -> Result<Report, Benc
             crate::connections::SPREAD_PER_SOURCE,
             base,
         ),
-        client_id: format!("wb-{tag}-{kind}{i}"),
+        client_id: if persistent && kind == "s" {
+            format!("wb-persist-s{i}")
+        } else {
+            format!("wb-{tag}-{kind}{i}")
+        },
         keep_alive: c.keepalive,
         timeout: SETUP_TIMEOUT,
         read_chunk: SUB_READ_CHUNK,
         login: login.clone(),
+        clean_session: !(persistent && kind == "s"),
     };
     let subscribers = {
         let topic = topic.clone();
@@ -168,6 +175,14 @@ pub async fn run(a: &PubsubArgs, stop: CancellationToken) -> Result<Report, Benc
             let o = options("s", i);
             let topic = topic.clone();
             async move {
+                if !o.clean_session {
+                    // discard what an earlier run left under this id
+                    let clean = ConnectOptions {
+                        clean_session: true,
+                        ..o.clone()
+                    };
+                    Client::connect(&clean).await?.close(SETUP_TIMEOUT).await;
+                }
                 let mut client = Client::connect(&o).await?;
                 client.subscribe(&topic, qos, SETUP_TIMEOUT).await?;
                 Ok(client)

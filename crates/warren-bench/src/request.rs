@@ -108,6 +108,7 @@ pub async fn run(a: &RequestArgs, stop: CancellationToken) -> Result<Report, Ben
             timeout: SETUP_TIMEOUT,
             read_chunk: 64 * 1024,
             login: login.clone(),
+            clean_session: true,
         };
         async move { Client::connect(&o).await }
     })

@@ -32,7 +32,7 @@
 //! is refused the same way. The store is closed when its last handle is dropped: every write
 //! already queued is committed first.
 //!
-//! Wiring (who calls what, once the MQTT semantics use it): the module is a leaf of the crate's
+//! Wiring (who calls what): the module is a leaf of the crate's
 //! layers (it uses nothing else of it), so `retained.rs` and `mqtt_session.rs` may both hold a
 //! handle. The node opens the store at start when the key is set (node/builder.rs,
 //! [`crate::node::Node::mqtt_store`]); retained messages are loaded with
@@ -44,7 +44,10 @@
 //! its client is offline, marked with `set_state` when sent or PUBREC'd, removed with `ack` on
 //! PUBACK/PUBCOMP, and read back in order with [`MqttStore::queued`] on reconnect; an inbound
 //! QoS 2 PUBLISH's id is kept with `await_release` before its PUBREC and removed with `release`
-//! on PUBREL; `delete_session` when `clean_session = 1` discards a session.
+//! on PUBREL; `delete_session` when `clean_session = 1` discards a session. Those writes are
+//! made with [`MqttStore::write_through`] from the synchronous code that changes the state; the
+//! publisher's connection collects them with [`collecting`] and waits on [`Collected::settle`]
+//! before its PUBACK.
 
 use std::ops::RangeInclusive;
 use std::panic::AssertUnwindSafe;
