@@ -139,6 +139,9 @@ async fn serve(
     if let Some(r) = registry {
         builder = builder.registry(r);
     }
+    if let Some(shared) = warren_cluster::connect::shared_retained(&config).await {
+        builder = builder.shared_retained(shared);
+    }
     let plugins = Arc::new(Plugins::new());
     builder = plugin_host::listeners(&config, builder, &plugins)?;
     for m in config.modules.iter().filter(|m| runs_here(m)) {

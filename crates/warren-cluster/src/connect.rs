@@ -9,6 +9,7 @@ use warren::config::{BusConfig, Config, ModuleConfig, RegistryConfig};
 use warren::node::NodeHandle;
 use warren::registry::Registry;
 use warren::remote::Transport;
+use warren::retained::SharedRetained;
 
 /// Why a cluster part did not start.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +118,39 @@ pub async fn registry(
         }
     };
     Ok(Some(r))
+}
+
+/// The cluster's shared copy of the retained MQTT messages for the bus `config` names (NATS: a
+/// JetStream KV bucket, Redis: a hash; docs/protocols/mqtt.md, "Across gates"), read now, for
+/// [`warren::NodeBuilder::shared_retained`]. `None` without an MQTT listener, with a bus that
+/// has no store (local, AMQP), or when the store cannot be opened or read: that is logged, and
+/// the node runs with forwards between gates only (a gate started later does not see the
+/// retained messages set before).
+pub async fn shared_retained(config: &Config) -> Option<SharedRetained> {
+    let bus = &config.bus;
+    if bus.is_local() || !config.listeners.iter().any(|l| l.protocol.mqtt().is_some()) {
+        return None;
+    }
+    let max = config.limits.max_retained_messages;
+    let opened = match scheme(&bus.url) {
+        "nats" => crate::nats::NatsRetained::connect(&bus.url, &bus.prefix, max).await,
+        "redis" => crate::redis::RedisRetained::connect(&bus.url, &bus.prefix, max).await,
+        _ => return None,
+    };
+    match opened {
+        Ok(shared) => Some(shared),
+        Err(why) => {
+            metrics::counter!("warren_retained_shared_errors_total", "store" => "open")
+                .increment(1);
+            tracing::warn!(
+                bus = %bus.url,
+                %why,
+                "the cluster's shared store of retained messages is not available: retained \
+                 messages reach the gates running now only"
+            );
+            None
+        }
+    }
 }
 
 /// The compatibility bridges of a running node; dropping it does not stop them, [`Bridges::stop`]

@@ -9,6 +9,9 @@
 //! | `redis://host:6379/0` | [`redis::RedisTransport`] | [`redis::GobaseRegistry`] (docs/cluster.md) |
 //! | `amqp://user:pass@host:5672/%2f` | [`amqp::AmqpTransport`] | – |
 //! | `etcd://host:2379` (feature `etcd`) | – | `etcd::EtcdRegistry` |
+//!
+//! The NATS and Redis buses also keep the cluster's shared copy of the retained MQTT messages
+//! ([`nats::NatsRetained`], [`redis::RedisRetained`], [`connect::shared_retained`]).
 
 #![forbid(unsafe_code)]
 
@@ -18,3 +21,4 @@ pub mod connect;
 pub mod etcd;
 pub mod nats;
 pub mod redis;
+mod retained_value;

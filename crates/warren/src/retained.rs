@@ -34,6 +34,25 @@ pub trait RetainedBackend: Send + Sync {
     fn delete_retained(&self, topic: &str);
 }
 
+/// The cluster's shared copy of the retained messages (crate `warren-cluster`: a NATS
+/// JetStream KV bucket, a Redis hash), handed to a node at start
+/// ([`crate::node::NodeBuilder::shared_retained`]): a gate that starts after others finds the
+/// retained messages they kept (docs/protocols/mqtt.md, "Across gates").
+pub struct SharedRetained {
+    /// Where the changes made on this gate are written (queued, never blocking).
+    pub backend: Arc<dyn RetainedBackend>,
+    /// What the shared copy held when the node started: `(topic, QoS, payload)`.
+    pub entries: Vec<(String, u8, Bytes)>,
+}
+
+impl std::fmt::Debug for SharedRetained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRetained")
+            .field("entries", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// One retained message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetainedMessage {
@@ -189,7 +208,19 @@ impl RetainedStore {
     /// empty payload deletes it. Refused when a new topic or a bigger message would pass a cap.
     /// Accepted changes are written through to the backend.
     pub fn set(&self, topic: &str, qos: u8, payload: Bytes) -> Result<Retain, RetainedFull> {
-        self.apply(topic, qos, payload, self.backend.get().map(|b| &**b))
+        self.apply(topic, qos, payload, self.backend.get().map(|b| &**b), None)
+    }
+
+    /// As [`RetainedStore::set`], and an accepted change is also written through to `also`
+    /// (the cluster's shared copy, for a change made on this gate), in the same order.
+    pub fn set_with(
+        &self,
+        topic: &str,
+        qos: u8,
+        payload: Bytes,
+        also: Option<&dyn RetainedBackend>,
+    ) -> Result<Retain, RetainedFull> {
+        self.apply(topic, qos, payload, self.backend.get().map(|b| &**b), also)
     }
 
     /// Fill the store from a backend's copy at start (not written back to it). Entries past a
@@ -197,7 +228,7 @@ impl RetainedStore {
     pub fn load(&self, entries: impl IntoIterator<Item = (String, u8, Bytes)>) -> usize {
         let mut kept = 0;
         for (topic, qos, payload) in entries {
-            if !payload.is_empty() && self.apply(&topic, qos, payload, None).is_ok() {
+            if !payload.is_empty() && self.apply(&topic, qos, payload, None, None).is_ok() {
                 kept += 1;
             }
         }
@@ -210,12 +241,15 @@ impl RetainedStore {
         qos: u8,
         payload: Bytes,
         backend: Option<&dyn RetainedBackend>,
+        also: Option<&dyn RetainedBackend>,
     ) -> Result<Retain, RetainedFull> {
         let mut inner = self.inner.write();
         if payload.is_empty() {
             let removed = delete(&mut inner, topic);
-            if removed && let Some(b) = backend {
-                b.delete_retained(topic);
+            if removed {
+                for b in backend.into_iter().chain(also) {
+                    b.delete_retained(topic);
+                }
             }
             return Ok(if removed {
                 Retain::Deleted
@@ -238,7 +272,7 @@ impl RetainedStore {
                 max: self.max_bytes,
             });
         }
-        if let Some(b) = backend {
+        for b in backend.into_iter().chain(also) {
             b.put_retained(topic, qos, &payload);
         }
         let msg = Arc::new(RetainedMessage {

@@ -8,6 +8,7 @@
 //! sends fail fast and the registry keeps its last known list.
 
 mod kv;
+mod retained;
 mod transport;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use kv::KvRegistry;
+pub use retained::NatsRetained;
 pub use transport::NatsTransport;
 
 use warren::error::Detail;

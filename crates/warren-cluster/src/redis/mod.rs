@@ -11,10 +11,12 @@
 //!   timeout disabled (a blocked `BLPOP` holds its connection), and reconnect with [`Backoff`].
 
 mod registry;
+mod retained;
 mod rpc;
 mod transport;
 
 pub use registry::{GobaseKeys, GobaseMember, GobaseRegistry};
+pub use retained::RedisRetained;
 pub use rpc::{RedisRpc, RedisRpcError};
 pub use transport::RedisTransport;
 

@@ -6,10 +6,16 @@
 //! [`Broker::publish`]: retained first when asked (under the `[limits]` caps), then one shared
 //! message to every matching subscription, with the retain flag clear. Retained copies sent on
 //! SUBSCRIBE ([`send_retained`]) carry the retain flag, set by the framer as it frames them.
+//!
+//! In a cluster (a node with a bus), [`Broker::publish`] also hands each publish to the other
+//! gates (docs/protocols/mqtt.md, "Across gates"): a bounded queue, one task that sends it in a
+//! binary body ([`Forwarded`]) to the gate module `Gate` of every other gate, whose handler
+//! `MqttPublish` runs [`Broker::publish_forwarded`] (its retained store and local fan-out, never
+//! a forward again). A node without a bus has no forwarder and pays one `OnceLock` read.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,8 +23,9 @@ use bytes::Bytes;
 use super::conn::{End, SessionConn};
 use super::{Gate, Host};
 use crate::config::Config;
+use crate::error::{CallError, Detail};
 use crate::refusal;
-use crate::retained::{Retain, RetainedStore};
+use crate::retained::{Retain, RetainedBackend, RetainedStore, SharedRetained};
 use crate::session::{Message, Outbound};
 
 /// Counter shards: each thread adds to its own cache line, so counting every packet framed for
@@ -68,6 +75,12 @@ impl Traffic {
     }
 }
 
+impl std::fmt::Debug for dyn RetainedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RetainedBackend")
+    }
+}
+
 /// The node's MQTT broker state (one per gate, shared by every MQTT listener).
 #[derive(Debug)]
 pub(crate) struct Broker {
@@ -86,6 +99,14 @@ pub(crate) struct Broker {
     /// `[mqtt] sys_interval` in seconds; 0: no `$SYS`.
     sys_interval: u64,
     sys_started: AtomicBool,
+    /// Set when the node has a cluster bus: the queue to the task forwarding publishes to the
+    /// other gates.
+    forward: OnceLock<Forwarder>,
+    /// The cluster's shared copy of the retained messages (a NATS KV bucket, a Redis hash),
+    /// written for the changes made here, not for those forwarded by other gates.
+    shared: OnceLock<Arc<dyn RetainedBackend>>,
+    /// `[node] call_timeout_s`: the deadline of a forward.
+    call_timeout: Duration,
 }
 
 impl Broker {
@@ -102,6 +123,9 @@ impl Broker {
             started: Instant::now(),
             sys_interval: config.mqtt.sys_interval,
             sys_started: AtomicBool::new(false),
+            forward: OnceLock::new(),
+            shared: OnceLock::new(),
+            call_timeout: Duration::from_secs(config.node.call_timeout_s.max(1)),
         }
     }
 
@@ -120,15 +144,53 @@ impl Broker {
         retain: bool,
     ) -> usize {
         if retain {
-            self.retain(peer, topic, qos, payload.clone());
+            self.retain(peer, topic, qos, payload.clone(), self.shared.get());
         }
-        node.subscriptions()
-            .publish(topic, qos, topic_bytes, payload)
+        let forward = match self.forward.get() {
+            Some(f) if f.has_peers(node) => Some((f, topic_bytes.clone(), payload.clone())),
+            _ => None,
+        };
+        let n = node
+            .subscriptions()
+            .publish(topic, qos, topic_bytes, payload);
+        if let Some((f, topic, payload)) = forward {
+            f.send(Forwarded {
+                topic,
+                qos,
+                retain,
+                payload,
+            });
+        }
+        n
     }
 
-    /// Keep (or, with an empty payload, delete) the retained message of `topic`.
-    fn retain(&self, peer: &SocketAddr, topic: &str, qos: u8, payload: Bytes) {
-        match self.retained.set(topic, qos, payload) {
+    /// A publish another gate forwarded: kept when retained (in this gate's store and its
+    /// durable backend, not in the shared copy: the first gate wrote that), then to this gate's
+    /// subscribers. Never forwarded again. Returns the subscribers reached.
+    pub(crate) fn publish_forwarded(&self, node: &dyn Host, f: Forwarded) -> usize {
+        let topic = std::str::from_utf8(&f.topic).unwrap_or_default();
+        metrics::counter!("warren_mqtt_forwards_received_total").increment(1);
+        if f.retain {
+            self.retain(&FORWARDED_PEER, topic, f.qos, f.payload.clone(), None);
+        }
+        node.subscriptions()
+            .publish(topic, f.qos, f.topic.clone(), f.payload)
+    }
+
+    /// Keep (or, with an empty payload, delete) the retained message of `topic`, writing the
+    /// change through to `shared` as well when given.
+    fn retain(
+        &self,
+        peer: &SocketAddr,
+        topic: &str,
+        qos: u8,
+        payload: Bytes,
+        shared: Option<&Arc<dyn RetainedBackend>>,
+    ) {
+        match self
+            .retained
+            .set_with(topic, qos, payload, shared.map(|b| &**b))
+        {
             Ok(Retain::Added | Retain::Deleted) => {
                 metrics::gauge!("warren_retained_messages").set(self.retained.len() as f64);
             }
@@ -220,6 +282,271 @@ impl Broker {
         let _ = self.sys.set(topic, 0, payload.clone());
         let topic_bytes = Bytes::copy_from_slice(topic.as_bytes());
         node.subscriptions().publish(topic, 0, topic_bytes, payload);
+    }
+}
+
+/// The handler of the gate module `Gate` that takes a publish forwarded by another gate.
+pub(crate) const FORWARD_HANDLER: &str = "MqttPublish";
+
+/// Publishes waiting for the forwarder task; past it a publish is not forwarded (counted and
+/// logged): a bus slower than the clients must not grow the node's memory.
+const FORWARD_QUEUE: usize = 16_384;
+
+/// First byte of a forwarded publish: the version of its format.
+const FORWARD_VERSION: u8 = 1;
+
+/// Bytes before the topic: version, flags, QoS, topic length.
+const FORWARD_HEADER: usize = 5;
+
+/// The peer logged with a refusal of a forwarded publish: it has no client on this gate.
+const FORWARDED_PEER: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+/// A publish forwarded from the gate its client published on to every other gate of the
+/// cluster. Its body is binary, so a payload is any bytes:
+/// `[version = 1][flags: bit 0 = retain][QoS][topic length, u16 big-endian][topic][payload]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Forwarded {
+    topic: Bytes,
+    qos: u8,
+    retain: bool,
+    payload: Bytes,
+}
+
+/// Why a forwarded publish was refused (another gate sent what this one cannot read: a newer
+/// version, or a bug).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ForwardError {
+    /// Shorter than its header.
+    #[error("a forwarded publish of {0} bytes, shorter than its header")]
+    Short(usize),
+    /// A format this gate does not know.
+    #[error("a forwarded publish in format version {0} (this gate reads version 1)")]
+    Version(u8),
+    /// Flags other than the retain flag.
+    #[error("a forwarded publish with unknown flags {0:#04x}")]
+    Flags(u8),
+    /// A QoS above 2.
+    #[error("a forwarded publish at QoS {0}")]
+    Qos(u8),
+    /// The topic length runs past the body.
+    #[error("a forwarded publish announcing a topic of {len} bytes with {left} left")]
+    TopicLength {
+        /// Announced.
+        len: usize,
+        /// Present.
+        left: usize,
+    },
+    /// Not a valid MQTT topic name (not UTF-8, empty, or with a wildcard).
+    #[error("a forwarded publish whose topic is not a valid MQTT topic name")]
+    Topic,
+}
+
+impl ForwardError {
+    /// The refusal kind for logs and metrics.
+    pub(crate) fn kind(&self) -> &'static str {
+        "mqtt_forward_malformed"
+    }
+}
+
+impl Forwarded {
+    /// The body sent to the other gates.
+    pub(crate) fn encode(&self) -> Bytes {
+        let mut b =
+            bytes::BytesMut::with_capacity(FORWARD_HEADER + self.topic.len() + self.payload.len());
+        b.extend_from_slice(&[FORWARD_VERSION, u8::from(self.retain), self.qos]);
+        // a topic name is at most 65535 bytes (MQTT 3.1.1 section 1.5.3)
+        let len = u16::try_from(self.topic.len()).unwrap_or(u16::MAX);
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(&self.topic[..usize::from(len)]);
+        b.extend_from_slice(&self.payload);
+        b.freeze()
+    }
+
+    /// Read a body another gate sent; every field is checked before it is used.
+    pub(crate) fn decode(mut body: Bytes) -> Result<Forwarded, ForwardError> {
+        if body.len() < FORWARD_HEADER {
+            return Err(ForwardError::Short(body.len()));
+        }
+        let (version, flags, qos) = (body[0], body[1], body[2]);
+        if version != FORWARD_VERSION {
+            return Err(ForwardError::Version(version));
+        }
+        if flags & !1 != 0 {
+            return Err(ForwardError::Flags(flags));
+        }
+        if qos > 2 {
+            return Err(ForwardError::Qos(qos));
+        }
+        let len = usize::from(u16::from_be_bytes([body[3], body[4]]));
+        let left = body.len() - FORWARD_HEADER;
+        if len > left {
+            return Err(ForwardError::TopicLength { len, left });
+        }
+        let mut rest = body.split_off(FORWARD_HEADER);
+        let payload = rest.split_off(len);
+        let topic = rest;
+        match std::str::from_utf8(&topic) {
+            Ok(t) if warren_proto::mqtt::topic::valid_topic_name(t) => {}
+            _ => return Err(ForwardError::Topic),
+        }
+        Ok(Forwarded {
+            topic,
+            qos,
+            retain: flags & 1 == 1,
+            payload,
+        })
+    }
+}
+
+/// The queue to the task that forwards this gate's publishes to the other gates, and whether
+/// there are any (worked out again only when the routing table changes).
+#[derive(Debug)]
+struct Forwarder {
+    tx: tokio::sync::mpsc::Sender<Forwarded>,
+    /// The router generation `peers` was worked out at (`u64::MAX`: never).
+    seen: AtomicU64,
+    /// Whether the cluster has a gate besides this one.
+    peers: AtomicBool,
+    /// Seconds since `started` of the last "queue full" line (one a second at most).
+    logged_full: AtomicU64,
+    started: Instant,
+}
+
+impl Forwarder {
+    /// Whether another gate may need this gate's publishes: a cluster of one gate forwards
+    /// nothing. Two atomic loads unless the routing table changed.
+    fn has_peers(&self, node: &dyn Host) -> bool {
+        let generation = node.router().generation();
+        if self.seen.load(Ordering::Acquire) != generation {
+            let own = node.session_table().gate_id();
+            let peers = node
+                .router()
+                .instances(crate::node::GATE)
+                .iter()
+                .any(|t| t.instance != *own);
+            self.peers.store(peers, Ordering::Relaxed);
+            self.seen.store(generation, Ordering::Release);
+        }
+        self.peers.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, f: Forwarded) {
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(f)) = self.tx.try_send(f) {
+            metrics::counter!("warren_mqtt_forwards_dropped_total", "reason" => "queue_full")
+                .increment(1);
+            let now = self.started.elapsed().as_secs() + 1;
+            if self.logged_full.swap(now, Ordering::Relaxed) != now {
+                tracing::warn!(
+                    topic = preview(std::str::from_utf8(&f.topic).unwrap_or_default()),
+                    queue = FORWARD_QUEUE,
+                    "the queue of publishes to the other gates is full: a publish reaches only \
+                     this gate's subscribers"
+                );
+            }
+        }
+    }
+}
+
+/// Make `gate`'s broker part of a cluster: its publishes are forwarded to the other gates from
+/// now on, and its retained messages are shared through `shared` (loaded from it now, before
+/// any client connects). Called once, at start, on a node with a cluster bus.
+pub(crate) fn join_cluster(gate: &Gate, shared: Option<SharedRetained>) {
+    let broker = &gate.broker;
+    if let Some(SharedRetained { backend, entries }) = shared {
+        let stored = entries.len();
+        let kept = broker.retained.load(entries);
+        metrics::gauge!("warren_retained_messages").set(broker.retained.len() as f64);
+        tracing::info!(
+            stored,
+            kept,
+            "retained messages loaded from the cluster's shared store"
+        );
+        let _ = broker.shared.set(backend);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(FORWARD_QUEUE);
+    let forwarder = Forwarder {
+        tx,
+        seen: AtomicU64::new(u64::MAX),
+        peers: AtomicBool::new(false),
+        logged_full: AtomicU64::new(0),
+        started: Instant::now(),
+    };
+    if broker.forward.set(forwarder).is_ok() {
+        tokio::spawn(forward_loop(
+            gate.node.clone(),
+            rx,
+            gate.killing.clone(),
+            broker.call_timeout,
+        ));
+    }
+}
+
+/// Send each queued publish to every other gate, in the order they were queued, until the node
+/// is killed or the broker is gone.
+async fn forward_loop(
+    node: Arc<dyn Host>,
+    mut rx: tokio::sync::mpsc::Receiver<Forwarded>,
+    killing: tokio_util::sync::CancellationToken,
+    call_timeout: Duration,
+) {
+    let mut last_warned: Option<Instant> = None;
+    loop {
+        let f = tokio::select! {
+            _ = killing.cancelled() => break,
+            f = rx.recv() => match f {
+                Some(f) => f,
+                None => break,
+            },
+        };
+        let body = f.encode();
+        let own = node.session_table().gate_id().clone();
+        for gate in node.router().instances(crate::node::GATE) {
+            if gate.instance == own {
+                continue;
+            }
+            let deadline = tokio::time::Instant::now() + call_timeout;
+            let call = gate.call(FORWARD_HANDLER, deadline).body(body.clone());
+            match node.router().call_nr(&gate, call).await {
+                Ok(()) => metrics::counter!("warren_mqtt_forwards_sent_total").increment(1),
+                Err(e) => {
+                    metrics::counter!("warren_mqtt_forwards_dropped_total", "reason" => "bus")
+                        .increment(1);
+                    if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        last_warned = Some(Instant::now());
+                        tracing::warn!(gate = %gate.instance, error = %e, "a publish did not reach another gate");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The gate module's way to this gate's broker, set once the gate exists: a publish forwarded
+/// before that (or after the gate is gone) reaches nobody here.
+#[derive(Debug, Default)]
+pub(crate) struct BrokerSlot(OnceLock<Weak<Broker>>);
+
+impl BrokerSlot {
+    /// The gate's broker is `broker`.
+    pub(crate) fn set(&self, broker: &Arc<Broker>) {
+        let _ = self.0.set(Arc::downgrade(broker));
+    }
+
+    /// Deliver a publish another gate forwarded (the gate module's `MqttPublish`): a body that
+    /// does not decode is refused with a typed error, logged and counted.
+    pub(crate) fn deliver(&self, node: &dyn Host, body: Bytes) -> Result<usize, CallError> {
+        let f = match Forwarded::decode(body) {
+            Ok(f) => f,
+            Err(e) => {
+                refusal::refuse(&FORWARDED_PEER, e.kind(), &e);
+                return Err(CallError::bad_request(Detail::new(e.to_string())));
+            }
+        };
+        match self.0.get().and_then(Weak::upgrade) {
+            Some(broker) => Ok(broker.publish_forwarded(node, f)),
+            None => Ok(0),
+        }
     }
 }
 
@@ -325,6 +652,36 @@ mod tests {
         }
         t.add(1, 2, 0);
         assert_eq!(t.totals(), (4001, 40002, 4000));
+    }
+
+    #[test]
+    fn a_forwarded_publish_round_trips_and_bad_bodies_are_refused() {
+        let f = Forwarded {
+            topic: Bytes::from_static(b"sensors/1"),
+            qos: 1,
+            retain: true,
+            payload: Bytes::from_static(b"\x00\xff binary"),
+        };
+        let body = f.encode();
+        assert_eq!(Forwarded::decode(body.clone()), Ok(f));
+        for n in 0..FORWARD_HEADER + 9 {
+            assert!(Forwarded::decode(body.slice(..n)).is_err(), "{n} bytes");
+        }
+        let with = |i: usize, b: u8| {
+            let mut v = body.to_vec();
+            v[i] = b;
+            Forwarded::decode(Bytes::from(v))
+        };
+        assert_eq!(with(0, 2), Err(ForwardError::Version(2)));
+        assert_eq!(with(1, 3), Err(ForwardError::Flags(3)));
+        assert_eq!(with(2, 3), Err(ForwardError::Qos(3)));
+        assert_eq!(with(5, b'+'), Err(ForwardError::Topic));
+        assert_eq!(with(5, 0xff), Err(ForwardError::Topic));
+        // an empty payload (a retained delete) and an empty topic
+        let empty = Forwarded::decode(Bytes::from_static(b"\x01\x01\x00\x00\x01a"));
+        assert_eq!(empty.map(|f| f.payload.is_empty()), Ok(true));
+        let no_topic = Forwarded::decode(Bytes::from_static(b"\x01\x00\x00\x00\x00x"));
+        assert_eq!(no_topic, Err(ForwardError::Topic));
     }
 
     #[test]

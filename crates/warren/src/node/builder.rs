@@ -24,6 +24,7 @@ pub struct NodeBuilder {
     pub(super) registry: Option<Arc<dyn Registry>>,
     pub(super) hooks: Vec<ClusterHook>,
     pub(super) route_keys: Vec<(String, RouteKeyFn)>,
+    pub(super) shared_retained: Option<crate::retained::SharedRetained>,
 }
 
 impl NodeBuilder {
@@ -39,6 +40,7 @@ impl NodeBuilder {
             registry: None,
             hooks: Vec::new(),
             route_keys: Vec::new(),
+            shared_retained: None,
         }
     }
 
@@ -68,6 +70,14 @@ impl NodeBuilder {
     /// on every node that calls the module, the gate first of all.
     pub fn route_key(mut self, module: &str, f: RouteKeyFn) -> Self {
         self.route_keys.push((module.to_owned(), f));
+        self
+    }
+
+    /// Share the retained messages of default-mode MQTT with the other gates of the cluster
+    /// through this copy (crate `warren-cluster`'s NATS KV or Redis one): loaded at start, written
+    /// for every change made on this gate. Used only with a [`NodeBuilder::transport`].
+    pub fn shared_retained(mut self, shared: crate::retained::SharedRetained) -> Self {
+        self.shared_retained = Some(shared);
         self
     }
 
@@ -289,7 +299,8 @@ impl NodeBuilder {
         let module_tasks = TaskTracker::new();
         let stop_modules = CancellationToken::new();
 
-        let mut all = vec![(gate_module(sessions.clone(), groups), {
+        let mqtt_slot = Arc::new(gate::BrokerSlot::default());
+        let mut all = vec![(gate_module(sessions.clone(), groups, mqtt_slot.clone()), {
             let mut m = ModuleConfig::new("Gate");
             m.id = Some(cfg.node.gate_id.clone());
             m
@@ -449,6 +460,12 @@ impl NodeBuilder {
         #[cfg(feature = "mqtt-store")]
         if let Some(store) = &mqtt_store {
             NodeBuilder::restore_mqtt(&gate, store, &cfg)?;
+        }
+        // then the cluster's: forwards between gates, the shared retained messages (over the
+        // node's own copy)
+        mqtt_slot.set(&gate.broker);
+        if remote.is_some() {
+            gate::join_cluster(&gate, self.shared_retained);
         }
         let mut listeners = Vec::new();
         for l in listener_configs {

@@ -9,7 +9,15 @@ pub(crate) const GATE: &str = "Gate";
 /// The `Gate` module: session operations as RPC handlers, so modules on other nodes (and mqant
 /// peers) can reach sessions on this gate (docs/protocols/mqtt.md,
 /// "Session operations").
-pub(crate) fn gate_module(table: Arc<SessionTable>, groups: Arc<Groups>) -> Module {
+///
+/// `mqtt` reaches the gate's MQTT broker: `MqttPublish` takes a publish that a client of another
+/// gate made (a binary body, docs/protocols/mqtt.md, "Across gates") to this gate's retained
+/// store and subscribers.
+pub(crate) fn gate_module(
+    table: Arc<SessionTable>,
+    groups: Arc<Groups>,
+    mqtt: Arc<crate::gate::BrokerSlot>,
+) -> Module {
     fn arg(a: &[Value], i: usize) -> &str {
         a.get(i).and_then(Value::as_str).unwrap_or_default()
     }
@@ -19,6 +27,7 @@ pub(crate) fn gate_module(table: Arc<SessionTable>, groups: Arc<Groups>) -> Modu
     struct G {
         table: Arc<SessionTable>,
         groups: Arc<Groups>,
+        mqtt: Arc<crate::gate::BrokerSlot>,
     }
     impl std::ops::Deref for G {
         type Target = SessionTable;
@@ -29,7 +38,7 @@ pub(crate) fn gate_module(table: Arc<SessionTable>, groups: Arc<Groups>) -> Modu
     type T = G;
     // one task in mailbox order: session ops, pushes and room broadcasts arriving from other
     // nodes carry no session of their own, and must still take effect in the order sent
-    Module::builder(GATE, G { table, groups })
+    Module::builder(GATE, G { table, groups, mqtt })
         .execution(crate::Execution::Sequential)
         .handler(
             "Bind",
@@ -123,6 +132,13 @@ pub(crate) fn gate_module(table: Arc<SessionTable>, groups: Arc<Groups>) -> Modu
                     .map(|h| h.snapshot().export_map())
                     .collect();
                 Ok::<_, CallError>(Value::Array(list))
+            },
+        )
+        .handler(
+            "MqttPublish",
+            |cx: crate::Context<T>, body: Bytes| async move {
+                let node = cx.node();
+                cx.state().mqtt.deliver(node, body).map(|_| ())
             },
         )
         .handler(

@@ -1,0 +1,226 @@
+"""Default-mode MQTT across the gates of a cluster (docs/protocols/mqtt.md, "Across gates"):
+two or three `warren serve` gates on one bus act as one MQTT server.
+
+Each bus (NATS with JetStream, Redis) is the real server from Debian, started by the test on a
+free port. Clients are paho-mqtt. Every check waits for a marker published after the messages
+under test (forwards from one gate keep their order), then counts: each subscriber gets each
+message exactly once.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+
+import paho.mqtt.client as mqtt
+import pytest
+from brokers import Broker, installed
+from conftest import Warren, wait_until
+
+BUSES = ["nats", "redis"]
+WAIT = 20
+
+
+@pytest.fixture(params=BUSES)
+def bus(request):
+    if not installed(request.param):
+        pytest.fail(f"{request.param} server is not installed (scripts/test installs it)")
+    b = Broker(request.param)
+    yield b
+    b.close()
+
+
+def saw_join(w: Warren, name: str) -> bool:
+    return any("node joined" in line and f"node={name}" in line for line in w.log().splitlines())
+
+
+class Gates:
+    """Gates on one bus; each new one is waited for until every other gate has seen it."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.gates: dict[str, Warren] = {}
+
+    def add(self, name: str) -> Warren:
+        url = self.broker.url
+        w = Warren("--bus", url, "--registry", url, "--node-id", name, "--no-demo-modules", listen=["mqtt"], http=False)
+        w.wait_ready()
+        for other, g in self.gates.items():
+            wait_until(lambda g=g: saw_join(g, name), timeout=WAIT, msg=f"{other} never saw {name}\n{g.tail()}")
+        self.gates[name] = w
+        return w
+
+    def close(self) -> None:
+        for g in self.gates.values():
+            g.kill()
+
+
+@pytest.fixture
+def gates(bus):
+    g = Gates(bus)
+    yield g
+    g.close()
+
+
+class Client:
+    """A paho client recording every PUBLISH it receives as (topic, payload, qos, retain)."""
+
+    def __init__(self, w: Warren, client_id: str, will: tuple[str, bytes, int] | None = None) -> None:
+        self.got: list[tuple[str, bytes, int, bool]] = []
+        self.lock = threading.Lock()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.c.on_message = self._on_message
+        if will is not None:
+            self.c.will_set(will[0], will[1], qos=will[2])
+        self.subscribed = threading.Event()
+        self.c.on_subscribe = lambda *a: self.subscribed.set()
+        self.c.connect("127.0.0.1", w.mqtt_plain, keepalive=30)
+        self.c.loop_start()
+
+    def _on_message(self, _c, _u, m) -> None:
+        with self.lock:
+            self.got.append((m.topic, bytes(m.payload), m.qos, bool(m.retain)))
+
+    def subscribe(self, *filters: tuple[str, int]) -> None:
+        self.subscribed.clear()
+        self.c.subscribe(list(filters))
+        assert self.subscribed.wait(WAIT), "no SUBACK"
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        self.c.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(WAIT)
+
+    def messages(self, topic: str | None = None) -> list[tuple[str, bytes, int, bool]]:
+        with self.lock:
+            return [m for m in self.got if topic is None or m[0] == topic]
+
+    def wait_for(self, topic: str, count: int = 1) -> list[tuple[str, bytes, int, bool]]:
+        return wait_until(lambda: len(self.messages(topic)) >= count and self.messages(topic), timeout=WAIT, msg=f"{topic} never arrived: {self.messages()}")
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+    def drop(self) -> None:
+        """End the connection without DISCONNECT (as a crash would)."""
+        self.c.loop_stop()
+        s = self.c.socket()
+        if s is not None:
+            s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+def test_publishes_cross_gates_both_ways_once_at_the_granted_qos(gates):
+    a, b = gates.add("gate-a"), gates.add("gate-b")
+    on_a, on_b = Client(a, "sub-a"), Client(b, "sub-b")
+    on_a.subscribe(("sensors/#", 1), ("marker/#", 1))
+    # overlapping filters on B: one message per publish, at the highest granted QoS
+    on_b.subscribe(("sensors/+/temp", 0), ("sensors/#", 1), ("marker/#", 1))
+    pub_a, pub_b = Client(a, "pub-a"), Client(b, "pub-b")
+    binary = bytes(range(256))
+    pub_b.publish("sensors/1/temp", b"b-qos0", qos=0)
+    pub_b.publish("sensors/1/temp", b"b-qos1", qos=1)
+    pub_b.publish("sensors/bin", binary, qos=1)
+    pub_a.publish("sensors/2/temp", b"a-qos1", qos=1)
+    pub_a.publish("elsewhere/x", b"not subscribed", qos=1)
+    pub_b.publish("marker/b", b"end", qos=1)
+    pub_a.publish("marker/a", b"end", qos=1)
+    for c in (on_a, on_b):
+        c.wait_for("marker/a")
+        c.wait_for("marker/b")
+        got = [(t, p, q) for t, p, q, _ in c.messages() if not t.startswith("marker/")]
+        assert sorted(got) == sorted(
+            [
+                ("sensors/1/temp", b"b-qos0", 0),
+                ("sensors/1/temp", b"b-qos1", 1),
+                ("sensors/bin", binary, 1),
+                ("sensors/2/temp", b"a-qos1", 1),
+            ]
+        ), got
+        assert not any(r for *_, r in c.messages()), "the retain flag is clear on forwarding"
+    for c in (on_a, on_b, pub_a, pub_b):
+        c.close()
+
+
+def test_a_qos0_subscription_gets_a_qos1_publish_from_another_gate_at_qos0(gates):
+    a, b = gates.add("gate-a"), gates.add("gate-b")
+    sub = Client(a, "sub-q0")
+    sub.subscribe(("q/#", 0))
+    pub = Client(b, "pub-q1")
+    pub.publish("q/1", b"x", qos=1)
+    assert [(t, p, q) for t, p, q, _ in sub.wait_for("q/1")] == [("q/1", b"x", 0)]
+    sub.close()
+    pub.close()
+
+
+def test_a_will_published_on_one_gate_reaches_another(gates):
+    a, b = gates.add("gate-a"), gates.add("gate-b")
+    watcher = Client(a, "watcher")
+    watcher.subscribe(("will/#", 1))
+    dying = Client(b, "dying", will=("will/dying", b"gone", 1))
+    polite = Client(b, "polite", will=("will/polite", b"never", 1))
+    polite.close()
+    dying.drop()
+    assert [(t, p, q) for t, p, q, _ in watcher.wait_for("will/dying")] == [("will/dying", b"gone", 1)]
+    # the marker after the will: the polite client's will never comes
+    Client(b, "marker").publish("will/marker", b"m", qos=1)
+    watcher.wait_for("will/marker")
+    assert watcher.messages("will/polite") == []
+    watcher.close()
+
+
+def retained_on(w: Warren, filt: str, marker: str, cid: str) -> list[tuple[str, bytes, int, bool]]:
+    """What a new subscription to `filt` on `w` receives as retained copies (up to a marker)."""
+    c = Client(w, cid)
+    c.subscribe((filt, 1), (marker, 1))
+    Client(w, cid + "-m").publish(marker, b"m", qos=1)
+    c.wait_for(marker)
+    got = [m for m in c.messages() if m[0] != marker]
+    c.close()
+    return got
+
+
+def test_retained_messages_are_shared_deleted_and_seen_by_a_gate_started_later(gates):
+    a, b = gates.add("gate-a"), gates.add("gate-b")
+    pub = Client(a, "retainer")
+    pub.publish("config/lamp", b"on", qos=1, retain=True)
+    pub.publish("config/door", b"\x00locked\xff", qos=0, retain=True)
+    pub.publish("config/gone", b"soon deleted", qos=1, retain=True)
+    # a subscriber on B: the retained copies at SUBSCRIBE (flag set), then each later retained
+    # publish once, flag clear (it was forwarded live)
+    sync = Client(b, "sync-b")
+    sync.subscribe(("config/sync", 1))
+    pub.publish("config/sync", b"s", qos=1)
+    sync.wait_for("config/sync")
+    live = Client(b, "live")
+    live.subscribe(("config/#", 1))
+    pub.publish("config/lamp", b"off", qos=1, retain=True)
+    pub.publish("config/gone", b"", qos=1, retain=True)
+    pub.publish("config/marker", b"m", qos=1)
+    live.wait_for("config/marker")
+    assert live.messages("config/lamp") == [("config/lamp", b"on", 1, True), ("config/lamp", b"off", 1, False)]
+    assert live.messages("config/gone") == [("config/gone", b"soon deleted", 1, True), ("config/gone", b"", 1, False)]
+    assert live.messages("config/door") == [("config/door", b"\x00locked\xff", 0, True)]
+    live.close()
+    sync.close()
+
+    want = sorted([("config/door", b"\x00locked\xff", 0, True), ("config/lamp", b"off", 1, True)])
+    assert sorted(retained_on(b, "config/#", "mark/b", "new-on-b")) == want
+    # replaced and deleted on B: seen on A
+    pub_b = Client(b, "retainer-b")
+    pub_b.publish("config/door", b"open", qos=1, retain=True)
+    pub_b.publish("config/lamp", b"", qos=1, retain=True)
+    pub_b.publish("mark/sync", b"s", qos=1)
+    sync = Client(a, "sync")
+    sync.subscribe(("mark/sync2", 1))
+    pub_b.publish("mark/sync2", b"s", qos=1)
+    sync.wait_for("mark/sync2")
+    assert sorted(retained_on(a, "config/#", "mark/a", "new-on-a")) == [("config/door", b"open", 1, True)]
+
+    # a gate that starts now reads the shared store: what was retained and not deleted
+    c = gates.add("gate-c")
+    assert sorted(retained_on(c, "config/#", "mark/c", "new-on-c")) == [("config/door", b"open", 1, True)]
+    log = c.log()
+    assert re.search(r"retained messages loaded from the cluster's shared store.*kept=1", log), log[-3000:]
+    for x in (pub, pub_b, sync):
+        x.close()
