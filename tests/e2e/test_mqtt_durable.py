@@ -190,6 +190,10 @@ def test_sent_but_unacknowledged_messages_are_resent_with_dup_after_kill_9(node)
     first = publishes(s, 3)
     assert [p[3] for p in first] == [b"a", b"b", b"c"]
     s.close()  # no PUBACK at all
+    # the store commits writes in the order they were made: once this retained message is
+    # acknowledged, the "sent with this packet id" states written as the three went out are on
+    # disk too
+    publish_acked(w, "d/barrier", ["x"], retain=True)
     node.crash()
 
     w = node.start()

@@ -468,6 +468,13 @@ impl Collected {
         self.durables.is_empty() && self.deferred.is_empty()
     }
 
+    /// Add what `other` waits on, after this one's (a connection gathers the writes of the
+    /// PUBLISHes it read together, to wait for them at once).
+    pub fn absorb(&mut self, other: Collected) {
+        self.durables.extend(other.durables);
+        self.deferred.extend(other.deferred);
+    }
+
     /// Queue the deferred writes (waiting for room), then wait until every write is on disk.
     /// The first error is returned; every write is still waited for.
     pub async fn settle(self, store: &MqttStore) -> Result<(), StoreError> {

@@ -353,6 +353,7 @@ async fn handshake(
         acl: None,
         token_acl,
         will,
+        unacked: None,
     };
     Some((proto, conn, reader, buf))
 }
@@ -446,7 +447,39 @@ struct MqttSession {
     token_acl: Option<Box<ClientAcl>>,
     /// Default mode: the will, published if the connection ends without DISCONNECT.
     will: Option<Box<mqtt_will::Will>>,
+    /// With a durable store: the PUBACKs / PUBRECs of the PUBLISHes read together, in order,
+    /// sent once their writes are on disk (see `publish_kept`).
+    unacked: Option<Box<Unacked>>,
 }
+
+/// PUBLISHes acknowledged once their store writes are durable: the writes, the acks in order.
+#[cfg(feature = "mqtt-store")]
+struct Unacked {
+    store: crate::mqtt_store::MqttStore,
+    writes: crate::mqtt_store::Collected,
+    acks: Vec<[u8; 4]>,
+    /// While `route_kept` routes one PUBLISH: its writes.
+    current: Option<crate::mqtt_store::Collected>,
+}
+
+#[cfg(feature = "mqtt-store")]
+impl Unacked {
+    fn new(store: crate::mqtt_store::MqttStore) -> Self {
+        Unacked {
+            store,
+            writes: crate::mqtt_store::Collected::default(),
+            acks: Vec::new(),
+            current: None,
+        }
+    }
+}
+/// Without the store feature nothing waits.
+#[cfg(not(feature = "mqtt-store"))]
+enum Unacked {}
+
+/// PUBLISHes acknowledged together at most: past it their writes are waited for at once.
+#[cfg(feature = "mqtt-store")]
+const MAX_UNACKED: usize = 1024;
 
 type Conn = SessionConn<Bytes>;
 
@@ -492,9 +525,14 @@ impl conn::Dialect for MqttSession {
                     let read = (before - buf.len()) as u64;
                     conn.gate.broker.received.add(1, read, publish);
                     conn.admit_message();
+                    if !matches!(p, Packet::Publish(_)) {
+                        // what the client sent before this is acknowledged before it
+                        self.flush_acks(conn).await?;
+                    }
                     self.handle(conn, p).await?;
                 }
                 Err(e) => {
+                    self.flush_acks(conn).await?;
                     metrics::counter!("warren_decode_errors_total", "kind" => e.kind())
                         .increment(1);
                     if matches!(e, mqtt::DecodeError::PacketTooLarge { .. }) {
@@ -505,6 +543,7 @@ impl conn::Dialect for MqttSession {
                 }
             }
         }
+        self.flush_acks(conn).await?;
         Ok(handled)
     }
 
@@ -791,7 +830,7 @@ impl MqttSession {
                         retain,
                     )
                 });
-                settle(kept, q, &peer).await?;
+                self.settle_publish(kept, q, &peer).await?;
             } else {
                 tracing::debug!(
                     topic,
@@ -848,12 +887,16 @@ impl MqttSession {
         store: crate::mqtt_store::MqttStore,
     ) -> Result<(), End> {
         let (qos, pkid) = (p.qos, p.pkid);
-        let mut awaiting = None;
+        let mut writes = crate::mqtt_store::Collected::default();
         if qos == QoS::ExactlyOnce {
             let (first, kept) = crate::mqtt_store::collecting(|| self.state.receive_qos2(pkid));
             match first {
-                Ok(true) => awaiting = Some(kept),
-                Ok(false) => return ack(conn, mqtt::ack_bytes(Ack::PubRec, pkid)).await,
+                Ok(true) => writes = kept,
+                // a resend: its PUBREC after those of what came before it
+                Ok(false) => {
+                    self.unack(store, writes, mqtt::ack_bytes(Ack::PubRec, pkid));
+                    return Ok(());
+                }
                 Err(()) => {
                     return Err(End::Refused(format!(
                         "more than {MAX_AWAITING_REL} QoS 2 publishes awaiting PUBREL"
@@ -862,15 +905,76 @@ impl MqttSession {
             }
         }
         metrics::counter!("warren_publishes_received_total").increment(1);
-        self.route(conn, p).await?;
-        if let Some(kept) = awaiting {
-            settle(Some((store, kept)), 2, &conn.peer).await?;
+        let module = self.route_kept(conn, p).await?;
+        if let Some(kept) = module {
+            writes.absorb(kept);
         }
-        match qos {
-            QoS::AtMostOnce => Ok(()),
-            QoS::AtLeastOnce => ack(conn, mqtt::ack_bytes(Ack::PubAck, pkid)).await,
-            QoS::ExactlyOnce => ack(conn, mqtt::ack_bytes(Ack::PubRec, pkid)).await,
+        let ack = match qos {
+            QoS::AtMostOnce => {
+                // nobody waits: only room in the store's queue
+                return settle(Some((store, writes)), 0, &conn.peer).await;
+            }
+            QoS::AtLeastOnce => mqtt::ack_bytes(Ack::PubAck, pkid),
+            QoS::ExactlyOnce => mqtt::ack_bytes(Ack::PubRec, pkid),
+        };
+        self.unack(store, writes, ack);
+        if self
+            .unacked
+            .as_ref()
+            .is_some_and(|u| u.acks.len() >= MAX_UNACKED)
+        {
+            self.flush_acks(conn).await?;
         }
+        Ok(())
+    }
+
+    /// [`Self::route`], handing back the store writes of a pub/sub publish instead of waiting
+    /// for them.
+    #[cfg(feature = "mqtt-store")]
+    async fn route_kept(
+        &mut self,
+        conn: &mut Conn,
+        p: Publish,
+    ) -> Result<Option<crate::mqtt_store::Collected>, End> {
+        let store = conn.gate.node.subscriptions().sessions().backend().cloned();
+        if let Some(store) = store {
+            let u = self
+                .unacked
+                .get_or_insert_with(|| Box::new(Unacked::new(store)));
+            u.current = Some(crate::mqtt_store::Collected::default());
+        }
+        let r = self.route(conn, p).await;
+        let current = self.unacked.as_mut().and_then(|u| u.current.take());
+        r?;
+        Ok(current)
+    }
+
+    /// The store writes of a publish routed to subscribers: kept for `route_kept`'s caller
+    /// (who acknowledges once they are durable) while it runs, else waited for now.
+    async fn settle_publish(&mut self, kept: Kept, qos: u8, peer: &SocketAddr) -> Result<(), End> {
+        #[cfg(feature = "mqtt-store")]
+        if let Some(current) = self.unacked.as_deref_mut().and_then(|u| u.current.as_mut()) {
+            if let Some((_, writes)) = kept {
+                current.absorb(writes);
+            }
+            return Ok(());
+        }
+        settle(kept, qos, peer).await
+    }
+
+    /// Queue an acknowledgement behind the writes it waits for.
+    #[cfg(feature = "mqtt-store")]
+    fn unack(
+        &mut self,
+        store: crate::mqtt_store::MqttStore,
+        writes: crate::mqtt_store::Collected,
+        ack: [u8; 4],
+    ) {
+        let u = self
+            .unacked
+            .get_or_insert_with(|| Box::new(Unacked::new(store)));
+        u.writes.absorb(writes);
+        u.acks.push(ack);
     }
 
     /// What this session's subscriptions deliver to in the trie: the persistent state, or the
@@ -1022,6 +1126,35 @@ type Kept = Option<(crate::mqtt_store::MqttStore, crate::mqtt_store::Collected)>
 #[cfg(not(feature = "mqtt-store"))]
 type Kept = Option<std::convert::Infallible>;
 
+impl MqttSession {
+    /// Wait until the writes of the PUBLISHes read so far are on disk, then send their
+    /// acknowledgements in order. A store that fails ends the connection unacknowledged.
+    async fn flush_acks(&mut self, conn: &mut Conn) -> Result<(), End> {
+        let Some(u) = self.unacked.take() else {
+            return Ok(());
+        };
+        #[cfg(feature = "mqtt-store")]
+        {
+            let Unacked {
+                store,
+                writes,
+                acks,
+                ..
+            } = *u;
+            settle(Some((store, writes)), 1, &conn.peer).await?;
+            for a in acks {
+                ack(conn, a).await?;
+            }
+            Ok(())
+        }
+        #[cfg(not(feature = "mqtt-store"))]
+        {
+            let _ = conn;
+            match *u {}
+        }
+    }
+}
+
 /// Run `f` (synchronous), collecting the durable store's writes it makes, if the node has one.
 fn kept_writes<R>(node: &dyn super::Host, f: impl FnOnce() -> R) -> Kept {
     #[cfg(feature = "mqtt-store")]
@@ -1168,6 +1301,7 @@ mod tests {
             }),
             token_acl: topics.map(|t| Box::new(ClientAcl::only(t))),
             will: None,
+            unacked: None,
         }
     }
 
