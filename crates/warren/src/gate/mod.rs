@@ -40,7 +40,7 @@ use futures_util::future::BoxFuture;
 
 pub use listener::BoundListener;
 pub(crate) use listener::listen;
-pub(crate) use mqtt_broker::{BrokerSlot, join_cluster};
+pub(crate) use mqtt_broker::{BrokerSlot, GATE_MODULE, join_cluster};
 
 pub use crate::auth::{AuthHook, AuthRefusal, Credentials, Identity};
 

@@ -285,6 +285,10 @@ impl Broker {
     }
 }
 
+/// The module type of the gate module that every node runs (`crate::node`'s `GATE`, defined
+/// here, below the node layer, so that the forwarder can name it).
+pub(crate) const GATE_MODULE: &str = "Gate";
+
 /// The handler of the gate module `Gate` that takes a publish forwarded by another gate.
 pub(crate) const FORWARD_HANDLER: &str = "MqttPublish";
 
@@ -422,7 +426,7 @@ impl Forwarder {
             let own = node.session_table().gate_id();
             let peers = node
                 .router()
-                .instances(crate::node::GATE)
+                .instances(GATE_MODULE)
                 .iter()
                 .any(|t| t.instance != *own);
             self.peers.store(peers, Ordering::Relaxed);
@@ -501,7 +505,7 @@ async fn forward_loop(
         };
         let body = f.encode();
         let own = node.session_table().gate_id().clone();
-        for gate in node.router().instances(crate::node::GATE) {
+        for gate in node.router().instances(GATE_MODULE) {
             if gate.instance == own {
                 continue;
             }

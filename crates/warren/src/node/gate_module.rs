@@ -4,7 +4,7 @@
 use super::*;
 
 /// Module type of the gate's session operations.
-pub(crate) const GATE: &str = "Gate";
+pub(crate) const GATE: &str = crate::gate::GATE_MODULE;
 
 /// The `Gate` module: session operations as RPC handlers, so modules on other nodes (and mqant
 /// peers) can reach sessions on this gate (docs/protocols/mqtt.md,
