@@ -222,5 +222,19 @@ def test_retained_messages_are_shared_deleted_and_seen_by_a_gate_started_later(g
     assert sorted(retained_on(c, "config/#", "mark/c", "new-on-c")) == [("config/door", b"open", 1, True)]
     log = c.log()
     assert re.search(r"retained messages loaded from the cluster's shared store.*kept=1", log), log[-3000:]
+    # three gates: a live publish on each reaches a subscriber on each other gate once
+    subs = {name: Client(g, f"three-{name}") for name, g in gates.gates.items()}
+    for x in subs.values():
+        x.subscribe(("three/#", 1))
+    for name, g in gates.gates.items():
+        p = Client(g, f"three-pub-{name}")
+        p.publish(f"three/{name}", name.encode(), qos=1)
+        p.publish(f"three/end-{name}", b"", qos=1)
+        p.close()
+    for x in subs.values():
+        for name in gates.gates:
+            x.wait_for(f"three/end-{name}")
+        assert sorted(m[:3] for m in x.messages() if "end" not in m[0]) == sorted((f"three/{n}", n.encode(), 1) for n in gates.gates)
+        x.close()
     for x in (pub, pub_b, sync):
         x.close()
