@@ -495,6 +495,8 @@ async fn forward_loop(
     call_timeout: Duration,
 ) {
     let mut last_warned: Option<Instant> = None;
+    // the other gates, worked out again only when the routing table changes
+    let mut peers: (u64, Vec<crate::router::Target>) = (u64::MAX, Vec::new());
     loop {
         let f = tokio::select! {
             _ = killing.cancelled() => break,
@@ -503,15 +505,18 @@ async fn forward_loop(
                 None => break,
             },
         };
+        let generation = node.router().generation();
+        if peers.0 != generation {
+            let own = node.session_table().gate_id().clone();
+            let mut gates = node.router().instances(GATE_MODULE);
+            gates.retain(|t| t.instance != own);
+            peers = (generation, gates);
+        }
         let body = f.encode();
-        let own = node.session_table().gate_id().clone();
-        for gate in node.router().instances(GATE_MODULE) {
-            if gate.instance == own {
-                continue;
-            }
+        for gate in &peers.1 {
             let deadline = tokio::time::Instant::now() + call_timeout;
             let call = gate.call(FORWARD_HANDLER, deadline).body(body.clone());
-            match node.router().call_nr(&gate, call).await {
+            match node.router().call_nr(gate, call).await {
                 Ok(()) => metrics::counter!("warren_mqtt_forwards_sent_total").increment(1),
                 Err(e) => {
                     metrics::counter!("warren_mqtt_forwards_dropped_total", "reason" => "bus")
