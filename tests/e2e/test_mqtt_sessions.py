@@ -118,6 +118,7 @@ def test_subscriptions_survive_a_reconnect_and_session_present_says_so(w):
     arrive without subscribing again."""
     got: list[tuple[str, bytes, int]] = []
     flags: list[int] = []
+    subacks: list[int] = []
 
     def make():
         c = paho.Client(
@@ -128,6 +129,7 @@ def test_subscriptions_survive_a_reconnect_and_session_present_says_so(w):
         )
         c.on_connect = lambda cl, u, f, rc, p=None: flags.append(int(f.session_present))
         c.on_message = lambda cl, u, m: got.append((m.topic, m.payload, m.qos))
+        c.on_subscribe = lambda cl, u, mid, rcs, p=None: subacks.append(mid)
         c.connect("127.0.0.1", w.mqtt_plain)
         c.loop_start()
         return c
@@ -136,6 +138,8 @@ def test_subscriptions_survive_a_reconnect_and_session_present_says_so(w):
     wait_until(lambda: flags == [0], msg=f"first CONNACK flags {flags}")
     r = c.subscribe("h3/keep/#", qos=1)
     assert r[0] == paho.MQTT_ERR_SUCCESS
+    # publish only once the SUBACK is back: before it, the subscription may not be in place
+    wait_until(lambda: r[1] in subacks, msg="no SUBACK")
     publish(w, "h3/keep/a", ["one"])
     wait_until(lambda: got == [("h3/keep/a", b"one", 1)], msg=f"got {got}")
     c.disconnect()
