@@ -65,6 +65,7 @@ INVENTORY: dict[tuple[str, str], str] = {
     ("docs/benchmarks.md", "git worktree add --detach /tmp/warren-before"): "not run: a release build and measurement runs of minutes (the issue 12 baseline)",
     ("docs/benchmarks.md", "bench/compare --wait-quiet --only request,request16"): "not run: measurement runs of minutes (issue 12, after the rework)",
     ("docs/benchmarks.md", "taskset -c 0 target/release/warren serve --no-http"): "not run: a measurement run of a minute (plugins, issue 13)",
+    ("docs/benchmarks.md", "bench/compare --wait-quiet --only qos1-1to1"): "not run: measurement runs of minutes (MQTT QoS 1 and the store, issue 14)",
     ("docs/cluster.md", "nats-server -js"): "test_cluster_walk_with_target_release_warren",
     ("docs/cluster.md", "# terminal 1: the gate"): "test_cluster_walk_with_target_release_warren",
     ("docs/cluster.md", "warren serve --config examples/cluster/gate.toml --bus redis://"): "test_cluster_on_redis (the RabbitMQ line is not run)",
