@@ -6,7 +6,12 @@
 //! [payload]`. The topic is in the value (not only in the key) so a key's escaping never has to
 //! be undone.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
 use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+use warren::retained::RetainedBackend;
 
 /// First byte: the format's version.
 const VERSION: u8 = 1;
@@ -76,6 +81,81 @@ pub(crate) fn decode(mut value: Bytes) -> Result<(String, u8, Bytes), String> {
         return Err("an empty payload".into());
     }
     Ok((topic, qos, payload))
+}
+
+/// The gate's side of a shared store: a [`RetainedBackend`] that queues each change, without
+/// waiting, for the store's one writer task. A full queue drops the change (it is still on the
+/// gates), counted and logged at most once a second.
+pub(crate) struct ChangeQueue {
+    tx: mpsc::Sender<Change>,
+    /// `nats` or `redis`: the metric's label.
+    store: &'static str,
+    /// The bucket or key written, for the log.
+    name: String,
+    /// Seconds since `started` of the last "queue full" line.
+    logged_full: AtomicU64,
+    started: Instant,
+}
+
+impl ChangeQueue {
+    /// Most changes waiting for a store's writer.
+    pub(crate) const CAPACITY: usize = 16_384;
+
+    /// A queue for the store `store` (`nats`, `redis`) named `name`, and its receiving end for
+    /// the writer task.
+    pub(crate) fn new(store: &'static str, name: String) -> (ChangeQueue, mpsc::Receiver<Change>) {
+        let (tx, rx) = mpsc::channel(Self::CAPACITY);
+        let queue = ChangeQueue {
+            tx,
+            store,
+            name,
+            logged_full: AtomicU64::new(0),
+            started: Instant::now(),
+        };
+        (queue, rx)
+    }
+
+    fn push(&self, change: Change) {
+        if self.tx.try_send(change).is_err() {
+            metrics::counter!("warren_retained_shared_dropped_total", "store" => self.store)
+                .increment(1);
+            let now = self.started.elapsed().as_secs() + 1;
+            if self.logged_full.swap(now, Ordering::Relaxed) != now {
+                tracing::warn!(
+                    store = self.store,
+                    name = %self.name,
+                    queue = Self::CAPACITY,
+                    "the queue of retained changes to the shared store is full: a change is kept \
+                     on the gates but not in the store"
+                );
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for ChangeQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeQueue")
+            .field("store", &self.store)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RetainedBackend for ChangeQueue {
+    fn put_retained(&self, topic: &str, qos: u8, payload: &Bytes) {
+        self.push(Change::Put {
+            topic: topic.to_owned(),
+            qos,
+            payload: payload.clone(),
+        });
+    }
+
+    fn delete_retained(&self, topic: &str) {
+        self.push(Change::Delete {
+            topic: topic.to_owned(),
+        });
+    }
 }
 
 #[cfg(test)]

@@ -9,24 +9,21 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use warren::retained::{RetainedBackend, SharedRetained};
+use warren::retained::SharedRetained;
 
 use super::connect_client;
-use crate::retained_value::{self, Change};
+use crate::retained_value::{self, Change, ChangeQueue};
 
 /// Longest wait for one store operation.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for the whole read at start.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(30);
-/// Changes waiting for the writer; past it a change is not shared (counted, logged).
-const QUEUE: usize = 16_384;
 /// Longest key: a NATS subject travels in a control line (4 KiB by default) with the bucket's
 /// prefix. A topic whose key would be longer is kept and forwarded, not shared.
 const MAX_KEY: usize = 3_072;
@@ -83,23 +80,10 @@ fn bucket_stream(bucket: &str) -> jetstream::stream::Config {
     }
 }
 
-/// The shared retained messages in a NATS KV bucket: a [`RetainedBackend`] that queues each
-/// change for one writer task.
-pub struct NatsRetained {
-    tx: mpsc::Sender<Change>,
-    bucket: String,
-    /// Seconds since `started` of the last "queue full" line (one a second at most).
-    logged_full: AtomicU64,
-    started: Instant,
-}
-
-impl std::fmt::Debug for NatsRetained {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsRetained")
-            .field("bucket", &self.bucket)
-            .finish_non_exhaustive()
-    }
-}
+/// The shared retained messages in a NATS KV bucket: [`NatsRetained::connect`] reads them and
+/// starts the writer task; the gate's [`warren::retained::RetainedBackend`] queues each change for it.
+#[derive(Debug)]
+pub struct NatsRetained;
 
 impl NatsRetained {
     /// Connect to `url`, open (or create) the bucket `<prefix>_retained`, read what it holds (at
@@ -127,47 +111,12 @@ impl NatsRetained {
         let entries = tokio::time::timeout(LOAD_TIMEOUT, load(&store, &bucket, max))
             .await
             .map_err(|_| format!("NATS KV bucket {bucket}: not read within {LOAD_TIMEOUT:?}"))??;
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_loop(store, bucket.clone(), rx));
-        let backend = Arc::new(NatsRetained {
-            tx,
-            bucket,
-            logged_full: AtomicU64::new(0),
-            started: Instant::now(),
-        });
-        Ok(SharedRetained { backend, entries })
-    }
-
-    fn queue(&self, change: Change) {
-        if self.tx.try_send(change).is_err() {
-            metrics::counter!("warren_retained_shared_dropped_total", "store" => "nats")
-                .increment(1);
-            let now = self.started.elapsed().as_secs() + 1;
-            if self.logged_full.swap(now, Ordering::Relaxed) != now {
-                tracing::warn!(
-                    bucket = %self.bucket,
-                    queue = QUEUE,
-                    "the queue of retained changes to the shared store is full: a change is kept \
-                     on the gates but not in the store"
-                );
-            }
-        }
-    }
-}
-
-impl RetainedBackend for NatsRetained {
-    fn put_retained(&self, topic: &str, qos: u8, payload: &Bytes) {
-        self.queue(Change::Put {
-            topic: topic.to_owned(),
-            qos,
-            payload: payload.clone(),
-        });
-    }
-
-    fn delete_retained(&self, topic: &str) {
-        self.queue(Change::Delete {
-            topic: topic.to_owned(),
-        });
+        let (queue, rx) = ChangeQueue::new("nats", bucket.clone());
+        tokio::spawn(write_loop(store, bucket, rx));
+        Ok(SharedRetained {
+            backend: Arc::new(queue),
+            entries,
+        })
     }
 }
 

@@ -7,41 +7,25 @@
 //! task (`HSET` / `HDEL`), in the order the gate applied them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
-use warren::retained::{RetainedBackend, SharedRetained};
+use warren::retained::SharedRetained;
 
 use super::{COMMAND_TIMEOUT, bounded, client, manager};
-use crate::retained_value::{self, Change};
+use crate::retained_value::{self, Change, ChangeQueue};
 
-/// Changes waiting for the writer; past it a change is not shared (counted, logged).
-const QUEUE: usize = 16_384;
 /// Fields asked for per `HSCAN` at start.
 const SCAN_BATCH: usize = 512;
 
 /// One `HSCAN` answer: the next cursor, and (field, value) pairs.
 type ScanPage = (u64, Vec<(Vec<u8>, Vec<u8>)>);
 
-/// The shared retained messages in a Redis hash: a [`RetainedBackend`] that queues each change
-/// for one writer task.
-pub struct RedisRetained {
-    tx: mpsc::Sender<Change>,
-    key: String,
-    /// Seconds since `started` of the last "queue full" line (one a second at most).
-    logged_full: AtomicU64,
-    started: Instant,
-}
-
-impl std::fmt::Debug for RedisRetained {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisRetained")
-            .field("key", &self.key)
-            .finish_non_exhaustive()
-    }
-}
+/// The shared retained messages in a Redis hash: [`RedisRetained::connect`] reads them and
+/// starts the writer task; the gate's [`warren::retained::RetainedBackend`] queues each change for it.
+#[derive(Debug)]
+pub struct RedisRetained;
 
 impl RedisRetained {
     /// The hash holding the retained messages of the cluster whose bus prefix is `prefix`.
@@ -56,47 +40,12 @@ impl RedisRetained {
         let mut conn = manager(&client).await.map_err(|d| d.to_string())?;
         let key = RedisRetained::key(prefix);
         let entries = load(&mut conn, &key, max).await?;
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_loop(conn, key.clone(), rx));
-        let backend = Arc::new(RedisRetained {
-            tx,
-            key,
-            logged_full: AtomicU64::new(0),
-            started: Instant::now(),
-        });
-        Ok(SharedRetained { backend, entries })
-    }
-
-    fn queue(&self, change: Change) {
-        if self.tx.try_send(change).is_err() {
-            metrics::counter!("warren_retained_shared_dropped_total", "store" => "redis")
-                .increment(1);
-            let now = self.started.elapsed().as_secs() + 1;
-            if self.logged_full.swap(now, Ordering::Relaxed) != now {
-                tracing::warn!(
-                    key = %self.key,
-                    queue = QUEUE,
-                    "the queue of retained changes to the shared store is full: a change is kept \
-                     on the gates but not in the store"
-                );
-            }
-        }
-    }
-}
-
-impl RetainedBackend for RedisRetained {
-    fn put_retained(&self, topic: &str, qos: u8, payload: &bytes::Bytes) {
-        self.queue(Change::Put {
-            topic: topic.to_owned(),
-            qos,
-            payload: payload.clone(),
-        });
-    }
-
-    fn delete_retained(&self, topic: &str) {
-        self.queue(Change::Delete {
-            topic: topic.to_owned(),
-        });
+        let (queue, rx) = ChangeQueue::new("redis", key.clone());
+        tokio::spawn(write_loop(conn, key, rx));
+        Ok(SharedRetained {
+            backend: Arc::new(queue),
+            entries,
+        })
     }
 }
 
