@@ -326,3 +326,36 @@ class RawClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def connected(port: int, client_id: str, clean: bool, expect: bytes | None = None) -> RawClient:
+    """A raw client connected with this client id and clean-session flag; the CONNACK is
+    `expect`, or any accepting one."""
+    c = RawClient(port)
+    ack = c.connect(client_id, clean=clean)
+    if expect is not None:
+        assert ack == expect, f"CONNACK {ack.hex(' ')} for {client_id} clean={clean}"
+    else:
+        assert ack[:2] == b"\x20\x02" and ack[3] == 0, ack.hex(" ")
+    return c
+
+
+def granted(c: RawClient, topics: list[tuple[str, int]], pkid: int = 1) -> list[int]:
+    """SUBSCRIBE and return the SUBACK's return codes."""
+    c.send(subscribe_packet(pkid, topics))
+    first, body = c.recv_packet()
+    assert first == 0x90, f"expected SUBACK, got {first:02x}"
+    assert struct.unpack(">H", body[:2])[0] == pkid
+    return list(body[2:])
+
+
+def sync(c: RawClient) -> list[tuple[int, bytes]]:
+    """PINGREQ, then read until PINGRESP: everything the server sent before it (the server
+    handles a connection's packets in order, so what was published before is routed)."""
+    c.send(PINGREQ)
+    seen = []
+    while True:
+        first, body = c.recv_packet()
+        if first == 0xD0:
+            return seen
+        seen.append((first, body))

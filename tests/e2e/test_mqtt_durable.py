@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 from conftest import Warren, warren_bin
 from rawmqtt import (
-    PINGREQ,
-    RawClient,
+    granted,
     parse_publish,
     puback,
     pubcomp,
     publish_packet,
     pubrec,
     pubrel,
-    subscribe_packet,
+    RawClient,
+    sync,
 )
 
 DISCONNECT = b"\xe0\x00"
@@ -90,24 +90,6 @@ def client(w: Warren, client_id: str, clean: bool, expect: bytes | None = None) 
     return c
 
 
-def subscribe(c: RawClient, topics: list[tuple[str, int]], pkid: int = 1) -> list[int]:
-    c.send(subscribe_packet(pkid, topics))
-    first, body = c.recv_packet()
-    assert first == 0x90, f"expected SUBACK, got {first:02x}"
-    return list(body[2:])
-
-
-def sync(c: RawClient) -> list[tuple[int, bytes]]:
-    """PINGREQ, then everything the server sent before PINGRESP."""
-    c.send(PINGREQ)
-    seen = []
-    while True:
-        first, body = c.recv_packet()
-        if first == 0xD0:
-            return seen
-        seen.append((first, body))
-
-
 def publish_acked(w: Warren, topic: str, payloads: list[str], qos: int = 1, retain: bool = False) -> None:
     """Publish from a fresh clean client and wait for every PUBACK (QoS 2: PUBREC, PUBCOMP)."""
     p = client(w, f"pub-{time.monotonic_ns()}", clean=True)
@@ -147,7 +129,7 @@ def test_retained_messages_survive_kill_9(node):
 
     w = node.start()
     s = client(w, "ret-reader", clean=True)
-    assert subscribe(s, [("d/ret/#", 2)]) == [2]
+    assert granted(s, [("d/ret/#", 2)]) == [2]
     got = publishes(s, 2)
     assert sorted((p[0], p[3], p[5]) for p in got) == [
         ("d/ret/a", b"kept-a", True),
@@ -162,7 +144,7 @@ def test_retained_messages_survive_kill_9(node):
 def test_a_persistent_sessions_subscriptions_and_queue_survive_kill_9_in_order(node):
     w = node.start()
     s = client(w, "dur-sub", clean=False, expect=NOT_PRESENT)
-    assert subscribe(s, [("d/q/#", 1), ("d/other", 0)]) == [1, 0]
+    assert granted(s, [("d/q/#", 1), ("d/other", 0)]) == [1, 0]
     s.send(DISCONNECT)
     s.close()
     publish_acked(w, "d/q/t", [f"m{i}" for i in range(1, 6)])
@@ -185,7 +167,7 @@ def test_a_persistent_sessions_subscriptions_and_queue_survive_kill_9_in_order(n
 def test_sent_but_unacknowledged_messages_are_resent_with_dup_after_kill_9(node):
     w = node.start()
     s = client(w, "dur-inflight", clean=False)
-    assert subscribe(s, [("d/in/#", 1)]) == [1]
+    assert granted(s, [("d/in/#", 1)]) == [1]
     publish_acked(w, "d/in/t", ["a", "b", "c"])
     first = publishes(s, 3)
     assert [p[3] for p in first] == [b"a", b"b", b"c"]
@@ -213,7 +195,7 @@ def test_sent_but_unacknowledged_messages_are_resent_with_dup_after_kill_9(node)
 def test_a_clean_start_deletes_the_stored_session(node):
     w = node.start()
     s = client(w, "dur-clean", clean=False)
-    assert subscribe(s, [("d/c/#", 1)]) == [1]
+    assert granted(s, [("d/c/#", 1)]) == [1]
     s.send(DISCONNECT)
     s.close()
     publish_acked(w, "d/c/t", ["old"])
@@ -234,7 +216,7 @@ def test_a_clean_start_deletes_the_stored_session(node):
 def test_inbound_qos2_is_not_delivered_twice_across_a_restart(node):
     w = node.start()
     sub = client(w, "q2-sub", clean=False)
-    assert subscribe(sub, [("d/q2/#", 2)]) == [2]
+    assert granted(sub, [("d/q2/#", 2)]) == [2]
     sub.send(DISCONNECT)
     sub.close()
     pub = client(w, "q2-pub", clean=False)
@@ -267,7 +249,7 @@ def test_nothing_acknowledged_is_lost_when_the_server_dies_right_after_the_last_
     n = 300
     w = node.start()
     s = client(w, "burst-sub", clean=False)
-    assert subscribe(s, [("d/burst", 1)]) == [1]
+    assert granted(s, [("d/burst", 1)]) == [1]
     s.send(DISCONNECT)
     s.close()
     p = client(w, "burst-pub", clean=True)

@@ -17,15 +17,16 @@ import paho.mqtt.client as paho
 import pytest
 from conftest import Warren, wait_until
 from rawmqtt import (
-    PINGREQ,
-    RawClient,
+    connected,
+    granted,
     parse_publish,
     puback,
     pubcomp,
     publish_packet,
     pubrec,
     pubrel,
-    subscribe_packet,
+    RawClient,
+    sync,
 )
 
 DISCONNECT = b"\xe0\x00"
@@ -58,27 +59,6 @@ def client(w: Warren, client_id: str, clean: bool, expect: bytes | None = None) 
     else:
         assert ack[:2] == b"\x20\x02" and ack[3] == 0, ack.hex(" ")
     return c
-
-
-def subscribe(c: RawClient, topics: list[tuple[str, int]], pkid: int = 1) -> list[int]:
-    """SUBSCRIBE and return the granted codes."""
-    c.send(subscribe_packet(pkid, topics))
-    first, body = c.recv_packet()
-    assert first == 0x90, f"expected SUBACK, got {first:02x}"
-    assert struct.unpack(">H", body[:2])[0] == pkid
-    return list(body[2:])
-
-
-def sync(c: RawClient) -> list[tuple[int, bytes]]:
-    """PINGREQ, then read until PINGRESP: everything the server sent before it (the server
-    handles a connection's packets in order, so what was published before is routed)."""
-    c.send(PINGREQ)
-    seen = []
-    while True:
-        first, body = c.recv_packet()
-        if first == 0xD0:
-            return seen
-        seen.append((first, body))
 
 
 def publish(w: Warren, topic: str, payloads: list[str], qos: int = 1) -> None:
@@ -156,7 +136,7 @@ def test_subscriptions_survive_a_reconnect_and_session_present_says_so(w):
 
 def test_offline_qos1_messages_are_queued_and_delivered_in_order_qos0_is_not(w):
     s = client(w, "offline-1", clean=False, expect=NOT_PRESENT)
-    assert subscribe(s, [("h3/off/#", 1)]) == [1]
+    assert granted(s, [("h3/off/#", 1)]) == [1]
     leave(s)
 
     publish(w, "h3/off/t", ["m1", "m2", "m3", "m4", "m5"], qos=1)
@@ -176,7 +156,7 @@ def test_offline_qos1_messages_are_queued_and_delivered_in_order_qos0_is_not(w):
 
 def test_unacknowledged_qos1_is_resent_with_dup_in_order_then_the_queue(w):
     s = client(w, "resend-1", clean=False)
-    assert subscribe(s, [("h3/re/#", 1)]) == [1]
+    assert granted(s, [("h3/re/#", 1)]) == [1]
     publish(w, "h3/re/t", ["a", "b", "c"])
     first = publishes(s, 3)
     assert [p[3] for p in first] == [b"a", b"b", b"c"]
@@ -200,7 +180,7 @@ def test_unacknowledged_qos1_is_resent_with_dup_in_order_then_the_queue(w):
 
 def test_qos2_outbound_is_exactly_once_across_reconnects(w):
     s = client(w, "q2-out", clean=False)
-    assert subscribe(s, [("h3/q2/#", 2)]) == [2]
+    assert granted(s, [("h3/q2/#", 2)]) == [2]
     publish(w, "h3/q2/t", ["x", "y"], qos=2)
     got = publishes(s, 2)
     assert [(p[1], p[3]) for p in got] == [(2, b"x"), (2, b"y")]
@@ -232,7 +212,7 @@ def test_qos2_outbound_is_exactly_once_across_reconnects(w):
 
 def test_qos2_inbound_duplicates_are_suppressed_across_a_reconnect(w):
     sub = client(w, "q2-in-sub", clean=True)
-    assert subscribe(sub, [("h3/in/#", 0)]) == [0]
+    assert granted(sub, [("h3/in/#", 0)]) == [0]
     p = client(w, "q2-in-pub", clean=False)
     p.send(publish_packet("h3/in/t", "once", qos=2, pkid=7))
     assert sync(p) == [(0x50, b"\x00\x07")]
@@ -252,7 +232,7 @@ def test_qos2_inbound_duplicates_are_suppressed_across_a_reconnect(w):
 
 def test_clean_session_discards_the_stored_session(w):
     s = client(w, "discard-1", clean=False, expect=NOT_PRESENT)
-    assert subscribe(s, [("h3/dis/#", 1)]) == [1]
+    assert granted(s, [("h3/dis/#", 1)]) == [1]
     leave(s)
     publish(w, "h3/dis/t", ["queued"])
 
@@ -269,7 +249,7 @@ def test_clean_session_discards_the_stored_session(w):
 def test_overlapping_subscriptions_deliver_once_at_the_highest_qos(w):
     for clean in (True, False):
         s = client(w, f"overlap-{clean}", clean=clean)
-        assert subscribe(s, [("h3/ov/#", 1), ("h3/ov/+", 2), ("h3/+/x", 0)]) == [1, 2, 0]
+        assert granted(s, [("h3/ov/#", 1), ("h3/ov/+", 2), ("h3/+/x", 0)]) == [1, 2, 0]
         publish(w, "h3/ov/x", ["one"], qos=2)
         got = [parse_publish(f, b) for f, b in sync(s)]
         assert [(g[1], g[3]) for g in got] == [(2, b"one")], f"clean={clean}: {got}"
@@ -280,7 +260,7 @@ def test_the_inflight_window_holds_later_messages_in_order():
     w = server("max_inflight_messages = 2\n")
     try:
         s = client(w, "window-1", clean=True)
-        assert subscribe(s, [("h3/win", 1)]) == [1]
+        assert granted(s, [("h3/win", 1)]) == [1]
         publish(w, "h3/win", ["1", "2", "3", "4"])
         got = [parse_publish(f, b) for f, b in sync(s)]
         assert [g[3] for g in got] == [b"1", b"2"], "two in flight, the rest wait"
@@ -300,7 +280,7 @@ def test_a_full_offline_queue_drops_the_newest_counted_and_logged_once():
     w = server("max_queued_messages = 3\n")
     try:
         s = client(w, "full-1", clean=False)
-        assert subscribe(s, [("h3/full", 1)]) == [1]
+        assert granted(s, [("h3/full", 1)]) == [1]
         leave(s)
         publish(w, "h3/full", [f"m{i}" for i in range(1, 7)])
         s = client(w, "full-1", clean=False, expect=PRESENT)
@@ -317,7 +297,7 @@ def test_a_session_expires_after_session_expiry_s_without_a_connection():
     w = server("session_expiry_s = 1\n")
     try:
         s = client(w, "expire-1", clean=False, expect=NOT_PRESENT)
-        assert subscribe(s, [("h3/exp", 1)]) == [1]
+        assert granted(s, [("h3/exp", 1)]) == [1]
         leave(s)
         time.sleep(1.5)
         s = client(w, "expire-1", clean=False, expect=NOT_PRESENT)
@@ -328,7 +308,7 @@ def test_a_session_expires_after_session_expiry_s_without_a_connection():
 
 def test_a_takeover_of_a_persistent_session_keeps_its_messages(w):
     old = client(w, "take-1", clean=False)
-    assert subscribe(old, [("h3/take", 1)]) == [1]
+    assert granted(old, [("h3/take", 1)]) == [1]
     publish(w, "h3/take", ["a"])
     (a,) = publishes(old, 1)
     # a second connection with the client id takes over while the first is still open
