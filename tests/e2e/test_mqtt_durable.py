@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import Warren, warren_bin
 from rawmqtt import (
+    connected,
     granted,
     parse_publish,
     puback,
@@ -81,13 +82,8 @@ def node():
 
 
 def client(w: Warren, client_id: str, clean: bool, expect: bytes | None = None) -> RawClient:
-    c = RawClient(w.mqtt_plain)
-    ack = c.connect(client_id, clean=clean)
-    if expect is not None:
-        assert ack == expect, f"CONNACK {ack.hex(' ')} for {client_id} clean={clean}"
-    else:
-        assert ack[:2] == b"\x20\x02" and ack[3] == 0, ack.hex(" ")
-    return c
+    """A raw client of `w` connected with this client id and clean-session flag."""
+    return connected(w.mqtt_plain, client_id, clean, expect)
 
 
 def publish_acked(w: Warren, topic: str, payloads: list[str], qos: int = 1, retain: bool = False) -> None:
