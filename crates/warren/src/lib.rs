@@ -24,8 +24,8 @@ pub mod error;
 pub mod fanout;
 pub mod gate;
 pub mod module;
-pub mod mqtt_session;
 pub mod mqant_conf;
+pub mod mqtt_session;
 /// The durable MQTT store (`[mqtt] store`): retained messages and persistent sessions in a redb
 /// file (feature `mqtt-store`).
 #[cfg(feature = "mqtt-store")]
@@ -34,8 +34,8 @@ pub mod node;
 pub(crate) mod refusal;
 pub mod registry;
 pub mod remote;
-pub mod ring;
 pub mod retained;
+pub mod ring;
 pub mod route;
 pub mod router;
 pub mod session;

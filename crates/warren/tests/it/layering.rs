@@ -8,7 +8,15 @@ use std::path::Path;
 /// From the bottom up. A module uses only modules of the layers below its own; modules of one
 /// layer do not use each other.
 const LAYERS: &[&[&str]] = &[
-    &["error", "route", "ring", "registry", "acl", "refusal", "mqtt_store"],
+    &[
+        "error",
+        "route",
+        "ring",
+        "registry",
+        "acl",
+        "refusal",
+        "mqtt_store",
+    ],
     &["config"],
     &["session", "mqant_conf"],
     &["mqtt_session"],
