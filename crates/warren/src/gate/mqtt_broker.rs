@@ -27,6 +27,7 @@ use crate::error::{CallError, Detail};
 use crate::refusal;
 use crate::retained::{Retain, RetainedBackend, RetainedStore, SharedRetained};
 use crate::session::{Message, Outbound};
+use warren_proto::mqtt_forward::Forwarded;
 
 /// Counter shards: each thread adds to its own cache line, so counting every packet framed for
 /// a large fan-out costs no contended atomic.
@@ -296,112 +297,9 @@ pub(crate) const FORWARD_HANDLER: &str = "MqttPublish";
 /// logged): a bus slower than the clients must not grow the node's memory.
 const FORWARD_QUEUE: usize = 16_384;
 
-/// First byte of a forwarded publish: the version of its format.
-const FORWARD_VERSION: u8 = 1;
-
-/// Bytes before the topic: version, flags, QoS, topic length.
-const FORWARD_HEADER: usize = 5;
-
 /// The peer logged with a refusal of a forwarded publish: it has no client on this gate.
 const FORWARDED_PEER: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
-
-/// A publish forwarded from the gate its client published on to every other gate of the
-/// cluster. Its body is binary, so a payload is any bytes:
-/// `[version = 1][flags: bit 0 = retain][QoS][topic length, u16 big-endian][topic][payload]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Forwarded {
-    topic: Bytes,
-    qos: u8,
-    retain: bool,
-    payload: Bytes,
-}
-
-/// Why a forwarded publish was refused (another gate sent what this one cannot read: a newer
-/// version, or a bug).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum ForwardError {
-    /// Shorter than its header.
-    #[error("a forwarded publish of {0} bytes, shorter than its header")]
-    Short(usize),
-    /// A format this gate does not know.
-    #[error("a forwarded publish in format version {0} (this gate reads version 1)")]
-    Version(u8),
-    /// Flags other than the retain flag.
-    #[error("a forwarded publish with unknown flags {0:#04x}")]
-    Flags(u8),
-    /// A QoS above 2.
-    #[error("a forwarded publish at QoS {0}")]
-    Qos(u8),
-    /// The topic length runs past the body.
-    #[error("a forwarded publish announcing a topic of {len} bytes with {left} left")]
-    TopicLength {
-        /// Announced.
-        len: usize,
-        /// Present.
-        left: usize,
-    },
-    /// Not a valid MQTT topic name (not UTF-8, empty, or with a wildcard).
-    #[error("a forwarded publish whose topic is not a valid MQTT topic name")]
-    Topic,
-}
-
-impl ForwardError {
-    /// The refusal kind for logs and metrics.
-    pub(crate) fn kind(&self) -> &'static str {
-        "mqtt_forward_malformed"
-    }
-}
-
-impl Forwarded {
-    /// The body sent to the other gates.
-    pub(crate) fn encode(&self) -> Bytes {
-        let mut b =
-            bytes::BytesMut::with_capacity(FORWARD_HEADER + self.topic.len() + self.payload.len());
-        b.extend_from_slice(&[FORWARD_VERSION, u8::from(self.retain), self.qos]);
-        // a topic name is at most 65535 bytes (MQTT 3.1.1 section 1.5.3)
-        let len = u16::try_from(self.topic.len()).unwrap_or(u16::MAX);
-        b.extend_from_slice(&len.to_be_bytes());
-        b.extend_from_slice(&self.topic[..usize::from(len)]);
-        b.extend_from_slice(&self.payload);
-        b.freeze()
-    }
-
-    /// Read a body another gate sent; every field is checked before it is used.
-    pub(crate) fn decode(mut body: Bytes) -> Result<Forwarded, ForwardError> {
-        if body.len() < FORWARD_HEADER {
-            return Err(ForwardError::Short(body.len()));
-        }
-        let (version, flags, qos) = (body[0], body[1], body[2]);
-        if version != FORWARD_VERSION {
-            return Err(ForwardError::Version(version));
-        }
-        if flags & !1 != 0 {
-            return Err(ForwardError::Flags(flags));
-        }
-        if qos > 2 {
-            return Err(ForwardError::Qos(qos));
-        }
-        let len = usize::from(u16::from_be_bytes([body[3], body[4]]));
-        let left = body.len() - FORWARD_HEADER;
-        if len > left {
-            return Err(ForwardError::TopicLength { len, left });
-        }
-        let mut rest = body.split_off(FORWARD_HEADER);
-        let payload = rest.split_off(len);
-        let topic = rest;
-        match std::str::from_utf8(&topic) {
-            Ok(t) if warren_proto::mqtt::topic::valid_topic_name(t) => {}
-            _ => return Err(ForwardError::Topic),
-        }
-        Ok(Forwarded {
-            topic,
-            qos,
-            retain: flags & 1 == 1,
-            payload,
-        })
-    }
-}
 
 /// The queue to the task that forwards this gate's publishes to the other gates, and whether
 /// there are any (worked out again only when the routing table changes).
@@ -661,36 +559,6 @@ mod tests {
         }
         t.add(1, 2, 0);
         assert_eq!(t.totals(), (4001, 40002, 4000));
-    }
-
-    #[test]
-    fn a_forwarded_publish_round_trips_and_bad_bodies_are_refused() {
-        let f = Forwarded {
-            topic: Bytes::from_static(b"sensors/1"),
-            qos: 1,
-            retain: true,
-            payload: Bytes::from_static(b"\x00\xff binary"),
-        };
-        let body = f.encode();
-        assert_eq!(Forwarded::decode(body.clone()), Ok(f));
-        for n in 0..FORWARD_HEADER + 9 {
-            assert!(Forwarded::decode(body.slice(..n)).is_err(), "{n} bytes");
-        }
-        let with = |i: usize, b: u8| {
-            let mut v = body.to_vec();
-            v[i] = b;
-            Forwarded::decode(Bytes::from(v))
-        };
-        assert_eq!(with(0, 2), Err(ForwardError::Version(2)));
-        assert_eq!(with(1, 3), Err(ForwardError::Flags(3)));
-        assert_eq!(with(2, 3), Err(ForwardError::Qos(3)));
-        assert_eq!(with(5, b'+'), Err(ForwardError::Topic));
-        assert_eq!(with(5, 0xff), Err(ForwardError::Topic));
-        // an empty payload (a retained delete) and an empty topic
-        let empty = Forwarded::decode(Bytes::from_static(b"\x01\x01\x00\x00\x01a"));
-        assert_eq!(empty.map(|f| f.payload.is_empty()), Ok(true));
-        let no_topic = Forwarded::decode(Bytes::from_static(b"\x01\x00\x00\x00\x00x"));
-        assert_eq!(no_topic, Err(ForwardError::Topic));
     }
 
     #[test]
