@@ -2,21 +2,18 @@
 //! [`crate::nats::NatsRetained`], the Redis hash of [`crate::redis::RedisRetained`]), and the
 //! change a gate queues for its writer.
 //!
-//! Binary, so a payload is any bytes: `[version = 1][QoS][topic length, u16 big-endian][topic]
-//! [payload]`. The topic is in the value (not only in the key) so a key's escaping never has to
-//! be undone.
+//! The value is the same binary body a gate forwards to the others
+//! (`warren_proto::mqtt_forward`, fuzzed), with the retain flag set, so a payload is any bytes
+//! and one checked decoder reads both. The topic is in the value (not only in the key) so a
+//! key's escaping never has to be undone.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use warren::retained::RetainedBackend;
-
-/// First byte: the format's version.
-const VERSION: u8 = 1;
-/// Bytes before the topic.
-const HEADER: usize = 4;
+use warren_proto::mqtt_forward::Forwarded;
 
 /// A change a gate made to its retained messages, waiting to be written to the shared store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,48 +36,30 @@ impl Change {
     }
 }
 
-/// The stored value of a retained message (a topic name is at most 65535 bytes).
+/// The stored value of a retained message.
 pub(crate) fn encode(topic: &str, qos: u8, payload: &Bytes) -> Bytes {
-    let len = u16::try_from(topic.len()).unwrap_or(u16::MAX);
-    let mut b = BytesMut::with_capacity(HEADER + topic.len() + payload.len());
-    b.extend_from_slice(&[VERSION, qos]);
-    b.extend_from_slice(&len.to_be_bytes());
-    b.extend_from_slice(&topic.as_bytes()[..usize::from(len)]);
-    b.extend_from_slice(payload);
-    b.freeze()
+    Forwarded {
+        topic: Bytes::copy_from_slice(topic.as_bytes()),
+        qos,
+        retain: true,
+        payload: payload.clone(),
+    }
+    .encode()
 }
 
 /// A stored value back to `(topic, QoS, payload)`; every field checked (another node, or
 /// anyone with access to the store, wrote it).
-pub(crate) fn decode(mut value: Bytes) -> Result<(String, u8, Bytes), String> {
-    if value.len() < HEADER {
-        return Err(format!("{} bytes, shorter than the header", value.len()));
+pub(crate) fn decode(value: Bytes) -> Result<(String, u8, Bytes), String> {
+    let f = Forwarded::decode(value).map_err(|e| e.to_string())?;
+    if !f.retain {
+        return Err("a value without the retain flag".into());
     }
-    if value[0] != VERSION {
-        return Err(format!("format version {} (this node reads 1)", value[0]));
-    }
-    let qos = value[1];
-    if qos > 2 {
-        return Err(format!("QoS {qos}"));
-    }
-    let len = usize::from(u16::from_be_bytes([value[2], value[3]]));
-    if len > value.len() - HEADER {
-        return Err(format!(
-            "a topic of {len} bytes announced, {} present",
-            value.len() - HEADER
-        ));
-    }
-    let mut rest = value.split_off(HEADER);
-    let payload = rest.split_off(len);
-    let topic = String::from_utf8(rest.to_vec()).map_err(|_| "a topic that is not UTF-8")?;
-    // a valid MQTT topic name: not empty, no wildcard, no NUL (MQTT 3.1.1 sections 1.5.3, 4.7)
-    if topic.is_empty() || topic.contains(['+', '#', '\0']) {
-        return Err("a topic that is not a valid MQTT topic name".into());
-    }
-    if payload.is_empty() {
+    if f.payload.is_empty() {
         return Err("an empty payload".into());
     }
-    Ok((topic, qos, payload))
+    // the decoder checked that the topic is UTF-8
+    let topic = String::from_utf8(f.topic.to_vec()).map_err(|_| "a topic that is not UTF-8")?;
+    Ok((topic, f.qos, f.payload))
 }
 
 /// The gate's side of a shared store: a [`RetainedBackend`] that queues each change, without
@@ -167,13 +146,20 @@ mod tests {
         let p = Bytes::from_static(b"\x00\xffbin");
         let v = encode("a/b", 1, &p);
         assert_eq!(decode(v.clone()), Ok(("a/b".to_owned(), 1, p)));
-        for n in 0..=HEADER + 3 {
+        for n in 0..=warren_proto::mqtt_forward::HEADER + 3 {
             assert!(decode(v.slice(..n)).is_err(), "{n} bytes");
         }
-        assert!(decode(Bytes::from_static(b"\x02\x00\x00\x01a1")).is_err());
-        assert!(decode(Bytes::from_static(b"\x01\x03\x00\x01a1")).is_err());
-        assert!(decode(Bytes::from_static(b"\x01\x00\x00\x01+1")).is_err());
-        assert!(decode(Bytes::from_static(b"\x01\x00\x00\x01\xff1")).is_err());
-        assert!(decode(Bytes::from_static(b"\x01\x00\x00\x09a1")).is_err());
+        // version, retain flag, QoS, topic, topic length, empty payload
+        for bad in [
+            &b"\x02\x01\x00\x00\x01a1"[..],
+            b"\x01\x00\x00\x00\x01a1",
+            b"\x01\x01\x03\x00\x01a1",
+            b"\x01\x01\x00\x00\x01+1",
+            b"\x01\x01\x00\x00\x01\xff1",
+            b"\x01\x01\x00\x00\x09a1",
+            b"\x01\x01\x00\x00\x01a",
+        ] {
+            assert!(decode(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
+        }
     }
 }
