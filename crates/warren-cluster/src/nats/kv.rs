@@ -86,8 +86,9 @@ fn node_key(id: &str) -> String {
     k
 }
 
-/// `name` as a valid bucket name (letters, digits, `-`, `_`).
-fn bucket_name(name: &str) -> String {
+/// `name` as a valid bucket name (letters, digits, `-`, `_`); also for the retained bucket
+/// (`nats/retained.rs`).
+pub(super) fn bucket_name(name: &str) -> String {
     let b: String = name
         .chars()
         .map(|c| {
@@ -102,17 +103,33 @@ fn bucket_name(name: &str) -> String {
 }
 
 /// The stream behind bucket `bucket`, as a KV bucket with one value per key, `max_age = ttl` and
-/// memory storage (records are rewritten every few seconds: no disk for them). The client's
-/// `create_key_value` cannot be used with nats-server 2.9: it first reads the account info, whose
-/// 2.9 form it no longer parses.
+/// memory storage (records are rewritten every few seconds: no disk for them).
 fn bucket_stream(bucket: &str, ttl: Duration) -> jetstream::stream::Config {
     jetstream::stream::Config {
+        max_age: ttl,
+        ..kv_stream(
+            bucket,
+            "warren nodes",
+            jetstream::stream::StorageType::Memory,
+        )
+    }
+}
+
+/// The stream behind a KV bucket, as the KV layout wants it: one value per key, rolled up,
+/// never deleted, read directly. The client's `create_key_value` cannot be used with
+/// nats-server 2.9: it first reads the account info, whose 2.9 form it no longer parses; so the
+/// registry and the retained bucket (`nats/retained.rs`) create the stream themselves.
+pub(super) fn kv_stream(
+    bucket: &str,
+    description: &str,
+    storage: jetstream::stream::StorageType,
+) -> jetstream::stream::Config {
+    jetstream::stream::Config {
         name: format!("KV_{bucket}"),
-        description: Some("warren nodes".into()),
+        description: Some(description.into()),
         subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: 1,
-        max_age: ttl,
-        storage: jetstream::stream::StorageType::Memory,
+        storage,
         num_replicas: 1,
         discard: jetstream::stream::DiscardPolicy::New,
         allow_rollup: true,

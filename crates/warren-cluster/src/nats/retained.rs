@@ -48,36 +48,16 @@ fn topic_key(topic: &str) -> Option<String> {
 
 /// `prefix` + `_retained` as a valid bucket name (letters, digits, `-`, `_`).
 fn bucket_name(prefix: &str) -> String {
-    let p: String = prefix
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("{p}_retained")
+    super::kv::bucket_name(&format!("{prefix}_retained"))
 }
 
-/// The stream behind the bucket, as the KV layout wants it: one value per key, on disk, no age
-/// limit. (Created directly: the client's `create_key_value` does not parse nats-server 2.9's
-/// account info.)
+/// The stream behind the bucket: a KV bucket on disk, with no age limit.
 fn bucket_stream(bucket: &str) -> jetstream::stream::Config {
-    jetstream::stream::Config {
-        name: format!("KV_{bucket}"),
-        description: Some("warren retained MQTT messages".into()),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        storage: jetstream::stream::StorageType::File,
-        num_replicas: 1,
-        discard: jetstream::stream::DiscardPolicy::New,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        ..Default::default()
-    }
+    super::kv::kv_stream(
+        bucket,
+        "warren retained MQTT messages",
+        jetstream::stream::StorageType::File,
+    )
 }
 
 /// The shared retained messages in a NATS KV bucket: [`NatsRetained::connect`] reads them and
