@@ -689,20 +689,10 @@ pub fn valid_filter(f: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::{Network, Outbound, OutboxRx, Protocol, Session, outbox};
+    use crate::session::{Outbound, OutboxRx};
 
     fn handle(id: &str) -> (Arc<SessionHandle>, OutboxRx) {
-        let (tx, rx) = outbox(8);
-        let s = Session {
-            id: id.into(),
-            uid: None,
-            settings: Default::default(),
-            remote: "127.0.0.1:1".parse().unwrap(),
-            network: Network::Tcp,
-            protocol: Protocol::Mqtt,
-            gate: "g".into(),
-        };
-        (SessionHandle::new(s, tx), rx)
+        crate::session::test_handle(id, 8)
     }
 
     fn got(rx: &mut OutboxRx) -> Vec<(String, Option<u8>)> {

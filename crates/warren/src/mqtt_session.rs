@@ -1041,7 +1041,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::{Network, Outbound, OutboxRx, Protocol, Session, outbox};
+    use crate::session::{Outbound, OutboxRx};
 
     fn limits(inflight: usize, queued: usize) -> SessionLimits {
         SessionLimits {
@@ -1053,17 +1053,7 @@ mod tests {
     }
 
     fn handle(id: &str) -> (Arc<SessionHandle>, OutboxRx) {
-        let (tx, rx) = outbox(64);
-        let s = Session {
-            id: id.into(),
-            uid: None,
-            settings: Default::default(),
-            remote: "127.0.0.1:1".parse().unwrap(),
-            network: Network::Tcp,
-            protocol: Protocol::Mqtt,
-            gate: "g".into(),
-        };
-        (SessionHandle::new(s, tx), rx)
+        crate::session::test_handle(id, 64)
     }
 
     fn msg(body: &str) -> Arc<Message> {

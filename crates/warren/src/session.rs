@@ -962,6 +962,23 @@ fn unindex(by_uid: &mut HashMap<String, Vec<SessionId>>, uid: &str, id: &str) {
     }
 }
 
+/// A session handle with an outbox of `capacity` messages, for unit tests of the layers that
+/// deliver to sessions (fan-out, MQTT session state).
+#[cfg(test)]
+pub(crate) fn test_handle(id: &str, capacity: usize) -> (Arc<SessionHandle>, OutboxRx) {
+    let (tx, rx) = outbox(capacity);
+    let s = Session {
+        id: id.into(),
+        uid: None,
+        settings: Default::default(),
+        remote: "127.0.0.1:1".parse().expect("an address"),
+        network: Network::Tcp,
+        protocol: Protocol::Mqtt,
+        gate: "g".into(),
+    };
+    (SessionHandle::new(s, tx), rx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
