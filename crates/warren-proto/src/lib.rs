@@ -10,10 +10,12 @@
 //! [`mqtt`], the pomelo client protocol in [`pomelo`], the telnet-friendly line framing in
 //! [`line`](mod@line), JSON-over-WebSocket frames in [`json_ws`], and the pomelo-rpc messages and their
 //! stream-pkg TCP framing in [`pomelo_rpc`] and [`stream_pkg`]. The frames warren nodes send each
-//! other over a broker are in [`node_frame`].
+//! other over a broker are in [`node_frame`]; the gobase test codec a node speaks to its TCP
+//! backend services is in [`backend_frame`].
 
 #![forbid(unsafe_code)]
 
+pub mod backend_frame;
 pub mod json_ws;
 pub mod line;
 pub mod mqtt;
