@@ -20,6 +20,7 @@ pub mod json_ws;
 pub mod line;
 pub mod mqtt;
 pub mod mqtt_forward;
+pub mod mqtt_handover;
 pub mod node_frame;
 pub mod pomelo;
 pub mod pomelo_rpc;
