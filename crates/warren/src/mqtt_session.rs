@@ -39,6 +39,7 @@ use arc_swap::ArcSwapOption;
 use bytes::BytesMut;
 use parking_lot::Mutex;
 use warren_proto::mqtt::{self, Ack, QoS};
+use warren_proto::mqtt_handover as handover;
 
 use crate::config::LimitsConfig;
 use crate::session::{Message, SessionHandle, SessionId};
@@ -692,6 +693,114 @@ impl MqttState {
         st.filters.drain().map(|(f, _)| f).collect()
     }
 
+    /// Hand the session over to another gate (docs/protocols/mqtt.md, "Across gates"): like
+    /// [`Self::discard`] it takes nothing more from now on, and its transferable part is
+    /// exported within `caps` (the asking gate's): the subscriptions, the inbound QoS 2 ids
+    /// awaiting PUBREL, and the outbound messages in delivery order, in flight first. What the
+    /// caps do not hold is dropped, newest first, as a full queue drops (counted, logged). Returns
+    /// the export and the filters, which the caller takes out of the trie.
+    pub fn hand_over(&self, caps: &handover::Limits) -> (handover::Handover, Vec<Box<str>>) {
+        let mut st = self.inner.lock();
+        st.discarded = true;
+        // deleted from the durable store by whoever took it out of the node's store
+        st.keeper = None;
+        st.handed.clear();
+        self.durable
+            .store(false, std::sync::atomic::Ordering::Release);
+        let filters: Vec<(Box<str>, u8)> = st.filters.drain().collect();
+        let mut size = 2
+            + 1
+            + 4
+            + self.client_id.len()
+            + self.owner.as_deref().map_or(0, str::len)
+            + 6
+            + 2
+            + 2
+            + 4;
+        let mut out = handover::Handover {
+            client_id: self.client_id.to_string(),
+            owner: self.owner.as_deref().map(str::to_owned),
+            expiry_s: st
+                .limits
+                .expiry
+                .map_or(0, |e| u32::try_from(e.as_secs()).unwrap_or(u32::MAX)),
+            last_pkid: st.last_pkid,
+            filters: Vec::new(),
+            awaiting: Vec::new(),
+            messages: Vec::new(),
+        };
+        let mut dropped_filters = 0usize;
+        for (f, q) in &filters {
+            let need = f.len() + handover::FILTER_OVERHEAD;
+            if out.filters.len() < caps.max_filters
+                && f.len() <= caps.max_topic_len
+                && size + need <= caps.max_bytes
+            {
+                size += need;
+                out.filters.push((f.to_string(), *q));
+            } else {
+                dropped_filters += 1;
+            }
+        }
+        let mut awaiting: Vec<u16> = st.awaiting_rel.drain().collect();
+        awaiting.sort_unstable();
+        awaiting.truncate(
+            caps.max_awaiting
+                .min((caps.max_bytes.saturating_sub(size)) / 2),
+        );
+        size += awaiting.len() * 2;
+        out.awaiting = awaiting;
+        let inflight = std::mem::take(&mut st.inflight);
+        let queued = std::mem::take(&mut st.queue)
+            .into_iter()
+            .chain(std::mem::take(&mut st.refused));
+        let all = inflight
+            .into_iter()
+            .map(|i| {
+                let state = match (i.released, i.qos) {
+                    (true, 2) => handover::Delivery::Released { packet_id: i.pkid },
+                    _ => handover::Delivery::Sent { packet_id: i.pkid },
+                };
+                (i.msg, i.qos, state)
+            })
+            .chain(queued.map(|q| (q.msg, q.qos, handover::Delivery::Queued)));
+        let mut dropped = 0usize;
+        for (msg, qos, state) in all {
+            let m = handover::HandedMessage {
+                topic: msg.topic.clone(),
+                payload: msg.body.clone(),
+                qos: qos.clamp(1, 2),
+                retain: msg.retain,
+                state,
+            };
+            let need = m.encoded_len();
+            if out.messages.len() < caps.max_messages
+                && m.topic.len() <= caps.max_topic_len
+                && size + need <= caps.max_bytes
+            {
+                size += need;
+                out.messages.push(m);
+            } else {
+                dropped += 1;
+            }
+        }
+        st.queued_bytes = 0;
+        drop(st);
+        if dropped > 0 || dropped_filters > 0 {
+            metrics::counter!("warren_mqtt_queue_dropped_total").increment(dropped as u64);
+            tracing::warn!(
+                client_id = %self.client_id,
+                dropped_messages = dropped,
+                dropped_filters,
+                max_messages = caps.max_messages,
+                max_bytes = caps.max_bytes,
+                "session handed over to another gate without what its caps do not hold"
+            );
+        }
+        let filters = filters.into_iter().map(|(f, _)| f).collect();
+        (out, filters)
+    }
+
     /// Whether the session has had no connection for longer than its expiry at `now`.
     pub fn expired(&self, now: Instant) -> bool {
         let st = self.inner.lock();
@@ -937,6 +1046,89 @@ impl Store {
         }
         s
     }
+    /// Whether a session of `client_id` is stored here (expired or not).
+    pub fn holds(&self, client_id: &str) -> bool {
+        self.sessions.lock().contains_key(client_id)
+    }
+
+    /// Rebuild a session another gate handed over (docs/protocols/mqtt.md, "Across gates"),
+    /// written through to the durable store when the node has one: its inflight messages with
+    /// their packet ids (resent with DUP, or PUBREL, when the connection attaches), its queue
+    /// in order and its inbound QoS 2 ids awaiting PUBREL. Its subscriptions are not in it: the
+    /// caller subscribes each filter the ACL still allows ([`MqttState::subscribe`]). It
+    /// replaces any session of the client id stored here, which is returned to be discarded.
+    pub fn import(
+        &self,
+        h: &handover::Handover,
+        limits: SessionLimits,
+    ) -> (Arc<MqttState>, Option<Arc<MqttState>>) {
+        let mut m = self.sessions.lock();
+        // out of the file before the new session goes in
+        let old = m.remove(h.client_id.as_str());
+        if let Some(old) = &old {
+            old.forget();
+        }
+        let s = self.new_session(&h.client_id, h.owner.as_deref(), limits);
+        {
+            let mut st = s.inner.lock();
+            st.last_pkid = h.last_pkid;
+            for &id in &h.awaiting {
+                if st.awaiting_rel.insert(id)
+                    && let Some(k) = &st.keeper
+                {
+                    k.keep(Change::AwaitRelease(id));
+                }
+            }
+            for m in &h.messages {
+                let msg = if m.retain {
+                    Message::retained(m.topic.clone(), m.payload.clone())
+                } else {
+                    Message::new(m.topic.clone(), m.payload.clone())
+                };
+                let mut q = Queued {
+                    msg,
+                    qos: m.qos,
+                    seq: None,
+                };
+                st.admit(&mut q);
+                match m.state {
+                    handover::Delivery::Queued => {
+                        st.queued_bytes += q.size();
+                        st.queue.push_back(q);
+                    }
+                    handover::Delivery::Sent { packet_id }
+                    | handover::Delivery::Released { packet_id } => {
+                        let released = matches!(m.state, handover::Delivery::Released { .. });
+                        if let (Some(seq), Some(k)) = (q.seq, &st.keeper) {
+                            k.keep(if released {
+                                Change::Released {
+                                    seq,
+                                    pkid: packet_id,
+                                }
+                            } else {
+                                Change::Sent {
+                                    seq,
+                                    pkid: packet_id,
+                                }
+                            });
+                        }
+                        st.inflight.push_back(Inflight {
+                            pkid: packet_id,
+                            msg: q.msg,
+                            qos: q.qos,
+                            released,
+                            seq: q.seq,
+                        });
+                    }
+                }
+            }
+            st.detached_at = Some(Instant::now());
+        }
+        m.insert(h.client_id.as_str().into(), s.clone());
+        metrics::gauge!("warren_mqtt_sessions_stored").set(m.len() as f64);
+        (s, old)
+    }
+
     /// The stored session of `client_id` for a `clean_session = 0` connection of `owner`: the
     /// stored one (session present) unless it expired, else a new one, stored. Refused when it
     /// belongs to another user.

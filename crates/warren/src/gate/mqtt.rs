@@ -223,14 +223,47 @@ async fn handshake(
         }
     };
 
+    // the name topic ACLs apply to: the verified uid, else (as mosquitto) the CONNECT user name
+    let user: Option<Arc<str>> = match &identity {
+        Some(id) => Some(Arc::from(id.uid.as_str())),
+        None => connect.username.as_deref().map(Arc::from),
+    };
+    // a token naming its topics limits the client to them (default mode), on top of acl_file
+    let token_acl = match identity.as_ref().and_then(|i| i.topics.as_deref()) {
+        Some(topics) if !mqant => Some(Box::new(ClientAcl::only(topics))),
+        _ => None,
+    };
+
     // 3. The MQTT session state (docs/protocols/mqtt.md, "Sessions and QoS"): clean_session = 1
     //    discards a stored one, clean_session = 0 resumes it (session present) or stores a new one.
+    //    In a cluster of several gates the others are asked first ("Across gates"): they close
+    //    a connection of the client id and discard its session, or hand it over to this gate.
     let uid = identity.as_ref().map(|i| i.uid.as_str());
     let limits = SessionLimits::from_config(&gate.limits);
     let (state, present) = if mqant {
         (MqttState::new(&client_id, uid, false, limits), false)
     } else {
-        match resolve_state(&gate, &client_id, uid, connect.clean_session, limits) {
+        gate.broker.know_gate(&gate);
+        let take =
+            !connect.clean_session && !gate.node.subscriptions().sessions().holds(&client_id);
+        let taken = mqtt_broker::take_from_other_gates(&gate, &client_id, uid, take).await;
+        let resolved = match taken {
+            Some(mqtt_broker::Taken::Refused) => Err(format!(
+                "client id {client_id:?} is held on another gate by another user"
+            )),
+            Some(mqtt_broker::Taken::Session(h)) if take => {
+                let acl = (user.as_deref(), token_acl.as_deref());
+                Ok((import_session(&gate, &peer, &h, acl, limits).await, true))
+            }
+            other => {
+                if take && other.is_some() {
+                    tracing::debug!(client_id = %client_id, "no other gate holds a session of the client id");
+                }
+                resolve_state(&gate, &client_id, uid, connect.clean_session, limits)
+                    .map_err(|e| e.to_string())
+            }
+        };
+        match resolved {
             Ok(r) => r,
             Err(e) => {
                 connack_and_close(&mut writer, &cfg, 5).await;
@@ -329,16 +362,6 @@ async fn handshake(
         (k, false) => Some(Duration::from_millis(u64::from(k) * 1500)),
     };
     // nothing of CONNECT is needed from here on; dropping it keeps the connection's task small
-    // the name topic ACLs apply to: the verified uid, else (as mosquitto) the CONNECT user name
-    let user: Option<Arc<str>> = match &identity {
-        Some(id) => Some(Arc::from(id.uid.as_str())),
-        None => connect.username.as_deref().map(Arc::from),
-    };
-    // a token naming its topics limits the client to them (default mode), on top of acl_file
-    let token_acl = match identity.as_ref().and_then(|i| i.topics.as_deref()) {
-        Some(topics) if !mqant => Some(Box::new(ClientAcl::only(topics))),
-        _ => None,
-    };
     drop(connect);
     let proto = MqttSession {
         mqant,
@@ -385,6 +408,97 @@ fn resolve_state(
         subs.discard_session(&old);
     }
     Ok((r.state, r.present))
+}
+
+/// Rebuild a persistent session another gate handed over (docs/protocols/mqtt.md, "Across
+/// gates"): its messages and inbound QoS 2 ids as they were, and each of its subscriptions that
+/// this gate's checks still allow for this client (`acl`: its user and its token's topics) —
+/// the `[limits]` on filters, the ACL file, the token — in the trie; a filter refused now is
+/// dropped from the session and logged. With a durable store, the session is on disk before
+/// the CONNACK.
+async fn import_session(
+    gate: &Gate,
+    peer: &SocketAddr,
+    h: &warren_proto::mqtt_handover::Handover,
+    (user, token_acl): (Option<&str>, Option<&ClientAcl>),
+    limits: SessionLimits,
+) -> Arc<MqttState> {
+    let subs = gate.node.subscriptions();
+    let (state, old) = subs.sessions().import(h, limits);
+    if let Some(old) = old {
+        subs.discard_session(&old);
+    }
+    let acl = gate
+        .acl
+        .load()
+        .as_ref()
+        .map(|a| a.for_client(user, &h.client_id));
+    let subscriber = Subscriber::Stored(state.clone());
+    let l = &gate.limits;
+    let who = user.unwrap_or("");
+    for (filter, qos) in &h.filters {
+        let denied = topic_over_limits(l, filter, "filter")
+            .or_else(|| {
+                acl.as_ref().filter(|a| !a.may_subscribe(filter)).map(|_| {
+                    (
+                        "acl",
+                        format!(
+                            "no ACL read rule covers filter {:?} for user {who:?}",
+                            preview(filter)
+                        ),
+                    )
+                })
+            })
+            .or_else(|| {
+                token_acl.filter(|t| !t.may_subscribe(filter)).map(|_| {
+                    (
+                        "token_topics",
+                        format!(
+                            "the token's topics do not cover filter {:?} for user {who:?}",
+                            preview(filter)
+                        ),
+                    )
+                })
+            });
+        if let Some((kind, why)) = denied {
+            refusal::deny(
+                peer,
+                kind,
+                format_args!("{why}; dropped from the session handed over"),
+            );
+            continue;
+        }
+        let (held, _) = state.filters(filter);
+        if held >= l.max_filters_per_session {
+            let why = format!(
+                "session holds {held} filters, limits.max_filters_per_session is {}; {:?} dropped from the session handed over",
+                l.max_filters_per_session,
+                preview(filter)
+            );
+            refusal::refuse(peer, "filters_per_session", why);
+            continue;
+        }
+        let added = state.subscribe(filter, *qos, || {
+            subs.subscribe_within(
+                filter,
+                subscriber.clone(),
+                *qos,
+                l.max_subscriptions,
+                l.max_subscription_levels,
+            )
+        });
+        if let Some(Err(full)) = added {
+            refusal::refuse(peer, full.kind(), full);
+        }
+    }
+    #[cfg(feature = "mqtt-store")]
+    if let Some(store) = subs.sessions().backend()
+        && let Err(e) = store.flush().await
+    {
+        metrics::counter!("warren_store_unacknowledged_total").increment(1);
+        tracing::warn!(%peer, client_id = %h.client_id, error = %e, "MQTT store failed: the session handed over is kept in memory only");
+    }
+    state
 }
 
 /// Answer CONNACK `code` on an opened session and close it (its uid was never bound).

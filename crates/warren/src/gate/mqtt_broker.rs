@@ -12,6 +12,14 @@
 //! binary body ([`Forwarded`]) to the gate module `Gate` of every other gate, whose handler
 //! `MqttPublish` runs [`Broker::publish_forwarded`] (its retained store and local fan-out, never
 //! a forward again). A node without a bus has no forwarder and pays one `OnceLock` read.
+//!
+//! A persistent session follows its client to another gate: a `clean_session = 0` CONNECT for
+//! a client id this gate holds no session of asks every other gate for it
+//! ([`take_from_other_gates`], handler `MqttTakeSession`); the gate holding it closes its
+//! connection, detaches it and answers with its transferable part
+//! ([`BrokerSlot::take_session`], the codec `warren_proto::mqtt_handover`). Every CONNECT in a
+//! cluster of several gates makes the same call, so a client id is connected once in the
+//! cluster and a `clean_session = 1` CONNECT discards the session wherever it is.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -28,6 +36,7 @@ use crate::refusal;
 use crate::retained::{Retain, RetainedBackend, RetainedStore, SharedRetained};
 use crate::session::{Message, Outbound};
 use warren_proto::mqtt_forward::Forwarded;
+use warren_proto::mqtt_handover::{self as handover, Answer, Handover};
 
 /// Counter shards: each thread adds to its own cache line, so counting every packet framed for
 /// a large fan-out costs no contended atomic.
@@ -108,6 +117,9 @@ pub(crate) struct Broker {
     shared: OnceLock<Arc<dyn RetainedBackend>>,
     /// `[node] call_timeout_s`: the deadline of a forward.
     call_timeout: Duration,
+    /// The gate, once a client connected: where a session take from another gate finds the
+    /// connections holding a client id.
+    gate: OnceLock<Weak<Gate>>,
 }
 
 impl Broker {
@@ -127,7 +139,29 @@ impl Broker {
             forward: OnceLock::new(),
             shared: OnceLock::new(),
             call_timeout: Duration::from_secs(config.node.call_timeout_s.max(1)),
+            gate: OnceLock::new(),
         }
+    }
+
+    /// Remember the gate this broker belongs to (each MQTT connection calls this; only the
+    /// first sets it).
+    pub(crate) fn know_gate(&self, gate: &Arc<Gate>) {
+        if self.gate.get().is_none() {
+            let _ = self.gate.set(Arc::downgrade(gate));
+        }
+    }
+
+    /// The other gates of the cluster, or `None` when there are none (a node without a bus, a
+    /// cluster of one gate: two atomic loads until the routing table changes).
+    pub(crate) fn other_gates(&self, node: &dyn Host) -> Option<Vec<crate::router::Target>> {
+        let f = self.forward.get()?;
+        if !f.has_peers(node) {
+            return None;
+        }
+        let own = node.session_table().gate_id().clone();
+        let mut gates = node.router().instances(GATE_MODULE);
+        gates.retain(|t| t.instance != own);
+        (!gates.is_empty()).then_some(gates)
     }
 
     /// Publish to subscribers as a client's PUBLISH does: kept first when `retain` is set (an
@@ -429,6 +463,153 @@ async fn forward_loop(
     }
 }
 
+/// The handler of the gate module `Gate` that hands a persistent session over to another gate
+/// (or discards it, and closes a connection holding the client id).
+pub(crate) const TAKE_HANDLER: &str = "MqttTakeSession";
+
+/// How long a CONNECT waits for the other gates' answers about its client id.
+pub(crate) const TAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the gate holding the session waits for its connection to hand back its unsent
+/// messages (half the asker's deadline: the answer must still reach it).
+const TAKE_DETACH_WAIT_MS: u64 = 1000;
+
+/// Most bytes of a handed-over session: one message of every bus (NATS carries 1 MiB by
+/// default), with room for the frame around it.
+pub(crate) const HANDOVER_MAX_BYTES: usize = 960 * 1024;
+
+/// What a gate asks the others for when a client connects (JSON: it is small and fixed).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct TakeRequest {
+    client_id: String,
+    /// The verified user connecting (`None`: anonymous): a session or connection of another
+    /// user is not touched and the answer is "refused".
+    owner: Option<String>,
+    /// Hand the session over (`clean_session = 0` with no session on the asking gate); else
+    /// discard it.
+    take: bool,
+    /// How long to wait for the session's connection to detach, in milliseconds.
+    wait_ms: u64,
+    /// The asking gate's caps ([`handover::Limits`]): what they do not hold is dropped here.
+    max_filters: usize,
+    max_topic_len: usize,
+    max_messages: usize,
+    max_awaiting: usize,
+    max_bytes: usize,
+}
+
+/// The caps a handed-over session is read under: this gate's `[limits]`.
+pub(crate) fn handover_caps(limits: &crate::config::LimitsConfig) -> handover::Limits {
+    handover::Limits {
+        max_filters: limits.max_filters_per_session,
+        max_topic_len: limits.max_topic_len,
+        max_messages: limits
+            .max_inflight_messages
+            .saturating_add(limits.max_queued_messages),
+        max_awaiting: crate::mqtt_session::MAX_AWAITING_REL,
+        max_bytes: HANDOVER_MAX_BYTES,
+    }
+}
+
+/// What the other gates answered about a client id.
+#[derive(Debug)]
+pub(crate) enum Taken {
+    /// No other gate holds a session of it (or none answered in time).
+    Nothing,
+    /// Another gate holds it for another user: the connection is refused.
+    Refused,
+    /// The session, detached and removed from the gate that held it.
+    Session(Box<Handover>),
+}
+
+/// Ask every other gate about `client_id` (handler `MqttTakeSession`, deadline
+/// [`TAKE_TIMEOUT`]): each closes a connection of it and discards its session, or (with `take`)
+/// hands the session over. `None` when there is no other gate (nothing is sent). A gate that
+/// does not answer in time is logged and counts as holding nothing.
+pub(crate) async fn take_from_other_gates(
+    gate: &Gate,
+    client_id: &str,
+    owner: Option<&str>,
+    take: bool,
+) -> Option<Taken> {
+    let peers = gate.broker.other_gates(&*gate.node)?;
+    let caps = handover_caps(&gate.limits);
+    let req = TakeRequest {
+        client_id: client_id.to_owned(),
+        owner: owner.map(str::to_owned),
+        take,
+        wait_ms: TAKE_DETACH_WAIT_MS,
+        max_filters: caps.max_filters,
+        max_topic_len: caps.max_topic_len,
+        max_messages: caps.max_messages,
+        max_awaiting: caps.max_awaiting,
+        max_bytes: caps.max_bytes,
+    };
+    let body = match serde_json::to_vec(&req) {
+        Ok(b) => Bytes::from(b),
+        Err(e) => {
+            tracing::warn!(client_id, error = %e, "cannot encode a session take request");
+            return Some(Taken::Nothing);
+        }
+    };
+    let deadline = tokio::time::Instant::now() + TAKE_TIMEOUT;
+    let router = gate.node.router();
+    let calls = peers.iter().map(|t| {
+        let call = t.call(TAKE_HANDLER, deadline).body(body.clone());
+        async move {
+            let r = match router.call(t, call).await {
+                Ok(pending) => pending.await,
+                Err(e) => Err(e),
+            };
+            (t, r)
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let mut taken = Taken::Nothing;
+    let mut refused = false;
+    for (t, r) in answers {
+        let body = match r {
+            Ok(b) => b,
+            Err(e) => {
+                metrics::counter!("warren_mqtt_session_takes_failed_total").increment(1);
+                tracing::warn!(gate = %t.instance, client_id, error = %e, take, "another gate did not answer about the client id's session; going on without it");
+                continue;
+            }
+        };
+        match Answer::decode(body, &caps) {
+            Ok(Answer::None) => {}
+            Ok(Answer::Refused) => refused = true,
+            Ok(Answer::Session(h)) => {
+                if matches!(taken, Taken::Nothing) {
+                    tracing::info!(gate = %t.instance, client_id, filters = h.filters.len(), messages = h.messages.len(), "persistent session taken over from another gate");
+                    taken = Taken::Session(Box::new(h));
+                } else {
+                    tracing::warn!(gate = %t.instance, client_id, "a second gate also held a session of the client id; its session is dropped");
+                }
+            }
+            Err(e) => {
+                metrics::counter!("warren_mqtt_session_takes_failed_total").increment(1);
+                let why = format!(
+                    "session of {:?} from gate {}: {e}",
+                    preview(client_id),
+                    t.instance
+                );
+                refusal::refuse(&FORWARDED_PEER, e.kind(), why);
+            }
+        }
+    }
+    if refused {
+        if matches!(taken, Taken::Session(_)) {
+            tracing::warn!(
+                client_id,
+                "another gate refused the client id; the session handed over by a third is dropped"
+            );
+        }
+        return Some(Taken::Refused);
+    }
+    Some(taken)
+}
+
 /// The gate module's way to this gate's broker, set once the gate exists: a publish forwarded
 /// before that (or after the gate is gone) reaches nobody here.
 #[derive(Debug, Default)]
@@ -454,6 +635,98 @@ impl BrokerSlot {
             Some(broker) => Ok(broker.publish_forwarded(node, f)),
             None => Ok(0),
         }
+    }
+}
+
+impl BrokerSlot {
+    /// Another gate asks about a client id (the gate module's `MqttTakeSession`, see
+    /// [`take_from_other_gates`]): close a connection of it here, as a takeover does (its will
+    /// is published), and take its persistent session out of this gate (its store, its durable
+    /// rows, its subscriptions in the trie). Answers the session (when asked to take it and it
+    /// has not expired), "none", or "refused" when the client id here is another user's. Only
+    /// one asker gets a session: it leaves the store under its lock.
+    pub(crate) async fn take_session(
+        &self,
+        node: &dyn Host,
+        body: Bytes,
+    ) -> Result<Bytes, CallError> {
+        let req: TakeRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                let why = format!("a session take request that does not decode: {e}");
+                refusal::refuse(&FORWARDED_PEER, "mqtt_take_malformed", &why);
+                return Err(CallError::bad_request(Detail::new(why)));
+            }
+        };
+        let client_id = req.client_id.as_str();
+        let owner = req.owner.as_deref();
+        let gate = self
+            .0
+            .get()
+            .and_then(Weak::upgrade)
+            .and_then(|b| b.gate.get().and_then(Weak::upgrade));
+        if let Some(gate) = &gate {
+            let holder = gate.client_ids.lock().get(client_id).cloned();
+            if let Some((h, holder_uid)) = holder
+                && !h.is_closed()
+            {
+                if holder_uid.as_deref() != owner {
+                    tracing::info!(
+                        client_id,
+                        "client id asked for by another gate for another user; refused"
+                    );
+                    return Ok(Answer::Refused.encode());
+                }
+                tracing::info!(client_id, session = %h.id(), "client id taken over by a connection on another gate; closing this one");
+                h.close();
+            }
+        }
+        let subs = node.subscriptions();
+        let state = match subs.sessions().take(client_id, owner) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Ok(Answer::None.encode()),
+            Err(e) => {
+                tracing::info!(client_id, error = %e, "session asked for by another gate for another user; refused");
+                return Ok(Answer::Refused.encode());
+            }
+        };
+        if state.is_attached()
+            && !state
+                .wait_detached(Duration::from_millis(req.wait_ms.min(TAKE_DETACH_WAIT_MS)))
+                .await
+        {
+            tracing::debug!(
+                client_id,
+                "the session's connection is still attached; handing over what it holds now"
+            );
+        }
+        if !req.take || state.expired(Instant::now()) {
+            tracing::debug!(
+                client_id,
+                "session discarded for a connection on another gate"
+            );
+            subs.discard_session(&state);
+            return Ok(Answer::None.encode());
+        }
+        let caps = handover::Limits {
+            max_filters: req.max_filters,
+            max_topic_len: req.max_topic_len,
+            max_messages: req.max_messages,
+            max_awaiting: req.max_awaiting,
+            max_bytes: req.max_bytes.min(HANDOVER_MAX_BYTES),
+        };
+        let (h, filters) = state.hand_over(&caps);
+        for f in &filters {
+            subs.unsubscribe(f, state.id());
+        }
+        metrics::counter!("warren_mqtt_sessions_handed_over_total").increment(1);
+        tracing::info!(
+            client_id,
+            filters = h.filters.len(),
+            messages = h.messages.len(),
+            "persistent session handed over to another gate"
+        );
+        Ok(Answer::Session(h).encode())
     }
 }
 

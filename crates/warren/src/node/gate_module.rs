@@ -12,7 +12,9 @@ pub(crate) const GATE: &str = crate::gate::GATE_MODULE;
 ///
 /// `mqtt` reaches the gate's MQTT broker: `MqttPublish` takes a publish that a client of another
 /// gate made (a binary body, docs/protocols/mqtt.md, "Across gates") to this gate's retained
-/// store and subscribers.
+/// store and subscribers; `MqttTakeSession` answers another gate where a client connects with a
+/// client id this gate holds: it closes that connection and discards or hands over its
+/// persistent session (docs/protocols/mqtt.md, "Across gates").
 pub(crate) fn gate_module(
     table: Arc<SessionTable>,
     groups: Arc<Groups>,
@@ -139,6 +141,13 @@ pub(crate) fn gate_module(
             |cx: crate::Context<T>, body: Bytes| async move {
                 let node = cx.node();
                 cx.state().mqtt.deliver(node, body).map(|_| ())
+            },
+        )
+        .handler(
+            "MqttTakeSession",
+            |cx: crate::Context<T>, body: Bytes| async move {
+                let node = cx.node();
+                cx.state().mqtt.take_session(node, body).await
             },
         )
         .handler(
