@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod amqp;
+pub mod backend;
 pub mod connect;
 #[cfg(feature = "etcd")]
 pub mod etcd;
