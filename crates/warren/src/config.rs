@@ -132,6 +132,13 @@ pub struct NodeConfig {
     /// processes (gate, module nodes, the broker) share one machine's cores: each worker that
     /// parks and wakes costs a context switch, and on a crowded machine those dominate.
     pub threads: usize,
+    /// The process group this node belongs to, mqant's `ProcessID` (its `-pid`): a module entry
+    /// with a `process_id` runs only on nodes of that group. Unlike `id` it need not be unique:
+    /// several nodes may run the same group's instances. `--process-id` overrides it.
+    pub process_id: String,
+    /// Module types this node never runs, served by peers (mqant processes, other nodes): their
+    /// entries need no implementation here, and calls to them travel over the bus.
+    pub remote_types: Vec<String>,
 }
 
 impl Default for NodeConfig {
@@ -143,9 +150,14 @@ impl Default for NodeConfig {
             call_timeout_s: 10,
             mailbox: 1024,
             threads: 0,
+            process_id: DEFAULT_PROCESS_ID.into(),
+            remote_types: Vec::new(),
         }
     }
 }
+
+/// The process group of a node that names none, as in mqant (`development`).
+pub const DEFAULT_PROCESS_ID: &str = "development";
 
 /// How a module runs its handlers (defined with the config, which names it; the module API
 /// re-exports it).
@@ -173,6 +185,10 @@ pub struct ModuleConfig {
     /// Node that runs the instance (ignored by single-process `warren serve`).
     #[serde(default)]
     pub node: Option<String>,
+    /// Process group that runs the instance (mqant's `ProcessID`): only nodes whose
+    /// `[node] process_id` is this one run it; elsewhere it is a peer's, reached over the bus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_id: Option<String>,
     /// Override the module's execution mode.
     #[serde(default)]
     pub execution: Option<Execution>,
@@ -267,6 +283,7 @@ impl ModuleConfig {
             kind: kind.into(),
             id: None,
             node: None,
+            process_id: None,
             execution: None,
             tags: Vec::new(),
             sticky: false,
@@ -745,6 +762,22 @@ impl Config {
         }
     }
 
+    /// Whether a module entry is a peer's: its type is one of `[node] remote_types`, or it
+    /// names a `process_id` other than this node's. Such an entry is never run here, needs no
+    /// implementation here, and is reached over the bus (its `[module.bus]` when it has one).
+    pub fn is_remote(&self, m: &ModuleConfig) -> bool {
+        self.node.remote_types.iter().any(|t| *t == m.kind)
+            || m.process_id
+                .as_ref()
+                .is_some_and(|p| *p != self.node.process_id)
+    }
+
+    /// Whether this node runs a module entry: it is not a peer's ([`Config::is_remote`]) and
+    /// names this node, or no node.
+    pub fn runs_here(&self, m: &ModuleConfig) -> bool {
+        !self.is_remote(m) && m.node.as_ref().is_none_or(|n| *n == self.node.id)
+    }
+
     /// Every problem [`Config::validate`] finds, each naming its key.
     pub fn problems(&self, known_modules: &[&str]) -> Vec<ConfigError> {
         let mut p = Problems::default();
@@ -761,6 +794,9 @@ impl Config {
         }
         if self.node.mailbox == 0 {
             p.add("node.mailbox", "must be at least 1");
+        }
+        if self.node.process_id.is_empty() {
+            p.add("node.process_id", "must not be empty");
         }
         self.limits.check(p);
         self.access.check(p);
@@ -817,6 +853,7 @@ impl Config {
         for (i, m) in self.modules.iter().enumerate() {
             m.check_plugin(&format!("module[{i}]"), p);
             if m.plugin.is_none()
+                && !self.is_remote(m)
                 && !known_modules.is_empty()
                 && !known_modules.contains(&m.kind.as_str())
             {
@@ -835,6 +872,14 @@ impl Config {
                 p.add(
                     format!("module[{i}].id"),
                     format!("instance id {id:?} is used twice"),
+                );
+            }
+            if m.kind == "Gate" && id == self.node.gate_id {
+                p.add(
+                    format!("module[{i}].id"),
+                    format!(
+                        "{id:?} is this node's own gate (node.gate_id): a peer's gate needs another id"
+                    ),
                 );
             }
             ids.push(id);

@@ -9,8 +9,8 @@
 use serde_json::{Map, Value};
 
 use crate::config::{
-    Config, ConfigError, ListenerConfig, Mode, ModuleBusConfig, ModuleConfig, MqttOptions, Network,
-    ProtocolOptions,
+    Config, ConfigError, DEFAULT_PROCESS_ID, ListenerConfig, Mode, ModuleBusConfig, ModuleConfig,
+    MqttOptions, Network, ProtocolOptions,
 };
 
 /// Whether text is mqant's JSON shape: its first character outside whitespace and `//` lines is `{`.
@@ -59,9 +59,26 @@ fn string<'a>(o: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
     get(o, key).and_then(Value::as_str)
 }
 
-/// Convert mqant's `server.conf` into a warren config. Returns the config and warnings about what
+/// Top-level sections of a `server.conf` that warren reads; any other is ignored with a warning.
+const READ: [&str; 4] = ["Module", "Mqtt", "Rpc", "Master"];
+
+/// Convert mqant's `server.conf` into a warren config for a node of the process group
+/// [`DEFAULT_PROCESS_ID`] (mqant's default `-pid`). Returns the config and warnings about what
 /// was ignored.
 pub fn from_mqant_json(text: &str) -> Result<(Config, Vec<String>), ConfigError> {
+    from_mqant_json_as(text, DEFAULT_PROCESS_ID)
+}
+
+/// Convert mqant's `server.conf` into the config of a node of process group `process_id`, as
+/// mqant's `-pid` picks what a process runs: instances whose `ProcessID` is another group's
+/// become peers' entries (`process_id` set, reached over the bus); a `Gate` instance of this
+/// group becomes the node's listeners and gate id, one of another group a remote `Gate` entry,
+/// so that session operations on its sessions travel to it. Returns the config and warnings
+/// about what was ignored.
+pub fn from_mqant_json_as(
+    text: &str,
+    process_id: &str,
+) -> Result<(Config, Vec<String>), ConfigError> {
     let json: Value =
         serde_json::from_str(&strip_comments(text)).map_err(|e| ConfigError::Parse {
             line: Some(e.line()),
@@ -75,7 +92,13 @@ pub fn from_mqant_json(text: &str) -> Result<(Config, Vec<String>), ConfigError>
     let mut config = Config::default();
     config.http.enabled = false;
     config.listeners.clear();
+    config.node.process_id = process_id.to_owned();
 
+    for key in root.keys() {
+        if !READ.iter().any(|r| r.eq_ignore_ascii_case(key)) {
+            warnings.push(format!("{key} is ignored: warren has no equivalent"));
+        }
+    }
     let mqtt = get(root, "Mqtt").and_then(Value::as_object);
     let (idle, write, queue) = match mqtt {
         Some(m) => (
@@ -86,6 +109,24 @@ pub fn from_mqant_json(text: &str) -> Result<(Config, Vec<String>), ConfigError>
         ),
         None => (None, None, None),
     };
+    let rpc_expired = match get(root, "Rpc").and_then(Value::as_object) {
+        Some(r) => {
+            for key in r.keys() {
+                if !key.eq_ignore_ascii_case("RpcExpired") {
+                    warnings.push(format!("Rpc.{key} is ignored"));
+                }
+            }
+            number(r, "RpcExpired", "Rpc")?.filter(|v| *v > 0)
+        }
+        None => None,
+    };
+    // mqant's Master is a module type of its own (`MasterType`, "Master" by default)
+    let master_type = get(root, "Master")
+        .and_then(Value::as_object)
+        .and_then(|m| string(m, "MasterType"))
+        .filter(|t| !t.is_empty())
+        .unwrap_or("Master")
+        .to_owned();
     if get(root, "Master").is_some() {
         warnings.push("Master is ignored: warren's admin API replaces it".into());
     }
@@ -93,10 +134,17 @@ pub fn from_mqant_json(text: &str) -> Result<(Config, Vec<String>), ConfigError>
         .and_then(Value::as_object)
         .ok_or_else(|| invalid("Module", "missing: the file names no modules"))?;
     let mut ids: Vec<String> = Vec::new();
+    let mut own_gate = false;
     for (kind, instances) in modules {
         let list = instances
             .as_array()
             .ok_or_else(|| invalid(&format!("Module.{kind}"), "must be a list of instances"))?;
+        if kind.eq_ignore_ascii_case(&master_type) {
+            warnings.push(format!(
+                "Module.{kind} is ignored: it is mqant's Master (warren's admin API replaces it)"
+            ));
+            continue;
+        }
         for (i, inst) in list.iter().enumerate() {
             let path = format!("Module.{kind}[{i}]");
             let o = inst
@@ -113,8 +161,12 @@ pub fn from_mqant_json(text: &str) -> Result<(Config, Vec<String>), ConfigError>
             if get(o, "Group").is_some() {
                 warnings.push(format!("{path}.Group is ignored"));
             }
-            let node = string(o, "ProcessID")
-                .or(string(o, "Host"))
+            let process = string(o, "ProcessID")
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned);
+            // v1.0's Host is an address; a loopback one ran on every process
+            let node = string(o, "Host")
+                .filter(|h| !matches!(*h, "" | "127.0.0.1" | "localhost"))
                 .map(str::to_owned);
             let settings = get(o, "Settings")
                 .and_then(Value::as_object)
@@ -138,21 +190,76 @@ pub fn from_mqant_json(text: &str) -> Result<(Config, Vec<String>), ConfigError>
                     })
                 }
             };
-            if kind.eq_ignore_ascii_case("Gate") {
+            let here = process.as_deref().is_none_or(|p| p == process_id);
+            if kind.eq_ignore_ascii_case("Gate") && here {
+                own_gate = true;
                 config.node.gate_id = id.to_owned();
                 gate_listeners(&mut config, &settings, &path, idle, write, queue)?;
                 continue;
             }
-            let mut m = ModuleConfig::new(kind);
+            let mut m = ModuleConfig::new(if kind.eq_ignore_ascii_case("Gate") {
+                // another process's gate: the node's session operations reach it by this type
+                "Gate"
+            } else {
+                kind
+            });
             m.id = Some(id.to_owned());
             m.node = node;
+            m.process_id = process;
             m.bus = bus;
-            m.settings = toml::Table::try_from(Value::Object(settings))
-                .map_err(|e| invalid(&format!("{path}.Settings"), e.to_string()))?;
+            if !kind.eq_ignore_ascii_case("Gate") {
+                m.settings = toml::Table::try_from(Value::Object(settings))
+                    .map_err(|e| invalid(&format!("{path}.Settings"), e.to_string()))?;
+            }
             config.modules.push(m);
         }
     }
+    if let Some(s) = rpc_expired {
+        for l in &mut config.listeners {
+            l.rpc_expired_s = Some(s);
+        }
+    }
+    // this node's own gate must not take the id of another process's gate: its sessions'
+    // Serverid decides where session operations go
+    if !own_gate {
+        let taken = |g: &str| {
+            config
+                .modules
+                .iter()
+                .any(|m| m.kind == "Gate" && m.instance_id() == g)
+        };
+        if taken(&config.node.gate_id) {
+            config.node.gate_id = format!("Gate-{process_id}");
+        }
+    }
     Ok((config, warnings))
+}
+
+/// Make the module types of `config` that this binary has no implementation of remote-only
+/// (`[node] remote_types`): in an mqant deployment they are served by mqant processes, so calls
+/// to them travel over the bus instead of being refused. `known` are the binary's types (empty:
+/// none). Returns one warning per type.
+pub fn remote_unimplemented(config: &mut Config, known: &[&str]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let mut add = Vec::new();
+    for m in &config.modules {
+        if m.plugin.is_some()
+            || known.contains(&m.kind.as_str())
+            || config.node.remote_types.contains(&m.kind)
+            || add.contains(&m.kind)
+        {
+            continue;
+        }
+        add.push(m.kind.clone());
+    }
+    for kind in add {
+        warnings.push(format!(
+            "module type {kind:?} has no implementation here: its instances are peers', reached \
+             over the bus"
+        ));
+        config.node.remote_types.push(kind);
+    }
+    warnings
 }
 
 fn gate_listeners(
@@ -273,7 +380,12 @@ mod tests {
                 ("Chat", "Chat001".to_owned())
             ]
         );
-        assert_eq!(c.modules[0].node.as_deref(), Some("development"));
+        assert_eq!(c.modules[0].process_id.as_deref(), Some("development"));
+        assert_eq!(c.modules[0].node, None);
+        assert!(
+            c.runs_here(&c.modules[0]),
+            "the default process group runs it"
+        );
         let bus = c.modules[0]
             .bus
             .as_ref()
@@ -286,11 +398,115 @@ mod tests {
         c.validate(&[]).unwrap();
     }
 
+    /// mqantserver's sample file, kept in the repository for the end-to-end tests.
+    const STOCK: &str = include_str!("../../../tests/e2e/data/mqantserver.conf");
+
+    #[test]
+    fn a_stock_mqantserver_file_converts_with_warnings() {
+        let (mut c, mut warnings) = from_mqant_json(STOCK).unwrap();
+        let kinds: Vec<_> = c.modules.iter().map(|m| m.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "HelloWorld",
+                "Login",
+                "Chat",
+                "PyChat",
+                "Test",
+                "Hitball",
+                "XaXb",
+                "Webapp",
+                "Tracing"
+            ]
+        );
+        assert!(warnings.iter().any(|w| w.starts_with("Master is ignored")));
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.starts_with("Module.Master is ignored"))
+        );
+        assert!(warnings.iter().any(|w| w == "Rpc.MaxCoroutine is ignored"));
+        assert_eq!(c.node.gate_id, "Gate001");
+        assert!(c.listeners.iter().all(|l| l.rpc_expired_s == Some(1)));
+        // unimplemented types become remote-only, and then the file passes
+        assert!(c.validate(&["Login", "Chat"]).is_err());
+        warnings.extend(remote_unimplemented(&mut c, &["Login", "Chat"]));
+        assert_eq!(
+            c.node.remote_types,
+            [
+                "HelloWorld",
+                "PyChat",
+                "Test",
+                "Hitball",
+                "XaXb",
+                "Webapp",
+                "Tracing"
+            ]
+        );
+        c.validate(&["Login", "Chat"]).unwrap();
+        let here: Vec<_> = c
+            .modules
+            .iter()
+            .filter(|m| c.runs_here(m))
+            .map(|m| m.kind.as_str())
+            .collect();
+        assert_eq!(here, ["Login", "Chat"]);
+    }
+
+    #[test]
+    fn the_process_id_picks_what_runs_and_whose_gate_it_is() {
+        let text = r#"{"Module":{
+            "Gate":[{"Id":"Gate001","ProcessID":"front","Settings":{"TCPAddr":":3563"},
+                     "Rabbitmq":{"Uri":"amqp://g:g@h:5672/","Exchange":"mqant","Queue":"Gate001",
+                                 "BindingKey":"Gate001"}}],
+            "Chat":[{"Id":"Chat001","ProcessID":"back"}],
+            "Login":[{"Id":"Login001","ProcessID":"front"}]},
+          "Log":{"file":"x"},"Settings":{"a":1}}"#;
+        // the gate's process: listeners, its gate id; Chat is another group's
+        let (c, warnings) = from_mqant_json_as(text, "front").unwrap();
+        assert!(warnings.contains(&"Log is ignored: warren has no equivalent".to_owned()));
+        assert!(warnings.contains(&"Settings is ignored: warren has no equivalent".to_owned()));
+        assert_eq!((c.node.gate_id.as_str(), c.listeners.len()), ("Gate001", 1));
+        assert_eq!(c.node.process_id, "front");
+        let here: Vec<_> = c
+            .modules
+            .iter()
+            .map(|m| (m.kind.as_str(), c.runs_here(m)))
+            .collect();
+        assert_eq!(here, [("Chat", false), ("Login", true)]);
+        c.validate(&["Login"]).unwrap();
+        // another process: no listeners, and the gate is a peer's, reached over RabbitMQ
+        let (c, _) = from_mqant_json_as(text, "back").unwrap();
+        assert!(c.listeners.is_empty());
+        assert_ne!(
+            c.node.gate_id, "Gate001",
+            "its own gate id may not be the peer gate's"
+        );
+        let gate = &c.modules[0];
+        assert_eq!(
+            (gate.kind.as_str(), gate.instance_id()),
+            ("Gate", "Gate001".into())
+        );
+        assert!(c.is_remote(gate));
+        assert_eq!(gate.bus.as_ref().map(|b| b.queue.as_str()), Some("Gate001"));
+        let here: Vec<_> = c
+            .modules
+            .iter()
+            .map(|m| (m.kind.as_str(), c.runs_here(m)))
+            .collect();
+        assert_eq!(here, [("Gate", false), ("Chat", true), ("Login", false)]);
+        c.validate(&["Chat"]).unwrap();
+    }
+
     #[test]
     fn keys_match_case_insensitively_and_errors_name_their_key() {
         let (c, _) =
             from_mqant_json(r#"{"module":{"chat":[{"id":"c1","host":"127.0.0.1"}]}}"#).unwrap();
         assert_eq!(c.modules[0].instance_id(), "c1");
+        assert_eq!(
+            c.modules[0].node, None,
+            "a loopback Host runs on every process"
+        );
         let e = from_mqant_json(r#"{"Module":{"A":[{"Id":"x"}],"B":[{"Id":"x"}]}}"#).unwrap_err();
         assert!(e.to_string().contains("Module.B[0].Id"), "{e}");
         let e =
