@@ -1,6 +1,7 @@
 //! Integration tests of the cluster parts against real servers (see `kit.rs`).
 
 mod amqp;
+mod backend;
 #[cfg(feature = "etcd")]
 mod etcd;
 mod kit;
