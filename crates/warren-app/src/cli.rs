@@ -29,6 +29,9 @@ enum Command {
     CheckConfig {
         /// The TOML file (or mqant `server.conf`).
         file: PathBuf,
+        /// Check it as a node of this process group would run it (mqant's `ProcessID`).
+        #[arg(long, value_name = "ID")]
+        process_id: Option<String>,
     },
     /// Config tools.
     #[command(subcommand)]
@@ -87,6 +90,11 @@ pub(crate) struct ServeArgs {
     /// Node id (default: the config's, or `<host>-<pid>` when the bus is not local).
     #[arg(long)]
     pub node_id: Option<String>,
+    /// Process group of this node, mqant's `-pid`: the modules whose `process_id` (a
+    /// server.conf's `ProcessID`) names it run here, the others are peers' (overrides `[node]
+    /// process_id`, default `development`).
+    #[arg(long, value_name = "ID")]
+    pub process_id: Option<String>,
     /// The bus between nodes: local, nats://HOST:4222, redis://HOST:6379/0 or
     /// amqp://USER:PASS@HOST:5672/%2f (overrides `[bus] url`).
     #[arg(long, value_name = "URL")]
@@ -138,16 +146,18 @@ where
                 ExitCode::FAILURE
             }
         },
-        Command::CheckConfig { file } => match load::load_config(app, &file, load::Checks::All) {
-            Ok(_) => {
-                println!("ok: {}", file.display());
-                ExitCode::SUCCESS
+        Command::CheckConfig { file, process_id } => {
+            match load::load_config_as(app, &file, load::Checks::All, process_id.as_deref()) {
+                Ok(_) => {
+                    println!("ok: {}", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("{e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Serve(args) => serve::run(app, Role::Serve, args),
         Command::Node(args) => serve::run(app, Role::Node, args),
     }

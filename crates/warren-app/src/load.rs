@@ -55,10 +55,25 @@ pub(crate) enum Checks {
     ButPlugins,
 }
 
+/// [`load_config_as`] for the file's own process group (the tests' shorthand).
+#[cfg(test)]
+pub(crate) fn load_config(app: &App, file: &Path, checks: Checks) -> anyhow::Result<Loaded> {
+    load_config_as(app, file, checks, None)
+}
+
 /// Read, parse and validate a config file, including each module's own settings and the files
 /// the node reads at start; every mistake is reported, each at its line and column. Relative
-/// plugin paths are taken from the file's directory.
-pub(crate) fn load_config(app: &App, file: &Path, checks: Checks) -> anyhow::Result<Loaded> {
+/// plugin paths are taken from the file's directory. Entries are checked as a node of process
+/// group `process_id` (`--process-id`; `None`: the file's, else `development`) runs them: a
+/// peer's entry needs no implementation here. An mqant `server.conf` is converted for that
+/// group, and its module types this binary has no implementation of are made remote-only, with
+/// a warning each.
+pub(crate) fn load_config_as(
+    app: &App,
+    file: &Path,
+    checks: Checks,
+    process_id: Option<&str>,
+) -> anyhow::Result<Loaded> {
     let text = read_text(file)?;
     let base = file
         .parent()
@@ -82,8 +97,13 @@ pub(crate) fn load_config(app: &App, file: &Path, checks: Checks) -> anyhow::Res
     let report = |errors: Vec<ConfigError>| FileErrors(errors.iter().map(at).collect());
     let kinds = app.kinds();
     if warren::mqant_conf::is_mqant_json(&text) {
-        let (config, warnings) =
-            warren::mqant_conf::from_mqant_json(&text).map_err(|e| anyhow::anyhow!(at(&e)))?;
+        let group = process_id.unwrap_or(warren::config::DEFAULT_PROCESS_ID);
+        let (mut config, mut warnings) = warren::mqant_conf::from_mqant_json_as(&text, group)
+            .map_err(|e| anyhow::anyhow!(at(&e)))?;
+        warnings.extend(warren::mqant_conf::remote_unimplemented(
+            &mut config,
+            &kinds,
+        ));
         for w in warnings {
             eprintln!("{name}: warning: {w}");
         }
@@ -97,7 +117,21 @@ pub(crate) fn load_config(app: &App, file: &Path, checks: Checks) -> anyhow::Res
             has_http: false,
         });
     }
-    let mut config = Config::load_all_with(&text, &kinds, start_checks).map_err(report)?;
+    let mut config = match process_id {
+        // the group decides which entries need an implementation here: set it before checking
+        Some(p) => {
+            let mut c = Config::from_toml(&text).map_err(|e| report(vec![e]))?;
+            c.node.process_id = p.to_owned();
+            let mut errors = c.problems(&kinds);
+            errors.extend(start_checks(&c));
+            if !errors.is_empty() {
+                let errors = errors.into_iter().map(|e| e.located_in(&text)).collect();
+                return Err(report(errors).into());
+            }
+            c
+        }
+        None => Config::load_all_with(&text, &kinds, start_checks).map_err(report)?,
+    };
     plugin_host::resolve_paths(&mut config, base);
     let has_http = toml::from_str::<toml::Table>(&text).is_ok_and(|t| t.contains_key("http"));
     Ok(Loaded { config, has_http })
@@ -149,8 +183,12 @@ fn no_types(app: &App, config: &Config) -> Vec<ConfigError> {
 /// `config convert`: mqant JSON in, warren TOML out.
 pub(crate) fn convert(app: &App, file: &Path) -> anyhow::Result<String> {
     let text = read_text(file)?;
-    let (config, warnings) = warren::mqant_conf::from_mqant_json(&text)
+    let (mut config, mut warnings) = warren::mqant_conf::from_mqant_json(&text)
         .map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?;
+    warnings.extend(warren::mqant_conf::remote_unimplemented(
+        &mut config,
+        &app.kinds(),
+    ));
     let mut out = format!(
         "# converted from {} (mqant server.conf) by `{} config convert`\n",
         file.display(),
@@ -189,7 +227,7 @@ pub(crate) fn resolve_config(app: &App, role: Role, args: &ServeArgs) -> anyhow:
             let Loaded {
                 mut config,
                 has_http,
-            } = load_config(app, file, Checks::ButPlugins)?;
+            } = load_config_as(app, file, Checks::ButPlugins, args.process_id.as_deref())?;
             // a module node serves no page unless its file asks for one: the page's default
             // address is the gate's
             if role == Role::Node && !has_http {
@@ -255,6 +293,9 @@ pub(crate) fn resolve_config(app: &App, role: Role, args: &ServeArgs) -> anyhow:
     }
     if let Some(n) = args.threads {
         config.node.threads = n;
+    }
+    if let Some(p) = &args.process_id {
+        config.node.process_id = p.clone();
     }
     let defaults = warren::config::NodeConfig::default();
     if !config.bus.is_local() {
@@ -508,6 +549,41 @@ mod tests {
             e.to_string().starts_with("--module.bogus: unknown key"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_stock_mqant_server_conf_passes_and_its_process_id_picks_the_modules() {
+        let stock =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/e2e/data/mqantserver.conf");
+        let app = App::new("t")
+            .module("Login", greeter)
+            .module("Chat", greeter);
+        let loaded = load_config(&app, &stock, Checks::All).expect("a stock file loads");
+        let c = &loaded.config;
+        let here: Vec<&str> = c
+            .modules
+            .iter()
+            .filter(|m| c.runs_here(m))
+            .map(|m| m.kind.as_str())
+            .collect();
+        assert_eq!(here, ["Login", "Chat"]);
+        assert!(c.node.remote_types.contains(&"Hitball".to_owned()));
+        assert_eq!(c.listeners.len(), 2);
+        // another process group runs none of them, and has no gate of its own
+        let r = resolve_config(
+            &app,
+            Role::Serve,
+            &args(&[
+                "--config",
+                &stock.display().to_string(),
+                "--process-id",
+                "other",
+            ]),
+        )
+        .expect("resolves");
+        assert_eq!(r.node.process_id, "other");
+        assert!(r.listeners.is_empty());
+        assert!(r.modules.iter().all(|m| !r.runs_here(m)));
     }
 
     #[test]

@@ -122,13 +122,10 @@ async fn serve(
 
     let transport = warren_cluster::connect::transport(&config.bus).await?;
     let registry = warren_cluster::connect::registry(&config.registry, &config.bus).await?;
-    let node_id = config.node.id.clone();
-    // an instance runs here when it names this node or no node (and, for mqant AMQP instances
-    // reached through RabbitMQ, only when it names this node)
-    let runs_here = move |m: &ModuleConfig| match (&m.node, &m.bus) {
-        (Some(n), _) => *n == node_id,
-        (None, _) => true,
-    };
+    // an instance runs here unless it is a peer's (a remote type, another process group) or
+    // names another node; a peer's mqant AMQP instance is reached through RabbitMQ
+    let here = config.clone();
+    let runs_here = move |m: &ModuleConfig| here.runs_here(m);
     let mut builder = Node::builder(config.clone());
     for setup in &app.setup {
         builder = setup(builder);
