@@ -41,6 +41,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod advertise;
 mod cli;
 mod load;
 mod passwd;

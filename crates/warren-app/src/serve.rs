@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use warren::Node;
 use warren::config::{Config, ModuleConfig};
 
+use crate::advertise::{Advertised, Advertising};
 use crate::cli::ServeArgs;
 use crate::load::resolve_config;
 use crate::plugins::Plugins;
@@ -121,7 +122,9 @@ async fn serve(
     }
 
     let transport = warren_cluster::connect::transport(&config.bus).await?;
-    let registry = warren_cluster::connect::registry(&config.registry, &config.bus).await?;
+    let registry = warren_cluster::connect::registry(&config.registry, &config.bus)
+        .await?
+        .map(|r| Advertising::new(r, Advertised::from_config(&config)));
     // an instance runs here unless it is a peer's (a remote type, another process group) or
     // names another node; a peer's mqant AMQP instance is reached through RabbitMQ
     let here = config.clone();
@@ -133,8 +136,8 @@ async fn serve(
     if let Some(t) = transport {
         builder = builder.transport(t);
     }
-    if let Some(r) = registry {
-        builder = builder.registry(r);
+    if let Some(r) = &registry {
+        builder = builder.registry(r.clone());
     }
     if let Some(shared) = warren_cluster::connect::shared_retained(&config).await {
         builder = builder.shared_retained(shared);
@@ -151,6 +154,13 @@ async fn serve(
         builder = builder.module(module, m.clone());
     }
     let node = builder.start().await?;
+    if let Some(r) = &registry
+        && let Err(e) = r
+            .bound(node.listeners().first().map(|l| l.local_addr))
+            .await
+    {
+        tracing::warn!(error = %e, "cannot announce the bound port in the registry");
+    }
     let watcher = plugin_host::watch(&config, &plugins);
     let hangups = Arc::new(Notify::new());
     let plugin_reloader = (!plugins.is_empty())

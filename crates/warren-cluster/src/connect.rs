@@ -92,9 +92,16 @@ pub async fn registry(
         "nats" => crate::nats::KvRegistry::connect(&url, &cfg.key, ttl)
             .await
             .map_err(err)?,
-        "redis" => crate::redis::GobaseRegistry::connect(&url, &cfg.key)
-            .await
-            .map_err(err)?,
+        "redis" => {
+            let layout = cfg.layout.parse().map_err(|why| ConnectError::Url {
+                what: "registry",
+                url: url.clone(),
+                why,
+            })?;
+            crate::redis::GobaseRegistry::connect_layout(&url, &cfg.key, layout)
+                .await
+                .map_err(err)?
+        }
         #[cfg(feature = "etcd")]
         "etcd" => crate::etcd::EtcdRegistry::connect(&url, &cfg.key, ttl)
             .await

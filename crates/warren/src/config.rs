@@ -540,7 +540,20 @@ pub struct RegistryConfig {
     /// A node that has not refreshed its record for this long is dead (NATS KV, etcd; the gobase
     /// layout has its fixed 8 s).
     pub ttl_s: u64,
+    /// Which gobase layout a `redis://` registry uses ([`REGISTRY_LAYOUTS`]): `gobase`, the
+    /// seed era's (scores in ms), or `gobase-seconds`, what gobase writes today. A `?layout=`
+    /// on the URL wins. Peers of one layout do not see peers of the other.
+    pub layout: String,
+    /// `host[:port]` this node announces to its peers in its registry record (a gobase member's
+    /// address and port), for NAT and containers where the bound address is not the one others
+    /// reach. Unset: the first listener's bound address and port (docs/cluster.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_addr: Option<String>,
 }
+
+/// The names `[registry] layout` takes, the default first (docs/cluster.md, "The gobase
+/// layouts").
+pub const REGISTRY_LAYOUTS: [&str; 2] = ["gobase", "gobase-seconds"];
 
 impl Default for RegistryConfig {
     fn default() -> Self {
@@ -548,8 +561,45 @@ impl Default for RegistryConfig {
             url: String::new(),
             key: "warren".into(),
             ttl_s: 3,
+            layout: REGISTRY_LAYOUTS[0].into(),
+            advertise_addr: None,
         }
     }
+}
+
+/// Split `host[:port]` (`[v6]:port`, or a bare IPv6 address) as `advertise_addr` takes it; the
+/// reason when it is not one: an empty host, a character a gobase member cannot hold (`&`,
+/// whitespace, `/`, `,`), or a port that is not 1-65535.
+pub fn parse_advertise_addr(s: &str) -> Result<(String, Option<u16>), String> {
+    let bare = s.trim_start_matches('[').trim_end_matches(']');
+    let (host, port) = if let Ok(sa) = s.parse::<SocketAddr>() {
+        (sa.ip().to_string(), Some(sa.port()))
+    } else if bare.parse::<std::net::IpAddr>().is_ok() {
+        (bare.to_owned(), None)
+    } else if let Some((h, p)) = s.rsplit_once(':') {
+        let p = p
+            .parse::<u16>()
+            .map_err(|_| format!("{s:?}: the port {p:?} is not a number from 1 to 65535"))?;
+        (h.trim_matches(['[', ']']).to_owned(), Some(p))
+    } else {
+        (s.to_owned(), None)
+    };
+    if host.is_empty() {
+        return Err(format!("{s:?}: expected host[:port]"));
+    }
+    if let Some(c) = host
+        .chars()
+        .find(|c| c.is_whitespace() || matches!(c, '&' | '/' | ',' | ':' | '[' | ']'))
+        .filter(|_| host.parse::<std::net::IpAddr>().is_err())
+    {
+        return Err(format!("{s:?}: the host may not contain {c:?}"));
+    }
+    if port == Some(0) {
+        return Err(format!(
+            "{s:?}: port 0 is not reachable (leave the port out to announce the first listener's)"
+        ));
+    }
+    Ok((host, port))
 }
 
 impl RegistryConfig {
@@ -952,6 +1002,30 @@ impl Config {
         if self.registry.ttl_s == 0 {
             p.add("registry.ttl_s", "must be at least 1");
         }
+        let url_layout = reg.split_once('?').and_then(|(_, q)| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("layout="))
+                .map(str::to_owned)
+        });
+        for (key, layout) in [
+            ("registry.layout", Some(self.registry.layout.clone())),
+            ("registry.url", url_layout),
+        ] {
+            if let Some(l) = layout.filter(|l| !REGISTRY_LAYOUTS.contains(&l.as_str())) {
+                p.add(
+                    key,
+                    format!(
+                        "unknown layout {l:?} (expected {})",
+                        REGISTRY_LAYOUTS.join(" or ")
+                    ),
+                );
+            }
+        }
+        if let Some(a) = &self.registry.advertise_addr
+            && let Err(why) = parse_advertise_addr(a)
+        {
+            p.add("registry.advertise_addr", why);
+        }
         for (i, r) in self.redis_rpc.iter().enumerate() {
             if !r.url.starts_with("redis://") {
                 p.add(
@@ -1016,6 +1090,48 @@ mod tests {
         assert_eq!(c.listeners.len(), 2);
         let schemes: Vec<_> = c.listeners.iter().map(ListenerConfig::scheme).collect();
         assert_eq!(schemes, ["mqtt+mqant", "ws+mqant"]);
+    }
+
+    #[test]
+    fn registry_layout_and_advertise_addr_are_checked() {
+        let c = Config::load("", &[]).unwrap();
+        assert_eq!(c.registry.layout, "gobase");
+        assert_eq!(c.registry.advertise_addr, None);
+        let c = Config::load(
+            "[registry]\nlayout = \"gobase-seconds\"\nadvertise_addr = \"10.0.0.5:7001\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.registry.layout, "gobase-seconds");
+        assert_eq!(c.registry.advertise_addr.as_deref(), Some("10.0.0.5:7001"));
+        let e = Config::load("[registry]\nlayout = \"gobase2\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("registry.layout: unknown layout \"gobase2\""),
+            "{e}"
+        );
+        let e = Config::load("[registry]\nurl = \"redis://h:1/0?layout=ms\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("registry.url: unknown layout \"ms\""), "{e}");
+        let e = Config::load("[registry]\nadvertise_addr = \"a&b\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("registry.advertise_addr"), "{e}");
+        for (addr, want) in [
+            ("10.0.0.5:7001", Ok(("10.0.0.5".into(), Some(7001)))),
+            ("host.example", Ok(("host.example".into(), None))),
+            ("host.example:9", Ok(("host.example".into(), Some(9)))),
+            ("[::1]:9", Ok(("::1".into(), Some(9)))),
+            ("::1", Ok(("::1".into(), None))),
+            ("[fe80::1]", Ok(("fe80::1".into(), None))),
+        ] {
+            assert_eq!(parse_advertise_addr(addr), want, "{addr}");
+        }
+        for bad in ["", ":7001", "h:0", "h:x", "a b", "a&b:1", "h/x"] {
+            assert!(parse_advertise_addr(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Redis for warren: a bus ([`RedisTransport`], one list per node), a registry in the gobase layout
+//! Redis for warren: a bus ([`RedisTransport`], one list per node), a registry in the gobase layouts
 //! that Go services share ([`GobaseRegistry`], docs/cluster.md "Registries"), and the TianQinS RPC
 //! bridge ([`RedisRpc`], docs/cluster.md "Compatibility bridges") so Go and Python peers call
 //! warren modules and are called by them.
@@ -10,12 +10,14 @@
 //! - blocking reads (`BLPOP`) and subscriptions get connections of their own, with the response
 //!   timeout disabled (a blocked `BLPOP` holds its connection), and reconnect with [`Backoff`].
 
+mod layout;
 mod registry;
 mod retained;
 mod rpc;
 mod transport;
 
-pub use registry::{GobaseKeys, GobaseMember, GobaseRegistry};
+pub use layout::{GobaseKeys, GobaseLayout};
+pub use registry::{GobaseMember, GobaseRegistry, local_ip};
 pub use retained::RedisRetained;
 pub use rpc::{RedisRpc, RedisRpcError};
 pub use transport::RedisTransport;

@@ -1,190 +1,49 @@
-//! [`GobaseRegistry`]: the node registry in the Redis layout of the gobase Go package
+//! [`GobaseRegistry`]: the node registry in the Redis layouts of the gobase Go package
 //! (docs/cluster.md, "Registries"), so warren nodes and Go services that use gobase see each other
-//! in one place.
-//!
-//! The layout, for `key` = `test-service`:
-//!
-//! | key | type | content |
-//! |---|---|---|
-//! | `test-service` | ZSET | `name&id&addr&port&scheme`, scored by Redis `TIME` in ms |
-//! | `_{test-service}_list_` | STRING | the live members, byte-sorted, comma-joined |
-//! | `_{test-service}_channel_` | pub/sub | `reg <m…>`, `dereg <m…>`, `check` |
-//! | `_{test-service}_locker_` | STRING | the checker election lock |
-//! | `_{test-service}_warren_nodes_` | HASH | warren's own: node id → [`NodeRecord`] JSON |
+//! in one place. The two layouts (the seed era's, in milliseconds, and today's, in seconds) differ
+//! only in what redis/layout.rs describes; everything here serves both.
 //!
 //! A warren node is the member `warren&<node id>&<host>&<port>&warren`; the full record (module
-//! instances, tags, version) does not fit a member, so it lives in the hash, written in the same
-//! script as the `ZADD` and deleted on deregistration. Liveness is logical, as in gobase: a member
-//! is live while its score is at least `now − 8000` (server time, bound included); the checker
-//! purges stale members (and their hash entries) when the live list changes.
+//! instances, tags, version) does not fit a member, so it lives in a hash beside the ZSET, written
+//! in the same script as the `ZADD` and deleted on deregistration. Liveness is logical, as in
+//! gobase: a member is live while its score is at least `now − 8 s` (server time, bound included);
+//! the checker purges stale members (and their hash entries) when the live list changes, and only
+//! those whose score reads as a timestamp in the layout's unit: a member another layout wrote in
+//! the same key is left alone, and logged once.
 
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
+use redis::Client;
 use redis::aio::{ConnectionManager, PubSubStream};
-use redis::{Client, Script};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use warren::registry::{NodeRecord, Registry, RegistryError};
 
+use super::layout::{GobaseKeys, GobaseLayout, LIVE_S, PLAUSIBLE_FACTOR, Scripts, split_layout};
 use super::{Backoff, COMMAND_TIMEOUT, CONNECT_TIMEOUT, bounded, client, manager};
 
-/// A member is live while its score is at least now minus this (gobase `RegExprieTime`, 8 s).
-const LIVE_MS: u64 = 8_000;
 /// Registration refresh period (half the liveness window, as gobase).
-const KEEPALIVE: Duration = Duration::from_secs(4);
-/// Checker period while this process holds the checker lock.
-const CHECK_HOLDING: Duration = Duration::from_secs(1);
-/// Checker period while another process holds it.
-const CHECK_IDLE: Duration = Duration::from_secs(8);
+const KEEPALIVE: Duration = Duration::from_secs(LIVE_S / 2);
+/// Checker period while another process holds the lock.
+const CHECK_IDLE: Duration = Duration::from_secs(LIVE_S);
 /// The watcher re-reads this often even without channel messages (messages are lost across
 /// reconnects), and while it has no subscription at all.
-const POLL: Duration = Duration::from_secs(8);
+const POLL: Duration = Duration::from_secs(LIVE_S);
 /// Scheme and service name of warren's own members.
 const WARREN: &str = "warren";
-
-/// Register one member: write the record (`HSET`, only when it changed), drop the member a
-/// previous address produced, `ZADD` with server time; then, unless the member was live already
-/// and its record unchanged, recompute the live list, store it and announce `reg <member>`.
-/// KEYS: zset, list, hash. ARGV: live ms, channel, member, node id, record JSON, old member.
-const REGISTER: &str = r"
-redis.replicate_commands()
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local window = tonumber(ARGV[1])
-local changed = false
-if redis.call('HGET', KEYS[3], ARGV[4]) ~= ARGV[5] then
-  redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
-  changed = true
-end
-if ARGV[6] ~= '' and ARGV[6] ~= ARGV[3] then
-  if redis.call('ZREM', KEYS[1], ARGV[6]) == 1 then changed = true end
-end
-local score = redis.call('ZSCORE', KEYS[1], ARGV[3])
-redis.call('ZADD', KEYS[1], now, ARGV[3])
-if not changed and score and tonumber(score) >= now - window then
-  return 0
-end
-local live = redis.call('ZREVRANGEBYSCORE', KEYS[1], now, now - window)
-table.sort(live)
-redis.call('SET', KEYS[2], table.concat(live, ','))
-redis.call('PUBLISH', ARGV[2], 'reg ' .. ARGV[3])
-return 1
-";
-
-/// Deregister a node: remove every member of node id (all `warren&<id>&…` members) and its
-/// record; if one of them was live, recompute the list, store it and announce `dereg <m…>`.
-/// KEYS: zset, list, hash. ARGV: live ms, channel, member prefix, node id.
-const DEREGISTER: &str = r"
-redis.replicate_commands()
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local window = tonumber(ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[4])
-local gone = {}
-local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-for i = 1, #all, 2 do
-  local m = all[i]
-  if string.sub(m, 1, #ARGV[3]) == ARGV[3] then
-    redis.call('ZREM', KEYS[1], m)
-    if tonumber(all[i + 1]) >= now - window then
-      table.insert(gone, m)
-    end
-  end
-end
-if #gone == 0 then
-  return 0
-end
-local live = redis.call('ZREVRANGEBYSCORE', KEYS[1], now, now - window)
-table.sort(live)
-redis.call('SET', KEYS[2], table.concat(live, ','))
-redis.call('PUBLISH', ARGV[2], 'dereg ' .. table.concat(gone, ' '))
-return 1
-";
-
-/// The checker: take the lock if free (`SET NX PX`), go on only while holding it (and refresh
-/// it); recompute the live list; if it changed, store it, announce `check`, purge stale members
-/// and the records of warren nodes that have no member left. Returns 0 (not holding), 1
-/// (unchanged) or 2 (changed).
-/// KEYS: zset, list, lock, hash. ARGV: live ms, channel, lock uuid.
-const CHECK: &str = r"
-redis.replicate_commands()
-redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[1], 'NX')
-if redis.call('GET', KEYS[3]) ~= ARGV[3] then
-  return 0
-end
-redis.call('PEXPIRE', KEYS[3], ARGV[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local window = tonumber(ARGV[1])
-local live = redis.call('ZREVRANGEBYSCORE', KEYS[1], now, now - window)
-table.sort(live)
-local list = table.concat(live, ',')
-if redis.call('GET', KEYS[2]) == list then
-  return 1
-end
-redis.call('SET', KEYS[2], list)
-redis.call('PUBLISH', ARGV[2], 'check')
-redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, now - window - 1)
-local ids = {}
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local id = string.match(m, '^warren&([^&]*)&')
-  if id then ids[id] = true end
-end
-for _, f in ipairs(redis.call('HKEYS', KEYS[4])) do
-  if not ids[f] then redis.call('HDEL', KEYS[4], f) end
-end
-return 2
-";
-
-/// The live members at server time, or at ARGV[2] when given (to check the bound).
-/// KEYS: zset. ARGV: live ms, optional now in ms.
-const READ: &str = r"
-local now
-if ARGV[2] and ARGV[2] ~= '' then
-  now = tonumber(ARGV[2])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
-return redis.call('ZREVRANGEBYSCORE', KEYS[1], now, now - tonumber(ARGV[1]))
-";
-
-/// The Redis keys of one gobase registry `key` (all share the `{key}` hash tag, so one slot).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GobaseKeys {
-    /// The ZSET of members (the key itself).
-    pub zset: String,
-    /// `_{key}_list_`: the live members, sorted and comma-joined (a change detector).
-    pub list: String,
-    /// `_{key}_channel_`: where changes are announced.
-    pub channel: String,
-    /// `_{key}_locker_`: the checker election lock.
-    pub locker: String,
-    /// `_{key}_warren_nodes_`: warren's node records by node id (not part of gobase).
-    pub nodes: String,
-}
-
-impl GobaseKeys {
-    /// The keys gobase derives from `key`.
-    pub fn new(key: &str) -> GobaseKeys {
-        GobaseKeys {
-            zset: key.to_owned(),
-            list: format!("_{{{key}}}_list_"),
-            channel: format!("_{{{key}}}_channel_"),
-            locker: format!("_{{{key}}}_locker_"),
-            nodes: format!("_{{{key}}}_warren_nodes_"),
-        }
-    }
-}
+/// Members the checker left alone that one check reports (the rest wait for later checks).
+const FOREIGN_REPORT: usize = 16;
+/// Distinct left-alone members logged per registry, so a key full of them cannot grow memory.
+const FOREIGN_LOGGED_MAX: usize = 1024;
 
 /// One live registry member as gobase sees it: a Go service (`gate&gate1&10.0.0.5&7001&tcp`) or a
 /// warren node (`warren&<node id>&<host>&<port>&warren`). Exposed so that warren code can find
@@ -294,15 +153,20 @@ fn text(d: warren::error::Detail) -> RegistryError {
     RegistryError::Unavailable(d.to_string())
 }
 
+/// The address of the interface this host reaches other machines through (the one its default
+/// route uses), as gobase's `LocalIPString` finds it; `None` on a host with no route out. What a
+/// node announces when nothing more specific is known, and part of the checker lock's value.
+pub fn local_ip() -> Option<IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    // a UDP connect sends nothing; it only picks the outgoing interface
+    s.connect("10.255.255.255:1").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
 /// The checker lock's value: `<local ip>:<pid>:<8 random chars>`, as gobase makes it.
 fn lock_uuid() -> String {
-    let ip = std::net::UdpSocket::bind("0.0.0.0:0")
-        .and_then(|s| {
-            // a UDP connect sends nothing; it only picks the outgoing interface
-            s.connect("10.255.255.255:1")?;
-            s.local_addr()
-        })
-        .map_or_else(|_| "127.0.0.1".to_owned(), |a| a.ip().to_string());
+    let ip = local_ip().map_or_else(|| "127.0.0.1".to_owned(), |ip| ip.to_string());
     let rand = uuid::Uuid::new_v4().simple().to_string();
     format!("{ip}:{}:{}", std::process::id(), &rand[..8])
 }
@@ -317,6 +181,7 @@ struct Keepalive {
 struct Inner {
     client: Client,
     conn: ConnectionManager,
+    layout: GobaseLayout,
     keys: GobaseKeys,
     uuid: String,
     nodes: watch::Sender<Arc<Vec<NodeRecord>>>,
@@ -326,13 +191,12 @@ struct Inner {
     reput: Notify,
     checker_started: AtomicBool,
     runtime: tokio::runtime::Handle,
-    register: Script,
-    deregister: Script,
-    check: Script,
-    read: Script,
+    scripts: Scripts,
+    /// Members the checker left alone and logged already (bounded by [`FOREIGN_LOGGED_MAX`]).
+    foreign_logged: Mutex<HashSet<String>>,
 }
 
-/// The node registry in the gobase Redis layout (docs/cluster.md, "Registries").
+/// The node registry in a gobase Redis layout (docs/cluster.md, "Registries").
 ///
 /// Registered nodes are refreshed every 4 s by a background keepalive; [`Registry::watch`] lists
 /// the live warren nodes (re-read on every channel message and every 8 s); [`GobaseRegistry::services`]
@@ -349,6 +213,7 @@ impl std::fmt::Debug for GobaseRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GobaseRegistry")
             .field("key", &self.inner.keys.zset)
+            .field("layout", &self.inner.layout)
             .field("uuid", &self.inner.uuid)
             .finish_non_exhaustive()
     }
@@ -362,20 +227,35 @@ impl Drop for GobaseRegistry {
 }
 
 impl GobaseRegistry {
-    /// Connect to `url` and use the gobase registry `key`: reads the live nodes once (so
-    /// [`Registry::watch`] is filled from the start) and starts watching.
+    /// Connect to `url` and use the gobase registry `key` in the `gobase` layout (or the one a
+    /// `?layout=` on the URL names): see [`GobaseRegistry::connect_layout`].
     pub async fn connect(url: &str, key: &str) -> Result<Arc<GobaseRegistry>, RegistryError> {
+        GobaseRegistry::connect_layout(url, key, GobaseLayout::default()).await
+    }
+
+    /// Connect to `url` and use the gobase registry `key` in `layout`, unless the URL's query
+    /// names one (`?layout=gobase-seconds`: it wins, as the command line's URL wins over a
+    /// file): reads the live nodes once (so [`Registry::watch`] is filled from the start) and
+    /// starts watching.
+    pub async fn connect_layout(
+        url: &str,
+        key: &str,
+        layout: GobaseLayout,
+    ) -> Result<Arc<GobaseRegistry>, RegistryError> {
         if key.is_empty() {
             return Err(RegistryError::Unavailable(
                 "the gobase registry needs a non-empty key".into(),
             ));
         }
-        let client = client(url, None).map_err(text)?;
+        let (url, named) = split_layout(url).map_err(RegistryError::Invalid)?;
+        let layout = named.unwrap_or(layout);
+        let client = client(&url, None).map_err(text)?;
         let conn = manager(&client).await.map_err(text)?;
         let inner = Arc::new(Inner {
             client,
             conn,
-            keys: GobaseKeys::new(key),
+            layout,
+            keys: GobaseKeys::for_layout(key, layout),
             uuid: lock_uuid(),
             nodes: watch::Sender::new(Arc::new(Vec::new())),
             services: watch::Sender::new(Arc::new(Vec::new())),
@@ -383,10 +263,8 @@ impl GobaseRegistry {
             reput: Notify::new(),
             checker_started: AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
-            register: Script::new(REGISTER),
-            deregister: Script::new(DEREGISTER),
-            check: Script::new(CHECK),
-            read: Script::new(READ),
+            scripts: Scripts::new(),
+            foreign_logged: Mutex::new(HashSet::new()),
         });
         let (members, nodes) = inner.read(None).await.map_err(RegistryError::Unavailable)?;
         let mut state = WatchState::default();
@@ -409,11 +287,17 @@ impl GobaseRegistry {
         &self.inner.keys
     }
 
-    /// The raw live members, read now at server time, or as of `now_ms` (Redis time in ms) when
-    /// given: for diagnostics, and to check the liveness bound against fixed scores.
-    pub async fn live_members_at(&self, now_ms: Option<f64>) -> Result<Vec<String>, RegistryError> {
+    /// The layout this registry reads and writes.
+    pub fn layout(&self) -> GobaseLayout {
+        self.inner.layout
+    }
+
+    /// The raw live members, read now at server time, or as of `now` (Redis time in the
+    /// layout's unit: ms for `gobase`, seconds for `gobase-seconds`) when given: for
+    /// diagnostics, and to check the liveness bound against fixed scores.
+    pub async fn live_members_at(&self, now: Option<f64>) -> Result<Vec<String>, RegistryError> {
         self.inner
-            .live(now_ms)
+            .live(now)
             .await
             .map_err(RegistryError::Unavailable)
     }
@@ -468,12 +352,16 @@ impl GobaseRegistry {
         self.take_keepalive(id).await;
         let keys = &self.inner.keys;
         let mut conn = self.inner.conn.clone();
-        let mut inv = self.inner.deregister.prepare_invoke();
+        let layout = self.inner.layout;
+        let mut inv = self.inner.scripts.deregister.prepare_invoke();
         inv.key(&keys.zset)
             .key(&keys.list)
             .key(&keys.nodes)
-            .arg(LIVE_MS)
+            .arg(layout.per_second())
+            .arg(layout.window())
             .arg(&keys.channel)
+            .arg(layout.style())
+            .arg(layout.dereg_word())
             .arg(format!("{WARREN}&{id}&"))
             .arg(id);
         bounded(COMMAND_TIMEOUT, inv.invoke_async::<i64>(&mut conn))
@@ -498,12 +386,14 @@ impl Inner {
     ) -> Result<(), String> {
         let keys = &self.keys;
         let mut conn = self.conn.clone();
-        let mut inv = self.register.prepare_invoke();
+        let mut inv = self.scripts.register.prepare_invoke();
         inv.key(&keys.zset)
             .key(&keys.list)
             .key(&keys.nodes)
-            .arg(LIVE_MS)
+            .arg(self.layout.per_second())
+            .arg(self.layout.window())
             .arg(&keys.channel)
+            .arg(self.layout.style())
             .arg(member)
             .arg(id)
             .arg(json)
@@ -514,12 +404,13 @@ impl Inner {
             .map_err(|d| d.to_string())
     }
 
-    async fn live(&self, now_ms: Option<f64>) -> Result<Vec<String>, String> {
+    async fn live(&self, now: Option<f64>) -> Result<Vec<String>, String> {
         let mut conn = self.conn.clone();
-        let mut inv = self.read.prepare_invoke();
+        let mut inv = self.scripts.read.prepare_invoke();
         inv.key(&self.keys.zset)
-            .arg(LIVE_MS)
-            .arg(now_ms.map(|n| format!("{n:.3}")).unwrap_or_default());
+            .arg(self.layout.per_second())
+            .arg(self.layout.window())
+            .arg(now.map(|n| format!("{n:.6}")).unwrap_or_default());
         bounded(COMMAND_TIMEOUT, inv.invoke_async::<Vec<String>>(&mut conn))
             .await
             .map_err(|d| d.to_string())
@@ -625,6 +516,15 @@ impl Inner {
             if **cur == members {
                 return false;
             }
+            // warren nodes are logged by the node ("node joined"); the others only here
+            let before: HashSet<&GobaseMember> = cur.iter().filter(|m| !m.is_warren()).collect();
+            let after: HashSet<&GobaseMember> = members.iter().filter(|m| !m.is_warren()).collect();
+            for m in after.difference(&before) {
+                tracing::info!(key = %self.keys.zset, member = %m, "registry service joined");
+            }
+            for m in before.difference(&after) {
+                tracing::info!(key = %self.keys.zset, member = %m, "registry service left");
+            }
             *cur = Arc::new(members);
             true
         });
@@ -655,7 +555,7 @@ impl WatchState {
     /// The store may have lost its data (a failed read or a dropped subscription): hold
     /// removals back for one liveness window and have our keepalives re-put their records.
     fn suspect(&mut self, inner: &Inner) {
-        self.grace_until = Some(Instant::now() + Duration::from_millis(LIVE_MS));
+        self.grace_until = Some(Instant::now() + Duration::from_secs(LIVE_S));
         inner.reput.notify_waiters();
     }
 }
@@ -759,35 +659,95 @@ async fn keepalive(
     }
 }
 
-/// The gobase checker: every second while holding the lock, every 8 s otherwise.
+/// The gobase checker: while this process holds the lock, every second (`gobase`) or every 4 s
+/// (`gobase-seconds`); every 8 s otherwise.
 async fn check_loop(inner: Arc<Inner>, stop: CancellationToken) {
+    let layout = inner.layout;
+    let (lock_option, lock_expiry) = layout.lock_expiry();
+    let check_message = layout.check_message(&inner.uuid);
     loop {
         let keys = &inner.keys;
         let mut conn = inner.conn.clone();
-        let mut inv = inner.check.prepare_invoke();
+        let mut inv = inner.scripts.check.prepare_invoke();
         inv.key(&keys.zset)
             .key(&keys.list)
             .key(&keys.locker)
             .key(&keys.nodes)
-            .arg(LIVE_MS)
+            .arg(layout.per_second())
+            .arg(layout.window())
             .arg(&keys.channel)
-            .arg(&inner.uuid);
-        let holding = match bounded(COMMAND_TIMEOUT, inv.invoke_async::<i64>(&mut conn)).await {
-            Ok(r) => {
-                if r == 2 {
-                    tracing::debug!(key = %keys.zset, "registry checker found a change");
+            .arg(&inner.uuid)
+            .arg(lock_option)
+            .arg(lock_expiry)
+            .arg(&check_message)
+            .arg(PLAUSIBLE_FACTOR)
+            .arg(FOREIGN_REPORT);
+        let holding =
+            match bounded(COMMAND_TIMEOUT, inv.invoke_async::<Vec<String>>(&mut conn)).await {
+                Ok(r) => {
+                    if r.first().map(String::as_str) == Some("2") {
+                        tracing::debug!(key = %keys.zset, "registry checker found a change");
+                    }
+                    if r.len() > 1 {
+                        inner.left_alone(&r[1..]);
+                    }
+                    r.first().is_some_and(|s| s != "0")
                 }
-                r != 0
-            }
-            Err(why) => {
-                tracing::debug!(key = %keys.zset, %why, "registry check failed");
-                false
-            }
+                Err(why) => {
+                    tracing::debug!(key = %keys.zset, %why, "registry check failed");
+                    false
+                }
+            };
+        let wait = if holding {
+            layout.check_holding()
+        } else {
+            CHECK_IDLE
         };
-        let wait = if holding { CHECK_HOLDING } else { CHECK_IDLE };
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+impl Inner {
+    /// Log, once per member, what the checker left in the ZSET because it could not read it:
+    /// `report` is the server time followed by (member, score) pairs.
+    fn left_alone(&self, report: &[String]) {
+        let Some(now) = report.first().and_then(|n| n.parse::<f64>().ok()) else {
+            return;
+        };
+        for pair in report[1..].chunks_exact(2) {
+            let (member, score) = (&pair[0], &pair[1]);
+            {
+                let mut seen = self.foreign_logged.lock();
+                if seen.contains(member) || seen.len() >= FOREIGN_LOGGED_MAX {
+                    continue;
+                }
+                seen.insert(member.clone());
+            }
+            let why = match score.parse::<f64>() {
+                _ if GobaseMember::parse(member).is_none() => {
+                    "it is not name&id&addr&port&scheme".to_owned()
+                }
+                Ok(s) => format!(
+                    "its score is {}",
+                    self.layout
+                        .foreign_score(s, now)
+                        .unwrap_or("not a timestamp near now")
+                ),
+                Err(_) => "its score is not a number".to_owned(),
+            };
+            metrics::counter!("warren_registry_members_left_alone_total", "registry" => "redis")
+                .increment(1);
+            tracing::warn!(
+                key = %self.keys.zset,
+                layout = %self.layout,
+                %member,
+                %score,
+                %why,
+                "the registry checker left alone a member it cannot read in this layout",
+            );
         }
     }
 }
@@ -815,16 +775,6 @@ impl Registry for GobaseRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_follow_the_gobase_names() {
-        let k = GobaseKeys::new("test-service");
-        assert_eq!(k.zset, "test-service");
-        assert_eq!(k.list, "_{test-service}_list_");
-        assert_eq!(k.channel, "_{test-service}_channel_");
-        assert_eq!(k.locker, "_{test-service}_locker_");
-        assert_eq!(k.nodes, "_{test-service}_warren_nodes_");
-    }
 
     #[test]
     fn members_parse_like_the_gobase_watcher() {
