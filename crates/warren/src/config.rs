@@ -14,10 +14,12 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+mod backend;
 mod listen_url;
 mod listener;
 mod security;
 mod source;
+pub use backend::{BackendCodec, BackendConfig, BackendServiceConfig};
 pub use listen_url::LISTENER_SCHEMES;
 pub use listener::{
     COMMON_KEYS, JsonOptions, LineHandler, LineOptions, ListenerConfig, Mode, MqttOptions, Network,
@@ -48,6 +50,9 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// TianQinS Redis RPC endpoints (`[[redis_rpc]]`).
     pub redis_rpc: Vec<RedisRpcConfig>,
+    /// TCP backend groups this node is a client of (`[[backend]]`, config/backend.rs).
+    #[serde(rename = "backend")]
+    pub backends: Vec<BackendConfig>,
     /// Caps on what clients may make the node hold (`[limits]`).
     pub limits: LimitsConfig,
     /// Node-wide IP allow and deny lists (`[access]`).
@@ -853,6 +858,7 @@ impl Config {
         self.auth.check(p);
         self.admin.check(p);
         self.mqtt.check(p);
+        backend::check_all(&self.backends, p);
         // every address this node binds, to refuse two that the OS would not both grant
         let mut bound: Vec<(String, SocketAddr)> = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {

@@ -1,0 +1,233 @@
+//! `[[backend]]`: TCP services this node keeps connections to, grouped by name (docs/backends.md).
+//!
+//! Plain data, checked by [`BackendConfig::check`]; the groups themselves are built by
+//! warren-cluster's `backend` module. Service records use the key names of gobase's service
+//! records (`servicename`, `serviceid`, `serviceaddr`, `serviceport`, `routertag`), so a list
+//! copied from a gobase deployment fits as it is.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+
+use super::Problems;
+
+/// How the bytes of a group's services look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum BackendCodec {
+    /// The gobase sample service's frames: `msgid u32 LE · len u32 LE · body`.
+    #[default]
+    #[serde(rename = "gobase-test")]
+    GobaseTest,
+}
+
+/// `[[backend]]`: one group of TCP backend services.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// The group's name (lowercased and trimmed, as the services' `servicename`).
+    pub group: String,
+    /// The services' framing.
+    pub codec: BackendCodec,
+    /// Longest wait for a dial, in seconds; a failed dial is retried every second.
+    pub dial_timeout_s: u64,
+    /// Deliver a service's messages and ticks one after the other, in order (true), or on a
+    /// bounded pool of tasks (false).
+    pub msg_seq: bool,
+    /// A service that leaves discovery is closed at once (true), or at its next disconnect or
+    /// dial failure (false).
+    pub immediately: bool,
+    /// Bytes a service's outbound queue may hold before sends to it fail with `queue full`.
+    pub queue_bytes: usize,
+    /// Longest message body accepted from or sent to a service, in bytes; a service that
+    /// announces a longer one is disconnected and dialled again.
+    pub max_body: usize,
+    /// The group's services, as a static list (registry discovery feeds the same groups).
+    pub services: Vec<BackendServiceConfig>,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            group: String::new(),
+            codec: BackendCodec::default(),
+            dial_timeout_s: 30,
+            msg_seq: true,
+            immediately: false,
+            queue_bytes: 4 * 1024 * 1024,
+            max_body: 1024 * 1024,
+            services: Vec::new(),
+        }
+    }
+}
+
+/// One service of a static list, with gobase's key names.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendServiceConfig {
+    /// Its group; empty means the `group` of the `[[backend]]` table.
+    #[serde(default)]
+    pub servicename: String,
+    /// Its id, unique in the group.
+    pub serviceid: String,
+    /// Host name or IP address.
+    pub serviceaddr: String,
+    /// Port.
+    pub serviceport: u16,
+    /// Routing tag (optional): the service is also on its group's ring for this tag.
+    #[serde(default)]
+    pub routertag: String,
+}
+
+/// How names are compared: trimmed and lowercased (docs/backends.md).
+fn norm(s: &str) -> String {
+    s.trim().to_lowercase()
+}
+
+impl BackendConfig {
+    /// Longest `dial_timeout_s`: an hour (more is certainly a typo).
+    pub const MAX_DIAL_TIMEOUT_S: u64 = 3600;
+
+    /// The group's name as groups compare it.
+    pub fn group_name(&self) -> String {
+        norm(&self.group)
+    }
+
+    pub(super) fn check(&self, key: &str, p: &mut Problems) {
+        let group = self.group_name();
+        if group.is_empty() {
+            p.add(format!("{key}.group"), "must not be empty");
+        }
+        if self.dial_timeout_s == 0 || self.dial_timeout_s > Self::MAX_DIAL_TIMEOUT_S {
+            p.add(
+                format!("{key}.dial_timeout_s"),
+                format!("must be 1 to {}", Self::MAX_DIAL_TIMEOUT_S),
+            );
+        }
+        if self.queue_bytes == 0 {
+            p.add(format!("{key}.queue_bytes"), "must be at least 1");
+        }
+        if self.max_body == 0 || u32::try_from(self.max_body).is_err() {
+            p.add(
+                format!("{key}.max_body"),
+                format!("must be 1 to {}", u32::MAX),
+            );
+        }
+        let mut ids = HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let k = format!("{key}.services[{i}]");
+            let name = norm(&s.servicename);
+            if !name.is_empty() && name != group {
+                p.add(
+                    format!("{k}.servicename"),
+                    format!(
+                        "{:?} is not this table's group {:?} (leave it out)",
+                        s.servicename, self.group
+                    ),
+                );
+            }
+            let id = norm(&s.serviceid);
+            if id.is_empty() {
+                p.add(format!("{k}.serviceid"), "must not be empty");
+            } else if !ids.insert(id) {
+                p.add(
+                    format!("{k}.serviceid"),
+                    format!("{:?} is listed twice in this group", s.serviceid),
+                );
+            }
+            if s.serviceaddr.trim().is_empty() {
+                p.add(format!("{k}.serviceaddr"), "must not be empty");
+            }
+            if s.serviceport == 0 {
+                p.add(format!("{k}.serviceport"), "must not be 0");
+            }
+        }
+    }
+}
+
+/// Every `[[backend]]` table checked, and no group named twice.
+pub(super) fn check_all(backends: &[BackendConfig], p: &mut Problems) {
+    let mut groups = HashSet::new();
+    for (i, b) in backends.iter().enumerate() {
+        let key = format!("backend[{i}]");
+        b.check(&key, p);
+        let g = b.group_name();
+        if !g.is_empty() && !groups.insert(g) {
+            p.add(
+                format!("{key}.group"),
+                format!("group {:?} has another [[backend]] table", b.group),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn a_static_group_parses_with_gobase_key_names() {
+        let c = Config::from_toml(
+            r#"
+            [[backend]]
+            group = "Gate"
+            codec = "gobase-test"
+            dial_timeout_s = 5
+            immediately = true
+            services = [
+              { servicename = "gate", serviceid = "gate1", serviceaddr = "127.0.0.1", serviceport = 7001 },
+              { serviceid = "gate2", serviceaddr = "10.0.0.5", serviceport = 7001, routertag = "red" },
+            ]
+            "#,
+        )
+        .expect("parses");
+        assert!(c.problems(&[]).is_empty(), "{:?}", c.problems(&[]));
+        let b = &c.backends[0];
+        assert_eq!(b.group_name(), "gate");
+        assert!(b.msg_seq && b.immediately);
+        assert_eq!(b.dial_timeout_s, 5);
+        assert_eq!(b.services[1].routertag, "red");
+        assert!(Config::default().backends.is_empty());
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let c = Config::from_toml(
+            r#"
+            [[backend]]
+            group = "gate"
+            dial_timeout_s = 0
+            services = [
+              { servicename = "game", serviceid = "a", serviceaddr = "h", serviceport = 1 },
+              { serviceid = "A ", serviceaddr = "", serviceport = 0 },
+            ]
+            [[backend]]
+            group = " GATE"
+            "#,
+        )
+        .expect("parses");
+        let keys: Vec<String> = c
+            .problems(&[])
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>();
+        let all = keys.join("\n");
+        for k in [
+            "backend[0].dial_timeout_s",
+            "backend[0].services[0].servicename",
+            "backend[0].services[1].serviceid",
+            "backend[0].services[1].serviceaddr",
+            "backend[0].services[1].serviceport",
+            "backend[1].group",
+        ] {
+            assert!(all.contains(k), "{k} not in {all}");
+        }
+        assert!(
+            Config::from_toml("[[backend]]\ngroup = \"g\"\nservice = []\n").is_err(),
+            "unknown key"
+        );
+        assert!(
+            Config::from_toml("[[backend]]\ngroup = \"g\"\ncodec = \"json\"\n").is_err(),
+            "unknown codec"
+        );
+    }
+}
