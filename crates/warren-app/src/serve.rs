@@ -170,6 +170,8 @@ async fn serve(
     if let Some(rpc) = bridges.redis_rpc.first() {
         plugins.connect_redis_rpc(rpc);
     }
+    // `[[backend]]` groups (docs/backends.md): dialled in the background, connections logged
+    let backends = warren_cluster::backend::ConfiguredBackends::start(&config.backends);
     let admin = admin::serve(
         &config.admin,
         plugins.clone(),
@@ -224,6 +226,7 @@ async fn serve(
     drop(watcher);
     stop_http.cancel();
     bridges.stop();
+    backends.shutdown().await;
     node.shutdown().await;
     if let Some((_, task)) = http {
         let _ = task.await;

@@ -13,7 +13,7 @@
 //!
 //! Files: this one holds the groups, their rings and the discovery update; `tcp.rs` a service,
 //! its connection and its delivery; `codec.rs` the codec trait and the gobase test codec;
-//! `hooks.rs` the hooks.
+//! `hooks.rs` the hooks; `configured.rs` the groups of the config's `[[backend]]` tables.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,10 +29,12 @@ use tokio_util::task::TaskTracker;
 use warren::ring::{Ring, normalize};
 
 mod codec;
+mod configured;
 mod hooks;
 mod tcp;
 
 pub use codec::{Codec, CodecError, GobaseTestCodec};
+pub use configured::{ConfiguredBackends, ConfiguredGroup};
 pub use hooks::{Hooks, NoHooks, Redial};
 pub use tcp::Service;
 pub use warren_proto::backend_frame::TestMsg;
