@@ -821,7 +821,7 @@ impl Config {
     /// names a `process_id` other than this node's. Such an entry is never run here, needs no
     /// implementation here, and is reached over the bus (its `[module.bus]` when it has one).
     pub fn is_remote(&self, m: &ModuleConfig) -> bool {
-        self.node.remote_types.iter().any(|t| *t == m.kind)
+        self.node.remote_types.contains(&m.kind)
             || m.process_id
                 .as_ref()
                 .is_some_and(|p| *p != self.node.process_id)

@@ -57,6 +57,20 @@ pub(crate) fn exchange_kind(s: &str) -> ExchangeKind {
     }
 }
 
+/// The URL handed to the AMQP client, with the virtual host spelled out: an empty path or a lone
+/// `/` (`amqp://guest:guest@host:5672/`, mqant's sample URIs) means vhost `/`, as mqant's Go
+/// client (streadway/amqp) and the AMQP URI spec's default read it, where lapin would ask for a
+/// vhost named "" and be refused (`NOT_ALLOWED - vhost  not found`). Other URLs are unchanged.
+pub(crate) fn with_vhost(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.has_host() && matches!(u.path(), "" | "/") => {
+            u.set_path("/%2f");
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// An AMQP short string (names, routing keys: at most 255 bytes), refused rather than panicking.
 pub(crate) fn short(s: &str) -> Result<ShortString, Detail> {
     ShortString::try_new(s).map_err(|e| Detail::caused(format!("{s:.40}…"), e))
@@ -263,7 +277,8 @@ impl Link {
     async fn connect(&self, generation: u64) -> Result<Live, Detail> {
         let props = ConnectionProperties::default()
             .with_connection_name(format!("warren {}", self.label).into());
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.url, props))
+        let url = with_vhost(&self.url);
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&url, props))
             .await
             .map_err(|_| Detail::new("the broker did not complete the handshake in time"))?
             .map_err(Detail::from_error)?;
@@ -497,5 +512,19 @@ mod tests {
         );
         assert!(short(&"q".repeat(255)).is_ok());
         assert!(short(&"q".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn a_url_without_a_vhost_means_the_default_one() {
+        let want = "amqp://guest:guest@127.0.0.1:5672/%2f";
+        assert_eq!(with_vhost("amqp://guest:guest@127.0.0.1:5672/"), want);
+        assert_eq!(with_vhost("amqp://guest:guest@127.0.0.1:5672"), want);
+        assert_eq!(with_vhost(want), want);
+        assert_eq!(with_vhost("amqp://h:1/game"), "amqp://h:1/game");
+        assert_eq!(
+            with_vhost("amqps://h:1/?heartbeat=5"),
+            "amqps://h:1/%2f?heartbeat=5"
+        );
+        assert_eq!(with_vhost("not a url"), "not a url");
     }
 }

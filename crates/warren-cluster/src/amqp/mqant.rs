@@ -43,6 +43,10 @@ use super::link::{
 };
 use super::{AmqpError, MAX_MESSAGE, now_ms, redact};
 
+/// The module type of a gate: an instance of it served by an mqant peer is an mqant gate, whose
+/// functions are the session operations (docs/cluster.md, "Compatibility bridges").
+const GATE: &str = "Gate";
+
 /// Deliveries a served instance or a callback queue may hold unacknowledged.
 const PREFETCH: u16 = 256;
 /// Longest deadline taken from a peer's `Expired` (a day): a clock far off cannot park a call
@@ -57,7 +61,7 @@ struct CallOut<'a> {
     #[serde(rename = "Fn")]
     func: &'a str,
     #[serde(rename = "Args")]
-    args: [Value; 2],
+    args: Vec<Value>,
     #[serde(rename = "Expired")]
     expired: i64,
     #[serde(rename = "Reply")]
@@ -113,23 +117,187 @@ fn expired_ms(n: &serde_json::Number) -> Option<i64> {
     })
 }
 
+/// The `Args` of a session operation sent to an mqant gate (`Bind`, `Push`, `Send`, …): the
+/// call's body is the JSON array of the operation's arguments (how warren's session operations
+/// address a gate). `Send`'s body is a Go `[]byte` on mqant's side, which its client marshals as
+/// base64: it travels so here too.
+fn gate_args(func: &str, body: &[u8]) -> Result<Vec<Value>, CallError> {
+    let mut args = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Array(a)) => a,
+        _ => {
+            return Err(CallError::bad_request(Detail::new(format!(
+                "a call of the mqant gate's {func} takes a JSON array of its arguments"
+            ))));
+        }
+    };
+    if func == "Send"
+        && let Some(Value::String(b)) = args.get_mut(2)
+    {
+        use base64::Engine as _;
+        *b = base64::engine::general_purpose::STANDARD.encode(b.as_bytes());
+    }
+    Ok(args)
+}
+
 /// The JSON value of a handler's reply bytes, or the bytes as a string when they are not JSON.
 fn json_or_string(b: &[u8]) -> Value {
     serde_json::from_slice(b).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(b).into()))
 }
 
-/// A call's `Args` as warren hands them to a handler: `[export map, body]` gives the session (if
-/// the map is one) and the body; any other arity gives no session and the array as the body.
-fn split_args(mut args: Vec<Value>) -> (Option<Arc<Session>>, Bytes) {
-    if args.len() == 2 {
-        let body = args.pop().unwrap_or(Value::Null);
-        let session = args
-            .pop()
-            .and_then(|m| Session::from_export_map(&m, Net::Tcp))
-            .map(Arc::new);
-        return (session, Bytes::from(body.to_string()));
+/// How many `Args` a warren handler takes, as mqant counts a function's parameters: the session
+/// export map and the body.
+const ARITY: usize = 2;
+
+/// A call's `Args` as warren hands them to a handler, `[export map, body]`: the session (if the
+/// map is one) and the body. Any other count is refused as mqant refuses it ([`arity_error`]).
+fn split_args(mut args: Vec<Value>) -> Result<(Option<Arc<Session>>, Bytes), CallError> {
+    if args.len() != ARITY {
+        return Err(arity_error(&args));
     }
-    (None, Bytes::from(Value::Array(args).to_string()))
+    let body = args.pop().unwrap_or(Value::Null);
+    let session = args
+        .pop()
+        .and_then(|m| Session::from_export_map(&m, Net::Tcp))
+        .map(Arc::new);
+    Ok((session, Bytes::from(body.to_string())))
+}
+
+/// How a warren handler looks to mqant's reflection, in Go's notation: what mqant's arity error
+/// names after the arguments.
+const HANDLER_SIGNATURE: &str =
+    "<func(map[string]interface {}, interface {}) (interface {}, string) Value>";
+
+/// mqant's error for a call whose `Args` do not match the function's parameters, word for word:
+/// `The number of params <args> is not adapted.<function>`, the arguments printed as Go's `%s`
+/// prints the `[]interface{}` they decode to (docs/cluster.md, "Compatibility bridges").
+fn arity_error(args: &[Value]) -> CallError {
+    let mut text = String::from("The number of params ");
+    go_s(args, &mut text);
+    text.push_str(" is not adapted.");
+    text.push_str(HANDLER_SIGNATURE);
+    CallError::BadRequest(Detail::new(text))
+}
+
+/// Append `args` as Go's `fmt` prints a `[]interface{}` decoded from JSON with the `%s` verb:
+/// strings as they are, maps as `map[k:v …]` in key order, slices as `[a b]`, and other values
+/// as `%!s(float64=1)`, `%!s(bool=true)`, `%!s(<nil>)`. Iterative: the depth of the input does
+/// not reach the stack.
+fn go_s(args: &[Value], out: &mut String) {
+    enum Item<'a> {
+        Value(&'a Value),
+        Text(&'a str),
+    }
+    fn push_list<'a>(stack: &mut Vec<Item<'a>>, items: &'a [Value]) {
+        stack.push(Item::Text("]"));
+        for (i, v) in items.iter().enumerate().rev() {
+            stack.push(Item::Value(v));
+            if i > 0 {
+                stack.push(Item::Text(" "));
+            }
+        }
+    }
+    out.push('[');
+    let mut stack = Vec::new();
+    push_list(&mut stack, args);
+    while let Some(item) = stack.pop() {
+        let v = match item {
+            Item::Text(t) => {
+                out.push_str(t);
+                continue;
+            }
+            Item::Value(v) => v,
+        };
+        match v {
+            Value::String(s) => out.push_str(s),
+            Value::Null => out.push_str("%!s(<nil>)"),
+            Value::Bool(b) => {
+                out.push_str(if *b {
+                    "%!s(bool=true)"
+                } else {
+                    "%!s(bool=false)"
+                });
+            }
+            Value::Number(n) => {
+                out.push_str("%!s(float64=");
+                go_float(n.as_f64().unwrap_or(f64::NAN), out);
+                out.push(')');
+            }
+            Value::Array(a) => {
+                out.push('[');
+                push_list(&mut stack, a);
+            }
+            Value::Object(o) => {
+                out.push_str("map[");
+                stack.push(Item::Text("]"));
+                let mut keys: Vec<(&String, &Value)> = o.iter().collect();
+                keys.sort_by(|a, b| a.0.cmp(b.0));
+                for (i, (k, v)) in keys.into_iter().enumerate().rev() {
+                    stack.push(Item::Value(v));
+                    stack.push(Item::Text(":"));
+                    stack.push(Item::Text(k));
+                    if i > 0 {
+                        stack.push(Item::Text(" "));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Append `f` as Go's `%v` prints a float64: the shortest digits that read back, in `%e` form
+/// (`1e+06`, `1.5e-05`) when the decimal exponent is below -4 or at least 6, as strconv's
+/// shortest `%g` decides, else in plain form (`123456`, `0.001`).
+fn go_float(f: f64, out: &mut String) {
+    if !f.is_finite() {
+        out.push_str(if f.is_nan() {
+            "NaN"
+        } else if f > 0.0 {
+            "+Inf"
+        } else {
+            "-Inf"
+        });
+        return;
+    }
+    // Rust's `{:e}` gives the same shortest round-trip digits: d[.ddd]e<exp>
+    let sci = format!("{:e}", f.abs());
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    if f.is_sign_negative() {
+        out.push('-');
+    }
+    if !(-4..6).contains(&exp) {
+        out.push_str(&digits[..1]);
+        if digits.len() > 1 {
+            out.push('.');
+            out.push_str(&digits[1..]);
+        }
+        out.push('e');
+        out.push(if exp < 0 { '-' } else { '+' });
+        out.push_str(&format!("{:02}", exp.unsigned_abs()));
+        return;
+    }
+    // plain: the decimal point after exp + 1 digits
+    let point = exp + 1;
+    if point <= 0 {
+        out.push_str("0.");
+        for _ in 0..-point {
+            out.push('0');
+        }
+        out.push_str(&digits);
+    } else {
+        let point = point as usize;
+        if digits.len() <= point {
+            out.push_str(&digits);
+            for _ in digits.len()..point {
+                out.push('0');
+            }
+        } else {
+            out.push_str(&digits[..point]);
+            out.push('.');
+            out.push_str(&digits[point..]);
+        }
+    }
 }
 
 /// The error of a peer's `ResultInfo` as a typed error (the texts are listed in docs/cluster.md,
@@ -196,18 +364,26 @@ impl Server {
         let left =
             Duration::from_millis(u64::try_from((expired - now).min(MAX_LEFT_MS)).unwrap_or(0));
         let deadline = Instant::now() + left;
-        let (session, body) = split_args(info.args.unwrap_or_default());
+        let split = split_args(info.args.unwrap_or_default());
+        if let Err(e) = &split {
+            metrics::counter!("warren_mqant_calls_refused_total", "reason" => "arity").increment(1);
+            tracing::warn!(instance = %self.instance, cid = %info.cid, func = %info.func, error = %e, "refused an mqant call: wrong number of Args");
+        }
         let router = self.node.router();
         // resolved and handed to the instance here, in delivery order, so one peer's calls reach
         // the module in the order sent; only the wait for the result runs on its own task
-        let accepted = match router.resolve_call(
-            &self.module,
-            Some(&self.instance),
-            &info.func,
-            session.as_deref(),
-            &body,
-        ) {
-            Ok(t) => {
+        let accepted = match split.and_then(|(session, body)| {
+            router
+                .resolve_call(
+                    &self.module,
+                    Some(&self.instance),
+                    &info.func,
+                    session.as_deref(),
+                    &body,
+                )
+                .map(|t| (t, session, body))
+        }) {
+            Ok((t, session, body)) => {
                 let call = t.call(&info.func, deadline).session(session).body(body);
                 if info.reply {
                     router.call(&t, call).await.map(Some)
@@ -462,6 +638,9 @@ pub struct MqantClient {
     instance: String,
     exchange: String,
     binding_key: String,
+    /// The instance is an mqant gate: its functions are the session operations, called with
+    /// their own arguments (the call's body is the `Args` array), not `[session, body]`.
+    gate: bool,
 }
 
 impl std::fmt::Debug for MqantClient {
@@ -488,10 +667,15 @@ impl MqantClient {
         let cid = uuid::Uuid::new_v4().to_string();
         let left = call.deadline.saturating_duration_since(Instant::now());
         let expired = now_ms().saturating_add(i64::try_from(left.as_millis()).unwrap_or(i64::MAX));
-        let export = call
-            .session
-            .as_deref()
-            .map_or_else(|| Value::Object(Map::new()), Session::export_map);
+        let args = if self.gate {
+            gate_args(&call.handler, &call.body)?
+        } else {
+            let export = call
+                .session
+                .as_deref()
+                .map_or_else(|| Value::Object(Map::new()), Session::export_map);
+            vec![export, json_or_string(&call.body)]
+        };
         let zero = ResultOut {
             cid: "",
             error: "",
@@ -500,7 +684,7 @@ impl MqantClient {
         let payload = serde_json::to_vec(&CallOut {
             cid: &cid,
             func: &call.handler,
-            args: [export, json_or_string(&call.body)],
+            args,
             expired,
             reply,
             result: zero,
@@ -762,6 +946,7 @@ impl MqantBridge {
                     instance: instance.clone(),
                     exchange: b.exchange,
                     binding_key: b.binding_key,
+                    gate: m.kind == GATE,
                 });
                 let record = NodeRecord {
                     id: format!("amqp/{instance}"),
@@ -825,7 +1010,7 @@ mod tests {
         let s = serde_json::to_string(&CallOut {
             cid: "c",
             func: "HD_Login",
-            args: [Value::Object(Map::new()), serde_json::json!({"a":1})],
+            args: vec![Value::Object(Map::new()), serde_json::json!({"a":1})],
             expired: 5,
             reply: true,
             result: zero,
@@ -850,18 +1035,93 @@ mod tests {
     #[test]
     fn args_give_session_and_body() {
         let map = serde_json::json!({"IP":"127.0.0.1:5","Network":"tcp","Serverid":"Gate001","Sessionid":"s1","Settings":{},"Userid":"alice"});
-        let (s, b) = split_args(vec![map, serde_json::json!({"x":1})]);
+        let (s, b) = split_args(vec![map, serde_json::json!({"x":1})]).expect("two args");
         let s = s.expect("session");
         assert_eq!((&*s.id, s.uid.as_deref()), ("s1", Some("alice")));
         assert_eq!(&b[..], br#"{"x":1}"#);
-        let (s, b) = split_args(vec![serde_json::json!({}), serde_json::json!("hi")]);
+        let (s, b) =
+            split_args(vec![serde_json::json!({}), serde_json::json!("hi")]).expect("two args");
         assert!(s.is_none());
         assert_eq!(&b[..], br#""hi""#);
-        let (s, b) = split_args(vec![serde_json::json!(1)]);
-        assert!(s.is_none());
-        assert_eq!(&b[..], b"[1]");
-        let (_, b) = split_args(vec![]);
-        assert_eq!(&b[..], b"[]");
+        let sig = HANDLER_SIGNATURE;
+        let e = split_args(vec![serde_json::json!(1)]).unwrap_err();
+        assert_eq!(
+            e.wire_text(),
+            format!("The number of params [%!s(float64=1)] is not adapted.{sig}")
+        );
+        let e = split_args(vec![]).unwrap_err();
+        assert_eq!(
+            e.wire_text(),
+            format!("The number of params [] is not adapted.{sig}")
+        );
+    }
+
+    #[test]
+    fn arguments_print_as_go_prints_them() {
+        let text = |v: Value| {
+            let mut out = String::new();
+            go_s(v.as_array().expect("an array"), &mut out);
+            out
+        };
+        assert_eq!(
+            text(serde_json::json!([
+                {"b": [1, "x", null], "a": true, "c": {}},
+                "plain",
+                false,
+                [[]]
+            ])),
+            "[map[a:%!s(bool=true) b:[%!s(float64=1) x %!s(<nil>)] c:map[]] plain %!s(bool=false) [[]]]"
+        );
+        let float = |f: f64| {
+            let mut out = String::new();
+            go_float(f, &mut out);
+            out
+        };
+        for (f, go) in [
+            (0.0, "0"),
+            (-0.0, "-0"),
+            (1.0, "1"),
+            (1.5, "1.5"),
+            (123456.0, "123456"),
+            (1_000_000.0, "1e+06"),
+            (1_234_567.0, "1.234567e+06"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (-2.5e-7, "-2.5e-07"),
+            (1e100, "1e+100"),
+            (1488888888888.0, "1.488888888888e+12"),
+        ] {
+            assert_eq!(float(f), go, "{f}");
+        }
+        // deep input does not reach the stack
+        let mut deep = Value::Null;
+        for _ in 0..100_000 {
+            deep = Value::Array(vec![deep]);
+        }
+        let mut out = String::new();
+        go_s(std::slice::from_ref(&deep), &mut out);
+        assert!(out.starts_with("[[[[") && out.ends_with("]]]]"));
+        // taken apart level by level: serde_json's own drop is recursive
+        while let Value::Array(mut a) = deep {
+            deep = a.pop().unwrap_or(Value::Null);
+        }
+    }
+
+    #[test]
+    fn a_gate_takes_its_arguments_and_send_a_base64_body() {
+        assert_eq!(
+            gate_args("Bind", br#"["s1","alice"]"#).unwrap(),
+            [serde_json::json!("s1"), serde_json::json!("alice")]
+        );
+        assert_eq!(
+            gate_args("Send", br#"["s1","Chat/OnChat","{\"a\":1}"]"#).unwrap(),
+            [
+                serde_json::json!("s1"),
+                serde_json::json!("Chat/OnChat"),
+                serde_json::json!("eyJhIjoxfQ==")
+            ]
+        );
+        assert!(gate_args("Bind", b"{}").is_err());
     }
 
     #[test]

@@ -459,14 +459,20 @@ fn mqant_bridge_serves_and_calls_pika_peers_across_a_restart() {
         assert_eq!(prop["Result"]["args"], json!({"k": 1}));
         let arity: Value =
             serde_json::from_str(reply_for(&replies, "c-arity").expect("arity")).unwrap();
-        assert_eq!(arity["Result"]["args"], json!([1, 2, 3]));
+        // mqant's arity error, word for word, and the handler never ran
+        assert_eq!(
+            arity["Error"],
+            "The number of params [%!s(float64=1) %!s(float64=2) %!s(float64=3)] is not \
+             adapted.<func(map[string]interface {}, interface {}) (interface {}, string) Value>"
+        );
+        assert_eq!(arity["Result"], Value::Null);
         assert!(reply_for(&replies, "c-after").is_some(), "{replies:?}");
         // the expired call got no reply and never ran; the CallNR ran without a reply
         assert!(reply_for(&replies, "c-expired").is_none(), "{replies:?}");
         assert!(reply_for(&replies, "c-nr").is_none(), "{replies:?}");
         assert!(reply_for(&replies, "c-shape").is_none(), "{replies:?}");
         eventually(Duration::from_secs(5), "CallNR and calls ran", || async {
-            (count.load(Ordering::SeqCst) == 3).then_some(())
+            (count.load(Ordering::SeqCst) == 2).then_some(())
         })
         .await;
 
