@@ -720,3 +720,43 @@ async fn a_service_that_does_not_read_gets_queue_full() {
     b.shutdown().await;
     server.abort();
 }
+
+/// The gobase sample: every second, each connected service is called with the heartbeat
+/// request as rpc id 1, and the heartbeat response (msgid 2) answers it.
+struct SampleHeartbeat {
+    answered: AtomicUsize,
+}
+
+impl Hooks<GobaseTestCodec> for SampleHeartbeat {
+    fn check_rpc_resp(&self, msg: &TestMsg) -> Option<RpcId> {
+        (msg.msgid == 2).then_some(1)
+    }
+    async fn on_tick(&self, service: &Service<GobaseTestCodec>) {
+        if service.is_connected() {
+            let r = service
+                .call(1, &TestMsg::heartbeat_request(), Duration::from_secs(5))
+                .await;
+            if r == Ok(TestMsg::heartbeat_response()) {
+                self.answered.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_gobase_sample_heartbeat_from_on_tick() {
+    let gate = TestService::start("gate1").await;
+    let b = Backends::new(
+        GobaseTestCodec::default(),
+        SampleHeartbeat {
+            answered: AtomicUsize::new(0),
+        },
+        BackendOptions::default(),
+    );
+    b.update("gate", vec![gate.conf("gate")]);
+    eventually("two heartbeats answered", || {
+        b.hooks().answered.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    b.shutdown().await;
+}

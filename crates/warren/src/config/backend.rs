@@ -190,6 +190,22 @@ mod tests {
     }
 
     #[test]
+    fn the_example_of_the_docs_is_valid() {
+        let page = include_str!("../../../../docs/backends.md");
+        let start = page.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let len = page[start..].find("```").expect("its end");
+        let c = Config::from_toml(&page[start..start + len]).expect("parses");
+        assert!(c.problems(&[]).is_empty(), "{:?}", c.problems(&[]));
+        assert_eq!(c.backends[0].services.len(), 2);
+        let defaults = super::BackendConfig {
+            group: "gate".into(),
+            services: c.backends[0].services.clone(),
+            ..Default::default()
+        };
+        assert_eq!(c.backends[0], defaults, "the page shows the defaults");
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let c = Config::from_toml(
             r#"
