@@ -329,7 +329,7 @@ pub(super) async fn run<C: Codec, H: Hooks<C>>(shared: Arc<Shared<C, H>>, svc: S
         },
         cancel.clone(),
     ));
-    let group = svc.name().to_owned();
+    let group = %svc.name().to_owned();
     let peer = svc.peer();
     loop {
         let dialled = tokio::select! {
@@ -358,7 +358,7 @@ pub(super) async fn run<C: Codec, H: Hooks<C>>(shared: Arc<Shared<C, H>>, svc: S
         svc.inner.connected.store(true, Ordering::SeqCst);
         shared.ring_join(&svc);
         metrics::counter!("warren_backend_connects_total", "group" => group.clone()).increment(1);
-        tracing::info!(group = %group, service = svc.id(), peer = %peer, "backend connected");
+        tracing::info!(group = %group, service = %svc.id(), peer = %peer, "backend connected");
         hooks.on_connected(&svc);
 
         let (r, w) = stream.into_split();
@@ -375,15 +375,15 @@ pub(super) async fn run<C: Codec, H: Hooks<C>>(shared: Arc<Shared<C, H>>, svc: S
         svc.fail_waiters();
         match &end {
             End::Closed | End::Cancelled => {
-                tracing::info!(group = %group, service = svc.id(), peer = %peer, reason = %end, "backend disconnected")
+                tracing::info!(group = %group, service = %svc.id(), peer = %peer, reason = %end, "backend disconnected")
             }
             End::Io(_) => {
-                tracing::warn!(group = %group, service = svc.id(), peer = %peer, reason = %end, "backend disconnected")
+                tracing::warn!(group = %group, service = %svc.id(), peer = %peer, reason = %end, "backend disconnected")
             }
             End::Decode(_) | End::Consumed { .. } | End::Oversize { .. } => {
                 metrics::counter!("warren_backend_decode_errors_total", "group" => group.clone())
                     .increment(1);
-                tracing::warn!(group = %group, service = svc.id(), peer = %peer, reason = %end, "backend sent bad bytes; dropping the connection")
+                tracing::warn!(group = %group, service = %svc.id(), peer = %peer, reason = %end, "backend sent bad bytes; dropping the connection")
             }
         }
         hooks.on_disconnect(&svc);
@@ -391,7 +391,7 @@ pub(super) async fn run<C: Codec, H: Hooks<C>>(shared: Arc<Shared<C, H>>, svc: S
             break;
         }
         if svc.is_marked() {
-            tracing::info!(group = %group, service = svc.id(), "backend left discovery; removed at disconnect");
+            tracing::info!(group = %group, service = %svc.id(), "backend left discovery; removed at disconnect");
             shared.retire(&svc);
             break;
         }
@@ -417,18 +417,18 @@ async fn dial_failed<C: Codec, H: Hooks<C>>(
 ) -> bool {
     metrics::counter!("warren_backend_dial_failures_total", "group" => svc.name().to_owned())
         .increment(1);
-    tracing::debug!(group = svc.name(), service = svc.id(), peer = %svc.peer(), error = %e, "backend dial failed");
+    tracing::debug!(group = %svc.name(), service = %svc.id(), peer = %svc.peer(), error = %e, "backend dial failed");
     if svc.is_marked() {
         tracing::info!(
-            group = svc.name(),
-            service = svc.id(),
+            group = %svc.name(),
+            service = %svc.id(),
             "backend left discovery; removed at dial failure"
         );
         shared.retire(svc);
         return false;
     }
     if shared.hooks.on_dial_fail(svc, e) == Redial::Stop {
-        tracing::info!(group = svc.name(), service = svc.id(), error = %e, "backend dial failed; the hook stops it");
+        tracing::info!(group = %svc.name(), service = %svc.id(), error = %e, "backend dial failed; the hook stops it");
         shared.retire(svc);
         return false;
     }
