@@ -329,7 +329,7 @@ pub(super) async fn run<C: Codec, H: Hooks<C>>(shared: Arc<Shared<C, H>>, svc: S
         },
         cancel.clone(),
     ));
-    let group = %svc.name().to_owned();
+    let group = svc.name().to_owned();
     let peer = svc.peer();
     loop {
         let dialled = tokio::select! {
