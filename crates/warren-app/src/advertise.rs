@@ -172,11 +172,13 @@ mod tests {
     use warren::registry::MemoryRegistry;
 
     fn config(listen: &[&str], advertise: Option<&str>) -> Config {
-        let mut c = Config::default();
-        c.listeners = listen
-            .iter()
-            .map(|u| ListenerConfig::from_url(u).expect("a listener URL"))
-            .collect();
+        let mut c = Config {
+            listeners: listen
+                .iter()
+                .map(|u| ListenerConfig::from_url(u).expect("a listener URL"))
+                .collect(),
+            ..Config::default()
+        };
         c.registry.advertise_addr = advertise.map(str::to_owned);
         c
     }
