@@ -1,5 +1,6 @@
 """Default-mode MQTT across the gates of a cluster (docs/protocols/mqtt.md, "Across gates"):
-two or three `warren serve` gates on one bus act as one MQTT server.
+two or three `warren serve` gates on one bus act as one MQTT server, and a persistent session
+follows its client from one gate to another.
 
 Each bus (NATS with JetStream, Redis) is the real server from Debian, started by the test on a
 free port. Clients are paho-mqtt. Every check waits for a marker published after the messages
@@ -17,6 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from brokers import Broker, installed
 from conftest import Warren, wait_until
+from rawmqtt import connected, granted, parse_publish, puback, publish_packet, sync
 
 BUSES = ["nats", "redis"]
 WAIT = 20
@@ -66,11 +68,14 @@ def gates(bus):
 class Client:
     """A paho client recording every PUBLISH it receives as (topic, payload, qos, retain)."""
 
-    def __init__(self, w: Warren, client_id: str, will: tuple[str, bytes, int] | None = None) -> None:
+    def __init__(self, w: Warren, client_id: str, will: tuple[str, bytes, int] | None = None, clean: bool = True) -> None:
         self.got: list[tuple[str, bytes, int, bool]] = []
         self.lock = threading.Lock()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
         self.c.on_message = self._on_message
+        # the CONNACK's session-present flag, once connected
+        self.present: list[bool] = []
+        self.c.on_connect = lambda _c, _u, flags, *_: self.present.append(bool(flags.session_present))
         if will is not None:
             self.c.will_set(will[0], will[1], qos=will[2])
         self.subscribed = threading.Event()
@@ -238,3 +243,80 @@ def test_retained_messages_are_shared_deleted_and_seen_by_a_gate_started_later(g
         x.close()
     for x in (pub, pub_b, sync):
         x.close()
+
+
+def publish_raw(w: Warren, client_id: str, messages: list[tuple[str, bytes]]) -> None:
+    """Publish QoS 1 messages from a raw client and wait until the gate has routed them all (its
+    PINGRESP comes after the PUBLISHes it read before)."""
+    c = connected(w.mqtt_plain, client_id, clean=True)
+    for i, (topic, payload) in enumerate(messages, start=1):
+        c.send(publish_packet(topic, payload, qos=1, pkid=i))
+    acks = sync(c)
+    assert [first for first, _ in acks] == [0x40] * len(messages), acks
+    c.close()
+
+
+def test_a_persistent_session_resumes_on_another_gate_with_its_queue_and_subscriptions(gates):
+    a, b = gates.add("gate-a"), gates.add("gate-b")
+    mover = Client(a, "mover", clean=False)
+    mover.subscribe(("t/#", 1))
+    mover.close()
+    # queued for the offline session on gate A
+    queued = [(f"t/{i}", f"m{i}".encode()) for i in range(5)]
+    publish_raw(a, "pub-a", queued)
+    # the client comes back on gate B: the session comes with it
+    back = Client(b, "mover", clean=False)
+    wait_until(lambda: back.present, timeout=WAIT, msg="no CONNACK on gate B")
+    assert back.present == [True], "session present = 1 on the new gate"
+    got = wait_until(lambda: len(back.messages()) >= 5 and back.messages(), timeout=WAIT, msg=f"queued messages never arrived: {back.messages()}")
+    assert [(t, p, q) for t, p, q, _ in got] == [(t, p, 1) for t, p in queued], "the queue, in order"
+    # its subscription now lives on gate B: publishes on either gate reach it once
+    publish_raw(a, "pub-a2", [("t/from-a", b"a")])
+    back.wait_for("t/from-a")
+    publish_raw(b, "pub-b", [("t/from-b", b"b")])
+    back.wait_for("t/from-b")
+    # a marker after both: nothing came twice
+    publish_raw(a, "pub-a3", [("t/end", b"")])
+    back.wait_for("t/end")
+    assert [m[0] for m in back.messages()] == [t for t, _ in queued] + ["t/from-a", "t/from-b", "t/end"], back.messages()
+    assert "persistent session handed over to another gate" in a.log(), a.tail()
+    back.close()
+    # gate A holds nothing of it any more, gate B does: a persistent reconnect to A takes it back
+    again = connected(a.mqtt_plain, "mover", clean=False, expect=b"\x20\x02\x01\x00")
+    again.close()
+
+
+def test_a_connected_client_id_is_taken_over_from_another_gate(gates):
+    a, b = gates.add("gate-a"), gates.add("gate-b")
+    first = connected(a.mqtt_plain, "twice", clean=False)
+    assert granted(first, [("x/#", 1)]) == [1]
+    sync(first)
+    # the same client id on gate B: the connection on A is closed, the session moves
+    second = connected(b.mqtt_plain, "twice", clean=False, expect=b"\x20\x02\x01\x00")
+    assert first.closed(WAIT), "the connection on gate A was not closed"
+    publish_raw(a, "pub-x", [("x/1", b"after")])
+    first_byte, body = second.recv_packet(timeout=WAIT)
+    topic, qos, pkid, payload = parse_publish(first_byte, body)
+    assert (topic, qos, payload) == ("x/1", 1, b"after")
+    second.send(puback(pkid))
+    # a clean session taken over too
+    third = connected(a.mqtt_plain, "twice-clean", clean=True)
+    fourth = connected(b.mqtt_plain, "twice-clean", clean=True, expect=b"\x20\x02\x00\x00")
+    assert third.closed(WAIT), "the clean connection on gate A was not closed"
+    for c in (second, fourth):
+        c.close()
+
+
+def test_a_clean_session_on_another_gate_discards_the_stored_session(gates):
+    a, b = gates.add("gate-a"), gates.add("gate-b")
+    c = connected(a.mqtt_plain, "forget-me", clean=False, expect=b"\x20\x02\x00\x00")
+    assert granted(c, [("f/#", 1)]) == [1]
+    c.close()
+    # still stored on A: a persistent reconnect there would find it; a clean one on B discards it
+    clean = connected(b.mqtt_plain, "forget-me", clean=True, expect=b"\x20\x02\x00\x00")
+    sync(clean)
+    clean.close()
+    again = connected(a.mqtt_plain, "forget-me", clean=False, expect=b"\x20\x02\x00\x00")
+    publish_raw(b, "pub-f", [("f/1", b"nobody")])
+    assert again.quiet(1.0), "the discarded subscription still delivers"
+    again.close()

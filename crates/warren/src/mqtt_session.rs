@@ -1541,6 +1541,76 @@ mod tests {
     }
 
     #[test]
+    fn a_session_handed_over_resumes_on_another_store_as_it_was() {
+        let caps = |max_messages| handover::Limits {
+            max_filters: 8,
+            max_topic_len: 64,
+            max_messages,
+            max_awaiting: 8,
+            max_bytes: 1 << 20,
+        };
+        let l = limits(2, 10);
+        let a = Store::default();
+        let s = a.resume("c", Some("ann"), l, Instant::now()).unwrap().state;
+        assert!(s.subscribe("t/#", 1, || Ok::<_, ()>(())).unwrap().is_ok());
+        let (h, _rx) = handle("h");
+        let e = s.next_epoch();
+        let mut out = BytesMut::new();
+        s.attach(e, &h, l, &mut out);
+        s.frame(e, msg("one"), 2, &mut out);
+        s.frame(e, msg("two"), 1, &mut out);
+        s.frame(e, msg("three"), 1, &mut out);
+        assert!(s.pubrec(1));
+        packets(&mut out);
+        s.detach(e, Vec::new);
+        assert_eq!(s.receive_qos2(7), Ok(true));
+        assert!(s.deliver(&msg("four"), 1));
+        // taken out of gate A's store: only one taker gets it
+        let taken = a.take("c", Some("ann")).unwrap().unwrap();
+        assert!(a.take("c", Some("ann")).unwrap().is_none());
+        let (exp, filters) = taken.hand_over(&caps(8));
+        assert_eq!(filters, vec![Box::<str>::from("t/#")]);
+        assert!(
+            !taken.deliver(&msg("late"), 1),
+            "a handed-over session takes nothing more"
+        );
+        // through the wire form into gate B's store
+        let body = handover::Answer::Session(exp).encode();
+        let Ok(handover::Answer::Session(exp)) = handover::Answer::decode(body, &caps(8)) else {
+            panic!("the handover does not decode");
+        };
+        assert_eq!(exp.filters, vec![("t/#".to_owned(), 1)]);
+        let b = Store::default();
+        let (r, old) = b.import(&exp, l);
+        assert!(old.is_none() && r.is_persistent() && b.holds("c"));
+        assert_eq!(r.receive_qos2(7), Ok(false), "still awaiting PUBREL");
+        assert!(
+            b.resume("c", Some("bob"), l, Instant::now()).is_err(),
+            "the owner is kept"
+        );
+        let (h2, _rx2) = handle("h2");
+        let e2 = r.next_epoch();
+        r.attach(e2, &h2, l, &mut out);
+        assert_eq!(
+            packets(&mut out),
+            vec![(6, false, 1, String::new()), (3, true, 2, "two".into())]
+        );
+        assert!(r.puback(e2, 2, &mut out));
+        assert_eq!(packets(&mut out), vec![(3, false, 3, "three".into())]);
+        assert!(r.pubcomp(e2, 1, &mut out));
+        assert_eq!(packets(&mut out), vec![(3, false, 4, "four".into())]);
+
+        // caps smaller than the session: the newest messages are dropped
+        let s = MqttState::new("d", None, true, limits(8, 10));
+        for m in ["a", "b", "c"] {
+            assert!(s.deliver(&msg(m), 1));
+        }
+        let (exp, _) = s.hand_over(&caps(2));
+        let kept: Vec<_> = exp.messages.iter().map(|m| m.payload.clone()).collect();
+        assert_eq!(kept, vec![bytes::Bytes::from("a"), bytes::Bytes::from("b")]);
+    }
+
+    #[test]
     fn the_store_resumes_discards_and_expires() {
         let store = Store::default();
         let now = Instant::now();

@@ -252,8 +252,8 @@ async fn handshake(
                 "client id {client_id:?} is held on another gate by another user"
             )),
             Some(mqtt_broker::Taken::Session(h)) if take => {
-                let acl = (user.as_deref(), token_acl.as_deref());
-                Ok((import_session(&gate, &peer, &h, acl, limits).await, true))
+                let acl = (user.clone(), token_acl.clone());
+                Ok((import_session(&gate, peer, h, acl, limits).await, true))
             }
             other => {
                 if take && other.is_some() {
@@ -414,9 +414,36 @@ fn resolve_state(
 /// gates"): its messages and inbound QoS 2 ids as they were, and each of its subscriptions that
 /// this gate's checks still allow for this client (`acl`: its user and its token's topics) —
 /// the `[limits]` on filters, the ACL file, the token — in the trie; a filter refused now is
-/// dropped from the session and logged. With a durable store, the session is on disk before
-/// the CONNACK.
+/// dropped from the session and logged. It runs in the gate module's mailbox order
+/// (`Broker::in_gate_order`), between the publishes the old gate forwarded before its answer and
+/// those after. With a durable store, the session is on disk before the CONNACK.
 async fn import_session(
+    gate: &Arc<Gate>,
+    peer: SocketAddr,
+    h: Box<warren_proto::mqtt_handover::Handover>,
+    (user, token_acl): (Option<Arc<str>>, Option<Box<ClientAcl>>),
+    limits: SessionLimits,
+) -> Arc<MqttState> {
+    let g = gate.clone();
+    let state = gate
+        .broker
+        .in_gate_order(&*gate.node, move || {
+            let acl = (user.as_deref(), token_acl.as_deref());
+            import_now(&g, &peer, &h, acl, limits)
+        })
+        .await;
+    #[cfg(feature = "mqtt-store")]
+    if let Some(store) = gate.node.subscriptions().sessions().backend()
+        && let Err(e) = store.flush().await
+    {
+        metrics::counter!("warren_store_unacknowledged_total").increment(1);
+        tracing::warn!(%peer, client_id = %state.client_id(), error = %e, "MQTT store failed: the session handed over is kept in memory only");
+    }
+    state
+}
+
+/// [`import_session`]'s work, in the gate module's order.
+fn import_now(
     gate: &Gate,
     peer: &SocketAddr,
     h: &warren_proto::mqtt_handover::Handover,
@@ -490,13 +517,6 @@ async fn import_session(
         if let Some(Err(full)) = added {
             refusal::refuse(peer, full.kind(), full);
         }
-    }
-    #[cfg(feature = "mqtt-store")]
-    if let Some(store) = subs.sessions().backend()
-        && let Err(e) = store.flush().await
-    {
-        metrics::counter!("warren_store_unacknowledged_total").increment(1);
-        tracing::warn!(%peer, client_id = %h.client_id, error = %e, "MQTT store failed: the session handed over is kept in memory only");
     }
     state
 }

@@ -21,12 +21,14 @@
 //! cluster of several gates makes the same call, so a client id is connected once in the
 //! cluster and a `clean_session = 1` CONNECT discards the session wherever it is.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 
 use super::conn::{End, SessionConn};
 use super::{Gate, Host};
@@ -120,6 +122,22 @@ pub(crate) struct Broker {
     /// The gate, once a client connected: where a session take from another gate finds the
     /// connections holding a client id.
     gate: OnceLock<Weak<Gate>>,
+    /// Work to run in the gate module's mailbox order ([`Broker::in_gate_order`]), by id.
+    ordered: OrderedJobs,
+    next_ordered: AtomicU64,
+}
+
+/// A job run by the gate module's `MqttInOrder` handler.
+type OrderedJob = Box<dyn FnOnce() + Send>;
+
+/// The jobs waiting for the gate module, by id.
+#[derive(Default)]
+struct OrderedJobs(Mutex<HashMap<u64, OrderedJob>>);
+
+impl std::fmt::Debug for OrderedJobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OrderedJobs({})", self.0.lock().len())
+    }
 }
 
 impl Broker {
@@ -140,7 +158,66 @@ impl Broker {
             shared: OnceLock::new(),
             call_timeout: Duration::from_secs(config.node.call_timeout_s.max(1)),
             gate: OnceLock::new(),
+            ordered: OrderedJobs::default(),
+            next_ordered: AtomicU64::new(1),
         }
+    }
+
+    /// Run `f` in the order of the calls this gate's gate module takes: after every call that
+    /// reached its mailbox before (the publishes other gates forwarded so far), before those
+    /// arriving after. A session handed over from another gate is imported this way, so a
+    /// publish of that gate is delivered to it exactly once: either it was in the session's
+    /// queue (forwarded before the answer, it reaches this gate's subscribers before the import)
+    /// or it was published after the handover (forwarded after the answer, delivered after the
+    /// import). Runs `f` here if the gate module cannot be reached.
+    pub(crate) async fn in_gate_order<R: Send + 'static>(
+        &self,
+        node: &dyn Host,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> R {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: OrderedJob = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        let own = node.session_table().gate_id().clone();
+        let target = node.router().resolve_instance(&own);
+        match target {
+            None => job(),
+            Some(target) => {
+                let id = self.next_ordered.fetch_add(1, Ordering::Relaxed);
+                self.ordered.0.lock().insert(id, job);
+                let deadline = tokio::time::Instant::now() + TAKE_TIMEOUT;
+                let call = target
+                    .call(ORDER_HANDLER, deadline)
+                    .body(Bytes::copy_from_slice(&id.to_be_bytes()));
+                let r = match node.router().call(&target, call).await {
+                    Ok(pending) => pending.await,
+                    Err(e) => Err(e),
+                };
+                // not run by the gate module (it failed or timed out): run it now, once
+                let left = self.ordered.0.lock().remove(&id);
+                if let Some(job) = left {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "the gate module did not run an ordered job; running it here");
+                    }
+                    job();
+                }
+            }
+        }
+        rx.await
+            .expect("an ordered job runs exactly once and sends its result")
+    }
+
+    /// The gate module's `MqttInOrder`: run the job `body` names, if it still waits.
+    fn run_ordered(&self, body: &[u8]) -> Result<(), CallError> {
+        let id = <[u8; 8]>::try_from(body)
+            .map(u64::from_be_bytes)
+            .map_err(|_| CallError::bad_request(Detail::new("an ordered job id is 8 bytes")))?;
+        let job = self.ordered.0.lock().remove(&id);
+        if let Some(job) = job {
+            job();
+        }
+        Ok(())
     }
 
     /// Remember the gate this broker belongs to (each MQTT connection calls this; only the
@@ -339,7 +416,7 @@ const FORWARDED_PEER: SocketAddr =
 /// there are any (worked out again only when the routing table changes).
 #[derive(Debug)]
 struct Forwarder {
-    tx: tokio::sync::mpsc::Sender<Forwarded>,
+    tx: tokio::sync::mpsc::Sender<ForwardJob>,
     /// The router generation `peers` was worked out at (`u64::MAX`: never).
     seen: AtomicU64,
     /// Whether the cluster has a gate besides this one.
@@ -367,8 +444,18 @@ impl Forwarder {
         self.peers.load(Ordering::Relaxed)
     }
 
+    /// Wait (at most `wait`) until every publish queued before this call has been handed to
+    /// the bus: what is sent after it reaches each other gate after them. Whether it got there.
+    async fn barrier(&self, wait: Duration) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = tokio::time::timeout(wait, self.tx.send(ForwardJob::Barrier(tx))).await;
+        matches!(sent, Ok(Ok(()))) && matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(())))
+    }
+
     fn send(&self, f: Forwarded) {
-        if let Err(tokio::sync::mpsc::error::TrySendError::Full(f)) = self.tx.try_send(f) {
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(ForwardJob::Publish(f))) =
+            self.tx.try_send(ForwardJob::Publish(f))
+        {
             metrics::counter!("warren_mqtt_forwards_dropped_total", "reason" => "queue_full")
                 .increment(1);
             let now = self.started.elapsed().as_secs() + 1;
@@ -382,6 +469,15 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// What the forwarder task takes from its queue.
+#[derive(Debug)]
+enum ForwardJob {
+    /// A publish to send to every other gate.
+    Publish(Forwarded),
+    /// Answered once every publish queued before it has been handed to the bus.
+    Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Make `gate`'s broker part of a cluster: its publishes are forwarded to the other gates from
@@ -422,7 +518,7 @@ pub(crate) fn join_cluster(gate: &Gate, shared: Option<SharedRetained>) {
 /// is killed or the broker is gone.
 async fn forward_loop(
     node: Arc<dyn Host>,
-    mut rx: tokio::sync::mpsc::Receiver<Forwarded>,
+    mut rx: tokio::sync::mpsc::Receiver<ForwardJob>,
     killing: tokio_util::sync::CancellationToken,
     call_timeout: Duration,
 ) {
@@ -433,7 +529,11 @@ async fn forward_loop(
         let f = tokio::select! {
             _ = killing.cancelled() => break,
             f = rx.recv() => match f {
-                Some(f) => f,
+                Some(ForwardJob::Publish(f)) => f,
+                Some(ForwardJob::Barrier(done)) => {
+                    let _ = done.send(());
+                    continue;
+                }
                 None => break,
             },
         };
@@ -466,6 +566,10 @@ async fn forward_loop(
 /// The handler of the gate module `Gate` that hands a persistent session over to another gate
 /// (or discards it, and closes a connection holding the client id).
 pub(crate) const TAKE_HANDLER: &str = "MqttTakeSession";
+
+/// The handler of the gate module `Gate` that runs a job of this gate in its mailbox order
+/// ([`Broker::in_gate_order`]).
+pub(crate) const ORDER_HANDLER: &str = "MqttInOrder";
 
 /// How long a CONNECT waits for the other gates' answers about its client id.
 pub(crate) const TAKE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -639,6 +743,14 @@ impl BrokerSlot {
 }
 
 impl BrokerSlot {
+    /// The gate module's `MqttInOrder` (see [`Broker::in_gate_order`]).
+    pub(crate) fn run_ordered(&self, body: &[u8]) -> Result<(), CallError> {
+        match self.0.get().and_then(Weak::upgrade) {
+            Some(broker) => broker.run_ordered(body),
+            None => Ok(()),
+        }
+    }
+
     /// Another gate asks about a client id (the gate module's `MqttTakeSession`, see
     /// [`take_from_other_gates`]): close a connection of it here, as a takeover does (its will
     /// is published), and take its persistent session out of this gate (its store, its durable
@@ -660,10 +772,9 @@ impl BrokerSlot {
         };
         let client_id = req.client_id.as_str();
         let owner = req.owner.as_deref();
-        let gate = self
-            .0
-            .get()
-            .and_then(Weak::upgrade)
+        let broker = self.0.get().and_then(Weak::upgrade);
+        let gate = broker
+            .as_ref()
             .and_then(|b| b.gate.get().and_then(Weak::upgrade));
         if let Some(gate) = &gate {
             let holder = gate.client_ids.lock().get(client_id).cloned();
@@ -718,6 +829,15 @@ impl BrokerSlot {
         let (h, filters) = state.hand_over(&caps);
         for f in &filters {
             subs.unsubscribe(f, state.id());
+        }
+        // what this gate published before the handover reaches the asker before the answer
+        if let Some(f) = broker.as_ref().and_then(|b| b.forward.get())
+            && !f.barrier(Duration::from_millis(TAKE_DETACH_WAIT_MS)).await
+        {
+            tracing::debug!(
+                client_id,
+                "the forwarder did not drain before the handover answer"
+            );
         }
         metrics::counter!("warren_mqtt_sessions_handed_over_total").increment(1);
         tracing::info!(

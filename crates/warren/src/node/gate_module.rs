@@ -14,7 +14,8 @@ pub(crate) const GATE: &str = crate::gate::GATE_MODULE;
 /// gate made (a binary body, docs/protocols/mqtt.md, "Across gates") to this gate's retained
 /// store and subscribers; `MqttTakeSession` answers another gate where a client connects with a
 /// client id this gate holds: it closes that connection and discards or hands over its
-/// persistent session (docs/protocols/mqtt.md, "Across gates").
+/// persistent session (docs/protocols/mqtt.md, "Across gates"); `MqttInOrder` runs this gate's
+/// import of a session handed over in the order of the forwarded publishes.
 pub(crate) fn gate_module(
     table: Arc<SessionTable>,
     groups: Arc<Groups>,
@@ -149,6 +150,10 @@ pub(crate) fn gate_module(
                 let node = cx.node();
                 cx.state().mqtt.take_session(node, body).await
             },
+        )
+        .handler(
+            "MqttInOrder",
+            |cx: crate::Context<T>, body: Bytes| async move { cx.state().mqtt.run_ordered(&body) },
         )
         .handler(
             "Close",
