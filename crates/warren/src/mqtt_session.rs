@@ -1610,6 +1610,72 @@ mod tests {
         assert_eq!(kept, vec![bytes::Bytes::from("a"), bytes::Bytes::from("b")]);
     }
 
+    #[cfg(feature = "mqtt-store")]
+    #[tokio::test]
+    async fn the_durable_rows_move_with_a_handed_over_session() {
+        use crate::mqtt_store::MessageState;
+        let caps = handover::Limits {
+            max_filters: 8,
+            max_topic_len: 64,
+            max_messages: 8,
+            max_awaiting: 8,
+            max_bytes: 1 << 20,
+        };
+        let l = limits(1, 10);
+        let (db_a, path_a) = durable_store("from");
+        let (db_b, path_b) = durable_store("to");
+        let a = Store::default();
+        a.set_backend(db_a.clone());
+        let s = a.resume("c", None, l, Instant::now()).unwrap().state;
+        assert!(s.subscribe("t/#", 2, || Ok::<_, ()>(())).unwrap().is_ok());
+        let (h, _rx) = handle("h");
+        let e = s.next_epoch();
+        let mut out = BytesMut::new();
+        s.attach(e, &h, l, &mut out);
+        s.frame(e, msg("sent"), 2, &mut out);
+        s.frame(e, msg("queued"), 1, &mut out);
+        assert!(s.pubrec(1));
+        assert_eq!(s.receive_qos2(5), Ok(true));
+        s.detach(e, Vec::new);
+        db_a.flush().await.unwrap();
+        assert_eq!(db_a.sessions().unwrap().len(), 1);
+        // gate A gives it up: its rows go
+        let taken = a.take("c", None).unwrap().unwrap();
+        let (exp, _) = taken.hand_over(&caps);
+        db_a.flush().await.unwrap();
+        assert!(db_a.sessions().unwrap().is_empty());
+        assert!(db_a.queued("c").unwrap().is_empty());
+        assert!(db_a.awaiting_release("c").unwrap().is_empty());
+        // gate B takes it: its rows are written as the session was
+        let b = Store::default();
+        b.set_backend(db_b.clone());
+        let (r, _) = b.import(&exp, l);
+        assert!(r.subscribe("t/#", 2, || Ok::<_, ()>(())).unwrap().is_ok());
+        db_b.flush().await.unwrap();
+        let stored = db_b.sessions().unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].subscriptions, vec![("t/#".to_owned(), 2)]);
+        let q = db_b.queued("c").unwrap();
+        let states: Vec<_> = q
+            .iter()
+            .map(|m| (m.message.payload.clone(), m.state))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                (
+                    bytes::Bytes::from("sent"),
+                    MessageState::Released { packet_id: 1 }
+                ),
+                (bytes::Bytes::from("queued"), MessageState::Queued),
+            ]
+        );
+        assert_eq!(db_b.awaiting_release("c").unwrap(), vec![5]);
+        drop((db_a, db_b, s, taken, r, a, b));
+        let _ = std::fs::remove_file(path_a);
+        let _ = std::fs::remove_file(path_b);
+    }
+
     #[test]
     fn the_store_resumes_discards_and_expires() {
         let store = Store::default();
