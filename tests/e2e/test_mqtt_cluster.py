@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -44,9 +45,15 @@ class Gates:
         self.broker = broker
         self.gates: dict[str, Warren] = {}
 
-    def add(self, name: str) -> Warren:
+    def add(self, name: str, store: Path | None = None) -> Warren:
+        """A gate named `name`; with `store`, its `[mqtt] store` is that file."""
         url = self.broker.url
-        w = Warren("--bus", url, "--registry", url, "--node-id", name, "--no-demo-modules", listen=["mqtt"], http=False)
+        config: list[str] = []
+        if store is not None:
+            cfg = store.with_suffix(".toml")
+            cfg.write_text(f'[mqtt]\nstore = "{store}"\nsys_interval = 0\n')
+            config = ["--config", str(cfg)]
+        w = Warren(*config, "--bus", url, "--registry", url, "--node-id", name, "--no-demo-modules", listen=["mqtt"], http=False)
         w.wait_ready()
         for other, g in self.gates.items():
             wait_until(lambda g=g: saw_join(g, name), timeout=WAIT, msg=f"{other} never saw {name}\n{g.tail()}")
@@ -319,4 +326,32 @@ def test_a_clean_session_on_another_gate_discards_the_stored_session(gates):
     again = connected(a.mqtt_plain, "forget-me", clean=False, expect=b"\x20\x02\x00\x00")
     publish_raw(b, "pub-f", [("f/1", b"nobody")])
     assert again.quiet(1.0), "the discarded subscription still delivers"
+    again.close()
+
+
+def test_a_handed_over_session_is_in_the_new_gates_store_and_survives_its_crash(gates, tmp_path):
+    a = gates.add("gate-a", store=tmp_path / "a.redb")
+    b = gates.add("gate-b", store=tmp_path / "b.redb")
+    c = connected(a.mqtt_plain, "kept", clean=False, expect=b"\x20\x02\x00\x00")
+    assert granted(c, [("d/#", 1)]) == [1]
+    c.send(b"\xe0\x00")
+    c.close()
+    publish_raw(a, "pub-d", [(f"d/{i}", f"v{i}".encode()) for i in range(3)])
+    # taken over by gate B, whose store now holds it: the first message is read, not acknowledged
+    on_b = connected(b.mqtt_plain, "kept", clean=False, expect=b"\x20\x02\x01\x00")
+    topic, qos, _, payload = parse_publish(*on_b.recv_packet(timeout=WAIT))
+    assert (topic, qos, payload) == ("d/0", 1, b"v0")
+    sync(on_b)
+    on_b.close()
+    b.kill()
+    del gates.gates["gate-b"]
+    b = gates.add("gate-b", store=tmp_path / "b.redb")
+    again = connected(b.mqtt_plain, "kept", clean=False, expect=b"\x20\x02\x01\x00")
+    got = []
+    for _ in range(3):
+        first, body = again.recv_packet(timeout=WAIT)
+        topic, qos, pkid, payload = parse_publish(first, body)
+        got.append((topic, payload))
+        again.send(puback(pkid))
+    assert got == [(f"d/{i}", f"v{i}".encode()) for i in range(3)]
     again.close()
