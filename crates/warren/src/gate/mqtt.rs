@@ -244,9 +244,14 @@ async fn handshake(
         (MqttState::new(&client_id, uid, false, limits), false)
     } else {
         gate.broker.know_gate(&gate);
-        let take =
-            !connect.clean_session && !gate.node.subscriptions().sessions().holds(&client_id);
-        let taken = mqtt_broker::take_from_other_gates(&gate, &client_id, uid, take).await;
+        // asked only in a cluster of several gates: a lone gate pays nothing here
+        let clean = connect.clean_session;
+        let mut take = false;
+        let taken = mqtt_broker::take_from_other_gates(&gate, &client_id, uid, || {
+            take = !clean && !gate.node.subscriptions().sessions().holds(&client_id);
+            take
+        })
+        .await;
         let resolved = match taken {
             Some(mqtt_broker::Taken::Refused) => Err(format!(
                 "client id {client_id:?} is held on another gate by another user"

@@ -125,6 +125,8 @@ pub(crate) struct Broker {
     /// Work to run in the gate module's mailbox order ([`Broker::in_gate_order`]), by id.
     ordered: OrderedJobs,
     next_ordered: AtomicU64,
+    /// Seconds since `started` of the last "another gate did not answer" line.
+    logged_take_failure: AtomicU64,
 }
 
 /// A job run by the gate module's `MqttInOrder` handler.
@@ -160,6 +162,7 @@ impl Broker {
             gate: OnceLock::new(),
             ordered: OrderedJobs::default(),
             next_ordered: AtomicU64::new(1),
+            logged_take_failure: AtomicU64::new(0),
         }
     }
 
@@ -627,16 +630,18 @@ pub(crate) enum Taken {
 }
 
 /// Ask every other gate about `client_id` (handler `MqttTakeSession`, deadline
-/// [`TAKE_TIMEOUT`]): each closes a connection of it and discards its session, or (with `take`)
-/// hands the session over. `None` when there is no other gate (nothing is sent). A gate that
-/// does not answer in time is logged and counts as holding nothing.
+/// [`TAKE_TIMEOUT`]): each closes a connection of it and discards its session, or (when `take`
+/// says so, asked only once there are other gates) hands the session over. `None` when there is
+/// no other gate (nothing is sent). A gate that does not answer in time is logged and counts as
+/// holding nothing.
 pub(crate) async fn take_from_other_gates(
     gate: &Gate,
     client_id: &str,
     owner: Option<&str>,
-    take: bool,
+    take: impl FnOnce() -> bool,
 ) -> Option<Taken> {
     let peers = gate.broker.other_gates(&*gate.node)?;
+    let take = take();
     let caps = handover_caps(&gate.limits);
     let req = TakeRequest {
         client_id: client_id.to_owned(),
@@ -676,7 +681,12 @@ pub(crate) async fn take_from_other_gates(
             Ok(b) => b,
             Err(e) => {
                 metrics::counter!("warren_mqtt_session_takes_failed_total").increment(1);
-                tracing::warn!(gate = %t.instance, client_id, error = %e, take, "another gate did not answer about the client id's session; going on without it");
+                // one line a second at most: a gate gone silent fails every CONNECT until the
+                // registry drops it
+                let now = gate.broker.started.elapsed().as_secs() + 1;
+                if gate.broker.logged_take_failure.swap(now, Ordering::Relaxed) != now {
+                    tracing::warn!(gate = %t.instance, client_id, error = %e, take, "another gate did not answer about the client id's session; going on without it");
+                }
                 continue;
             }
         };
