@@ -76,7 +76,7 @@ def stock_with_ports(tmp_path: Path, tcp: int, ws: int, **process: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_check_config_accepts_a_stock_mqantserver_file():
+def test_check_config_accepts_a_stock_mqantserver_file(tmp_path: Path):
     res = run("check-config", str(STOCK))
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == f"ok: {STOCK}"
@@ -91,6 +91,10 @@ def test_check_config_accepts_a_stock_mqantserver_file():
     assert res.returncode == 0, res.stderr
     assert 'process_id = "development"' in res.stdout
     assert '"Hitball"' in res.stdout and "remote_types" in res.stdout
+    converted = tmp_path / "converted.toml"
+    converted.write_text(res.stdout)
+    res = run("check-config", str(converted))
+    assert res.returncode == 0, res.stderr
 
 
 def test_serve_runs_the_modules_of_its_process_id(tmp_path: Path):
