@@ -24,4 +24,5 @@ pub mod mqtt_handover;
 pub mod node_frame;
 pub mod pomelo;
 pub mod pomelo_rpc;
+pub mod proxy_envelope;
 pub mod stream_pkg;
