@@ -171,7 +171,11 @@ async fn serve(
         plugins.connect_redis_rpc(rpc);
     }
     // `[[backend]]` groups (docs/backends.md): dialled in the background, connections logged
-    let backends = warren_cluster::backend::ConfiguredBackends::start(&config.backends);
+    let backends = warren_cluster::backend::ConfiguredBackends::start_with_registry(
+        &config.backends,
+        &config.registry.effective_url(&config.bus),
+    )
+    .map_err(anyhow::Error::msg)?;
     let admin = admin::serve(
         &config.admin,
         plugins.clone(),

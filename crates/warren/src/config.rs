@@ -17,15 +17,17 @@ use serde::{Deserialize, Serialize};
 mod backend;
 mod listen_url;
 mod listener;
+mod proxy;
 mod security;
 mod source;
-pub use backend::{BackendCodec, BackendConfig, BackendServiceConfig};
+pub use backend::{BackendCodec, BackendConfig, BackendDiscovery, BackendServiceConfig};
 pub use listen_url::LISTENER_SCHEMES;
 pub use listener::{
     COMMON_KEYS, JsonOptions, LineHandler, LineOptions, ListenerConfig, Mode, MqttOptions, Network,
     PROTOCOLS, PomeloOptions, PomeloRpcOptions, Protocol, ProtocolOptions, PythonMsgType,
     RpcFraming, protocol_name,
 };
+pub use proxy::{ProxyConfig, RpcRouteConfig};
 pub use security::{
     AccessConfig, AuthConfig, HttpAuthConfig, JwtConfig, LimitsConfig, UidConflict, parse_network,
 };
@@ -53,6 +55,12 @@ pub struct Config {
     /// TCP backend groups this node is a client of (`[[backend]]`, config/backend.rs).
     #[serde(rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    /// Module routes served by a backend group (`[[proxy]]`, config/proxy.rs).
+    #[serde(rename = "proxy")]
+    pub proxies: Vec<ProxyConfig>,
+    /// Handlers served by a TianQinS Redis-RPC function (`[[rpc_route]]`, config/proxy.rs).
+    #[serde(rename = "rpc_route")]
+    pub rpc_routes: Vec<RpcRouteConfig>,
     /// Caps on what clients may make the node hold (`[limits]`).
     pub limits: LimitsConfig,
     /// Node-wide IP allow and deny lists (`[access]`).
@@ -859,6 +867,15 @@ impl Config {
         self.admin.check(p);
         self.mqtt.check(p);
         backend::check_all(&self.backends, p);
+        let module_types: Vec<&str> = self.modules.iter().map(|m| m.kind.as_str()).collect();
+        proxy::check_all(
+            &self.proxies,
+            &self.rpc_routes,
+            &self.backends,
+            &module_types,
+            !self.redis_rpc.is_empty(),
+            p,
+        );
         // every address this node binds, to refuse two that the OS would not both grant
         let mut bound: Vec<(String, SocketAddr)> = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {

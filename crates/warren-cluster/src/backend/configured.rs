@@ -1,40 +1,157 @@
 //! The `[[backend]]` groups of a node's config, started as they are: each table a
-//! [`Backends`] of its codec, fed its static service list through the same
-//! [`Backends::update`] call that registry discovery uses.
+//! [`Backends`] of its codec, fed its static service list, or the live members of a registry
+//! key (`discovery = "registry"`), through the same [`Backends::update`] call; with the
+//! gobase sample's heartbeat when the table asks for it (`heartbeat_s`), so the sample runs
+//! from config alone.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use warren::config::{BackendCodec, BackendConfig, BackendServiceConfig};
+use tokio_util::sync::CancellationToken;
+use warren::config::{BackendCodec, BackendConfig, BackendDiscovery, BackendServiceConfig};
+use warren_proto::backend_frame::{HEARTBEAT_REQ_ID, HEARTBEAT_RESP_ID};
 
-use super::{BackendOptions, Backends, GobaseTestCodec, NoHooks, ServiceConf};
+use super::discovery::{self, MemberFilter, RedisSource};
+use super::{
+    BackendOptions, Backends, GobaseTestCodec, Hooks, RpcId, Service, ServiceConf, TestMsg,
+};
+use crate::redis::GobaseLayout;
 
-/// A config-built group: the gobase test codec, no hooks beyond the connection log.
-pub type ConfiguredGroup = Backends<GobaseTestCodec, NoHooks>;
+/// A config-built group: the gobase test codec and the hooks of [`ConfiguredHooks`].
+pub type ConfiguredGroup = Backends<GobaseTestCodec, ConfiguredHooks>;
+
+/// The rpc id of the sample heartbeat call (the gobase sample's).
+const HEARTBEAT_RPC: RpcId = 1;
+
+/// The hooks a `[[backend]]` table can ask for: today, the gobase sample heartbeat.
+#[derive(Debug, Clone, Default)]
+pub struct ConfiguredHooks {
+    /// Period and timeout of the heartbeat call, if the table has one.
+    heartbeat: Option<(Duration, Duration)>,
+    /// When each service was last sent a heartbeat (only read by its own delivery task).
+    last: std::sync::Arc<parking_lot::Mutex<std::collections::HashMap<String, Instant>>>,
+}
+
+impl ConfiguredHooks {
+    /// The hooks of one table.
+    pub fn for_table(c: &BackendConfig) -> Self {
+        ConfiguredHooks {
+            heartbeat: (c.heartbeat_s > 0).then(|| {
+                (
+                    Duration::from_secs(c.heartbeat_s),
+                    Duration::from_secs(c.heartbeat_timeout_s.max(1)),
+                )
+            }),
+            last: Default::default(),
+        }
+    }
+
+    fn due(&self, svc: &Service<GobaseTestCodec>, every: Duration) -> bool {
+        let mut last = self.last.lock();
+        let now = Instant::now();
+        match last.get(svc.id()) {
+            // ticks come every second: allow for their jitter
+            Some(t) if now.duration_since(*t) + Duration::from_millis(500) < every => false,
+            _ => {
+                last.insert(svc.id().to_owned(), now);
+                true
+            }
+        }
+    }
+}
+
+impl Hooks<GobaseTestCodec> for ConfiguredHooks {
+    fn check_rpc_resp(&self, msg: &TestMsg) -> Option<RpcId> {
+        (self.heartbeat.is_some() && msg.msgid == HEARTBEAT_RESP_ID).then_some(HEARTBEAT_RPC)
+    }
+
+    fn on_remove(&self, svc: &Service<GobaseTestCodec>) {
+        let mut last = self.last.lock();
+        last.remove(svc.id());
+    }
+
+    async fn on_tick(&self, svc: &Service<GobaseTestCodec>) {
+        let Some((every, timeout)) = self.heartbeat else {
+            return;
+        };
+        if !svc.is_connected() || !self.due(svc, every) {
+            return;
+        }
+        let start = Instant::now();
+        let req = TestMsg::heartbeat_request();
+        debug_assert_eq!(req.msgid, HEARTBEAT_REQ_ID);
+        match svc.call(HEARTBEAT_RPC, &req, timeout).await {
+            Ok(answer) => {
+                let rtt_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+                metrics::counter!("warren_backend_heartbeats_total", "group" => svc.name().to_owned()).increment(1);
+                tracing::info!(group = %svc.name(), service = %svc.id(), peer = %svc.peer(), rtt_us, msgid = answer.msgid, "backend heartbeat answered");
+            }
+            Err(e) => {
+                metrics::counter!("warren_backend_heartbeat_failures_total", "group" => svc.name().to_owned()).increment(1);
+                tracing::warn!(group = %svc.name(), service = %svc.id(), peer = %svc.peer(), error = %e, "backend heartbeat failed");
+            }
+        }
+    }
+}
 
 /// The running `[[backend]]` groups of a node.
 #[derive(Default)]
 pub struct ConfiguredBackends {
     groups: Vec<(String, ConfiguredGroup)>,
+    stop: CancellationToken,
 }
 
 impl ConfiguredBackends {
     /// Start every `[[backend]]` table's group (the config was validated): services are dialled
-    /// in the background, connects and disconnects logged. Must be called within a tokio
-    /// runtime.
+    /// in the background, connects and disconnects logged. A table with `discovery =
+    /// "registry"` and no `registry` URL of its own finds no registry here: see
+    /// [`ConfiguredBackends::start_with_registry`]. Must be called within a tokio runtime.
     pub fn start(configs: &[BackendConfig]) -> Self {
+        Self::start_with_registry(configs, "").unwrap_or_else(|e| {
+            tracing::error!(error = %e, "backend groups not started");
+            ConfiguredBackends::default()
+        })
+    }
+
+    /// Start every `[[backend]]` table's group; a table with `discovery = "registry"` and no
+    /// `registry` of its own watches `node_registry` (the node's registry URL). Fails, before
+    /// starting anything, when such a table has no Redis registry to read.
+    pub fn start_with_registry(
+        configs: &[BackendConfig],
+        node_registry: &str,
+    ) -> Result<Self, String> {
+        let mut sources = Vec::with_capacity(configs.len());
+        for c in configs {
+            sources.push(source(c, node_registry)?);
+        }
+        let stop = CancellationToken::new();
         let groups = configs
             .iter()
-            .map(|c| {
+            .zip(sources)
+            .map(|(c, src)| {
                 let codec = match c.codec {
                     BackendCodec::GobaseTest => GobaseTestCodec::new(c.max_body),
                 };
-                let b = Backends::new(codec, NoHooks, options(c));
+                let b = Backends::new(codec, ConfiguredHooks::for_table(c), options(c));
                 let group = c.group_name();
-                b.update(&group, services(c));
+                match src {
+                    None => b.update(&group, services(c)),
+                    Some(src) => {
+                        let filter = MemberFilter {
+                            group: group.clone(),
+                            scheme: c.scheme.clone(),
+                        };
+                        tokio::spawn(discovery::watch_redis(
+                            b.clone(),
+                            src,
+                            filter,
+                            stop.child_token(),
+                        ));
+                    }
+                }
                 (group, b)
             })
             .collect();
-        ConfiguredBackends { groups }
+        Ok(ConfiguredBackends { groups, stop })
     }
 
     /// The group of this name (lowercased and trimmed), if a `[[backend]]` table made it.
@@ -51,12 +168,48 @@ impl ConfiguredBackends {
         self.groups.is_empty()
     }
 
-    /// Close every service of every group and wait for them.
+    /// Stop watching the registries, close every service of every group and wait for them.
     pub async fn shutdown(&self) {
+        self.stop.cancel();
         for (_, b) in &self.groups {
             b.shutdown().await;
         }
     }
+}
+
+/// The registry a table watches, or `None` for a static table.
+fn source(c: &BackendConfig, node_registry: &str) -> Result<Option<RedisSource>, String> {
+    if c.discovery != BackendDiscovery::Registry {
+        return Ok(None);
+    }
+    let url = if c.registry.trim().is_empty() {
+        node_registry.trim()
+    } else {
+        c.registry.trim()
+    };
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(format!(
+            "[[backend]] group {:?}: discovery = \"registry\" reads a redis:// registry, and the {} is {:?} (set the table's registry, [registry] url or --registry)",
+            c.group,
+            if c.registry.trim().is_empty() {
+                "node's registry"
+            } else {
+                "table's registry"
+            },
+            if url.is_empty() { "memory" } else { url }
+        ));
+    }
+    let layout = GobaseLayout::from_name(&c.layout).ok_or_else(|| {
+        format!(
+            "[[backend]] group {:?}: unknown layout {:?}",
+            c.group, c.layout
+        )
+    })?;
+    Ok(Some(RedisSource {
+        url: url.to_owned(),
+        key: c.key.trim().to_owned(),
+        layout,
+    }))
 }
 
 /// A table's options.

@@ -13,7 +13,8 @@
 //!
 //! Files: this one holds the groups, their rings and the discovery update; `tcp.rs` a service,
 //! its connection and its delivery; `codec.rs` the codec trait and the gobase test codec;
-//! `hooks.rs` the hooks; `configured.rs` the groups of the config's `[[backend]]` tables.
+//! `hooks.rs` the hooks; `configured.rs` the groups of the config's `[[backend]]` tables;
+//! `discovery.rs` the registry watchers that feed `update`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -30,11 +31,12 @@ use warren::ring::{Ring, normalize};
 
 mod codec;
 mod configured;
+pub mod discovery;
 mod hooks;
 mod tcp;
 
 pub use codec::{Codec, CodecError, GobaseTestCodec};
-pub use configured::{ConfiguredBackends, ConfiguredGroup};
+pub use configured::{ConfiguredBackends, ConfiguredGroup, ConfiguredHooks};
 pub use hooks::{Hooks, NoHooks, Redial};
 pub use tcp::Service;
 pub use warren_proto::backend_frame::TestMsg;

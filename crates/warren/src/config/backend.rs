@@ -20,6 +20,17 @@ pub enum BackendCodec {
     GobaseTest,
 }
 
+/// Where a group learns which services it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendDiscovery {
+    /// The table's `services` list, read once at start.
+    #[default]
+    Static,
+    /// The live members of a registry (`registry`, `key`, `layout`), watched for changes.
+    Registry,
+}
+
 /// `[[backend]]`: one group of TCP backend services.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -41,8 +52,25 @@ pub struct BackendConfig {
     /// Longest message body accepted from or sent to a service, in bytes; a service that
     /// announces a longer one is disconnected and dialled again.
     pub max_body: usize,
-    /// The group's services, as a static list (registry discovery feeds the same groups).
+    /// The group's services, as a static list (`discovery = "static"`).
     pub services: Vec<BackendServiceConfig>,
+    /// Where the group's services come from: `static` (the `services` list) or `registry`.
+    pub discovery: BackendDiscovery,
+    /// The registry URL of `discovery = "registry"`: `redis://…` (a gobase key). Empty: the
+    /// node's registry (`[registry] url`, `--registry`).
+    pub registry: String,
+    /// The registry key whose members are the services (for Redis, the gobase ZSET key).
+    pub key: String,
+    /// The gobase layout of a Redis `key` (`gobase` or `gobase-seconds`); a `?layout=` on the
+    /// URL wins.
+    pub layout: String,
+    /// Keep only registry members of this scheme (the gobase sample keeps `tcp`); empty: any.
+    pub scheme: String,
+    /// Every this many seconds, call each connected service with the gobase sample heartbeat
+    /// (msgid 1, answered by msgid 2) and log the round trip; 0: no heartbeat.
+    pub heartbeat_s: u64,
+    /// Longest wait for a heartbeat's answer, in seconds.
+    pub heartbeat_timeout_s: u64,
 }
 
 impl Default for BackendConfig {
@@ -56,6 +84,13 @@ impl Default for BackendConfig {
             queue_bytes: 4 * 1024 * 1024,
             max_body: 1024 * 1024,
             services: Vec::new(),
+            discovery: BackendDiscovery::Static,
+            registry: String::new(),
+            key: String::new(),
+            layout: super::REGISTRY_LAYOUTS[0].into(),
+            scheme: "tcp".into(),
+            heartbeat_s: 0,
+            heartbeat_timeout_s: 5,
         }
     }
 }
@@ -110,6 +145,46 @@ impl BackendConfig {
             p.add(
                 format!("{key}.max_body"),
                 format!("must be 1 to {}", u32::MAX),
+            );
+        }
+        if self.discovery == BackendDiscovery::Registry {
+            if self.key.trim().is_empty() {
+                p.add(
+                    format!("{key}.key"),
+                    "must name the registry key of the services (discovery = \"registry\")",
+                );
+            }
+            if !self.services.is_empty() {
+                p.add(
+                    format!("{key}.services"),
+                    "a static list and discovery = \"registry\" do not mix (leave one out)",
+                );
+            }
+            let url = self.registry.trim();
+            if !url.is_empty() && !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                p.add(
+                    format!("{key}.registry"),
+                    format!("{url:?}: backend discovery reads a redis:// registry"),
+                );
+            }
+        }
+        if !super::REGISTRY_LAYOUTS.contains(&self.layout.as_str()) {
+            p.add(
+                format!("{key}.layout"),
+                format!(
+                    "{:?} is not one of {}",
+                    self.layout,
+                    super::REGISTRY_LAYOUTS.join(", ")
+                ),
+            );
+        }
+        if self.heartbeat_s > 0
+            && (self.heartbeat_timeout_s == 0
+                || self.heartbeat_timeout_s > Self::MAX_DIAL_TIMEOUT_S)
+        {
+            p.add(
+                format!("{key}.heartbeat_timeout_s"),
+                format!("must be 1 to {}", Self::MAX_DIAL_TIMEOUT_S),
             );
         }
         let mut ids = HashSet::new();
