@@ -129,6 +129,33 @@ pub(crate) trait ModuleVersion: Send + Sync {
         cx: CallCx,
         body: Bytes,
     ) -> BoxFuture<'static, Result<Bytes, CallError>>;
+    /// Start calls of one session, to run one after the other in the given order (the lane's
+    /// in-order runner, `ModuleBuilder::in_order`); one future per call, in that order. The
+    /// default runs them on a task of their own, one after the other.
+    fn call_in_order(
+        self: Arc<Self>,
+        calls: Vec<(Arc<str>, CallCx, Bytes)>,
+    ) -> Vec<BoxFuture<'static, Result<Bytes, CallError>>>
+    where
+        Self: 'static,
+    {
+        let mut futures: Vec<BoxFuture<'static, Result<Bytes, CallError>>> =
+            Vec::with_capacity(calls.len());
+        let mut work = Vec::with_capacity(calls.len());
+        for (handler, cx, body) in calls {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            futures.push(Box::pin(async move {
+                rx.await.unwrap_or(Err(CallError::Closed))
+            }));
+            work.push((handler, cx, body, tx));
+        }
+        tokio::spawn(async move {
+            for (handler, cx, body, tx) in work {
+                let _ = tx.send(self.clone().call(handler, cx, body).await);
+            }
+        });
+        futures
+    }
     /// Make the instance's settings visible (`warren.settings`) and run `on_init(settings)`.
     fn init(self: Arc<Self>, cx: CallCx) -> BoxFuture<'static, Result<(), PluginError>>;
     /// Run `on_destroy()`.
@@ -344,6 +371,16 @@ impl ModulePlugin {
                 b.handler(name, f)
             };
         }
+        if self.kind() == PluginKind::Python {
+            // a crossing to the plugin's threads per call is the largest cost of a Python call:
+            // a session's queued calls cross together (docs/plugins.md, "How Python calls cross")
+            b = b.in_order(
+                |calls: Vec<(Context<Arc<ModulePlugin>>, Box<str>, Bytes)>| match calls.first() {
+                    Some((cx, _, _)) => cx.state().clone().call_in_order(calls),
+                    None => Vec::new(),
+                },
+            );
+        }
         if self.slot.current().value.has_hook("on_session_closed") {
             b = b.on_session_closed(|cx: Context<Arc<ModulePlugin>>, _: ()| async move {
                 let v = cx.state().slot.current();
@@ -383,6 +420,35 @@ impl ModulePlugin {
             return Err(CallError::HandlerNotFound(handler.to_string()));
         }
         v.value.clone().call(handler, CallCx::of(cx), body).await
+    }
+
+    /// The lane's in-order runner: the calls of one session the running version has handlers
+    /// for start together on it, in order; the others fail at once.
+    fn call_in_order(
+        &self,
+        calls: Vec<(Context<Arc<ModulePlugin>>, Box<str>, Bytes)>,
+    ) -> Vec<BoxFuture<'static, Result<Bytes, CallError>>> {
+        let v = self.slot.current();
+        let mut known = Vec::with_capacity(calls.len());
+        let mut run = Vec::with_capacity(calls.len());
+        for (cx, handler, body) in calls {
+            if v.value.handlers().iter().any(|h| **h == *handler) {
+                run.push((Arc::<str>::from(handler), CallCx::of(&cx), body));
+                known.push(None);
+            } else {
+                known.push(Some(CallError::HandlerNotFound(handler.to_string())));
+            }
+        }
+        let mut started = v.value.clone().call_in_order(run).into_iter();
+        known
+            .into_iter()
+            .map(|refused| match refused {
+                Some(e) => Box::pin(std::future::ready(Err(e))) as BoxFuture<'static, _>,
+                None => started
+                    .next()
+                    .unwrap_or_else(|| Box::pin(std::future::ready(Err(CallError::Closed)))),
+            })
+            .collect()
     }
 
     /// Replace one handler of the running version with a script body: the hotfix of the admin

@@ -496,6 +496,19 @@ impl Pool {
         rx.await.map_err(|_| CallError::Closed)
     }
 
+    /// Queue `f` for one of the threads, waiting only for room in the queue: for a job that
+    /// hands its results back itself (a session's calls in order, [`worker::deliver`]).
+    pub(crate) async fn queue(&self, f: impl FnOnce() + Send + 'static) -> Result<(), CallError> {
+        self.shared
+            .room
+            .acquire()
+            .await
+            .map_err(|_| CallError::Closed)?
+            .forget();
+        self.shared.push(Box::new(f), true);
+        Ok(())
+    }
+
     /// Run `f` on one of the threads and block until it is done: for loading, outside any hot
     /// path.
     pub(crate) fn run_blocking<R: Send + 'static>(

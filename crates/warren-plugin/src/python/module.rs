@@ -616,6 +616,50 @@ impl PyModuleVersion {
         })
     }
 
+    /// Run handler `handler` on a request, here, on a plugin thread, with `cx` as the running
+    /// call.
+    fn run_handler(
+        &self,
+        handler: &str,
+        cx: CallCx,
+        body: Bytes,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<Bytes, CallError> {
+        let f = self
+            .functions
+            .load()
+            .get(handler)
+            .cloned()
+            .ok_or_else(|| CallError::HandlerNotFound(handler.to_owned()))?;
+        let json = match self.msg_type {
+            MsgType::Json => Some(json_body(&body)?),
+            _ => None,
+        };
+        let as_bytes = self.msg_type == MsgType::Bytes;
+        let call_cx = cx.clone();
+        let _running = RunningGuard::set(cx, rt.clone());
+        Python::attach(|py| {
+            let run = || -> PyResult<Bound<'_, PyAny>> {
+                let session = PyModuleVersion::session_object(py, &call_cx)?;
+                let msg = match &json {
+                    Some(v) => super::from_json(py, v)?,
+                    None => super::text_or_bytes(py, &body, as_bytes)?,
+                };
+                f.bind(py).call1((session, msg))
+            };
+            match run() {
+                Ok(v) => reply(&v),
+                Err(e) => {
+                    let failure = PyFailure::of(py, &e, &self.path);
+                    if failure.call_error.is_none() {
+                        tracing::warn!(module = %self.module, plugin = %self.path.display(), handler = %handler, traceback = %failure.traceback, "Python handler failed");
+                    }
+                    Err(failure.call_error())
+                }
+            }
+        })
+    }
+
     /// Run a hook (if the file defines it) on a plugin thread.
     async fn hook(
         self: Arc<Self>,
@@ -667,41 +711,55 @@ impl ModuleVersion for PyModuleVersion {
         body: Bytes,
     ) -> BoxFuture<'static, Result<Bytes, CallError>> {
         Box::pin(async move {
-            let f = self
-                .functions
-                .load()
-                .get(&*handler)
-                .cloned()
-                .ok_or_else(|| CallError::HandlerNotFound(handler.to_string()))?;
-            let json = match self.msg_type {
-                MsgType::Json => Some(json_body(&body)?),
-                _ => None,
-            };
-            let as_bytes = self.msg_type == MsgType::Bytes;
+            let rt = tokio::runtime::Handle::current();
             let this = self.clone();
-            let call_cx = cx.clone();
-            self.on_thread(cx, move |py| {
-                let run = || -> PyResult<Bound<'_, PyAny>> {
-                    let session = PyModuleVersion::session_object(py, &call_cx)?;
-                    let msg = match &json {
-                        Some(v) => super::from_json(py, v)?,
-                        None => super::text_or_bytes(py, &body, as_bytes)?,
-                    };
-                    f.bind(py).call1((session, msg))
-                };
-                match run() {
-                    Ok(v) => reply(&v),
-                    Err(e) => {
-                        let failure = PyFailure::of(py, &e, &this.path);
-                        if failure.call_error.is_none() {
-                            tracing::warn!(module = %this.module, plugin = %this.path.display(), handler = %handler, traceback = %failure.traceback, "Python handler failed");
-                        }
-                        Err(failure.call_error())
-                    }
-                }
-            })
-            .await?
+            self.pool
+                .run(move || this.run_handler(&handler, cx, body, &rt))
+                .await?
         })
+    }
+
+    fn call_in_order(
+        self: Arc<Self>,
+        calls: Vec<(Arc<str>, CallCx, Bytes)>,
+    ) -> Vec<BoxFuture<'static, Result<Bytes, CallError>>> {
+        // one job on one plugin thread runs them all, in order; each result goes back as it is
+        // ready (with the rest of the thread's batch)
+        let rt = tokio::runtime::Handle::current();
+        let mut receivers = Vec::with_capacity(calls.len());
+        let mut work = Vec::with_capacity(calls.len());
+        for (handler, cx, body) in calls {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            receivers.push(rx);
+            work.push((handler, cx, body, tx));
+        }
+        let this = self.clone();
+        let job = move || {
+            for (handler, cx, body, tx) in work {
+                let r = this.run_handler(&handler, cx, body, &rt);
+                super::worker::deliver(
+                    Some(rt.clone()),
+                    Box::new(move || {
+                        let _ = tx.send(r);
+                    }),
+                );
+            }
+        };
+        let pool = self.pool.clone();
+        let mut receivers = receivers.into_iter();
+        let mut futures: Vec<BoxFuture<'static, Result<Bytes, CallError>>> =
+            Vec::with_capacity(receivers.len());
+        if let Some(first) = receivers.next() {
+            futures.push(Box::pin(async move {
+                pool.queue(job).await?;
+                first.await.unwrap_or(Err(CallError::Closed))
+            }));
+        }
+        futures.extend(receivers.map(|rx| {
+            Box::pin(async move { rx.await.unwrap_or(Err(CallError::Closed)) })
+                as BoxFuture<'static, _>
+        }));
+        futures
     }
 
     fn init(self: Arc<Self>, cx: CallCx) -> BoxFuture<'static, Result<(), PluginError>> {

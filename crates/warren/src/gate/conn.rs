@@ -1197,6 +1197,17 @@ pub(crate) async fn run<P: Dialect>(
                         }
                     }
                     next = conn.pending.pop_ready();
+                    if next.is_none() {
+                        // replies that arrived together (a plugin's run of this session's
+                        // calls) leave in one write too
+                        next = std::future::poll_fn(|cx| {
+                            Poll::Ready(match conn.pending.poll_next(cx) {
+                                Poll::Ready(r) => r,
+                                Poll::Pending => None,
+                            })
+                        })
+                        .await;
+                    }
                 }
             }
             Event::Queued(item) => match item {

@@ -306,6 +306,15 @@ type ErasedHandler = Arc<
         + Sync,
 >;
 type Hook = Arc<dyn Fn(Env) -> BoxFuture<'static, Result<(), CallError>> + Send + Sync>;
+/// A module's runner of a session's queued calls (see [`ModuleBuilder::in_order`]).
+type InOrderRunner = Arc<
+    dyn Fn(
+            Env,
+            Vec<(Box<str>, Option<Arc<Session>>, Bytes)>,
+        ) -> Vec<BoxFuture<'static, Result<Bytes, CallError>>>
+        + Send
+        + Sync,
+>;
 type RunHook = Arc<dyn Fn(Env, CancellationToken) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// What a running instance needs to build a [`Context`].
@@ -341,6 +350,7 @@ struct ModuleDef {
     on_init: Option<Hook>,
     on_run: Option<RunHook>,
     on_destroy: Option<Hook>,
+    in_order: Option<InOrderRunner>,
 }
 
 impl std::fmt::Debug for Module {
@@ -370,6 +380,7 @@ impl Module {
                 on_init: None,
                 on_run: None,
                 on_destroy: None,
+                in_order: None,
             },
         }
     }
@@ -531,6 +542,45 @@ impl<S: Send + Sync + 'static> ModuleBuilder<S> {
         self
     }
 
+    /// Let the module start several of a session's queued calls at once, for a module whose
+    /// handlers run somewhere that costs a crossing per start (a plugin's own threads).
+    ///
+    /// A concurrent instance runs one session's calls one after the other (the session's lane).
+    /// When calls have queued behind a running one, the lane gives them all (up to
+    /// [`IN_ORDER_RUN`], stopping before a session-closed notification) to `f` in one go, in the
+    /// order the client sent them; `f` starts them and returns one future per call, in the same
+    /// order, each resolving to that call's result. `f` promises to run them one after the
+    /// other, in that order, as the lane would have. The lane still checks that each handler
+    /// exists and that its deadline has not passed before giving it to `f`, waits for each
+    /// result under its call's deadline, counts it and sends it back, so callers see no
+    /// difference but the time.
+    pub fn in_order<F>(mut self, f: F) -> Self
+    where
+        F: Fn(
+                Vec<(Context<S>, Box<str>, Bytes)>,
+            ) -> Vec<BoxFuture<'static, Result<Bytes, CallError>>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let state = self.state.clone();
+        self.def.in_order = Some(Arc::new(move |env: Env, calls| {
+            f(calls
+                .into_iter()
+                .map(|(handler, session, body)| {
+                    let cx = Context {
+                        state: state.clone(),
+                        session,
+                        services: env.services.clone(),
+                        instance: env.instance.clone(),
+                    };
+                    (cx, handler, body)
+                })
+                .collect())
+        }));
+        self
+    }
+
     /// Run once at shutdown, after the gate has drained.
     pub fn on_destroy<F, Fut>(mut self, f: F) -> Self
     where
@@ -556,6 +606,10 @@ impl<S: Send + Sync + 'static> ModuleBuilder<S> {
         }
     }
 }
+
+/// Most queued calls of one session a lane gives a module's in-order runner at once
+/// ([`ModuleBuilder::in_order`]).
+pub const IN_ORDER_RUN: usize = 32;
 
 /// The default deadline of a call between modules (mqant `RpcExpired`, v1.0).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);

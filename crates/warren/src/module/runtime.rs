@@ -155,7 +155,12 @@ impl Lanes {
             let mut job = first;
             loop {
                 if let Some(job) = job.take() {
-                    execute(&lanes.module, &lanes.env, job).await;
+                    match (&lanes.module.def.in_order, lanes.queued_run(&key, &job)) {
+                        (Some(runner), Some(rest)) => {
+                            execute_in_order(&lanes.module, &lanes.env, runner, job, rest).await;
+                        }
+                        _ => execute(&lanes.module, &lanes.env, job).await,
+                    }
                 }
                 let mut active = lanes.active.lock();
                 match active.get_mut(&key).and_then(VecDeque::pop_front) {
@@ -168,6 +173,26 @@ impl Lanes {
                 }
             }
         });
+    }
+
+    /// For a module with an in-order runner: the calls queued behind `first` that may go to the
+    /// runner with it (none, or `first` itself a session-closed notification, means `None`).
+    fn queued_run(&self, key: &SessionId, first: &Job) -> Option<Vec<Job>> {
+        self.module.def.in_order.as_ref()?;
+        if &*first.handler == SESSION_CLOSED {
+            return None;
+        }
+        let mut active = self.active.lock();
+        let q = active.get_mut(key)?;
+        let n = q
+            .iter()
+            .take(IN_ORDER_RUN - 1)
+            .take_while(|j| &*j.handler != SESSION_CLOSED)
+            .count();
+        if n == 0 {
+            return None;
+        }
+        Some(q.drain(..n).collect())
     }
 
     /// A lane's current job finished on its caller's task: hand what queued behind it to a
@@ -463,6 +488,58 @@ async fn execute(module: &Module, env: &Env, job: Job) {
     deliver(env, &handler, result, reply);
 }
 
+/// Run a session's queued calls through the module's in-order runner
+/// ([`ModuleBuilder::in_order`]): the calls that can start go to the runner together, then each
+/// result is awaited in order under its own deadline, counted and sent back.
+async fn execute_in_order(
+    module: &Module,
+    env: &Env,
+    runner: &InOrderRunner,
+    first: Job,
+    rest: Vec<Job>,
+) {
+    let started = Instant::now();
+    let mut calls = Vec::with_capacity(rest.len() + 1);
+    let mut waiting = Vec::with_capacity(rest.len() + 1);
+    for job in std::iter::once(first).chain(rest) {
+        let Job {
+            handler,
+            session,
+            body,
+            deadline,
+            reply,
+        } = job;
+        let refused = match module.def.handlers.get(&*handler) {
+            None => Some(CallError::HandlerNotFound(handler.to_string())),
+            Some(_) if started >= deadline => Some(CallError::Timeout),
+            Some(_) => None,
+        };
+        if let Some(e) = refused {
+            let result = Err(e);
+            record(env, &handler, started, &result);
+            deliver(env, &handler, result, reply);
+            continue;
+        }
+        calls.push((handler.clone(), session.clone(), body));
+        waiting.push((handler, session, deadline, reply));
+    }
+    if calls.is_empty() {
+        return;
+    }
+    let mut futures = runner(env.clone(), calls).into_iter();
+    for (handler, session, deadline, reply) in waiting {
+        let result = match futures.next() {
+            Some(fut) => {
+                let fut: Running = AssertUnwindSafe(fut).catch_unwind();
+                drive(fut, deadline, env, &handler, session.as_deref()).await
+            }
+            None => Err(CallError::Closed),
+        };
+        record(env, &handler, started, &result);
+        deliver(env, &handler, result, reply);
+    }
+}
+
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_owned()
@@ -565,5 +642,136 @@ impl Bus for LocalBus {
 
     fn kind(&self) -> &'static str {
         "local"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Services for an instance that asks nothing of its node.
+    struct NoServices;
+
+    impl Services for NoServices {
+        fn call<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: Option<Arc<Session>>,
+            _: Bytes,
+            _: Option<Duration>,
+        ) -> BoxFuture<'a, Result<Bytes, CallError>> {
+            Box::pin(std::future::ready(Err(CallError::Closed)))
+        }
+        fn call_nr<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: Option<Arc<Session>>,
+            _: Bytes,
+        ) -> BoxFuture<'a, Result<(), CallError>> {
+            Box::pin(std::future::ready(Err(CallError::Closed)))
+        }
+        fn push<'a>(
+            &'a self,
+            _: &'a Session,
+            _: &'a str,
+            _: Bytes,
+        ) -> BoxFuture<'a, Result<(), CallError>> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+
+    /// A module whose in-order runner records each run's handlers and answers each call with
+    /// its body, and whose plain handler path is marked so the two can be told apart.
+    fn recording() -> (Module, Arc<Mutex<Vec<Vec<String>>>>) {
+        let runs: Arc<Mutex<Vec<Vec<String>>>> = Default::default();
+        let seen = runs.clone();
+        let module = Module::builder("Rec", ())
+            .handler("Echo", |_: Context<()>, body: Bytes| async move {
+                let mut v = b"plain:".to_vec();
+                v.extend_from_slice(&body);
+                Ok::<_, CallError>(Bytes::from(v))
+            })
+            .on_session_closed(|_: Context<()>, _: Bytes| async { Ok::<_, CallError>(()) })
+            .in_order(move |calls: Vec<(Context<()>, Box<str>, Bytes)>| {
+                seen.lock()
+                    .push(calls.iter().map(|(_, h, _)| h.to_string()).collect());
+                calls
+                    .into_iter()
+                    .map(|(_, _, body)| {
+                        Box::pin(std::future::ready(Ok(body)))
+                            as BoxFuture<'static, Result<Bytes, CallError>>
+                    })
+                    .collect()
+            })
+            .build();
+        (module, runs)
+    }
+
+    fn job(
+        handler: &str,
+        session: &Arc<Session>,
+        body: &str,
+    ) -> (Job, oneshot::Receiver<Result<Bytes, CallError>>) {
+        let (tx, rx) = oneshot::channel();
+        let job = Job {
+            handler: handler.into(),
+            session: Some(session.clone()),
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            deadline: Instant::now() + Duration::from_secs(5),
+            reply: Some(tx),
+        };
+        (job, rx)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sessions_queued_calls_go_to_the_in_order_runner_together_and_in_order() {
+        let (module, runs) = recording();
+        let info = Arc::new(InstanceInfo {
+            module: "Rec".into(),
+            id: "Rec001".into(),
+            settings: Value::Null,
+        });
+        let tracker = tokio_util::task::TaskTracker::new();
+        let instance = Instance::start(module, info, Arc::new(NoServices), 16, &tracker);
+        let (handle, _rx) = crate::session::test_handle("s1", 4);
+        let session = handle.snapshot();
+
+        // queued before the lane's task first runs: one run, in the client's order; a handler
+        // the module lacks is refused without reaching the runner; a session-closed
+        // notification ends the run and goes its own way
+        let mut replies = Vec::new();
+        for (handler, body) in [
+            ("Echo", "1"),
+            ("Echo", "2"),
+            ("Nope", "x"),
+            ("Echo", "3"),
+            (crate::module::SESSION_CLOSED, ""),
+            ("Echo", "4"),
+        ] {
+            let (j, rx) = job(handler, &session, body);
+            instance.submit(j).await.expect("queued");
+            replies.push(rx);
+        }
+        let mut got = Vec::new();
+        for rx in replies {
+            got.push(match rx.await.expect("a reply") {
+                Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+                Err(e) => format!("error: {}", e.kind().as_str()),
+            });
+        }
+        assert_eq!(got[0], "1");
+        assert_eq!(got[1], "2");
+        assert!(got[2].starts_with("error: "), "{}", got[2]);
+        assert_eq!(got[3], "3");
+        assert_eq!(got[5], "plain:4", "a lone call runs the plain way");
+        assert_eq!(
+            *runs.lock(),
+            vec![vec!["Echo".to_string(), "Echo".into(), "Echo".into()]]
+        );
     }
 }
