@@ -35,6 +35,10 @@ pub enum Scenario {
     /// flight to a responder through a NATS, Redis or RabbitMQ server (--bus URL); the
     /// reference for `request` against a module on another node.
     BrokerEcho(BrokerEchoArgs),
+    /// Request/reply through a backend group (docs/backends.md) to a TCP echo speaking the
+    /// gobase test codec, against this tool calling the same echo directly, in one run;
+    /// reports both rates and their ratio.
+    Backend(BackendArgs),
     /// Raw TCP echo server: the physical-limit reference for `request`.
     #[command(hide = true)]
     EchoServer(EchoServerArgs),
@@ -335,6 +339,36 @@ impl BrokerEchoArgs {
     pub(crate) fn warmup(&self) -> Result<Duration, BenchError> {
         seconds("--warmup", self.warmup)
     }
+}
+
+/// Options of the `backend` scenario.
+#[derive(Debug, Clone, Args)]
+pub struct BackendArgs {
+    /// The echo service to call (HOST:PORT, for example `warren bench echo-server`'s); default:
+    /// one started in this process.
+    #[arg(long, value_name = "ADDR")]
+    pub target: Option<String>,
+    /// Requests outstanding at once on the one connection (raw), and callers (backend group).
+    #[arg(long, default_value_t = 64)]
+    pub inflight: usize,
+    /// Request body bytes; the answer is the same frame.
+    #[arg(long, default_value_t = 64, value_name = "BYTES")]
+    pub payload: usize,
+    /// Seconds measured per phase, after its warm-up.
+    #[arg(long, default_value_t = 3.0, value_name = "SECONDS")]
+    pub duration: f64,
+    /// Seconds of load before measuring starts, per phase.
+    #[arg(long, default_value_t = 0.5, value_name = "SECONDS")]
+    pub warmup: f64,
+    /// A name for the run, copied into the JSON line.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Runtime worker threads (default: the CPUs this process may run on).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print only the JSON line on stdout, no human summary.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of the hidden reference servers (`echo-server`, `ws-echo-server`, `relay-server`).

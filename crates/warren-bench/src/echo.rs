@@ -62,7 +62,9 @@ where
     Ok(())
 }
 
-async fn echo(mut sock: TcpStream, stop: CancellationToken) {
+/// One connection of the echo: what it reads, written straight back (also the service of
+/// `warren bench backend`).
+pub(crate) async fn echo(mut sock: TcpStream, stop: CancellationToken) {
     let _ = sock.set_nodelay(true);
     let mut buf = vec![0u8; BUF];
     loop {

@@ -6,7 +6,9 @@
 //! [`Scenario::PomeloRequest`] (the same over raw-TCP pomelo: request messages with an id),
 //! [`Scenario::Connections`] (many idle connections: connect rate and the server's memory per
 //! connection), [`Scenario::BrokerEcho`] (a bare request/reply through a NATS, Redis or
-//! RabbitMQ server: the reference for requests to a module on another node), and three hidden
+//! RabbitMQ server: the reference for requests to a module on another node),
+//! [`Scenario::Backend`] (calls through a backend group against the raw round trip to the same
+//! TCP service), and three hidden
 //! servers that are the physical-limit references: the raw TCP echo and the WebSocket echo for
 //! requests, the one-topic relay for fan-out. The client scenarios reach their target over TCP,
 //! TLS (`mqtts://`), or WebSocket (`ws://`, `wss://`). Each run prints a human summary and one
@@ -20,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod backend;
 mod broker;
 mod client;
 mod connections;
@@ -48,8 +51,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use args::{
-    BenchArgs, BrokerEchoArgs, CommonArgs, ConnectionsArgs, EchoServerArgs, PomeloRequestArgs,
-    PubsubArgs, RequestArgs, Scenario,
+    BackendArgs, BenchArgs, BrokerEchoArgs, CommonArgs, ConnectionsArgs, EchoServerArgs,
+    PomeloRequestArgs, PubsubArgs, RequestArgs, Scenario,
 };
 pub use error::BenchError;
 pub use latency::Percentiles;
@@ -65,6 +68,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
         Scenario::PomeloRequest(a) => a.common.threads,
         Scenario::Connections(a) => a.common.threads,
         Scenario::BrokerEcho(a) => a.threads,
+        Scenario::Backend(a) => a.threads,
         Scenario::EchoServer(a) | Scenario::WsEchoServer(a) | Scenario::RelayServer(a) => a.threads,
     };
     let json_only = match &args.scenario {
@@ -73,6 +77,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
         Scenario::PomeloRequest(a) => a.common.json,
         Scenario::Connections(a) => a.common.json,
         Scenario::BrokerEcho(a) => a.json,
+        Scenario::Backend(_) => true,
         Scenario::EchoServer(_) | Scenario::WsEchoServer(_) | Scenario::RelayServer(_) => true,
     };
     let rt = match runtime(threads) {
@@ -115,6 +120,7 @@ pub async fn run(args: BenchArgs, stop: CancellationToken) -> Result<Option<Repo
         Scenario::PomeloRequest(a) => pomelo::run(&a, stop).await.map(Some),
         Scenario::Connections(a) => connections::run(&a, stop).await.map(Some),
         Scenario::BrokerEcho(a) => broker::run(&a, stop).await.map(Some),
+        Scenario::Backend(a) => backend::run(&a, stop).await.map(|()| None),
         Scenario::EchoServer(a) => echo::run(&a, stop).await.map(|()| None),
         Scenario::WsEchoServer(a) => ws_echo::run(&a, stop).await.map(|()| None),
         Scenario::RelayServer(a) => relay::run(&a, stop).await.map(|()| None),

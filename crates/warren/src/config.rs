@@ -20,7 +20,9 @@ mod listener;
 mod proxy;
 mod security;
 mod source;
-pub use backend::{BackendCodec, BackendConfig, BackendDiscovery, BackendServiceConfig};
+pub use backend::{
+    BackendCodec, BackendConfig, BackendDiscovery, BackendKind, BackendServiceConfig,
+};
 pub use listen_url::LISTENER_SCHEMES;
 pub use listener::{
     COMMON_KEYS, JsonOptions, LineHandler, LineOptions, ListenerConfig, Mode, MqttOptions, Network,

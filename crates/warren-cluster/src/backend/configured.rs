@@ -7,12 +7,15 @@
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use warren::config::{BackendCodec, BackendConfig, BackendDiscovery, BackendServiceConfig};
+use warren::config::{
+    BackendCodec, BackendConfig, BackendDiscovery, BackendKind, BackendServiceConfig,
+};
 use warren_proto::backend_frame::{HEARTBEAT_REQ_ID, HEARTBEAT_RESP_ID};
 
 use super::discovery::{self, MemberFilter, RedisSource};
 use super::{
-    BackendOptions, Backends, GobaseTestCodec, Hooks, RpcId, Service, ServiceConf, TestMsg,
+    BackendOptions, Backends, GobaseTestCodec, Hooks, HttpBackends, HttpOptions, RpcId, Service,
+    ServiceConf, TestMsg,
 };
 use crate::redis::GobaseLayout;
 
@@ -97,6 +100,7 @@ impl Hooks<GobaseTestCodec> for ConfiguredHooks {
 #[derive(Default)]
 pub struct ConfiguredBackends {
     groups: Vec<(String, ConfiguredGroup)>,
+    http: Vec<(String, HttpBackends)>,
     stop: CancellationToken,
 }
 
@@ -124,34 +128,53 @@ impl ConfiguredBackends {
             sources.push(source(c, node_registry)?);
         }
         let stop = CancellationToken::new();
-        let groups = configs
-            .iter()
-            .zip(sources)
-            .map(|(c, src)| {
-                let codec = match c.codec {
-                    BackendCodec::GobaseTest => GobaseTestCodec::new(c.max_body),
-                };
-                let b = Backends::new(codec, ConfiguredHooks::for_table(c), options(c));
-                let group = c.group_name();
-                match src {
-                    None => b.update(&group, services(c)),
-                    Some(src) => {
-                        let filter = MemberFilter {
-                            group: group.clone(),
-                            scheme: c.scheme.clone(),
-                        };
-                        tokio::spawn(discovery::watch_redis(
-                            b.clone(),
-                            src,
-                            filter,
-                            stop.child_token(),
-                        ));
+        let mut groups = Vec::new();
+        let mut http = Vec::new();
+        for (c, src) in configs.iter().zip(sources) {
+            let group = c.group_name();
+            let filter = MemberFilter {
+                group: group.clone(),
+                scheme: c.member_scheme().unwrap_or_default(),
+            };
+            match c.kind {
+                BackendKind::Tcp => {
+                    let codec = match c.codec {
+                        BackendCodec::GobaseTest => GobaseTestCodec::new(c.max_body),
+                    };
+                    let b = Backends::new(codec, ConfiguredHooks::for_table(c), options(c));
+                    match src {
+                        None => b.update(&group, services(c)),
+                        Some(src) => {
+                            tokio::spawn(discovery::watch_redis(
+                                b.clone(),
+                                src,
+                                filter,
+                                stop.child_token(),
+                            ));
+                        }
                     }
+                    groups.push((group, b));
                 }
-                (group, b)
-            })
-            .collect();
-        Ok(ConfiguredBackends { groups, stop })
+                BackendKind::Http => {
+                    let b = HttpBackends::new(http_options(c))
+                        .map_err(|e| format!("[[backend]] group {:?}: {e}", c.group))?;
+                    match src {
+                        None => b.update(&group, services(c)),
+                        Some(src) => {
+                            let feed = b.clone();
+                            tokio::spawn(discovery::watch_redis_with(
+                                move |g: &str, s| feed.update(g, s),
+                                src,
+                                filter,
+                                stop.child_token(),
+                            ));
+                        }
+                    }
+                    http.push((group, b));
+                }
+            }
+        }
+        Ok(ConfiguredBackends { groups, http, stop })
     }
 
     /// The group of this name (lowercased and trimmed), if a `[[backend]]` table made it.
@@ -163,15 +186,25 @@ impl ConfiguredBackends {
             .map(|(_, b)| b)
     }
 
+    /// The HTTP group of this name (lowercased and trimmed), if a `[[backend]]` table with
+    /// `kind = "http"` made it.
+    pub fn get_http(&self, group: &str) -> Option<&HttpBackends> {
+        let group = warren::ring::normalize(group);
+        self.http.iter().find(|(g, _)| *g == group).map(|(_, b)| b)
+    }
+
     /// Whether the config has no `[[backend]]` table.
     pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
+        self.groups.is_empty() && self.http.is_empty()
     }
 
     /// Stop watching the registries, close every service of every group and wait for them.
     pub async fn shutdown(&self) {
         self.stop.cancel();
         for (_, b) in &self.groups {
+            b.shutdown().await;
+        }
+        for (_, b) in &self.http {
             b.shutdown().await;
         }
     }
@@ -220,6 +253,15 @@ pub fn options(c: &BackendConfig) -> BackendOptions {
         immediately: c.immediately,
         queue_bytes: c.queue_bytes,
         ..BackendOptions::default()
+    }
+}
+
+/// An HTTP table's probe: the port check (3 s) and its `health_path`.
+pub fn http_options(c: &BackendConfig) -> HttpOptions {
+    let path = c.health_path.trim();
+    HttpOptions {
+        health_path: (!path.is_empty()).then(|| path.to_owned()),
+        ..HttpOptions::default()
     }
 }
 

@@ -72,6 +72,23 @@ pub async fn watch_redis<C: Codec, H: Hooks<C>>(
     filter: MemberFilter,
     stop: CancellationToken,
 ) {
+    watch_redis_with(
+        move |group: &str, services| backends.update(group, services),
+        source,
+        filter,
+        stop,
+    )
+    .await;
+}
+
+/// [`watch_redis`] for any kind of group: `update(group, services)` is called on each change
+/// (an [`HttpBackends`](super::HttpBackends)' update, for one).
+pub async fn watch_redis_with(
+    update: impl Fn(&str, Vec<ServiceConf>) + Send + 'static,
+    source: RedisSource,
+    filter: MemberFilter,
+    stop: CancellationToken,
+) {
     let mut failing = false;
     let registry = loop {
         let connect = GobaseRegistry::connect_layout(&source.url, &source.key, source.layout);
@@ -96,11 +113,11 @@ pub async fn watch_redis<C: Codec, H: Hooks<C>>(
         }
     };
     tracing::info!(group = %filter.group, key = %source.key, layout = %registry.layout(), "backend group watches the registry");
-    follow(backends, registry, filter, stop).await;
+    follow(update, registry, filter, stop).await;
 }
 
-async fn follow<C: Codec, H: Hooks<C>>(
-    backends: Backends<C, H>,
+async fn follow(
+    update: impl Fn(&str, Vec<ServiceConf>),
     registry: Arc<GobaseRegistry>,
     filter: MemberFilter,
     stop: CancellationToken,
@@ -110,7 +127,7 @@ async fn follow<C: Codec, H: Hooks<C>>(
     loop {
         let now = filter.select(&rx.borrow_and_update());
         if last.as_ref() != Some(&now) {
-            backends.update(&filter.group, now.clone());
+            update(&filter.group, now.clone());
             last = Some(now);
         }
         tokio::select! {

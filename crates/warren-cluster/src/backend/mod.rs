@@ -14,7 +14,7 @@
 //! Files: this one holds the groups, their rings and the discovery update; `tcp.rs` a service,
 //! its connection and its delivery; `codec.rs` the codec trait and the gobase test codec;
 //! `hooks.rs` the hooks; `configured.rs` the groups of the config's `[[backend]]` tables;
-//! `discovery.rs` the registry watchers that feed `update`.
+//! `discovery.rs` the registry watchers that feed `update`; `http.rs` the HTTP groups.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -33,11 +33,13 @@ mod codec;
 mod configured;
 pub mod discovery;
 mod hooks;
+mod http;
 mod tcp;
 
 pub use codec::{Codec, CodecError, GobaseTestCodec};
 pub use configured::{ConfiguredBackends, ConfiguredGroup, ConfiguredHooks};
 pub use hooks::{Hooks, NoHooks, Redial};
+pub use http::{HttpBackends, HttpOptions, HttpService};
 pub use tcp::Service;
 pub use warren_proto::backend_frame::TestMsg;
 
@@ -133,6 +135,9 @@ pub enum BackendError {
     /// A call with the same rpc id is already waiting on this service.
     #[error("rpcId exist")]
     RpcIdExist,
+    /// The HTTP client of an HTTP group could not be built.
+    #[error("http: {0}")]
+    Http(String),
 }
 
 /// How a [`Backends`] behaves (the `[[backend]]` keys of the config, docs/backends.md).

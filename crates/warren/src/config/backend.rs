@@ -20,6 +20,27 @@ pub enum BackendCodec {
     GobaseTest,
 }
 
+/// What a group's services are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// TCP services kept connected, speaking `codec`.
+    #[default]
+    Tcp,
+    /// HTTP services checked by a health probe and called with an HTTP client.
+    Http,
+}
+
+impl BackendKind {
+    /// Its name in config, also the registry scheme its services are kept by default.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Tcp => "tcp",
+            BackendKind::Http => "http",
+        }
+    }
+}
+
 /// Where a group learns which services it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,6 +58,8 @@ pub enum BackendDiscovery {
 pub struct BackendConfig {
     /// The group's name (lowercased and trimmed, as the services' `servicename`).
     pub group: String,
+    /// `tcp` (kept connected) or `http` (health-probed).
+    pub kind: BackendKind,
     /// The services' framing.
     pub codec: BackendCodec,
     /// Longest wait for a dial, in seconds; a failed dial is retried every second.
@@ -64,8 +87,12 @@ pub struct BackendConfig {
     /// The gobase layout of a Redis `key` (`gobase` or `gobase-seconds`); a `?layout=` on the
     /// URL wins.
     pub layout: String,
-    /// Keep only registry members of this scheme (the gobase sample keeps `tcp`); empty: any.
+    /// Keep only registry members of this scheme; empty: the group's `kind` (`tcp` or
+    /// `http`, so the gobase sample keeps `tcp`); `any`: every scheme.
     pub scheme: String,
+    /// HTTP groups: after the port check, `GET` this path and want a 2xx (`/health`); empty:
+    /// the port check alone.
+    pub health_path: String,
     /// Every this many seconds, call each connected service with the gobase sample heartbeat
     /// (msgid 1, answered by msgid 2) and log the round trip; 0: no heartbeat.
     pub heartbeat_s: u64,
@@ -77,6 +104,7 @@ impl Default for BackendConfig {
     fn default() -> Self {
         BackendConfig {
             group: String::new(),
+            kind: BackendKind::Tcp,
             codec: BackendCodec::default(),
             dial_timeout_s: 30,
             msg_seq: true,
@@ -88,7 +116,8 @@ impl Default for BackendConfig {
             registry: String::new(),
             key: String::new(),
             layout: super::REGISTRY_LAYOUTS[0].into(),
-            scheme: "tcp".into(),
+            scheme: String::new(),
+            health_path: String::new(),
             heartbeat_s: 0,
             heartbeat_timeout_s: 5,
         }
@@ -125,6 +154,15 @@ impl BackendConfig {
     /// The group's name as groups compare it.
     pub fn group_name(&self) -> String {
         norm(&self.group)
+    }
+
+    /// The registry scheme whose members the group keeps (`None`: any).
+    pub fn member_scheme(&self) -> Option<String> {
+        match norm(&self.scheme).as_str() {
+            "" => Some(self.kind.name().to_owned()),
+            "any" => None,
+            s => Some(s.to_owned()),
+        }
     }
 
     pub(super) fn check(&self, key: &str, p: &mut Problems) {
@@ -176,6 +214,19 @@ impl BackendConfig {
                     self.layout,
                     super::REGISTRY_LAYOUTS.join(", ")
                 ),
+            );
+        }
+        if self.kind == BackendKind::Http && self.heartbeat_s > 0 {
+            p.add(
+                format!("{key}.heartbeat_s"),
+                "the heartbeat is a call of the gobase test codec: a tcp group's",
+            );
+        }
+        let path = self.health_path.trim();
+        if !path.is_empty() && (!path.starts_with('/') || path.contains(char::is_whitespace)) {
+            p.add(
+                format!("{key}.health_path"),
+                format!("{path:?} is not a path (it starts with /)"),
             );
         }
         if self.heartbeat_s > 0
