@@ -2,6 +2,7 @@
 
 mod amqp;
 mod backend;
+mod backend_more;
 #[cfg(feature = "etcd")]
 mod etcd;
 mod kit;

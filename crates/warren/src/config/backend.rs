@@ -332,6 +332,56 @@ mod tests {
     }
 
     #[test]
+    fn registry_discovery_and_http_keys_are_checked() {
+        let demo = include_str!("../../../../examples/backends/heartbeat.toml");
+        let c = Config::from_toml(demo).expect("the demo parses");
+        assert!(c.problems(&[]).is_empty(), "{:?}", c.problems(&[]));
+        let b = &c.backends[0];
+        assert_eq!(b.discovery, super::BackendDiscovery::Registry);
+        assert_eq!(b.member_scheme().as_deref(), Some("tcp"));
+        assert_eq!((b.heartbeat_s, b.heartbeat_timeout_s), (1, 5));
+
+        let c = Config::from_toml(
+            r#"
+            [[backend]]
+            group = "gate"
+            discovery = "registry"
+            registry = "nats://127.0.0.1:4222"
+            layout = "gobase3"
+            services = [{ serviceid = "a", serviceaddr = "h", serviceport = 1 }]
+            [[backend]]
+            group = "web"
+            kind = "http"
+            heartbeat_s = 1
+            health_path = "health"
+            scheme = "any"
+            "#,
+        )
+        .expect("parses");
+        let all = c
+            .problems(&[])
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        for k in [
+            "backend[0].key",
+            "backend[0].services",
+            "backend[0].registry",
+            "backend[0].layout",
+            "backend[1].heartbeat_s",
+            "backend[1].health_path",
+        ] {
+            assert!(all.contains(k), "{k} not in {all}");
+        }
+        assert_eq!(c.backends[1].member_scheme(), None);
+        assert_eq!(
+            super::BackendConfig::default().member_scheme().as_deref(),
+            Some("tcp")
+        );
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let c = Config::from_toml(
             r#"
