@@ -9,7 +9,8 @@ config or the command line at it, and `warren` serves it — and reloads it when
   (the raw client of test_cross_protocol.py) and JSON over WebSocket (websocket-client), from a
   `[[module]]` with `plugin` and from `--module Greeter=PATH`; an error raised by a handler is the
   error reply; a Lua loop that never ends is stopped, its caller answered with an error, and the
-  node goes on serving.
+  node goes on serving; one session's pipelined calls run one after the other, in order (Python
+  hands them to its threads a run at a time), a push in the middle of a run before its reply.
 - Reloads: 20 rewrites of a module plugin while `warren bench request` runs against it, with no
   failed request; a broken edit keeps the running version (the log names the file and line);
   a line client's connection stays open across a reload, without `handle_broken`.
@@ -333,6 +334,65 @@ def test_an_error_in_a_handler_is_the_error_reply(kind: str, tmp_path: Path):
         assert c.request("Greeter/HD_Hello/2", {"name": "y"})["Result"] == "hello y"
     if kind == "py":
         wait_until(lambda: "Traceback" in w.log() or "ValueError" in w.log(), 5, msg=w.tail())
+
+
+# One session's calls, pipelined: each handler appends its body to the session's list and
+# answers with the list so far; every third one also pushes (a wait on the node in the middle of
+# a run of calls).
+SEQUENCE = {
+    "lua": """
+SEEN = {}
+function HD_Add(session, msg)
+  local got = SEEN[session.id] or {}
+  SEEN[session.id] = got
+  got[#got + 1] = msg
+  if #got % 3 == 0 then session:push("Seq/OnThird", msg) end
+  return table.concat(got, ",")
+end
+""",
+    "py": """
+SEEN = {}
+def HD_Add(session, msg):
+    got = SEEN.setdefault(session.id, [])
+    got.append(msg)
+    if len(got) % 3 == 0:
+        session.push("Seq/OnThird", msg)
+    return ",".join(got)
+""",
+}
+
+
+@pytest.mark.parametrize("kind", ["lua", "py"])
+def test_a_sessions_pipelined_calls_run_one_after_the_other_in_order(kind: str, tmp_path: Path):
+    """60 requests sent back to back by each of two clients: every reply shows exactly the calls
+    before it (no two ran at once, none out of order), and every third pushed before its reply."""
+    (tmp_path / f"seq.{kind}").write_text(SEQUENCE[kind])
+    port = free_port()
+    serve_config(
+        tmp_path,
+        f'[[listener]]\naddr = "127.0.0.1:{port}"\n\n'
+        f'[[module]]\ntype = "Seq"\nplugin = "seq.{kind}"\nlogin_handlers = ["HD_Add"]\n',
+        ports=[port],
+    )
+    n = 60
+    with ChatClient(port) as a, ChatClient(port) as b:
+        for c in (a, b):
+            with c._cond:
+                c._request_topics.update(f"Seq/HD_Add/{i}" for i in range(n))
+        for i in range(n):
+            for c in (a, b):
+                c.mqtt.publish(f"Seq/HD_Add/{i}", str(i).encode(), qos=0)
+        for c in (a, b):
+            wait_until(lambda: sum(m.kind == "reply" for m in c.history()) == n, WAIT_S, msg=f"{n} replies")
+            replies = {m.topic: m.raw for m in c.history() if m.kind == "reply"}
+            for i in range(n):
+                want = ",".join(str(k) for k in range(i + 1))
+                assert json.loads(replies[f"Seq/HD_Add/{i}"]) == {"Error": "", "Result": want}
+            order = [(m.kind, m.topic, m.raw) for m in c.history()]
+            for i in range(2, n, 3):
+                pushed = order.index(("push", "Seq/OnThird", str(i).encode()))
+                replied = next(k for k, o in enumerate(order) if o[1] == f"Seq/HD_Add/{i}")
+                assert pushed < replied, (i, order[pushed - 2 : replied + 2])
 
 
 def test_a_runaway_lua_handler_is_stopped_and_the_node_serves_on(tmp_path: Path):
