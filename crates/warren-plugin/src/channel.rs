@@ -200,6 +200,7 @@ impl ChannelPlugin {
             .recv()
             .map_err(|_| PluginError::Stopped { path: path.clone() })??;
         tracing::info!(plugin = %path.display(), kind = %kind, version = 1, "channel plugin loaded");
+        crate::count_load(kind);
         Ok(Arc::new(ChannelPlugin {
             name,
             kind,
@@ -366,6 +367,7 @@ impl Worker {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(plugin = %path.display(), version = next, error = %e, "reload failed; the running version stays");
+                crate::count_reload(self.source.kind, false);
                 return Err(e);
             }
         };
@@ -373,10 +375,12 @@ impl Worker {
         let carried = carry_state(&path, &*old.value, &*new);
         if let Err(e) = carried {
             tracing::warn!(plugin = %path.display(), version = next, error = %e, "reload failed; the running version stays");
+            crate::count_reload(self.source.kind, false);
             return Err(e);
         }
         let version = self.slot.install(new);
         tracing::info!(plugin = %path.display(), kind = %self.source.kind, version, state = if carried.unwrap_or(false) { "carried over" } else { "reset" }, "channel plugin reloaded");
+        crate::count_reload(self.source.kind, true);
         Ok(version)
     }
 }

@@ -125,6 +125,22 @@ impl PluginKind {
     }
 }
 
+/// Count a first load (`warren_plugin_loads_total{kind}`), so an operator sees what runs.
+pub(crate) fn count_load(kind: PluginKind) {
+    metrics::counter!("warren_plugin_loads_total", "kind" => kind.as_str()).increment(1);
+}
+
+/// Count a reload and whether it took (`warren_plugin_reloads_total{kind, result}`): a failed
+/// reload keeps the running version, and this is how an operator notices it without the log.
+pub(crate) fn count_reload(kind: PluginKind, ok: bool) {
+    metrics::counter!(
+        "warren_plugin_reloads_total",
+        "kind" => kind.as_str(),
+        "result" => if ok { "ok" } else { "failed" }
+    )
+    .increment(1);
+}
+
 impl std::fmt::Display for PluginKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

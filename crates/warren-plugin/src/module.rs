@@ -339,6 +339,7 @@ impl ModulePlugin {
             });
         }
         tracing::info!(module = type_name, plugin = %path.display(), kind = %kind, version = 1, handlers = ?routed, "module plugin loaded");
+        crate::count_load(kind);
         Ok(Arc::new(ModulePlugin {
             kind,
             slot: PluginSlot::new(&path, first),
@@ -537,6 +538,7 @@ impl ModulePlugin {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(module = %self.source.name, plugin = %path.display(), version = next, error = %e, "reload failed; the running version stays");
+                crate::count_reload(self.kind, false);
                 return Err(e);
             }
         };
@@ -545,6 +547,7 @@ impl ModulePlugin {
         }
         let version = self.slot.install(new);
         tracing::info!(module = %self.source.name, plugin = %path.display(), kind = %self.kind, version, state = if carried { "carried over" } else { "reset" }, "module plugin reloaded");
+        crate::count_reload(self.kind, true);
         Ok(version)
     }
 }
