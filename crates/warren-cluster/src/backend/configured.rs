@@ -12,7 +12,7 @@ use warren::config::{
 };
 use warren_proto::backend_frame::{HEARTBEAT_REQ_ID, HEARTBEAT_RESP_ID};
 
-use super::discovery::{self, MemberFilter, RedisSource};
+use super::discovery::{self, MemberFilter, NatsKvSource, RedisSource};
 use super::{
     BackendOptions, Backends, GobaseTestCodec, Hooks, HttpBackends, HttpOptions, RpcId, Service,
     ServiceConf, TestMsg,
@@ -145,12 +145,12 @@ impl ConfiguredBackends {
                     match src {
                         None => b.update(&group, services(c)),
                         Some(src) => {
-                            tokio::spawn(discovery::watch_redis(
-                                b.clone(),
-                                src,
+                            let feed = b.clone();
+                            src.spawn(
+                                move |g: &str, s| feed.update(g, s),
                                 filter,
                                 stop.child_token(),
-                            ));
+                            );
                         }
                     }
                     groups.push((group, b));
@@ -162,12 +162,11 @@ impl ConfiguredBackends {
                         None => b.update(&group, services(c)),
                         Some(src) => {
                             let feed = b.clone();
-                            tokio::spawn(discovery::watch_redis_with(
+                            src.spawn(
                                 move |g: &str, s| feed.update(g, s),
-                                src,
                                 filter,
                                 stop.child_token(),
-                            ));
+                            );
                         }
                     }
                     http.push((group, b));
@@ -210,39 +209,72 @@ impl ConfiguredBackends {
     }
 }
 
+/// Where a registry table's services come from.
+enum Source {
+    Redis(RedisSource),
+    NatsKv(NatsKvSource),
+}
+
+impl Source {
+    /// Start the watcher feeding `update`.
+    fn spawn(
+        self,
+        update: impl Fn(&str, Vec<ServiceConf>) + Send + Sync + 'static,
+        filter: MemberFilter,
+        stop: CancellationToken,
+    ) {
+        match self {
+            Source::Redis(src) => {
+                tokio::spawn(discovery::watch_redis_with(update, src, filter, stop));
+            }
+            Source::NatsKv(src) => {
+                tokio::spawn(discovery::watch_nats_kv(update, src, filter, stop));
+            }
+        }
+    }
+}
+
 /// The registry a table watches, or `None` for a static table.
-fn source(c: &BackendConfig, node_registry: &str) -> Result<Option<RedisSource>, String> {
+fn source(c: &BackendConfig, node_registry: &str) -> Result<Option<Source>, String> {
     if c.discovery != BackendDiscovery::Registry {
         return Ok(None);
     }
-    let url = if c.registry.trim().is_empty() {
-        node_registry.trim()
-    } else {
+    let own = !c.registry.trim().is_empty();
+    let url = if own {
         c.registry.trim()
+    } else {
+        node_registry.trim()
     };
-    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        return Err(format!(
-            "[[backend]] group {:?}: discovery = \"registry\" reads a redis:// registry, and the {} is {:?} (set the table's registry, [registry] url or --registry)",
-            c.group,
-            if c.registry.trim().is_empty() {
-                "node's registry"
-            } else {
-                "table's registry"
-            },
-            if url.is_empty() { "memory" } else { url }
-        ));
+    let key = c.key.trim().to_owned();
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        let layout = GobaseLayout::from_name(&c.layout).ok_or_else(|| {
+            format!(
+                "[[backend]] group {:?}: unknown layout {:?}",
+                c.group, c.layout
+            )
+        })?;
+        return Ok(Some(Source::Redis(RedisSource {
+            url: url.to_owned(),
+            key,
+            layout,
+        })));
     }
-    let layout = GobaseLayout::from_name(&c.layout).ok_or_else(|| {
-        format!(
-            "[[backend]] group {:?}: unknown layout {:?}",
-            c.group, c.layout
-        )
-    })?;
-    Ok(Some(RedisSource {
-        url: url.to_owned(),
-        key: c.key.trim().to_owned(),
-        layout,
-    }))
+    if url.starts_with("nats://") {
+        return Ok(Some(Source::NatsKv(NatsKvSource {
+            url: url.to_owned(),
+            bucket: key,
+        })));
+    }
+    Err(format!(
+        "[[backend]] group {:?}: discovery = \"registry\" reads a redis:// or nats:// registry, and the {} is {:?} (set the table's registry, [registry] url or --registry)",
+        c.group,
+        if own {
+            "table's registry"
+        } else {
+            "node's registry"
+        },
+        if url.is_empty() { "memory" } else { url }
+    ))
 }
 
 /// A table's options.

@@ -8,10 +8,18 @@
 //! numeric port); a group keeps the members of its own name and of the configured scheme, sorted
 //! by (id, name), and is updated when that set changed (the scheme is not compared). The watch
 //! itself is [`GobaseRegistry::services`], so both layouts and their checker come with it.
+//!
+//! The NATS source is a JetStream key-value bucket in which each service puts its gobase member
+//! string under a key of its own (its id, say) and deletes it when it leaves (or lets the
+//! bucket's `max_age` drop it): the watcher follows the bucket's changes and applies the same
+//! member rules.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
+use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use warren::ring::normalize;
@@ -84,7 +92,7 @@ pub async fn watch_redis<C: Codec, H: Hooks<C>>(
 /// [`watch_redis`] for any kind of group: `update(group, services)` is called on each change
 /// (an [`HttpBackends`](super::HttpBackends)' update, for one).
 pub async fn watch_redis_with(
-    update: impl Fn(&str, Vec<ServiceConf>) + Send + 'static,
+    update: impl Fn(&str, Vec<ServiceConf>) + Send + Sync + 'static,
     source: RedisSource,
     filter: MemberFilter,
     stop: CancellationToken,
@@ -169,5 +177,151 @@ mod tests {
             ..f
         };
         assert_eq!(any.select(&m).len(), 3);
+    }
+}
+
+/// A NATS JetStream key-value bucket of gobase member strings, as a discovery source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsKvSource {
+    /// `nats://host:port`.
+    pub url: String,
+    /// The bucket.
+    pub bucket: String,
+}
+
+/// Longest wait for one NATS step (connect, open the bucket, start the watch).
+const NATS_STEP: Duration = Duration::from_secs(5);
+
+/// Watch a NATS KV bucket until `stop`: every change of the group's members becomes one
+/// `update(group, services)`. A value that is not a member string is skipped (logged once per
+/// revision); a deleted or purged key is a member gone. When the connection or the watch fails,
+/// the group keeps what it has and the watcher starts again 8 s later, replaying the bucket.
+pub async fn watch_nats_kv(
+    update: impl Fn(&str, Vec<ServiceConf>) + Send + 'static,
+    source: NatsKvSource,
+    filter: MemberFilter,
+    stop: CancellationToken,
+) {
+    let mut last: Option<Vec<ServiceConf>> = None;
+    let mut failing = false;
+    loop {
+        let why = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            why = follow_kv(&update, &source, &filter, &mut last, &mut failing) => why,
+        };
+        if !failing {
+            tracing::warn!(group = %filter.group, bucket = %source.bucket, %why, "backend registry unreachable; trying again every 8 s");
+            failing = true;
+        }
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RECONNECT) => {}
+        }
+    }
+}
+
+/// One life of the NATS watcher: connect, open the bucket, replay it and follow its changes;
+/// returns why it stopped.
+async fn follow_kv(
+    update: &impl Fn(&str, Vec<ServiceConf>),
+    source: &NatsKvSource,
+    filter: &MemberFilter,
+    last: &mut Option<Vec<ServiceConf>>,
+    failing: &mut bool,
+) -> String {
+    let step = |what: &'static str| move |_| format!("{what}: no answer within {NATS_STEP:?}");
+    let client = match tokio::time::timeout(NATS_STEP, async_nats::connect(&source.url))
+        .await
+        .map_err(step("connect"))
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return format!("connect: {e}"),
+        Err(e) => return e,
+    };
+    let js = async_nats::jetstream::new(client);
+    let store = match tokio::time::timeout(NATS_STEP, js.get_key_value(source.bucket.clone()))
+        .await
+        .map_err(step("open the bucket"))
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return format!("open bucket {}: {e}", source.bucket),
+        Err(e) => return e,
+    };
+    let mut watch = match tokio::time::timeout(NATS_STEP, store.watch_with_history(">"))
+        .await
+        .map_err(step("watch the bucket"))
+    {
+        Ok(Ok(w)) => w,
+        Ok(Err(e)) => return format!("watch bucket {}: {e}", source.bucket),
+        Err(e) => return e,
+    };
+    if *failing {
+        tracing::info!(group = %filter.group, bucket = %source.bucket, "backend registry reachable again");
+        *failing = false;
+    } else {
+        tracing::info!(group = %filter.group, bucket = %source.bucket, "backend group watches the registry");
+    }
+    let mut members: HashMap<String, GobaseMember> = HashMap::new();
+    // the replay of the bucket ends when the watch has nothing pending: publish then, and on
+    // every change after
+    let mut replayed = false;
+    loop {
+        let next = if replayed {
+            watch.next().await
+        } else {
+            match tokio::time::timeout(Duration::from_millis(200), watch.next()).await {
+                Ok(n) => n,
+                Err(_) => {
+                    replayed = true;
+                    publish(update, filter, &members, last);
+                    continue;
+                }
+            }
+        };
+        let entry = match next {
+            Some(Ok(e)) => e,
+            Some(Err(e)) => return format!("watch bucket {}: {e}", source.bucket),
+            None => return format!("watch bucket {}: ended", source.bucket),
+        };
+        match entry.operation {
+            async_nats::jetstream::kv::Operation::Put => {
+                let parsed = std::str::from_utf8(&entry.value)
+                    .ok()
+                    .and_then(|v| GobaseMember::parse(v.trim()));
+                match parsed {
+                    Some(m) => {
+                        members.insert(entry.key, m);
+                    }
+                    None => {
+                        members.remove(&entry.key);
+                        tracing::warn!(bucket = %source.bucket, key = %entry.key, revision = entry.revision, "ignored a registry value that is not name&id&addr&port&scheme");
+                    }
+                }
+            }
+            async_nats::jetstream::kv::Operation::Delete
+            | async_nats::jetstream::kv::Operation::Purge => {
+                members.remove(&entry.key);
+            }
+        }
+        if replayed || entry.delta == 0 {
+            replayed = true;
+            publish(update, filter, &members, last);
+        }
+    }
+}
+
+fn publish(
+    update: &impl Fn(&str, Vec<ServiceConf>),
+    filter: &MemberFilter,
+    members: &HashMap<String, GobaseMember>,
+    last: &mut Option<Vec<ServiceConf>>,
+) {
+    let all: Vec<GobaseMember> = members.values().cloned().collect();
+    let now = filter.select(&all);
+    if last.as_ref() != Some(&now) {
+        update(&filter.group, now.clone());
+        *last = Some(now);
     }
 }

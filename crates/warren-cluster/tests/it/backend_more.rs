@@ -118,9 +118,24 @@ async fn a_group_follows_its_registry_members() {
         Listener::start().await,
     );
     let key = "backend-it";
-    register(&mut conn, key, &format!("gate&gate1&127.0.0.1&{}&tcp", a.port)).await;
-    register(&mut conn, key, &format!("gate&gate9&127.0.0.1&{}&http", other.port)).await;
-    register(&mut conn, key, &format!("game&game1&127.0.0.1&{}&tcp", other.port)).await;
+    register(
+        &mut conn,
+        key,
+        &format!("gate&gate1&127.0.0.1&{}&tcp", a.port),
+    )
+    .await;
+    register(
+        &mut conn,
+        key,
+        &format!("gate&gate9&127.0.0.1&{}&http", other.port),
+    )
+    .await;
+    register(
+        &mut conn,
+        key,
+        &format!("game&game1&127.0.0.1&{}&tcp", other.port),
+    )
+    .await;
 
     let group: Backends<GobaseTestCodec, NoHooks> = Backends::new(
         GobaseTestCodec::default(),
@@ -144,19 +159,39 @@ async fn a_group_follows_its_registry_members() {
         },
         stop.clone(),
     ));
-    eventually("gate1 is dialled", || a.accepted.load(Ordering::SeqCst) == 1).await;
-    eventually("gate1 is on the ring", || group.ring_members("gate") == ["gate1"]).await;
+    eventually("gate1 is dialled", || {
+        a.accepted.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    eventually("gate1 is on the ring", || {
+        group.ring_members("gate") == ["gate1"]
+    })
+    .await;
 
-    register(&mut conn, key, &format!("gate&gate2&127.0.0.1&{}&tcp", b.port)).await;
+    register(
+        &mut conn,
+        key,
+        &format!("gate&gate2&127.0.0.1&{}&tcp", b.port),
+    )
+    .await;
     eventually("gate2 joins", || {
         group.ring_members("gate") == ["gate1", "gate2"]
     })
     .await;
 
-    deregister(&mut conn, key, &format!("gate&gate1&127.0.0.1&{}&tcp", a.port)).await;
+    deregister(
+        &mut conn,
+        key,
+        &format!("gate&gate1&127.0.0.1&{}&tcp", a.port),
+    )
+    .await;
     eventually("gate1 leaves", || group.ring_members("gate") == ["gate2"]).await;
     assert!(group.service("gate", "gate1").is_none());
-    assert_eq!(other.accepted.load(Ordering::SeqCst), 0, "another group or scheme");
+    assert_eq!(
+        other.accepted.load(Ordering::SeqCst),
+        0,
+        "another group or scheme"
+    );
 
     stop.cancel();
     group.shutdown().await;
@@ -191,7 +226,10 @@ async fn http_service(name: &'static str, healthy: Arc<AtomicBool>) -> (u16, Can
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_groups_follow_the_health_probe() {
-    let (h1, h2) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicBool::new(true)));
+    let (h1, h2) = (
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(AtomicBool::new(true)),
+    );
     let (p1, s1) = http_service("web1", h1.clone()).await;
     let (p2, s2) = http_service("web2", h2.clone()).await;
     let dead = crate::kit::free_port();
@@ -212,7 +250,10 @@ async fn http_groups_follow_the_health_probe() {
         web.ring_members("web") == ["web1", "web2"]
     })
     .await;
-    assert!(!web.services("web")[2].is_healthy(), "nothing listens on web3's port");
+    assert!(
+        !web.services("web")[2].is_healthy(),
+        "nothing listens on web3's port"
+    );
 
     // the service the ring picks answers
     let key = "user1";
@@ -241,10 +282,16 @@ async fn http_groups_follow_the_health_probe() {
 
     // unhealthy: off the ring, every key goes to the other; healthy again: back
     h1.store(false, Ordering::SeqCst);
-    eventually("web1 leaves the ring", || web.ring_members("web") == ["web2"]).await;
+    eventually("web1 leaves the ring", || {
+        web.ring_members("web") == ["web2"]
+    })
+    .await;
     assert!(web.service_by_tag_and_hash("web", "red", key).is_none());
     h1.store(true, Ordering::SeqCst);
-    eventually("web1 is back", || web.ring_members("web") == ["web1", "web2"]).await;
+    eventually("web1 is back", || {
+        web.ring_members("web") == ["web1", "web2"]
+    })
+    .await;
 
     // a stopped server fails the port check
     s2.cancel();
@@ -262,4 +309,76 @@ async fn http_groups_follow_the_health_probe() {
     ));
     web.shutdown().await;
     s1.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_follows_a_nats_kv_bucket() {
+    Server::require(Kind::Nats);
+    let nats = Server::start(Kind::Nats);
+    let url = nats.url();
+    let client = async_nats::connect(&url).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    // the KV stream made by hand: the client's create_key_value needs a newer server
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "KV_backends".into(),
+        subjects: vec!["$KV.backends.>".into()],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .expect("bucket");
+    let kv = js.get_key_value("backends").await.expect("kv");
+    let (a, b) = (Listener::start().await, Listener::start().await);
+    kv.put(
+        "gate1",
+        format!("gate&gate1&127.0.0.1&{}&tcp", a.port).into(),
+    )
+    .await
+    .expect("put");
+    kv.put("junk", "not a member".into()).await.expect("put");
+
+    let group: Backends<GobaseTestCodec, NoHooks> = Backends::new(
+        GobaseTestCodec::default(),
+        NoHooks,
+        BackendOptions {
+            immediately: true,
+            ..BackendOptions::default()
+        },
+    );
+    let stop = CancellationToken::new();
+    let feed = group.clone();
+    tokio::spawn(discovery::watch_nats_kv(
+        move |g: &str, s| feed.update(g, s),
+        discovery::NatsKvSource {
+            url: url.clone(),
+            bucket: "backends".into(),
+        },
+        MemberFilter {
+            group: "gate".into(),
+            scheme: "tcp".into(),
+        },
+        stop.clone(),
+    ));
+    eventually("gate1 is on the ring", || {
+        group.ring_members("gate") == ["gate1"]
+    })
+    .await;
+    kv.put(
+        "gate2",
+        format!("gate&gate2&127.0.0.1&{}&tcp", b.port).into(),
+    )
+    .await
+    .expect("put");
+    eventually("gate2 joins", || {
+        group.ring_members("gate") == ["gate1", "gate2"]
+    })
+    .await;
+    kv.delete("gate1").await.expect("delete");
+    eventually("gate1 leaves", || group.ring_members("gate") == ["gate2"]).await;
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
+    stop.cancel();
+    group.shutdown().await;
 }

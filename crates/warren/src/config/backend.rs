@@ -79,10 +79,12 @@ pub struct BackendConfig {
     pub services: Vec<BackendServiceConfig>,
     /// Where the group's services come from: `static` (the `services` list) or `registry`.
     pub discovery: BackendDiscovery,
-    /// The registry URL of `discovery = "registry"`: `redis://…` (a gobase key). Empty: the
-    /// node's registry (`[registry] url`, `--registry`).
+    /// The registry URL of `discovery = "registry"`: `redis://…` (a gobase key) or `nats://…`
+    /// (a JetStream key-value bucket of member strings). Empty: the node's registry
+    /// (`[registry] url`, `--registry`).
     pub registry: String,
-    /// The registry key whose members are the services (for Redis, the gobase ZSET key).
+    /// The registry key whose members are the services (Redis: the gobase ZSET key; NATS: the
+    /// bucket).
     pub key: String,
     /// The gobase layout of a Redis `key` (`gobase` or `gobase-seconds`); a `?layout=` on the
     /// URL wins.
@@ -199,10 +201,14 @@ impl BackendConfig {
                 );
             }
             let url = self.registry.trim();
-            if !url.is_empty() && !url.starts_with("redis://") && !url.starts_with("rediss://") {
+            if !url.is_empty()
+                && !["redis://", "rediss://", "nats://"]
+                    .iter()
+                    .any(|s| url.starts_with(s))
+            {
                 p.add(
                     format!("{key}.registry"),
-                    format!("{url:?}: backend discovery reads a redis:// registry"),
+                    format!("{url:?}: backend discovery reads a redis:// or nats:// registry"),
                 );
             }
         }
@@ -346,7 +352,7 @@ mod tests {
             [[backend]]
             group = "gate"
             discovery = "registry"
-            registry = "nats://127.0.0.1:4222"
+            registry = "etcd://127.0.0.1:2379"
             layout = "gobase3"
             services = [{ serviceid = "a", serviceaddr = "h", serviceport = 1 }]
             [[backend]]
