@@ -153,7 +153,17 @@ async fn serve(
         };
         builder = builder.module(module, m.clone());
     }
+    // `[[proxy]]` routes served by backend groups, `[[rpc_route]]` handlers served by TianQinS
+    // functions (docs/backends.md, docs/cluster.md): modules of their own, built from config
+    let proxies = warren_cluster::proxy::Proxies::start(&config.proxies, &config.backends);
+    let rpc_routes = warren_cluster::rpc_route::RpcRoutes::build(&config.rpc_routes);
+    for module in proxies.modules().iter().chain(rpc_routes.modules()) {
+        let entry: ModuleConfig = toml::from_str(&format!("type = {:?}", module.name()))
+            .context("a config-built module's entry")?;
+        builder = builder.module(module.clone(), entry);
+    }
     let node = builder.start().await?;
+    proxies.attach(node.handle().session_table());
     if let Some(r) = &registry
         && let Err(e) = r
             .bound(node.listeners().first().map(|l| l.local_addr))
@@ -169,10 +179,19 @@ async fn serve(
     let bridges = warren_cluster::connect::bridges(&config, node.handle(), &runs_here).await?;
     if let Some(rpc) = bridges.redis_rpc.first() {
         plugins.connect_redis_rpc(rpc);
+        rpc_routes.attach(rpc);
     }
     // `[[backend]]` groups (docs/backends.md): dialled in the background, connections logged
+    // a proxied group runs with the proxy's hooks (above), not here
+    let proxied = warren_cluster::proxy::Proxies::proxied_groups(&config.proxies);
+    let plain: Vec<_> = config
+        .backends
+        .iter()
+        .filter(|b| !proxied.contains(&b.group_name()))
+        .cloned()
+        .collect();
     let backends = warren_cluster::backend::ConfiguredBackends::start_with_registry(
-        &config.backends,
+        &plain,
         &config.registry.effective_url(&config.bus),
     )
     .map_err(anyhow::Error::msg)?;
@@ -231,6 +250,7 @@ async fn serve(
     stop_http.cancel();
     bridges.stop();
     backends.shutdown().await;
+    proxies.shutdown().await;
     node.shutdown().await;
     if let Some((_, task)) = http {
         let _ = task.await;

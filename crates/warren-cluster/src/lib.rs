@@ -21,5 +21,7 @@ pub mod connect;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod nats;
+pub mod proxy;
 pub mod redis;
+pub mod rpc_route;
 mod retained_value;

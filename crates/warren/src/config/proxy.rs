@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{BackendConfig, BackendDiscovery, Problems};
+use super::{BackendConfig, BackendDiscovery, BackendKind, Problems};
 
 /// `[[proxy]]`: a module route whose handlers are served by a backend group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,6 +138,13 @@ pub(super) fn check_all(
                 format!("{key}.backend"),
                 format!("{:?} is not the group of a [[backend]] table", x.backend),
             ),
+            Some(b) if b.kind != BackendKind::Tcp => p.add(
+                format!("{key}.backend"),
+                format!(
+                    "group {:?} is an HTTP group: a proxy forwards to a TCP group",
+                    x.backend
+                ),
+            ),
             Some(b) if b.discovery != BackendDiscovery::Static => p.add(
                 format!("{key}.backend"),
                 format!(
@@ -255,6 +262,45 @@ mod tests {
         assert_eq!(c.rpc_routes[0].module_handler(), Some(("Py", "HD_Add")));
         let problems = c.problems(&[]);
         assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn the_examples_of_the_docs_are_valid() {
+        let block = |page: &str, heading: &str| {
+            let at = page.find(heading).expect("the section");
+            let start = at + page[at..].find("```toml\n").expect("a toml block") + 8;
+            let len = page[start..].find("```").expect("its end");
+            page[start..start + len].to_owned()
+        };
+        let backends = include_str!("../../../../docs/backends.md");
+        let c = Config::from_toml(&block(backends, "## The gate proxy")).expect("parses");
+        assert!(c.problems(&[]).is_empty(), "{:?}", c.problems(&[]));
+        assert_eq!(
+            c.proxies[0],
+            {
+                let mut d = super::ProxyConfig {
+                    route: "Game".into(),
+                    backend: "game".into(),
+                    ..Default::default()
+                };
+                d.handlers.insert("HD_Move".into(), 101);
+                d.handlers.insert("HD_Say".into(), 102);
+                d
+            },
+            "the page shows the defaults"
+        );
+        let cluster = include_str!("../../../../docs/cluster.md");
+        let c = Config::from_toml(&block(
+            cluster,
+            "### Calling TianQinS functions from config",
+        ))
+        .expect("parses");
+        assert!(c.problems(&[]).is_empty(), "{:?}", c.problems(&[]));
+        assert_eq!(c.rpc_routes[0].func_name(), "add");
+        assert_eq!(
+            c.rpc_routes[0].timeout_s,
+            super::RpcRouteConfig::default().timeout_s
+        );
     }
 
     #[test]
