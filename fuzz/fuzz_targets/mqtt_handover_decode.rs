@@ -34,13 +34,21 @@ fuzz_target!(|data: &[u8]| {
             assert!(h.filters.len() <= limits.max_filters);
             assert!(h.messages.len() <= limits.max_messages);
             assert!(h.awaiting.len() <= limits.max_awaiting);
-            assert!(h.filters.iter().all(|(f, q)| f.len() <= limits.max_topic_len && *q <= 2));
+            assert!(
+                h.filters
+                    .iter()
+                    .all(|(f, q)| f.len() <= limits.max_topic_len && *q <= 2)
+            );
             assert!(h.messages.iter().all(|m| {
                 (1..=2).contains(&m.qos)
                     && !m.topic.is_empty()
                     && !matches!(m.state, Delivery::Released { .. } if m.qos != 2)
             }));
         }
-        assert_eq!(answer.encode(), body, "an accepted body encodes back to itself");
+        assert_eq!(
+            answer.encode(),
+            body,
+            "an accepted body encodes back to itself"
+        );
     }
 });
