@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, wait_until
 from docblocks import Shell, Step, Terminal, blocks, chat_through, commands, find_block, nodes_joined, wait_normalized
 
 DOCS = REPO_ROOT / "docs"
@@ -69,6 +69,7 @@ INVENTORY: dict[tuple[str, str], str] = {
     ("docs/cluster.md", "nats-server -js"): "test_cluster_walk_with_target_release_warren",
     ("docs/cluster.md", "# terminal 1: the gate"): "test_cluster_walk_with_target_release_warren",
     ("docs/cluster.md", "warren serve --config examples/cluster/gate.toml --bus redis://"): "test_cluster_on_redis (the RabbitMQ line is not run)",
+    ("docs/backends.md", "redis-server &"): "test_backends_gobase_sample",
     ("docs/protocols/mqtt.md", "warren serve --listen mqtt://127.0.0.1:1884"): "test_mqtt_try_it",
     ("docs/protocols/line.md", "warren serve --listen line://127.0.0.1:10241                    # echo handler"): "test_line_listeners",
     ("docs/protocols/line.md", "warren serve --listen line://127.0.0.1:10241 --listen"): "test_line_try_it_with_telnet",
@@ -206,6 +207,21 @@ def test_cluster_on_redis(tmp_path: Path):
         started = sh.walk([Step("redis-server")] + redis)
         nodes_joined(started[redis[0].cmd], "chat1")
         chat_through(sh)
+
+
+def test_backends_gobase_sample(tmp_path: Path):
+    steps = commands(find_block(DOCS / "backends.md", "redis-server &").lines)
+    assert [s.cmd.split()[0] for s in steps] == ["redis-server", "python3", "python3", "warren"], steps
+    with Shell(tmp_path, "backends") as sh:
+        started = sh.walk(steps)
+        # both services of the block are called, each round trip logged with its service
+        node = started[steps[3].cmd]
+        for sid in ("gate1", "gate2"):
+            wait_until(
+                lambda sid=sid: any("backend heartbeat answered" in line and f"service={sid}" in line for line in node.output().splitlines()),
+                timeout=30,
+                msg=f"no round trip to {sid} logged:\n{node.output()[-3000:]}",
+            )
 
 
 # ---- docs/protocols ----------------------------------------------------------------------------
