@@ -453,7 +453,12 @@ async fn write_loop<C: Codec, H: Hooks<C>>(
                 }
                 hooks.on_send(svc, bytes.len());
             }
-            None => svc.inner.out_ready.notified().await,
+            None => {
+                svc.inner.out_ready.notified().await;
+                // let the other senders woken with the one that notified (a batch of answers
+                // wakes a batch of callers) queue theirs first: one write for all of them
+                tokio::task::yield_now().await;
+            }
         }
     }
 }
