@@ -250,8 +250,9 @@ async fn serve(
     stop_http.cancel();
     bridges.stop();
     backends.shutdown().await;
-    proxies.shutdown().await;
     node.shutdown().await;
+    // after the gate's drain: requests still in flight keep their backend until they end
+    proxies.shutdown().await;
     if let Some((_, task)) = http {
         let _ = task.await;
     }
