@@ -66,6 +66,7 @@ INVENTORY: dict[tuple[str, str], str] = {
     ("docs/benchmarks.md", "bench/compare --wait-quiet --only request,request16"): "not run: measurement runs of minutes (issue 12, after the rework)",
     ("docs/benchmarks.md", "taskset -c 0 target/release/warren serve --no-http"): "not run: a measurement run of a minute (plugins, issue 13)",
     ("docs/benchmarks.md", "bench/compare --wait-quiet --only qos1-1to1"): "not run: measurement runs of minutes (MQTT QoS 1 and the store, issue 14)",
+    ("docs/benchmarks.md", "for run in 1 2 3; do target/release/warren bench backend --json; done"): "test_backend_bench_as_documented",
     ("docs/cluster.md", "nats-server -js"): "test_cluster_walk_with_target_release_warren",
     ("docs/cluster.md", "# terminal 1: the gate"): "test_cluster_walk_with_target_release_warren",
     ("docs/cluster.md", "warren serve --config examples/cluster/gate.toml --bus redis://"): "test_cluster_on_redis (the RabbitMQ line is not run)",
@@ -182,6 +183,17 @@ def test_warren_bench_as_documented(tmp_path: Path):
         # `--pid $(pgrep -n warren)` found the server: its memory was read
         conns = json.loads(sh.outputs[steps[-1].cmd].strip().splitlines()[-1])
         assert conns["opened"] == 10000 and any(k.startswith("rss") for k in conns), conns
+
+
+def test_backend_bench_as_documented(tmp_path: Path):
+    steps = commands(find_block(DOCS / "benchmarks.md", "for run in 1 2 3; do target/release/warren bench backend").lines)
+    assert len(steps) == 1, steps
+    with Shell(tmp_path, "bench-backend") as sh:
+        sh.walk(steps)
+        runs = [json.loads(line) for line in sh.outputs[steps[0].cmd].strip().splitlines()]
+        assert len(runs) == 3, runs
+        for r in runs:
+            assert r["scenario"] == "backend" and r["raw_rps"] > 0 and r["backend_rps"] > 0, r
 
 
 # ---- docs/cluster.md ---------------------------------------------------------------------------
