@@ -23,5 +23,5 @@ pub mod etcd;
 pub mod nats;
 pub mod proxy;
 pub mod redis;
-pub mod rpc_route;
 mod retained_value;
+pub mod rpc_route;
