@@ -30,6 +30,7 @@
     allow(dead_code, unused_imports, unused_variables)
 )]
 
+mod backend;
 mod channel;
 mod error;
 mod module;
@@ -51,9 +52,10 @@ use futures_util::future::BoxFuture;
 use warren::gate::line::ChannelHandler;
 use warren::{CallError, Execution};
 
+pub use backend::{BackendCaller, BackendRequest, BackendTarget};
 pub use channel::ChannelPlugin;
 pub use error::{PluginError, PluginErrorKind};
-pub use module::ModulePlugin;
+pub use module::{BackendMsg, ModulePlugin};
 #[cfg(feature = "native")]
 pub use native::ABI_VERSION;
 pub use watch::{PluginWatcher, WatchError};

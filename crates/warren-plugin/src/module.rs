@@ -31,6 +31,7 @@ pub(crate) const HOOKS: &[&str] = &[
     "on_session_closed",
     "export_state",
     "import_state",
+    "on_backend_msg",
 ];
 
 /// Whether a script-level name is a handler: not a hook, not private (`_name`). (The Python
@@ -48,6 +49,8 @@ pub(crate) struct CallCx {
     pub(crate) session: Option<Arc<Session>>,
     pub(crate) instance: Arc<InstanceInfo>,
     pub(crate) redis_rpc: Arc<RedisRpcSlot>,
+    /// The node's `[[backend]]` groups (`warren.backend_*`) once they run.
+    pub(crate) backends: Arc<crate::backend::BackendSlot>,
 }
 
 /// Where a module plugin's `warren.rpc_call` goes: empty until the node's `[[redis_rpc]]`
@@ -61,6 +64,7 @@ impl CallCx {
             session: cx.session().cloned(),
             instance: Arc::new(cx.instance().clone()),
             redis_rpc: cx.state().redis_rpc.clone(),
+            backends: cx.state().backends.clone(),
         }
     }
 
@@ -71,6 +75,11 @@ impl CallCx {
                 "no Redis RPC endpoint: rpc_call needs a [[redis_rpc]] entry in the config".into(),
             )
         })
+    }
+
+    /// The backend groups, or the error a script gets when the node has none.
+    pub(crate) fn backends(&self) -> Result<Arc<dyn crate::BackendCaller>, CallError> {
+        crate::backend::caller(&self.backends)
     }
 
     /// The node behind the services, for session operations and rooms.
@@ -162,6 +171,15 @@ pub(crate) trait ModuleVersion: Send + Sync {
     fn destroy(self: Arc<Self>, cx: CallCx) -> BoxFuture<'static, Result<(), PluginError>>;
     /// Run `on_session_closed(session)`.
     fn session_closed(self: Arc<Self>, cx: CallCx) -> BoxFuture<'static, Result<(), CallError>>;
+    /// Run `on_backend_msg(group, service, msgid, body)` if the script defines it.
+    fn backend_msg(
+        self: Arc<Self>,
+        cx: CallCx,
+        msg: BackendMsg,
+    ) -> BoxFuture<'static, Result<(), CallError>> {
+        let _ = (cx, msg);
+        Box::pin(async { Ok(()) })
+    }
     /// `export_state()`: the state to hand to the next version.
     fn export_state(self: Arc<Self>) -> BoxFuture<'static, Result<Option<Value>, PluginError>>;
     /// `import_state(state)`: take over the previous version's state.
@@ -295,6 +313,21 @@ pub struct ModulePlugin {
     reloading: tokio::sync::Mutex<()>,
     /// The Redis-RPC peers scripts reach through `warren.rpc_call`.
     redis_rpc: Arc<RedisRpcSlot>,
+    /// The backend groups scripts reach through `warren.backend_*`.
+    backends: Arc<crate::backend::BackendSlot>,
+}
+
+/// A message a `[[backend]]` group received that answers no call, for `on_backend_msg`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendMsg {
+    /// The group.
+    pub group: String,
+    /// The id of the service that sent it.
+    pub service: String,
+    /// Its msgid.
+    pub msgid: u32,
+    /// Its body.
+    pub body: Bytes,
 }
 
 impl std::fmt::Debug for ModulePlugin {
@@ -349,6 +382,7 @@ impl ModulePlugin {
             init: Mutex::new(None),
             reloading: tokio::sync::Mutex::new(()),
             redis_rpc: Arc::new(RwLock::new(None)),
+            backends: Arc::new(RwLock::new(None)),
         }))
     }
 
@@ -507,6 +541,32 @@ impl ModulePlugin {
     /// then; until it is, those raise an `unavailable` error).
     pub fn set_redis_rpc(&self, peers: Arc<dyn RedisRpcCaller>) {
         *self.redis_rpc.write() = Some(peers);
+    }
+
+    /// Give the module's scripts the node's `[[backend]]` groups, for `warren.backend_send`,
+    /// `warren.backend_send_to` and `warren.backend_call` (the groups start after the node;
+    /// until then those raise an `unavailable` error).
+    pub fn set_backends(&self, groups: Arc<dyn crate::BackendCaller>) {
+        *self.backends.write() = Some(groups);
+    }
+
+    /// Whether the running version defines `on_backend_msg`.
+    pub fn wants_backend_msgs(&self) -> bool {
+        self.slot.current().value.has_hook("on_backend_msg")
+    }
+
+    /// Hand a message a backend group received (and no call waited for) to the running
+    /// version's `on_backend_msg`, with the context `on_init` had (no session). Before the
+    /// instance started, or when the script does not define it, nothing runs.
+    pub async fn backend_msg(&self, msg: BackendMsg) -> Result<(), CallError> {
+        let version = self.slot.current().value.clone();
+        if !version.has_hook("on_backend_msg") {
+            return Ok(());
+        }
+        let Some(cx) = self.init.lock().clone() else {
+            return Ok(());
+        };
+        version.backend_msg(cx.without_session(), msg).await
     }
 
     async fn reload_now(&self) -> Result<u64, PluginError> {

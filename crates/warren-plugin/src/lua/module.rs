@@ -332,6 +332,66 @@ fn install_warren_table(
         )?,
     )?;
 
+    // `[[backend]]` groups (docs/plugins.md, "Backend groups")
+    for (name, by_id) in [("backend_send", false), ("backend_send_to", true)] {
+        let cur = current.clone();
+        t.set(
+            name,
+            lua.create_function(
+                move |lua, (group, key, msgid, body): (String, String, u32, mlua::Value)| {
+                    let cx = running(&cur)?;
+                    let target = if by_id {
+                        crate::BackendTarget::Service(key)
+                    } else {
+                        crate::BackendTarget::Hash(key)
+                    };
+                    let body = body_bytes(lua, body)?;
+                    cx.backends()
+                        .and_then(|b| b.send(&group, &target, msgid, body))
+                        .map_err(external)?;
+                    Ok(true)
+                },
+            )?,
+        )?;
+    }
+
+    let cur = current.clone();
+    t.set(
+        "backend_call",
+        lua.create_async_function(
+            move |lua,
+                  (group, key, msgid, body, timeout, answer): (
+                String,
+                String,
+                u32,
+                mlua::Value,
+                Option<f64>,
+                Option<u32>,
+            )| {
+                let cx = running(&cur);
+                let body = body_bytes(&lua, body);
+                async move {
+                    let cx = cx?;
+                    let request = crate::BackendRequest {
+                        group,
+                        target: crate::BackendTarget::Hash(key),
+                        msgid,
+                        answer_msgid: answer.unwrap_or(crate::backend::default_answer(msgid)),
+                        body: body?,
+                        timeout: crate::backend::timeout_of(timeout, rpc_timeout(&cx)),
+                    };
+                    let answer = cx
+                        .backends()
+                        .map_err(external)?
+                        .call(request)
+                        .await
+                        .map_err(external)?;
+                    lua.create_string(&answer)
+                }
+            },
+        )?,
+    )?;
+
     let cur = current.clone();
     t.set(
         "room_add",
@@ -824,6 +884,33 @@ impl ModuleVersion for LuaModule {
             self.run(st, "on_session_closed", f, session)
                 .await
                 .map(|_| ())
+        })
+    }
+
+    fn backend_msg(
+        self: Arc<Self>,
+        cx: CallCx,
+        msg: crate::BackendMsg,
+    ) -> BoxFuture<'static, Result<(), CallError>> {
+        Box::pin(async move {
+            let c = self.checkout().await?;
+            let st = c.state();
+            let Some(f) = st.functions.get("on_backend_msg") else {
+                return Ok(());
+            };
+            let body = st
+                .lua
+                .create_string(&msg.body)
+                .map_err(|e| CallError::App(e.to_string()))?;
+            *st.current.lock() = Some(cx);
+            self.run(
+                st,
+                "on_backend_msg",
+                f,
+                (msg.group, msg.service, msg.msgid, body),
+            )
+            .await
+            .map(|_| ())
         })
     }
 

@@ -356,6 +356,82 @@ fn warren_module<'py>(
             },
         )?,
     )?;
+    // `[[backend]]` groups (docs/plugins.md, "Backend groups")
+    for (name, cname, by_id, doc) in [
+        (
+            "backend_send",
+            c"backend_send",
+            false,
+            c"backend_send(group, key, msgid, body): send a frame to the service that owns key on the backend group's ring",
+        ),
+        (
+            "backend_send_to",
+            c"backend_send_to",
+            true,
+            c"backend_send_to(group, service, msgid, body): send a frame to the backend service of this id",
+        ),
+    ] {
+        w.setattr(
+            name,
+            func(py, cname, doc, move |args| {
+                let py = args.py();
+                let (cx, _) = running()?;
+                let group: String = arg(args, 0)?.extract()?;
+                let key: String = arg(args, 1)?.extract()?;
+                let msgid: u32 = arg(args, 2)?.extract()?;
+                let body = super::body_bytes(&arg(args, 3)?)?;
+                let target = if by_id {
+                    crate::BackendTarget::Service(key)
+                } else {
+                    crate::BackendTarget::Hash(key)
+                };
+                cx.backends()
+                    .and_then(|b| b.send(&group, &target, msgid, body))
+                    .map_err(|e| super::raise(py, e))?;
+                Ok(true)
+            })?,
+        )?;
+    }
+    w.setattr(
+        "backend_call",
+        func(
+            py,
+            c"backend_call",
+            c"backend_call(group, key, msgid, body, timeout=None, answer_msgid=None) -> the answer's body (bytes): call the service that owns key on the backend group's ring",
+            |args| {
+                let py = args.py();
+                let (cx, rt) = running()?;
+                let group: String = arg(args, 0)?.extract()?;
+                let key: String = arg(args, 1)?.extract()?;
+                let msgid: u32 = arg(args, 2)?.extract()?;
+                let body = super::body_bytes(&arg(args, 3)?)?;
+                let timeout = args
+                    .get_item(4)
+                    .ok()
+                    .filter(|t| !t.is_none())
+                    .map(|t| t.extract::<f64>())
+                    .transpose()?;
+                let answer = args
+                    .get_item(5)
+                    .ok()
+                    .filter(|t| !t.is_none())
+                    .map(|t| t.extract::<u32>())
+                    .transpose()?;
+                let request = crate::BackendRequest {
+                    group,
+                    target: crate::BackendTarget::Hash(key),
+                    msgid,
+                    answer_msgid: answer.unwrap_or(crate::backend::default_answer(msgid)),
+                    body,
+                    timeout: crate::backend::timeout_of(timeout, rpc_timeout(&cx)),
+                };
+                let reply = super::wait(py, &rt, async move {
+                    cx.backends()?.call(request).await
+                })?;
+                Ok(pyo3::types::PyBytes::new(py, &reply).into_any().unbind())
+            },
+        )?,
+    )?;
     w.setattr(
         "room_add",
         func(
@@ -808,6 +884,26 @@ impl ModuleVersion for PyModuleVersion {
                 })
                 .await
                 .map_err(|e| CallError::App(e.to_string()))
+        })
+    }
+
+    fn backend_msg(
+        self: Arc<Self>,
+        cx: CallCx,
+        msg: crate::BackendMsg,
+    ) -> BoxFuture<'static, Result<(), CallError>> {
+        Box::pin(async move {
+            self.hook("on_backend_msg", Some(cx), move |py| {
+                (
+                    msg.group,
+                    msg.service,
+                    msg.msgid,
+                    pyo3::types::PyBytes::new(py, &msg.body),
+                )
+                    .into_pyobject(py)
+            })
+            .await
+            .map_err(|e| CallError::App(e.to_string()))
         })
     }
 
