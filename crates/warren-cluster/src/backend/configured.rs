@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use warren::config::{
     BackendCodec, BackendConfig, BackendDiscovery, BackendKind, BackendServiceConfig,
@@ -22,12 +23,36 @@ use crate::redis::GobaseLayout;
 /// A config-built group: the gobase test codec and the hooks of [`ConfiguredHooks`].
 pub type ConfiguredGroup = Backends<GobaseTestCodec, ConfiguredHooks>;
 
-/// The rpc id of the sample heartbeat call (the gobase sample's).
-const HEARTBEAT_RPC: RpcId = 1;
+/// The rpc id of the sample heartbeat call: a configured group's calls wait for the msgid of
+/// their answer (the heartbeat's is 2).
+const HEARTBEAT_RPC: RpcId = HEARTBEAT_RESP_ID as RpcId;
 
-/// The hooks a `[[backend]]` table can ask for: today, the gobase sample heartbeat.
+/// Where a configured group's messages that answer no call go: the module plugins'
+/// `on_backend_msg` (docs/plugins.md), set once the node runs ([`ConfiguredBackends::set_sink`]).
+pub type MsgSink = std::sync::Arc<
+    dyn Fn(&Service<GobaseTestCodec>, TestMsg) -> BoxFuture<'static, ()> + Send + Sync,
+>;
+
+/// The sink of a group's hooks, empty until set.
+#[derive(Clone, Default)]
+struct Sink(std::sync::Arc<std::sync::OnceLock<MsgSink>>);
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Sink(set)"
+        } else {
+            "Sink(empty)"
+        })
+    }
+}
+
+/// The hooks a `[[backend]]` table can ask for: the gobase sample heartbeat; calls answered by
+/// the frame whose msgid is the call's rpc id; the other frames to a sink (the plugins).
 #[derive(Debug, Clone, Default)]
 pub struct ConfiguredHooks {
+    /// Where frames that answer no call go.
+    sink: Sink,
     /// Period and timeout of the heartbeat call, if the table has one.
     heartbeat: Option<(Duration, Duration)>,
     /// When each service was last sent a heartbeat (only read by its own delivery task).
@@ -45,6 +70,7 @@ impl ConfiguredHooks {
                 )
             }),
             last: Default::default(),
+            sink: Sink::default(),
         }
     }
 
@@ -64,7 +90,17 @@ impl ConfiguredHooks {
 
 impl Hooks<GobaseTestCodec> for ConfiguredHooks {
     fn check_rpc_resp(&self, msg: &TestMsg) -> Option<RpcId> {
-        (self.heartbeat.is_some() && msg.msgid == HEARTBEAT_RESP_ID).then_some(HEARTBEAT_RPC)
+        // a frame no call waits for goes on to `on_msg`
+        Some(RpcId::from(msg.msgid))
+    }
+
+    async fn on_msg(&self, svc: &Service<GobaseTestCodec>, msg: TestMsg) {
+        if self.heartbeat.is_some() && msg.msgid == HEARTBEAT_RESP_ID {
+            return; // a heartbeat answered after its call ended
+        }
+        if let Some(sink) = self.sink.0.get() {
+            sink(svc, msg).await;
+        }
     }
 
     fn on_remove(&self, svc: &Service<GobaseTestCodec>) {
@@ -190,6 +226,14 @@ impl ConfiguredBackends {
     pub fn get_http(&self, group: &str) -> Option<&HttpBackends> {
         let group = warren::ring::normalize(group);
         self.http.iter().find(|(g, _)| *g == group).map(|(_, b)| b)
+    }
+
+    /// Hand every TCP group's frames that answer no call to `sink` (the module plugins'
+    /// `on_backend_msg`); a second call changes nothing.
+    pub fn set_sink(&self, sink: MsgSink) {
+        for (_, b) in &self.groups {
+            let _ = b.hooks().sink.0.set(sink.clone());
+        }
     }
 
     /// Whether the config has no `[[backend]]` table.

@@ -37,7 +37,7 @@ mod http;
 mod tcp;
 
 pub use codec::{Codec, CodecError, GobaseTestCodec};
-pub use configured::{ConfiguredBackends, ConfiguredGroup, ConfiguredHooks};
+pub use configured::{ConfiguredBackends, ConfiguredGroup, ConfiguredHooks, MsgSink};
 pub use hooks::{Hooks, NoHooks, Redial};
 pub use http::{HttpBackends, HttpOptions, HttpService};
 pub use tcp::Service;
