@@ -42,6 +42,7 @@
 
 mod admin;
 mod advertise;
+mod backend_plugins;
 mod cli;
 mod load;
 mod passwd;

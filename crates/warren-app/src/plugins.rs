@@ -259,6 +259,14 @@ impl Plugins {
         }
     }
 
+    /// The module plugins, for what the node hands them once it runs (backend groups).
+    pub fn modules(&self) -> Vec<Arc<ModulePlugin>> {
+        self.entries()
+            .iter()
+            .filter_map(|e| e.module.clone())
+            .collect()
+    }
+
     /// Whether no plugin is loaded.
     pub fn is_empty(&self) -> bool {
         self.entries().is_empty()

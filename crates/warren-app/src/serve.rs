@@ -195,6 +195,9 @@ async fn serve(
         &config.registry.effective_url(&config.bus),
     )
     .map_err(anyhow::Error::msg)?;
+    let backends = Arc::new(backends);
+    // module plugins send to and call them, and hear what they push (docs/plugins.md)
+    crate::backend_plugins::connect(&plugins, &backends);
     let admin = admin::serve(
         &config.admin,
         plugins.clone(),
