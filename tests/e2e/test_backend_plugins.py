@@ -4,7 +4,8 @@ the real binary.
 A `[[backend]]` static group holds one TCP service speaking the gobase test codec
 (`msgid u32 LE · len u32 LE · body`). A Lua and a Python module each call it with
 `warren.backend_call` from a handler and return the answer to an MQTT client; the errors a script
-sees are the gobase words (`timeout`, `no service`); `warren.backend_send` makes the service push a
+sees are the gobase words (`timeout`, `no service`, and `rpcId exist` for a second call waiting
+for the same answer on one service); `warren.backend_send` makes the service push a
 frame no call waits for, which reaches the `on_backend_msg` of both plugins, and each passes it on
 to the sessions in its room.
 """
@@ -16,6 +17,7 @@ import struct
 import threading
 from pathlib import Path
 
+import pytest
 from chat import ChatClient
 from conftest import Warren, free_port, port_open, wait_until
 
@@ -29,6 +31,7 @@ class Service:
     def __init__(self, port: int) -> None:
         self.port = port
         self.accepted = 0
+        self.unanswered = 0  # frames of msgid 12 received
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -63,6 +66,9 @@ class Service:
                 if len(buf) < 8 + length:
                     break
                 body, buf = buf[8 : 8 + length], buf[8 + length :]
+                if msgid == 12:
+                    with self._lock:
+                        self.unanswered += 1
                 out = {10: (11, b"echo:" + body), 20: (30, b"pushed:" + body)}.get(msgid)
                 if out is not None:
                     conn.sendall(struct.pack("<II", out[0], len(out[1])) + out[1])
@@ -89,6 +95,11 @@ end
 
 function HD_Slow(session, msg)
   local ok, e = pcall(warren.backend_call, "game", "k", 12, msg, 0.3)
+  return tostring(ok) .. " " .. tostring(e)
+end
+
+function HD_Hold(session, msg)
+  local ok, e = pcall(warren.backend_call, "game", "k", 12, msg, tonumber(msg))
   return tostring(ok) .. " " .. tostring(e)
 end
 
@@ -130,6 +141,14 @@ def HD_Slow(session, msg):
         return "false " + str(e)
 
 
+def HD_Hold(session, msg):
+    try:
+        warren.backend_call("game", "k", 12, msg, float(msg))
+        return "true"
+    except Exception as e:
+        return "false " + str(e)
+
+
 def HD_Nowhere(session, msg):
     try:
         warren.backend_call("nope", "k", 10, msg)
@@ -153,7 +172,7 @@ def on_backend_msg(group, service, msgid, body):
     warren.room_broadcast("py-watchers", "PyGame/OnBackend", f"py {group} {service} {msgid} {body.decode()}")
 """
 
-HANDLERS = '["HD_Ask", "HD_Slow", "HD_Nowhere", "HD_Watch", "HD_Poke"]'
+HANDLERS = '["HD_Ask", "HD_Slow", "HD_Hold", "HD_Nowhere", "HD_Watch", "HD_Poke"]'
 
 
 def node(tmp_path: Path, service_port: int) -> tuple[Warren, int]:
@@ -209,6 +228,28 @@ def test_plugins_call_send_and_hear_a_backend_group(tmp_path: Path):
         assert "lua on_backend_msg" in w.log() and "py on_backend_msg" in w.log()
         assert w.running()
         assert w.terminate() == 0
+    finally:
+        w.kill()
+        service.stop()
+
+
+@pytest.mark.parametrize("module", ["LuaGame", "PyGame"])
+def test_a_second_call_waiting_for_the_same_answer_is_refused(module: str, tmp_path: Path):
+    """gobase's rule: one call per answer msgid and service; the second gets `rpcId exist`."""
+    service = Service(free_port())
+    w, port = node(tmp_path, service.port)
+    try:
+        with ChatClient(port) as a, ChatClient(port) as b:
+            first: list = []
+            t = threading.Thread(target=lambda: first.append(a.request(f"{module}/HD_Hold/1", "3", timeout=WAIT_S)))
+            t.start()
+            # the waiter is in place before the frame is written
+            wait_until(lambda: service.unanswered == 1, WAIT_S, msg="the first call reaches the service")
+            second = b.request(f"{module}/HD_Hold/1", "1")["Result"]
+            assert second.startswith("false") and "rpcId exist" in second, second
+            t.join(WAIT_S)
+            assert first and first[0]["Result"].startswith("false") and "timeout" in first[0]["Result"], first
+        assert w.running()
     finally:
         w.kill()
         service.stop()
