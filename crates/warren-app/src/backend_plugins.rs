@@ -35,7 +35,9 @@ pub fn connect(plugins: &Plugins, groups: &Arc<ConfiguredBackends>) {
         let group = svc.name().to_owned();
         let service = svc.id().to_owned();
         Box::pin(async move {
+            let mut taken = false;
             for m in modules.iter().filter(|m| m.wants_backend_msgs()) {
+                taken = true;
                 let delivered = m
                     .backend_msg(BackendMsg {
                         group: group.clone(),
@@ -48,7 +50,8 @@ pub fn connect(plugins: &Plugins, groups: &Arc<ConfiguredBackends>) {
                     tracing::warn!(group = %group, service = %service, msgid = msg.msgid, plugin = %m.path().display(), error = %e, "on_backend_msg failed");
                 }
             }
-        }) as BoxFuture<'static, ()>
+            taken
+        }) as BoxFuture<'static, bool>
     });
     groups.set_sink(sink);
 }

@@ -29,8 +29,10 @@ const HEARTBEAT_RPC: RpcId = HEARTBEAT_RESP_ID as RpcId;
 
 /// Where a configured group's messages that answer no call go: the module plugins'
 /// `on_backend_msg` (docs/plugins.md), set once the node runs ([`ConfiguredBackends::set_sink`]).
+/// Its future says whether anything took the frame: one nobody took is counted
+/// (`warren_backend_frames_unhandled_total{group}`), so dropped frames show.
 pub type MsgSink = std::sync::Arc<
-    dyn Fn(&Service<GobaseTestCodec>, TestMsg) -> BoxFuture<'static, ()> + Send + Sync,
+    dyn Fn(&Service<GobaseTestCodec>, TestMsg) -> BoxFuture<'static, bool> + Send + Sync,
 >;
 
 /// The sink of a group's hooks, empty until set.
@@ -98,8 +100,15 @@ impl Hooks<GobaseTestCodec> for ConfiguredHooks {
         if self.heartbeat.is_some() && msg.msgid == HEARTBEAT_RESP_ID {
             return; // a heartbeat answered after its call ended
         }
-        if let Some(sink) = self.sink.0.get() {
-            sink(svc, msg).await;
+        let msgid = msg.msgid;
+        let taken = match self.sink.0.get() {
+            Some(sink) => sink(svc, msg).await,
+            None => false,
+        };
+        if !taken {
+            metrics::counter!("warren_backend_frames_unhandled_total", "group" => svc.name().to_owned())
+                .increment(1);
+            tracing::debug!(group = %svc.name(), service = %svc.id(), msgid, "backend frame no call waits for and no plugin takes: dropped");
         }
     }
 
