@@ -368,10 +368,13 @@ def test_a_sessions_pipelined_calls_run_one_after_the_other_in_order(kind: str, 
     before it (no two ran at once, none out of order), and every third pushed before its reply."""
     (tmp_path / f"seq.{kind}").write_text(SEQUENCE[kind])
     port = free_port()
+    # each Lua state of a pool has globals of its own: one state, so that SEEN is one table
+    # (Python's threads share one interpreter)
+    workers = "workers = 1\n" if kind == "lua" else ""
     serve_config(
         tmp_path,
         f'[[listener]]\naddr = "127.0.0.1:{port}"\n\n'
-        f'[[module]]\ntype = "Seq"\nplugin = "seq.{kind}"\nlogin_handlers = ["HD_Add"]\n',
+        f'[[module]]\ntype = "Seq"\nplugin = "seq.{kind}"\nlogin_handlers = ["HD_Add"]\n{workers}',
         ports=[port],
     )
     n = 60
