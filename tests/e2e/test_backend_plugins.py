@@ -13,79 +13,31 @@ to the sessions in its room.
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 from pathlib import Path
 
 import pytest
 from chat import ChatClient
 from conftest import Warren, free_port, port_open, wait_until
+from frame_service import FrameService
 
 WAIT_S = 10.0
 
 
-class Service:
+class Service(FrameService):
     """A TCP service on 127.0.0.1:`port`: msgid 10 is answered with msgid 11 and `echo:` + body,
     msgid 12 never, and msgid 20 makes it push msgid 30 with `pushed:` + body."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
-        self.accepted = 0
         self.unanswered = 0  # frames of msgid 12 received
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", port))
-        self._sock.listen()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(port)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.accepted += 1
-                self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        buf = b""
-        while True:
-            try:
-                data = conn.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            buf += data
-            while len(buf) >= 8:
-                msgid, length = struct.unpack_from("<II", buf)
-                if len(buf) < 8 + length:
-                    break
-                body, buf = buf[8 : 8 + length], buf[8 + length :]
-                if msgid == 12:
-                    with self._lock:
-                        self.unanswered += 1
-                out = {10: (11, b"echo:" + body), 20: (30, b"pushed:" + body)}.get(msgid)
-                if out is not None:
-                    conn.sendall(struct.pack("<II", out[0], len(out[1])) + out[1])
-
-    def stop(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-        with self._lock:
-            for c in self._conns:
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                c.close()
+    def on_frame(self, conn: socket.socket, msgid: int, body: bytes) -> None:
+        if msgid == 12:
+            self.unanswered += 1
+        out = {10: (11, b"echo:" + body), 20: (30, b"pushed:" + body)}.get(msgid)
+        if out is not None:
+            self.send(conn, *out)
 
 
 LUA = """

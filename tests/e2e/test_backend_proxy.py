@@ -23,6 +23,7 @@ import pytest
 from brokers import Broker, installed
 from chat import ChatClient
 from conftest import Warren, free_port, wait_until
+from frame_service import FrameService
 from test_jsonws import JsonWs
 
 ECHO, SAY, CLOSED = 101, 102, 199
@@ -42,81 +43,28 @@ def unenvelope(body: bytes) -> tuple[int, str, str, bytes]:
     return seq, sid, name, body[at + 2 + nl :]
 
 
-def frame(msgid: int, body: bytes) -> bytes:
-    return struct.pack("<II", msgid, len(body)) + body
-
-
-class GameServer:
+class GameServer(FrameService):
     """A game server behind the gate: it answers msgid 101 (echo) with what it saw, answers
     msgid 102 (say) after pushing `Game/OnSay` to the session, and records every frame."""
 
     def __init__(self, port: int, name: str) -> None:
-        self.port, self.name = port, name
+        self.name = name
         self.frames: list[tuple[int, int, str, str, bytes]] = []
-        self.conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", port))
-        self._sock.listen()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _send(self, conn: socket.socket, data: bytes) -> None:
-        with self._lock:
-            conn.sendall(data)
+        super().__init__(port)
 
     def push(self, sid: str, topic: str, body: bytes) -> None:
         """A push (seq 0) to a session, on the newest connection."""
-        self._send(self.conns[-1], frame(900, envelope(0, sid, topic, body)))
+        self.send(self.conns[-1], 900, envelope(0, sid, topic, body))
 
-    def _serve(self, conn: socket.socket) -> None:
-        buf = b""
-        while True:
-            try:
-                data = conn.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            buf += data
-            while len(buf) >= 8:
-                msgid, length = struct.unpack_from("<II", buf)
-                if len(buf) < 8 + length:
-                    break
-                body, buf = buf[8 : 8 + length], buf[8 + length :]
-                seq, sid, uid, payload = unenvelope(body)
-                with self._lock:
-                    self.frames.append((msgid, seq, sid, uid, payload))
-                if msgid == ECHO:
-                    answer = {"server": self.name, "sid": sid, "uid": uid, "got": json.loads(payload)}
-                    self._send(conn, frame(ECHO, envelope(seq, sid, "", json.dumps(answer).encode())))
-                elif msgid == SAY:
-                    self._send(conn, frame(900, envelope(0, sid, "Game/OnSay", payload)))
-                    self._send(conn, frame(SAY, envelope(seq, sid, "", b'"said"')))
-
-    def stop(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-        with self._lock:
-            for c in self.conns:
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                c.close()
+    def on_frame(self, conn: socket.socket, msgid: int, body: bytes) -> None:
+        seq, sid, uid, payload = unenvelope(body)
+        self.frames.append((msgid, seq, sid, uid, payload))
+        if msgid == ECHO:
+            answer = {"server": self.name, "sid": sid, "uid": uid, "got": json.loads(payload)}
+            self.send(conn, ECHO, envelope(seq, sid, "", json.dumps(answer).encode()))
+        elif msgid == SAY:
+            self.send(conn, 900, envelope(0, sid, "Game/OnSay", payload))
+            self.send(conn, SAY, envelope(seq, sid, "", b'"said"'))
 
 
 def proxy_config(tmp_path: Path, ports: list[int]) -> Path:

@@ -14,84 +14,28 @@ Lua scripts) registers and deregisters them, and calls each with the heartbeat e
 from __future__ import annotations
 
 import socket
-import struct
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 from brokers import Broker, installed
 from conftest import REPO_ROOT, Warren, free_port, wait_until, warren_bin
+from frame_service import FrameService
 from test_gobase_registry import GobasePeer
 
 
-class GobaseService:
+class GobaseService(FrameService):
     """A TCP service on 127.0.0.1:`port` that answers the sample heartbeat (msgid 1 → msgid 2)
     and counts the connections it accepted."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
-        self.accepted = 0
-        self.closed = 0  # connections the peer (warren) closed
         self.frames: list[tuple[int, bytes]] = []
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", port))
-        self._sock.listen()
-        self._stopped = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(port)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.accepted += 1
-                self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        buf = b""
-        while True:
-            try:
-                data = conn.recv(65536)
-            except OSError:
-                return
-            if not data:
-                with self._lock:
-                    self.closed += 1
-                return
-            buf += data
-            while len(buf) >= 8:
-                msgid, length = struct.unpack_from("<II", buf)
-                if len(buf) < 8 + length:
-                    break
-                body, buf = buf[8 : 8 + length], buf[8 + length :]
-                with self._lock:
-                    self.frames.append((msgid, body))
-                if msgid == 1:
-                    conn.sendall(struct.pack("<II", 2, 11) + b"heatrespmsg")
-
-    def stop(self) -> None:
-        """Close the listener and every connection."""
-        try:
-            # wakes the thread blocked in accept(), which would otherwise keep the port bound
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-        with self._lock:
-            for c in self._conns:
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                c.close()
-            self._conns.clear()
+    def on_frame(self, conn: socket.socket, msgid: int, body: bytes) -> None:
+        self.frames.append((msgid, body))
+        if msgid == 1:
+            self.send(conn, 2, b"heatrespmsg")
 
 
 def config(tmp_path: Path, services: list[tuple[str, int]]) -> Path:
