@@ -676,16 +676,21 @@ impl MqttState {
         st.filters.iter().map(|(f, q)| (f.clone(), *q)).collect()
     }
 
-    /// Discard the session (clean session, expiry): it takes nothing more; returns its filters
-    /// so the trie can drop them.
-    pub fn discard(&self) -> Vec<Box<str>> {
-        let mut st = self.inner.lock();
+    /// Mark the session as taking nothing more (discarded or handed over); its durable rows
+    /// are deleted by whoever took it out of the node's store.
+    fn stop_taking(&self, st: &mut Inner) {
         st.discarded = true;
-        // deleted from the durable store by whoever took it out of the node's store
         st.keeper = None;
         st.handed.clear();
         self.durable
             .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Discard the session (clean session, expiry): it takes nothing more; returns its filters
+    /// so the trie can drop them.
+    pub fn discard(&self) -> Vec<Box<str>> {
+        let mut st = self.inner.lock();
+        self.stop_taking(&mut st);
         st.queue.clear();
         st.refused.clear();
         st.inflight.clear();
@@ -701,12 +706,7 @@ impl MqttState {
     /// the export and the filters, which the caller takes out of the trie.
     pub fn hand_over(&self, caps: &handover::Limits) -> (handover::Handover, Vec<Box<str>>) {
         let mut st = self.inner.lock();
-        st.discarded = true;
-        // deleted from the durable store by whoever took it out of the node's store
-        st.keeper = None;
-        st.handed.clear();
-        self.durable
-            .store(false, std::sync::atomic::Ordering::Release);
+        self.stop_taking(&mut st);
         let filters: Vec<(Box<str>, u8)> = st.filters.drain().collect();
         let mut size = 2
             + 1

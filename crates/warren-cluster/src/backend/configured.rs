@@ -187,33 +187,15 @@ impl ConfiguredBackends {
                         BackendCodec::GobaseTest => GobaseTestCodec::new(c.max_body),
                     };
                     let b = Backends::new(codec, ConfiguredHooks::for_table(c), options(c));
-                    match src {
-                        None => b.update(&group, services(c)),
-                        Some(src) => {
-                            let feed = b.clone();
-                            src.spawn(
-                                move |g: &str, s| feed.update(g, s),
-                                filter,
-                                stop.child_token(),
-                            );
-                        }
-                    }
+                    let feed = b.clone();
+                    follow(src, &group, c, move |g, s| feed.update(g, s), filter, &stop);
                     groups.push((group, b));
                 }
                 BackendKind::Http => {
                     let b = HttpBackends::new(http_options(c))
                         .map_err(|e| format!("[[backend]] group {:?}: {e}", c.group))?;
-                    match src {
-                        None => b.update(&group, services(c)),
-                        Some(src) => {
-                            let feed = b.clone();
-                            src.spawn(
-                                move |g: &str, s| feed.update(g, s),
-                                filter,
-                                stop.child_token(),
-                            );
-                        }
-                    }
+                    let feed = b.clone();
+                    follow(src, &group, c, move |g, s| feed.update(g, s), filter, &stop);
                     http.push((group, b));
                 }
             }
@@ -288,6 +270,22 @@ impl Source {
 }
 
 /// The registry a table watches, or `None` for a static table.
+/// Feed a group its services: the table's static list now, or what its registry source lists
+/// from now on.
+fn follow(
+    src: Option<Source>,
+    group: &str,
+    c: &BackendConfig,
+    update: impl Fn(&str, Vec<ServiceConf>) + Send + Sync + 'static,
+    filter: MemberFilter,
+    stop: &CancellationToken,
+) {
+    match src {
+        None => update(group, services(c)),
+        Some(src) => src.spawn(update, filter, stop.child_token()),
+    }
+}
+
 fn source(c: &BackendConfig, node_registry: &str) -> Result<Option<Source>, String> {
     if c.discovery != BackendDiscovery::Registry {
         return Ok(None);
