@@ -40,6 +40,7 @@ use warren::config::AdminConfig;
 use warren::node::NodeHandle;
 use warren_plugin::{Plugin, PluginError, PluginErrorKind};
 
+use crate::logging::LogControl;
 use crate::plugins::{PluginEntry, PluginRole, Plugins};
 
 /// The largest request body: a handler's source is a few lines.
@@ -50,6 +51,8 @@ const MAX_BODY: usize = 64 * 1024;
 struct AdminState {
     plugins: Arc<Plugins>,
     node: NodeHandle,
+    /// The process's log filter, read and changed by `/admin/log`.
+    log: LogControl,
     /// The bearer token requests must carry, when one is configured.
     token: Option<Arc<str>>,
 }
@@ -68,6 +71,7 @@ pub(crate) async fn serve(
     cfg: &AdminConfig,
     plugins: Arc<Plugins>,
     node: NodeHandle,
+    log: LogControl,
     stop: CancellationToken,
 ) -> anyhow::Result<Option<(SocketAddr, JoinHandle<()>)>> {
     let Some(addr) = cfg.socket_addr() else {
@@ -93,6 +97,7 @@ pub(crate) async fn serve(
     let app = router(AdminState {
         plugins,
         node,
+        log,
         token,
     });
     let task = tokio::spawn(async move {
@@ -113,6 +118,7 @@ pub(crate) async fn serve(
 /// The API's routes, behind the token check.
 fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/admin/log", get(get_log).put(set_log))
         .route("/admin/plugins", get(list_plugins))
         .route("/admin/plugins/{name}/reload", post(reload_plugin))
         .route(
@@ -174,6 +180,41 @@ fn bearer(value: &str) -> Option<&str> {
 /// Compare two tokens in time that does not depend on where they differ.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `GET /admin/log`: the log filter in force on this node.
+async fn get_log(State(s): State<AdminState>) -> Json<Value> {
+    Json(json!({ "node": s.node.id(), "filter": s.log.filter() }))
+}
+
+/// `PUT /admin/log` with `{"filter":"<RUST_LOG directives>"}`: change this node's log filter
+/// now; a filter that does not parse is refused (400) and the old one stays.
+async fn set_log(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, AdminError> {
+    let Json(body) =
+        body.map_err(|r| AdminError::new(StatusCode::BAD_REQUEST, "bad_request", r.body_text()))?;
+    let filter = body
+        .get("filter")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            AdminError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the body is {\"filter\":\"<directives>\"}, e.g. {\"filter\":\"info,warren::gate=debug\"}",
+            )
+        })?;
+    let before = s.log.filter();
+    s.log.set_filter(filter).map_err(|why| {
+        tracing::warn!(peer = %caller.peer, token = caller.token, filter = %filter, reason = %why, "admin: log filter not changed");
+        AdminError::new(StatusCode::BAD_REQUEST, "bad_filter", why)
+    })?;
+    tracing::info!(peer = %caller.peer, token = caller.token, from = %before, filter = %filter, "admin: log filter changed");
+    Ok(Json(
+        json!({ "node": s.node.id(), "filter": filter, "previous": before }),
+    ))
 }
 
 /// `GET /admin/plugins`: every plugin this node loaded.

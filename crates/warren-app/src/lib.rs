@@ -45,6 +45,7 @@ mod advertise;
 mod backend_plugins;
 mod cli;
 mod load;
+mod logging;
 mod passwd;
 mod plugin_host;
 mod plugins;

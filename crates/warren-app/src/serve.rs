@@ -14,12 +14,13 @@ use warren::config::{Config, ModuleConfig};
 use crate::advertise::{Advertised, Advertising};
 use crate::cli::ServeArgs;
 use crate::load::resolve_config;
+use crate::logging::{self, LogControl};
 use crate::plugins::Plugins;
 use crate::{App, Role, admin, plugin_host, web};
 
 /// Run `serve` or `node` with these arguments until a signal stops the node.
 pub(crate) fn run(app: &App, role: Role, args: ServeArgs) -> ExitCode {
-    init_logging();
+    let log = logging::init();
     let config = match resolve_config(app, role, &args) {
         Ok(c) => c,
         Err(e) => {
@@ -49,27 +50,13 @@ pub(crate) fn run(app: &App, role: Role, args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(app, config, || resolve_config(app, role, &args))) {
+    match rt.block_on(serve(app, config, log, || resolve_config(app, role, &args))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`); a panic is logged as an error.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    std::panic::set_hook(Box::new(|info| {
-        tracing::error!(panic = %info, "panic");
-    }));
 }
 
 /// Descriptors kept for what is not a client connection (log, registry, bus, web page…) when
@@ -115,6 +102,7 @@ fn raise_nofile(config: &Config) {
 async fn serve(
     app: &App,
     config: Config,
+    log: LogControl,
     reload: impl Fn() -> anyhow::Result<Config>,
 ) -> anyhow::Result<()> {
     if config.listeners.is_empty() {
@@ -202,6 +190,7 @@ async fn serve(
         &config.admin,
         plugins.clone(),
         node.handle().clone(),
+        log,
         stop_http.clone(),
     )
     .await?;
