@@ -24,31 +24,32 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context as _;
+use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Extension, Json};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use warren::config::AdminConfig;
 use warren::node::NodeHandle;
-use warren_plugin::{Plugin, PluginError, PluginErrorKind};
+use warren_plugin::{PluginError, PluginErrorKind};
 
 use crate::logging::LogControl;
-use crate::plugins::{PluginEntry, PluginRole, Plugins};
+use crate::plugins::Plugins;
+
+mod log;
+mod plugins;
 
 /// The largest request body: a handler's source is a few lines.
-const MAX_BODY: usize = 64 * 1024;
+pub(super) const MAX_BODY: usize = 64 * 1024;
 
 /// What the handlers share.
 #[derive(Clone)]
-struct AdminState {
+pub(super) struct AdminState {
     plugins: Arc<Plugins>,
     node: NodeHandle,
     /// The process's log filter, read and changed by `/admin/log`.
@@ -59,7 +60,7 @@ struct AdminState {
 
 /// Who made a request, for the change log: set by [`authorize`].
 #[derive(Debug, Clone, Copy)]
-struct Caller {
+pub(super) struct Caller {
     peer: SocketAddr,
     /// Whether the request carried the (right) token; false on a token-less loopback API.
     token: bool,
@@ -118,12 +119,12 @@ pub(crate) async fn serve(
 /// The API's routes, behind the token check.
 fn router(state: AdminState) -> Router {
     Router::new()
-        .route("/admin/log", get(get_log).put(set_log))
-        .route("/admin/plugins", get(list_plugins))
-        .route("/admin/plugins/{name}/reload", post(reload_plugin))
+        .route("/admin/log", get(log::get_log).put(log::set_log))
+        .route("/admin/plugins", get(plugins::list_plugins))
+        .route("/admin/plugins/{name}/reload", post(plugins::reload_plugin))
         .route(
             "/admin/modules/{module}/handlers/{handler}",
-            put(replace_handler),
+            put(plugins::replace_handler),
         )
         .fallback(|| async { AdminError::new(StatusCode::NOT_FOUND, "not_found", "no such path") })
         .method_not_allowed_fallback(|| async {
@@ -182,218 +183,10 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `GET /admin/log`: the log filter in force on this node.
-async fn get_log(State(s): State<AdminState>) -> Json<Value> {
-    Json(json!({ "node": s.node.id(), "filter": s.log.filter() }))
-}
-
-/// `PUT /admin/log` with `{"filter":"<RUST_LOG directives>"}`: change this node's log filter
-/// now; a filter that does not parse is refused (400) and the old one stays.
-async fn set_log(
-    State(s): State<AdminState>,
-    Extension(caller): Extension<Caller>,
-    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Value>, AdminError> {
-    let Json(body) =
-        body.map_err(|r| AdminError::new(StatusCode::BAD_REQUEST, "bad_request", r.body_text()))?;
-    let filter = body
-        .get("filter")
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            AdminError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "the body is {\"filter\":\"<directives>\"}, e.g. {\"filter\":\"info,warren::gate=debug\"}",
-            )
-        })?;
-    let before = s.log.filter();
-    s.log.set_filter(filter).map_err(|why| {
-        tracing::warn!(peer = %caller.peer, token = caller.token, filter = %filter, reason = %why, "admin: log filter not changed");
-        AdminError::new(StatusCode::BAD_REQUEST, "bad_filter", why)
-    })?;
-    tracing::info!(peer = %caller.peer, token = caller.token, from = %before, filter = %filter, "admin: log filter changed");
-    Ok(Json(
-        json!({ "node": s.node.id(), "filter": filter, "previous": before }),
-    ))
-}
-
-/// `GET /admin/plugins`: every plugin this node loaded.
-async fn list_plugins(State(s): State<AdminState>) -> Json<Value> {
-    let plugins: Vec<Value> = s.plugins.list().iter().map(|e| describe(e)).collect();
-    Json(json!({ "node": s.node.id(), "plugins": plugins }))
-}
-
-/// Where the instances of module type `module` run, as the registry last reported the cluster:
-/// whether one runs on this node, and `{"node","instance"}` for each on another node.
-fn placement(node: &NodeHandle, module: &str) -> (bool, Vec<Value>) {
-    let me = node.id();
-    let mut here = false;
-    let mut elsewhere = Vec::new();
-    for record in node.nodes().iter() {
-        for i in record.instances.iter().filter(|i| i.module == module) {
-            if record.id == me {
-                here = true;
-            } else {
-                elsewhere.push(json!({ "node": record.id, "instance": i.id }));
-            }
-        }
-    }
-    (here, elsewhere)
-}
-
-/// A plugin as the API shows it.
-fn describe(e: &PluginEntry) -> Value {
-    let (module, listener) = match e.role() {
-        PluginRole::Module(m) => (Some(m.as_str()), None),
-        PluginRole::Listener(a) => (None, Some(a.as_str())),
-    };
-    json!({
-        "name": e.name(),
-        "role": e.role().as_str(),
-        "module": module,
-        "listener": listener,
-        "kind": e.kind().as_str(),
-        "path": e.path().display().to_string(),
-        "version": e.version(),
-        "loaded_at": rfc3339(e.loaded_at()),
-        "patched": e.patched(),
-        "last_error": e.last_error().map(|f| json!({
-            "message": f.message,
-            "line": f.line,
-            "at": rfc3339(f.at),
-        })),
-    })
-}
-
-/// `POST /admin/plugins/{name}/reload`: load the file again; on error the running version
-/// stays and the reply says why.
-async fn reload_plugin(
-    State(s): State<AdminState>,
-    Extension(caller): Extension<Caller>,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, AdminError> {
-    let entry = s.plugins.get(&name).ok_or_else(|| {
-        AdminError::new(
-            StatusCode::NOT_FOUND,
-            "no_such_plugin",
-            format!("no plugin {name:?} (GET /admin/plugins lists them)"),
-        )
-    })?;
-    let before = entry.version();
-    match entry.reload().await {
-        Ok(version) => {
-            tracing::info!(peer = %caller.peer, token = caller.token, plugin = %name, path = %entry.path().display(), from = before, version, "admin: plugin reloaded");
-            Ok(Json(
-                json!({ "name": name, "version": version, "previous": before, "node": s.node.id() }),
-            ))
-        }
-        Err(e) => {
-            tracing::warn!(peer = %caller.peer, token = caller.token, plugin = %name, path = %entry.path().display(), version = before, error = %e, "admin: plugin reload failed; the running version stays");
-            Err(AdminError::plugin("reload_failed", &e).running(before))
-        }
-    }
-}
-
-/// `PUT /admin/modules/{module}/handlers/{handler}`: replace one handler of a Lua or Python
-/// module, on every instance of it this node runs, with the request body (the function's
-/// source). This node only: the answer names it and lists the instances on other nodes, which
-/// keep their handler (an admin API never acts for another node: no bus topic may run code).
-async fn replace_handler(
-    State(s): State<AdminState>,
-    Extension(caller): Extension<Caller>,
-    Path((module, handler)): Path<(String, String)>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, AdminError> {
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            AdminError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("a handler's source is at most {MAX_BODY} bytes"),
-            )
-        } else {
-            AdminError::new(StatusCode::BAD_REQUEST, "bad_request", r.body_text())
-        }
-    })?;
-    let source = std::str::from_utf8(&body)
-        .ok()
-        .filter(|s| !s.trim().is_empty())
-        .ok_or_else(|| {
-            AdminError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "the body is the handler's source: UTF-8 text, not empty",
-            )
-        })?;
-    let entries = s.plugins.modules_of(&module);
-    let (here, elsewhere) = placement(&s.node, &module);
-    if entries.is_empty() {
-        return Err(if !here && !elsewhere.is_empty() {
-            let nodes: Vec<&str> = elsewhere
-                .iter()
-                .filter_map(|e| e["node"].as_str())
-                .collect();
-            AdminError::new(
-                StatusCode::CONFLICT,
-                "not_on_this_node",
-                format!(
-                    "module {module} does not run on this node ({}) but on {}: send the patch to \
-                     the admin API of each node that runs it",
-                    s.node.id(),
-                    nodes.join(", ")
-                ),
-            )
-        } else if s.node.router().has_module(&module) {
-            AdminError::new(
-                StatusCode::CONFLICT,
-                "not_a_plugin",
-                format!(
-                    "module {module} is not a plugin module of this node (a Rust module): only Lua \
-                     and Python modules can have a handler replaced"
-                ),
-            )
-        } else {
-            AdminError::new(
-                StatusCode::NOT_FOUND,
-                "no_such_module",
-                format!("no module {module:?}"),
-            )
-        });
-    }
-    let mut instances = Vec::with_capacity(entries.len());
-    for entry in &entries {
-        let Some(plugin) = entry.module() else {
-            continue;
-        };
-        if let Err(e) = plugin.replace_handler(&handler, source).await {
-            tracing::warn!(peer = %caller.peer, token = caller.token, module = %module, plugin = %entry.name(), handler = %handler, bytes = source.len(), error = %e, "admin: handler not replaced; the running one stays");
-            let code = if e.kind() == PluginErrorKind::NoHandler {
-                "no_such_handler"
-            } else {
-                "patch_failed"
-            };
-            return Err(AdminError::plugin(code, &e));
-        }
-        tracing::info!(peer = %caller.peer, token = caller.token, module = %module, plugin = %entry.name(), path = %entry.path().display(), version = entry.version(), handler = %handler, bytes = source.len(), "admin: handler replaced");
-        instances.push(json!({
-            "name": entry.name(),
-            "version": entry.version(),
-            "patched": entry.patched(),
-        }));
-    }
-    Ok(Json(json!({
-        "module": module,
-        "handler": handler,
-        "instances": instances,
-        "node": s.node.id(),
-        "elsewhere": elsewhere,
-    })))
-}
-
 /// An error reply: `{"error":{"code":…,"message":…}}` and its status; a failed reload also says
 /// which version still runs.
 #[derive(Debug)]
-struct AdminError {
+pub(super) struct AdminError {
     status: StatusCode,
     code: &'static str,
     message: String,
@@ -458,7 +251,7 @@ impl IntoResponse for AdminError {
 }
 
 /// A time as RFC 3339 in UTC, to the millisecond (`2026-01-02T03:04:05.678Z`).
-fn rfc3339(t: SystemTime) -> String {
+pub(super) fn rfc3339(t: SystemTime) -> String {
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rest) = (secs / 86_400, secs % 86_400);
