@@ -26,6 +26,7 @@ fuzz_target!(|data: &[u8]| {
             timeout_ms,
             sent_ms,
             reply,
+            trace,
         } => encode_call(&CallRef {
             id: *id,
             from,
@@ -36,6 +37,7 @@ fuzz_target!(|data: &[u8]| {
             timeout_ms: *timeout_ms,
             sent_ms: *sent_ms,
             reply: *reply,
+            trace: *trace,
         })
         .expect("a decoded call encodes"),
         NodeFrame::Reply { id, result: Ok(b) } => encode_reply_ok(*id, b),

@@ -11,7 +11,8 @@
 //! [`line`](mod@line), JSON-over-WebSocket frames in [`json_ws`], and the pomelo-rpc messages and their
 //! stream-pkg TCP framing in [`pomelo_rpc`] and [`stream_pkg`]. The frames warren nodes send each
 //! other over a broker are in [`node_frame`]; the gobase test codec a node speaks to its TCP
-//! backend services is in [`backend_frame`].
+//! backend services is in [`backend_frame`]; the W3C trace context a call carries across nodes
+//! is in [`trace_context`].
 
 #![forbid(unsafe_code)]
 
@@ -26,3 +27,4 @@ pub mod pomelo;
 pub mod pomelo_rpc;
 pub mod proxy_envelope;
 pub mod stream_pkg;
+pub mod trace_context;

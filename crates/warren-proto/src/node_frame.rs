@@ -11,7 +11,9 @@
 //! ```text
 //! 'W' 2                         magic and version
 //! kind: u8                      1 call, 2 reply with a result, 3 reply with an error
-//! call:   id u64, timeout_ms u64, sent_ms u64, flags u8 (1 = wants a reply, 2 = has a session),
+//! call:   id u64, timeout_ms u64, sent_ms u64, flags u8 (1 = wants a reply, 2 = has a session,
+//!         4 = has a trace context),
+//!         [trace: trace id 16 bytes, span id 8 bytes, trace flags u8 (when flagged)],
 //!         from str16, instance str16, handler str16,
 //!         [session: flags u8 (1 = WebSocket, 2 = has a uid), protocol str16, id str16,
 //!                   uid str16 (when flagged), remote address (4 then 4 address bytes, or 6
@@ -21,6 +23,11 @@
 //! result: id u64, body: the rest
 //! error:  id u64, kind label str16, detail: the rest (UTF-8)
 //! ```
+//!
+//! The trace context (flag 4) is the W3C `traceparent` of the request the call belongs to
+//! ([`crate::trace_context`]) in raw bytes: the receiving node logs the call under the same trace
+//! id. A frame without the flag decodes as before; a node older than the flag cannot read a frame
+//! that has it (`[log] trace = false` on the new nodes during such an upgrade).
 //!
 //! A message on a node's inbox that does not start with the magic, is truncated, or holds bad
 //! UTF-8 or a bad address is refused with a [`FrameError`]; lengths are checked against what is
@@ -32,6 +39,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde_json::{Map, Value};
 use thiserror::Error;
 
+use crate::trace_context::{SpanId, TraceContext, TraceId};
+
 /// First two bytes of every frame: a tag and the format version.
 pub const MAGIC: [u8; 2] = [b'W', 2];
 
@@ -40,6 +49,7 @@ const KIND_OK: u8 = 2;
 const KIND_ERR: u8 = 3;
 const CALL_REPLY: u8 = 1;
 const CALL_SESSION: u8 = 2;
+const CALL_TRACE: u8 = 4;
 const SESSION_WS: u8 = 1;
 const SESSION_UID: u8 = 2;
 
@@ -104,6 +114,8 @@ pub struct CallRef<'a> {
     pub sent_ms: u64,
     /// Whether the caller waits for a reply.
     pub reply: bool,
+    /// The request this call belongs to, when the caller traces it.
+    pub trace: Option<TraceContext>,
 }
 
 /// A decoded session.
@@ -165,6 +177,8 @@ pub enum NodeFrame {
         sent_ms: u64,
         /// Whether the caller waits for a reply.
         reply: bool,
+        /// The request this call belongs to, when the caller traces it.
+        trace: Option<TraceContext>,
     },
     /// The result of a call made by the receiving node.
     Reply {
@@ -187,7 +201,16 @@ fn call_size(c: &CallRef<'_>) -> usize {
     let session = c.session.map_or(0, |s| {
         1 + 14 + s.protocol.len() + s.id.len() + s.uid.map_or(0, str::len) + 19 + s.gate.len()
     });
-    2 + 1 + 25 + 6 + c.from.len() + c.instance.len() + c.handler.len() + session + c.body.len()
+    let trace = if c.trace.is_some() { 25 } else { 0 };
+    2 + 1
+        + 25
+        + trace
+        + 6
+        + c.from.len()
+        + c.instance.len()
+        + c.handler.len()
+        + session
+        + c.body.len()
 }
 
 /// Encode a call.
@@ -205,7 +228,15 @@ pub fn encode_call(c: &CallRef<'_>) -> Result<Bytes, FrameError> {
     if c.session.is_some() {
         flags |= CALL_SESSION;
     }
+    if c.trace.is_some() {
+        flags |= CALL_TRACE;
+    }
     out.put_u8(flags);
+    if let Some(t) = &c.trace {
+        out.put_slice(&t.trace_id.0);
+        out.put_slice(&t.span_id.0);
+        out.put_u8(t.flags);
+    }
     put_str16(&mut out, "sending node id", c.from)?;
     put_str16(&mut out, "instance id", c.instance)?;
     put_str16(&mut out, "handler name", c.handler)?;
@@ -316,6 +347,23 @@ impl Reader {
             .map_err(|_| FrameError::Malformed(format!("{what} is not UTF-8")))
     }
 
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], FrameError> {
+        if self.buf.remaining() < N {
+            return Err(FrameError::Truncated(what));
+        }
+        let mut out = [0u8; N];
+        self.buf.copy_to_slice(&mut out);
+        Ok(out)
+    }
+
+    fn trace(&mut self) -> Result<TraceContext, FrameError> {
+        Ok(TraceContext {
+            trace_id: TraceId(self.array("trace id")?),
+            span_id: SpanId(self.array("span id")?),
+            flags: self.u8("trace flags")?,
+        })
+    }
+
     fn bytes32(&mut self, what: &'static str) -> Result<Bytes, FrameError> {
         if self.buf.remaining() < 4 {
             return Err(FrameError::Truncated(what));
@@ -384,6 +432,11 @@ pub fn decode(frame: Bytes) -> Result<NodeFrame, FrameError> {
             let timeout_ms = r.u64("timeout")?;
             let sent_ms = r.u64("send time")?;
             let flags = r.u8("call flags")?;
+            let trace = if flags & CALL_TRACE != 0 {
+                Some(r.trace()?)
+            } else {
+                None
+            };
             let from = r.str16("sending node id")?;
             let instance = r.str16("instance id")?;
             let handler = r.str16("handler name")?;
@@ -402,6 +455,7 @@ pub fn decode(frame: Bytes) -> Result<NodeFrame, FrameError> {
                 timeout_ms,
                 sent_ms,
                 reply: flags & CALL_REPLY != 0,
+                trace,
             })
         }
         KIND_OK => {
@@ -465,6 +519,7 @@ mod tests {
                 timeout_ms: 5000,
                 sent_ms: 1_700_000_000_000,
                 reply,
+                trace: None,
             };
             let wire = encode_call(&call).unwrap();
             let NodeFrame::Call {
@@ -477,6 +532,7 @@ mod tests {
                 timeout_ms,
                 sent_ms,
                 reply: r,
+                ..
             } = decode(wire.clone()).unwrap()
             else {
                 panic!("not a call");
@@ -553,6 +609,7 @@ mod tests {
             timeout_ms: 1,
             sent_ms: 1,
             reply: true,
+            trace: None,
         };
         assert!(matches!(encode_call(&call), Err(FrameError::TooLong(..))));
     }

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::error::CallError;
 use crate::session::Session;
+use crate::trace::TraceContext;
 
 /// One call on its way to an instance.
 #[derive(Debug)]
@@ -25,6 +26,9 @@ pub struct Call {
     pub body: Bytes,
     /// When the caller stops waiting.
     pub deadline: Instant,
+    /// The client request this call serves, when traced (crate::trace): the node that runs it
+    /// logs it under the same trace id.
+    pub trace: Option<TraceContext>,
 }
 
 impl Call {
@@ -38,6 +42,7 @@ impl Call {
             session: None,
             body: Bytes::new(),
             deadline,
+            trace: None,
         }
     }
 
@@ -50,6 +55,12 @@ impl Call {
     /// The request body.
     pub fn body(mut self, body: impl Into<Bytes>) -> Call {
         self.body = body.into();
+        self
+    }
+
+    /// The trace of the client request this call serves.
+    pub fn trace(mut self, trace: Option<TraceContext>) -> Call {
+        self.trace = trace;
         self
     }
 }

@@ -39,6 +39,7 @@ pub mod ring;
 pub mod route;
 pub mod router;
 pub mod session;
+pub mod trace;
 
 pub use error::{CallError, CallErrorKind};
 pub use module::{Context, Execution, Json, Module, ModuleBuilder, Services};

@@ -184,6 +184,12 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Short name for logs and metrics (`nats`, `redis`, `amqp`).
     fn kind(&self) -> &'static str;
+
+    /// Whether the broker connection is up now, for `/readyz` (a transport that cannot tell
+    /// says yes: a failed send is its report).
+    fn is_connected(&self) -> bool {
+        true
+    }
 }
 
 /// A node's inbox as a transport hands it over ([`Transport::serve`]): the frames in arrival
@@ -607,7 +613,11 @@ impl RemoteBus {
                 timeout_ms,
                 sent_ms,
                 reply,
+                trace,
             } => {
+                if let Some(t) = &trace {
+                    tracing::debug!(target: "warren::trace", trace_id = %t.trace_id, parent_span_id = %t.span_id, %from, %instance, %handler, "call received");
+                }
                 let age = now_ms().saturating_sub(sent_ms);
                 if age > timeout_ms.saturating_add(STALE_GRACE_MS) {
                     metrics::counter!("warren_bus_calls_expired_total").increment(1);
@@ -643,6 +653,7 @@ impl RemoteBus {
                     session,
                     body,
                     deadline,
+                    trace,
                 };
                 match local.deliver(call, reply).await {
                     Err(CallError::Closed) => {
@@ -656,6 +667,9 @@ impl RemoteBus {
                             Ok(r) => r,
                             Err(_) => Err(CallError::Timeout),
                         };
+                        if let Some(t) = &trace {
+                            tracing::debug!(target: "warren::trace", trace_id = %t.trace_id, to = %from, ok = r.is_ok(), "reply sent");
+                        }
                         (from, id, r)
                     })),
                 }
@@ -720,6 +734,7 @@ impl RemoteBus {
             timeout_ms,
             sent_ms: now_ms(),
             reply,
+            trace: call.trace,
         })
         .map_err(|e| CallError::bad_request(Detail::caused("cannot encode call", e)))?;
         let max = self.transport.max_frame();
@@ -827,6 +842,7 @@ mod tests {
                 timeout_ms: 5000,
                 sent_ms: now_ms(),
                 reply: true,
+                trace: None,
             })
             .expect("encode");
             match node_frame::decode(b).expect("decode") {

@@ -234,6 +234,7 @@ fn call(instance: &str, within: Duration) -> Call {
         session: None,
         body: Bytes::from_static(b"{}"),
         deadline: Instant::now() + within,
+        trace: None,
     }
 }
 

@@ -7,6 +7,7 @@
 mod golden;
 mod json_ws_golden;
 mod line_golden;
+mod node_frame;
 mod pomelo;
 mod pomelo_rpc_golden;
 mod roundtrip;

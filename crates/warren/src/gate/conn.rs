@@ -831,6 +831,13 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     ) -> Result<(), (Option<T>, CallError)> {
         let now = Instant::now();
         let deadline = now + self.cfg.rpc_expired();
+        // the request's trace (crate::trace): its span, off unless `warren::trace` logs debug
+        let trace = crate::trace::start(None);
+        let span = trace.as_ref().map(|t| {
+            let span = crate::trace::request_span(t, &target.module, handler, &session.id);
+            span.in_scope(|| tracing::debug!(target: "warren::trace", node = %target.node, instance = %target.instance, "request"));
+            span
+        });
         let session = Some(session);
         let local = self.local_instance(target);
         let router = self.gate.node.router();
@@ -838,19 +845,27 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             // in this process: run it here when the instance allows (no envelope, no channel)
             Some(instance) => {
                 instance
-                    .call_here(handler, session, body, now, deadline, true)
+                    .call_here(handler, session, body, now, deadline, true, trace)
                     .await
             }
             None => router
                 .call(
                     target,
-                    target.call(handler, deadline).session(session).body(body),
+                    target
+                        .call(handler, deadline)
+                        .session(session)
+                        .body(body)
+                        .trace(trace),
                 )
                 .await
                 .map(Some),
         };
         match sent {
             Ok(Some(pending)) => {
+                let pending = match span {
+                    Some(span) if !span.is_disabled() => traced_reply(pending, span),
+                    _ => pending,
+                };
                 self.pending.push(ReplyFuture { tag, pending });
                 Ok(())
             }
@@ -1031,6 +1046,22 @@ fn poll_write(
             }
         }
     }
+}
+
+/// A traced request's pending reply, logged under the request's span when it arrives (only
+/// while that span is on: see crate::trace).
+fn traced_reply(pending: Pending, span: tracing::Span) -> Pending {
+    Pending::Remote(Box::pin(tracing::Instrument::instrument(
+        async move {
+            let r = pending.await;
+            match &r {
+                Ok(body) => tracing::debug!(target: "warren::trace", bytes = body.len(), "reply"),
+                Err(e) => tracing::debug!(target: "warren::trace", error = %e, "reply"),
+            }
+            r
+        },
+        span,
+    )))
 }
 
 /// Run a session to its end: the read loop, then the protocol's cleanup, then

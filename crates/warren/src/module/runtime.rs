@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::bus::{Bus, Call};
+use crate::trace::TraceContext;
 use parking_lot::RwLock;
 
 /// One call as it travels to an instance.
@@ -18,6 +19,8 @@ pub struct Job {
     pub deadline: Instant,
     /// Where the result goes; `None` for calls without reply.
     pub reply: Option<oneshot::Sender<Result<Bytes, CallError>>>,
+    /// The client request this call serves, when traced: the handler runs in its span.
+    pub trace: Option<TraceContext>,
 }
 
 /// A running instance of a module: its mailbox and its execution lanes.
@@ -224,6 +227,7 @@ impl Instance {
     /// moves, as it is, to a lane task of its own, and the caller gets a [`Pending::Local`].
     /// Everything else (a busy lane, a sequential instance) goes through the mailbox as
     /// [`Instance::submit`] does, so one session's calls still run one after another, in order.
+    #[allow(clippy::too_many_arguments)] // the parts of a call, as the gate holds them
     pub(crate) async fn call_here(
         &self,
         handler: &str,
@@ -232,10 +236,11 @@ impl Instance {
         started: Instant,
         deadline: Instant,
         reply: bool,
+        trace: Option<TraceContext>,
     ) -> Result<Option<Pending>, CallError> {
         let Mailbox::Concurrent(lanes) = &self.mailbox else {
             return self
-                .submit_call(handler, session, body, deadline, reply)
+                .submit_call(handler, session, body, deadline, reply, trace)
                 .await;
         };
         // the session's lane: looked for only while some lane runs (while none does, nothing of
@@ -258,7 +263,7 @@ impl Instance {
             };
             if busy {
                 return self
-                    .submit_call(handler, session, body, deadline, reply)
+                    .submit_call(handler, session, body, deadline, reply, trace)
                     .await;
             }
         }
@@ -271,6 +276,7 @@ impl Instance {
             body,
             deadline,
             started,
+            trace.as_ref(),
         ) {
             Ok(fut) => fut,
             Err(e) => {
@@ -339,6 +345,7 @@ impl Instance {
         body: Bytes,
         deadline: Instant,
         reply: bool,
+        trace: Option<TraceContext>,
     ) -> Result<Option<Pending>, CallError> {
         let (tx, rx) = if reply {
             let (tx, rx) = oneshot::channel();
@@ -352,6 +359,7 @@ impl Instance {
             body,
             deadline,
             reply: tx,
+            trace,
         })
         .await?;
         Ok(rx.map(Pending::Local))
@@ -364,6 +372,7 @@ type Running = futures_util::future::CatchUnwind<
 >;
 
 /// Start a handler: its future, or why it cannot run (no such handler, deadline already passed).
+#[allow(clippy::too_many_arguments)] // the parts of a call, as the callers hold them
 fn begin(
     module: &Module,
     env: &Env,
@@ -372,12 +381,35 @@ fn begin(
     body: Bytes,
     deadline: Instant,
     started: Instant,
+    trace: Option<&TraceContext>,
 ) -> Result<Running, CallError> {
     match module.def.handlers.get(handler) {
         None => Err(CallError::HandlerNotFound(handler.to_owned())),
         Some(_) if started >= deadline => Err(CallError::Timeout),
-        Some(h) => Ok(AssertUnwindSafe((h.f)(env.clone(), session, body)).catch_unwind()),
+        Some(h) => {
+            let fut = traced((h.f)(env.clone(), session, body), trace, env, handler);
+            Ok(AssertUnwindSafe(fut).catch_unwind())
+        }
     }
+}
+
+/// A handler's future run in the span of the request it serves (crate::trace), so its log
+/// lines carry the trace id; as it is while that span is off (the usual case: no cost).
+fn traced(
+    fut: BoxFuture<'static, Result<Bytes, CallError>>,
+    trace: Option<&TraceContext>,
+    env: &Env,
+    handler: &str,
+) -> BoxFuture<'static, Result<Bytes, CallError>> {
+    let Some(t) = trace else {
+        return fut;
+    };
+    let span = crate::trace::call_span(t, &env.instance.module, handler);
+    if span.is_disabled() {
+        return fut;
+    }
+    span.in_scope(|| tracing::debug!("handler starts"));
+    Box::pin(tracing::Instrument::instrument(fut, span))
 }
 
 /// A handler's outcome: its result, or a typed error (and one log line, one metric) if it
@@ -470,6 +502,7 @@ async fn execute(module: &Module, env: &Env, job: Job) {
         body,
         deadline,
         reply,
+        trace,
     } = job;
     let started = Instant::now();
     let result = match begin(
@@ -480,6 +513,7 @@ async fn execute(module: &Module, env: &Env, job: Job) {
         body,
         deadline,
         started,
+        trace.as_ref(),
     ) {
         Err(e) => Err(e),
         Ok(fut) => drive(fut, deadline, env, &handler, session.as_deref()).await,
@@ -508,6 +542,7 @@ async fn execute_in_order(
             body,
             deadline,
             reply,
+            trace,
         } = job;
         let refused = match module.def.handlers.get(&*handler) {
             None => Some(CallError::HandlerNotFound(handler.to_string())),
@@ -521,15 +556,16 @@ async fn execute_in_order(
             continue;
         }
         calls.push((handler.clone(), session.clone(), body));
-        waiting.push((handler, session, deadline, reply));
+        waiting.push((handler, session, deadline, reply, trace));
     }
     if calls.is_empty() {
         return;
     }
     let mut futures = runner(env.clone(), calls).into_iter();
-    for (handler, session, deadline, reply) in waiting {
+    for (handler, session, deadline, reply, trace) in waiting {
         let result = match futures.next() {
             Some(fut) => {
+                let fut = traced(fut, trace.as_ref(), env, &handler);
                 let fut: Running = AssertUnwindSafe(fut).catch_unwind();
                 drive(fut, deadline, env, &handler, session.as_deref()).await
             }
@@ -624,6 +660,7 @@ impl LocalBus {
                 body: call.body,
                 deadline: call.deadline,
                 reply: tx,
+                trace: call.trace,
             })
             .await?;
         Ok(rx.map(Pending::Local))
@@ -724,6 +761,7 @@ mod tests {
             body: Bytes::copy_from_slice(body.as_bytes()),
             deadline: Instant::now() + Duration::from_secs(5),
             reply: Some(tx),
+            trace: None,
         };
         (job, rx)
     }
