@@ -75,6 +75,30 @@ pub struct Config {
     pub plugins: PluginsConfig,
     /// Node-wide settings of default-mode MQTT (`[mqtt]`).
     pub mqtt: MqttConfig,
+    /// The Prometheus metrics of `/metrics` (`[metrics]`).
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: whether the node records metrics for `/metrics` (docs/metrics.md). Off, no
+/// recorder is installed at all, so what recording costs can be measured against nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Record metrics and serve them at `/metrics`; false: `/metrics` answers 404 and every
+    /// metric update is a no-op.
+    pub enabled: bool,
+    /// Include the process's own figures (resident memory, CPU seconds, open descriptors),
+    /// read from `/proc/self` at each scrape.
+    pub process: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            process: true,
+        }
+    }
 }
 
 /// `[mqtt]`: what every default-mode MQTT listener of a node shares (docs/protocols/mqtt.md):

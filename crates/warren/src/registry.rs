@@ -75,6 +75,11 @@ pub trait Registry: Send + Sync + 'static {
     fn watch(&self) -> watch::Receiver<Arc<Vec<NodeRecord>>>;
     /// Short name for logs.
     fn kind(&self) -> &'static str;
+    /// Whether the registry's server is reachable now, for `/readyz` (one that cannot tell, or
+    /// lives in memory, says yes).
+    fn is_connected(&self) -> bool {
+        true
+    }
 }
 
 /// A registry held in memory: the nodes of this process.

@@ -115,6 +115,10 @@ impl AmqpTransport {
 }
 
 impl Transport for AmqpTransport {
+    fn is_connected(&self) -> bool {
+        AmqpTransport::is_connected(self)
+    }
+
     fn send(&self, node: &str, frame: Bytes) -> BoxFuture<'_, Result<(), TransportError>> {
         let node = node.to_owned();
         Box::pin(async move { self.publish(&node, &[frame]).await })

@@ -627,6 +627,10 @@ impl Registry for KvRegistry {
     fn kind(&self) -> &'static str {
         "nats"
     }
+
+    fn is_connected(&self) -> bool {
+        is_connected(&self.shared.client)
+    }
 }
 
 #[cfg(test)]

@@ -274,6 +274,10 @@ impl Transport for NatsTransport {
     fn kind(&self) -> &'static str {
         "nats"
     }
+
+    fn is_connected(&self) -> bool {
+        super::is_connected(&self.client)
+    }
 }
 
 #[cfg(test)]

@@ -354,6 +354,8 @@ pub(crate) struct SessionConn<T> {
     /// The last route this connection resolved, kept while it holds (most clients call one
     /// module over and over): no table lookups, ring walks or instance lookups per request.
     route_cache: Option<Box<RouteCache>>,
+    /// Its listener's traffic metrics (gate/traffic.rs).
+    traffic: Arc<super::traffic::ListenerTraffic>,
 }
 
 /// One resolved route of a connection: valid while the router's generation and the session
@@ -494,6 +496,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         node.session_table().insert(handle.clone());
         let rates = Rates::new(&cfg);
         SessionConn {
+        let traffic = gate.traffic.of(&cfg);
             gate,
             cfg,
             handle,
@@ -510,6 +513,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             rates,
             route_cache: None,
         }
+            traffic,
     }
 
     /// Whether another request may be taken in: fewer than `max_inflight` awaiting their
@@ -525,6 +529,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     pub(crate) fn admit_message(&mut self) {
         self.messages_in += 1;
         if let Some(r) = self.rates.as_deref_mut()
+        self.traffic.messages_in.increment(1);
             && r.msgs.is_some()
         {
             r.msg_debt += 1;
@@ -542,6 +547,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     /// Count `n` bytes read from the socket against `byte_rate`.
     fn admit_bytes(&mut self, n: usize) {
         if let Some(r) = self.rates.as_deref_mut()
+        self.traffic.bytes_in.increment(n as u64);
             && r.bytes.is_some()
         {
             r.byte_debt += n as u64;
@@ -649,7 +655,10 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         match o {
             Outbound::Close => self.closing = Some(close_code::NORMAL),
             Outbound::CloseCode(code) => self.closing = Some(code),
-            o => self.framer.frame(o, &mut self.out),
+            o => {
+                self.traffic.messages_out.increment(1);
+                self.framer.frame(o, &mut self.out)
+            }
         }
     }
 
@@ -673,6 +682,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     /// Account for `n` bytes written: give back what `out` held of the session's queue bytes.
     fn wrote(&mut self, n: usize) {
         let empty = self.out.buf.is_empty();
+        self.traffic.bytes_out.increment(n as u64);
         let back = if empty {
             self.out_counted
         } else {

@@ -23,6 +23,7 @@ use tracing::Instrument;
 use super::access::{IpSlot, ListenerAccess};
 use super::io::{self, Prefixed, Reader, Writer, WsFraming, WsIo};
 use super::tls::TlsState;
+use super::traffic::{ListenerTraffic, OpenConnection};
 use super::{Gate, json, line, mqtt, pomelo, pomelo_rpc, proxy, upgrade};
 use crate::config::{ListenerConfig, ProtocolOptions};
 use crate::refusal::{deny, refuse};
@@ -59,7 +60,10 @@ pub(crate) async fn listen(
     } else {
         Kind::Stream
     };
+    let traffic = ListenerTraffic::new(&cfg, local_addr);
+    gate.traffic.add(&cfg, traffic.clone());
     let listener = Arc::new(Listener {
+        traffic,
         slots: Arc::new(Semaphore::new(cfg.max_conn)),
         gate: gate.clone(),
         cfg: cfg.clone(),
@@ -92,6 +96,8 @@ struct Listener {
     slots: Arc<Semaphore>,
     /// IP lists and TLS settings, reloaded on SIGHUP.
     access: Arc<ListenerAccess>,
+    /// Its traffic metrics (gate/traffic.rs).
+    traffic: Arc<ListenerTraffic>,
     kind: Kind,
 }
 
@@ -100,6 +106,8 @@ struct Listener {
 struct Slot {
     _permit: OwnedSemaphorePermit,
     ip: Option<IpSlot>,
+    /// Its place in `warren_connections_active`.
+    _open: OpenConnection,
 }
 
 /// Hand a connection to its protocol, inside the connection's span (node, peer, protocol,
@@ -233,6 +241,7 @@ impl Listener {
         let slot = Slot {
             _permit: permit,
             ip,
+            _open: self.traffic.open(),
         };
         if self.kind == Kind::Stream && !self.cfg.proxy_protocol && self.access.tls.is_none() {
             // nothing comes before the protocol: its task is the connection's, no larger

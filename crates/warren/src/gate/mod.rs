@@ -20,6 +20,7 @@ pub mod proxy;
 
 mod io;
 mod tls;
+mod traffic;
 pub mod upgrade;
 
 pub use line::{Channel, ChannelHandler, Channels, EchoHandler};
@@ -112,6 +113,8 @@ pub(crate) struct Gate {
     client_ids: Mutex<HashMap<String, ClientIdOwner>>,
     /// Default-mode MQTT's node-wide state: retained messages, traffic counters, `$SYS`.
     pub(crate) broker: Arc<mqtt_broker::Broker>,
+    /// Each bound listener's traffic metrics (gate/traffic.rs).
+    pub(crate) traffic: traffic::Traffic,
 }
 
 impl Gate {
@@ -137,6 +140,7 @@ impl Gate {
             channels: Channels::default(),
             client_ids: Mutex::new(HashMap::new()),
             broker: Arc::new(mqtt_broker::Broker::new(config)),
+            traffic: traffic::Traffic::default(),
         }
     }
 

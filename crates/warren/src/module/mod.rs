@@ -41,6 +41,7 @@ use crate::session::{Session, SessionId};
 
 pub use crate::config::Execution;
 
+mod route_metrics;
 mod runtime;
 
 pub(crate) use runtime::Instance;
@@ -351,6 +352,9 @@ struct ModuleDef {
     on_run: Option<RunHook>,
     on_destroy: Option<Hook>,
     in_order: Option<InOrderRunner>,
+    /// The route metrics of its handlers, resolved by [`ModuleBuilder::build`]
+    /// (module/route_metrics.rs).
+    routes: Option<Arc<route_metrics::RouteMetrics>>,
 }
 
 impl std::fmt::Debug for Module {
@@ -381,6 +385,7 @@ impl Module {
                 on_run: None,
                 on_destroy: None,
                 in_order: None,
+                routes: None,
             },
         }
     }
@@ -600,7 +605,11 @@ impl<S: Send + Sync + 'static> ModuleBuilder<S> {
     }
 
     /// Finish the definition.
-    pub fn build(self) -> Module {
+    pub fn build(mut self) -> Module {
+        self.def.routes = Some(Arc::new(route_metrics::RouteMetrics::new(
+            &self.def.name,
+            self.def.handlers.keys().map(|k| &**k),
+        )));
         Module {
             def: Arc::new(self.def),
         }

@@ -281,7 +281,7 @@ impl Instance {
             Ok(fut) => fut,
             Err(e) => {
                 let result = Err(e);
-                record(env, handler, started, &result);
+                record(&lanes.module, handler, started, &result);
                 if let Some(k) = key.filter(|_| claimed) {
                     Lanes::release(lanes, k);
                 }
@@ -295,7 +295,7 @@ impl Instance {
         match polled {
             std::task::Poll::Ready(caught) => {
                 let result = caught_result(caught, env, handler, session.as_deref());
-                record(env, handler, started, &result);
+                record(&lanes.module, handler, started, &result);
                 if let Some(k) = key.filter(|_| claimed) {
                     Lanes::release(lanes, k);
                 }
@@ -326,7 +326,7 @@ impl Instance {
                 lanes.tracker.clone().spawn(async move {
                     let env = &lanes.env;
                     let result = drive(fut, deadline, env, &handler, session.as_deref()).await;
-                    record(env, &handler, started, &result);
+                    record(&lanes.module, &handler, started, &result);
                     deliver(env, &handler, result, tx);
                     if let Some(k) = key {
                         Lanes::release(&lanes, k);
@@ -450,9 +450,11 @@ async fn drive(
     }
 }
 
-/// Count one finished call.
-fn record(_env: &Env, _handler: &str, started: Instant, result: &Result<Bytes, CallError>) {
-    metrics::histogram!("warren_handler_duration_seconds").record(started.elapsed().as_secs_f64());
+/// Count one finished call: by route (module/route_metrics.rs) and, when it failed, by kind.
+fn record(module: &Module, handler: &str, started: Instant, result: &Result<Bytes, CallError>) {
+    if let Some(routes) = &module.def.routes {
+        routes.record(handler, started.elapsed().as_secs_f64(), result);
+    }
     if let Err(e) = result {
         metrics::counter!("warren_call_errors_total", "kind" => e.kind().as_str()).increment(1);
     }
@@ -518,7 +520,7 @@ async fn execute(module: &Module, env: &Env, job: Job) {
         Err(e) => Err(e),
         Ok(fut) => drive(fut, deadline, env, &handler, session.as_deref()).await,
     };
-    record(env, &handler, started, &result);
+    record(module, &handler, started, &result);
     deliver(env, &handler, result, reply);
 }
 
@@ -551,7 +553,7 @@ async fn execute_in_order(
         };
         if let Some(e) = refused {
             let result = Err(e);
-            record(env, &handler, started, &result);
+            record(module, &handler, started, &result);
             deliver(env, &handler, result, reply);
             continue;
         }
@@ -571,7 +573,7 @@ async fn execute_in_order(
             }
             None => Err(CallError::Closed),
         };
-        record(env, &handler, started, &result);
+        record(module, &handler, started, &result);
         deliver(env, &handler, result, reply);
     }
 }
