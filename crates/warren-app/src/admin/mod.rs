@@ -41,6 +41,7 @@ use warren_plugin::{PluginError, PluginErrorKind};
 use crate::logging::LogControl;
 use crate::plugins::Plugins;
 
+mod dashboard;
 mod log;
 mod plugins;
 
@@ -137,6 +138,8 @@ fn router(state: AdminState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
+        // the dashboard page: code only, no data, so no token (admin/dashboard.rs)
+        .merge(dashboard::routes())
 }
 
 /// Refuse a request without the configured token (before anything else, unknown paths
