@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::{App, Role, load, passwd, serve};
+use crate::{App, Role, ctl, load, passwd, serve};
 
 /// The parsed command line.
 #[derive(Parser)]
@@ -43,6 +43,8 @@ enum Command {
     /// Add, change (-b for batch) or delete (-D) a user of an `[auth] password_file`, as
     /// mosquitto_passwd does: `passwd FILE USER`.
     Passwd(passwd::PasswdArgs),
+    /// Ask a running node's admin API: nodes, sessions, kick, push, rooms… (docs/ctl.md).
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(Subcommand)]
@@ -126,6 +128,7 @@ where
     match cli.command {
         Command::Bench(args) => warren_bench::main(args),
         Command::Passwd(args) => passwd::main(app.name, args),
+        Command::Ctl(args) => ctl::main(args),
         Command::Config(ConfigCommand::Convert { file }) => match load::convert(app, &file) {
             Ok(text) => {
                 print!("{text}");

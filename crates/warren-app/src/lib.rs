@@ -44,6 +44,7 @@ mod admin;
 mod advertise;
 mod backend_plugins;
 mod cli;
+mod ctl;
 mod load;
 mod logging;
 mod passwd;
