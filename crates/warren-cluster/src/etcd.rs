@@ -38,7 +38,7 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// The gRPC endpoints of an `etcd://host:port[,host:port…]` URL.
-fn endpoints(url: &str) -> Result<Vec<String>, String> {
+pub(crate) fn endpoints(url: &str) -> Result<Vec<String>, String> {
     let rest = url
         .strip_prefix("etcd://")
         .ok_or_else(|| format!("{url:?} is not an etcd:// URL"))?;

@@ -248,6 +248,8 @@ impl ConfiguredBackends {
 enum Source {
     Redis(RedisSource),
     NatsKv(NatsKvSource),
+    #[cfg(feature = "etcd")]
+    Etcd(super::discovery_etcd::EtcdSource),
 }
 
 impl Source {
@@ -264,6 +266,10 @@ impl Source {
             }
             Source::NatsKv(src) => {
                 tokio::spawn(discovery::watch_nats_kv(update, src, filter, stop));
+            }
+            #[cfg(feature = "etcd")]
+            Source::Etcd(src) => {
+                tokio::spawn(super::discovery_etcd::watch_etcd(update, src, filter, stop));
             }
         }
     }
@@ -316,8 +322,20 @@ fn source(c: &BackendConfig, node_registry: &str) -> Result<Option<Source>, Stri
             bucket: key,
         })));
     }
+    if url.starts_with("etcd://") {
+        #[cfg(feature = "etcd")]
+        return Ok(Some(Source::Etcd(super::discovery_etcd::EtcdSource {
+            url: url.to_owned(),
+            prefix: key,
+        })));
+        #[cfg(not(feature = "etcd"))]
+        return Err(format!(
+            "[[backend]] group {:?}: an etcd:// registry needs a binary built with the `etcd` feature",
+            c.group
+        ));
+    }
     Err(format!(
-        "[[backend]] group {:?}: discovery = \"registry\" reads a redis:// or nats:// registry, and the {} is {:?} (set the table's registry, [registry] url or --registry)",
+        "[[backend]] group {:?}: discovery = \"registry\" reads a redis://, nats:// or etcd:// registry, and the {} is {:?} (set the table's registry, [registry] url or --registry)",
         c.group,
         if own {
             "table's registry"

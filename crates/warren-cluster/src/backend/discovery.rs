@@ -312,7 +312,8 @@ async fn follow_kv(
     }
 }
 
-fn publish(
+/// Hand the group its services when they changed since `last`.
+pub(super) fn publish(
     update: &impl Fn(&str, Vec<ServiceConf>),
     filter: &MemberFilter,
     members: &HashMap<String, GobaseMember>,

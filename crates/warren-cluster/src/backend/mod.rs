@@ -32,6 +32,8 @@ use warren::ring::{Ring, normalize};
 mod codec;
 mod configured;
 pub mod discovery;
+#[cfg(feature = "etcd")]
+pub mod discovery_etcd;
 mod hooks;
 mod http;
 mod tcp;

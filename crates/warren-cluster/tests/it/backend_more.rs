@@ -382,3 +382,85 @@ async fn a_group_follows_a_nats_kv_bucket() {
     stop.cancel();
     group.shutdown().await;
 }
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_follows_an_etcd_prefix() {
+    use warren_cluster::backend::discovery_etcd::{EtcdSource, watch_etcd};
+    Server::require(Kind::Etcd);
+    let etcd = tokio::task::block_in_place(|| Server::start(Kind::Etcd));
+    let url = etcd.url();
+    let endpoint = url.replace("etcd://", "http://");
+    let mut client = etcd_client::Client::connect([endpoint.as_str()], None)
+        .await
+        .expect("etcd");
+    let (a, b) = (Listener::start().await, Listener::start().await);
+    client
+        .put(
+            "backend-demo/gate1",
+            format!("gate&gate1&127.0.0.1&{}&tcp", a.port),
+            None,
+        )
+        .await
+        .expect("put");
+    client
+        .put("backend-demo/junk", "not a member", None)
+        .await
+        .expect("put");
+    // a neighbour prefix is not the group's
+    client
+        .put(
+            "backend-demo-other/gate9",
+            format!("gate&gate9&127.0.0.1&{}&tcp", b.port),
+            None,
+        )
+        .await
+        .expect("put");
+
+    let group: Backends<GobaseTestCodec, NoHooks> = Backends::new(
+        GobaseTestCodec::default(),
+        NoHooks,
+        BackendOptions {
+            immediately: true,
+            ..BackendOptions::default()
+        },
+    );
+    let stop = CancellationToken::new();
+    let feed = group.clone();
+    tokio::spawn(watch_etcd(
+        move |g: &str, s| feed.update(g, s),
+        EtcdSource {
+            url: url.clone(),
+            prefix: "backend-demo".into(),
+        },
+        MemberFilter {
+            group: "gate".into(),
+            scheme: "tcp".into(),
+        },
+        stop.clone(),
+    ));
+    eventually("gate1 is on the ring", || {
+        group.ring_members("gate") == ["gate1"]
+    })
+    .await;
+    client
+        .put(
+            "backend-demo/gate2",
+            format!("gate&gate2&127.0.0.1&{}&tcp", b.port),
+            None,
+        )
+        .await
+        .expect("put");
+    eventually("gate2 joins", || {
+        group.ring_members("gate") == ["gate1", "gate2"]
+    })
+    .await;
+    client
+        .delete("backend-demo/gate1", None)
+        .await
+        .expect("delete");
+    eventually("gate1 leaves", || group.ring_members("gate") == ["gate2"]).await;
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
+    stop.cancel();
+    group.shutdown().await;
+}

@@ -79,12 +79,12 @@ pub struct BackendConfig {
     pub services: Vec<BackendServiceConfig>,
     /// Where the group's services come from: `static` (the `services` list) or `registry`.
     pub discovery: BackendDiscovery,
-    /// The registry URL of `discovery = "registry"`: `redis://…` (a gobase key) or `nats://…`
-    /// (a JetStream key-value bucket of member strings). Empty: the node's registry
-    /// (`[registry] url`, `--registry`).
+    /// The registry URL of `discovery = "registry"`: `redis://…` (a gobase key), `nats://…`
+    /// (a JetStream key-value bucket of member strings) or `etcd://…` (a key prefix of member
+    /// strings; feature `etcd`). Empty: the node's registry (`[registry] url`, `--registry`).
     pub registry: String,
     /// The registry key whose members are the services (Redis: the gobase ZSET key; NATS: the
-    /// bucket).
+    /// bucket; etcd: the prefix, each service a key below `<key>/`).
     pub key: String,
     /// The gobase layout of a Redis `key` (`gobase` or `gobase-seconds`); a `?layout=` on the
     /// URL wins.
@@ -202,13 +202,15 @@ impl BackendConfig {
             }
             let url = self.registry.trim();
             if !url.is_empty()
-                && !["redis://", "rediss://", "nats://"]
+                && !["redis://", "rediss://", "nats://", "etcd://"]
                     .iter()
                     .any(|s| url.starts_with(s))
             {
                 p.add(
                     format!("{key}.registry"),
-                    format!("{url:?}: backend discovery reads a redis:// or nats:// registry"),
+                    format!(
+                        "{url:?}: backend discovery reads a redis://, nats:// or etcd:// registry"
+                    ),
                 );
             }
         }
@@ -352,7 +354,7 @@ mod tests {
             [[backend]]
             group = "gate"
             discovery = "registry"
-            registry = "etcd://127.0.0.1:2379"
+            registry = "zk://127.0.0.1:2181"
             layout = "gobase3"
             services = [{ serviceid = "a", serviceaddr = "h", serviceport = 1 }]
             [[backend]]
