@@ -95,6 +95,16 @@ impl Groups {
         }
     }
 
+    /// Every group's name and member count, sorted by name (the admin API's room list).
+    pub fn list(&self) -> Vec<(Arc<str>, usize)> {
+        let mut out: Vec<(Arc<str>, usize)> = read(&self.groups)
+            .iter()
+            .map(|(name, g)| (name.clone(), read(&g.members).len()))
+            .collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Session ids in a group, in join order (after removals, order is not kept).
     pub fn members(&self, name: &str) -> Vec<SessionId> {
         let group = read(&self.groups).get(name).cloned();

@@ -557,6 +557,10 @@ pub struct SessionHandle {
     bytes: Arc<QueueBytes>,
     /// Subscriptions and groups this session is in, so closing it can clean up.
     memberships: parking_lot::Mutex<Vec<Arc<str>>>,
+    /// When the connection was accepted (the admin API shows it).
+    connected_at: std::time::SystemTime,
+    /// The configured address of the listener that accepted it, set once by the gate.
+    listener: OnceLock<Arc<str>>,
 }
 
 impl SessionHandle {
@@ -579,7 +583,44 @@ impl SessionHandle {
             outbound,
             bytes,
             memberships: parking_lot::Mutex::new(Vec::new()),
+            connected_at: std::time::SystemTime::now(),
+            listener: OnceLock::new(),
         })
+    }
+
+    /// When the connection was accepted.
+    pub fn connected_at(&self) -> std::time::SystemTime {
+        self.connected_at
+    }
+
+    /// The configured address of the listener that accepted the connection, when the gate said.
+    pub fn listener(&self) -> Option<&str> {
+        self.listener.get().map(|a| &**a)
+    }
+
+    /// Record the listener's address (once; later calls are ignored).
+    pub fn set_listener(&self, addr: &str) {
+        let _ = self.listener.set(addr.into());
+    }
+
+    /// Close the connection on an operator's word: a pomelo client first gets a kick package
+    /// with `reason` (when its queue has room), every other protocol sees its connection close.
+    pub fn kick(&self, reason: &str) {
+        if self.snapshot.load().protocol == Protocol::Pomelo {
+            let body = serde_json::json!({ "reason": reason }).to_string();
+            let mut b = bytes::BytesMut::with_capacity(4 + body.len());
+            warren_proto::pomelo::encode_package(
+                warren_proto::pomelo::PackageType::Kick,
+                body.as_bytes(),
+                &mut b,
+            );
+            let item = Outbound::Bytes(Box::new(b.freeze()));
+            let n = item.queued_size();
+            if self.bytes.reserve(n, true).is_ok() && self.outbound.try_send(item).is_err() {
+                self.bytes.release(n);
+            }
+        }
+        self.close();
     }
 
     /// The byte account of this session's queue.
@@ -993,6 +1034,38 @@ mod tests {
             protocol: Protocol::Mqtt,
             gate: "Gate001".into(),
         }
+    }
+
+    #[test]
+    fn a_kicked_pomelo_session_gets_a_kick_package_then_closes() {
+        let (tx, mut rx) = outbox(8);
+        let h = SessionHandle::new(
+            Session {
+                protocol: Protocol::Pomelo,
+                ..session("p1")
+            },
+            tx,
+        );
+        h.set_listener("127.0.0.1:3010");
+        h.set_listener("ignored");
+        assert_eq!(h.listener(), Some("127.0.0.1:3010"));
+        h.kick("maintenance");
+        let Some(Outbound::Bytes(b)) = rx.try_recv() else {
+            panic!("a kick package first")
+        };
+        // type 5 (kick), a 3-byte length, then the JSON body
+        assert_eq!(b[0], 5);
+        assert_eq!(&b[4..], br#"{"reason":"maintenance"}"#);
+        assert!(matches!(rx.try_recv(), Some(Outbound::Close)));
+
+        let (tx, mut rx) = outbox(8);
+        let h = SessionHandle::new(session("m1"), tx);
+        h.kick("bye");
+        assert!(
+            matches!(rx.try_recv(), Some(Outbound::Close)),
+            "MQTT: only the close"
+        );
+        assert!(h.connected_at() <= std::time::SystemTime::now());
     }
 
     #[test]

@@ -493,6 +493,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         tracing::Span::current().record("session", tracing::field::display(&session.id));
         let bytes = QueueBytes::new(cfg.write_queue_bytes, Some(gate.output.clone()));
         let handle = SessionHandle::bounded(session, tx, bytes.clone());
+        handle.set_listener(&cfg.addr);
         node.session_table().insert(handle.clone());
         let rates = Rates::new(&cfg);
         SessionConn {

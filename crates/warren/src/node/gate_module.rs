@@ -155,6 +155,43 @@ pub(crate) fn gate_module(
             "MqttInOrder",
             |cx: crate::Context<T>, body: Bytes| async move { cx.state().mqtt.run_ordered(&body) },
         )
+        // the admin API's questions (docs/admin-api.md): node::admin answers them for this gate
+        .handler(
+            "AdminInfo",
+            |cx: crate::Context<T>, _: Bytes| async move {
+                Ok::<_, CallError>(Json(super::admin::info(cx.node())))
+            },
+        )
+        .handler(
+            "AdminSessions",
+            |cx: crate::Context<T>, Json(q): Json<super::admin::SessionQuery>| async move {
+                Ok::<_, CallError>(Json(super::admin::sessions(cx.node(), &q)))
+            },
+        )
+        .handler(
+            "AdminKick",
+            |cx: crate::Context<T>, Json(k): Json<super::admin::KickRequest>| async move {
+                Ok::<_, CallError>(Json(super::admin::kick(cx.node(), &k)))
+            },
+        )
+        .handler(
+            "AdminPush",
+            |cx: crate::Context<T>, Json(p): Json<super::admin::PushRequest>| async move {
+                Ok::<_, CallError>(Json(super::admin::push(cx.node(), &p)))
+            },
+        )
+        .handler(
+            "AdminBroadcast",
+            |cx: crate::Context<T>, Json(b): Json<super::admin::BroadcastRequest>| async move {
+                Ok::<_, CallError>(Json(super::admin::broadcast(cx.node(), &b)))
+            },
+        )
+        .handler(
+            "AdminRooms",
+            |cx: crate::Context<T>, Json(r): Json<super::admin::RoomsRequest>| async move {
+                Ok::<_, CallError>(Json(super::admin::rooms(cx.node(), &r)))
+            },
+        )
         .handler(
             "Close",
             |cx: crate::Context<T>, Json(a): Json<Vec<Value>>| async move {

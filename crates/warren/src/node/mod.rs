@@ -10,6 +10,7 @@
 //! operations), `gate_module.rs` (the gate's RPC module), `cluster.rs` (cluster diffs for hooks),
 //! `builder.rs` (starting a node), and here the running [`Node`] and why it may not start.
 
+pub mod admin;
 mod builder;
 mod cluster;
 mod gate_module;
