@@ -163,6 +163,10 @@ impl Registry for Advertising {
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
+
+    fn is_connected(&self) -> bool {
+        self.inner.is_connected()
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,7 @@ mod cli;
 mod ctl;
 mod load;
 mod logging;
+mod metrics;
 mod passwd;
 mod plugin_host;
 mod plugins;

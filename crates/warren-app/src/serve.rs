@@ -31,6 +31,8 @@ pub(crate) fn run(app: &App, role: Role, args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // before anything resolves a metric handle (docs/metrics.md)
+    crate::metrics::install(&config.metrics);
     // one thread: the current-thread scheduler, which runs woken tasks in the order they woke,
     // so a writer woken by the first of many queued frames runs after the rest were queued
     let mut builder = match config.node.threads {
@@ -115,6 +117,13 @@ async fn serve(
         .map(|r| Advertising::new(r, Advertised::from_config(&config)));
     // an instance runs here unless it is a peer's (a remote type, another process group) or
     // names another node; a peer's mqant AMQP instance is reached through RabbitMQ
+    let health = crate::metrics::Health::start(
+        &config.metrics,
+        transport.clone(),
+        registry
+            .clone()
+            .map(|r| r as Arc<dyn warren::registry::Registry>),
+    );
     let here = config.clone();
     let runs_here = move |m: &ModuleConfig| here.runs_here(m);
     let mut builder = Node::builder(config.clone());
@@ -164,6 +173,7 @@ async fn serve(
     let plugin_reloader = (!plugins.is_empty())
         .then(|| tokio::spawn(reload_plugins(plugins.clone(), hangups.clone())));
     let stop_http = CancellationToken::new();
+    crate::metrics::spawn_upkeep(stop_http.clone());
     let bridges = warren_cluster::connect::bridges(&config, node.handle(), &runs_here).await?;
     if let Some(rpc) = bridges.redis_rpc.first() {
         plugins.connect_redis_rpc(rpc);
@@ -187,7 +197,7 @@ async fn serve(
     // module plugins send to and call them, and hear what they push (docs/plugins.md)
     crate::backend_plugins::connect(&plugins, &backends);
     let admin = admin::serve(
-        &config,
+        &config.admin,
         plugins.clone(),
         node.handle().clone(),
         log,
@@ -197,7 +207,7 @@ async fn serve(
 
     let http = match &app.web_page {
         Some(page) if config.http.enabled => {
-            let router = page(node.listeners());
+            let router = crate::metrics::with_page(page(node.listeners()));
             let bound = web::serve(&config.http.addr, router, stop_http.clone())
                 .await
                 .with_context(|| format!("cannot serve the web page on {}", config.http.addr))?;
@@ -206,6 +216,7 @@ async fn serve(
         _ => None,
     };
 
+    health.set_bound();
     println!(
         "{} {} node {:?} ready (bus {}, registry {})",
         app.name,
@@ -235,14 +246,16 @@ async fn serve(
     })
     .await;
     tracing::info!("shutdown requested");
+    health.set_draining();
     if let Some(task) = plugin_reloader {
         task.abort();
     }
     drop(watcher);
-    stop_http.cancel();
     bridges.stop();
     backends.shutdown().await;
     node.shutdown().await;
+    // after the drain: /readyz answers "draining" to load balancers while it lasts
+    stop_http.cancel();
     // after the gate's drain: requests still in flight keep their backend until they end
     proxies.shutdown().await;
     if let Some((_, task)) = http {

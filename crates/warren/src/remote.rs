@@ -385,6 +385,8 @@ struct Waiter {
     node: Option<Arc<str>>,
     deadline: Instant,
     tx: oneshot::Sender<Result<Bytes, CallError>>,
+    /// When the call was queued, for `warren_bus_call_duration_seconds`.
+    sent: Instant,
 }
 
 /// A [`Bus`] over a [`Transport`]: encodes calls, correlates replies, enforces deadlines, and fails
@@ -396,6 +398,10 @@ pub struct RemoteBus {
     waiting: Waiting,
     /// Frames for the writer task ([`write_frames`]), started with the first frame sent.
     outbox: OnceLock<mpsc::Sender<Outgoing>>,
+    /// `warren_bus_calls_total{transport}`: calls sent, with or without reply.
+    calls: metrics::Counter,
+    /// `warren_bus_call_duration_seconds{transport}`: from sending to the reply's arrival.
+    call_duration: metrics::Histogram,
 }
 
 impl std::fmt::Debug for RemoteBus {
@@ -410,7 +416,10 @@ impl std::fmt::Debug for RemoteBus {
 impl RemoteBus {
     /// A bus for node `node` over `transport`. Call [`RemoteBus::serve`] to receive.
     pub fn new(node: &str, transport: Arc<dyn Transport>) -> Arc<RemoteBus> {
+        let kind = transport.kind();
         Arc::new(RemoteBus {
+            calls: metrics::counter!("warren_bus_calls_total", "transport" => kind),
+            call_duration: metrics::histogram!("warren_bus_call_duration_seconds", "transport" => kind),
             node: node.into(),
             transport,
             next_id: AtomicU64::new(1),
@@ -600,6 +609,7 @@ impl RemoteBus {
                     );
                     return;
                 };
+                self.call_duration.record(w.sent.elapsed().as_secs_f64());
                 let _ =
                     w.tx.send(result.map_err(|(label, detail)| CallError::rebuild(&label, detail)));
             }
@@ -717,6 +727,7 @@ impl RemoteBus {
         reply: bool,
     ) -> Result<Option<Pending>, CallError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.calls.increment(1);
         let timeout_ms = call
             .deadline
             .saturating_duration_since(Instant::now())
@@ -763,6 +774,7 @@ impl RemoteBus {
                 },
                 deadline: call.deadline,
                 tx,
+                sent: Instant::now(),
             },
         );
         if let Err(e) = self.enqueue(dest, bytes, Report::Waiter(id)).await {

@@ -496,8 +496,8 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         handle.set_listener(&cfg.addr);
         node.session_table().insert(handle.clone());
         let rates = Rates::new(&cfg);
-        SessionConn {
         let traffic = gate.traffic.of(&cfg);
+        SessionConn {
             gate,
             cfg,
             handle,
@@ -513,8 +513,8 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             messages_in: 0,
             rates,
             route_cache: None,
-        }
             traffic,
+        }
     }
 
     /// Whether another request may be taken in: fewer than `max_inflight` awaiting their
@@ -529,8 +529,8 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     /// limiter allows again; the message itself is handled.
     pub(crate) fn admit_message(&mut self) {
         self.messages_in += 1;
-        if let Some(r) = self.rates.as_deref_mut()
         self.traffic.messages_in.increment(1);
+        if let Some(r) = self.rates.as_deref_mut()
             && r.msgs.is_some()
         {
             r.msg_debt += 1;
@@ -547,8 +547,8 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
 
     /// Count `n` bytes read from the socket against `byte_rate`.
     fn admit_bytes(&mut self, n: usize) {
-        if let Some(r) = self.rates.as_deref_mut()
         self.traffic.bytes_in.increment(n as u64);
+        if let Some(r) = self.rates.as_deref_mut()
             && r.bytes.is_some()
         {
             r.byte_debt += n as u64;
@@ -682,8 +682,8 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
 
     /// Account for `n` bytes written: give back what `out` held of the session's queue bytes.
     fn wrote(&mut self, n: usize) {
-        let empty = self.out.buf.is_empty();
         self.traffic.bytes_out.increment(n as u64);
+        let empty = self.out.buf.is_empty();
         let back = if empty {
             self.out_counted
         } else {

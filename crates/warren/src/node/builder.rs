@@ -407,6 +407,7 @@ impl NodeBuilder {
                     list.push(own.clone());
                 }
                 h.inner.router.refresh(&list);
+                metrics::gauge!("warren_cluster_nodes").set(list.len() as f64);
                 if let Some(r) = &h.inner.remote {
                     let live: HashSet<&str> = list.iter().map(|n| n.id.as_str()).collect();
                     r.retain_nodes(&live);
@@ -428,6 +429,12 @@ impl NodeBuilder {
                             let nodes = watch.borrow_and_update().clone();
                             let now = apply(&nodes);
                             for ev in cluster_events(&known, &now) {
+                                let change = match &ev {
+                                    ClusterEvent::Joined(_) => "joined",
+                                    ClusterEvent::Left(_) => "left",
+                                    ClusterEvent::Changed(_) => "changed",
+                                };
+                                metrics::counter!("warren_registry_changes_total", "change" => change).increment(1);
                                 match &ev {
                                     ClusterEvent::Joined(n) if n.id != node_id => tracing::info!(node = %n.id, instances = n.instances.len(), "node joined"),
                                     ClusterEvent::Left(n) => tracing::info!(node = %n.id, "node left"),
