@@ -197,7 +197,7 @@ async fn serve(
     // module plugins send to and call them, and hear what they push (docs/plugins.md)
     crate::backend_plugins::connect(&plugins, &backends);
     let admin = admin::serve(
-        &config.admin,
+        &config,
         plugins.clone(),
         node.handle().clone(),
         log,

@@ -31,19 +31,24 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use warren::config::AdminConfig;
+use warren::config::Config;
 use warren::node::NodeHandle;
 use warren_plugin::{PluginError, PluginErrorKind};
 
 use crate::logging::LogControl;
 use crate::plugins::Plugins;
 
+mod cluster;
+mod config;
 mod dashboard;
 mod log;
+mod nodes;
 mod plugins;
+mod rooms;
+mod sessions;
 
 /// The largest request body: a handler's source is a few lines.
 pub(super) const MAX_BODY: usize = 64 * 1024;
@@ -57,6 +62,8 @@ pub(super) struct AdminState {
     log: LogControl,
     /// The bearer token requests must carry, when one is configured.
     token: Option<Arc<str>>,
+    /// The node's effective configuration, secrets redacted (`/admin/config`).
+    config: Arc<Value>,
 }
 
 /// Who made a request, for the change log: set by [`authorize`].
@@ -70,12 +77,13 @@ pub(super) struct Caller {
 /// Start the admin API when `[admin] addr` is set: bind it and serve until `stop`. Returns the
 /// bound address and the server task, or `None` when the API is off.
 pub(crate) async fn serve(
-    cfg: &AdminConfig,
+    config: &Config,
     plugins: Arc<Plugins>,
     node: NodeHandle,
     log: LogControl,
     stop: CancellationToken,
 ) -> anyhow::Result<Option<(SocketAddr, JoinHandle<()>)>> {
+    let cfg = &config.admin;
     let Some(addr) = cfg.socket_addr() else {
         return Ok(None);
     };
@@ -101,6 +109,7 @@ pub(crate) async fn serve(
         node,
         log,
         token,
+        config: Arc::new(config::effective(config)),
     });
     let task = tokio::spawn(async move {
         let r = axum::serve(
@@ -121,6 +130,20 @@ pub(crate) async fn serve(
 fn router(state: AdminState) -> Router {
     Router::new()
         .route("/admin/log", get(log::get_log).put(log::set_log))
+        .route("/admin/config", get(get_config))
+        .route("/admin/nodes", get(nodes::list))
+        .route("/admin/sessions", get(sessions::list))
+        .route("/admin/sessions/{id}", get(sessions::get))
+        .route("/admin/sessions/{id}/kick", post(sessions::kick_one))
+        .route("/admin/sessions/{id}/push", post(sessions::push))
+        .route("/admin/kick", post(sessions::kick_uid))
+        .route("/admin/broadcast", post(sessions::broadcast_all))
+        .route("/admin/rooms", get(rooms::list))
+        .route("/admin/rooms/{room}", get(rooms::get))
+        .route(
+            "/admin/rooms/{room}/broadcast",
+            post(sessions::broadcast_room),
+        )
         .route("/admin/plugins", get(plugins::list_plugins))
         .route("/admin/plugins/{name}/reload", post(plugins::reload_plugin))
         .route(
@@ -142,6 +165,11 @@ fn router(state: AdminState) -> Router {
         .merge(dashboard::routes())
         // /metrics, /healthz, /readyz: for probes and Prometheus, no token (metrics.rs)
         .merge(crate::metrics::health_routes())
+}
+
+/// `GET /admin/config`: this node's effective configuration, secrets redacted.
+async fn get_config(State(s): State<AdminState>) -> Json<Value> {
+    Json(json!({ "node": s.node.id(), "config": &*s.config }))
 }
 
 /// Refuse a request without the configured token (before anything else, unknown paths
