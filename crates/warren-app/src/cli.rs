@@ -108,6 +108,9 @@ pub(crate) struct ServeArgs {
     /// Runtime worker threads; 0 means one per CPU (overrides `[node] threads`).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Log lines as `text` or `json`, one object per line (overrides `[log] format`).
+    #[arg(long, value_name = "FORMAT", value_parser = crate::logging::parse_format)]
+    pub log_format: Option<warren::config::LogFormat>,
 }
 
 /// How `--module` names a plugin, in its help.

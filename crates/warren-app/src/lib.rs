@@ -48,6 +48,8 @@ mod ctl;
 mod load;
 mod logging;
 mod metrics;
+#[cfg(feature = "otel")]
+mod otel;
 mod passwd;
 mod plugin_host;
 mod plugins;

@@ -20,7 +20,6 @@ use crate::{App, Role, admin, plugin_host, web};
 
 /// Run `serve` or `node` with these arguments until a signal stops the node.
 pub(crate) fn run(app: &App, role: Role, args: ServeArgs) -> ExitCode {
-    let log = logging::init();
     let config = match resolve_config(app, role, &args) {
         Ok(c) => c,
         Err(e) => {
@@ -28,6 +27,14 @@ pub(crate) fn run(app: &App, role: Role, args: ServeArgs) -> ExitCode {
             for line in format!("{e:#}").lines() {
                 eprintln!("error: {line}");
             }
+            return ExitCode::FAILURE;
+        }
+    };
+    // the log's format and filter are the config's: installed once it is read
+    let log = match logging::init(&config.log, args.log_format, &config.node.id) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -52,7 +59,11 @@ pub(crate) fn run(app: &App, role: Role, args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(app, config, log, || resolve_config(app, role, &args))) {
+    let served = rt.block_on(serve(app, config, log.clone(), || {
+        resolve_config(app, role, &args)
+    }));
+    log.flush();
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

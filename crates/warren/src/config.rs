@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 mod backend;
 mod listen_url;
 mod listener;
+mod log;
 mod proxy;
 mod security;
 mod source;
@@ -29,6 +30,7 @@ pub use listener::{
     PROTOCOLS, PomeloOptions, PomeloRpcOptions, Protocol, ProtocolOptions, PythonMsgType,
     RpcFraming, protocol_name,
 };
+pub use log::{LogConfig, LogFormat};
 pub use proxy::{ProxyConfig, RpcRouteConfig};
 pub use security::{
     AccessConfig, AuthConfig, HttpAuthConfig, JwtConfig, LimitsConfig, UidConflict, parse_network,
@@ -73,6 +75,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Plugin files: watching and reloading (`[plugins]`).
     pub plugins: PluginsConfig,
+    /// The process's log and request traces (`[log]`, config/log.rs).
+    pub log: LogConfig,
     /// Node-wide settings of default-mode MQTT (`[mqtt]`).
     pub mqtt: MqttConfig,
     /// The Prometheus metrics of `/metrics` (`[metrics]`).
@@ -891,6 +895,7 @@ impl Config {
         self.access.check(p);
         self.auth.check(p);
         self.admin.check(p);
+        self.log.check(p);
         self.mqtt.check(p);
         backend::check_all(&self.backends, p);
         let module_types: Vec<&str> = self.modules.iter().map(|m| m.kind.as_str()).collect();

@@ -23,7 +23,11 @@ static ENABLED: AtomicBool = AtomicBool::new(true);
 
 /// What to do with each span a trace opens, besides logging it: an exporter (the `otel` feature
 /// of the binary) sets the span's remote parent here, so the spans it sends keep the trace id.
-static ON_SPAN: OnceLock<fn(&tracing::Span, &TraceContext)> = OnceLock::new();
+static ON_SPAN: OnceLock<SpanHook> = OnceLock::new();
+
+/// An exporter's hook on each span a trace opens ([`on_span`]): it gives the span the trace
+/// context's trace id and answers the id it gave the span, if any.
+pub type SpanHook = fn(&tracing::Span, &TraceContext) -> Option<SpanId>;
 
 /// Turn request traces on or off for this process (`[log] trace`). Off, requests carry no trace
 /// context and open no span: the figure of the tracing overhead is taken against this.
@@ -38,7 +42,7 @@ pub fn enabled() -> bool {
 
 /// Hand every span a trace opens to `hook` as well (once per process; a second hook is
 /// ignored). The OTLP exporter uses it to give its spans the request's trace id.
-pub fn on_span(hook: fn(&tracing::Span, &TraceContext)) {
+pub fn on_span(hook: SpanHook) {
     let _ = ON_SPAN.set(hook);
 }
 
@@ -95,24 +99,27 @@ pub fn start(given: Option<TraceContext>) -> Option<TraceContext> {
     })
 }
 
-fn hooked(span: tracing::Span, trace: &TraceContext) -> tracing::Span {
+fn hooked(span: tracing::Span, trace: &TraceContext) -> (tracing::Span, Option<SpanId>) {
     if let Some(hook) = ON_SPAN.get()
         && !span.is_disabled()
     {
-        hook(&span, trace);
+        let id = hook(&span, trace);
+        return (span, id);
     }
-    span
+    (span, None)
 }
 
 /// The gate's span for one client request: route, session and trace id. Disabled (free) unless
-/// the filter lets `debug` through for `warren::trace`.
+/// the filter lets `debug` through for `warren::trace` (or an exporter is on). When an exporter
+/// gave the span an id of its own, `trace` takes it: the calls this request makes name this span
+/// as their parent.
 pub fn request_span(
-    trace: &TraceContext,
+    trace: &mut TraceContext,
     module: &str,
     handler: &str,
     session: &str,
 ) -> tracing::Span {
-    hooked(
+    let (span, id) = hooked(
         tracing::debug_span!(
             "request",
             trace_id = %trace.trace_id,
@@ -122,12 +129,16 @@ pub fn request_span(
             session,
         ),
         trace,
-    )
+    );
+    if let Some(id) = id {
+        trace.span_id = id;
+    }
+    span
 }
 
 /// The span of a call a node runs for a traced request: the same trace id as the gate's
 /// request, a span id of its own. Disabled (free) unless the filter lets `debug` through for
-/// `warren::trace`.
+/// `warren::trace` (or an exporter is on).
 pub fn call_span(trace: &TraceContext, module: &str, handler: &str) -> tracing::Span {
     hooked(
         tracing::debug_span!(
@@ -139,6 +150,7 @@ pub fn call_span(trace: &TraceContext, module: &str, handler: &str) -> tracing::
         ),
         trace,
     )
+    .0
 }
 
 #[cfg(test)]

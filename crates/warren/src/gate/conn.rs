@@ -843,8 +843,8 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         let now = Instant::now();
         let deadline = now + self.cfg.rpc_expired();
         // the request's trace (crate::trace): its span, off unless `warren::trace` logs debug
-        let trace = crate::trace::start(None);
-        let span = trace.as_ref().map(|t| {
+        let mut trace = crate::trace::start(None);
+        let span = trace.as_mut().map(|t| {
             let span = crate::trace::request_span(t, &target.module, handler, &session.id);
             span.in_scope(|| tracing::debug!(target: "warren::trace", node = %target.node, instance = %target.instance, "request"));
             span
