@@ -630,7 +630,13 @@ fn warnings(command: &CtlCommand, body: &Value) -> Vec<String> {
 }
 
 /// The answer to `command` as people read it: a table for a list, `key: value` lines otherwise.
+/// `"unreachable"` is left out: [`warnings`] names those nodes on stderr.
 fn render(command: &CtlCommand, body: &Value) -> String {
+    let mut body = body.clone();
+    if let Some(o) = body.as_object_mut() {
+        o.remove("unreachable");
+    }
+    let body = &body;
     let list = |key: &str| body.get(key).and_then(Value::as_array);
     match command {
         CtlCommand::Nodes => match list("nodes") {
@@ -674,7 +680,6 @@ fn render(command: &CtlCommand, body: &Value) -> String {
                 let mut rest = body.clone();
                 if let Some(o) = rest.as_object_mut() {
                     o.remove("members");
-                    o.remove("unreachable");
                 }
                 let mut out = key_values(&rest);
                 out.push('\n');
@@ -701,6 +706,20 @@ fn render(command: &CtlCommand, body: &Value) -> String {
                         .collect()
                 }),
             ),
+            None => key_values(body),
+        },
+        // `{"node","config":{…}}`: the node, then the config's keys without a `config.` prefix
+        CtlCommand::Config => match body.get("config").filter(|c| c.is_object()) {
+            Some(config) => {
+                let mut rest = body.clone();
+                if let Some(o) = rest.as_object_mut() {
+                    o.remove("config");
+                }
+                let mut out = key_values(&rest);
+                out.push('\n');
+                out.push_str(&key_values(config));
+                out
+            }
             None => key_values(body),
         },
         _ => key_values(body),
@@ -1181,6 +1200,20 @@ mod tests {
         .collect();
         assert_eq!(key_values(&session), want);
         assert_eq!(key_values(&json!({"kicked":1})), "kicked: 1\n");
+        let config =
+            json!({"node":"n1","config":{"admin":{"addr":"127.0.0.1:9090","token":"<redacted>"}}});
+        assert_eq!(
+            render(&CtlCommand::Config, &config),
+            "node: n1\n\nadmin.addr:  127.0.0.1:9090\nadmin.token: <redacted>\n"
+        );
+        let kicked = json!({"kicked":2,"unreachable":["n3"]});
+        let cmd = CtlCommand::Kick {
+            id: None,
+            uid: Some("bob".into()),
+            reason: None,
+        };
+        assert_eq!(render(&cmd, &kicked), "kicked: 2\n");
+        assert_eq!(warnings(&cmd, &kicked).len(), 1);
     }
 
     #[test]
