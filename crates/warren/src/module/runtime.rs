@@ -408,7 +408,7 @@ fn traced(
     if span.is_disabled() {
         return fut;
     }
-    span.in_scope(|| tracing::debug!("handler starts"));
+    span.in_scope(|| tracing::debug!(target: "warren::trace", "handler starts"));
     Box::pin(tracing::Instrument::instrument(fut, span))
 }
 
