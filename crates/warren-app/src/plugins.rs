@@ -109,6 +109,8 @@ impl PluginEntry {
 
     async fn reload_recorded(&self) -> Result<u64, PluginError> {
         let r = self.plugin.reload().await;
+        let result = if r.is_ok() { "ok" } else { "failed" };
+        metrics::counter!("warren_plugin_reloads_total", "result" => result).increment(1);
         let mut status = self.status();
         match &r {
             Ok(_) => {
