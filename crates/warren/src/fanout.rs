@@ -136,7 +136,9 @@ impl Groups {
                 n += 1;
             }
         }
-        metrics::counter!("warren_fanout_deliveries_total").increment(n as u64);
+        crate::gate::traffic::MESSAGE_PATH
+            .fanout_deliveries
+            .increment(n as u64);
         n
     }
 }
@@ -621,7 +623,9 @@ impl Subscriptions {
                 n += 1;
             }
         }
-        metrics::counter!("warren_fanout_deliveries_total").increment(n as u64);
+        crate::gate::traffic::MESSAGE_PATH
+            .fanout_deliveries
+            .increment(n as u64);
         n
     }
 }

@@ -715,7 +715,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         match self.writer.poll_write_out(&mut cx, &mut self.out) {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
-                    metrics::counter!("warren_socket_writes_total").increment(1);
+                    super::traffic::MESSAGE_PATH.socket_writes.increment(1);
                 }
                 self.wrote(n);
                 Ok(())
@@ -1041,7 +1041,7 @@ fn poll_write(
     match writer.poll_write_out(cx, out) {
         Poll::Ready(Ok(n)) => {
             if n > 0 {
-                metrics::counter!("warren_socket_writes_total").increment(1);
+                super::traffic::MESSAGE_PATH.socket_writes.increment(1);
             }
             Poll::Ready(Ok(n))
         }

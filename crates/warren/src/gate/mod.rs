@@ -20,7 +20,7 @@ pub mod proxy;
 
 mod io;
 mod tls;
-mod traffic;
+pub(crate) mod traffic;
 pub mod upgrade;
 
 pub use line::{Channel, ChannelHandler, Channels, EchoHandler};

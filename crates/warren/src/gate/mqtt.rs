@@ -736,7 +736,7 @@ impl MqttSession {
                 ack(conn, mqtt::ack_bytes(Ack::PubComp, id)).await
             }
             Packet::PubAck(id) | Packet::PubComp(id) => {
-                metrics::counter!("warren_push_acks_total").increment(1);
+                super::traffic::MESSAGE_PATH.push_acks.increment(1);
                 let mut next = BytesMut::new();
                 let known = match p {
                     Packet::PubAck(_) => self.state.puback(self.epoch, id, &mut next),
@@ -918,7 +918,7 @@ impl MqttSession {
                 }
             }
         }
-        metrics::counter!("warren_publishes_received_total").increment(1);
+        super::traffic::MESSAGE_PATH.publishes_received.increment(1);
         self.route(conn, p).await
     }
 
@@ -1043,7 +1043,7 @@ impl MqttSession {
                 }
             }
         }
-        metrics::counter!("warren_publishes_received_total").increment(1);
+        super::traffic::MESSAGE_PATH.publishes_received.increment(1);
         let module = self.route_kept(conn, p).await?;
         if let Some(kept) = module {
             writes.absorb(kept);
