@@ -81,6 +81,7 @@ INVENTORY: dict[tuple[str, str], str] = {
     ("docs/protocols/pomelo-rpc.md", "warren serve --listen 'pomelo-rpc://127.0.0.1:3333?allow=127.0.0.1' --module Echo"): "test_pomelo_rpc_try_it",
     ("docs/plugins.md", "mkdir -p plugins"): "test_plugins_try_it",
     ("docs/plugins.md", "warren serve --config examples/chat-lua/chat.toml"): "test_admin_hotfix_walkthrough",
+    ("docs/admin-api.md", "warren serve --config examples/chat-lua/chat.toml"): "test_admin_api_try_it",
     ("examples/chat/client/README.md", "python3 -m pip install"): "test_terminal_client_readme",
     ("examples/chat/client/README.md", "python3 chat_client.py --user alice"): "test_terminal_client_readme",
     ("examples/my-game/README.md", "cargo build --release"): "test_my_game.py (built with the real cargo, not the stand-in)",
@@ -378,6 +379,13 @@ def test_admin_hotfix_walkthrough(tmp_path: Path):
         # the reload runs login.lua again: the patch is gone
         sh.walk(steps[3:])
         assert login("") == '{"Error":"","Result":"login success "}'
+
+
+def test_admin_api_try_it(tmp_path: Path):
+    steps = commands(find_block(DOCS / "admin-api.md", "warren serve --config examples/chat-lua/chat.toml").lines)
+    assert len(steps) == 7, steps
+    with Shell(tmp_path, "admin-api") as sh:
+        sh.walk(steps)
 
 
 # ---- examples/chat/client/README.md ------------------------------------------------------------
