@@ -3,7 +3,8 @@
 One node: a paho-mqtt client on an mqant-mode listener logs in through the chat demo (which
 binds its uid) and joins a room; the API finds its session by uid and by id, pushes to it, sends
 to its room and to everyone, lists the rooms, kicks it (the client sees its connection close),
-refuses requests without the token, and shows the config with the token redacted.
+refuses requests without the token, and shows the config with the token redacted. A pomelo
+client that is kicked gets a kick package with the reason before its connection closes.
 
 Two nodes over a real nats-server (started on a free port): a session held by node B is listed,
 pushed to and kicked through node A's admin API, and /admin/nodes lists both nodes; the bus URL's
@@ -13,6 +14,7 @@ password is redacted in /admin/config.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,6 +24,7 @@ import pytest
 from brokers import Broker, installed
 from chat import ChatClient
 from conftest import Warren, free_port, wait_until
+from test_cross_protocol import PomeloRaw
 
 TOKEN = "adm1n-t0ken"
 # the chat demo's modules: Login binds the uid, Chat keeps rooms as gate groups (chat/<room>)
@@ -166,6 +169,30 @@ def test_sessions_push_rooms_broadcast_and_kick_on_one_node(tmp_path):
     finally:
         alice.close()
         bob.close()
+
+
+def test_a_kicked_pomelo_client_gets_the_reason_then_the_close(tmp_path):
+    pomelo = Warren.url("pomelo")
+    port = urllib.parse.urlsplit(pomelo).port
+    _, api = start_node(tmp_path, "solo", *CHAT, "--listen", pomelo)
+    po = PomeloRaw(port)
+    try:
+        po.start()
+        assert po.request("Login.HD_Login", {"userName": "pat", "passWord": "x"}) == "login success pat"
+        s = api.get("/admin/sessions?uid=pat")["sessions"][0]
+        assert s["protocol"] == "pomelo" and s["listener"] == f"127.0.0.1:{port}"
+        assert api.post(f"/admin/sessions/{s['id']}/kick", {"reason": "maintenance"})["kicked"] == 1
+        # the kick package (type 5) with the reason, then the end of the connection
+        deadline = time.monotonic() + 5
+        while True:
+            ptype, body = po._package(deadline)
+            if ptype == 5:
+                break
+        assert json.loads(body) == {"reason": "maintenance"}
+        po.sock.settimeout(5)
+        assert po.sock.recv(1) == b"", "the connection stays open after the kick"
+    finally:
+        po.close()
 
 
 @pytest.fixture
