@@ -1,23 +1,29 @@
-//! The admin HTTP API (`[admin]`; docs/plugins.md, "Hotfix over the admin API"): what an
-//! operator asks of a running node, on an address of its own — never through a client listener
-//! or a broker topic, so no client and no peer on the bus can reach it. Today it holds the
-//! plugins: list them, reload one, replace one handler of a Lua or Python module. Each of these
-//! acts on this node only, and every answer names the node (`"node"`); a replaced handler's
-//! answer also lists the instances of the module type on other nodes, which were not patched
-//! (`"elsewhere"`), so an operator knows which nodes' APIs to call next. Further
-//! resources (nodes, sessions, rooms, the log filter) go under the same `/admin/` prefix and
-//! share its authorization, its error shape and its change log.
+//! The admin HTTP API (`[admin]`; docs/admin-api.md): what an operator asks of a running
+//! cluster, on an address of its own — never through a client listener or a broker topic, so no
+//! client can reach it. Any node answers for the whole cluster: nodes, sessions (paged, by uid,
+//! by id), kick, push, broadcast, rooms. It asks every node's gate over the bus through the `Gate`
+//! module's `Admin…` handlers, as it already does for session operations (`cluster.rs`; those
+//! handlers are not client-visible, and the bus is trusted like every node on it), and lists
+//! the nodes that did not answer in time as `"unreachable"`. The plugins (docs/plugins.md,
+//! "Hotfix over the admin API"), the log filter and the effective config (secrets redacted) are
+//! this node's: those answers name the node (`"node"`); a replaced handler's answer also lists
+//! the instances of the module type on other nodes, which were not patched (`"elsewhere"`), so
+//! an operator knows which nodes' APIs to call next. One file per resource: `nodes.rs`,
+//! `sessions.rs` (kick, push and broadcast too), `rooms.rs`, `plugins.rs`, `log.rs`,
+//! `config.rs`.
 //!
 //! - **Who may call**: with `[admin] token` set, every request carries
 //!   `Authorization: Bearer <token>` (401 otherwise). Without a token the API listens only on a
 //!   loopback address: the config refuses anything else, and so does [`serve`].
 //! - **Errors** are `{"error":{"code":"…","message":"…"}}` with the status that fits: 400 a body
-//!   that is not script text, 401 no or a wrong token, 404 nothing by that name, 409 a module
+//!   or query that is not what the endpoint takes, 401 no or a wrong token, 404 nothing by that
+//!   name or id on any node that answered, 409 a module
 //!   that is not a plugin (Rust) or runs only on other nodes, 413 a body over 64 KiB, 422 a plugin file or a handler body
 //!   that does not load (the message names the file and line; what ran before keeps running),
 //!   503 a plugin host that has stopped.
-//! - **Every change** (a reload, a replaced handler, good or bad) is logged at info — warn when
-//!   it failed — with who asked (the peer's address and whether a token was used) and what.
+//! - **Every change** (a kick, a push, a broadcast, a log filter, a reload, a replaced handler,
+//!   good or bad) is logged at info — warn when it failed — with who asked (the peer's address
+//!   and whether a token was used) and what.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
