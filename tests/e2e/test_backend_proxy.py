@@ -232,3 +232,55 @@ def test_an_rpc_route_calls_a_tianqins_function(tmp_path: Path):
         w.kill()
     finally:
         broker.close()
+
+
+@pytest.mark.skipif(not installed("redis"), reason="redis-server is not installed")
+def test_a_proxied_group_follows_the_gobase_registry(tmp_path: Path):
+    """A proxy whose group has `discovery = "registry"`: a game server that registers in the
+    gobase key joins the ring and gets the requests; once it leaves, requests get an error."""
+    from test_gobase_registry import GobasePeer
+
+    broker = Broker("redis")
+    server = GameServer(free_port(), "g0")
+    peer = GobasePeer(broker.port, "games", "gobase")
+    w = None
+    try:
+        member = f"game&g0&127.0.0.1&{server.port}&tcp"
+        peer.register(member)
+        path = tmp_path / "proxy.toml"
+        path.write_text(
+            f"""
+[[backend]]
+group = "game"
+dial_timeout_s = 2
+discovery = "registry"
+registry = "{broker.url}/0"
+key = "games"
+immediately = true
+
+[[proxy]]
+route = "Game"
+backend = "game"
+handlers = {{ HD_Echo = {ECHO} }}
+timeout_s = 5
+before_login = true
+"""
+        )
+        w = Warren("--config", str(path), listen=[Warren.url("mqtt+mqant")], http=False).wait_ready()
+        wait_until(lambda: server.conns, timeout=15, msg="the gate dials the registered game server")
+        with ChatClient(w.mqtt_mqant) as c:
+            reply = c.request("Game/HD_Echo", {"x": 1})
+            assert reply["Error"] == "" and reply["Result"]["server"] == "g0", reply
+            peer.deregister(member)
+
+            def refused() -> bool:
+                r = c.request("Game/HD_Echo", {"x": 2})
+                return "no service" in r["Error"]
+
+            wait_until(refused, timeout=20, msg="the server that left the registry leaves the proxy's ring")
+    finally:
+        if w is not None:
+            w.kill()
+        peer.close()
+        server.stop()
+        broker.close()

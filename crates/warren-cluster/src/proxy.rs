@@ -24,6 +24,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 use warren::config::{BackendConfig, ProxyConfig};
 use warren::error::Detail;
 use warren::session::SessionTable;
@@ -32,8 +33,7 @@ use warren_proto::backend_frame::{HEARTBEAT_RESP_BODY, HEARTBEAT_RESP_ID};
 use warren_proto::proxy_envelope::Envelope;
 
 use crate::backend::{
-    BackendError, BackendOptions, Backends, GobaseTestCodec, Hooks, RpcId, Service, ServiceConf,
-    TestMsg,
+    BackendError, BackendOptions, Backends, GobaseTestCodec, Hooks, RpcId, Service, TestMsg,
 };
 
 /// A proxied group: its services and the hooks that route their frames.
@@ -115,6 +115,8 @@ impl Hooks<GobaseTestCodec> for ProxyHooks {
 pub struct Proxies {
     groups: HashMap<String, ProxyGroup>,
     modules: Vec<Module>,
+    /// Stops the registry watchers of the groups that discover their services.
+    stop: CancellationToken,
 }
 
 /// What one proxy module's handlers share.
@@ -126,9 +128,15 @@ struct Route {
 }
 
 impl Proxies {
-    /// Build every `[[proxy]]` table's module and start its group (the config was validated:
-    /// each names a static `[[backend]]` table). Must be called within a tokio runtime.
-    pub fn start(proxies: &[ProxyConfig], backends: &[BackendConfig]) -> Self {
+    /// Build every `[[proxy]]` table's module and start its group, fed by the table's static
+    /// list or by its registry (a table without a `registry` of its own reads `node_registry`,
+    /// the node's; docs/backends.md, "Registry discovery"). Fails, before starting anything, when
+    /// a registry table has no registry to read. Must be called within a tokio runtime.
+    pub fn start(
+        proxies: &[ProxyConfig],
+        backends: &[BackendConfig],
+        node_registry: &str,
+    ) -> Result<Self, String> {
         let mut out = Proxies::default();
         for p in proxies {
             let name = p.backend.trim().to_lowercase();
@@ -136,16 +144,22 @@ impl Proxies {
                 tracing::error!(route = %p.route, backend = %p.backend, "proxy: no such [[backend]] group");
                 continue;
             };
-            let group = out
-                .groups
-                .entry(name.clone())
-                .or_insert_with(|| {
+            let group = match out.groups.get(&name) {
+                Some(g) => g.clone(),
+                None => {
                     let codec = GobaseTestCodec::new(table.max_body);
                     let g = Backends::new(codec, ProxyHooks::default(), options(table));
-                    g.update(&name, services(table));
+                    let feed = g.clone();
+                    crate::backend::configured::feed_table(
+                        table,
+                        node_registry,
+                        move |group, services| feed.update(group, services),
+                        &out.stop,
+                    )?;
+                    out.groups.insert(name.clone(), g.clone());
                     g
-                })
-                .clone();
+                }
+            };
             out.modules.push(module(
                 p,
                 Route {
@@ -156,7 +170,7 @@ impl Proxies {
                 },
             ));
         }
-        out
+        Ok(out)
     }
 
     /// The groups the proxies run (lowercased): the node starts the other `[[backend]]` tables.
@@ -186,6 +200,7 @@ impl Proxies {
 
     /// Close every proxied service and wait for them.
     pub async fn shutdown(&self) {
+        self.stop.cancel();
         for g in self.groups.values() {
             g.shutdown().await;
         }
@@ -201,22 +216,6 @@ fn options(c: &BackendConfig) -> BackendOptions {
         queue_bytes: c.queue_bytes,
         ..BackendOptions::default()
     }
-}
-
-/// A table's static list (an empty `servicename` is the table's group).
-fn services(c: &BackendConfig) -> Vec<ServiceConf> {
-    c.services
-        .iter()
-        .map(|s| {
-            let name = if s.servicename.trim().is_empty() {
-                &c.group
-            } else {
-                &s.servicename
-            };
-            ServiceConf::new(name, &s.serviceid, &s.serviceaddr, s.serviceport)
-                .with_tag(&s.routertag)
-        })
-        .collect()
 }
 
 fn unavailable(group: &str, e: BackendError) -> CallError {

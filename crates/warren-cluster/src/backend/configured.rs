@@ -275,7 +275,25 @@ impl Source {
     }
 }
 
-/// The registry a table watches, or `None` for a static table.
+/// Feed the group of table `c` its services through `update`: its static list now, or what its
+/// registry lists from now on (a table without a `registry` of its own reads `node_registry`)
+/// until `stop`. Fails, before starting anything, when a registry table has no registry to read.
+/// The gate proxy's groups are fed this way too (crate::proxy).
+pub(crate) fn feed_table(
+    c: &BackendConfig,
+    node_registry: &str,
+    update: impl Fn(&str, Vec<ServiceConf>) + Send + Sync + 'static,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let src = source(c, node_registry)?;
+    let filter = MemberFilter {
+        group: c.group_name(),
+        scheme: c.member_scheme().unwrap_or_default(),
+    };
+    follow(src, &c.group_name(), c, update, filter, stop);
+    Ok(())
+}
+
 /// Feed a group its services: the table's static list now, or what its registry source lists
 /// from now on.
 fn follow(

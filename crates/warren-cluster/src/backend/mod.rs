@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 use warren::ring::{Ring, normalize};
 
 mod codec;
-mod configured;
+pub(crate) mod configured;
 pub mod discovery;
 #[cfg(feature = "etcd")]
 pub mod discovery_etcd;

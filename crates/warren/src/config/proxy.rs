@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{BackendConfig, BackendDiscovery, BackendKind, Problems};
+use super::{BackendConfig, BackendKind, Problems};
 
 /// `[[proxy]]`: a module route whose handlers are served by a backend group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,7 +18,7 @@ use super::{BackendConfig, BackendDiscovery, BackendKind, Problems};
 pub struct ProxyConfig {
     /// The module name clients address (`Game` serves `Game/<handler>[/msgid]`).
     pub route: String,
-    /// The `[[backend]]` group whose services answer (its `discovery` must be `static`).
+    /// The `[[backend]]` TCP group whose services answer (a static list or registry discovery).
     pub backend: String,
     /// Each handler clients may call, and the msgid of the frames that carry its requests to
     /// the backend.
@@ -142,13 +142,6 @@ pub(super) fn check_all(
                 format!("{key}.backend"),
                 format!(
                     "group {:?} is an HTTP group: a proxy forwards to a TCP group",
-                    x.backend
-                ),
-            ),
-            Some(b) if b.discovery != BackendDiscovery::Static => p.add(
-                format!("{key}.backend"),
-                format!(
-                    "group {:?} has discovery = \"registry\": a proxied group lists its services (discovery = \"static\")",
                     x.backend
                 ),
             ),
