@@ -163,7 +163,12 @@ async fn serve(
     }
     // `[[proxy]]` routes served by backend groups, `[[rpc_route]]` handlers served by TianQinS
     // functions (docs/backends.md, docs/cluster.md): modules of their own, built from config
-    let proxies = warren_cluster::proxy::Proxies::start(&config.proxies, &config.backends);
+    let proxies = warren_cluster::proxy::Proxies::start(
+        &config.proxies,
+        &config.backends,
+        &config.registry.effective_url(&config.bus),
+    )
+    .map_err(anyhow::Error::msg)?;
     let rpc_routes = warren_cluster::rpc_route::RpcRoutes::build(&config.rpc_routes);
     for module in proxies.modules().iter().chain(rpc_routes.modules()) {
         let entry: ModuleConfig = toml::from_str(&format!("type = {:?}", module.name()))
