@@ -313,6 +313,17 @@
   const css = getComputedStyle(document.documentElement);
   const colour = (name) => css.getPropertyValue(name).trim();
 
+  /** An axis label: the number alone (the caption gives the unit), k and M for large ones. */
+  function fmtAxis(v) {
+    if (Math.abs(v) >= 1e6) {
+      return `${+(v / 1e6).toFixed(2)}M`;
+    }
+    if (Math.abs(v) >= 1e3) {
+      return `${+(v / 1e3).toFixed(1)}k`;
+    }
+    return String(+v.toFixed(3));
+  }
+
   /** A uPlot chart with `series` and its data arrays, at most POINTS long. */
   function makeChart(el, series, fmt) {
     const data = [[], ...series.map(() => [])];
@@ -320,8 +331,10 @@
       width: Math.max(el.clientWidth, 200),
       height: 200,
       cursor: { drag: { x: false, y: false } },
-      scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max, 1)] } },
-      axes: [{}, { size: 60, values: (u, ticks) => ticks.map((t) => fmt(t)) }],
+      legend: { live: false },
+      // from zero, with room above the highest point; 0..1 while there is nothing to show
+      scales: { x: { time: true }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.15 : 1] } },
+      axes: [{}, { size: 56, values: (u, ticks) => ticks.map(fmtAxis) }],
       series: [
         {},
         ...series.map((s) => ({
