@@ -212,13 +212,27 @@ def test_production_config_runs_and_drains(tmp_path: Path):
             status, page = admin_get(ports["admin"], "/", None)
             assert status == 200 and b"warren dashboard" in page
 
-            # SIGTERM drains and exits 0, within the unit's stop timeout
+            # SIGTERM drains: a connected client sees its connection closed, and the node
+            # exits 0 within the unit's stop timeout
+            client = tls_connect(ports["mqtts"], etc / "tls/fullchain.pem")
+            client.sendall(connect_packet("alice-2", username="alice", password="alice-pw"))
+            assert recv_exact(client, 4) == CONNACK_OK
             started = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             stop_timeout = seconds(unit_settings()["TimeoutStopSec"][0])
+            client.settimeout(stop_timeout)
+            try:
+                # MQTT 3.1.1 has no server DISCONNECT: the drain closes the connection
+                got = client.recv(1)
+            except (ssl.SSLEOFError, ConnectionResetError):
+                got = b""
+            finally:
+                client.close()
+            assert got == b"", f"the drain should close the connection, got {got!r}"
             code = proc.wait(timeout=stop_timeout)
             assert code == 0, (tmp_path / "warren.log").read_text()
             assert time.monotonic() - started < stop_timeout
+            assert "shutdown requested" in (tmp_path / "warren.log").read_text()
         finally:
             if proc.poll() is None:
                 proc.kill()
