@@ -325,10 +325,18 @@ async function run(state) {
 
   // The API answers 401: the page asks for the token.
   await page.waitForSelector('#token-dialog[open]', { timeout: STEP_TIMEOUT_MS });
+  // a wrong token: refused, and the page asks again
+  await page.fill('#token', 'not-the-token');
+  await page.click('#token-save');
+  await waitInPage(
+    page,
+    'the page asks again, saying the token was refused',
+    () => document.querySelector('#token-dialog').open && document.querySelector('#token-why').textContent.includes('refused'),
+  );
   await page.fill('#token', TOKEN);
   await page.click('#token-save');
   await waitInPage(page, 'the token dialog closes', () => !document.querySelector('#token-dialog').open);
-  console.log('ok: the page asked for the token and took it');
+  console.log('ok: the page asked for the token, refused a wrong one and took the right one');
 
   // The node is listed.
   await waitInPage(

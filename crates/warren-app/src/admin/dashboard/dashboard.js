@@ -111,6 +111,9 @@
     }
   }
 
+  // Escape would close the dialog with no token, and every request would fail: keep it open.
+  $('#token-dialog').addEventListener('cancel', (ev) => ev.preventDefault());
+
   $('#token-form').addEventListener('submit', () => {
     token = $('#token').value.trim();
     sessionStorage.setItem(TOKEN_KEY, token);
@@ -498,6 +501,9 @@
   let searchedUid = '';
 
   async function refreshSessions() {
+    if (document.querySelector('#sessions button.kick[data-armed="yes"]')) {
+      return; // a Kick button waits for its second click: keep its row where it is
+    }
     const q = new URLSearchParams({ limit: String(SESSIONS_LIMIT) });
     if (searchedUid) {
       q.set('uid', searchedUid);
@@ -584,16 +590,21 @@
 
   /**
    * Runs `step` every `every` ms, one run at a time (a slow answer delays the next run, never
-   * stacks them); pauses while the token dialog is open.
+   * stacks them; a run asked for meanwhile follows at once); pauses while the token dialog is
+   * open.
    */
   function loop(name, every, step, onOk) {
     let timer = null;
     let running = false;
+    /** Asked to run while running (a new search): run again as soon as this run ends. */
+    let again = false;
     async function run() {
       clearTimeout(timer);
       if (running) {
+        again = true;
         return;
       }
+      again = false;
       if (!needToken) {
         running = true;
         try {
@@ -613,7 +624,7 @@
           running = false;
         }
       }
-      timer = setTimeout(run, every);
+      timer = setTimeout(run, again ? 0 : every);
     }
     return { start: run, now: run };
   }
