@@ -45,6 +45,10 @@ function HD_Ask(session, msg)
   return warren.backend_call("game", session.id, 10, msg)
 end
 
+function HD_AskG1(session, msg)
+  return warren.backend_call_to("game", "g1", 10, msg)
+end
+
 function HD_Slow(session, msg)
   local ok, e = pcall(warren.backend_call, "game", "k", 12, msg, 0.3)
   return tostring(ok) .. " " .. tostring(e)
@@ -83,6 +87,10 @@ import warren
 
 def HD_Ask(session, msg):
     return warren.backend_call("game", session.id, 10, msg).decode()
+
+
+def HD_AskG1(session, msg):
+    return warren.backend_call_to("game", "g1", 10, msg).decode()
 
 
 def HD_Slow(session, msg):
@@ -124,7 +132,7 @@ def on_backend_msg(group, service, msgid, body):
     warren.room_broadcast("py-watchers", "PyGame/OnBackend", f"py {group} {service} {msgid} {body.decode()}")
 """
 
-HANDLERS = '["HD_Ask", "HD_Slow", "HD_Hold", "HD_Nowhere", "HD_Watch", "HD_Poke"]'
+HANDLERS = '["HD_Ask", "HD_AskG1", "HD_Slow", "HD_Hold", "HD_Nowhere", "HD_Watch", "HD_Poke"]'
 
 
 def node(tmp_path: Path, service_port: int) -> tuple[Warren, int]:
@@ -153,6 +161,8 @@ def test_plugins_call_send_and_hear_a_backend_group(tmp_path: Path):
             # a call from a handler: the answer's body is the reply
             for module in ["LuaGame", "PyGame"]:
                 assert c.request(f"{module}/HD_Ask/1", "hi", raw=True) == b'{"Error":"","Result":"echo:hi"}'
+                # the same call to the service named by its id
+                assert c.request(f"{module}/HD_AskG1/1", "yo", raw=True) == b'{"Error":"","Result":"echo:yo"}'
                 # no answer within the call's timeout; a group that does not exist
                 slow = c.request(f"{module}/HD_Slow/1", "x")["Result"]
                 assert slow.startswith("false") and "timeout" in slow, slow
@@ -205,3 +215,111 @@ def test_a_second_call_waiting_for_the_same_answer_is_refused(module: str, tmp_p
     finally:
         w.kill()
         service.stop()
+
+
+HTTP_LUA = """
+function HD_Web(session, msg)
+  local status, body = warren.http_call("web", session.id, "POST", "/echo?from=lua", msg)
+  return status .. " " .. body
+end
+
+function HD_Missing(session, msg)
+  local status, body = warren.http_call("web", "k", "GET", "/nothing")
+  return status .. " " .. body
+end
+
+function HD_NoGroup(session, msg)
+  local ok, e = pcall(warren.http_call, "nope", "k", "GET", "/")
+  return tostring(ok) .. " " .. tostring(e)
+end
+"""
+
+HTTP_PY = """
+import warren
+
+
+def HD_Web(session, msg):
+    status, body = warren.http_call("web", session.id, "POST", "/echo?from=py", msg)
+    return f"{status} {body.decode()}"
+
+
+def HD_Missing(session, msg):
+    status, body = warren.http_call("web", "k", "GET", "/nothing")
+    return f"{status} {body.decode()}"
+
+
+def HD_NoGroup(session, msg):
+    try:
+        warren.http_call("nope", "k", "GET", "/")
+        return "true"
+    except Exception as e:
+        return "false " + str(e)
+"""
+
+
+class WebService:
+    """An HTTP service: GET /health is 200, POST /echo answers 200 with the query and the body,
+    anything else 404."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 (the server's method name)
+                self._answer(200 if self.path == "/health" else 404, b"ok" if self.path == "/health" else b"not here")
+
+            def do_POST(self) -> None:  # noqa: N802
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n)
+                if self.path.startswith("/echo?"):
+                    self._answer(200, self.path.split("?", 1)[1].encode() + b":" + body)
+                else:
+                    self._answer(404, b"not here")
+
+            def log_message(self, *_args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_plugins_call_an_http_backend_group(tmp_path: Path):
+    web = WebService()
+    (tmp_path / "web.lua").write_text(HTTP_LUA)
+    (tmp_path / "web.py").write_text(HTTP_PY)
+    port = free_port()
+    handlers = '["HD_Web", "HD_Missing", "HD_NoGroup"]'
+    cfg = tmp_path / "warren.toml"
+    cfg.write_text(
+        f'[[listener]]\naddr = "127.0.0.1:{port}"\n\n'
+        f'[[module]]\ntype = "LuaWeb"\nplugin = "web.lua"\nlogin_handlers = {handlers}\n\n'
+        f'[[module]]\ntype = "PyWeb"\nplugin = "web.py"\nlogin_handlers = {handlers}\n\n'
+        '[[backend]]\nkind = "http"\ngroup = "web"\nhealth_path = "/health"\nservices = [\n'
+        f'  {{ serviceid = "web1", serviceaddr = "127.0.0.1", serviceport = {web.port} }},\n]\n'
+    )
+    w = Warren("--config", str(cfg), http=False).wait_ready()
+    try:
+        wait_until(lambda: port_open(port) or not w.running(), WAIT_S, msg=f"port {port} not open\n{w.tail()}")
+        wait_until(lambda: "http backend healthy" in w.log(), WAIT_S, msg=f"the probe passes\n{w.tail()}")
+        with ChatClient(port) as c:
+            for module, lang in [("LuaWeb", "lua"), ("PyWeb", "py")]:
+                assert c.request(f"{module}/HD_Web/1", "hi")["Result"] == f"200 from={lang}:hi"
+                # any status is an answer the script reads
+                assert c.request(f"{module}/HD_Missing/1", "")["Result"] == "404 not here"
+                nogroup = c.request(f"{module}/HD_NoGroup/1", "")["Result"]
+                assert nogroup.startswith("false") and "no service" in nogroup, nogroup
+        assert w.running()
+    finally:
+        w.kill()
+        web.stop()

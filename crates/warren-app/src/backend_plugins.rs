@@ -11,7 +11,8 @@ use warren_cluster::backend::{
     BackendError, ConfiguredBackends, GobaseTestCodec, MsgSink, Service, TestMsg,
 };
 use warren_plugin::{
-    BackendCaller, BackendMsg, BackendRequest, BackendTarget, ModulePlugin, Plugin,
+    BackendCaller, BackendMsg, BackendRequest, BackendTarget, HttpAnswer, HttpRequest,
+    MAX_HTTP_ANSWER, ModulePlugin, Plugin,
 };
 
 use crate::plugins::Plugins;
@@ -104,4 +105,62 @@ impl BackendCaller for Groups {
             Ok(answer.body)
         })
     }
+
+    fn http(&self, r: HttpRequest) -> BoxFuture<'static, Result<HttpAnswer, CallError>> {
+        let g = self.0.get_http(&r.group).cloned();
+        Box::pin(async move {
+            let g = g.ok_or_else(|| script_error(BackendError::NoService))?;
+            let method = reqwest::Method::from_bytes(r.method.as_bytes())
+                .map_err(|_| CallError::App(format!("{:?} is not an HTTP method", r.method)))?;
+            let request = match &r.tag {
+                Some(tag) => g.request_by_tag_and_hash(&r.group, tag, &r.key, method, &r.path),
+                None => g.request_by_hash(&r.group, &r.key, method, &r.path),
+            }
+            .map_err(script_error)?;
+            let request = if r.body.is_empty() {
+                request
+            } else {
+                request.body(r.body)
+            };
+            let exchange = async {
+                let mut resp = request.send().await.map_err(http_error)?;
+                let status = resp.status().as_u16();
+                if resp
+                    .content_length()
+                    .is_some_and(|n| n > MAX_HTTP_ANSWER as u64)
+                {
+                    return Err(too_long());
+                }
+                let mut body = Vec::new();
+                while let Some(chunk) = resp.chunk().await.map_err(http_error)? {
+                    if body.len() + chunk.len() > MAX_HTTP_ANSWER {
+                        return Err(too_long());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(HttpAnswer {
+                    status,
+                    body: body.into(),
+                })
+            };
+            tokio::time::timeout(r.timeout, exchange)
+                .await
+                .map_err(|_| CallError::Timeout)?
+        })
+    }
+}
+
+/// A request that got no answer: the transport's reason, as the script sees it.
+fn http_error(e: reqwest::Error) -> CallError {
+    if e.is_timeout() {
+        CallError::Timeout
+    } else {
+        CallError::App(format!("http: {e}"))
+    }
+}
+
+fn too_long() -> CallError {
+    CallError::App(format!(
+        "http: the answer is longer than {MAX_HTTP_ANSWER} bytes"
+    ))
 }

@@ -45,6 +45,39 @@ pub struct BackendRequest {
     pub timeout: Duration,
 }
 
+/// A request to an HTTP backend group (`kind = "http"`): the healthy service that owns `key` on
+/// the group's ring (or on the ring of a routing tag) gets `method path` with `body`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRequest {
+    /// The group (a `[[backend]]` table's `group`, `kind = "http"`).
+    pub group: String,
+    /// The key whose owner on the ring answers.
+    pub key: String,
+    /// A routing tag: the key's owner among the services of this tag.
+    pub tag: Option<String>,
+    /// `GET`, `POST`, ...
+    pub method: String,
+    /// The path (and query) on the service, `/scores?top=10`.
+    pub path: String,
+    /// The request body; empty: none.
+    pub body: Bytes,
+    /// How long the whole exchange may take.
+    pub timeout: Duration,
+}
+
+/// What an HTTP backend answered: any status is an answer (the script decides what a 404
+/// means); a request that got no answer is an error instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAnswer {
+    /// The status code.
+    pub status: u16,
+    /// The body, at most [`MAX_HTTP_ANSWER`] bytes.
+    pub body: Bytes,
+}
+
+/// The largest HTTP answer a script is handed; a longer one is an error, read no further.
+pub const MAX_HTTP_ANSWER: usize = 8 * 1024 * 1024;
+
 /// The node's `[[backend]]` groups as module plugins use them. The binary implements it over
 /// its running groups; errors carry the words of the gobase backend package (`no service`,
 /// `not connected`, `queue full`, `close`, `rpcId exist`) or are a [`CallError::Timeout`].
@@ -59,6 +92,12 @@ pub trait BackendCaller: Send + Sync {
     ) -> Result<(), CallError>;
     /// Send the request and wait for its answer; the answer frame's body.
     fn call(&self, request: BackendRequest) -> BoxFuture<'static, Result<Bytes, CallError>>;
+    /// Send an HTTP request to a service of an HTTP group and wait for its answer. Without HTTP
+    /// groups: `no service`.
+    fn http(&self, request: HttpRequest) -> BoxFuture<'static, Result<HttpAnswer, CallError>> {
+        let _ = request;
+        Box::pin(async { Err(CallError::App("no service".into())) })
+    }
 }
 
 /// Where a module plugin's `warren.backend_*` calls go: empty until the node's groups run.

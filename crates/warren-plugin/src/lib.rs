@@ -52,7 +52,9 @@ use futures_util::future::BoxFuture;
 use warren::gate::line::ChannelHandler;
 use warren::{CallError, Execution};
 
-pub use backend::{BackendCaller, BackendRequest, BackendTarget};
+pub use backend::{
+    BackendCaller, BackendRequest, BackendTarget, HttpAnswer, HttpRequest, MAX_HTTP_ANSWER,
+};
 pub use channel::ChannelPlugin;
 pub use error::{PluginError, PluginErrorKind};
 pub use module::{BackendMsg, ModulePlugin};

@@ -355,38 +355,88 @@ fn install_warren_table(
         )?;
     }
 
+    for (name, by_id) in [("backend_call", false), ("backend_call_to", true)] {
+        let cur = current.clone();
+        t.set(
+            name,
+            lua.create_async_function(
+                move |lua,
+                      (group, key, msgid, body, timeout, answer): (
+                    String,
+                    String,
+                    u32,
+                    mlua::Value,
+                    Option<f64>,
+                    Option<u32>,
+                )| {
+                    let cx = running(&cur);
+                    let body = body_bytes(&lua, body);
+                    async move {
+                        let cx = cx?;
+                        let target = if by_id {
+                            crate::BackendTarget::Service(key)
+                        } else {
+                            crate::BackendTarget::Hash(key)
+                        };
+                        let request = crate::BackendRequest {
+                            group,
+                            target,
+                            msgid,
+                            answer_msgid: answer.unwrap_or(crate::backend::default_answer(msgid)),
+                            body: body?,
+                            timeout: crate::backend::timeout_of(timeout, rpc_timeout(&cx)),
+                        };
+                        let answer = cx
+                            .backends()
+                            .map_err(external)?
+                            .call(request)
+                            .await
+                            .map_err(external)?;
+                        lua.create_string(&answer)
+                    }
+                },
+            )?,
+        )?;
+    }
+
+    // HTTP groups: (status, body) of `method path` on the healthy service that owns `key`
     let cur = current.clone();
     t.set(
-        "backend_call",
+        "http_call",
         lua.create_async_function(
             move |lua,
-                  (group, key, msgid, body, timeout, answer): (
+                  (group, key, method, path, body, timeout, tag): (
                 String,
                 String,
-                u32,
-                mlua::Value,
+                String,
+                String,
+                Option<mlua::Value>,
                 Option<f64>,
-                Option<u32>,
+                Option<String>,
             )| {
                 let cx = running(&cur);
-                let body = body_bytes(&lua, body);
+                let body = match body {
+                    None | Some(mlua::Value::Nil) => Ok(Bytes::new()),
+                    Some(b) => body_bytes(&lua, b),
+                };
                 async move {
                     let cx = cx?;
-                    let request = crate::BackendRequest {
+                    let request = crate::HttpRequest {
                         group,
-                        target: crate::BackendTarget::Hash(key),
-                        msgid,
-                        answer_msgid: answer.unwrap_or(crate::backend::default_answer(msgid)),
+                        key,
+                        tag,
+                        method,
+                        path,
                         body: body?,
                         timeout: crate::backend::timeout_of(timeout, rpc_timeout(&cx)),
                     };
                     let answer = cx
                         .backends()
                         .map_err(external)?
-                        .call(request)
+                        .http(request)
                         .await
                         .map_err(external)?;
-                    lua.create_string(&answer)
+                    Ok((answer.status, lua.create_string(&answer.body)?))
                 }
             },
         )?,

@@ -392,13 +392,23 @@ fn warren_module<'py>(
             })?,
         )?;
     }
-    w.setattr(
-        "backend_call",
-        func(
-            py,
+    for (name, cname, by_id, doc) in [
+        (
+            "backend_call",
             c"backend_call",
+            false,
             c"backend_call(group, key, msgid, body, timeout=None, answer_msgid=None) -> the answer's body (bytes): call the service that owns key on the backend group's ring",
-            |args| {
+        ),
+        (
+            "backend_call_to",
+            c"backend_call_to",
+            true,
+            c"backend_call_to(group, service, msgid, body, timeout=None, answer_msgid=None) -> the answer's body (bytes): call the backend service of this id",
+        ),
+    ] {
+        w.setattr(
+            name,
+            func(py, cname, doc, move |args| {
                 let py = args.py();
                 let (cx, rt) = running()?;
                 let group: String = arg(args, 0)?.extract()?;
@@ -417,9 +427,14 @@ fn warren_module<'py>(
                     .filter(|t| !t.is_none())
                     .map(|t| t.extract::<u32>())
                     .transpose()?;
+                let target = if by_id {
+                    crate::BackendTarget::Service(key)
+                } else {
+                    crate::BackendTarget::Hash(key)
+                };
                 let request = crate::BackendRequest {
                     group,
-                    target: crate::BackendTarget::Hash(key),
+                    target,
                     msgid,
                     answer_msgid: answer.unwrap_or(crate::backend::default_answer(msgid)),
                     body,
@@ -429,6 +444,52 @@ fn warren_module<'py>(
                     cx.backends()?.call(request).await
                 })?;
                 Ok(pyo3::types::PyBytes::new(py, &reply).into_any().unbind())
+            })?,
+        )?;
+    }
+    w.setattr(
+        "http_call",
+        func(
+            py,
+            c"http_call",
+            c"http_call(group, key, method, path, body=None, timeout=None, tag=None) -> (status, body bytes): an HTTP request to the healthy service of the HTTP backend group that owns key on its ring",
+            |args| {
+                let py = args.py();
+                let (cx, rt) = running()?;
+                let group: String = arg(args, 0)?.extract()?;
+                let key: String = arg(args, 1)?.extract()?;
+                let method: String = arg(args, 2)?.extract()?;
+                let path: String = arg(args, 3)?.extract()?;
+                let body = match args.get_item(4).ok().filter(|b| !b.is_none()) {
+                    Some(b) => super::body_bytes(&b)?,
+                    None => Bytes::new(),
+                };
+                let timeout = args
+                    .get_item(5)
+                    .ok()
+                    .filter(|t| !t.is_none())
+                    .map(|t| t.extract::<f64>())
+                    .transpose()?;
+                let tag = args
+                    .get_item(6)
+                    .ok()
+                    .filter(|t| !t.is_none())
+                    .map(|t| t.extract::<String>())
+                    .transpose()?;
+                let request = crate::HttpRequest {
+                    group,
+                    key,
+                    tag,
+                    method,
+                    path,
+                    body,
+                    timeout: crate::backend::timeout_of(timeout, rpc_timeout(&cx)),
+                };
+                let answer = super::wait(py, &rt, async move {
+                    cx.backends()?.http(request).await
+                })?;
+                let body = pyo3::types::PyBytes::new(py, &answer.body);
+                Ok((answer.status, body).into_pyobject(py)?.into_any().unbind())
             },
         )?,
     )?;
