@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -305,3 +306,14 @@ def test_usage_errors_exit_2():
         r = ctl(*args)
         assert r.returncode == 2, (args, r.returncode, r.stderr)
         assert r.stdout == "", (args, r.stdout)
+
+
+def test_an_admin_address_that_never_answers_exits_3():
+    # a socket that accepts connections (the kernel's backlog) but never answers a request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        port = s.getsockname()[1]
+        r = ctl("--admin", str(port), "--timeout", "0.5", "nodes")
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    assert r.stderr.strip() == f"error: cannot reach the admin API at http://127.0.0.1:{port}: no answer within 0.5 s", r.stderr
