@@ -356,6 +356,9 @@ pub(crate) struct SessionConn<T> {
     route_cache: Option<Box<RouteCache>>,
     /// Its listener's traffic metrics (gate/traffic.rs).
     traffic: Arc<super::traffic::ListenerTraffic>,
+    /// Messages framed since the last write: added to `warren_messages_sent_total` once per
+    /// write, not once per message (a fan-out frames many per write).
+    framed: u64,
 }
 
 /// One resolved route of a connection: valid while the router's generation and the session
@@ -514,6 +517,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             rates,
             route_cache: None,
             traffic,
+            framed: 0,
         }
     }
 
@@ -657,7 +661,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             Outbound::Close => self.closing = Some(close_code::NORMAL),
             Outbound::CloseCode(code) => self.closing = Some(code),
             o => {
-                self.traffic.messages_out.increment(1);
+                self.framed += 1;
                 self.framer.frame(o, &mut self.out)
             }
         }
@@ -683,6 +687,11 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     /// Account for `n` bytes written: give back what `out` held of the session's queue bytes.
     fn wrote(&mut self, n: usize) {
         self.traffic.bytes_out.increment(n as u64);
+        if self.framed > 0 {
+            self.traffic
+                .messages_out
+                .increment(std::mem::take(&mut self.framed));
+        }
         let empty = self.out.buf.is_empty();
         let back = if empty {
             self.out_counted
