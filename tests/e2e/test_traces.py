@@ -1,7 +1,7 @@
 """Traces and JSON logs (docs/configuration.md, "Traces and logs"): a client request keeps one
 W3C trace id from the gate through the bus to the module's node, and that id is on the log
-lines of the request on both nodes; `[log] trace = false` leaves it out; with the `otel`
-feature the spans reach an OTLP/HTTP collector.
+lines of the request on both nodes; `[log] trace = false` leaves it out; a JSON-WS client's
+own `traceparent` is kept; with the `otel` feature the spans reach an OTLP/HTTP collector.
 """
 
 from __future__ import annotations
@@ -189,3 +189,29 @@ def test_spans_reach_an_otlp_collector_with_the_request_trace_id(tmp_path):
         assert b"otel-node" in body  # service.name
     finally:
         server.shutdown()
+
+
+def test_a_json_ws_clients_traceparent_is_kept(tmp_path):
+    websocket = pytest.importorskip("websocket")
+    cfg = write_config(tmp_path, f'[log]\nformat = "json"\nfilter = "{TRACE_FILTER}"\n')
+    w = Warren(
+        "--config", str(cfg), "--module", "global", listen=["json+ws://127.0.0.1:{port}"], http=False, env={"RUST_LOG": ""}
+    )
+    w.wait_ready()
+    ws = websocket.create_connection(f"ws://127.0.0.1:{w.ports['json+ws']}/", timeout=5)
+    try:
+        ws.send(json.dumps({"tpc": "login", "func": "login", "args": ["dan", "md5"], "cb": ""}))
+        assert json.loads(ws.recv())["func"] == "loginback"
+        given = "4bf92f3577b34da6a3ce929d0e0e4736"
+        call = {"tpc": "unknown", "func": "test", "cb": "t1", "args": ["a", "b"]}
+        ws.send(json.dumps({**call, "traceparent": f"00-{given}-00f067aa0ba902b7-01"}))
+        assert json.loads(ws.recv()) == {"tpc": "", "func": "t1", "cb": "", "args": ["ab"]}
+        # a value that is not a traceparent: the request gets an id of its own
+        ws.send(json.dumps({**call, "cb": "t2", "traceparent": "nonsense"}))
+        assert json.loads(ws.recv())["func"] == "t2"
+    finally:
+        ws.close()
+    requests = [line for line in json_lines(w) if message(line) == "request"]
+    assert len(requests) == 2, w.tail()
+    assert trace_ids(requests[0]) == {given}
+    assert trace_ids(requests[1]) != {given} and len(trace_ids(requests[1])) == 1

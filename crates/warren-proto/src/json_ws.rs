@@ -34,6 +34,11 @@ pub struct Frame {
     /// `onError`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A call's W3C trace context (`00-<trace id>-<span id>-<flags>`), when the client traces
+    /// its requests: warren logs the call under that trace id (docs/protocols/json-ws.md,
+    /// "Traces"). An extension of the contract: upstream ignores it as any unknown key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// Why a WebSocket message is not a valid frame; the gate closes the connection (1007).
@@ -131,6 +136,20 @@ pub fn not_found(cb: &str, func: &str) -> Frame {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_traceparent_is_read_and_written_only_when_there_is_one() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let raw =
+            format!(r#"{{"tpc":"Chat","func":"HD_Say","cb":"c","args":[],"traceparent":"{tp}"}}"#);
+        let f = decode(raw.as_bytes(), 1024).unwrap();
+        assert_eq!(f.traceparent.as_deref(), Some(tp));
+        // replies never carry one: the contract's four keys, as before
+        assert_eq!(
+            &encode(&reply("c", vec![]))[..],
+            br#"{"tpc":"","func":"c","cb":"","args":[]}"#
+        );
+    }
 
     #[test]
     fn defaults_and_order() {

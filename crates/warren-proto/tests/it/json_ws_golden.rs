@@ -38,6 +38,7 @@ fn sample_client_exchange() {
             cb: "callback".into(),
             args: vec![json!("arg1"), json!("arg2")],
             error: None,
+            traceparent: None,
         }
     );
     // The global `test` function concatenates its two arguments.
@@ -115,8 +116,10 @@ proptest! {
         cb in "\\PC{0,8}",
         ints in proptest::collection::vec(any::<i64>(), 0..4),
         error in proptest::option::of("\\PC{0,8}"),
+        traceparent in proptest::option::of("\\PC{0,8}"),
     ) {
-        let f = Frame { tpc, func, cb, args: ints.into_iter().map(Value::from).collect(), error };
+        let args = ints.into_iter().map(Value::from).collect();
+        let f = Frame { tpc, func, cb, args, error, traceparent };
         prop_assert_eq!(decode(&encode(&f), usize::MAX).unwrap(), f);
     }
 

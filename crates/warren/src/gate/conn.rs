@@ -849,10 +849,25 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         tag: Option<T>,
         session: Arc<Session>,
     ) -> Result<(), (Option<T>, CallError)> {
+        self.call_traced(target, handler, body, tag, session, None)
+            .await
+    }
+
+    /// [`SessionConn::call_as`] for a request whose client sent its own trace context (a
+    /// JSON-WS `traceparent`): the request keeps that trace id.
+    pub(crate) async fn call_traced(
+        &mut self,
+        target: &Target,
+        handler: &str,
+        body: Bytes,
+        tag: Option<T>,
+        session: Arc<Session>,
+        given: Option<crate::trace::TraceContext>,
+    ) -> Result<(), (Option<T>, CallError)> {
         let now = Instant::now();
         let deadline = now + self.cfg.rpc_expired();
         // the request's trace (crate::trace): its span, off unless `warren::trace` logs debug
-        let mut trace = crate::trace::start(None);
+        let mut trace = crate::trace::start(given);
         let span = trace.as_mut().map(|t| {
             let span = crate::trace::request_span(t, &target.module, handler, &session.id);
             span.in_scope(|| tracing::debug!(target: "warren::trace", node = %target.node, instance = %target.instance, "request"));

@@ -253,7 +253,16 @@ impl JsonSession {
             }
         });
         let outcome = match checked {
-            Ok(target) => conn.call(&target, &frame.func, body, tag).await,
+            Ok(target) => {
+                // a client's own trace context is kept (docs/protocols/json-ws.md, "Traces")
+                let given = frame
+                    .traceparent
+                    .as_deref()
+                    .and_then(crate::trace::TraceContext::parse);
+                let session = conn.handle.snapshot();
+                conn.call_traced(&target, &frame.func, body, tag, session, given)
+                    .await
+            }
             Err(CallError::ServiceNotFound(_)) => {
                 Err((tag, CallError::HandlerNotFound(frame.func.clone())))
             }
