@@ -62,6 +62,7 @@ pub(crate) fn install(cfg: &MetricsConfig) {
         Ok(()) => {
             let _ = HANDLE.set(handle);
             describe();
+            process::started();
         }
         Err(e) => tracing::warn!(error = %e, "metrics: another recorder is installed"),
     }
@@ -244,17 +245,21 @@ mod process {
     /// architecture warren builds for).
     const TICKS_PER_SECOND: f64 = 100.0;
 
-    /// When the figures were first read: the process's start, near enough.
+    /// When the recorder was installed: the process's start, within milliseconds.
     static STARTED: OnceLock<f64> = OnceLock::new();
 
-    /// Set the process gauges from `/proc/self`; a file that cannot be read leaves its gauge.
-    pub(super) fn record() {
-        let started = *STARTED.get_or_init(|| {
+    /// The start time in Unix seconds, taken on the first call ([`super::install`] makes it).
+    pub(super) fn started() -> f64 {
+        *STARTED.get_or_init(|| {
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64())
-        });
-        metrics::gauge!("process_start_time_seconds").set(started);
+        })
+    }
+
+    /// Set the process gauges from `/proc/self`; a file that cannot be read leaves its gauge.
+    pub(super) fn record() {
+        metrics::gauge!("process_start_time_seconds").set(started());
         if let Some(s) = read("/proc/self/stat").as_deref().and_then(parse_stat) {
             metrics::gauge!("process_cpu_seconds_total")
                 .set((s.utime + s.stime) as f64 / TICKS_PER_SECOND);
