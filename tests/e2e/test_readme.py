@@ -8,14 +8,14 @@ left running as in a terminal, and stopped with Ctrl-C at the end, which must ex
 
 `cargo run --release -- ARGS` runs the binary under test with ARGS, through a `cargo` stand-in
 on PATH. Running cargo itself would not test the binary the suite tests: scripts/test builds
-`cargo build --release -p warren-cli --features etcd`, while `cargo run --release` at the
-workspace root builds warren-cli with its default features (no etcd). That is a different build:
+`cargo build --release -p warren-cli --features etcd,otel`, while `cargo run --release` at the
+workspace root builds warren-cli with its default features (no etcd, no otel). That is a different build:
 it takes minutes on a fresh clone, and it would overwrite target/release/warren, the binary every
 other end-to-end test (the etcd ones included) runs, with one lacking the etcd registry. What
 `cargo run` would start is checked instead (`test_cargo_run_starts_the_warren_binary`): the
 workspace's default members have exactly one binary, warren-cli's `warren`, so `cargo run
---release -- ARGS` is `warren ARGS` built from this tree; the etcd feature only adds the etcd://
-registry, which no README command uses.
+--release -- ARGS` is `warren ARGS` built from this tree; the etcd and otel features only add the
+etcd:// registry and the OTLP exporter, which no README command uses.
 
 Beyond the commands: the addresses the "Two commands" comment gives answer; the output "A
 five-minute tour" shows is what the demo prints (each shown line begins a printed line, in order:
