@@ -136,7 +136,7 @@ impl Groups {
                 n += 1;
             }
         }
-        crate::gate::traffic::MESSAGE_PATH
+        crate::message_path::MESSAGE_PATH
             .fanout_deliveries
             .increment(n as u64);
         n
@@ -623,7 +623,7 @@ impl Subscriptions {
                 n += 1;
             }
         }
-        crate::gate::traffic::MESSAGE_PATH
+        crate::message_path::MESSAGE_PATH
             .fanout_deliveries
             .increment(n as u64);
         n

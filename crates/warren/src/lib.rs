@@ -23,6 +23,7 @@ pub mod config;
 pub mod error;
 pub mod fanout;
 pub mod gate;
+pub(crate) mod message_path;
 pub mod module;
 pub mod mqant_conf;
 pub mod mqtt_session;

@@ -7,33 +7,13 @@
 //! one atomic operation per message.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use metrics::{Counter, Gauge};
 
 use crate::config::{ListenerConfig, protocol_name};
 
-/// Node-wide counters of the message path, resolved once on first use: a `counter!` on the path
-/// itself would look its name up in the recorder's registry each time. The node starts after the
-/// recorder is installed, so the first use finds it.
-pub(crate) struct MessagePath {
-    /// `warren_socket_writes_total`: socket writes to clients.
-    pub(crate) socket_writes: Counter,
-    /// `warren_publishes_received_total`: MQTT PUBLISH packets received.
-    pub(crate) publishes_received: Counter,
-    /// `warren_push_acks_total`: PUBACK/PUBCOMP for messages sent to MQTT clients.
-    pub(crate) push_acks: Counter,
-    /// `warren_fanout_deliveries_total`: messages delivered to subscribers and group members.
-    pub(crate) fanout_deliveries: Counter,
-}
-
-/// The node-wide counters of the message path ([`MessagePath`]).
-pub(crate) static MESSAGE_PATH: LazyLock<MessagePath> = LazyLock::new(|| MessagePath {
-    socket_writes: metrics::counter!("warren_socket_writes_total"),
-    publishes_received: metrics::counter!("warren_publishes_received_total"),
-    push_acks: metrics::counter!("warren_push_acks_total"),
-    fanout_deliveries: metrics::counter!("warren_fanout_deliveries_total"),
-});
+pub(crate) use crate::message_path::MESSAGE_PATH;
 
 /// One listener's handles.
 pub(crate) struct ListenerTraffic {

@@ -16,6 +16,8 @@ const LAYERS: &[&[&str]] = &[
         "acl",
         "refusal",
         "mqtt_store",
+        "trace",
+        "message_path",
     ],
     &["config"],
     &["session", "mqant_conf"],
