@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use warren::registry::{NodeRecord, Registry, RegistryError};
 
 /// Longest wait for one etcd operation.
-const OP_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often readers take a full snapshot besides watching.
 const SYNC_EVERY: Duration = Duration::from_secs(2);
 /// First and longest pause between retries while etcd fails.
@@ -62,7 +62,7 @@ fn ttl_secs(ttl: Duration) -> i64 {
         .max(1)
 }
 
-async fn timed<T, E: std::fmt::Display>(
+pub(crate) async fn timed<T, E: std::fmt::Display>(
     what: &str,
     f: impl Future<Output = Result<T, E>>,
 ) -> Result<T, String> {

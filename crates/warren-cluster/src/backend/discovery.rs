@@ -20,6 +20,7 @@ use std::time::Duration;
 use std::collections::HashMap;
 
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use warren::ring::normalize;
@@ -197,22 +198,46 @@ const NATS_STEP: Duration = Duration::from_secs(5);
 /// revision); a deleted or purged key is a member gone. When the connection or the watch fails,
 /// the group keeps what it has and the watcher starts again 8 s later, replaying the bucket.
 pub async fn watch_nats_kv(
-    update: impl Fn(&str, Vec<ServiceConf>) + Send + 'static,
+    update: impl Fn(&str, Vec<ServiceConf>) + Send + Sync + 'static,
     source: NatsKvSource,
     filter: MemberFilter,
     stop: CancellationToken,
 ) {
-    let mut last: Option<Vec<ServiceConf>> = None;
-    let mut failing = false;
+    let from = source.bucket.clone();
+    let (update, source, group) = (Arc::new(update), Arc::new(source), Arc::new(filter.clone()));
+    lives(&from, &filter, &stop, move |st| {
+        let (update, source, group) = (update.clone(), source.clone(), group.clone());
+        Box::pin(async move { follow_kv(&*update, &source, &group, st).await })
+    })
+    .await;
+}
+
+/// What a watcher keeps across the lives of its connection: the services it last handed over,
+/// and whether it is failing (logged once until it is back).
+#[derive(Default)]
+pub(super) struct Following {
+    pub(super) last: Option<Vec<ServiceConf>>,
+    pub(super) failing: bool,
+}
+
+/// Run `life` (connect, read and follow a source: `from` names it in the logs) until `stop`,
+/// again 8 s after each end; the first failure of a series is logged with its reason.
+pub(super) async fn lives(
+    from: &str,
+    filter: &MemberFilter,
+    stop: &CancellationToken,
+    mut life: impl for<'a> FnMut(&'a mut Following) -> BoxFuture<'a, String>,
+) {
+    let mut st = Following::default();
     loop {
         let why = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            why = follow_kv(&update, &source, &filter, &mut last, &mut failing) => why,
+            why = life(&mut st) => why,
         };
-        if !failing {
-            tracing::warn!(group = %filter.group, bucket = %source.bucket, %why, "backend registry unreachable; trying again every 8 s");
-            failing = true;
+        if !st.failing {
+            tracing::warn!(group = %filter.group, source = %from, %why, "backend registry unreachable; trying again every 8 s");
+            st.failing = true;
         }
         tokio::select! {
             biased;
@@ -228,8 +253,7 @@ async fn follow_kv(
     update: &impl Fn(&str, Vec<ServiceConf>),
     source: &NatsKvSource,
     filter: &MemberFilter,
-    last: &mut Option<Vec<ServiceConf>>,
-    failing: &mut bool,
+    st: &mut Following,
 ) -> String {
     let step = |what: &'static str| move |_| format!("{what}: no answer within {NATS_STEP:?}");
     let client = match tokio::time::timeout(NATS_STEP, async_nats::connect(&source.url))
@@ -257,9 +281,9 @@ async fn follow_kv(
         Ok(Err(e)) => return format!("watch bucket {}: {e}", source.bucket),
         Err(e) => return e,
     };
-    if *failing {
+    if st.failing {
         tracing::info!(group = %filter.group, bucket = %source.bucket, "backend registry reachable again");
-        *failing = false;
+        st.failing = false;
     } else {
         tracing::info!(group = %filter.group, bucket = %source.bucket, "backend group watches the registry");
     }
@@ -275,7 +299,7 @@ async fn follow_kv(
                 Ok(n) => n,
                 Err(_) => {
                     replayed = true;
-                    publish(update, filter, &members, last);
+                    publish(update, filter, &members, &mut st.last);
                     continue;
                 }
             }
@@ -307,7 +331,7 @@ async fn follow_kv(
         }
         if replayed || entry.delta == 0 {
             replayed = true;
-            publish(update, filter, &members, last);
+            publish(update, filter, &members, &mut st.last);
         }
     }
 }

@@ -9,6 +9,7 @@
 //! has and the watcher starts again 8 s later.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, GetOptions, WatchOptions};
@@ -16,13 +17,11 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::ServiceConf;
-use super::discovery::{MemberFilter, publish};
+use super::discovery::{Following, MemberFilter, lives, publish};
 use crate::redis::GobaseMember;
 
-/// Pause before trying an etcd that failed again, and the period of the full re-read.
-const RETRY: Duration = Duration::from_secs(8);
-/// Longest wait for one etcd step (connect, read, start the watch).
-const STEP: Duration = Duration::from_secs(5);
+/// The period of the full re-read (the pause before trying again is the other sources').
+const REREAD: Duration = Duration::from_secs(8);
 
 /// An etcd key prefix of gobase member strings, as a discovery source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,40 +35,18 @@ pub struct EtcdSource {
 /// Watch the prefix until `stop`: every change of the group's members becomes one
 /// `update(group, services)`, the first read included (even when empty).
 pub async fn watch_etcd(
-    update: impl Fn(&str, Vec<ServiceConf>) + Send + 'static,
+    update: impl Fn(&str, Vec<ServiceConf>) + Send + Sync + 'static,
     source: EtcdSource,
     filter: MemberFilter,
     stop: CancellationToken,
 ) {
-    let mut last: Option<Vec<ServiceConf>> = None;
-    let mut failing = false;
-    loop {
-        let why = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            why = follow(&update, &source, &filter, &mut last, &mut failing) => why,
-        };
-        if !failing {
-            tracing::warn!(group = %filter.group, prefix = %source.prefix, %why, "backend registry unreachable; trying again every 8 s");
-            failing = true;
-        }
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(RETRY) => {}
-        }
-    }
-}
-
-async fn step<T, E: std::fmt::Display>(
-    what: &str,
-    f: impl Future<Output = Result<T, E>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(STEP, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: no answer within {STEP:?}")),
-    }
+    let from = source.prefix.clone();
+    let (update, source, group) = (Arc::new(update), Arc::new(source), Arc::new(filter.clone()));
+    lives(&from, &filter, &stop, move |st| {
+        let (update, source, group) = (update.clone(), source.clone(), group.clone());
+        Box::pin(async move { follow(&*update, &source, &group, st).await })
+    })
+    .await;
 }
 
 /// One life of the watcher: connect, read, watch and re-read; returns why it stopped.
@@ -77,25 +54,33 @@ async fn follow(
     update: &impl Fn(&str, Vec<ServiceConf>),
     source: &EtcdSource,
     filter: &MemberFilter,
-    last: &mut Option<Vec<ServiceConf>>,
-    failing: &mut bool,
+    st: &mut Following,
 ) -> String {
     let run = async {
         let eps = crate::etcd::endpoints(&source.url)?;
         let options = ConnectOptions::new()
-            .with_connect_timeout(STEP)
-            .with_timeout(STEP);
-        let mut client = step("connect", Client::connect(&eps, Some(options))).await?;
+            .with_connect_timeout(crate::etcd::OP_TIMEOUT)
+            .with_timeout(crate::etcd::OP_TIMEOUT);
+        let mut client =
+            crate::etcd::timed("connect", Client::connect(&eps, Some(options))).await?;
         let prefix = format!("{}/", source.prefix.trim_end_matches('/'));
         let mut refused: HashMap<Vec<u8>, i64> = HashMap::new();
-        let rev = read(&mut client, &prefix, &mut refused, update, filter, last).await?;
-        if *failing {
+        let rev = read(
+            &mut client,
+            &prefix,
+            &mut refused,
+            update,
+            filter,
+            &mut st.last,
+        )
+        .await?;
+        if st.failing {
             tracing::info!(group = %filter.group, prefix = %source.prefix, "backend registry reachable again");
-            *failing = false;
+            st.failing = false;
         } else {
             tracing::info!(group = %filter.group, prefix = %source.prefix, "backend group watches the registry");
         }
-        let watch = step(
+        let watch = crate::etcd::timed(
             "watch",
             client.watch(
                 prefix.as_str(),
@@ -109,7 +94,7 @@ async fn follow(
         .await?;
         // the request half lives as long as the responses are read
         let (_requests, mut responses) = watch.split();
-        let mut tick = tokio::time::interval(RETRY);
+        let mut tick = tokio::time::interval(REREAD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
@@ -125,7 +110,15 @@ async fn follow(
                 },
                 _ = tick.tick() => {}
             }
-            read(&mut client, &prefix, &mut refused, update, filter, last).await?;
+            read(
+                &mut client,
+                &prefix,
+                &mut refused,
+                update,
+                filter,
+                &mut st.last,
+            )
+            .await?;
         }
     };
     match run.await {
@@ -145,7 +138,7 @@ async fn read(
     filter: &MemberFilter,
     last: &mut Option<Vec<ServiceConf>>,
 ) -> Result<i64, String> {
-    let resp = step(
+    let resp = crate::etcd::timed(
         "read",
         client.get(prefix, Some(GetOptions::new().with_prefix())),
     )
