@@ -12,135 +12,38 @@
 // (else /usr/bin/chromium).
 
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import {
+  REPO_ROOT,
+  SHOT_DIR,
+  SHUTDOWN_TIMEOUT_MS,
+  collectProblems,
+  findWarren,
+  freePorts,
+  launchChromium,
+  runTest,
+  screenshot,
+  shownPath,
+  start,
+  waitForPorts,
+  waitInPage as waitInPageFor,
+} from './harness.mjs';
 
 /** Whole-test budget. */
 const OVERALL_TIMEOUT_MS = 90_000;
 /** Budget for one waited-for condition in the page. */
 const STEP_TIMEOUT_MS = 15_000;
-/** Budget for the server to open its ports. */
-const STARTUP_TIMEOUT_MS = 15_000;
-/** Budget for the server to exit after SIGTERM before it is killed. */
-const SHUTDOWN_TIMEOUT_MS = 5_000;
 /** Seconds each `warren bench` run measures. */
 const BENCH_SECONDS = 6;
 
-const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const SHOT_DIR = path.join(REPO_ROOT, 'target', 'browser');
 const TOKEN = 'dashboard-test-token';
 const NODE_ID = 'dash1';
 
 // ------------------------------------------------------------------ helpers
-
-function findWarren() {
-  if (process.env.WARREN_BIN) {
-    const bin = path.resolve(REPO_ROOT, process.env.WARREN_BIN);
-    if (!existsSync(bin)) {
-      throw new Error(`WARREN_BIN=${process.env.WARREN_BIN} does not exist`);
-    }
-    return bin;
-  }
-  for (const rel of ['target/release/warren', 'target/debug/warren']) {
-    const bin = path.join(REPO_ROOT, rel);
-    if (existsSync(bin)) {
-      return bin;
-    }
-  }
-  throw new Error('warren binary not found: set WARREN_BIN or run `cargo build --release` first');
-}
-
-/** Asks the OS for `n` distinct free TCP ports on 127.0.0.1. */
-async function freePorts(n) {
-  const servers = [];
-  try {
-    for (let i = 0; i < n; i += 1) {
-      const srv = net.createServer();
-      servers.push(srv);
-      await new Promise((resolve, reject) => {
-        srv.once('error', reject);
-        srv.listen(0, '127.0.0.1', resolve);
-      });
-    }
-    return servers.map((s) => s.address().port);
-  } finally {
-    await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
-  }
-}
-
-function canConnect(port) {
-  return new Promise((resolve) => {
-    const sock = net.connect({ host: '127.0.0.1', port });
-    sock.once('connect', () => {
-      sock.destroy();
-      resolve(true);
-    });
-    sock.once('error', () => resolve(false));
-  });
-}
-
-/** Starts a child process and keeps the end of its output so a failure can show it. */
-function start(bin, args, name) {
-  const child = spawn(bin, args, {
-    cwd: REPO_ROOT,
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info' },
-  });
-  const output = [];
-  const keep = (chunk) => {
-    output.push(chunk.toString());
-    if (output.length > 200) {
-      output.shift();
-    }
-  };
-  child.stdout.on('data', keep);
-  child.stderr.on('data', keep);
-  let exitInfo = null;
-  const exited = new Promise((resolve) => {
-    child.once('exit', (code, signal) => resolve({ code, signal }));
-    child.once('error', (err) => resolve({ code: null, signal: null, error: err }));
-  }).then((info) => {
-    exitInfo = info;
-    return info;
-  });
-  return { name, child, exited, exitInfo: () => exitInfo, log: () => output.join('') };
-}
-
-async function waitForPorts(proc, ports) {
-  const deadline = Date.now() + STARTUP_TIMEOUT_MS;
-  for (const port of ports) {
-    while (!(await canConnect(port))) {
-      const info = proc.exitInfo();
-      if (info) {
-        throw new Error(`${proc.name} exited during startup (code ${info.code}, signal ${info.signal})`);
-      }
-      if (Date.now() > deadline) {
-        throw new Error(`port ${port} did not accept connections within ${STARTUP_TIMEOUT_MS} ms`);
-      }
-      await new Promise((resolve) => setTimeout(resolve, 100));
-    }
-  }
-}
-
-async function stop(proc) {
-  if (proc.exitInfo()) {
-    return proc.exitInfo();
-  }
-  proc.child.kill('SIGTERM');
-  const timer = new Promise((resolve) => setTimeout(resolve, SHUTDOWN_TIMEOUT_MS, null));
-  const info = await Promise.race([proc.exited, timer]);
-  if (info === null) {
-    proc.child.kill('SIGKILL');
-    await proc.exited;
-    return { code: null, signal: 'SIGKILL', forced: true };
-  }
-  return info;
-}
 
 /** An MQTT string: two length bytes, then UTF-8. */
 function mqttString(s) {
@@ -209,14 +112,8 @@ async function pageState(page) {
 }
 
 /** Waits for `predicate(arg)` to hold in the page; explains the page state on timeout. */
-async function waitInPage(page, what, predicate, arg, timeout = STEP_TIMEOUT_MS) {
-  try {
-    await page.waitForFunction(predicate, arg, { timeout, polling: 200 });
-  } catch (err) {
-    throw new Error(
-      `${what} (not seen within ${timeout} ms)\n  page: ${JSON.stringify(await pageState(page))}\n  cause: ${err.message.split('\n')[0]}`,
-    );
-  }
+function waitInPage(page, what, predicate, arg, timeout = STEP_TIMEOUT_MS) {
+  return waitInPageFor(page, what, predicate, arg, { timeout, polling: 200, pageState });
 }
 
 /** The largest value a tile showed while `during` ran (sampled every 200 ms). */
@@ -283,8 +180,7 @@ async function run(state) {
       '',
     ].join('\n'),
   );
-  const shown = path.relative(REPO_ROOT, bin);
-  console.log(`starting ${shown.startsWith('..') ? bin : shown} serve --config ${config}`);
+  console.log(`starting ${shownPath(bin)} serve --config ${config}`);
   state.warren = start(bin, ['serve', '--config', config], 'warren');
   await waitForPorts(state.warren, [mqttPort, mqantPort, adminPort]);
 
@@ -296,29 +192,11 @@ async function run(state) {
   }
   assert.equal((await fetch(`${base}/admin/nodes`)).status, 401, '/admin/nodes without a token');
 
-  state.browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    args: [
-      '--headless',
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-background-networking',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
-    timeout: STEP_TIMEOUT_MS,
-  });
+  state.browser = await launchChromium(STEP_TIMEOUT_MS);
   const context = await state.browser.newContext({ viewport: { width: 1280, height: 900 } });
   const page = await context.newPage();
-  page.on('pageerror', (err) => state.problems.push(`page error: ${err.message}`));
-  page.on('console', (msg) => {
-    // the API's 401 before the token is given is expected; anything else is a problem
-    if (msg.type() === 'error' && !/401 \(Unauthorized\)/.test(msg.text())) {
-      state.problems.push(`console error: ${msg.text()}`);
-    }
-  });
+  // the API's 401 before the token is given is expected; anything else is a problem
+  collectProblems(page, state.problems, { ignore: /401 \(Unauthorized\)/ });
   const res = await page.goto(`${base}/`, { timeout: STEP_TIMEOUT_MS });
   assert.ok(res && res.ok(), `GET / answered ${res ? res.status() : 'nothing'}`);
   assert.equal(await page.title(), 'warren dashboard');
@@ -375,8 +253,7 @@ async function run(state) {
   assert.ok(maxOut > 0, `messages/s out never moved: ${JSON.stringify(await pageState(page))}`);
   assert.ok(maxP50 > 0, `request latency never shown: ${JSON.stringify(await pageState(page))}`);
 
-  mkdirSync(SHOT_DIR, { recursive: true });
-  await page.screenshot({ path: path.join(SHOT_DIR, 'dashboard.png'), fullPage: true });
+  await screenshot(page, 'dashboard.png', { fullPage: true });
 
   // A client as carol: find her by uid, kick her.
   const carol = await mqttClient(mqttPort, 'carol-phone', 'carol', 'carol-pw');
@@ -411,64 +288,9 @@ async function run(state) {
   assert.equal(after.sessions.length, 0, `no session of carol after the kick: ${JSON.stringify(after)}`);
   console.log(`ok: carol's session ${sid} kicked from the page; her client saw the close`);
 
-  await page.screenshot({ path: path.join(SHOT_DIR, 'dashboard-kicked.png'), fullPage: true });
+  await screenshot(page, 'dashboard-kicked.png', { fullPage: true });
   console.log(`screenshots in ${path.relative(REPO_ROOT, SHOT_DIR)}/dashboard.png, dashboard-kicked.png`);
   assert.deepEqual(state.problems, [], 'the page reported errors');
 }
 
-async function main() {
-  const state = { warren: null, browser: null, children: [], sockets: [], problems: [], dir: null };
-  let timer;
-  const overall = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`test did not finish within ${OVERALL_TIMEOUT_MS / 1000} s`)), OVERALL_TIMEOUT_MS);
-  });
-  // Last resort if cleanup itself hangs: never outlive the budget by much.
-  setTimeout(() => {
-    for (const p of [state.warren, ...state.children]) {
-      p?.child.kill('SIGKILL');
-    }
-    console.error('FAIL: cleanup hung; killed warren');
-    console.log('browser: 0 passed, 1 failed');
-    process.exit(1);
-  }, OVERALL_TIMEOUT_MS + 3 * SHUTDOWN_TIMEOUT_MS).unref();
-  let failure = null;
-  try {
-    await Promise.race([run(state), overall]);
-  } catch (err) {
-    failure = err;
-  } finally {
-    clearTimeout(timer);
-    for (const s of state.sockets) {
-      s.destroy();
-    }
-    if (state.browser) {
-      await state.browser.close().catch(() => {});
-    }
-    for (const c of state.children) {
-      await stop(c);
-    }
-    if (state.warren) {
-      const info = await stop(state.warren);
-      console.log(`warren stopped (code ${info.code}, signal ${info.signal}${info.forced ? ', killed after timeout' : ''})`);
-    }
-    if (state.dir) {
-      rmSync(state.dir, { recursive: true, force: true });
-    }
-  }
-
-  if (failure) {
-    console.error(`\nFAIL: ${failure.message}`);
-    if (state.problems.length > 0) {
-      console.error(`page problems:\n  ${state.problems.join('\n  ')}`);
-    }
-    if (state.warren) {
-      console.error(`last warren output:\n${state.warren.log().trimEnd().split('\n').slice(-40).join('\n')}`);
-    }
-    console.log('browser: 0 passed, 1 failed');
-    process.exit(1);
-  }
-  console.log('browser: 1 passed, 0 failed');
-  process.exit(0);
-}
-
-main();
+runTest(run, { overallTimeoutMs: OVERALL_TIMEOUT_MS, cleanupGraceMs: 3 * SHUTDOWN_TIMEOUT_MS });
