@@ -184,6 +184,6 @@ def test_registry_discovery_needs_a_redis_registry(tmp_path: Path):
     try:
         code = w.proc.wait(timeout=20)
         assert code != 0
-        assert 'discovery = "registry" reads a redis:// or nats:// registry' in w.log(), w.log()
+        assert 'discovery = "registry" reads a redis://, nats:// or etcd:// registry' in w.log(), w.log()
     finally:
         w.kill()
