@@ -137,14 +137,7 @@ async fn a_group_follows_its_registry_members() {
     )
     .await;
 
-    let group: Backends<GobaseTestCodec, NoHooks> = Backends::new(
-        GobaseTestCodec::default(),
-        NoHooks,
-        BackendOptions {
-            immediately: true,
-            ..BackendOptions::default()
-        },
-    );
+    let group = immediate_group();
     let stop = CancellationToken::new();
     tokio::spawn(discovery::watch_redis(
         group.clone(),
@@ -153,10 +146,7 @@ async fn a_group_follows_its_registry_members() {
             key: key.into(),
             layout: GobaseLayout::Gobase,
         },
-        MemberFilter {
-            group: "gate".into(),
-            scheme: "tcp".into(),
-        },
+        gate_tcp(),
         stop.clone(),
     ));
     eventually("gate1 is dialled", || {
@@ -340,14 +330,7 @@ async fn a_group_follows_a_nats_kv_bucket() {
     .expect("put");
     kv.put("junk", "not a member".into()).await.expect("put");
 
-    let group: Backends<GobaseTestCodec, NoHooks> = Backends::new(
-        GobaseTestCodec::default(),
-        NoHooks,
-        BackendOptions {
-            immediately: true,
-            ..BackendOptions::default()
-        },
-    );
+    let group = immediate_group();
     let stop = CancellationToken::new();
     let feed = group.clone();
     tokio::spawn(discovery::watch_nats_kv(
@@ -356,10 +339,7 @@ async fn a_group_follows_a_nats_kv_bucket() {
             url: url.clone(),
             bucket: "backends".into(),
         },
-        MemberFilter {
-            group: "gate".into(),
-            scheme: "tcp".into(),
-        },
+        gate_tcp(),
         stop.clone(),
     ));
     eventually("gate1 is on the ring", || {
@@ -417,14 +397,7 @@ async fn a_group_follows_an_etcd_prefix() {
         .await
         .expect("put");
 
-    let group: Backends<GobaseTestCodec, NoHooks> = Backends::new(
-        GobaseTestCodec::default(),
-        NoHooks,
-        BackendOptions {
-            immediately: true,
-            ..BackendOptions::default()
-        },
-    );
+    let group = immediate_group();
     let stop = CancellationToken::new();
     let feed = group.clone();
     tokio::spawn(watch_etcd(
@@ -433,10 +406,7 @@ async fn a_group_follows_an_etcd_prefix() {
             url: url.clone(),
             prefix: "backend-demo".into(),
         },
-        MemberFilter {
-            group: "gate".into(),
-            scheme: "tcp".into(),
-        },
+        gate_tcp(),
         stop.clone(),
     ));
     eventually("gate1 is on the ring", || {
@@ -463,4 +433,24 @@ async fn a_group_follows_an_etcd_prefix() {
     assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
     stop.cancel();
     group.shutdown().await;
+}
+
+/// A group that closes a service as soon as it leaves discovery, as the discovery tests want.
+fn immediate_group() -> Backends<GobaseTestCodec, NoHooks> {
+    Backends::new(
+        GobaseTestCodec::default(),
+        NoHooks,
+        BackendOptions {
+            immediately: true,
+            ..BackendOptions::default()
+        },
+    )
+}
+
+/// The members the discovery tests' group keeps: service `gate`, scheme `tcp`.
+fn gate_tcp() -> MemberFilter {
+    MemberFilter {
+        group: "gate".into(),
+        scheme: "tcp".into(),
+    }
 }
