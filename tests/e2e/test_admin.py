@@ -24,6 +24,19 @@ import pytest
 from chat import ChatClient
 from conftest import Warren, free_port, wait_until
 
+def admin_request(port: int, method: str, path: str, data: bytes | None, token: str | None) -> tuple[int, dict]:
+    """One request to the admin API on 127.0.0.1:`port`, with the bearer token when one is
+    given: (status, JSON answer), error statuses included."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, data=data)
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 GREETER_LUA = 'function HD_Hello(session, msg) return "hello " .. msg end\n'
 GREETER_PY = 'def HD_Hello(session, msg):\n    return "hi " + msg\n'
 ECHO_LUA = "function handle_msg(id, msg) channel.send(id, msg) end\n"
@@ -77,19 +90,7 @@ class Node:
 
     def api(self, method: str, path: str, body: str | None = None, token: str | None = "default") -> tuple[int, dict]:
         """One request to the admin API: (status, JSON body). The node's token by default."""
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.admin}{path}",
-            method=method,
-            data=body.encode() if body is not None else None,
-        )
-        token = self.token if token == "default" else token
-        if token is not None:
-            req.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        return admin_request(self.admin, method, path, body.encode() if body is not None else None, self.token if token == "default" else token)
 
     def hello(self, module: str = "Greeter", name: str = "ann") -> dict:
         """`<module>/HD_Hello` over MQTT: the reply envelope."""

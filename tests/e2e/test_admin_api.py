@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 from brokers import Broker, installed
 from chat import ChatClient
 from conftest import Warren, free_port, wait_until
+from test_admin import admin_request
 from test_cross_protocol import PomeloRaw
 
 TOKEN = "adm1n-t0ken"
@@ -40,19 +39,8 @@ class Admin:
 
     def call(self, method: str, path: str, body: dict | None = None, token: str | None = "default") -> tuple[int, dict]:
         """One request: (status, JSON answer)."""
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}",
-            method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-        )
-        token = self.token if token == "default" else token
-        if token is not None:
-            req.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        data = json.dumps(body).encode() if body is not None else None
+        return admin_request(self.port, method, path, data, self.token if token == "default" else token)
 
     def get(self, path: str) -> dict:
         status, body = self.call("GET", path)

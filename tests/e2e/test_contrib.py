@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -33,6 +32,7 @@ import pytest
 from brokers import Broker, installed
 from conftest import REPO_ROOT, free_port, port_open, wait_until, warren_bin
 from rawmqtt import connect_packet
+from test_tls import recv_exact, tls_socket
 
 CONTRIB = REPO_ROOT / "contrib"
 CONFIG = CONTRIB / "production.toml"
@@ -143,19 +143,7 @@ def localise(text: str, ports: dict[str, int], bus: str, store: Path) -> str:
 
 
 def tls_connect(port: int, ca: Path) -> ssl.SSLSocket:
-    ctx = ssl.create_default_context(cafile=str(ca))
-    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
-    return ctx.wrap_socket(raw, server_hostname="localhost")
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    got = b""
-    while len(got) < n:
-        chunk = s.recv(n - len(got))
-        if not chunk:
-            raise ConnectionError(f"closed after {got!r}")
-        got += chunk
-    return got
+    return tls_socket(port, ssl.create_default_context(cafile=str(ca)))
 
 
 def admin_get(port: int, path: str, token: str | None) -> tuple[int, bytes]:
