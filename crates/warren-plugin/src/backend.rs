@@ -27,6 +27,18 @@ pub enum BackendTarget {
     Service(String),
 }
 
+impl BackendTarget {
+    /// What a script's `key` argument names: a service id (`backend_send_to`,
+    /// `backend_call_to`) or a key whose owner on the ring is meant.
+    pub(crate) fn of(by_id: bool, key: String) -> BackendTarget {
+        if by_id {
+            BackendTarget::Service(key)
+        } else {
+            BackendTarget::Hash(key)
+        }
+    }
+}
+
 /// A call to a backend service: the request frame and the frame that answers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendRequest {
@@ -77,6 +89,29 @@ pub struct HttpAnswer {
 
 /// The largest HTTP answer a script is handed; a longer one is an error, read no further.
 pub const MAX_HTTP_ANSWER: usize = 8 * 1024 * 1024;
+
+impl BackendRequest {
+    /// A script's call as it gives it: the answer msgid defaults to the request's plus one,
+    /// the timeout (seconds) to `fallback` (the node's call timeout).
+    pub(crate) fn from_script(
+        group: String,
+        target: BackendTarget,
+        msgid: u32,
+        body: Bytes,
+        timeout: Option<f64>,
+        answer_msgid: Option<u32>,
+        fallback: Duration,
+    ) -> BackendRequest {
+        BackendRequest {
+            group,
+            target,
+            msgid,
+            answer_msgid: answer_msgid.unwrap_or(default_answer(msgid)),
+            body,
+            timeout: timeout_of(timeout, fallback),
+        }
+    }
+}
 
 /// The node's `[[backend]]` groups as module plugins use them. The binary implements it over
 /// its running groups; errors carry the words of the gobase backend package (`no service`,

@@ -340,11 +340,7 @@ fn install_warren_table(
             lua.create_function(
                 move |lua, (group, key, msgid, body): (String, String, u32, mlua::Value)| {
                     let cx = running(&cur)?;
-                    let target = if by_id {
-                        crate::BackendTarget::Service(key)
-                    } else {
-                        crate::BackendTarget::Hash(key)
-                    };
+                    let target = crate::BackendTarget::of(by_id, key);
                     let body = body_bytes(lua, body)?;
                     cx.backends()
                         .and_then(|b| b.send(&group, &target, msgid, body))
@@ -373,19 +369,16 @@ fn install_warren_table(
                     let body = body_bytes(&lua, body);
                     async move {
                         let cx = cx?;
-                        let target = if by_id {
-                            crate::BackendTarget::Service(key)
-                        } else {
-                            crate::BackendTarget::Hash(key)
-                        };
-                        let request = crate::BackendRequest {
+                        let target = crate::BackendTarget::of(by_id, key);
+                        let request = crate::BackendRequest::from_script(
                             group,
                             target,
                             msgid,
-                            answer_msgid: answer.unwrap_or(crate::backend::default_answer(msgid)),
-                            body: body?,
-                            timeout: crate::backend::timeout_of(timeout, rpc_timeout(&cx)),
-                        };
+                            body?,
+                            timeout,
+                            answer,
+                            rpc_timeout(&cx),
+                        );
                         let answer = cx
                             .backends()
                             .map_err(external)?

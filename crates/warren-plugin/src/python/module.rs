@@ -380,11 +380,7 @@ fn warren_module<'py>(
                 let key: String = arg(args, 1)?.extract()?;
                 let msgid: u32 = arg(args, 2)?.extract()?;
                 let body = super::body_bytes(&arg(args, 3)?)?;
-                let target = if by_id {
-                    crate::BackendTarget::Service(key)
-                } else {
-                    crate::BackendTarget::Hash(key)
-                };
+                let target = crate::BackendTarget::of(by_id, key);
                 cx.backends()
                     .and_then(|b| b.send(&group, &target, msgid, body))
                     .map_err(|e| super::raise(py, e))?;
@@ -427,19 +423,10 @@ fn warren_module<'py>(
                     .filter(|t| !t.is_none())
                     .map(|t| t.extract::<u32>())
                     .transpose()?;
-                let target = if by_id {
-                    crate::BackendTarget::Service(key)
-                } else {
-                    crate::BackendTarget::Hash(key)
-                };
-                let request = crate::BackendRequest {
-                    group,
-                    target,
-                    msgid,
-                    answer_msgid: answer.unwrap_or(crate::backend::default_answer(msgid)),
-                    body,
-                    timeout: crate::backend::timeout_of(timeout, rpc_timeout(&cx)),
-                };
+                let target = crate::BackendTarget::of(by_id, key);
+                let request = crate::BackendRequest::from_script(
+ group, target, msgid, body, timeout, answer, rpc_timeout(&cx),
+ );
                 let reply = super::wait(py, &rt, async move {
                     cx.backends()?.call(request).await
                 })?;
