@@ -8,7 +8,8 @@
 //!
 //! This file holds the top of the tree; config/listener.rs the listeners,
 //! config/listen_url.rs the `--listen` URLs, config/security.rs the limits, IP lists and auth,
-//! config/source.rs the reading of a file.
+//! config/source.rs the reading of a file, config/paths.rs the files a config names (relative
+//! to the config file's directory), config/reload.rs what SIGHUP reloads.
 
 use std::net::SocketAddr;
 
@@ -18,7 +19,9 @@ mod backend;
 mod listen_url;
 mod listener;
 mod log;
+mod paths;
 mod proxy;
+mod reload;
 mod security;
 mod source;
 pub use backend::{
@@ -32,6 +35,7 @@ pub use listener::{
 };
 pub use log::{LogConfig, LogFormat};
 pub use proxy::{ProxyConfig, RpcRouteConfig};
+pub use reload::RELOADABLE;
 pub use security::{
     AccessConfig, AuthConfig, HttpAuthConfig, JwtConfig, LimitsConfig, UidConflict, parse_network,
 };
@@ -115,8 +119,8 @@ pub struct MqttConfig {
     pub sys_interval: u64,
     /// The file of the durable store (docs/configuration.md, "Durability"): retained messages,
     /// persistent sessions and their queued QoS 1/2 messages kept across restarts, in redb
-    /// (crate feature `mqtt-store`). Relative to the working directory. Unset: all of it lives
-    /// in memory and a restart forgets it.
+    /// (crate feature `mqtt-store`). A relative path is relative to the config file's directory.
+    /// Unset: all of it lives in memory and a restart forgets it.
     pub store: Option<std::path::PathBuf>,
 }
 
