@@ -6,7 +6,8 @@
 //! the snapshot's revision on (so nothing falls between the two), and take a fresh snapshot every
 //! two seconds in case a watch silently stalled.
 //!
-//! While etcd is unreachable the last known list stands still. When it is back, keepalives renew
+//! While etcd is unreachable the last known list stands still, and the registry says it is not
+//! connected (for `/readyz`) until a snapshot succeeds again. When it is back, keepalives renew
 //! their lease (etcd keeps leases across a restart) or, if it is gone, grant a new one and put the
 //! record again; for one TTL after the outage snapshots only add records, so the list never
 //! flaps to empty while the nodes re-announce themselves.
@@ -14,7 +15,7 @@
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
@@ -153,6 +154,9 @@ struct Shared {
     ttl: Duration,
     cache: Mutex<Cache>,
     tx: watch::Sender<Arc<Vec<NodeRecord>>>,
+    /// The reader's last snapshot succeeded (what [`Registry::is_connected`] says): cleared when
+    /// a read fails, set when one succeeds.
+    reachable: AtomicBool,
 }
 
 /// A watch on the prefix: the request half must live as long as the responses are read.
@@ -184,6 +188,7 @@ impl Shared {
     }
 
     fn enter_outage(&self, why: &str) {
+        self.reachable.store(false, Ordering::Relaxed);
         let mut c = self.cache();
         if !c.outage {
             c.outage = true;
@@ -201,6 +206,7 @@ impl Shared {
             client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix())),
         )
         .await?;
+        self.reachable.store(true, Ordering::Relaxed);
         let rev = resp.header().map_or(0, |h| h.revision());
         let now = Instant::now();
         {
@@ -492,6 +498,7 @@ impl EtcdRegistry {
             ttl,
             cache: Mutex::new(Cache::default()),
             tx: watch::Sender::new(Arc::new(Vec::new())),
+            reachable: AtomicBool::new(false),
         });
         // the first read proves etcd answers, and gives watchers the cluster at once
         shared
@@ -591,6 +598,10 @@ impl Registry for EtcdRegistry {
 
     fn kind(&self) -> &'static str {
         "etcd"
+    }
+
+    fn is_connected(&self) -> bool {
+        self.shared.reachable.load(Ordering::Relaxed)
     }
 }
 

@@ -190,6 +190,8 @@ struct Inner {
     /// Wakes the keepalives so they re-put their record at once (the store came back).
     reput: Notify,
     checker_started: AtomicBool,
+    /// The watcher's last read of the registry succeeded (what [`Registry::is_connected`] says).
+    reachable: AtomicBool,
     runtime: tokio::runtime::Handle,
     scripts: Scripts,
     /// Members the checker left alone and logged already (bounded by [`FOREIGN_LOGGED_MAX`]).
@@ -200,7 +202,9 @@ struct Inner {
 ///
 /// Registered nodes are refreshed every 4 s by a background keepalive; [`Registry::watch`] lists
 /// the live warren nodes (re-read on every channel message and every 8 s); [`GobaseRegistry::services`]
-/// lists every live member, Go services included. A Redis outage keeps the last lists; once
+/// lists every live member, Go services included. [`Registry::is_connected`] says whether the
+/// watcher's last read succeeded (it reads again at once when its subscription drops, so a dead
+/// Redis shows within a command's deadline). A Redis outage keeps the last lists; once
 /// Redis is back (a restart loses everything, nothing is persisted) the keepalives put their
 /// records again at once, and for one liveness window the lists only grow, so other nodes do
 /// not flap out while they re-register.
@@ -262,6 +266,7 @@ impl GobaseRegistry {
             own: Mutex::new(HashMap::new()),
             reput: Notify::new(),
             checker_started: AtomicBool::new(false),
+            reachable: AtomicBool::new(true),
             runtime: tokio::runtime::Handle::current(),
             scripts: Scripts::new(),
             foreign_logged: Mutex::new(HashSet::new()),
@@ -575,7 +580,9 @@ async fn watch_loop(inner: Arc<Inner>, mut st: WatchState, stop: CancellationTok
                 Err(why) => tracing::debug!(%key, %why, "registry channel subscription failed"),
             }
         }
-        match inner.read(None).await {
+        let read = inner.read(None).await;
+        inner.reachable.store(read.is_ok(), Ordering::Relaxed);
+        match read {
             Ok((members, nodes)) => {
                 if let Some(t) = st.failing_since.take() {
                     tracing::info!(%key, down_ms = t.elapsed().as_millis() as u64, "redis registry reachable again");
@@ -769,6 +776,10 @@ impl Registry for GobaseRegistry {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn is_connected(&self) -> bool {
+        self.inner.reachable.load(Ordering::Relaxed)
     }
 }
 

@@ -3,6 +3,7 @@
 //! own. One list per receiver and one connection per sender keep frames in the order sent.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -36,10 +37,14 @@ const INBOX_TTL_MS: i64 = 60_000;
 /// Sends share one `ConnectionManager` (reconnects by itself) and fail with
 /// [`TransportError::Unavailable`] after at most one second while Redis is down; each served inbox
 /// runs its own blocking connection and reconnects with backoff after a restart.
+/// [`Transport::is_connected`] says whether the last exchange with Redis (a served inbox's
+/// `BLPOP`, which returns at least every second, or a send) succeeded.
 pub struct RedisTransport {
     client: Client,
     conn: ConnectionManager,
     prefix: String,
+    /// Redis answered the last exchange; kept by the pop loops and the sends.
+    up: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for RedisTransport {
@@ -62,6 +67,7 @@ impl RedisTransport {
             client,
             conn,
             prefix: prefix.to_owned(),
+            up: Arc::new(AtomicBool::new(true)),
         }))
     }
 
@@ -91,12 +97,17 @@ impl RedisTransport {
             .arg(INBOX_TTL_MS)
             .ignore();
         let mut conn = self.conn.clone();
-        bounded(COMMAND_TIMEOUT, pipe.exec_async(&mut conn))
-            .await
-            .map_err(|why| {
+        match bounded(COMMAND_TIMEOUT, pipe.exec_async(&mut conn)).await {
+            Ok(()) => {
+                mark(&self.up, true);
+                Ok(())
+            }
+            Err(why) => {
+                mark(&self.up, false);
                 metrics::counter!("warren_redis_send_errors_total").increment(1);
-                TransportError::Unavailable(why)
-            })
+                Err(TransportError::Unavailable(why))
+            }
+        }
     }
 
     async fn start_serving(
@@ -110,9 +121,18 @@ impl RedisTransport {
         let conn = blocking_connection(&self.client)
             .await
             .map_err(TransportError::Unavailable)?;
+        mark(&self.up, true);
         let client = self.client.clone();
-        tokio::spawn(pop_loop(client, conn, key, inbox, stop));
+        tokio::spawn(pop_loop(client, conn, key, inbox, self.up.clone(), stop));
         Ok(())
+    }
+}
+
+/// Record whether Redis answered; the flag is written only when it changes, so a busy sender
+/// does not keep its cache line moving between cores.
+fn mark(up: &AtomicBool, answered: bool) {
+    if up.load(Ordering::Relaxed) != answered {
+        up.store(answered, Ordering::Relaxed);
     }
 }
 
@@ -124,12 +144,14 @@ const DRAIN_BATCH: usize = 256;
 
 /// `BLPOP` the inbox until `stop`, feeding `inbox` in order; reconnect with backoff after errors.
 /// A pop is never cancelled half-way (that could lose a frame the server already removed): it
-/// returns within [`BLOCK_S`] and the loop checks `stop` between pops.
+/// returns within [`BLOCK_S`] and the loop checks `stop` between pops. Each pop's outcome goes
+/// to `up`, so a dead Redis shows within a pop or a reconnect attempt.
 async fn pop_loop(
     client: Client,
     conn: MultiplexedConnection,
     key: String,
     inbox: mpsc::Sender<Bytes>,
+    up: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
     let mut conn = Some(conn);
@@ -139,6 +161,7 @@ async fn pop_loop(
         if conn.is_none() {
             match blocking_connection(&client).await {
                 Ok(c) => {
+                    mark(&up, true);
                     if let Some(t) = down_since.take() {
                         tracing::info!(inbox = %key, down_ms = t.elapsed().as_millis() as u64, "redis inbox reconnected");
                     }
@@ -146,6 +169,7 @@ async fn pop_loop(
                     conn = Some(c);
                 }
                 Err(why) => {
+                    mark(&up, false);
                     let delay = backoff.step();
                     tracing::debug!(inbox = %key, %why, ?delay, "redis inbox reconnect failed");
                     tokio::select! {
@@ -164,6 +188,7 @@ async fn pop_loop(
             cmd.query_async::<Option<(Vec<u8>, Vec<u8>)>>(c),
         )
         .await;
+        mark(&up, pop.is_ok());
         match pop {
             Ok(None) => {}
             Ok(Some((_, frame))) => {
@@ -190,6 +215,7 @@ async fn pop_loop(
                         }
                     }
                     Err(why) => {
+                        mark(&up, false);
                         tracing::warn!(inbox = %key, %why, "redis inbox read failed; reconnecting");
                         down_since.get_or_insert_with(tokio::time::Instant::now);
                         conn = None;
@@ -256,5 +282,9 @@ impl Transport for RedisTransport {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn is_connected(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
     }
 }

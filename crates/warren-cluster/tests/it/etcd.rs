@@ -1,5 +1,5 @@
 //! Tests of `warren_cluster::etcd` against a real server: discovery, deregistration, lease
-//! expiry of a silent node, and a restart of etcd without flapping.
+//! expiry of a silent node, a restart of etcd without flapping, and what `/readyz` is told.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -185,6 +185,27 @@ async fn records_survive_an_etcd_restart_without_flapping() {
     assert!(
         seen.iter().all(|v| v == &["n1", "n2"]),
         "no flap during the outage: {seen:?}"
+    );
+}
+
+/// `/readyz` asks the registry whether etcd is reachable: no soon after etcd dies, yes once it is
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_says_when_etcd_is_down_and_back() {
+    let patience = Duration::from_secs(30);
+    let mut s = start_etcd();
+    let r = registry(&s).await;
+    r.register(node("n1")).await.expect("register n1");
+    assert!(r.is_connected());
+    tokio::task::block_in_place(|| s.kill());
+    assert!(
+        eventually(patience, || !r.is_connected()).await,
+        "still connected after etcd died"
+    );
+    tokio::task::block_in_place(|| s.restart());
+    assert!(
+        eventually(patience, || r.is_connected()).await,
+        "not connected after etcd came back"
     );
 }
 

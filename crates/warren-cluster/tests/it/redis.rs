@@ -227,6 +227,36 @@ async fn transport_keeps_order_fails_fast_while_down_and_resumes() {
     stop.cancel();
 }
 
+/// `/readyz` asks the bus and the registry whether Redis is up: both say no soon after it dies
+/// (the inbox's `BLPOP` connection and the registry's watcher fail), and yes once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_and_registry_say_when_redis_is_down_and_back() {
+    let mut server = Server::start(Kind::Redis);
+    let url = server.url();
+    let bus = RedisTransport::connect(&url, "up")
+        .await
+        .expect("transport");
+    let stop = CancellationToken::new();
+    let _inbox = bus.serve("n1", stop.clone()).await.expect("serve");
+    let registry = GobaseRegistry::connect(&url, "cluster")
+        .await
+        .expect("registry");
+    assert!(bus.is_connected() && registry.is_connected());
+
+    tokio::task::block_in_place(|| server.kill());
+    eventually("both say redis is down", || async {
+        !bus.is_connected() && !registry.is_connected()
+    })
+    .await;
+
+    tokio::task::block_in_place(|| server.restart());
+    eventually("both say redis is back", || async {
+        bus.is_connected() && registry.is_connected()
+    })
+    .await;
+    stop.cancel();
+}
+
 // ---------------------------------------------------------------------------------------------
 // the gobase registry
 
