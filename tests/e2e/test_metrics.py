@@ -6,6 +6,8 @@ publishes to a subscriber); then `/metrics` is scraped and parsed here, and the 
 the workload exactly: requests by route and result, the latency histogram's count, messages in
 and out by listener, open connections. `/readyz` turns to 503 "draining" after SIGTERM while a
 request keeps the drain going; with `--no-http` the admin listener still serves all three.
+The queue gauges see a subscriber that stops reading while a publisher floods it, and `/readyz`
+names a Redis bus and registry that went away until Redis is back.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as paho
+import pytest
 
+from brokers import Broker, installed
 from conftest import Warren, free_port, wait_until
 from rawmqtt import RawClient, parse_publish, publish_packet
+from test_abuse_queue import Publisher, subscriber
 
 # ---- a tiny parser of the Prometheus text format -------------------------------------------
 
@@ -69,7 +74,10 @@ def get(port: int, path: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def start(tmp_path: Path, *extra: str, http: bool = True, metrics: str = "") -> tuple[Warren, dict[str, int]]:
+def start(
+    tmp_path: Path, *extra: str, http: bool = True, metrics: str = "", plain: str = ""
+) -> tuple[Warren, dict[str, int]]:
+    """A node with the two MQTT listeners; `plain` adds keys to the default-mode one."""
     ports = {"mqant": free_port(), "mqtt": free_port(), "admin": free_port()}
     config = tmp_path / "warren.toml"
     config.write_text(
@@ -80,7 +88,7 @@ def start(tmp_path: Path, *extra: str, http: bool = True, metrics: str = "") -> 
         "[[listener]]\n"
         'protocol = "mqtt"\n'
         'mode = "default"\n'
-        f'addr = "127.0.0.1:{ports["mqtt"]}"\n\n'
+        f'addr = "127.0.0.1:{ports["mqtt"]}"\n{plain}\n\n'
         "[[module]]\n"
         'type = "Debug"\n\n'
         "[admin]\n"
@@ -186,6 +194,10 @@ def test_counts_match_a_known_workload(tmp_path):
         # the process figures
         assert value(s, "process_resident_memory_bytes") > 0
         assert value(s, "process_open_fds") > 0
+        # nothing waits: every queue gauge is there, at 0
+        assert value(s, "warren_outbound_queue_bytes") == 0
+        assert value(s, "warren_outbound_queue_bytes_max") == 0
+        assert "warren_module_queue_depth" in s and value(s, "warren_module_queue_depth", module="Debug") == 0
 
         # a client that leaves is no longer counted
         c.close()
@@ -247,3 +259,68 @@ def test_metrics_off_installs_no_recorder(tmp_path):
         # health does not depend on metrics
         assert get(w.http, "/healthz")[0] == 200
         wait_until(lambda: get(w.http, "/readyz")[0] == 200, timeout=10, msg="never ready")
+
+
+def queued(port: int) -> tuple[float, float]:
+    """`warren_outbound_queue_bytes` and its `_max`, scraped now."""
+    s = parse(get(port, "/metrics")[1])
+    return value(s, "warren_outbound_queue_bytes"), value(s, "warren_outbound_queue_bytes_max")
+
+
+FLOOD = 256
+FLOOD_SIZE = 64 * 1024
+
+
+def test_queue_gauges_show_a_client_that_stops_reading(tmp_path):
+    # the queue holds the whole flood (16 MiB, far more than the sockets' buffers) without
+    # closing the client: its bytes stay queued until it leaves
+    w, ports = start(
+        tmp_path, plain="write_queue = 100000\nwrite_queue_bytes = 268435456\nwrite_timeout_s = 3600"
+    )
+    with w:
+        assert queued(w.http) == (0, 0)
+        slow = subscriber(ports["mqtt"], "never-reads", filt="flood/#", rcvbuf=4096)
+        pub = Publisher(ports["mqtt"], count=FLOOD, size=FLOOD_SIZE)
+        pub.start()
+        pub.join(60)
+        assert not pub.is_alive() and pub.error is None, f"sent {pub.sent} of {FLOOD}: {pub.error!r}"
+        total, biggest = wait_until(
+            lambda: (q := queued(w.http))[0] > 0 and q, timeout=10, msg="nothing queued for a client that does not read"
+        )
+        # one session holds it all (nothing is sent to the publisher), at most the flood
+        assert 0 < biggest == total <= FLOOD * (FLOOD_SIZE + 64), (total, biggest)
+        s = parse(get(w.http, "/metrics")[1])
+        plain = {"protocol": "mqtt", "listener": f"127.0.0.1:{ports['mqtt']}"}
+        assert value(s, "warren_connections_active", **plain) == 2, "the slow subscriber was closed"
+        slow.close()
+        pub.c.close()
+        wait_until(lambda: queued(w.http) == (0, 0), timeout=10, msg="a gone client's queue still counted")
+
+
+def test_readyz_names_a_redis_bus_and_registry_that_went_away():
+    if not installed("redis"):
+        pytest.fail("redis-server is not installed (scripts/test installs it)")
+    redis = Broker("redis")
+    try:
+        w = Warren("--bus", redis.url, "--registry", redis.url, "--node-id", "ready1", "--no-demo-modules", listen=["mqtt"])
+        with w.wait_ready():
+
+            def readyz() -> tuple[int, list[str]]:
+                status, body = get(w.http, "/readyz")
+                return status, json.loads(body)["reasons"]
+
+            wait_until(lambda: readyz() == (200, []), timeout=10, msg="never ready")
+            s = parse(get(w.http, "/metrics")[1])
+            assert "warren_bus_calls_in_flight" in s
+            assert value(s, "warren_bus_calls_in_flight", transport="redis") == 0
+
+            redis.kill()
+            gone = (503, ["bus disconnected", "registry disconnected"])
+            wait_until(lambda: readyz() == gone, timeout=30, interval=0.1, msg=f"/readyz after redis died: {readyz()}")
+            assert get(w.http, "/healthz")[0] == 200
+
+            redis.start()  # the same port
+            wait_until(lambda: readyz() == (200, []), timeout=30, interval=0.1, msg=f"/readyz after redis came back: {readyz()}")
+            assert w.running()
+    finally:
+        redis.close()

@@ -1,7 +1,8 @@
 //! Metrics and health (docs/metrics.md): the Prometheus recorder behind the `metrics` facade the
 //! whole code base counts with, and the three routes load balancers and Prometheus ask:
 //! `/metrics` (the text format), `/healthz` (the process is up) and `/readyz` (the node takes
-//! clients: listeners bound, bus and registry connected, not draining).
+//! clients: listeners bound, bus and registry connected, not draining). Gauges of queue depths are
+//! read from the queues at each scrape (and upkeep), never counted on the request path.
 //!
 //! The recorder is installed once per process, before the node is built, so every handle the
 //! node resolves at start counts. `[metrics] enabled = false` installs none: every update is then
@@ -20,6 +21,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use warren::config::MetricsConfig;
+use warren::node::NodeHandle;
 use warren::registry::Registry;
 use warren::remote::Transport;
 
@@ -88,10 +90,29 @@ fn describe() {
         metrics::Unit::Seconds,
         "time from sending a call over the bus to its reply, by transport"
     );
+    metrics::describe_gauge!(
+        "warren_outbound_queue_bytes",
+        metrics::Unit::Bytes,
+        "bytes queued for writing to clients, all sessions of this node together"
+    );
+    metrics::describe_gauge!(
+        "warren_outbound_queue_bytes_max",
+        metrics::Unit::Bytes,
+        "the most bytes one session has queued for writing"
+    );
+    metrics::describe_gauge!(
+        "warren_bus_calls_in_flight",
+        "calls sent over the bus that await their reply, by transport"
+    );
+    metrics::describe_gauge!(
+        "warren_module_queue_depth",
+        "calls waiting in the mailboxes of this node's instances, by module type"
+    );
 }
 
 /// Fold histogram samples into their buckets every few seconds until `stop`, so memory stays
-/// bounded between scrapes. Nothing to do when metrics are off.
+/// bounded between scrapes, and read the queue gauges as often, so a recorder other than a
+/// scrape sees them move. Nothing to do when metrics are off.
 pub(crate) fn spawn_upkeep(stop: CancellationToken) {
     let Some(handle) = HANDLE.get() else { return };
     tokio::spawn(async move {
@@ -99,7 +120,12 @@ pub(crate) fn spawn_upkeep(stop: CancellationToken) {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = every.tick() => handle.run_upkeep(),
+                _ = every.tick() => {
+                    if let Some(h) = current() {
+                        h.record_queues();
+                    }
+                    handle.run_upkeep();
+                }
             }
         }
     });
@@ -118,6 +144,11 @@ pub(crate) struct Health {
     registry: Option<Arc<dyn Registry>>,
     /// Include process figures in `/metrics`.
     process: bool,
+    /// The running node, whose queues the queue gauges read (set once it is built).
+    node: OnceLock<NodeHandle>,
+    /// The module types given a `warren_module_queue_depth` so far, so that one no longer
+    /// running here goes back to 0 instead of keeping its last depth.
+    modules: Mutex<Vec<Arc<str>>>,
 }
 
 impl Health {
@@ -136,6 +167,39 @@ impl Health {
         });
         *CURRENT.lock().unwrap_or_else(PoisonError::into_inner) = Some(h.clone());
         h
+    }
+
+    /// The node runs: the queue gauges read its sessions, bus and modules from now on.
+    pub(crate) fn set_node(&self, node: NodeHandle) {
+        let _ = self.node.set(node);
+    }
+
+    /// Set the queue gauges from the queues as they are now (at each scrape and each upkeep):
+    /// the per-session byte counters the queues keep anyway, the bus's table of calls awaiting
+    /// a reply and the mailboxes' lengths. Nothing on the request path or fan-out counts for
+    /// them.
+    fn record_queues(&self) {
+        let Some(node) = self.node.get() else { return };
+        let (total, max) = node.session_table().queued_output();
+        metrics::gauge!("warren_outbound_queue_bytes").set(total as f64);
+        metrics::gauge!("warren_outbound_queue_bytes_max").set(max as f64);
+        if let Some(remote) = node.remote() {
+            metrics::gauge!("warren_bus_calls_in_flight", "transport" => remote.transport_kind())
+                .set(remote.in_flight() as f64);
+        }
+        let depths = node.module_queue_depths();
+        let mut known = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+        for gone in known
+            .iter()
+            .filter(|m| !depths.iter().any(|(d, _)| d == *m))
+        {
+            metrics::gauge!("warren_module_queue_depth", "module" => gone.to_string()).set(0.0);
+        }
+        for (module, n) in &depths {
+            metrics::gauge!("warren_module_queue_depth", "module" => module.to_string())
+                .set(*n as f64);
+        }
+        *known = depths.into_iter().map(|(m, _)| m).collect();
     }
 
     /// Everything is bound: the node takes clients.
@@ -223,8 +287,12 @@ async fn metrics_text() -> Response {
         )
             .into_response();
     };
-    if current().is_none_or(|h| h.process) {
+    let health = current();
+    if health.as_ref().is_none_or(|h| h.process) {
         process::record();
+    }
+    if let Some(h) = &health {
+        h.record_queues();
     }
     (
         [(

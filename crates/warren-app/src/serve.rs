@@ -176,6 +176,7 @@ async fn serve(
         builder = builder.module(module.clone(), entry);
     }
     let node = builder.start().await?;
+    health.set_node(node.handle().clone());
     proxies.attach(node.handle().session_table());
     if let Some(r) = &registry
         && let Err(e) = r

@@ -865,6 +865,17 @@ impl SessionTable {
             .unwrap_or_default()
     }
 
+    /// Bytes queued for output now: every session's together, and the most one session holds
+    /// (the `warren_outbound_queue_bytes` gauges). Read at scrape time from the counters the
+    /// queues keep anyway: one relaxed load per session, under the table's read lock.
+    pub fn queued_output(&self) -> (usize, usize) {
+        self.read()
+            .by_id
+            .values()
+            .map(|h| h.bytes.queued())
+            .fold((0, 0), |(sum, max), q| (sum + q, max.max(q)))
+    }
+
     /// Every live session handle (for drain).
     pub fn all(&self) -> Vec<Arc<SessionHandle>> {
         self.read().by_id.values().cloned().collect()

@@ -96,6 +96,15 @@ impl Instance {
         }
     }
 
+    /// Jobs waiting for this instance now: in its sequential mailbox, or behind the running
+    /// job of each session's lane (read from the channel and the lanes, nothing counted).
+    fn queue_depth(&self) -> usize {
+        match &self.mailbox {
+            Mailbox::Sequential(tx) => tx.max_capacity() - tx.capacity(),
+            Mailbox::Concurrent(lanes) => lanes.active.lock().values().map(VecDeque::len).sum(),
+        }
+    }
+
     pub(crate) fn env(&self, services: Arc<dyn Services>) -> Env {
         Env {
             services,
@@ -634,6 +643,16 @@ impl LocalBus {
             .map(|(id, _)| id)
             .min()
             .cloned()
+    }
+
+    /// Jobs waiting in the mailboxes of this node's instances, summed per module type, sorted
+    /// by type (the `warren_module_queue_depth` gauge, read at scrape time).
+    pub fn queue_depths(&self) -> Vec<(Arc<str>, usize)> {
+        let mut by_module: std::collections::BTreeMap<Arc<str>, usize> = Default::default();
+        for i in self.instances.read().values() {
+            *by_module.entry(i.info.module.clone()).or_default() += i.queue_depth();
+        }
+        by_module.into_iter().collect()
     }
 
     /// The running instance `id`, if it is on this node.

@@ -54,6 +54,18 @@ impl NodeHandle {
         &self.inner.sessions
     }
 
+    /// The bus to other nodes, when the node has one: what the metrics read its transport's
+    /// kind and its calls awaiting a reply from.
+    pub fn remote(&self) -> Option<&Arc<RemoteBus>> {
+        self.inner.remote.as_ref()
+    }
+
+    /// Jobs waiting in the mailboxes of this node's module instances, per module type (for the
+    /// metrics).
+    pub fn module_queue_depths(&self) -> Vec<(Arc<str>, usize)> {
+        self.inner.bus.queue_depths()
+    }
+
     /// Named groups of sessions on this node (rooms).
     pub fn groups(&self) -> &Groups {
         &self.inner.groups
