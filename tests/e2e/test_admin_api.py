@@ -9,11 +9,17 @@ client that is kicked gets a kick package with the reason before its connection 
 Two nodes over a real nats-server (started on a free port): a session held by node B is listed,
 pushed to and kicked through node A's admin API, and /admin/nodes lists both nodes; the bus URL's
 password is redacted in /admin/config.
+
+/admin/config shows the config in force: a node's relative ACL path read from its config file's
+directory; after the file's IP list and ACL are edited and SIGHUP is sent, the new values (and
+the rest as the node started); after a broken edit and SIGHUP, still those, with the reload's
+error.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import time
 import urllib.parse
 from pathlib import Path
@@ -237,3 +243,52 @@ def test_a_session_on_node_b_is_listed_and_kicked_through_node_a(tmp_path, nats)
         carol.close()
         a.kill()
         b.kill()
+
+
+def test_admin_config_shows_what_a_sighup_reloaded_and_keeps_it_after_a_broken_edit(tmp_path):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "acl").write_text("topic readwrite #\n")
+    (conf / "acl.new").write_text("topic read #\n")
+    w, api = start_node(conf, "solo", extra='[access]\ndeny = ["192.0.2.1"]\n\n[auth]\nacl_file = "acl"\n')
+    head = f'[admin]\naddr = "127.0.0.1:{api.port}"\ntoken = "{TOKEN}"\n'
+    config_file = conf / "solo.toml"
+
+    def shown() -> dict:
+        return api.get("/admin/config")
+
+    before = shown()
+    assert before["config"]["auth"]["acl_file"] == str(conf / "acl"), "relative to the config file's directory"
+    assert before["config"]["access"]["deny"] == ["192.0.2.1"]
+    assert before["reloads"] == 0 and before["last_reload"] is None
+    assert "access" in before["reloadable"] and "auth" in before["reloadable"]
+    listeners = before["config"]["listener"]
+
+    # a reloadable edit, and one that takes a restart (the admin token stays as started)
+    config_file.write_text(
+        head.replace(TOKEN, "another-token") + '[access]\ndeny = ["192.0.2.2"]\n\n[auth]\nacl_file = "acl.new"\n'
+    )
+    w.proc.send_signal(signal.SIGHUP)
+    after = wait_until(
+        lambda: (a := shown())["config"]["access"]["deny"] == ["192.0.2.2"] and a,
+        msg="/admin/config never showed the reloaded IP list",
+    )
+    assert after["config"]["auth"]["acl_file"] == str(conf / "acl.new")
+    assert after["reloads"] == 1
+    assert after["last_reload"]["ok"] is True and after["last_reload"]["errors"] == []
+    assert after["config"]["listener"] == listeners, "the command line's listeners stay"
+    assert api.call("GET", "/admin/config", token="another-token")[0] == 401, "the token is fixed until a restart"
+    assert after["config"]["admin"]["token"] == "<redacted>"
+    assert TOKEN not in json.dumps(after)
+
+    # a broken edit: the reload fails, and the config in force is still the last one that loaded
+    config_file.write_text(head + '[access]\ndeny = ["not-a-network"]\n')
+    w.proc.send_signal(signal.SIGHUP)
+    failed = wait_until(
+        lambda: (a := shown())["last_reload"]["ok"] is False and a,
+        msg="/admin/config never showed the failed reload",
+    )
+    assert failed["config"] == after["config"]
+    assert failed["reloads"] == 1 and failed["loaded_at"] == after["loaded_at"]
+    assert any("access.deny[0]" in e for e in failed["last_reload"]["errors"]), failed["last_reload"]
+    assert "SIGHUP: the config does not load" in w.log()

@@ -213,8 +213,11 @@ async fn serve(
     let backends = Arc::new(backends);
     // module plugins send to and call them, and hear what they push (docs/plugins.md)
     crate::backend_plugins::connect(&plugins, &backends);
+    // what /admin/config shows: the start config, then what each SIGHUP reloads
+    let in_force = Arc::new(admin::ConfigInForce::new(config.clone()));
     let admin = admin::serve(
         &config,
+        in_force.clone(),
         plugins.clone(),
         node.handle().clone(),
         log,
@@ -259,7 +262,7 @@ async fn serve(
     wait_for_signal(|| {
         // the plugins first: their files are theirs, whatever the config file says now
         hangups.notify_one();
-        reload_config(&node, &reload);
+        reload_config(&node, &reload, &in_force);
     })
     .await;
     tracing::info!("shutdown requested");
@@ -304,8 +307,14 @@ async fn reload_plugins(plugins: Arc<Plugins>, hangups: Arc<Notify>) {
     }
 }
 
-/// SIGHUP's config half: read the config again and hand the node what it reloads.
-fn reload_config(node: &Node, reload: &impl Fn() -> anyhow::Result<Config>) {
+/// SIGHUP's config half: read the config again (its relative paths from the file's directory,
+/// as at start), hand the node what it reloads, and record in `in_force` what is in force
+/// now: the new settings when the node took them all, else the errors (`/admin/config`).
+fn reload_config(
+    node: &Node,
+    reload: &impl Fn() -> anyhow::Result<Config>,
+    in_force: &admin::ConfigInForce,
+) {
     match reload() {
         Ok(new) => {
             let errors = node.reload(&new);
@@ -313,9 +322,13 @@ fn reload_config(node: &Node, reload: &impl Fn() -> anyhow::Result<Config>) {
                 tracing::info!(
                     "SIGHUP: reloaded the IP lists, TLS certificates, topic ACL and [auth] checks"
                 );
+                in_force.reloaded(&new);
             }
-            for e in errors {
+            for e in &errors {
                 tracing::error!(error = %e, "SIGHUP: not reloaded; the old setting stays");
+            }
+            if !errors.is_empty() {
+                in_force.failed(errors);
             }
         }
         Err(e) => {
@@ -324,6 +337,7 @@ fn reload_config(node: &Node, reload: &impl Fn() -> anyhow::Result<Config>) {
                 "SIGHUP: the config does not load; its IP lists, TLS certificates, topic ACL and \
                  [auth] checks stay as they were"
             );
+            in_force.failed(format!("{e:#}").lines().map(str::to_owned).collect());
         }
     }
 }

@@ -7,8 +7,98 @@
 //! keys, which hold paths and are shown), any string holding PEM key material, and the
 //! credentials inside URLs (`amqp://user:<redacted>@host`, `redis://:<redacted>@host`, a NATS
 //! token `nats://<redacted>@host`) and in their query (`?password=<redacted>`).
+//!
+//! The config shown is the one in force ([`ConfigInForce`]): the node's start config, then,
+//! after each SIGHUP that reloaded without an error, that one with the reloadable keys of the
+//! file ([`warren::config::RELOADABLE`]), so an operator sees what the node runs with, not
+//! what the file says now.
 
-use serde_json::{Map, Value};
+use std::sync::{PoisonError, RwLock};
+use std::time::SystemTime;
+
+use serde_json::{Map, Value, json};
+use warren::config::{Config, RELOADABLE};
+
+use super::rfc3339;
+
+/// The config a running node is using, kept up to date by the SIGHUP reload (serve.rs
+/// `reload_config`) and read by `GET /admin/config`.
+pub(crate) struct ConfigInForce {
+    state: RwLock<InForce>,
+}
+
+/// What [`ConfigInForce`] holds.
+struct InForce {
+    config: Config,
+    /// When `config` was read: the start, or the last reload that succeeded.
+    loaded_at: SystemTime,
+    /// How many reloads succeeded.
+    reloads: u64,
+    /// The last SIGHUP's outcome, if there was one.
+    last_reload: Option<LastReload>,
+}
+
+/// One SIGHUP's outcome.
+struct LastReload {
+    at: SystemTime,
+    /// Empty when it succeeded.
+    errors: Vec<String>,
+}
+
+impl ConfigInForce {
+    /// The config the node started with.
+    pub(crate) fn new(started: Config) -> ConfigInForce {
+        ConfigInForce {
+            state: RwLock::new(InForce {
+                config: started,
+                loaded_at: SystemTime::now(),
+                reloads: 0,
+                last_reload: None,
+            }),
+        }
+    }
+
+    /// The node reloaded `file` without an error: its reloadable keys are in force now.
+    pub(crate) fn reloaded(&self, file: &Config) {
+        let mut s = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        s.config = s.config.reloaded(file);
+        s.loaded_at = SystemTime::now();
+        s.reloads += 1;
+        s.last_reload = Some(LastReload {
+            at: s.loaded_at,
+            errors: Vec::new(),
+        });
+    }
+
+    /// A reload failed (the file does not load, or the node refused part of it): the config
+    /// shown stays as it was, and the errors are shown with it.
+    pub(crate) fn failed(&self, errors: Vec<String>) {
+        let mut s = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        s.last_reload = Some(LastReload {
+            at: SystemTime::now(),
+            errors,
+        });
+    }
+
+    /// The answer of `GET /admin/config` (without the node's name), secrets redacted.
+    pub(super) fn shown(&self) -> Map<String, Value> {
+        let s = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let last = s.last_reload.as_ref().map(|r| {
+            json!({
+                "at": rfc3339(r.at),
+                "ok": r.errors.is_empty(),
+                "errors": r.errors.iter().map(|e| redact_str(e)).collect::<Vec<_>>(),
+            })
+        });
+        let mut out = Map::new();
+        out.insert("config".into(), effective(&s.config));
+        out.insert("loaded_at".into(), rfc3339(s.loaded_at).into());
+        out.insert("reloads".into(), s.reloads.into());
+        out.insert("last_reload".into(), last.unwrap_or(Value::Null));
+        out.insert("reloadable".into(), RELOADABLE.into());
+        out
+    }
+}
 
 /// What a redacted value reads.
 pub(super) const REDACTED: &str = "<redacted>";
@@ -120,7 +210,7 @@ fn redact_url(url: &str) -> String {
 }
 
 /// The effective config of a node as the API shows it.
-pub(super) fn effective(config: &warren::config::Config) -> Value {
+pub(super) fn effective(config: &Config) -> Value {
     match serde_json::to_value(config) {
         Ok(v) => redact(v),
         Err(e) => {
@@ -198,6 +288,53 @@ mod tests {
         assert_eq!(out["module"][0]["settings"]["count"], 3);
         assert_eq!(out["registry"]["key"], "warren");
         assert_eq!(out["registry"]["token"], Value::Null);
+    }
+
+    #[test]
+    fn a_successful_reload_shows_the_files_reloadable_keys_and_a_failed_one_keeps_them() {
+        let mut started = Config::default();
+        started.node.id = "n1".into();
+        started.auth.acl_file = Some("/etc/warren/acl".into());
+        started.auth.jwt = Some(warren::config::JwtConfig {
+            secret: Some("hs-secret".into()),
+            ..Default::default()
+        });
+        let in_force = ConfigInForce::new(started.clone());
+        let shown = in_force.shown();
+        assert_eq!(shown["reloads"], 0);
+        assert_eq!(shown["last_reload"], Value::Null);
+        assert_eq!(shown["config"]["auth"]["acl_file"], "/etc/warren/acl");
+        assert!(
+            shown["reloadable"]
+                .as_array()
+                .is_some_and(|a| a.contains(&json!("auth")))
+        );
+
+        let mut file = started.clone();
+        file.node.id = "renamed".into();
+        file.auth.acl_file = Some("/etc/warren/acl.new".into());
+        file.access.deny = vec!["192.0.2.1".into()];
+        in_force.reloaded(&file);
+        let shown = in_force.shown();
+        assert_eq!(shown["reloads"], 1);
+        assert_eq!(shown["last_reload"]["ok"], true);
+        assert_eq!(shown["config"]["auth"]["acl_file"], "/etc/warren/acl.new");
+        assert_eq!(shown["config"]["access"]["deny"], json!(["192.0.2.1"]));
+        assert_eq!(shown["config"]["node"]["id"], "n1", "fixed until a restart");
+        assert_eq!(shown["config"]["auth"]["jwt"]["secret"], REDACTED);
+
+        in_force.failed(vec![
+            "auth.acl_file: /etc/warren/acl.bad:3: bad line".into(),
+        ]);
+        let after = in_force.shown();
+        assert_eq!(after["config"], shown["config"]);
+        assert_eq!(after["loaded_at"], shown["loaded_at"]);
+        assert_eq!(after["reloads"], 1);
+        assert_eq!(after["last_reload"]["ok"], false);
+        assert_eq!(
+            after["last_reload"]["errors"],
+            json!(["auth.acl_file: /etc/warren/acl.bad:3: bad line"])
+        );
     }
 
     #[test]

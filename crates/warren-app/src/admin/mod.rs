@@ -56,6 +56,8 @@ mod plugins;
 mod rooms;
 mod sessions;
 
+pub(crate) use config::ConfigInForce;
+
 /// The largest request body: a handler's source is a few lines.
 pub(super) const MAX_BODY: usize = 64 * 1024;
 
@@ -68,8 +70,8 @@ pub(super) struct AdminState {
     log: LogControl,
     /// The bearer token requests must carry, when one is configured.
     token: Option<Arc<str>>,
-    /// The node's effective configuration, secrets redacted (`/admin/config`).
-    config: Arc<Value>,
+    /// The node's configuration in force (`/admin/config`), updated by SIGHUP reloads.
+    config: Arc<ConfigInForce>,
 }
 
 /// Who made a request, for the change log: set by [`authorize`].
@@ -80,10 +82,12 @@ pub(super) struct Caller {
     token: bool,
 }
 
-/// Start the admin API when `[admin] addr` is set: bind it and serve until `stop`. Returns the
-/// bound address and the server task, or `None` when the API is off.
+/// Start the admin API when `[admin] addr` is set: bind it and serve until `stop`; `in_force`
+/// is the config `/admin/config` shows. Returns the bound address and the server task, or
+/// `None` when the API is off.
 pub(crate) async fn serve(
     config: &Config,
+    in_force: Arc<ConfigInForce>,
     plugins: Arc<Plugins>,
     node: NodeHandle,
     log: LogControl,
@@ -115,7 +119,7 @@ pub(crate) async fn serve(
         node,
         log,
         token,
-        config: Arc::new(config::effective(config)),
+        config: in_force,
     });
     let task = tokio::spawn(async move {
         let r = axum::serve(
@@ -173,9 +177,12 @@ fn router(state: AdminState) -> Router {
         .merge(crate::metrics::health_routes())
 }
 
-/// `GET /admin/config`: this node's effective configuration, secrets redacted.
+/// `GET /admin/config`: this node's configuration in force, secrets redacted.
 async fn get_config(State(s): State<AdminState>) -> Json<Value> {
-    Json(json!({ "node": s.node.id(), "config": &*s.config }))
+    let mut answer = serde_json::Map::new();
+    answer.insert("node".into(), s.node.id().into());
+    answer.extend(s.config.shown());
+    Json(Value::Object(answer))
 }
 
 /// Refuse a request without the configured token (before anything else, unknown paths
