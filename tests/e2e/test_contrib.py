@@ -1,13 +1,14 @@
 """The deployment files in contrib/ (docs/operations.md, "Deploy"), against the real binary.
 
-- `contrib/production.toml` passes `warren check-config` where the unit runs it: in the
-  directory that holds it and its ACL (the unit's working directory, /etc/warren, whose layout
-  contrib/ mirrors: the config's relative paths are the working directory's).
+- `contrib/production.toml` passes `warren check-config` from the repository root, as
+  docs/operations.md shows it (the block is run as written), and from its own directory: its
+  relative paths (the ACL) are read from the file's directory, whatever the working directory
+  (contrib/ mirrors /etc/warren). A copy without its ACL next to it is refused, naming the key.
 - The same file, with only its host-specific values changed (addresses to free local ports, the
   bus to a private nats-server, the store to a temporary directory) and the files it names made
-  (a certificate, a password file), runs: TLS MQTT with a user from the password file, anonymous
-  clients refused, the admin API and its dashboard behind the token, and a drain on SIGTERM that
-  ends with exit code 0 well within the unit's stop timeout.
+  (a certificate, a password file), runs from another working directory: TLS MQTT with a user
+  from the password file, anonymous clients refused, the admin API and its dashboard behind the
+  token, and a drain on SIGTERM that ends with exit code 0 well within the unit's stop timeout.
 - `contrib/warren.service` is what the docs say (the command line, SIGTERM with a stop timeout
   longer than the config's drain, the file limit, SIGHUP on reload) and passes
   `systemd-analyze verify` when that tool is installed.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import ssl
@@ -31,6 +33,7 @@ import pytest
 
 from brokers import Broker, installed
 from conftest import REPO_ROOT, free_port, port_open, wait_until, warren_bin
+from docblocks import commands, find_block
 from rawmqtt import connect_packet
 from test_tls import recv_exact, tls_socket
 
@@ -69,17 +72,30 @@ def seconds(value: str) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_production_config_passes_check_config_where_the_unit_runs_it():
+def test_production_config_passes_check_config_from_the_repository_root():
+    # docs/operations.md's block, as written: `warren` is the binary under test
+    (step,) = commands(find_block(REPO_ROOT / "docs" / "operations.md", "warren check-config contrib/").lines)
+    argv = shlex.split(step.cmd)
+    assert argv[0] == "warren", step.cmd
+    res = run(*argv[1:], cwd=REPO_ROOT)
+    assert res.returncode == 0, f"check-config failed:\n{res.stdout}{res.stderr}"
+    assert [res.stdout.strip()] == step.expected
+
+
+def test_production_config_passes_check_config_from_anywhere():
     res = run("check-config", "production.toml", cwd=CONTRIB)
     assert res.returncode == 0, f"check-config failed:\n{res.stdout}{res.stderr}"
     assert res.stdout.strip() == "ok: production.toml"
-
-
-def test_production_config_checks_its_acl_file():
-    # the ACL is read by check-config: a config naming one that is not there is refused
     res = run("check-config", str(CONFIG), cwd=REPO_ROOT / "tests")
+    assert res.returncode == 0, f"check-config failed:\n{res.stdout}{res.stderr}"
+
+
+def test_production_config_checks_its_acl_file(tmp_path: Path):
+    # the ACL is read by check-config, next to the file: a copy without one is refused
+    shutil.copy(CONFIG, tmp_path / "warren.toml")
+    res = run("check-config", str(tmp_path / "warren.toml"), cwd=CONTRIB)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert "auth.acl_file" in res.stderr, res.stderr
+    assert "auth.acl_file" in res.stderr and str(tmp_path / "acl") in res.stderr, res.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,12 +189,13 @@ def test_production_config_runs_and_drains(tmp_path: Path):
         text = localise(CONFIG.read_text(), ports, broker.url, tmp_path / "mqtt.redb")
         token = tomllib.loads(text)["admin"]["token"]
         (etc / "warren.toml").write_text(text)
-        check = run("check-config", "warren.toml", cwd=etc)
+        # the relative paths are the file's directory's, not the working directory's
+        check = run("check-config", "etc-warren/warren.toml", cwd=tmp_path)
         assert check.returncode == 0, check.stderr
         log = open(tmp_path / "warren.log", "wb")
         proc = subprocess.Popen(
-            [str(warren_bin()), "serve", "--config", str(etc / "warren.toml")],
-            cwd=etc, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            [str(warren_bin()), "serve", "--config", "etc-warren/warren.toml"],
+            cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"},
         )
         try:

@@ -82,6 +82,7 @@ INVENTORY: dict[tuple[str, str], str] = {
     ("docs/plugins.md", "mkdir -p plugins"): "test_plugins_try_it",
     ("docs/plugins.md", "warren serve --config examples/chat-lua/chat.toml"): "test_admin_hotfix_walkthrough",
     ("docs/admin-api.md", "warren serve --config examples/chat-lua/chat.toml"): "test_admin_api_try_it",
+    ("docs/operations.md", "warren check-config contrib/production.toml"): "test_contrib.py (test_production_config_passes_check_config_from_the_repository_root)",
     ("examples/chat/client/README.md", "python3 -m pip install"): "test_terminal_client_readme",
     ("examples/chat/client/README.md", "python3 chat_client.py --user alice"): "test_terminal_client_readme",
     ("examples/my-game/README.md", "cargo build --release"): "test_my_game.py (built with the real cargo, not the stand-in)",

@@ -63,7 +63,9 @@ pub(crate) fn load_config(app: &App, file: &Path, checks: Checks) -> anyhow::Res
 
 /// Read, parse and validate a config file, including each module's own settings and the files
 /// the node reads at start; every mistake is reported, each at its line and column. Relative
-/// plugin paths are taken from the file's directory. Entries are checked as a node of process
+/// file paths are taken from the file's directory ([`Config::resolve_paths`]), before the
+/// checks read them; a SIGHUP reads the file again through here, from the same directory.
+/// Entries are checked as a node of process
 /// group `process_id` (`--process-id`; `None`: the file's, else `development`) runs them: a
 /// peer's entry needs no implementation here. An mqant `server.conf` is converted for that
 /// group, and its module types this binary has no implementation of are made remote-only, with
@@ -75,13 +77,11 @@ pub(crate) fn load_config_as(
     process_id: Option<&str>,
 ) -> anyhow::Result<Loaded> {
     let text = read_text(file)?;
-    let base = file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    // empty for a file in the working directory: its paths stay as written
+    let base = file.parent().unwrap_or(Path::new(""));
     let start_checks = |c: &Config| {
         let mut c = c.clone();
-        plugin_host::resolve_paths(&mut c, base);
+        c.resolve_paths(base);
         let mut errors = start_checks(app, &c);
         if checks == Checks::All {
             errors.extend(plugin_host::check(&c));
@@ -112,6 +112,7 @@ pub(crate) fn load_config_as(
         if !errors.is_empty() {
             return Err(report(errors).into());
         }
+        config.resolve_paths(base);
         return Ok(Loaded {
             config,
             has_http: false,
@@ -132,7 +133,7 @@ pub(crate) fn load_config_as(
         }
         None => Config::load_all_with(&text, &kinds, start_checks).map_err(report)?,
     };
-    plugin_host::resolve_paths(&mut config, base);
+    config.resolve_paths(base);
     let has_http = toml::from_str::<toml::Table>(&text).is_ok_and(|t| t.contains_key("http"));
     Ok(Loaded { config, has_http })
 }
@@ -524,6 +525,49 @@ mod tests {
         );
         // serve and node load the plugins themselves: the file's own checks only
         assert!(load_config(&app, &config, Checks::ButPlugins).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_files_paths_are_its_directorys_and_the_command_lines_the_working_directorys() {
+        let dir = std::env::temp_dir().join(format!("warren-app-paths-{}", std::process::id()));
+        let conf = dir.join("conf");
+        std::fs::create_dir_all(&conf).expect("a temporary directory");
+        std::fs::write(conf.join("acl"), "topic read #\n").expect("write");
+        let file = conf.join("warren.toml");
+        std::fs::write(
+            &file,
+            "[auth]\nacl_file = \"acl\"\npassword_file = \"/etc/warren/passwd\"\n\n\
+             [[module]]\ntype = \"Greeter\"\nplugin = \"plugins/greeter.lua\"\n",
+        )
+        .expect("write the config");
+        let app = App::new("t");
+        let c = resolve_config(
+            &app,
+            Role::Serve,
+            &args(&[
+                "--config",
+                &file.display().to_string(),
+                "--listen",
+                "line://127.0.0.1:0?plugin=cli.lua",
+                "--module",
+                "Other=cli/other.py",
+            ]),
+        )
+        .expect("resolves: the ACL is found next to the file");
+        let shown = |p: std::path::PathBuf| Some(p.display().to_string());
+        assert_eq!(c.auth.acl_file, shown(conf.join("acl")));
+        assert_eq!(c.auth.password_file.as_deref(), Some("/etc/warren/passwd"));
+        assert_eq!(c.modules[0].plugin, shown(conf.join("plugins/greeter.lua")));
+        // the command line's paths are the working directory's
+        assert_eq!(
+            c.listeners[0]
+                .protocol
+                .line()
+                .and_then(|o| o.plugin.as_deref()),
+            Some("cli.lua")
+        );
+        assert_eq!(c.modules[1].plugin.as_deref(), Some("cli/other.py"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -19,28 +19,6 @@ use warren_plugin::{
 
 use crate::plugins::Plugins;
 
-/// Make the relative plugin paths of `config` relative to `base` (a config file's directory),
-/// so that a file's plugins are found wherever the node is started from.
-pub(crate) fn resolve_paths(config: &mut Config, base: &Path) {
-    let resolve = |p: &mut String| {
-        if Path::new(p.as_str()).is_relative() {
-            *p = base.join(p.as_str()).display().to_string();
-        }
-    };
-    for l in &mut config.listeners {
-        if let warren::config::ProtocolOptions::Line(o) = &mut l.protocol
-            && let Some(p) = &mut o.plugin
-        {
-            resolve(p);
-        }
-    }
-    for m in &mut config.modules {
-        if let Some(p) = &mut m.plugin {
-            resolve(p);
-        }
-    }
-}
-
 /// The options a `[[module]]` entry gives its plugin; a Lua call's time limit defaults to the
 /// node's call timeout.
 fn module_options(m: &ModuleConfig, config: &Config) -> ModulePluginOptions {
