@@ -109,6 +109,66 @@ def test_a_request_has_one_trace_id_on_the_gate_and_on_the_module_node(nats):
     assert received["fields"]["from"] == "gate" and received["fields"]["handler"] == "HD_Login"
 
 
+RELAY_LUA = """
+-- answers a client by calling the Login module, which runs on another node
+function HD_Relay(session, msg)
+  return warren.call("Login", "HD_Login", msg)
+end
+"""
+
+
+def test_a_handlers_own_call_carries_the_trace_to_a_third_node(nats, tmp_path):
+    """gate -> Relay (a Lua module on node "mid") -> Login (node "mods"): one trace id on all
+    three nodes, the call from mid to mods carrying it on."""
+    relay = tmp_path / "relay.lua"
+    relay.write_text(RELAY_LUA)
+    flags = ["--bus", nats.url, "--registry", nats.url, "--log-format", "json"]
+    env = {"RUST_LOG": TRACE_FILTER}
+    gate = Warren(*flags, "--node-id", "gate", "--no-demo-modules", listen=["mqtt+mqant"], http=False, env=env)
+    gate.wait_ready()
+    # mods first: mid, started once the gate sees mods, finds it in the registry at start
+    mods = Warren(*flags, "--node-id", "mods", command="node", env=env)
+    mid = None
+    for name in ("mods", "mid"):
+        if name == "mid":
+            mid = Warren(
+                *flags, "--node-id", "mid", "--no-demo-modules", "--module", f"Relay={relay}?login_handlers=HD_Relay",
+                command="node", env=env,
+            )
+        n = mid or mods
+        wait_until(lambda: "ready" in n.stdout() or not n.running(), timeout=20, msg=f"node not ready\n{n.tail()}")
+        assert n.running(), n.tail()
+        wait_until(lambda: f'"{name}"' in gate.log(), timeout=15, msg=f"the gate never saw {name}\n{gate.tail()}")
+
+    c = ChatClient(gate.mqtt_mqant, client_id="carol-c")
+    assert c.request("Relay/HD_Relay", {"userName": "carol", "passWord": "123456"}) == {
+        "Error": "",
+        "Result": "login success carol",
+    }
+    c.close()
+
+    ids = {
+        t
+        for line in json_lines(gate)
+        if message(line) == "request" and line.get("span", {}).get("module") == "Relay"
+        for t in trace_ids(line)
+    }
+    assert len(ids) == 1, ids
+    trace = ids.pop()
+
+    def said(n: Warren) -> list[tuple[str, dict]]:
+        return [(message(line), line) for line in json_lines(n) if trace in trace_ids(line)]
+
+    wait_until(lambda: len(said(mods)) >= 3, timeout=5, msg=f"mods' lines of {trace}\n{mods.tail()}")
+    # mid ran Relay for the gate and made its call to mods in the same trace
+    mid_said = said(mid)
+    assert any(m == "call received" and line["fields"]["handler"] == "HD_Relay" for m, line in mid_said), mid.tail()
+    received = [line for m, line in said(mods) if m == "call received"]
+    assert received and received[0]["fields"]["from"] == "mid", mods.tail()
+    assert received[0]["fields"]["handler"] == "HD_Login"
+    assert {"handler starts", "reply sent"} <= {m for m, _ in said(mods)}
+
+
 @pytest.mark.parametrize("trace", [True, False])
 def test_log_section_sets_json_lines_and_trace_switch(tmp_path, trace):
     cfg = write_config(

@@ -26,11 +26,8 @@ use warren::registry::Registry;
 use warren::remote::Transport;
 
 /// Histogram buckets of every `*_seconds` metric, in seconds: a request path's range, from
-/// 50 µs to 10 s.
-pub(crate) const BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0,
-];
+/// 50 µs to 10 s (the ones the requests by route use too).
+pub(crate) const BUCKETS: &[f64] = warren::module::route_metrics::BUCKETS;
 
 /// How often histogram samples are folded into their buckets between scrapes (each sample waits
 /// in a lock-free queue until then).
@@ -63,6 +60,7 @@ pub(crate) fn install(cfg: &MetricsConfig) {
     match metrics::set_global_recorder(recorder) {
         Ok(()) => {
             let _ = HANDLE.set(handle);
+            warren::module::route_metrics::enable();
             describe();
             process::started();
         }
@@ -72,15 +70,6 @@ pub(crate) fn install(cfg: &MetricsConfig) {
 
 /// Help lines of the metrics whose meaning is not plain from the name.
 fn describe() {
-    metrics::describe_counter!(
-        "warren_requests_total",
-        "calls handled by this node's modules, by route (Module/Handler, or other) and result"
-    );
-    metrics::describe_histogram!(
-        "warren_request_duration_seconds",
-        metrics::Unit::Seconds,
-        "time from a call's arrival at its module to its result, by route"
-    );
     metrics::describe_gauge!(
         "warren_connections_active",
         "client connections open now, by protocol and listener"
@@ -294,12 +283,19 @@ async fn metrics_text() -> Response {
     if let Some(h) = &health {
         h.record_queues();
     }
+    // the exporter's metrics, then the requests by route, which the node keeps itself
+    // (crates/warren/src/module/route_metrics.rs)
+    let mut text = handle.render();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    warren::module::route_metrics::render(&mut text);
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        handle.render(),
+        text,
     )
         .into_response()
 }

@@ -83,6 +83,41 @@ fn new_trace_id() -> TraceId {
     TraceId(id)
 }
 
+/// Whether this process opens request spans: an exporter is on, or the log filter lets `debug`
+/// through for `warren::trace`. While it does not, a request handled in this process has no use
+/// for a trace context (no span, no log line would show it), and the gate starts none: only a
+/// request that crosses the bus carries one, for the node at the other end.
+pub fn spans_on() -> bool {
+    ON_SPAN.get().is_some() || tracing::enabled!(target: "warren::trace", tracing::Level::DEBUG)
+}
+
+tokio::task_local! {
+    /// The trace of the call a handler runs for ([`in_trace`]): what the calls the handler makes
+    /// in turn ([`current_child`]) continue.
+    static CURRENT: TraceContext;
+}
+
+/// Run a handler's future in `trace`, so the calls it makes to other modules (`Context::call`,
+/// a plugin's `warren.call`) carry the same trace id to the nodes that run them.
+pub(crate) fn in_trace<F: std::future::Future + Send + 'static>(
+    trace: TraceContext,
+    fut: F,
+) -> impl std::future::Future<Output = F::Output> + Send + 'static {
+    CURRENT.scope(trace, fut)
+}
+
+/// The trace of a call a handler makes: the handler's own trace continued by a new span, or,
+/// outside a traced handler, a new trace (`None` while traces are off).
+pub fn current_child() -> Option<TraceContext> {
+    if !enabled() {
+        return None;
+    }
+    CURRENT
+        .try_with(|t| t.child(new_span_id()))
+        .ok()
+        .or_else(|| start(None))
+}
+
 /// The trace of a new client request, or `None` while traces are off: the client's own context
 /// (`given`, its `traceparent`) continued by a new span of the gate, else a new sampled trace.
 pub fn start(given: Option<TraceContext>) -> Option<TraceContext> {
@@ -138,9 +173,14 @@ pub fn request_span(
 
 /// The span of a call a node runs for a traced request: the same trace id as the gate's
 /// request, a span id of its own. Disabled (free) unless the filter lets `debug` through for
-/// `warren::trace` (or an exporter is on).
-pub fn call_span(trace: &TraceContext, module: &str, handler: &str) -> tracing::Span {
-    hooked(
+/// `warren::trace` (or an exporter is on). Also answers the trace the handler's own calls
+/// continue: the exporter's id for this span when it gave one, else the caller's context.
+pub fn call_span(
+    trace: &TraceContext,
+    module: &str,
+    handler: &str,
+) -> (tracing::Span, TraceContext) {
+    let (span, id) = hooked(
         tracing::debug_span!(
             "call",
             trace_id = %trace.trace_id,
@@ -149,8 +189,12 @@ pub fn call_span(trace: &TraceContext, module: &str, handler: &str) -> tracing::
             handler,
         ),
         trace,
-    )
-    .0
+    );
+    let mut inner = *trace;
+    if let Some(id) = id {
+        inner.span_id = id;
+    }
+    (span, inner)
 }
 
 #[cfg(test)]
@@ -169,5 +213,18 @@ mod tests {
         let c = start(Some(given)).expect("on");
         assert_eq!((c.trace_id, c.flags), (given.trace_id, 0));
         assert_ne!(c.span_id, given.span_id);
+    }
+
+    #[tokio::test]
+    async fn a_handlers_calls_continue_its_trace() {
+        let outer = start(None).expect("on");
+        let child = in_trace(outer, async { current_child() })
+            .await
+            .expect("on");
+        assert_eq!(child.trace_id, outer.trace_id);
+        assert_ne!(child.span_id, outer.span_id);
+        // outside a handler, a call starts a trace of its own
+        let fresh = current_child().expect("on");
+        assert_ne!(fresh.trace_id, outer.trace_id);
     }
 }

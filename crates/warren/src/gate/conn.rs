@@ -349,6 +349,10 @@ pub(crate) struct SessionConn<T> {
     pub(crate) pending: PendingSet<T>,
     /// Client messages taken in so far (see [`SessionConn::admit_message`]).
     messages_in: u64,
+    /// How many of them the listener's counter has ([`SessionConn::count_input`]).
+    messages_counted: u64,
+    /// MQTT PUBLISH packets received and not yet added to the node's counter.
+    publishes_in: u64,
     /// The listener's per-connection rates, when it sets any.
     rates: Option<Box<Rates>>,
     /// The last route this connection resolved, kept while it holds (most clients call one
@@ -514,6 +518,8 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             peer,
             pending: PendingSet::default(),
             messages_in: 0,
+            messages_counted: 0,
+            publishes_in: 0,
             rates,
             route_cache: None,
             traffic,
@@ -533,7 +539,6 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     /// limiter allows again; the message itself is handled.
     pub(crate) fn admit_message(&mut self) {
         self.messages_in += 1;
-        self.traffic.messages_in.increment(1);
         if let Some(r) = self.rates.as_deref_mut()
             && r.msgs.is_some()
         {
@@ -547,6 +552,27 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     /// Client messages taken in so far.
     pub(crate) fn messages_in(&self) -> u64 {
         self.messages_in
+    }
+
+    /// Count one MQTT PUBLISH received (node-wide, added with the batch's messages).
+    pub(crate) fn admit_publish(&mut self) {
+        self.publishes_in += 1;
+    }
+
+    /// Add the client messages and publishes taken in since the last call to their counters:
+    /// once per batch of input (after the buffered frames are handled, before a write, at the
+    /// end), not one shared atomic add per message.
+    fn count_input(&mut self) {
+        let n = self.messages_in - self.messages_counted;
+        if n > 0 {
+            self.traffic.messages_in.increment(n);
+            self.messages_counted = self.messages_in;
+        }
+        if self.publishes_in > 0 {
+            super::traffic::MESSAGE_PATH
+                .publishes_received
+                .increment(std::mem::take(&mut self.publishes_in));
+        }
     }
 
     /// Count `n` bytes read from the socket against `byte_rate`.
@@ -719,6 +745,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         if !self.has_output() {
             return Ok(());
         }
+        self.count_input();
         let waker = std::task::Waker::noop();
         let mut cx = TaskContext::from_waker(waker);
         match self.writer.poll_write_out(&mut cx, &mut self.out) {
@@ -739,6 +766,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
 
     /// Wait until the socket takes some of `out` (at most `write_timeout_s` without progress).
     async fn write_some(&mut self) -> Result<(), End> {
+        self.count_input();
         let timeout = Duration::from_secs(self.cfg.write_timeout_s);
         let n = std::future::poll_fn(|cx| {
             poll_write(
@@ -866,15 +894,20 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     ) -> Result<(), (Option<T>, CallError)> {
         let now = Instant::now();
         let deadline = now + self.cfg.rpc_expired();
-        // the request's trace (crate::trace): its span, off unless `warren::trace` logs debug
-        let mut trace = crate::trace::start(given);
+        let local = self.local_instance(target);
+        // the request's trace (crate::trace): for a call that crosses the bus, or while this
+        // process opens spans (off unless `warren::trace` logs debug or an exporter is on)
+        let mut trace = if local.is_none() || crate::trace::spans_on() {
+            crate::trace::start(given)
+        } else {
+            None
+        };
         let span = trace.as_mut().map(|t| {
             let span = crate::trace::request_span(t, &target.module, handler, &session.id);
             span.in_scope(|| tracing::debug!(target: "warren::trace", node = %target.node, instance = %target.instance, "request"));
             span
         });
         let session = Some(session);
-        let local = self.local_instance(target);
         let router = self.gate.node.router();
         let sent = match local {
             // in this process: run it here when the instance allows (no envelope, no channel)
@@ -912,6 +945,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     /// End the connection: log why, leave groups, flush what is owed (or not), say goodbye,
     /// tell the modules that asked for it.
     pub(crate) async fn finish(mut self, end: End) {
+        self.count_input();
         match &end {
             End::Refused(why) => {
                 refusal::refuse(&self.peer, "protocol", why);
@@ -1175,7 +1209,9 @@ pub(crate) async fn run<P: Dialect>(
             // frames already buffered (a first packet may arrive with more) go first
             // boxed: the decode-and-dispatch state exists only while it runs, so an idle
             // connection's task stays small
-            match boxed::handle_buffered(proto, conn, buf).await {
+            let handled = boxed::handle_buffered(proto, conn, buf).await;
+            conn.count_input();
+            match handled {
                 Err(end) => return end,
                 Ok(handled) => {
                     if awaiting.is_some() {

@@ -918,7 +918,7 @@ impl MqttSession {
                 }
             }
         }
-        super::traffic::MESSAGE_PATH.publishes_received.increment(1);
+        conn.admit_publish();
         self.route(conn, p).await
     }
 
@@ -1043,7 +1043,7 @@ impl MqttSession {
                 }
             }
         }
-        super::traffic::MESSAGE_PATH.publishes_received.increment(1);
+        conn.admit_publish();
         let module = self.route_kept(conn, p).await?;
         if let Some(kept) = module {
             writes.absorb(kept);

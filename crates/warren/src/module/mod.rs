@@ -41,7 +41,7 @@ use crate::session::{Session, SessionId};
 
 pub use crate::config::Execution;
 
-mod route_metrics;
+pub mod route_metrics;
 mod runtime;
 
 pub(crate) use runtime::Instance;

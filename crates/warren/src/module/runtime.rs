@@ -402,8 +402,9 @@ fn begin(
     }
 }
 
-/// A handler's future run in the span of the request it serves (crate::trace), so its log
-/// lines carry the trace id; as it is while that span is off (the usual case: no cost).
+/// A handler's future run in the trace of the request it serves (crate::trace): the calls it
+/// makes carry the trace on, and, while the request's span is on, its log lines carry the trace
+/// id. As it is for an untraced call (the usual case in a process that logs no traces: no cost).
 fn traced(
     fut: BoxFuture<'static, Result<Bytes, CallError>>,
     trace: Option<&TraceContext>,
@@ -413,9 +414,10 @@ fn traced(
     let Some(t) = trace else {
         return fut;
     };
-    let span = crate::trace::call_span(t, &env.instance.module, handler);
+    let (span, inner) = crate::trace::call_span(t, &env.instance.module, handler);
+    let fut = crate::trace::in_trace(inner, fut);
     if span.is_disabled() {
-        return fut;
+        return Box::pin(fut);
     }
     span.in_scope(|| tracing::debug!(target: "warren::trace", "handler starts"));
     Box::pin(tracing::Instrument::instrument(fut, span))
@@ -461,8 +463,10 @@ async fn drive(
 
 /// Count one finished call: by route (module/route_metrics.rs) and, when it failed, by kind.
 fn record(module: &Module, handler: &str, started: Instant, result: &Result<Bytes, CallError>) {
-    if let Some(routes) = &module.def.routes {
-        routes.record(handler, started.elapsed().as_secs_f64(), result);
+    if let Some(routes) = &module.def.routes
+        && route_metrics::enabled()
+    {
+        routes.record(handler, started.elapsed(), result);
     }
     if let Err(e) = result {
         metrics::counter!("warren_call_errors_total", "kind" => e.kind().as_str()).increment(1);

@@ -258,7 +258,11 @@ impl NodeHandle {
             .router
             .call(
                 target,
-                target.call(handler, deadline).session(session).body(body),
+                target
+                    .call(handler, deadline)
+                    .session(session)
+                    .body(body)
+                    .trace(crate::trace::current_child()),
             )
             .await?;
         match tokio::time::timeout_at(deadline, pending).await {
@@ -296,7 +300,11 @@ impl NodeHandle {
             .router
             .call_nr(
                 &target,
-                target.call(handler, deadline).session(session).body(body),
+                target
+                    .call(handler, deadline)
+                    .session(session)
+                    .body(body)
+                    .trace(crate::trace::current_child()),
             )
             .await
     }
