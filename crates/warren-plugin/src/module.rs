@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -59,10 +59,17 @@ pub(crate) type RedisRpcSlot = RwLock<Option<Arc<dyn RedisRpcCaller>>>;
 
 impl CallCx {
     fn of(cx: &Context<Arc<ModulePlugin>>) -> CallCx {
+        // the instance `on_init` saw, shared, instead of a copy per call (the same instance
+        // while its id is the same allocation)
+        let info = cx.instance();
+        let instance = match cx.state().instance.get() {
+            Some(i) if Arc::ptr_eq(&i.id, &info.id) => i.clone(),
+            _ => Arc::new(info.clone()),
+        };
         CallCx {
             services: cx.services().clone(),
             session: cx.session().cloned(),
-            instance: Arc::new(cx.instance().clone()),
+            instance,
             redis_rpc: cx.state().redis_rpc.clone(),
             backends: cx.state().backends.clone(),
         }
@@ -308,6 +315,8 @@ pub struct ModulePlugin {
     routed: Vec<String>,
     /// The instance's context from `on_init`, to initialize reloaded versions the same way.
     init: Mutex<Option<CallCx>>,
+    /// The instance's identity and settings from `on_init`, for the calls' contexts.
+    instance: OnceLock<Arc<InstanceInfo>>,
     /// Serializes reloads and handler patches: a patch applies to the version it was checked
     /// against.
     reloading: tokio::sync::Mutex<()>,
@@ -380,6 +389,7 @@ impl ModulePlugin {
             host,
             routed,
             init: Mutex::new(None),
+            instance: OnceLock::new(),
             reloading: tokio::sync::Mutex::new(()),
             redis_rpc: Arc::new(RwLock::new(None)),
             backends: Arc::new(RwLock::new(None)),
@@ -425,6 +435,8 @@ impl ModulePlugin {
         b.on_init(|cx: Context<Arc<ModulePlugin>>| async move {
             let this = cx.state();
             let call = CallCx::of(&cx).without_session();
+            // the first instance's (one per plugin; the calls of another get a copy each)
+            let _ = this.instance.set(call.instance.clone());
             *this.init.lock() = Some(call.clone());
             let v = this.slot.current();
             v.value

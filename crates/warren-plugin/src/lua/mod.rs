@@ -7,11 +7,10 @@ pub(crate) mod module;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mlua::{HookTriggers, Lua, LuaSerdeExt, VmState};
-use parking_lot::Mutex;
 use warren::CallError;
 
 use crate::PluginError;
@@ -34,7 +33,10 @@ pub(crate) struct Budget {
     limit: Duration,
     armed: AtomicBool,
     left: AtomicI64,
-    deadline: Mutex<Option<Instant>>,
+    /// When the budget was made: `deadline` counts from it.
+    epoch: Instant,
+    /// The running call's deadline, in nanoseconds after `epoch` (`u64::MAX`: none).
+    deadline: AtomicU64,
     /// 0: running; 1: out of instructions; 2: out of time.
     tripped: AtomicU8,
 }
@@ -46,7 +48,8 @@ impl Budget {
             limit,
             armed: AtomicBool::new(false),
             left: AtomicI64::new(0),
-            deadline: Mutex::new(None),
+            epoch: Instant::now(),
+            deadline: AtomicU64::new(u64::MAX),
             tripped: AtomicU8::new(0),
         })
     }
@@ -57,7 +60,11 @@ impl Budget {
             i64::try_from(self.max_instructions).unwrap_or(i64::MAX),
             Ordering::Relaxed,
         );
-        *self.deadline.lock() = Instant::now().checked_add(self.limit);
+        let deadline = self.epoch.elapsed().saturating_add(self.limit);
+        self.deadline.store(
+            u64::try_from(deadline.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         self.tripped.store(0, Ordering::Relaxed);
         self.armed.store(true, Ordering::Release);
     }
@@ -88,7 +95,10 @@ impl Budget {
                 self.max_instructions
             )));
         }
-        if self.deadline.lock().is_some_and(|d| Instant::now() >= d) {
+        let deadline = self.deadline.load(Ordering::Relaxed);
+        if deadline != u64::MAX
+            && u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX) >= deadline
+        {
             self.tripped.store(2, Ordering::Release);
             return Err(mlua::Error::runtime(format!(
                 "stopped after {:?} (the plugin's time_limit)",

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,38 +34,92 @@ struct State {
     functions: HashMap<String, Function>,
     /// The serial of the last handler patch applied to this state.
     patched: u64,
+    /// The coroutine this state's calls run in, reset for each call: a handler may wait
+    /// (`warren.call`, `session:bind`, …), so it runs in a coroutine, and one kept for the
+    /// state costs a reset where a new one per call cost an allocation and the collector's
+    /// work (docs/benchmarks.md, "Plugins").
+    thread: mlua::Thread,
+    /// What `thread` is reset to when a call is abandoned.
+    idle: Function,
+    /// Set while a call runs in `thread`; still set when the call's future was dropped while
+    /// the handler waited (its deadline), which [`State::abandon`] cleans up.
+    busy: AtomicBool,
     /// The `session` objects of recent calls, by session id: a session's next call on this
     /// state gets the same object with the new snapshot, instead of a new object (an allocation
     /// and garbage per call). Emptied when full; a closed session's entry is dropped.
-    sessions: Mutex<HashMap<warren::SessionId, mlua::AnyUserData>>,
+    sessions: Mutex<HashMap<warren::SessionId, CachedSession>>,
+}
+
+/// A `session` object kept by a state ([`State::sessions`]), with its snapshot cell, so that the
+/// next call updates the snapshot without going through Lua to reach the object's data.
+struct CachedSession {
+    object: mlua::AnyUserData,
+    snapshot: Arc<Snapshot>,
 }
 
 /// Most `session` objects one Lua state keeps for reuse ([`State::sessions`]).
 const CACHED_SESSIONS: usize = 1024;
 
 impl State {
-    /// The `session` argument of a call for `session`.
+    /// Start `f` with `args` in the state's coroutine: a future that runs it until it returns,
+    /// waiting where it waits.
+    fn start(
+        &self,
+        f: &Function,
+        args: impl mlua::IntoLuaMulti,
+    ) -> mlua::Result<mlua::thread::AsyncThread<mlua::Value>> {
+        if self.thread.reset(f.clone()).is_err() {
+            // the previous call failed, and closing its coroutine gave its error back: the
+            // coroutine is closed now
+            self.thread.reset(f.clone())?;
+        }
+        self.thread.clone().into_async(args)
+    }
+
+    /// Clean up after a call whose future was dropped while its handler waited: close the
+    /// coroutine, and collect at once, so that what the handler waited on (a call to another
+    /// module, a session operation) is dropped now, as when the coroutine was the call's own,
+    /// and not at some later collection. Only calls cut off at their deadline come here.
+    fn abandon(&self) {
+        if let Err(e) = self.thread.reset(self.idle.clone()) {
+            tracing::debug!(error = %e, "an abandoned Lua call closed with an error");
+        }
+        if let Err(e) = self.lua.gc_collect() {
+            tracing::debug!(error = %e, "collection after an abandoned Lua call failed");
+        }
+    }
+
+    /// The `session` argument of a call for `session`: the object kept for it, with the new
+    /// snapshot, or a new one.
     fn session_object(
         &self,
         services: &Arc<dyn Services>,
         session: &Arc<Session>,
-    ) -> Result<mlua::Value, CallError> {
+    ) -> Result<mlua::AnyUserData, CallError> {
         let mut cached = self.sessions.lock();
-        if let Some(ud) = cached.get(&session.id)
-            && let Ok(obj) = ud.borrow::<LuaSession>()
-        {
-            *obj.session.lock() = session.clone();
-            return Ok(mlua::Value::UserData(ud.clone()));
+        if let Some(c) = cached.get(&session.id) {
+            *c.snapshot.lock() = session.clone();
+            return Ok(c.object.clone());
         }
-        let ud = self
+        let snapshot = Arc::new(Mutex::new(session.clone()));
+        let object = self
             .lua
-            .create_userdata(LuaSession::new(services.clone(), session.clone()))
+            .create_userdata(LuaSession {
+                services: services.clone(),
+                session: snapshot.clone(),
+            })
             .map_err(|e| CallError::App(e.to_string()))?;
         if cached.len() >= CACHED_SESSIONS {
             cached.clear();
         }
-        cached.insert(session.id.clone(), ud.clone());
-        Ok(mlua::Value::UserData(ud))
+        cached.insert(
+            session.id.clone(),
+            CachedSession {
+                object: object.clone(),
+                snapshot,
+            },
+        );
+        Ok(object)
     }
 }
 
@@ -86,7 +140,10 @@ pub(crate) struct LuaModule {
     msg_type: MsgType,
     handlers: Vec<String>,
     hooks: Vec<&'static str>,
-    idle: Mutex<Vec<State>>,
+    /// The states no call holds. Boxed: a state moves out and back on every call, as a pointer
+    /// rather than a few hundred bytes.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<State>>>,
     permits: tokio::sync::Semaphore,
     /// The budget a patch is checked with.
     max_instructions: u64,
@@ -110,6 +167,7 @@ pub(crate) fn load(
     let mut hooks = Vec::new();
     for _ in 0..n {
         let (state, names) = load_state(module, path, options, version)?;
+        let state = Box::new(state);
         if handlers.is_none() {
             hooks = crate::module::HOOKS
                 .iter()
@@ -174,6 +232,11 @@ fn load_state(
         .cloned()
         .collect();
     names.sort();
+    let coroutine = || -> mlua::Result<(mlua::Thread, Function)> {
+        let idle = lua.create_function(|_, ()| Ok(()))?;
+        Ok((lua.create_thread(idle.clone())?, idle))
+    };
+    let (thread, idle) = coroutine().map_err(|e| super::load_error(path, &e))?;
     Ok((
         State {
             lua,
@@ -181,6 +244,9 @@ fn load_state(
             current,
             functions,
             patched: 0,
+            thread,
+            idle,
+            busy: AtomicBool::new(false),
             sessions: Mutex::new(HashMap::new()),
         },
         names,
@@ -538,6 +604,36 @@ fn room_target(
     Ok((cx, s))
 }
 
+/// A string result as its JSON reply, written straight from the bytes (invalid UTF-8 replaced,
+/// as for any string a script hands over), without a `serde_json::Value` in between, into a
+/// buffer of the exact size (no growing, and `Bytes` takes it without another allocation).
+fn json_string(bytes: &[u8]) -> Result<Bytes, CallError> {
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    };
+    // what JSON's escapes add: `\"`, `\\` and the short forms take one byte more, the other
+    // control characters (`\u00XX`) five
+    let extra: usize = text
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+            0..0x20 => 5,
+            _ => 0,
+        })
+        .sum();
+    let mut out = Vec::with_capacity(text.len() + 2 + extra);
+    if extra == 0 {
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(&mut out, &*text)
+            .map_err(|e| CallError::App(format!("reply encoding failed: {e}")))?;
+    }
+    Ok(Bytes::from(out))
+}
+
 /// A body for the node from a script value: strings as their bytes, `nil` empty, anything else
 /// as JSON.
 fn body_bytes(lua: &Lua, v: mlua::Value) -> mlua::Result<Bytes> {
@@ -553,20 +649,17 @@ fn body_bytes(lua: &Lua, v: mlua::Value) -> mlua::Result<Bytes> {
     }
 }
 
+/// The latest snapshot of a session a `session` object stands for: replaced by each call the
+/// object is passed to, and by the object's own session operations.
+type Snapshot = Mutex<Arc<Session>>;
+
 /// The `session` argument of a handler: the caller's session and its operations.
 pub(crate) struct LuaSession {
     services: Arc<dyn Services>,
-    session: Mutex<Arc<Session>>,
+    session: Arc<Snapshot>,
 }
 
 impl LuaSession {
-    fn new(services: Arc<dyn Services>, session: Arc<Session>) -> Self {
-        LuaSession {
-            services,
-            session: Mutex::new(session),
-        }
-    }
-
     fn snapshot(&self) -> Arc<Session> {
         self.session.lock().clone()
     }
@@ -671,7 +764,7 @@ impl UserData for LuaSession {
 /// is cancelled at its deadline.
 struct Checkout<'a> {
     module: &'a LuaModule,
-    state: Option<State>,
+    state: Option<Box<State>>,
     _permit: tokio::sync::SemaphorePermit<'a>,
 }
 
@@ -686,6 +779,10 @@ impl Checkout<'_> {
 impl Drop for Checkout<'_> {
     fn drop(&mut self) {
         if let Some(state) = self.state.take() {
+            if state.busy.load(Ordering::Acquire) {
+                state.busy.store(false, Ordering::Release);
+                state.abandon();
+            }
             state.budget.disarm();
             *state.current.lock() = None;
             self.module.idle.lock().push(state);
@@ -695,11 +792,16 @@ impl Drop for Checkout<'_> {
 
 impl LuaModule {
     async fn checkout(&self) -> Result<Checkout<'_>, CallError> {
-        let permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| CallError::Closed)?;
+        // a free state is taken without a future to poll; FIFO all the same, since a permit is
+        // free only while nobody waits
+        let permit = match self.permits.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => self
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| CallError::Closed)?,
+        };
         let mut state = self.idle.lock().pop().ok_or(CallError::Closed)?;
         if state.patched < self.patch_serial.load(Ordering::Acquire) {
             self.apply_patches(&mut state);
@@ -763,7 +865,15 @@ impl LuaModule {
         args: impl mlua::IntoLuaMulti,
     ) -> Result<mlua::Value, CallError> {
         state.budget.arm();
-        let r = f.call_async::<mlua::Value>(args).await;
+        let r = match state.start(f, args) {
+            Ok(call) => {
+                state.busy.store(true, Ordering::Release);
+                let r = call.await;
+                state.busy.store(false, Ordering::Release);
+                r
+            }
+            Err(e) => Err(e),
+        };
         let tripped = state.budget.disarm();
         match (r, tripped) {
             (Ok(v), _) => Ok(v),
@@ -793,15 +903,14 @@ impl LuaModule {
 
     /// Encode a handler's return value as its reply.
     fn reply(lua: &Lua, v: mlua::Value) -> Result<Bytes, CallError> {
-        let json = match v {
-            mlua::Value::Nil => Value::Null,
-            mlua::Value::String(s) => {
-                Value::String(String::from_utf8_lossy(&s.as_bytes()).into_owned())
-            }
-            other => super::to_json(lua, other)
-                .map_err(|e| CallError::App(format!("reply encoding failed: {e}")))?,
-        };
-        json_reply(&json)
+        match v {
+            mlua::Value::Nil => Ok(Bytes::from_static(b"null")),
+            mlua::Value::String(s) => json_string(&s.as_bytes()),
+            other => json_reply(
+                &super::to_json(lua, other)
+                    .map_err(|e| CallError::App(format!("reply encoding failed: {e}")))?,
+            ),
+        }
     }
 
     /// Run a hook on every state of the pool (each state has its own globals), with `cx` as the
@@ -880,12 +989,22 @@ impl ModuleVersion for LuaModule {
                 .get(&*handler)
                 .ok_or_else(|| CallError::HandlerNotFound(handler.to_string()))?;
             let session = match &cx.session {
-                Some(s) => st.session_object(&cx.services, s)?,
-                None => mlua::Value::Nil,
+                Some(s) => Some(st.session_object(&cx.services, s)?),
+                None => None,
             };
-            let msg = self.msg(&st.lua, &body)?;
-            *st.current.lock() = Some(cx);
-            let v = self.run(st, &handler, f, (session, msg)).await?;
+            let session = session.as_ref();
+            let v = match self.msg_type {
+                // text goes onto the coroutine's stack as it is: no Lua value to make and drop
+                MsgType::Text | MsgType::Bytes if let Ok(text) = std::str::from_utf8(&body) => {
+                    *st.current.lock() = Some(cx);
+                    self.run(st, &handler, f, (session, text)).await?
+                }
+                _ => {
+                    let msg = self.msg(&st.lua, &body)?;
+                    *st.current.lock() = Some(cx);
+                    self.run(st, &handler, f, (session, msg)).await?
+                }
+            };
             LuaModule::reply(&st.lua, v)
         })
     }
@@ -919,9 +1038,9 @@ impl ModuleVersion for LuaModule {
                 Some(s) => {
                     let obj = st.session_object(&cx.services, s)?;
                     st.sessions.lock().remove(&s.id);
-                    obj
+                    Some(obj)
                 }
-                None => mlua::Value::Nil,
+                None => None,
             };
             *st.current.lock() = Some(cx);
             self.run(st, "on_session_closed", f, session)
@@ -1021,5 +1140,30 @@ impl ModuleVersion for LuaModule {
             })
             .await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn string_replies_are_the_json_serde_writes() {
+        let cases: [&[u8]; 7] = [
+            b"",
+            b"hello",
+            br#"{"p":"xxxx"}"#,
+            b"tab\there, line\nthere, \x01\x1f\x7f and \\",
+            "caf\u{e9} \u{1f600}".as_bytes(),
+            b"not \xff utf-8 \xc3",
+            b"\x08\x0c\r",
+        ];
+        for bytes in cases {
+            let want =
+                serde_json::to_vec(&Value::String(String::from_utf8_lossy(bytes).into_owned()))
+                    .expect("JSON");
+            let got = json_string(bytes).expect("reply");
+            assert_eq!(&got[..], &want[..], "{:?}", String::from_utf8_lossy(bytes));
+        }
     }
 }

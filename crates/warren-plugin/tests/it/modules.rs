@@ -179,6 +179,56 @@ async fn a_runaway_lua_handler_is_stopped() {
     }
 }
 
+/// A handler cut off at the caller's deadline while it waits (here on a module that answers
+/// after it) leaves its Lua state ready for the next call, its to-be-closed variables closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lua_handler_cut_off_while_it_waits_leaves_its_state_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = kit::write(
+        dir.path(),
+        "wait.lua",
+        r#"closed = "no"
+function HD_Wait(session, msg)
+  local mark <close> = setmetatable({}, { __close = function() closed = "yes" end })
+  return warren.call("Late", "Answer", msg, 60)
+end
+function HD_Closed(session, msg) return closed end
+"#,
+    );
+    let options = ModulePluginOptions {
+        workers: 1,
+        ..login(&["HD_Wait", "HD_Closed"])
+    };
+    let m = load_module("Wait", &path, &options).unwrap();
+    let late = Module::builder("Late", ())
+        .handler("Answer", |_cx: Context, body: bytes::Bytes| async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok::<_, CallError>(body)
+        })
+        .build();
+    let node = kit::module_node(
+        "mqtt://127.0.0.1:0?rpc_expired_s=1",
+        vec![
+            (m, ModuleConfig::new("Wait")),
+            (late, ModuleConfig::new("Late")),
+        ],
+    )
+    .await;
+    let (client, mut events) = kit::mqtt(&node, "c1").await;
+    ask(&client, "Wait/HD_Wait/1", "x").await;
+    ask(&client, "Wait/HD_Closed/2", "").await;
+    let got = next_publishes(&mut events, 2).await;
+    assert_eq!(
+        got[0],
+        (
+            "Wait/HD_Wait/1".into(),
+            r#"{"Error":"timeout: This is Call","Result":null}"#.into()
+        )
+    );
+    assert_eq!(got[1].1, r#"{"Error":"","Result":"yes"}"#);
+    node.shutdown().await;
+}
+
 const LOBBY_LUA: &str = r#"
 greeting = nil
 
