@@ -100,8 +100,8 @@ fn describe() {
 }
 
 /// Fold histogram samples into their buckets every few seconds until `stop`, so memory stays
-/// bounded between scrapes, and read the queue gauges as often, so a recorder other than a
-/// scrape sees them move. Nothing to do when metrics are off.
+/// bounded between scrapes, and read the queue gauges and the connections' traffic counts as
+/// often, so a recorder other than a scrape sees them move. Nothing to do when metrics are off.
 pub(crate) fn spawn_upkeep(stop: CancellationToken) {
     let Some(handle) = HANDLE.get() else { return };
     tokio::spawn(async move {
@@ -113,6 +113,7 @@ pub(crate) fn spawn_upkeep(stop: CancellationToken) {
                     if let Some(h) = current() {
                         h.record_queues();
                     }
+                    warren::node::publish_traffic();
                     handle.run_upkeep();
                 }
             }
@@ -283,6 +284,7 @@ async fn metrics_text() -> Response {
     if let Some(h) = &health {
         h.record_queues();
     }
+    warren::node::publish_traffic();
     // the exporter's metrics, then the requests by route, which the node keeps itself
     // (crates/warren/src/module/route_metrics.rs)
     let mut text = handle.render();

@@ -10,9 +10,11 @@ use metrics::Counter;
 /// itself would look its name up in the recorder's registry each time. The node starts after the
 /// recorder is installed, so the first use finds it.
 pub(crate) struct MessagePath {
-    /// `warren_socket_writes_total`: socket writes to clients.
+    /// `warren_socket_writes_total`: socket writes to clients (set from the connections' own
+    /// counts, gate/traffic.rs).
     pub(crate) socket_writes: Counter,
-    /// `warren_publishes_received_total`: MQTT PUBLISH packets received.
+    /// `warren_publishes_received_total`: MQTT PUBLISH packets received (set like
+    /// `socket_writes`).
     pub(crate) publishes_received: Counter,
     /// `warren_push_acks_total`: PUBACK/PUBCOMP for messages sent to MQTT clients.
     pub(crate) push_acks: Counter,

@@ -349,17 +349,13 @@ pub(crate) struct SessionConn<T> {
     pub(crate) pending: PendingSet<T>,
     /// Client messages taken in so far (see [`SessionConn::admit_message`]).
     messages_in: u64,
-    /// How many of them the listener's counter has ([`SessionConn::count_input`]).
-    messages_counted: u64,
-    /// MQTT PUBLISH packets received and not yet added to the node's counter.
-    publishes_in: u64,
     /// The listener's per-connection rates, when it sets any.
     rates: Option<Box<Rates>>,
     /// The last route this connection resolved, kept while it holds (most clients call one
     /// module over and over): no table lookups, ring walks or instance lookups per request.
     route_cache: Option<Box<RouteCache>>,
-    /// Its listener's traffic metrics (gate/traffic.rs).
-    traffic: Arc<super::traffic::ListenerTraffic>,
+    /// Its traffic counts (gate/traffic.rs).
+    counts: super::traffic::ConnCounts,
     /// Messages framed since the last write: added to `warren_messages_sent_total` once per
     /// write, not once per message (a fan-out frames many per write).
     framed: u64,
@@ -503,7 +499,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         handle.set_listener(&cfg.addr);
         node.session_table().insert(handle.clone());
         let rates = Rates::new(&cfg);
-        let traffic = gate.traffic.of(&cfg);
+        let counts = gate.traffic.of(&cfg).counts();
         SessionConn {
             gate,
             cfg,
@@ -518,11 +514,9 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             peer,
             pending: PendingSet::default(),
             messages_in: 0,
-            messages_counted: 0,
-            publishes_in: 0,
             rates,
             route_cache: None,
-            traffic,
+            counts,
             framed: 0,
         }
     }
@@ -539,6 +533,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     /// limiter allows again; the message itself is handled.
     pub(crate) fn admit_message(&mut self) {
         self.messages_in += 1;
+        self.counts.messages_in(1);
         if let Some(r) = self.rates.as_deref_mut()
             && r.msgs.is_some()
         {
@@ -554,30 +549,14 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         self.messages_in
     }
 
-    /// Count one MQTT PUBLISH received (node-wide, added with the batch's messages).
+    /// Count one MQTT PUBLISH received (node-wide).
     pub(crate) fn admit_publish(&mut self) {
-        self.publishes_in += 1;
-    }
-
-    /// Add the client messages and publishes taken in since the last call to their counters:
-    /// once per batch of input (after the buffered frames are handled, before a write, at the
-    /// end), not one shared atomic add per message.
-    fn count_input(&mut self) {
-        let n = self.messages_in - self.messages_counted;
-        if n > 0 {
-            self.traffic.messages_in.increment(n);
-            self.messages_counted = self.messages_in;
-        }
-        if self.publishes_in > 0 {
-            super::traffic::MESSAGE_PATH
-                .publishes_received
-                .increment(std::mem::take(&mut self.publishes_in));
-        }
+        self.counts.publish_in();
     }
 
     /// Count `n` bytes read from the socket against `byte_rate`.
     fn admit_bytes(&mut self, n: usize) {
-        self.traffic.bytes_in.increment(n as u64);
+        self.counts.bytes_in(n as u64);
         if let Some(r) = self.rates.as_deref_mut()
             && r.bytes.is_some()
         {
@@ -712,11 +691,11 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
 
     /// Account for `n` bytes written: give back what `out` held of the session's queue bytes.
     fn wrote(&mut self, n: usize) {
-        self.traffic.bytes_out.increment(n as u64);
+        if n > 0 {
+            self.counts.wrote(n as u64);
+        }
         if self.framed > 0 {
-            self.traffic
-                .messages_out
-                .increment(std::mem::take(&mut self.framed));
+            self.counts.messages_out(std::mem::take(&mut self.framed));
         }
         let empty = self.out.buf.is_empty();
         let back = if empty {
@@ -745,14 +724,10 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         if !self.has_output() {
             return Ok(());
         }
-        self.count_input();
         let waker = std::task::Waker::noop();
         let mut cx = TaskContext::from_waker(waker);
         match self.writer.poll_write_out(&mut cx, &mut self.out) {
             Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    super::traffic::MESSAGE_PATH.socket_writes.increment(1);
-                }
                 self.wrote(n);
                 Ok(())
             }
@@ -766,7 +741,6 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
 
     /// Wait until the socket takes some of `out` (at most `write_timeout_s` without progress).
     async fn write_some(&mut self) -> Result<(), End> {
-        self.count_input();
         let timeout = Duration::from_secs(self.cfg.write_timeout_s);
         let n = std::future::poll_fn(|cx| {
             poll_write(
@@ -945,7 +919,6 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
     /// End the connection: log why, leave groups, flush what is owed (or not), say goodbye,
     /// tell the modules that asked for it.
     pub(crate) async fn finish(mut self, end: End) {
-        self.count_input();
         match &end {
             End::Refused(why) => {
                 refusal::refuse(&self.peer, "protocol", why);
@@ -1097,12 +1070,7 @@ fn poll_write(
     cx: &mut TaskContext<'_>,
 ) -> Poll<Result<usize, End>> {
     match writer.poll_write_out(cx, out) {
-        Poll::Ready(Ok(n)) => {
-            if n > 0 {
-                super::traffic::MESSAGE_PATH.socket_writes.increment(1);
-            }
-            Poll::Ready(Ok(n))
-        }
+        Poll::Ready(Ok(n)) => Poll::Ready(Ok(n)),
         Poll::Ready(Err(e)) => {
             tracing::debug!(error = %e, "write failed");
             Poll::Ready(Err(End::PeerClosed))
@@ -1209,9 +1177,7 @@ pub(crate) async fn run<P: Dialect>(
             // frames already buffered (a first packet may arrive with more) go first
             // boxed: the decode-and-dispatch state exists only while it runs, so an idle
             // connection's task stays small
-            let handled = boxed::handle_buffered(proto, conn, buf).await;
-            conn.count_input();
-            match handled {
+            match boxed::handle_buffered(proto, conn, buf).await {
                 Err(end) => return end,
                 Ok(handled) => {
                     if awaiting.is_some() {

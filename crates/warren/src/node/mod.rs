@@ -192,3 +192,12 @@ impl Node {
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "stopped");
     }
 }
+
+/// Set the traffic counters (client messages and bytes in and out by listener, socket writes,
+/// MQTT publishes received) from the connections' own counts. Connections count without shared
+/// atomics (crates/warren/src/gate/traffic.rs), so these counters move only when asked: a
+/// metrics exporter calls this before it renders, and now and then in between
+/// (docs/metrics.md).
+pub fn publish_traffic() {
+    crate::gate::traffic::publish();
+}
