@@ -16,7 +16,8 @@ pub(crate) struct MessagePath {
     /// `warren_publishes_received_total`: MQTT PUBLISH packets received (set like
     /// `socket_writes`).
     pub(crate) publishes_received: Counter,
-    /// `warren_push_acks_total`: PUBACK/PUBCOMP for messages sent to MQTT clients.
+    /// `warren_push_acks_total`: PUBACK/PUBCOMP for messages sent to MQTT clients (set like
+    /// `socket_writes`).
     pub(crate) push_acks: Counter,
     /// `warren_fanout_deliveries_total`: messages delivered to subscribers and group members.
     pub(crate) fanout_deliveries: Counter,

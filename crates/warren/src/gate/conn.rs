@@ -554,6 +554,11 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         self.counts.publish_in();
     }
 
+    /// Count one PUBACK or PUBCOMP received for a message sent (node-wide).
+    pub(crate) fn admit_push_ack(&mut self) {
+        self.counts.push_ack();
+    }
+
     /// Count `n` bytes read from the socket against `byte_rate`.
     fn admit_bytes(&mut self, n: usize) {
         self.counts.bytes_in(n as u64);

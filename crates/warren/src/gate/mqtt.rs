@@ -736,7 +736,7 @@ impl MqttSession {
                 ack(conn, mqtt::ack_bytes(Ack::PubComp, id)).await
             }
             Packet::PubAck(id) | Packet::PubComp(id) => {
-                super::traffic::MESSAGE_PATH.push_acks.increment(1);
+                conn.admit_push_ack();
                 let mut next = BytesMut::new();
                 let known = match p {
                     Packet::PubAck(_) => self.state.puback(self.epoch, id, &mut next),

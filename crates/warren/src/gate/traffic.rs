@@ -1,6 +1,6 @@
 //! Traffic metrics of each listener (docs/metrics.md): open connections, client messages and
-//! bytes in and out, labelled by protocol and listener address, and the node's socket writes and
-//! MQTT publishes received.
+//! bytes in and out, labelled by protocol and listener address, and the node's socket writes,
+//! MQTT publishes received and acknowledgements of the messages it sent.
 //!
 //! These move with every message, so they are not counted through shared atomics on the way.
 //! Each connection keeps its own counts ([`ConnCounts`]), written only by its own task: plain
@@ -36,6 +36,8 @@ pub(crate) struct Tally {
     socket_writes: AtomicU64,
     /// MQTT PUBLISH packets received (`warren_publishes_received_total`, node-wide).
     publishes_in: AtomicU64,
+    /// PUBACK/PUBCOMP received for messages sent (`warren_push_acks_total`, node-wide).
+    push_acks: AtomicU64,
 }
 
 /// Add `n` to a count only its owner writes: a load and a store, not a locked add.
@@ -46,8 +48,8 @@ fn bump(count: &AtomicU64, n: u64) {
     );
 }
 
-/// The six counts as plain numbers, in [`Tally`]'s order.
-type Sums = [u64; 6];
+/// The counts as plain numbers, in [`Tally`]'s order.
+type Sums = [u64; 7];
 
 impl Tally {
     fn read(&self) -> Sums {
@@ -58,6 +60,7 @@ impl Tally {
             &self.bytes_out,
             &self.socket_writes,
             &self.publishes_in,
+            &self.push_acks,
         ]
         .map(|c| c.load(Ordering::Relaxed))
     }
@@ -167,7 +170,7 @@ impl Drop for ListenerTraffic {
 }
 
 /// What the listeners that are gone counted ([`ListenerTraffic`]'s `Drop`).
-static GONE: Mutex<Sums> = Mutex::new([0; 6]);
+static GONE: Mutex<Sums> = Mutex::new([0; 7]);
 
 /// Set every traffic counter of this process from the connections' counts: what `/metrics`
 /// does before it renders, and its upkeep every few seconds.
@@ -180,6 +183,7 @@ pub(crate) fn publish() {
     }
     MESSAGE_PATH.socket_writes.absolute(node[4]);
     MESSAGE_PATH.publishes_received.absolute(node[5]);
+    MESSAGE_PATH.push_acks.absolute(node[6]);
 }
 
 /// One open connection in `warren_connections_active`, from accept to close.
@@ -223,6 +227,11 @@ impl ConnCounts {
     /// One MQTT PUBLISH received.
     pub(crate) fn publish_in(&self) {
         bump(&self.tally.publishes_in, 1);
+    }
+
+    /// One PUBACK or PUBCOMP received for a message sent to the client.
+    pub(crate) fn push_ack(&self) {
+        bump(&self.tally.push_acks, 1);
     }
 }
 
@@ -272,12 +281,13 @@ mod tests {
         b.messages_in(2);
         b.bytes_in(7);
         b.publish_in();
-        assert_eq!(l.publish(), [5, 0, 7, 100, 1, 1]);
+        assert_eq!(l.publish(), [5, 0, 7, 100, 1, 1, 0]);
         drop(a);
         b.messages_out(4);
-        assert_eq!(l.publish(), [5, 4, 7, 100, 1, 1]);
+        b.push_ack();
+        assert_eq!(l.publish(), [5, 4, 7, 100, 1, 1, 1]);
         drop(b);
-        assert_eq!(l.publish(), [5, 4, 7, 100, 1, 1]);
+        assert_eq!(l.publish(), [5, 4, 7, 100, 1, 1, 1]);
         assert!(l.tallies.lock().0.is_empty());
     }
 }
