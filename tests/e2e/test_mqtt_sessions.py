@@ -87,9 +87,12 @@ def publishes(c: RawClient, n: int) -> list[tuple[str, int, int | None, bytes, b
 
 
 def leave(c: RawClient, clean_goodbye: bool = True) -> None:
-    """End a connection: DISCONNECT and close, or just drop the socket."""
+    """End a connection: DISCONNECT and close, or just drop the socket. After a DISCONNECT,
+    wait for the server to close its side: it sets the session aside (offline) before that, so
+    what is published next goes to the offline queue, not to the connection on its way out."""
     if clean_goodbye:
         c.send(DISCONNECT)
+        assert c.closed(), "the server did not close after DISCONNECT"
     c.close()
 
 
