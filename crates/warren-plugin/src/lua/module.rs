@@ -4,7 +4,7 @@
 //! (`warren.call`, `session:bind`, …) are async functions: the handler's coroutine yields and
 //! its task waits, no thread is held.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +15,7 @@ use futures_util::future::BoxFuture;
 use mlua::{Function, Lua, UserData, UserDataFields, UserDataMethods, UserDataRef};
 use parking_lot::Mutex;
 use serde_json::Value;
+use tokio::sync::oneshot;
 use warren::error::Detail;
 use warren::{CallError, Services, Session};
 
@@ -68,12 +69,46 @@ impl State {
         f: &Function,
         args: impl mlua::IntoLuaMulti,
     ) -> mlua::Result<mlua::thread::AsyncThread<mlua::Value>> {
+        self.reset_to(f)?;
+        self.thread.clone().into_async(args)
+    }
+
+    /// Start handler `f` with the caller's `session` object (see [`State::sessions`]) and
+    /// `msg`.
+    fn start_handler(
+        &self,
+        f: &Function,
+        services: &Arc<dyn Services>,
+        session: Option<&Arc<Session>>,
+        msg: impl mlua::IntoLua,
+    ) -> mlua::Result<mlua::thread::AsyncThread<mlua::Value>> {
+        self.reset_to(f)?;
+        let Some(session) = session else {
+            return self.thread.clone().into_async((mlua::Nil, msg));
+        };
+        // the object goes onto the coroutine's stack from the cache, under its lock
+        let mut cached = self.sessions.lock();
+        if let Some(c) = cached.get(&session.id) {
+            *c.snapshot.lock() = session.clone();
+            return self.thread.clone().into_async((&c.object, msg));
+        }
+        let c = self.new_session_object(services, session)?;
+        let started = self.thread.clone().into_async((&c.object, msg));
+        if cached.len() >= CACHED_SESSIONS {
+            cached.clear();
+        }
+        cached.insert(session.id.clone(), c);
+        started
+    }
+
+    /// Make `f` the function the coroutine runs next.
+    fn reset_to(&self, f: &Function) -> mlua::Result<()> {
         if self.thread.reset(f.clone()).is_err() {
             // the previous call failed, and closing its coroutine gave its error back: the
             // coroutine is closed now
             self.thread.reset(f.clone())?;
         }
-        self.thread.clone().into_async(args)
+        Ok(())
     }
 
     /// Clean up after a call whose future was dropped while its handler waited: close the
@@ -89,37 +124,36 @@ impl State {
         }
     }
 
-    /// The `session` argument of a call for `session`: the object kept for it, with the new
-    /// snapshot, or a new one.
-    fn session_object(
+    /// A new `session` object for `session`.
+    fn new_session_object(
+        &self,
+        services: &Arc<dyn Services>,
+        session: &Arc<Session>,
+    ) -> mlua::Result<CachedSession> {
+        let snapshot = Arc::new(Mutex::new(session.clone()));
+        let object = self.lua.create_userdata(LuaSession {
+            services: services.clone(),
+            session: snapshot.clone(),
+        })?;
+        Ok(CachedSession { object, snapshot })
+    }
+
+    /// The `session` object of a session that closed, no longer kept.
+    fn closed_session_object(
         &self,
         services: &Arc<dyn Services>,
         session: &Arc<Session>,
     ) -> Result<mlua::AnyUserData, CallError> {
-        let mut cached = self.sessions.lock();
-        if let Some(c) = cached.get(&session.id) {
-            *c.snapshot.lock() = session.clone();
-            return Ok(c.object.clone());
-        }
-        let snapshot = Arc::new(Mutex::new(session.clone()));
-        let object = self
-            .lua
-            .create_userdata(LuaSession {
-                services: services.clone(),
-                session: snapshot.clone(),
-            })
-            .map_err(|e| CallError::App(e.to_string()))?;
-        if cached.len() >= CACHED_SESSIONS {
-            cached.clear();
-        }
-        cached.insert(
-            session.id.clone(),
-            CachedSession {
-                object: object.clone(),
-                snapshot,
-            },
-        );
-        Ok(object)
+        let c = match self.sessions.lock().remove(&session.id) {
+            Some(c) => {
+                *c.snapshot.lock() = session.clone();
+                c
+            }
+            None => self
+                .new_session_object(services, session)
+                .map_err(|e| CallError::App(e.to_string()))?,
+        };
+        Ok(c.object)
     }
 }
 
@@ -132,6 +166,17 @@ struct Patch {
     serial: u64,
 }
 
+/// The states of a module no call holds, and the calls waiting for one, first come first
+/// served: a free state goes to the longest waiting call, so a state is idle only while
+/// nobody waits. One lock to take a state and one to give it back.
+struct Pool {
+    /// Boxed: a state moves out and back on every call, as a pointer rather than a few hundred
+    /// bytes.
+    #[allow(clippy::vec_box)]
+    idle: Vec<Box<State>>,
+    waiting: VecDeque<oneshot::Sender<Box<State>>>,
+}
+
 /// One loaded version of a Lua module.
 pub(crate) struct LuaModule {
     path: PathBuf,
@@ -140,11 +185,7 @@ pub(crate) struct LuaModule {
     msg_type: MsgType,
     handlers: Vec<String>,
     hooks: Vec<&'static str>,
-    /// The states no call holds. Boxed: a state moves out and back on every call, as a pointer
-    /// rather than a few hundred bytes.
-    #[allow(clippy::vec_box)]
-    idle: Mutex<Vec<Box<State>>>,
-    permits: tokio::sync::Semaphore,
+    pool: Mutex<Pool>,
     /// The budget a patch is checked with.
     max_instructions: u64,
     time_limit: Duration,
@@ -185,8 +226,10 @@ pub(crate) fn load(
         msg_type: options.msg_type,
         handlers: handlers.unwrap_or_default(),
         hooks,
-        idle: Mutex::new(states),
-        permits: tokio::sync::Semaphore::new(n),
+        pool: Mutex::new(Pool {
+            idle: states,
+            waiting: VecDeque::new(),
+        }),
         max_instructions: options.max_instructions,
         time_limit: options.time_limit,
         patches: Mutex::new(Vec::new()),
@@ -605,34 +648,71 @@ fn room_target(
 }
 
 /// A string result as its JSON reply, written straight from the bytes (invalid UTF-8 replaced,
-/// as for any string a script hands over), without a `serde_json::Value` in between, into a
-/// buffer of the exact size (no growing, and `Bytes` takes it without another allocation).
-fn json_string(bytes: &[u8]) -> Result<Bytes, CallError> {
+/// as for any string a script hands over) into a buffer of the exact size, the escapes as
+/// `serde_json` writes them: no `serde_json::Value` in between, no growing, and `Bytes` takes
+/// the buffer without another allocation.
+fn json_string(bytes: &[u8]) -> Bytes {
     let text = match std::str::from_utf8(bytes) {
         Ok(text) => std::borrow::Cow::Borrowed(text),
         Err(_) => String::from_utf8_lossy(bytes),
     };
-    // what JSON's escapes add: `\"`, `\\` and the short forms take one byte more, the other
-    // control characters (`\u00XX`) five
+    let text = text.as_bytes();
     let extra: usize = text
-        .bytes()
-        .map(|b| match b {
-            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
-            0..0x20 => 5,
-            _ => 0,
-        })
+        .iter()
+        .map(|&b| usize::from(ESCAPE_EXTRA[usize::from(b)]))
         .sum();
     let mut out = Vec::with_capacity(text.len() + 2 + extra);
+    out.push(b'"');
     if extra == 0 {
-        out.push(b'"');
-        out.extend_from_slice(text.as_bytes());
-        out.push(b'"');
+        out.extend_from_slice(text);
     } else {
-        serde_json::to_writer(&mut out, &*text)
-            .map_err(|e| CallError::App(format!("reply encoding failed: {e}")))?;
+        let mut plain = 0;
+        for (i, &b) in text.iter().enumerate() {
+            if ESCAPE_EXTRA[usize::from(b)] == 0 {
+                continue;
+            }
+            out.extend_from_slice(&text[plain..i]);
+            plain = i + 1;
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                0x08 => out.extend_from_slice(b"\\b"),
+                0x0c => out.extend_from_slice(b"\\f"),
+                _ => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.extend_from_slice(b"\\u00");
+                    out.push(HEX[usize::from(b >> 4)]);
+                    out.push(HEX[usize::from(b & 0x0f)]);
+                }
+            }
+        }
+        out.extend_from_slice(&text[plain..]);
     }
-    Ok(Bytes::from(out))
+    out.push(b'"');
+    Bytes::from(out)
 }
+
+/// What JSON's escape of each byte adds to it: `\"`, `\\` and the short forms of `\n`, `\r`,
+/// `\t`, `\b`, `\f` one byte, the other control characters (`\u00XX`) five, the rest none.
+const ESCAPE_EXTRA: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = 5;
+        b += 1;
+    }
+    t[b'"' as usize] = 1;
+    t[b'\\' as usize] = 1;
+    t[b'\n' as usize] = 1;
+    t[b'\r' as usize] = 1;
+    t[b'\t' as usize] = 1;
+    t[0x08] = 1;
+    t[0x0c] = 1;
+    t
+};
 
 /// A body for the node from a script value: strings as their bytes, `nil` empty, anything else
 /// as JSON.
@@ -765,7 +845,6 @@ impl UserData for LuaSession {
 struct Checkout<'a> {
     module: &'a LuaModule,
     state: Option<Box<State>>,
-    _permit: tokio::sync::SemaphorePermit<'a>,
 }
 
 impl Checkout<'_> {
@@ -785,32 +864,64 @@ impl Drop for Checkout<'_> {
             }
             state.budget.disarm();
             *state.current.lock() = None;
-            self.module.idle.lock().push(state);
+            self.module.release(state);
+        }
+    }
+}
+
+/// A call waiting for a state; a state handed to it after it gave up goes back to the pool.
+struct Waiting<'a> {
+    module: &'a LuaModule,
+    rx: oneshot::Receiver<Box<State>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Ok(state) = self.rx.try_recv() {
+            self.module.release(state);
         }
     }
 }
 
 impl LuaModule {
     async fn checkout(&self) -> Result<Checkout<'_>, CallError> {
-        // a free state is taken without a future to poll; FIFO all the same, since a permit is
-        // free only while nobody waits
-        let permit = match self.permits.try_acquire() {
-            Ok(permit) => permit,
-            Err(_) => self
-                .permits
-                .acquire()
-                .await
-                .map_err(|_| CallError::Closed)?,
+        // a free state, or a place in the queue, taken under one lock
+        let free = {
+            let mut pool = self.pool.lock();
+            pool.idle.pop().ok_or_else(|| {
+                let (tx, rx) = oneshot::channel();
+                pool.waiting.push_back(tx);
+                rx
+            })
         };
-        let mut state = self.idle.lock().pop().ok_or(CallError::Closed)?;
+        let mut state = match free {
+            Ok(state) => state,
+            Err(rx) => {
+                let mut waiting = Waiting { module: self, rx };
+                (&mut waiting.rx).await.map_err(|_| CallError::Closed)?
+            }
+        };
         if state.patched < self.patch_serial.load(Ordering::Acquire) {
             self.apply_patches(&mut state);
         }
         Ok(Checkout {
             module: self,
             state: Some(state),
-            _permit: permit,
         })
+    }
+
+    /// Give a state back: to the longest waiting call, or to the idle ones.
+    fn release(&self, mut state: Box<State>) {
+        let mut pool = self.pool.lock();
+        while let Some(tx) = pool.waiting.pop_front() {
+            match tx.send(state) {
+                Ok(()) => return,
+                // that call gave up: the next one
+                Err(back) => state = back,
+            }
+        }
+        pool.idle.push(state);
     }
 
     /// Bring a state up to the newest patches: each replaces the handler's function and global.
@@ -856,16 +967,16 @@ impl LuaModule {
         }
     }
 
-    /// Run `f` on `state` within the budget, for `what` (a handler or a hook).
+    /// Run a call `started` on `state` ([`State::start`]) within the budget, for `what` (a
+    /// handler or a hook).
     async fn run(
         &self,
         state: &State,
         what: &str,
-        f: &Function,
-        args: impl mlua::IntoLuaMulti,
+        started: mlua::Result<mlua::thread::AsyncThread<mlua::Value>>,
     ) -> Result<mlua::Value, CallError> {
         state.budget.arm();
-        let r = match state.start(f, args) {
+        let r = match started {
             Ok(call) => {
                 state.busy.store(true, Ordering::Release);
                 let r = call.await;
@@ -905,7 +1016,7 @@ impl LuaModule {
     fn reply(lua: &Lua, v: mlua::Value) -> Result<Bytes, CallError> {
         match v {
             mlua::Value::Nil => Ok(Bytes::from_static(b"null")),
-            mlua::Value::String(s) => json_string(&s.as_bytes()),
+            mlua::Value::String(s) => Ok(json_string(&s.as_bytes())),
             other => json_reply(
                 &super::to_json(lua, other)
                     .map_err(|e| CallError::App(format!("reply encoding failed: {e}")))?,
@@ -921,7 +1032,7 @@ impl LuaModule {
         cx: Option<CallCx>,
         args: impl Fn(&Lua) -> mlua::Result<mlua::MultiValue>,
     ) -> Result<(), PluginError> {
-        let n = self.permits.available_permits();
+        let n = self.pool.lock().idle.len();
         let mut held = Vec::with_capacity(n);
         for _ in 0..n {
             held.push(
@@ -988,23 +1099,19 @@ impl ModuleVersion for LuaModule {
                 .functions
                 .get(&*handler)
                 .ok_or_else(|| CallError::HandlerNotFound(handler.to_string()))?;
-            let session = match &cx.session {
-                Some(s) => Some(st.session_object(&cx.services, s)?),
-                None => None,
-            };
-            let session = session.as_ref();
-            let v = match self.msg_type {
+            let session = cx.session.as_ref();
+            let started = match self.msg_type {
                 // text goes onto the coroutine's stack as it is: no Lua value to make and drop
                 MsgType::Text | MsgType::Bytes if let Ok(text) = std::str::from_utf8(&body) => {
-                    *st.current.lock() = Some(cx);
-                    self.run(st, &handler, f, (session, text)).await?
+                    st.start_handler(f, &cx.services, session, text)
                 }
                 _ => {
                     let msg = self.msg(&st.lua, &body)?;
-                    *st.current.lock() = Some(cx);
-                    self.run(st, &handler, f, (session, msg)).await?
+                    st.start_handler(f, &cx.services, session, msg)
                 }
             };
+            *st.current.lock() = Some(cx);
+            let v = self.run(st, &handler, started).await?;
             LuaModule::reply(&st.lua, v)
         })
     }
@@ -1035,17 +1142,12 @@ impl ModuleVersion for LuaModule {
                 return Ok(());
             };
             let session = match &cx.session {
-                Some(s) => {
-                    let obj = st.session_object(&cx.services, s)?;
-                    st.sessions.lock().remove(&s.id);
-                    Some(obj)
-                }
+                Some(s) => Some(st.closed_session_object(&cx.services, s)?),
                 None => None,
             };
+            let started = st.start(f, session);
             *st.current.lock() = Some(cx);
-            self.run(st, "on_session_closed", f, session)
-                .await
-                .map(|_| ())
+            self.run(st, "on_session_closed", started).await.map(|_| ())
         })
     }
 
@@ -1064,15 +1166,9 @@ impl ModuleVersion for LuaModule {
                 .lua
                 .create_string(&msg.body)
                 .map_err(|e| CallError::App(e.to_string()))?;
+            let started = st.start(f, (msg.group, msg.service, msg.msgid, body));
             *st.current.lock() = Some(cx);
-            self.run(
-                st,
-                "on_backend_msg",
-                f,
-                (msg.group, msg.service, msg.msgid, body),
-            )
-            .await
-            .map(|_| ())
+            self.run(st, "on_backend_msg", started).await.map(|_| ())
         })
     }
 
@@ -1087,7 +1183,7 @@ impl ModuleVersion for LuaModule {
                 return Ok(None);
             };
             let v = self
-                .run(st, "export_state", f, ())
+                .run(st, "export_state", st.start(f, ()))
                 .await
                 .map_err(|e| PluginError::script(&self.path, None, format!("export_state: {e}")))?;
             super::to_json(&st.lua, v)
@@ -1162,7 +1258,7 @@ mod tests {
             let want =
                 serde_json::to_vec(&Value::String(String::from_utf8_lossy(bytes).into_owned()))
                     .expect("JSON");
-            let got = json_string(bytes).expect("reply");
+            let got = json_string(bytes);
             assert_eq!(&got[..], &want[..], "{:?}", String::from_utf8_lossy(bytes));
         }
     }
