@@ -30,3 +30,10 @@ pub(crate) static MESSAGE_PATH: LazyLock<MessagePath> = LazyLock::new(|| Message
     push_acks: metrics::counter!("warren_push_acks_total"),
     fanout_deliveries: metrics::counter!("warren_fanout_deliveries_total"),
 });
+
+/// Add `n` to a count that only the calling thread writes (a connection's own counts, a thread's
+/// shard of a route's): a load and a store, not a locked add, while readers see a whole value.
+pub(crate) fn bump(count: &std::sync::atomic::AtomicU64, n: u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    count.store(count.load(Relaxed).wrapping_add(n), Relaxed);
+}

@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 use crate::config::{ListenerConfig, protocol_name};
 
 pub(crate) use crate::message_path::MESSAGE_PATH;
+use crate::message_path::bump;
 
 /// One connection's counts, written by the connection's task alone and read by [`publish`].
 #[derive(Default)]
@@ -38,14 +39,6 @@ pub(crate) struct Tally {
     publishes_in: AtomicU64,
     /// PUBACK/PUBCOMP received for messages sent (`warren_push_acks_total`, node-wide).
     push_acks: AtomicU64,
-}
-
-/// Add `n` to a count only its owner writes: a load and a store, not a locked add.
-fn bump(count: &AtomicU64, n: u64) {
-    count.store(
-        count.load(Ordering::Relaxed).wrapping_add(n),
-        Ordering::Relaxed,
-    );
 }
 
 /// The counts as plain numbers, in [`Tally`]'s order.

@@ -3,12 +3,13 @@
 //! (docs/metrics.md).
 //!
 //! These two are the only metrics counted once per request on every node, so they are kept
-//! here, in plain atomics, rather than through the `metrics` facade: a facade counter costs two
-//! atomic operations per update (the value and its generation), and the Prometheus exporter's
+//! here rather than through the `metrics` facade: a facade counter costs two locked atomic
+//! operations per update (the value and its generation), and the Prometheus exporter's
 //! histogram keeps every sample in a queue until its upkeep folds them into buckets (at 700,000
-//! requests a second, millions of samples and their memory between two folds). Here a finished
-//! call costs three relaxed atomic adds (its bucket, the sum, its result) and nothing later.
-//! The exporter of the binary asks for the text with [`render`] and serves it beside its own.
+//! requests a second, millions of samples and their memory between two folds). Here each thread
+//! counts into a shard of its own, so a finished call costs three plain loads and stores (its
+//! bucket, the sum, its result) and nothing later; a scrape adds the shards up. The exporter of
+//! the binary asks for the text with [`render`] and serves it beside its own.
 //!
 //! The label set is bounded by construction: a route is `Module/Handler` for a handler the module
 //! registered, and every other name a caller sends (a typo, a probe) is counted under
@@ -22,6 +23,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use crate::error::CallError;
+use crate::message_path::bump;
 
 /// Histogram buckets of request durations, in seconds: a request path's range, from 50 µs to
 /// 10 s. The exporter uses the same for its other `*_seconds` histograms.
@@ -72,9 +74,46 @@ pub(crate) fn enabled() -> bool {
 static TABLE: LazyLock<parking_lot::Mutex<BTreeMap<String, Arc<RouteStats>>>> =
     LazyLock::new(Default::default);
 
-/// One route's counts.
+/// Shards of a route's counts: each thread that counts (the async workers, plugin threads) takes
+/// one of its own while there are some left, and adds to it with a plain load and store, no
+/// locked instruction; threads beyond them share the last one, with atomic adds.
+const SHARDS: usize = 16;
+
+/// Which shards live threads hold ([`Slot`]).
+static TAKEN: parking_lot::Mutex<[bool; SHARDS - 1]> = parking_lot::Mutex::new([false; SHARDS - 1]);
+
+/// A thread's shard, given back when the thread ends: the next thread to take it goes on from
+/// its counts (the lock orders the two threads' writes).
+struct Slot(Option<usize>);
+
+impl Slot {
+    fn take() -> Slot {
+        let mut taken = TAKEN.lock();
+        let free = taken.iter().position(|t| !t);
+        if let Some(i) = free {
+            taken[i] = true;
+        }
+        Slot(free)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(i) = self.0 {
+            TAKEN.lock()[i] = false;
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's shard ([`SHARDS`]).
+    static SLOT: Slot = Slot::take();
+}
+
+/// One shard of a route's counts, on cache lines of its own.
 #[derive(Default)]
-struct RouteStats {
+#[repr(align(64))]
+struct Shard {
     /// Calls per duration bucket, not cumulative; the last one is `+Inf`.
     buckets: [AtomicU64; BOUNDS_NS.len() + 1],
     /// The durations' sum, in nanoseconds.
@@ -82,6 +121,22 @@ struct RouteStats {
     ok: AtomicU64,
     error: AtomicU64,
     timeout: AtomicU64,
+}
+
+impl Shard {
+    fn result(&self, result: &Result<bytes::Bytes, CallError>) -> &AtomicU64 {
+        match result {
+            Ok(_) => &self.ok,
+            Err(CallError::Timeout) => &self.timeout,
+            Err(_) => &self.error,
+        }
+    }
+}
+
+/// One route's counts.
+#[derive(Default)]
+struct RouteStats {
+    shards: [Shard; SHARDS],
 }
 
 impl RouteStats {
@@ -96,14 +151,41 @@ impl RouteStats {
             .iter()
             .position(|&b| ns <= b)
             .unwrap_or(BOUNDS_NS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
-        let result = match result {
-            Ok(_) => &self.ok,
-            Err(CallError::Timeout) => &self.timeout,
-            Err(_) => &self.error,
-        };
-        result.fetch_add(1, Ordering::Relaxed);
+        let own = SLOT.try_with(|s| s.0).ok().flatten();
+        match own {
+            Some(slot) => {
+                let shard = &self.shards[slot];
+                bump(&shard.buckets[i], 1);
+                bump(&shard.sum_ns, ns);
+                bump(shard.result(result), 1);
+            }
+            None => {
+                let shard = &self.shards[SHARDS - 1];
+                shard.buckets[i].fetch_add(1, Ordering::Relaxed);
+                shard.sum_ns.fetch_add(ns, Ordering::Relaxed);
+                shard.result(result).fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The buckets (not cumulative), the sum in nanoseconds, and the ok, error and timeout
+    /// counts, over every shard.
+    fn read(&self) -> ([u64; BOUNDS_NS.len() + 1], u64, [u64; 3]) {
+        let mut buckets = [0u64; BOUNDS_NS.len() + 1];
+        let (mut sum, mut results) = (0u64, [0u64; 3]);
+        for shard in &self.shards {
+            for (b, c) in buckets.iter_mut().zip(&shard.buckets) {
+                *b = b.wrapping_add(c.load(Ordering::Relaxed));
+            }
+            sum = sum.wrapping_add(shard.sum_ns.load(Ordering::Relaxed));
+            for (r, c) in results
+                .iter_mut()
+                .zip([&shard.ok, &shard.error, &shard.timeout])
+            {
+                *r = r.wrapping_add(c.load(Ordering::Relaxed));
+            }
+        }
+        (buckets, sum, results)
     }
 }
 
@@ -157,17 +239,16 @@ pub fn render(out: &mut String) {
     if table.is_empty() {
         return;
     }
-    let routes: Vec<(String, &RouteStats)> = table
+    let routes: Vec<(String, _)> = table
         .iter()
-        .map(|(route, stats)| (escape(route), &**stats))
+        .map(|(route, stats)| (escape(route), stats.read()))
         .collect();
     out.push_str(
         "# HELP warren_requests_total calls handled by this node's modules, by route \
          (Module/Handler, or other) and result\n# TYPE warren_requests_total counter\n",
     );
-    for (route, s) in &routes {
-        for (result, n) in [("ok", &s.ok), ("error", &s.error), ("timeout", &s.timeout)] {
-            let n = n.load(Ordering::Relaxed);
+    for (route, (_, _, results)) in &routes {
+        for (result, n) in ["ok", "error", "timeout"].into_iter().zip(results) {
             let _ = writeln!(
                 out,
                 "warren_requests_total{{route=\"{route}\",result=\"{result}\"}} {n}"
@@ -178,17 +259,17 @@ pub fn render(out: &mut String) {
         "# HELP warren_request_duration_seconds time from a call's arrival at its module to its \
          result, by route\n# TYPE warren_request_duration_seconds histogram\n",
     );
-    for (route, s) in &routes {
+    for (route, (buckets, sum_ns, _)) in &routes {
         let mut count = 0u64;
-        for (i, bucket) in s.buckets.iter().enumerate() {
-            count += bucket.load(Ordering::Relaxed);
+        for (i, n) in buckets.iter().enumerate() {
+            count += n;
             let le = BUCKETS.get(i).map_or("+Inf".to_owned(), |b| b.to_string());
             let _ = writeln!(
                 out,
                 "warren_request_duration_seconds_bucket{{route=\"{route}\",le=\"{le}\"}} {count}"
             );
         }
-        let sum = Duration::from_nanos(s.sum_ns.load(Ordering::Relaxed)).as_secs_f64();
+        let sum = Duration::from_nanos(*sum_ns).as_secs_f64();
         let _ = writeln!(
             out,
             "warren_request_duration_seconds_sum{{route=\"{route}\"}} {sum}\n\
@@ -279,6 +360,28 @@ mod tests {
             text.matches("# TYPE warren_requests_total counter").count(),
             1
         );
+    }
+
+    #[test]
+    fn threads_beyond_the_shards_still_count_exactly() {
+        let m = Arc::new(RouteMetrics::new("ShardTest", ["HD_A"].into_iter()));
+        let threads: Vec<_> = (0..SHARDS + 8)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        m.record("HD_A", Duration::from_micros(1), &Ok(bytes::Bytes::new()));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("a counting thread");
+        }
+        let (buckets, sum, results) = m.routes["HD_A"].read();
+        let n = (SHARDS as u64 + 8) * 100;
+        assert_eq!((buckets[0], results), (n, [n, 0, 0]));
+        assert_eq!(sum, n * 1_000);
     }
 
     #[test]
