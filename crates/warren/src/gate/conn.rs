@@ -349,6 +349,12 @@ pub(crate) struct SessionConn<T> {
     pub(crate) pending: PendingSet<T>,
     /// Client messages taken in so far (see [`SessionConn::admit_message`]).
     messages_in: u64,
+    /// The clock reading the last request ended with when it was measured on this task (a
+    /// handler that finished at once, metrics on): the next request of the same batch of input
+    /// starts from it instead of reading the clock again. Dropped whenever the connection
+    /// waits (for the socket, for room in its queue, at the end of a batch), so it is never
+    /// more than a few microseconds old.
+    clock: Option<Instant>,
     /// The listener's per-connection rates, when it sets any.
     rates: Option<Box<Rates>>,
     /// The last route this connection resolved, kept while it holds (most clients call one
@@ -514,6 +520,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             peer,
             pending: PendingSet::default(),
             messages_in: 0,
+            clock: None,
             rates,
             route_cache: None,
             counts,
@@ -609,6 +616,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
                 Ok(()) => return Ok(()),
                 Err(back) => o = back,
             }
+            self.clock = None;
             if self.has_output() {
                 // over the cap: write until what `out` holds is given back
                 self.write_some().await?;
@@ -746,6 +754,7 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
 
     /// Wait until the socket takes some of `out` (at most `write_timeout_s` without progress).
     async fn write_some(&mut self) -> Result<(), End> {
+        self.clock = None;
         let timeout = Duration::from_secs(self.cfg.write_timeout_s);
         let n = std::future::poll_fn(|cx| {
             poll_write(
@@ -871,7 +880,9 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
         session: Arc<Session>,
         given: Option<crate::trace::TraceContext>,
     ) -> Result<(), (Option<T>, CallError)> {
-        let now = Instant::now();
+        // the clock reading the previous request of this batch ended with, if it ended here a
+        // moment ago (`clock`), else a new one
+        let now = self.clock.take().unwrap_or_else(Instant::now);
         let deadline = now + self.cfg.rpc_expired();
         let local = self.local_instance(target);
         // the request's trace (crate::trace): for a call that crosses the bus, or while this
@@ -892,7 +903,16 @@ impl<T: Send + Unpin + 'static> SessionConn<T> {
             // in this process: run it here when the instance allows (no envelope, no channel)
             Some(instance) => {
                 instance
-                    .call_here(handler, session, body, now, deadline, true, trace)
+                    .call_here(
+                        handler,
+                        session,
+                        body,
+                        now,
+                        deadline,
+                        true,
+                        trace,
+                        &mut self.clock,
+                    )
                     .await
             }
             None => router
@@ -1182,7 +1202,10 @@ pub(crate) async fn run<P: Dialect>(
             // frames already buffered (a first packet may arrive with more) go first
             // boxed: the decode-and-dispatch state exists only while it runs, so an idle
             // connection's task stays small
-            match boxed::handle_buffered(proto, conn, buf).await {
+            let handled = boxed::handle_buffered(proto, conn, buf).await;
+            // the batch is over: the next one reads the clock afresh
+            conn.clock = None;
+            match handled {
                 Err(end) => return end,
                 Ok(handled) => {
                     if awaiting.is_some() {

@@ -236,6 +236,10 @@ impl Instance {
     /// moves, as it is, to a lane task of its own, and the caller gets a [`Pending::Local`].
     /// Everything else (a busy lane, a sequential instance) goes through the mailbox as
     /// [`Instance::submit`] does, so one session's calls still run one after another, in order.
+    ///
+    /// When a call ends here and its duration was measured, `ended` gets the clock reading it
+    /// was measured with: the gate starts its next request from it instead of reading the
+    /// clock again.
     #[allow(clippy::too_many_arguments)] // the parts of a call, as the gate holds them
     pub(crate) async fn call_here(
         &self,
@@ -246,6 +250,7 @@ impl Instance {
         deadline: Instant,
         reply: bool,
         trace: Option<TraceContext>,
+        ended: &mut Option<Instant>,
     ) -> Result<Option<Pending>, CallError> {
         let Mailbox::Concurrent(lanes) = &self.mailbox else {
             return self
@@ -290,7 +295,7 @@ impl Instance {
             Ok(fut) => fut,
             Err(e) => {
                 let result = Err(e);
-                record(&lanes.module, handler, started, &result);
+                *ended = record(&lanes.module, handler, started, &result);
                 if let Some(k) = key.filter(|_| claimed) {
                     Lanes::release(lanes, k);
                 }
@@ -304,7 +309,7 @@ impl Instance {
         match polled {
             std::task::Poll::Ready(caught) => {
                 let result = caught_result(caught, env, handler, session.as_deref());
-                record(&lanes.module, handler, started, &result);
+                *ended = record(&lanes.module, handler, started, &result);
                 if let Some(k) = key.filter(|_| claimed) {
                     Lanes::release(lanes, k);
                 }
@@ -462,15 +467,23 @@ async fn drive(
 }
 
 /// Count one finished call: by route (module/route_metrics.rs) and, when it failed, by kind.
-fn record(module: &Module, handler: &str, started: Instant, result: &Result<Bytes, CallError>) {
-    if let Some(routes) = &module.def.routes
-        && route_metrics::enabled()
-    {
-        routes.record(handler, started.elapsed(), result);
-    }
+/// Answers the clock reading its duration was taken with, if it took one.
+fn record(
+    module: &Module,
+    handler: &str,
+    started: Instant,
+    result: &Result<Bytes, CallError>,
+) -> Option<Instant> {
     if let Err(e) = result {
         metrics::counter!("warren_call_errors_total", "kind" => e.kind().as_str()).increment(1);
     }
+    let routes = module.def.routes.as_ref()?;
+    if !route_metrics::enabled() {
+        return None;
+    }
+    let now = Instant::now();
+    routes.record(handler, now.saturating_duration_since(started), result);
+    Some(now)
 }
 
 /// A result computed on the caller's task, as the caller's [`Pending`] (or logged, for a call
