@@ -17,6 +17,23 @@ const GREETER_LUA: &str = r#"function HD_Hello(session, msg) session:push("Greet
 const GREETER_PY: &str = r#"def HD_Hello(session, msg): session.push("Greeter/OnHello", msg); return "hello " + msg
 "#;
 
+/// Ask `first` (topic and body), then `second` with an empty body, as one client of `node`:
+/// the first is cut off at the caller's deadline, the second still answers `answer`.
+async fn first_times_out(node: &warren::Node, first: (&str, &str), second: &str, answer: &str) {
+    let (client, mut events) = kit::mqtt(node, "c1").await;
+    ask(&client, first.0, first.1).await;
+    ask(&client, second, "").await;
+    let got = next_publishes(&mut events, 2).await;
+    assert_eq!(
+        got[0],
+        (
+            first.0.to_owned(),
+            r#"{"Error":"timeout: This is Call","Result":null}"#.to_owned()
+        )
+    );
+    assert_eq!(got[1].1, format!(r#"{{"Error":"","Result":"{answer}"}}"#));
+}
+
 fn login(handlers: &[&str]) -> ModulePluginOptions {
     ModulePluginOptions {
         login_handlers: handlers.iter().map(|h| h.to_string()).collect(),
@@ -163,18 +180,7 @@ async fn a_runaway_lua_handler_is_stopped() {
         let m = load_module("Loop", &path, &options).unwrap();
         let node =
             kit::module_node("mqtt://127.0.0.1:0", vec![(m, ModuleConfig::new("Loop"))]).await;
-        let (client, mut events) = kit::mqtt(&node, "c1").await;
-        ask(&client, "Loop/HD_Loop/1", "").await;
-        ask(&client, "Loop/HD_Ok/2", "").await;
-        let got = next_publishes(&mut events, 2).await;
-        assert_eq!(
-            got[0],
-            (
-                "Loop/HD_Loop/1".into(),
-                r#"{"Error":"timeout: This is Call","Result":null}"#.into()
-            )
-        );
-        assert_eq!(got[1].1, r#"{"Error":"","Result":"ok"}"#);
+        first_times_out(&node, ("Loop/HD_Loop/1", ""), "Loop/HD_Ok/2", "ok").await;
         node.shutdown().await;
     }
 }
@@ -214,18 +220,7 @@ function HD_Closed(session, msg) return closed end
         ],
     )
     .await;
-    let (client, mut events) = kit::mqtt(&node, "c1").await;
-    ask(&client, "Wait/HD_Wait/1", "x").await;
-    ask(&client, "Wait/HD_Closed/2", "").await;
-    let got = next_publishes(&mut events, 2).await;
-    assert_eq!(
-        got[0],
-        (
-            "Wait/HD_Wait/1".into(),
-            r#"{"Error":"timeout: This is Call","Result":null}"#.into()
-        )
-    );
-    assert_eq!(got[1].1, r#"{"Error":"","Result":"yes"}"#);
+    first_times_out(&node, ("Wait/HD_Wait/1", "x"), "Wait/HD_Closed/2", "yes").await;
     node.shutdown().await;
 }
 
