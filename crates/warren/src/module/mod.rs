@@ -331,6 +331,9 @@ struct HandlerEntry {
     client_visible: bool,
     /// Callable by a client whose session has no uid yet (see [`ModuleBuilder::login_handler`]).
     before_login: bool,
+    /// Its route's counts (module/route_metrics.rs), set by [`ModuleBuilder::build`]; none for
+    /// an internal handler (`$…`).
+    route: Option<Arc<route_metrics::RouteStats>>,
 }
 
 /// Reserved handler name a module receives when a session it has seen closes (see
@@ -353,7 +356,8 @@ struct ModuleDef {
     on_destroy: Option<Hook>,
     in_order: Option<InOrderRunner>,
     /// The route metrics of its handlers, resolved by [`ModuleBuilder::build`]
-    /// (module/route_metrics.rs).
+    /// (module/route_metrics.rs): each handler's entry holds its own counts, and calls of a
+    /// name the module does not have count under this one's `other`.
     routes: Option<Arc<route_metrics::RouteMetrics>>,
 }
 
@@ -476,6 +480,7 @@ impl<S: Send + Sync + 'static> ModuleBuilder<S> {
                 f,
                 client_visible,
                 before_login,
+                route: None,
             },
         );
         self
@@ -606,10 +611,14 @@ impl<S: Send + Sync + 'static> ModuleBuilder<S> {
 
     /// Finish the definition.
     pub fn build(mut self) -> Module {
-        self.def.routes = Some(Arc::new(route_metrics::RouteMetrics::new(
+        let routes = route_metrics::RouteMetrics::new(
             &self.def.name,
             self.def.handlers.keys().map(|k| &**k),
-        )));
+        );
+        for (name, entry) in &mut self.def.handlers {
+            entry.route = routes.route(name);
+        }
+        self.def.routes = Some(Arc::new(routes));
         Module {
             def: Arc::new(self.def),
         }

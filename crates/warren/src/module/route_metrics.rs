@@ -133,9 +133,10 @@ impl Shard {
     }
 }
 
-/// One route's counts.
+/// One route's counts. A handler's entry holds its own (module/mod.rs, `HandlerEntry`), so a
+/// finished call is counted without looking its route up again.
 #[derive(Default)]
-struct RouteStats {
+pub(crate) struct RouteStats {
     shards: [Shard; SHARDS],
 }
 
@@ -145,8 +146,13 @@ impl RouteStats {
         TABLE.lock().entry(route).or_default().clone()
     }
 
-    fn record(&self, took: Duration, result: &Result<bytes::Bytes, CallError>) {
-        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+    /// Count one finished call that took `took`.
+    pub(crate) fn record(&self, took: Duration, result: &Result<bytes::Bytes, CallError>) {
+        // (u64 arithmetic: `as_nanos` would multiply in u128; 2^64 ns is 584 years)
+        let ns = took
+            .as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(took.subsec_nanos()));
         let i = BOUNDS_NS
             .iter()
             .position(|&b| ns <= b)
@@ -209,13 +215,21 @@ impl RouteMetrics {
         }
     }
 
-    /// Count one finished call of `handler` that took `took`.
-    pub(crate) fn record(
-        &self,
-        handler: &str,
-        took: Duration,
-        result: &Result<bytes::Bytes, CallError>,
-    ) {
+    /// The counts of handler `handler`, for its entry to keep: none for an internal name (`$…`),
+    /// which is not a request.
+    pub(crate) fn route(&self, handler: &str) -> Option<Arc<RouteStats>> {
+        self.routes.get(handler).cloned()
+    }
+
+    /// The counts of the handler names the module does not have (`route="other"`).
+    pub(crate) fn other(&self) -> &Arc<RouteStats> {
+        &self.other
+    }
+
+    /// Count one finished call of `handler` that took `took` (what the runtime does through the
+    /// handler's entry).
+    #[cfg(test)]
+    fn record(&self, handler: &str, took: Duration, result: &Result<bytes::Bytes, CallError>) {
         if handler.starts_with('$') {
             return;
         }

@@ -6,6 +6,7 @@ use super::*;
 use crate::bus::{Bus, Call};
 use crate::trace::TraceContext;
 use parking_lot::RwLock;
+use route_metrics::RouteStats;
 
 /// One call as it travels to an instance.
 pub struct Job {
@@ -282,7 +283,7 @@ impl Instance {
             }
         }
         let env = &lanes.env;
-        let mut fut = match begin(
+        let (route, began) = begin(
             &lanes.module,
             env,
             handler,
@@ -291,11 +292,12 @@ impl Instance {
             deadline,
             started,
             trace.as_ref(),
-        ) {
+        );
+        let mut fut = match began {
             Ok(fut) => fut,
             Err(e) => {
                 let result = Err(e);
-                *ended = record(&lanes.module, handler, started, &result);
+                *ended = record(route, started, &result);
                 if let Some(k) = key.filter(|_| claimed) {
                     Lanes::release(lanes, k);
                 }
@@ -309,7 +311,7 @@ impl Instance {
         match polled {
             std::task::Poll::Ready(caught) => {
                 let result = caught_result(caught, env, handler, session.as_deref());
-                *ended = record(&lanes.module, handler, started, &result);
+                *ended = record(route, started, &result);
                 if let Some(k) = key.filter(|_| claimed) {
                     Lanes::release(lanes, k);
                 }
@@ -335,12 +337,13 @@ impl Instance {
                 } else {
                     (None, None)
                 };
+                let route = route.cloned();
                 let lanes = lanes.clone();
                 let handler: Box<str> = handler.into();
                 lanes.tracker.clone().spawn(async move {
                     let env = &lanes.env;
                     let result = drive(fut, deadline, env, &handler, session.as_deref()).await;
-                    record(&lanes.module, &handler, started, &result);
+                    record(route.as_ref(), started, &result);
                     deliver(env, &handler, result, tx);
                     if let Some(k) = key {
                         Lanes::release(&lanes, k);
@@ -385,10 +388,11 @@ type Running = futures_util::future::CatchUnwind<
     AssertUnwindSafe<BoxFuture<'static, Result<Bytes, CallError>>>,
 >;
 
-/// Start a handler: its future, or why it cannot run (no such handler, deadline already passed).
+/// Start a handler: its future, or why it cannot run (no such handler, deadline already passed);
+/// and the route counts the call goes to ([`record`]), found in the same lookup.
 #[allow(clippy::too_many_arguments)] // the parts of a call, as the callers hold them
-fn begin(
-    module: &Module,
+fn begin<'m>(
+    module: &'m Module,
     env: &Env,
     handler: &str,
     session: Option<Arc<Session>>,
@@ -396,13 +400,16 @@ fn begin(
     deadline: Instant,
     started: Instant,
     trace: Option<&TraceContext>,
-) -> Result<Running, CallError> {
+) -> (Option<&'m Arc<RouteStats>>, Result<Running, CallError>) {
     match module.def.handlers.get(handler) {
-        None => Err(CallError::HandlerNotFound(handler.to_owned())),
-        Some(_) if started >= deadline => Err(CallError::Timeout),
+        None => (
+            other_route(module, handler),
+            Err(CallError::HandlerNotFound(handler.to_owned())),
+        ),
+        Some(h) if started >= deadline => (h.route.as_ref(), Err(CallError::Timeout)),
         Some(h) => {
             let fut = traced((h.f)(env.clone(), session, body), trace, env, handler);
-            Ok(AssertUnwindSafe(fut).catch_unwind())
+            (h.route.as_ref(), Ok(AssertUnwindSafe(fut).catch_unwind()))
         }
     }
 }
@@ -466,28 +473,39 @@ async fn drive(
     }
 }
 
-/// Count one finished call: by route (module/route_metrics.rs) and, when it failed, by kind.
-/// Answers the clock reading its duration was taken with, if it took one.
+/// Count one finished call: under its route's counts (`route`, from [`begin`] or the handler's
+/// entry; none for an internal handler) and, when it failed, by kind. Answers the clock reading
+/// its duration was taken with, if it took one.
+#[inline]
 fn record(
-    module: &Module,
-    handler: &str,
+    route: Option<&Arc<RouteStats>>,
     started: Instant,
     result: &Result<Bytes, CallError>,
 ) -> Option<Instant> {
     if let Err(e) = result {
         metrics::counter!("warren_call_errors_total", "kind" => e.kind().as_str()).increment(1);
     }
-    let routes = module.def.routes.as_ref()?;
+    let route = route?;
     if !route_metrics::enabled() {
         return None;
     }
     let now = Instant::now();
-    routes.record(handler, now.saturating_duration_since(started), result);
+    route.record(now.saturating_duration_since(started), result);
     Some(now)
+}
+
+/// The counts a call of `handler`, a name module `module` does not have, goes to: its `other`
+/// route, or none for an internal name (`$…`, not a request).
+fn other_route<'m>(module: &'m Module, handler: &str) -> Option<&'m Arc<RouteStats>> {
+    if handler.starts_with('$') {
+        return None;
+    }
+    module.def.routes.as_ref().map(|r| r.other())
 }
 
 /// A result computed on the caller's task, as the caller's [`Pending`] (or logged, for a call
 /// without reply).
+#[inline]
 fn settled(
     env: &Env,
     handler: &str,
@@ -533,7 +551,7 @@ async fn execute(module: &Module, env: &Env, job: Job) {
         trace,
     } = job;
     let started = Instant::now();
-    let result = match begin(
+    let (route, began) = begin(
         module,
         env,
         &handler,
@@ -542,11 +560,12 @@ async fn execute(module: &Module, env: &Env, job: Job) {
         deadline,
         started,
         trace.as_ref(),
-    ) {
+    );
+    let result = match began {
         Err(e) => Err(e),
         Ok(fut) => drive(fut, deadline, env, &handler, session.as_deref()).await,
     };
-    record(module, &handler, started, &result);
+    record(route, started, &result);
     deliver(env, &handler, result, reply);
 }
 
@@ -572,25 +591,28 @@ async fn execute_in_order(
             reply,
             trace,
         } = job;
-        let refused = match module.def.handlers.get(&*handler) {
-            None => Some(CallError::HandlerNotFound(handler.to_string())),
-            Some(_) if started >= deadline => Some(CallError::Timeout),
-            Some(_) => None,
+        let (route, refused) = match module.def.handlers.get(&*handler) {
+            None => (
+                other_route(module, &handler),
+                Some(CallError::HandlerNotFound(handler.to_string())),
+            ),
+            Some(h) if started >= deadline => (h.route.as_ref(), Some(CallError::Timeout)),
+            Some(h) => (h.route.as_ref(), None),
         };
         if let Some(e) = refused {
             let result = Err(e);
-            record(module, &handler, started, &result);
+            record(route, started, &result);
             deliver(env, &handler, result, reply);
             continue;
         }
         calls.push((handler.clone(), session.clone(), body));
-        waiting.push((handler, session, deadline, reply, trace));
+        waiting.push((handler, route, session, deadline, reply, trace));
     }
     if calls.is_empty() {
         return;
     }
     let mut futures = runner(env.clone(), calls).into_iter();
-    for (handler, session, deadline, reply, trace) in waiting {
+    for (handler, route, session, deadline, reply, trace) in waiting {
         let result = match futures.next() {
             Some(fut) => {
                 let fut = traced(fut, trace.as_ref(), env, &handler);
@@ -599,7 +621,7 @@ async fn execute_in_order(
             }
             None => Err(CallError::Closed),
         };
-        record(module, &handler, started, &result);
+        record(route, started, &result);
         deliver(env, &handler, result, reply);
     }
 }
